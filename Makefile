@@ -1,0 +1,51 @@
+# Perennial: `make run` runs the whole pipeline on the embedded default; `make test` runs the tests.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CONFIG ?= configs/demo.yaml
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DO_NOT_TRACK=1
+export MLFLOW_ENABLE_TELEMETRY=false PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_HOME=$(CURDIR)/.perennial/prefect
+
+.PHONY: venv run test test-fast services-up services-down services-status bench bench-quick deploy worker clean
+
+venv: $(STAMP)
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+services-up: venv
+	$(BIN)/perennial services up
+
+services-down: venv
+	$(BIN)/perennial services down
+
+services-status: venv
+	$(BIN)/perennial services status
+
+run: venv services-up
+	$(BIN)/perennial run $(CONFIG) --summary-json .perennial/summary.json $(ARGS)
+
+test: venv
+	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not integration and not slow" $(PYTEST_ARGS)
+
+bench: venv
+	$(BIN)/python -m bench.run_all
+
+bench-quick: venv
+	$(BIN)/python -m bench.run_all --quick
+
+deploy: venv
+	$(BIN)/perennial deploy
+
+worker: venv
+	$(BIN)/prefect worker start --pool perennial-process
+
+clean: services-down
+	rm -rf .perennial

@@ -1,0 +1,332 @@
+"""The one typed configuration that drives every stage.
+
+Loaded from YAML, then refined with ``key=value`` overrides (dotted paths, YAML-typed values):
+
+    perennial run configs/demo.yaml cit.optim.lr=3e-4 cit.tuning.method=attn-proj
+
+Unknown keys, wrong types and impossible values are rejected before any work starts,
+with a message naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message says which key and what is allowed."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --- services -------------------------------------------------------------------------------
+
+
+class StorageConfig(Strict):
+    """S3-compatible object storage. Credentials are read from the named environment variables only."""
+
+    endpoint_url: str = "http://127.0.0.1:8333"
+    bucket: str = Field("perennial", pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+    prefix: str = Field("perennial", pattern=r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+    region: str = "us-east-1"
+    access_key_env: str = "AWS_ACCESS_KEY_ID"
+    secret_key_env: str = "AWS_SECRET_ACCESS_KEY"
+    max_attempts: int = Field(5, ge=1, le=20)
+
+
+class TrackingConfig(Strict):
+    tracking_uri: str = "http://127.0.0.1:5000"
+    experiment: str = "perennial"
+    registered_model: str = Field("perennial-demo", pattern=r"^[A-Za-z0-9._-]+$")
+
+
+# --- data -----------------------------------------------------------------------------------
+
+
+class DemoDataConfig(Strict):
+    """Generated data for the embedded default: checkable tasks and two text corpora."""
+
+    tasks: list[Literal["arithmetic", "fact_lookup", "reverse", "uppercase", "digit_count"]] = Field(
+        default_factory=lambda: ["arithmetic", "fact_lookup", "reverse"], min_length=1
+    )
+    train_per_task: int = Field(400, ge=8)
+    eval_per_task: int = Field(40, ge=4)
+    general_docs: int = Field(1500, ge=10)
+    domain_docs: int = Field(800, ge=10)
+    general_eval_docs: int = Field(100, ge=4)
+    seed: int = 1234
+
+
+class DataConfig(Strict):
+    source: Literal["demo"] = "demo"
+    demo: DemoDataConfig = Field(default_factory=DemoDataConfig)
+
+
+# --- model and training ---------------------------------------------------------------------
+
+
+class TinyModelConfig(Strict):
+    """The embedded default: a small Llama built locally with a BPE tokenizer trained on the general corpus."""
+
+    vocab_size: int = Field(512, ge=64)
+    hidden_size: int = Field(128, ge=8)
+    intermediate_size: int = Field(352, ge=8)
+    num_hidden_layers: int = Field(4, ge=1)
+    num_attention_heads: int = Field(4, ge=1)
+    num_key_value_heads: int = Field(4, ge=1)
+    max_position_embeddings: int = Field(256, ge=16)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "TinyModelConfig":
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be divisible by num_attention_heads")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be divisible by num_key_value_heads")
+        return self
+
+
+class OptimConfig(Strict):
+    lr: float = Field(1e-3, gt=0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(10, ge=0)
+    max_steps: int = Field(200, ge=1)
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    grad_clip: float = Field(1.0, gt=0)
+    max_length: int = Field(128, ge=8)
+    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only at stage end")
+    log_every: int = Field(10, ge=1)
+
+
+class BaseModelConfig(Strict):
+    """Where the starting model comes from."""
+
+    source: Literal["tiny", "local", "hub"] = "tiny"
+    name_or_path: str | None = None
+    revision: str | None = None
+    attn_implementation: Literal["eager", "sdpa"] = "eager"
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+    pretrain: OptimConfig = Field(
+        default_factory=lambda: OptimConfig(lr=3e-3, max_steps=300, batch_size=16, warmup_steps=20)
+    )
+
+    @model_validator(mode="after")
+    def _path_given(self) -> "BaseModelConfig":
+        if self.source != "tiny" and not self.name_or_path:
+            raise ValueError(f"model.name_or_path is required when model.source={self.source!r}")
+        return self
+
+
+TuningMethod = Literal["full", "lora", "mora", "attn-proj", "mlp-gate-up", "regex", "osf"]
+
+
+class TuningConfig(Strict):
+    """What is trained. Selective presets follow the forgetting-as-output-bias finding."""
+
+    method: TuningMethod = "full"
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    trainable_regex: list[str] = Field(default_factory=list)
+    mora_type: Literal["sharing", "rotation", "auto"] = "auto"
+
+    @model_validator(mode="after")
+    def _regex_given(self) -> "TuningConfig":
+        if self.method == "regex" and not self.trainable_regex:
+            raise ValueError("tuning.trainable_regex must list at least one pattern when tuning.method='regex'")
+        return self
+
+
+class DAPConfig(Strict):
+    enabled: bool = True
+    general_mix_fraction: float = Field(0.1, ge=0.0, le=1.0)
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-3, max_steps=100, warmup_steps=10))
+    tuning: TuningConfig = Field(default_factory=TuningConfig)
+
+
+class ReplayConfig(Strict):
+    enabled: bool = True
+    strategy: Literal["uniform", "reservoir", "loss-mid", "balanced"] = "uniform"
+    budget: float = Field(0.1, gt=0, description="per-task budget: a fraction in (0, 1] or a count (> 1)")
+    mixing: Literal["interleave", "concat", "epoch"] = "concat"
+
+    @model_validator(mode="after")
+    def _budget_shape(self) -> "ReplayConfig":
+        if self.budget > 1 and self.budget != int(self.budget):
+            raise ValueError("replay.budget must be a fraction in (0, 1] or a whole count of examples")
+        return self
+
+
+class EWCConfig(Strict):
+    name: Literal["ewc"]
+    strength: float = Field(100.0, ge=0)
+    fisher_samples: int = Field(64, ge=1)
+    decay: float = Field(1.0, ge=0, le=1)
+
+
+class LwFConfig(Strict):
+    name: Literal["lwf"]
+    weight: float = Field(1.0, ge=0)
+    temperature: float = Field(2.0, gt=0)
+
+
+class AveragingConfig(Strict):
+    name: Literal["averaging"]
+    alpha: float = Field(0.5, ge=0, le=1, description="weight kept from the previous model")
+    per_layer: dict[str, float] = Field(default_factory=dict)
+
+
+class SEEKRConfig(Strict):
+    name: Literal["seekr"]
+    alpha: float = Field(0.5, ge=0, le=1)
+    beta: float = Field(1.0, ge=0)
+    layer_budget: int = Field(2, ge=1)
+    head_budget: int = Field(4, ge=1)
+    store_logits: bool = True
+
+
+class OLoRAConfig(Strict):
+    name: Literal["olora"]
+    lambda_orth: float = Field(0.5, ge=0)
+    lambda_l2: float = Field(0.0, ge=0)
+
+
+CLMethodConfig = Annotated[
+    Union[EWCConfig, LwFConfig, AveragingConfig, SEEKRConfig, OLoRAConfig], Field(discriminator="name")
+]
+
+
+class CITConfig(Strict):
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-3, max_steps=150, warmup_steps=10))
+    tuning: TuningConfig = Field(default_factory=TuningConfig)
+    replay: ReplayConfig = Field(default_factory=ReplayConfig)
+    methods: list[CLMethodConfig] = Field(default_factory=list)
+
+
+class EvalConfig(Strict):
+    max_new_tokens: int = Field(12, ge=1)
+    batch_size: int = Field(32, ge=1)
+    scoring: Literal["generate", "options"] = "generate"
+    general_max_docs: int = Field(100, ge=1)
+    probe_prompts: int = Field(32, ge=1)
+
+
+class GatesConfig(Strict):
+    min_target_score: float | None = Field(None, ge=0, le=1)
+    min_bwt: float | None = None
+    max_task_drop: float | None = Field(None, ge=0)
+    max_general_ppl_increase: float | None = Field(None, ge=0, description="relative, e.g. 0.1 = +10%")
+    max_output_drift_kl: float | None = Field(None, ge=0)
+
+
+class RegistryConfig(Strict):
+    enabled: bool = True
+    auto_promote: bool = False
+    gates: GatesConfig = Field(default_factory=GatesConfig)
+
+
+class Config(Strict):
+    """Top-level configuration. See configs/demo.yaml for the embedded default."""
+
+    run_name: str = Field("demo", pattern=r"^[A-Za-z0-9._-]+$")
+    seed: int = 0
+    work_dir: Path = Path(".perennial/work")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: BaseModelConfig = Field(default_factory=BaseModelConfig)
+    dap: DAPConfig = Field(default_factory=DAPConfig)
+    cit: CITConfig = Field(default_factory=CITConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+
+    def digest(self) -> str:
+        """Content digest of the configuration (stable across key order)."""
+        return hashlib.sha256(canonical_json(self.model_dump(mode="json")).encode()).hexdigest()
+
+
+def canonical_json(data: Any) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. cit.optim.lr=3e-4)")
+        key, raw = item.split("=", 1)
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} has an empty key segment")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw else "")
+    return tree
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _explain(error: ValidationError, source: str) -> ConfigError:
+    lines = [f"invalid configuration ({source}):"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  - {key}: unknown key; check the spelling against configs/demo.yaml")
+        else:
+            lines.append(f"  - {key}: {item['msg']} (got {item.get('input')!r})")
+    return ConfigError("\n".join(lines))
+
+
+def build_config(data: dict, overrides: list[str] | None = None, source: str = "<dict>") -> Config:
+    merged = _deep_merge(data or {}, parse_overrides(overrides or []))
+    try:
+        return Config.model_validate(merged)
+    except ValidationError as error:
+        raise _explain(error, source) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load YAML (or the built-in defaults when path is None) and apply ``key=value`` overrides."""
+    data: dict = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; try configs/demo.yaml")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        source = str(path)
+    return build_config(data, overrides, source)

@@ -1,0 +1,324 @@
+"""Local services the project starts itself: SeaweedFS (S3) and an MLflow tracking server.
+
+Everything lives under one folder (``.perennial/services`` by default): data, logs, PID files and
+the generated S3 identities. Every instance gets its own ports, so tests can run beside ``make run``.
+Both servers bind to 127.0.0.1 only. SeaweedFS runs with an identities file, so anonymous S3
+access is denied; MLflow proxies artifacts into that S3 (``--artifacts-destination``), so MLflow
+clients need no S3 credentials of their own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HOST = "127.0.0.1"
+# SeaweedFS `weed mini` opens these besides S3; each gets an explicit port so instances never collide.
+_WEED_PORT_FLAGS = (
+    "master.port",
+    "master.port.grpc",
+    "volume.port",
+    "volume.port.grpc",
+    "filer.port",
+    "filer.port.grpc",
+    "s3.port.grpc",
+    "admin.port",
+    "admin.port.grpc",
+    "webdav.port",
+)
+
+
+class ServiceError(RuntimeError):
+    pass
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports the OS reports free right now (held open together so they are distinct)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind((HOST, 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((HOST, port)) == 0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is not alive
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return True
+
+
+def _tool(name: str) -> str:
+    """A console script of this environment (the venv's own `weed`, `mlflow`)."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which(name)
+    if not found:
+        raise ServiceError(f"`{name}` is not installed in this environment; run `make venv`")
+    return found
+
+
+@dataclass
+class LocalServices:
+    """SeaweedFS + MLflow rooted in one folder. Ports: S3, MLflow, and a base for SeaweedFS internals."""
+
+    root: Path = Path(".perennial/services")
+    s3_port: int = 8333
+    mlflow_port: int = 5000
+    weed_port_base: int = 19330
+    bucket: str = "perennial"
+    extra_env: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, root: str | Path | None = None) -> "LocalServices":
+        """Ports from PERENNIAL_S3_PORT, PERENNIAL_MLFLOW_PORT, PERENNIAL_WEED_PORT_BASE, or saved state."""
+        root = Path(root or os.environ.get("PERENNIAL_SERVICES_DIR", ".perennial/services"))
+        saved = root / "ports.json"
+        ports = json.loads(saved.read_text()) if saved.exists() else {}
+        return cls(
+            root=root,
+            s3_port=int(os.environ.get("PERENNIAL_S3_PORT", ports.get("s3", 8333))),
+            mlflow_port=int(os.environ.get("PERENNIAL_MLFLOW_PORT", ports.get("mlflow", 5000))),
+            weed_port_base=int(os.environ.get("PERENNIAL_WEED_PORT_BASE", ports.get("weed_base", 19330))),
+            bucket=os.environ.get("PERENNIAL_BUCKET", ports.get("bucket", "perennial")),
+        )
+
+    @classmethod
+    def on_free_ports(cls, root: Path, bucket: str = "perennial") -> "LocalServices":
+        s3, mlflow, *weed = free_ports(2 + len(_WEED_PORT_FLAGS))
+        service = cls(root=root, s3_port=s3, mlflow_port=mlflow, bucket=bucket)
+        service._weed_ports = dict(zip(_WEED_PORT_FLAGS, weed))
+        return service
+
+    # -- derived ------------------------------------------------------------------------------
+
+    @property
+    def s3_endpoint(self) -> str:
+        return f"http://{HOST}:{self.s3_port}"
+
+    @property
+    def mlflow_uri(self) -> str:
+        return f"http://{HOST}:{self.mlflow_port}"
+
+    @property
+    def weed_ports(self) -> dict[str, int]:
+        explicit = getattr(self, "_weed_ports", None)
+        if explicit:
+            return explicit
+        return {flag: self.weed_port_base + offset for offset, flag in enumerate(_WEED_PORT_FLAGS)}
+
+    def _pidfile(self, name: str) -> Path:
+        return self.root / f"{name}.pid"
+
+    def _credentials(self) -> dict[str, str]:
+        path = self.root / "credentials.json"
+        if not path.exists():
+            self.root.mkdir(parents=True, exist_ok=True)
+            creds = {"access_key": "perennial-" + secrets.token_hex(6), "secret_key": secrets.token_urlsafe(24)}
+            path.write_text(json.dumps(creds))
+            path.chmod(0o600)
+        return json.loads(path.read_text())
+
+    def client_env(self) -> dict[str, str]:
+        """Variables a client of these services needs (written to services.env for `source`)."""
+        creds = self._credentials()
+        return {
+            "AWS_ACCESS_KEY_ID": creds["access_key"],
+            "AWS_SECRET_ACCESS_KEY": creds["secret_key"],
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "PERENNIAL_S3_ENDPOINT": self.s3_endpoint,
+            "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint,
+            "MLFLOW_TRACKING_URI": self.mlflow_uri,
+            "PERENNIAL_BUCKET": self.bucket,
+        }
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def up(self, timeout: float = 60.0) -> dict[str, str]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "ports.json").write_text(
+            json.dumps({"s3": self.s3_port, "mlflow": self.mlflow_port, "weed_base": self.weed_port_base, "bucket": self.bucket})
+        )
+        env = self.client_env()
+        env_file = self.root / "services.env"
+        env_file.write_text("".join(f"export {k}={v}\n" for k, v in env.items()))
+        env_file.chmod(0o600)
+        self._start_weed(timeout)
+        self._ensure_bucket(env)
+        self._start_mlflow(env, timeout)
+        return env
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        pidfile = self._pidfile(name)
+        if pidfile.exists() and _pid_alive(int(pidfile.read_text())):
+            return
+        log = open(self.root / f"{name}.log", "ab")
+        process = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**os.environ, **env}, start_new_session=True
+        )
+        pidfile.write_text(str(process.pid))
+
+    def _wait(self, name: str, ready, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        pid = int(self._pidfile(name).read_text())
+        while time.monotonic() < deadline:
+            if ready():
+                return
+            if not _pid_alive(pid):
+                break
+            time.sleep(0.2)
+        tail = (self.root / f"{name}.log").read_text(errors="replace")[-2000:]
+        raise ServiceError(f"{name} did not become ready within {timeout:.0f}s; last log lines:\n{tail}")
+
+    def _start_weed(self, timeout: float) -> None:
+        creds = self._credentials()
+        identities = {
+            "identities": [
+                {
+                    "name": "perennial",
+                    "credentials": [{"accessKey": creds["access_key"], "secretKey": creds["secret_key"]}],
+                    "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                }
+            ]
+        }
+        s3_config = self.root / "s3.json"
+        s3_config.write_text(json.dumps(identities))
+        s3_config.chmod(0o600)
+        data = self.root / "seaweedfs"
+        data.mkdir(exist_ok=True)
+        argv = [
+            _tool("weed"),
+            "mini",
+            f"-dir={data}",
+            f"-ip={HOST}",
+            f"-ip.bind={HOST}",
+            f"-s3.port={self.s3_port}",
+            f"-s3.config={s3_config}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-admin.ui=false",
+            "-master.telemetry=false",
+            *(f"-{flag}={port}" for flag, port in self.weed_ports.items()),
+        ]
+        self._spawn("seaweedfs", argv, {})
+        self._wait("seaweedfs", lambda: self._s3_ready(), timeout)
+
+    def _s3_ready(self) -> bool:
+        if not _port_open(self.s3_port):
+            return False
+        try:
+            urllib.request.urlopen(f"{self.s3_endpoint}/", timeout=1)
+        except urllib.error.HTTPError as error:  # 403 for anonymous access means S3 is serving
+            return error.code in (403, 400)
+        except OSError:
+            return False
+        return True
+
+    def _ensure_bucket(self, env: dict[str, str]) -> None:
+        from perennial.config import StorageConfig
+        from perennial.storage import ObjectStore
+
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            ObjectStore(StorageConfig(endpoint_url=self.s3_endpoint, bucket=self.bucket)).ensure_bucket()
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+    def _start_mlflow(self, env: dict[str, str], timeout: float) -> None:
+        db = (self.root / "mlflow.db").resolve()
+        argv = [
+            _tool("mlflow"),
+            "server",
+            "--host",
+            HOST,
+            "--port",
+            str(self.mlflow_port),
+            "--backend-store-uri",
+            f"sqlite:///{db}",
+            "--artifacts-destination",
+            f"s3://{self.bucket}/mlflow-artifacts",
+            "--serve-artifacts",
+            "--workers",
+            "1",
+        ]
+        self._spawn("mlflow", argv, {**env, **self.extra_env})
+        self._wait("mlflow", self._mlflow_ready, timeout)
+
+    def _mlflow_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.mlflow_uri}/health", timeout=1) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def stop(self, name: str, timeout: float = 15.0) -> bool:
+        pidfile = self._pidfile(name)
+        if not pidfile.exists():
+            return False
+        pid = int(pidfile.read_text())
+        if _pid_alive(pid):
+            try:
+                os.killpg(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            deadline = time.monotonic() + timeout
+            while _pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if _pid_alive(pid):
+                os.killpg(pid, signal.SIGKILL)
+        pidfile.unlink(missing_ok=True)
+        return True
+
+    def kill(self, name: str) -> None:
+        """Hard-kill a service (fault-injection tests)."""
+        pid = int(self._pidfile(name).read_text())
+        os.killpg(pid, signal.SIGKILL)
+        while _pid_alive(pid):
+            time.sleep(0.05)
+
+    def down(self) -> None:
+        self.stop("mlflow")
+        self.stop("seaweedfs")
+
+    def status(self) -> dict[str, dict]:
+        checks = {"seaweedfs": (self.s3_endpoint, self._s3_ready), "mlflow": (self.mlflow_uri, self._mlflow_ready)}
+        report = {}
+        for name, (url, ready) in checks.items():
+            pidfile = self._pidfile(name)
+            pid = int(pidfile.read_text()) if pidfile.exists() else None
+            report[name] = {"pid": pid, "running": bool(pid and _pid_alive(pid)), "ready": ready(), "url": url}
+        return report

@@ -1,0 +1,260 @@
+"""S3-compatible object storage: digests, manifests, committed directory uploads.
+
+A directory is *committed* when its ``MANIFEST.json`` exists. The manifest is written last and
+lists the sha256 of every file, so a reader never sees a partial upload as committed and a
+flipped byte is caught on download.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
+
+from perennial.config import StorageConfig
+
+MANIFEST_NAME = "MANIFEST.json"
+_KEY_COMPONENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,127}$")
+_TRANSFER = TransferConfig(multipart_threshold=16 * 1024 * 1024, multipart_chunksize=16 * 1024 * 1024, max_concurrency=4)
+
+
+class StorageError(RuntimeError):
+    """Object storage cannot be used; the message says how to fix it."""
+
+
+class CorruptObjectError(StorageError):
+    """An object's bytes do not match the digest recorded in its manifest."""
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_tree(root: str | Path) -> str:
+    """Digest of a directory: relative paths and file digests, order-independent."""
+    root = Path(root)
+    entries = sorted((p.relative_to(root).as_posix(), sha256_file(p)) for p in root.rglob("*") if p.is_file())
+    return sha256_bytes(json.dumps(entries).encode())
+
+
+def key_component(value: str) -> str:
+    """Validate one piece of an object key, so names from data or config cannot traverse paths."""
+    if not isinstance(value, str) or not _KEY_COMPONENT.match(value) or value in {".", ".."} or ".." in value:
+        raise StorageError(
+            f"{value!r} cannot be part of an object key: use letters, digits, '.', '_', '-', '=' "
+            "(1-128 characters, starting with a letter or digit, no '..')"
+        )
+    return value
+
+
+def join_key(*parts: str) -> str:
+    """Join validated key pieces; a piece may itself be a validated a/b/c path."""
+    pieces: list[str] = []
+    for part in parts:
+        for component in str(part).strip("/").split("/"):
+            pieces.append(key_component(component))
+    return "/".join(pieces)
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str
+    last_modified: datetime
+
+
+def _credentials(cfg: StorageConfig) -> tuple[str, str]:
+    access, secret = os.environ.get(cfg.access_key_env), os.environ.get(cfg.secret_key_env)
+    if not access or not secret:
+        raise StorageError(
+            f"S3 credentials are missing: set the environment variables {cfg.access_key_env} and "
+            f"{cfg.secret_key_env} (for the local services: `source .perennial/services.env`, written by "
+            "`perennial services up`)"
+        )
+    return access, secret
+
+
+class ObjectStore:
+    """A bucket on an S3-compatible server, with retries on transient errors."""
+
+    def __init__(self, cfg: StorageConfig):
+        self.cfg = cfg
+        access, secret = _credentials(cfg)
+        self.bucket = cfg.bucket
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=cfg.endpoint_url,
+            region_name=cfg.region,
+            aws_access_key_id=access,
+            aws_secret_access_key=secret,
+            config=BotoConfig(
+                retries={"max_attempts": cfg.max_attempts, "mode": "standard"},
+                connect_timeout=5,
+                read_timeout=60,
+                s3={"addressing_style": "path"},
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            ),
+        )
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    def _retry(self, what: str, call, *args, **kwargs):
+        """Retry transient failures (server restarting, connection refused) with backoff."""
+        delay, attempts = 0.5, self.cfg.max_attempts
+        for attempt in range(1, attempts + 1):
+            try:
+                return call(*args, **kwargs)
+            except ClientError as error:
+                code = error.response.get("Error", {}).get("Code", "")
+                status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+                if code in {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchKey", "404"}:
+                    raise
+                if status and status < 500 and code not in {"SlowDown", "RequestTimeout"}:
+                    raise
+                last = error
+            except (BotoCoreError, EndpointConnectionError, ConnectionError) as error:
+                last = error
+            if attempt < attempts:
+                time.sleep(delay)
+                delay = min(delay * 2, 8.0)
+        raise StorageError(
+            f"S3 {what} failed after {attempts} attempts against {self.cfg.endpoint_url}: {last}. "
+            "Is the server up? (`perennial services status`)"
+        ) from last
+
+    def check(self) -> None:
+        """Fail fast with a clear message when the server or bucket cannot be reached."""
+        try:
+            self.ensure_bucket()
+        except ClientError as error:
+            raise StorageError(f"S3 at {self.cfg.endpoint_url} refused access: {error}") from None
+
+    def ensure_bucket(self) -> None:
+        try:
+            self._retry("head_bucket", self.client.head_bucket, Bucket=self.bucket)
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") not in {"404", "NoSuchBucket", "NotFound"}:
+                raise
+            self._retry("create_bucket", self.client.create_bucket, Bucket=self.bucket)
+
+    # -- objects -------------------------------------------------------------------------------
+
+    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
+        self._retry("put_object", self.client.put_object, Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
+        return sha256_bytes(data)
+
+    def put_json(self, key: str, payload: Any) -> str:
+        return self.put_bytes(key, json.dumps(payload, indent=2, sort_keys=True, default=str).encode(), "application/json")
+
+    def put_file(self, path: str | Path, key: str) -> str:
+        self._retry("upload_file", self.client.upload_file, str(path), self.bucket, key, Config=_TRANSFER)
+        return sha256_file(path)
+
+    def get_bytes(self, key: str) -> bytes:
+        response = self._retry("get_object", self.client.get_object, Bucket=self.bucket, Key=key)
+        return response["Body"].read()
+
+    def get_json(self, key: str) -> Any:
+        return json.loads(self.get_bytes(key))
+
+    def get_file(self, key: str, path: str | Path, expected_sha256: str | None = None) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        self._retry("download_file", self.client.download_file, self.bucket, key, str(partial), Config=_TRANSFER)
+        if expected_sha256 is not None:
+            actual = sha256_file(partial)
+            if actual != expected_sha256:
+                partial.unlink(missing_ok=True)
+                raise CorruptObjectError(
+                    f"{self.uri(key)} is corrupt: sha256 {actual[:12]}... does not match the manifest's "
+                    f"{expected_sha256[:12]}...; refusing to use it"
+                )
+        os.replace(partial, path)
+        return path
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._retry("head_object", self.client.head_object, Bucket=self.bucket, Key=key)
+            return True
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
+                return False
+            raise
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        pages = self._retry("list_objects", lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=prefix)))
+        for page in pages:
+            for item in page.get("Contents", []):
+                yield ObjectInfo(item["Key"], item["Size"], item["ETag"].strip('"'), item["LastModified"])
+
+    def delete_prefix(self, prefix: str) -> int:
+        keys = [info.key for info in self.list(prefix)]
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": key} for key in keys[start : start + 1000]]
+            self._retry("delete_objects", self.client.delete_objects, Bucket=self.bucket, Delete={"Objects": batch})
+        return len(keys)
+
+    # -- committed directories -----------------------------------------------------------------
+
+    def upload_dir(self, local_dir: str | Path, prefix: str, meta: dict | None = None) -> dict:
+        """Upload every file, then the manifest. Returns the manifest (with ``uri`` and ``digest``)."""
+        local_dir = Path(local_dir)
+        files = {}
+        for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+            relative = path.relative_to(local_dir).as_posix()
+            digest = self.put_file(path, f"{prefix}/{relative}")
+            files[relative] = {"sha256": digest, "size": path.stat().st_size}
+        manifest = {
+            "files": files,
+            "digest": sha256_bytes(json.dumps(sorted((k, v["sha256"]) for k, v in files.items())).encode()),
+            "created": datetime.now(timezone.utc).isoformat(),
+            "meta": meta or {},
+            "uri": self.uri(prefix),
+        }
+        self.put_json(f"{prefix}/{MANIFEST_NAME}", manifest)
+        return manifest
+
+    def read_manifest(self, prefix: str) -> dict | None:
+        key = f"{prefix}/{MANIFEST_NAME}"
+        if not self.exists(key):
+            return None
+        return self.get_json(key)
+
+    def download_dir(self, prefix: str, local_dir: str | Path) -> dict:
+        """Download a committed directory, verifying every file against the manifest."""
+        manifest = self.read_manifest(prefix)
+        if manifest is None:
+            raise StorageError(f"{self.uri(prefix)} has no {MANIFEST_NAME}: it was never committed (or was deleted)")
+        local_dir = Path(local_dir)
+        for relative, entry in manifest["files"].items():
+            target = local_dir / relative
+            if target.is_file() and sha256_file(target) == entry["sha256"]:
+                continue
+            self.get_file(f"{prefix}/{relative}", target, expected_sha256=entry["sha256"])
+        return manifest
