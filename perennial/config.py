@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # --- services -------------------------------------------------------------------------------
@@ -65,9 +65,127 @@ class DemoDataConfig(Strict):
     seed: int = 1234
 
 
+# Dataset and task names become object-key components (see perennial.storage.key_component).
+_DATASET_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+# Which canonical fields each input shape reads; ``fields`` maps them to the input's own names.
+SHAPE_FIELDS: dict[str, dict[str, str]] = {
+    "text": {"text": "text", "split": "split"},
+    "alpaca": {"instruction": "instruction", "input": "input", "output": "output", "split": "split"},
+    "chat": {"messages": "messages", "role": "role", "content": "content", "split": "split"},
+    "classification": {"input": "sentence", "output": "label", "split": "split"},
+    "instruction": {"prompt": "prompt", "response": "response", "options": "options", "task": "task", "split": "split"},
+}
+TEMPLATE_PLACEHOLDERS = {"instruction", "options", "input"}
+
+
+class IngestSourceConfig(Strict):
+    """One input of a dataset: a local file or folder, an s3://bucket/prefix, or a Hugging Face datasets folder/file."""
+
+    uri: str = Field(min_length=1, description="path (relative to the working directory) or s3://bucket/prefix")
+    format: Literal["auto", "jsonl", "json", "parquet", "csv", "txt", "hf_disk", "hf"] = "auto"
+    split: Literal["auto", "train", "test", "hash"] = Field(
+        "auto", description="auto: the record's split field, else the file name (train/test/valid...), else hash"
+    )
+    pattern: str = Field("*", min_length=1, description="fnmatch pattern on file names inside a folder or prefix")
+    txt_unit: Literal["line", "file"] = "line"
+    skip_blank_lines: bool = Field(True, description="txt line mode: blank lines are separators, not records")
+    limit: int | None = Field(None, ge=1, description="read at most this many records from this source")
+    hf_builder: Literal["json", "csv", "parquet", "text"] | None = Field(
+        None, description="format=hf: the datasets builder for load_dataset; default from the file extension"
+    )
+    endpoint_url: str | None = Field(None, description="s3 sources: default storage.endpoint_url")
+    access_key_env: str | None = Field(None, description="s3 sources: default storage.access_key_env")
+    secret_key_env: str | None = Field(None, description="s3 sources: default storage.secret_key_env")
+
+
+class IncrementalConfig(Strict):
+    """Ingest only objects that are new since the watermark stored in S3 (s3:// sources only)."""
+
+    new_data: Literal["append", "next_task"] = Field(
+        "append", description="append: add to a task (or text corpus); next_task: new data becomes the next task"
+    )
+    append_to: str | None = Field(None, pattern=_DATASET_NAME, description="task to append to; default the last one")
+
+
+class IngestDatasetConfig(Strict):
+    """One dataset to ingest into canonical records (see docs/ingestion.md)."""
+
+    name: str = Field(pattern=_DATASET_NAME)
+    shape: Literal["text", "alpaca", "chat", "classification", "instruction"]
+    role: Literal["general", "domain", "task"] | None = Field(
+        None, description="how the pipeline uses it; default: task for instruction shapes, domain for text"
+    )
+    task: str | None = Field(None, pattern=_DATASET_NAME, description="task name of instruction records; default name")
+    sources: list[IngestSourceConfig] = Field(min_length=1)
+    fields: dict[str, str] = Field(default_factory=dict, description="canonical field -> input field name")
+    labels: list[str] | None = Field(None, min_length=1, description="classification: the label set")
+    labels_file: str | None = Field(None, description="classification: a JSON list of labels (e.g. labels.json)")
+    instruction: str | None = Field(None, description="classification: the instruction placed in the prompt")
+    template: str = Field(
+        "{instruction}\nOptions: {options}\nInput: {input}",
+        description="classification prompt; placeholders {instruction}, {options}, {input}",
+    )
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of hash-split records that go to test")
+    max_chars: int = Field(20000, ge=1, description="longest text / prompt / response kept")
+    over_long: Literal["reject", "truncate"] = "reject"
+    incremental: IncrementalConfig | None = None
+
+    @property
+    def kind(self) -> Literal["text", "instruction"]:
+        return "text" if self.shape == "text" else "instruction"
+
+    @property
+    def resolved_role(self) -> Literal["general", "domain", "task"]:
+        return self.role or ("domain" if self.kind == "text" else "task")
+
+    def field(self, canonical: str) -> str:
+        """The input's name for a canonical field."""
+        return self.fields.get(canonical, SHAPE_FIELDS[self.shape][canonical])
+
+    @model_validator(mode="after")
+    def _shape_rules(self) -> "IngestDatasetConfig":
+        unknown = sorted(set(self.fields) - set(SHAPE_FIELDS[self.shape]))
+        if unknown:
+            raise ValueError(
+                f"fields {unknown} do not apply to shape {self.shape!r}; allowed: {sorted(SHAPE_FIELDS[self.shape])}"
+            )
+        if self.shape == "classification":
+            if (self.labels is None) == (self.labels_file is None):
+                raise ValueError("shape 'classification' needs exactly one of labels (a list) or labels_file")
+            if not self.instruction:
+                raise ValueError("shape 'classification' needs an instruction (the task question)")
+            import string
+
+            used = {name for _, name, _, _ in string.Formatter().parse(self.template) if name is not None}
+            if not used <= TEMPLATE_PLACEHOLDERS or "input" not in used:
+                raise ValueError(
+                    f"template placeholders {sorted(used)} must include {{input}} and only use {sorted(TEMPLATE_PLACEHOLDERS)}"
+                )
+        if self.incremental and self.incremental.new_data == "next_task" and self.kind == "text":
+            raise ValueError("text datasets have no tasks: use incremental.new_data='append'")
+        return self
+
+
 class DataConfig(Strict):
-    source: Literal["demo"] = "demo"
+    """Where training data comes from: generated demo data, or datasets ingested by perennial.ingest.
+
+    With source='datasets', instruction datasets with role 'task' form the task sequence in list order.
+    """
+
+    source: Literal["demo", "datasets"] = "demo"
     demo: DemoDataConfig = Field(default_factory=DemoDataConfig)
+    datasets: list[IngestDatasetConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _datasets_given(self) -> "DataConfig":
+        if self.source == "datasets" and not self.datasets:
+            raise ValueError("data.datasets must list at least one dataset when data.source='datasets'")
+        names = [dataset.name for dataset in self.datasets]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"data.datasets names must be unique; repeated: {duplicates}")
+        return self
 
 
 # --- model and training ---------------------------------------------------------------------
@@ -162,11 +280,12 @@ class ReplayConfig(Strict):
     budget: float = Field(0.1, gt=0, description="per-task budget: a fraction in (0, 1] or a count (> 1)")
     mixing: Literal["interleave", "concat", "epoch"] = "concat"
 
-    @model_validator(mode="after")
-    def _budget_shape(self) -> "ReplayConfig":
-        if self.budget > 1 and self.budget != int(self.budget):
-            raise ValueError("replay.budget must be a fraction in (0, 1] or a whole count of examples")
-        return self
+    @field_validator("budget")
+    @classmethod
+    def _budget_shape(cls, budget: float) -> float:
+        if budget > 1 and budget != int(budget):
+            raise ValueError("must be a fraction in (0, 1] or a whole count of examples (e.g. 0.1 or 50)")
+        return budget
 
 
 class EWCConfig(Strict):

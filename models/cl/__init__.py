@@ -1,0 +1,1 @@
+"""Continual-learning methods as plugins behind one hook interface (see base.py)."""

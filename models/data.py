@@ -1,0 +1,85 @@
+"""Turning canonical records into tensors: prompt rendering, response-only loss masks, packing.
+
+Canonical records (what ingestion writes, one JSON object per line):
+- text:        {"id": str, "text": str, "split": "train"|"test"}
+- instruction: {"id": str, "task": str, "prompt": str, "response": str,
+                "options": list[str] | None, "split": "train"|"test"}
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator, Sequence
+
+import torch
+
+IGNORE_INDEX = -100
+
+# Used when a tokenizer has no chat template of its own (the tiny default has none).
+DEFAULT_PROMPT_TEMPLATE = "### Instruction:\n{prompt}\n### Response:\n"
+
+
+def render_prompt(tokenizer, prompt: str) -> str:
+    """The text the model sees before its answer: the tokenizer's chat template, else the default."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    return DEFAULT_PROMPT_TEMPLATE.format(prompt=prompt)
+
+
+def _bos(tokenizer) -> list[int]:
+    return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    return _bos(tokenizer) + tokenizer.encode(render_prompt(tokenizer, prompt), add_special_tokens=False)
+
+
+def encode_instruction(tokenizer, prompt: str, response: str, max_length: int) -> dict[str, list[int]]:
+    """Prompt + response + EOS, with labels only on the response (loss masking for CIT).
+
+    Over-long examples keep the end of the prompt and as much response as fits, so the
+    supervised tokens are never silently empty.
+    """
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    response_ids = tokenizer.encode(response, add_special_tokens=False) + [tokenizer.eos_token_id]
+    response_ids = response_ids[: max(1, max_length // 2)] if len(prompt_ids) + len(response_ids) > max_length else response_ids
+    budget = max_length - len(response_ids)
+    if len(prompt_ids) > budget:
+        prompt_ids = prompt_ids[-budget:]
+    input_ids = prompt_ids + response_ids
+    labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def pack_texts(tokenizer, texts: Iterable[str], block_size: int) -> list[list[int]]:
+    """Concatenate documents (each closed by EOS) and cut into equal blocks: sequence packing for DAP."""
+    blocks: list[list[int]] = []
+    buffer: list[int] = []
+    for text in texts:
+        buffer.extend(_bos(tokenizer) + tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id])
+        while len(buffer) >= block_size:
+            blocks.append(buffer[:block_size])
+            buffer = buffer[block_size:]
+    if buffer and not blocks:
+        blocks.append(buffer)
+    return blocks
+
+
+def collate(examples: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of {input_ids, labels?} into a batch with an attention mask."""
+    width = max(len(example["input_ids"]) for example in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        ids = example["input_ids"]
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention[row, : len(ids)] = 1
+        labels[row, : len(ids)] = torch.tensor(example.get("labels", ids))
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def batches(examples: Sequence[dict], batch_size: int, pad_token_id: int) -> Iterator[dict[str, torch.Tensor]]:
+    for start in range(0, len(examples), batch_size):
+        yield collate(examples[start : start + batch_size], pad_token_id)

@@ -1,0 +1,258 @@
+"""The training loop for DAP and CIT, readable top to bottom.
+
+One function, `train`, runs `cfg.max_steps` optimizer steps over a list of encoded examples.
+What makes it exactly resumable:
+- the data position is a pure function of (seed, step): micro-batch m reads stream positions
+  m*B .. m*B+B-1 of a sequence of per-epoch permutations, so a resumed run reads the same
+  examples a straight run would;
+- a checkpoint holds the trainable weights, optimizer and scheduler state, RNG states and the
+  plugins' state, all as safetensors + JSON (never pickle).
+Under `torchrun` (torch.distributed initialised) the model is wrapped in DDP and each rank
+takes its slice of every global micro-batch.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from models.cl.base import CLPlugin, PluginState
+from models.data import collate
+
+StepHook = Callable[[int, torch.nn.Module], None]
+LogFn = Callable[[dict[str, float], int], None]
+CheckpointFn = Callable[[int, Path], None]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _distributed() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters; check tuning.method / trainable_regex")
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_multiplier(step: int, cfg) -> float:
+    """Linear warmup, then cosine or linear decay to 10% (or constant)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / (cfg.warmup_steps + 1)
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    if cfg.schedule == "linear":
+        return 1.0 - 0.9 * progress
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def stream_indices(num_examples: int, seed: int, start: int, count: int) -> list[int]:
+    """Example indices at stream positions [start, start+count): epochs of seeded permutations."""
+    indices, cache = [], {}
+    for position in range(start, start + count):
+        epoch, offset = divmod(position, num_examples)
+        if epoch not in cache:
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            cache[epoch] = torch.randperm(num_examples, generator=generator).tolist()
+        indices.append(cache[epoch][offset])
+    return indices
+
+
+# --- checkpoint state (safetensors + JSON only) ------------------------------------------------
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().contiguous().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_state(
+    directory: Path, model, optimizer, scheduler, step: int, losses: list[float], plugins: Sequence[CLPlugin] = ()
+) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(trainable_state(model), directory / "trainable.safetensors")
+    optim = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, slot in optim["state"].items():
+        for key, value in slot.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    save_file(tensors or {"_empty": torch.zeros(0)}, directory / "optimizer.safetensors")
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, directory / "rng.safetensors")
+    for position, plugin in enumerate(plugins):
+        state = plugin.state_dict()
+        save_file(state.tensors or {"_empty": torch.zeros(0)}, directory / f"plugin-{position}-{plugin.name}.safetensors")
+        (directory / f"plugin-{position}-{plugin.name}.json").write_text(json.dumps(state.meta))
+    meta = {
+        "step": step,
+        "losses": losses,
+        "param_groups": optim["param_groups"],
+        "optimizer_scalars": scalars,
+        "scheduler": scheduler.state_dict(),
+        "python_random": repr(random.getstate()),
+    }
+    (directory / "state.json").write_text(json.dumps(meta))
+
+
+def load_state(directory: Path, model, optimizer, scheduler, plugins: Sequence[CLPlugin] = ()) -> tuple[int, list[float]]:
+    meta = json.loads((directory / "state.json").read_text())
+    weights = load_file(directory / "trainable.safetensors")
+    missing = set(weights) - {name for name, _ in model.named_parameters()}
+    if missing:
+        raise ValueError(f"checkpoint {directory} holds parameters the model lacks: {sorted(missing)[:5]}")
+    model.load_state_dict(weights, strict=False)
+    tensors = load_file(directory / "optimizer.safetensors")
+    state: dict[int, dict] = {}
+    for key, value in list(tensors.items()) + list(meta["optimizer_scalars"].items()):
+        if key == "_empty":
+            continue
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    scheduler.load_state_dict(meta["scheduler"])
+    rng = load_file(directory / "rng.safetensors")
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    random.setstate(_tuples(ast.literal_eval(meta["python_random"])))
+    for position, plugin in enumerate(plugins):
+        stem = directory / f"plugin-{position}-{plugin.name}"
+        plugin_tensors = {k: v for k, v in load_file(f"{stem}.safetensors").items() if k != "_empty"}
+        plugin.load_state_dict(PluginState(plugin_tensors, json.loads(Path(f"{stem}.json").read_text())))
+    return meta["step"], meta["losses"]
+
+
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    losses: list[float]
+    tokens: int = 0
+    seconds: float = 0.0
+    resumed_from: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def train(
+    model: torch.nn.Module,
+    examples: Sequence[dict],
+    cfg,
+    *,
+    seed: int,
+    pad_token_id: int,
+    device: torch.device | None = None,
+    plugins: Sequence[CLPlugin] = (),
+    resume_from: Path | None = None,
+    checkpoint_fn: CheckpointFn | None = None,
+    checkpoint_dir: Path | None = None,
+    log_fn: LogFn | None = None,
+    on_step_end: StepHook | None = None,
+    desc: str = "train",
+) -> TrainResult:
+    """Run optimizer steps up to ``cfg.max_steps`` (an OptimConfig); resume from a saved state if given."""
+    if not examples:
+        raise ValueError(f"{desc}: no training examples; the stage would silently learn nothing")
+    device = device or next(model.parameters()).device
+    rank, world = _distributed()
+    micro = cfg.batch_size
+    if micro % world:
+        raise ValueError(f"batch_size {micro} must be divisible by the number of processes {world}")
+    per_rank = micro // world
+
+    model.to(device).train()
+    optimizer = build_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, cfg))
+    start_step, losses = 0, []
+    if resume_from is not None:
+        start_step, losses = load_state(resume_from, model, optimizer, scheduler, plugins)
+    trained = model
+    if world > 1:
+        trained = torch.nn.parallel.DistributedDataParallel(model)
+    want_attentions = any(plugin.needs_attentions for plugin in plugins)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _no_autocast()
+
+    tokens, started = 0, time.perf_counter()
+    progress = tqdm(total=cfg.max_steps, initial=start_step, desc=desc, disable=rank != 0, leave=False)
+    for step in range(start_step, cfg.max_steps):
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for accum in range(cfg.grad_accum):
+            micro_index = step * cfg.grad_accum + accum
+            positions = stream_indices(len(examples), seed, micro_index * micro + rank * per_rank, per_rank)
+            batch = {k: v.to(device) for k, v in collate([examples[i] for i in positions], pad_token_id).items()}
+            with autocast:
+                outputs = trained(**batch, output_attentions=want_attentions) if want_attentions else trained(**batch)
+                loss = outputs.loss
+                for plugin in plugins:
+                    extra = plugin.extra_loss(model, batch, outputs)
+                    if extra is not None:
+                        loss = loss + extra
+            (loss / cfg.grad_accum).backward()
+            step_loss += loss.item() / cfg.grad_accum
+            tokens += int(batch["attention_mask"].sum())
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        losses.append(step_loss)
+        progress.update(1)
+        progress.set_postfix(loss=f"{step_loss:.4f}")
+        done = step + 1
+        if log_fn and rank == 0 and (done % cfg.log_every == 0 or done == cfg.max_steps):
+            log_fn({"loss": step_loss, "lr": scheduler.get_last_lr()[0]}, done)
+        if on_step_end:
+            on_step_end(done, model)
+        if checkpoint_fn and rank == 0 and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
+            state_dir = (checkpoint_dir or Path("checkpoints")) / f"step-{done:08d}"
+            save_state(state_dir, model, optimizer, scheduler, done, losses, plugins)
+            checkpoint_fn(done, state_dir)
+    progress.close()
+    model.eval()
+    seconds = time.perf_counter() - started
+    return TrainResult(steps=cfg.max_steps, losses=losses, tokens=tokens, seconds=seconds, resumed_from=start_step)
+
+
+class _no_autocast:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

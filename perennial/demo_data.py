@@ -1,0 +1,150 @@
+"""Generated data for the embedded default: two text corpora and instruction tasks checkable exactly.
+
+The domain corpus describes a fictional world (creatures with colours and home towns); the
+`fact_lookup` task asks about the same facts, so domain-adaptive pretraining has something to
+transfer. Every generator is deterministic in its seed. Test prompts never repeat a training
+prompt: each task splits its (content, template) pairs, not its raw records.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+SUBJECTS = ["the farmer", "a child", "my neighbour", "the teacher", "an old sailor", "the baker", "a traveller", "the doctor"]
+VERBS = ["walked to", "looked at", "talked about", "painted", "visited", "remembered", "cleaned", "found"]
+OBJECTS = ["the river", "a small house", "the market", "the garden", "a green field", "the station", "the old bridge", "a quiet lake"]
+TIMES = ["in the morning", "after lunch", "at night", "on sunday", "before the rain", "during the summer", "every day", "last week"]
+ENDINGS = ["and smiled.", "with a friend.", "without a word.", "for a long time.", "and went home.", "once again."]
+
+CREATURES = [
+    "zorbel", "quindle", "mavrik", "tofel", "brindax", "selwin", "okarin", "plumet", "varnix", "delbo",
+    "grusk", "hemlin", "jorvath", "kessit", "lunor", "mirrap", "nuvel", "orrin", "pexil", "rundle",
+    "sarvo", "tivlink", "ulmor", "wexen", "yarrow", "zindle", "caspel", "dorrik", "fennix", "gildo",
+]
+COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "white", "black"]
+TOWNS = ["Varnholt", "Esterby", "Quillmoor", "Drenport", "Halvik", "Oskmere"]
+WORDS = ["cat", "dog", "sun", "tree", "fish", "bird", "moon", "rock", "cup", "hat", "box", "car", "pen", "key", "bell", "star"]
+
+ARITHMETIC_TEMPLATES = ["What is {a} + {b}?", "Compute {a} plus {b}.", "Add {a} and {b}."]
+COLOUR_TEMPLATES = ["What colour is the {c}?", "The {c} has which colour?", "Name the colour of the {c}."]
+TOWN_TEMPLATES = ["Where does the {c} live?", "Which town is home to the {c}?", "Name the home town of the {c}."]
+REVERSE_TEMPLATES = ["Reverse the words: {w}", "Say these words backwards: {w}", "Write in reverse order: {w}"]
+
+
+@dataclass(frozen=True)
+class DemoTask:
+    """One checkable task: (prompt, response) pairs split so test prompts are unseen, and its chance level."""
+
+    name: str
+    examples: Callable[[random.Random], list[tuple[str, str, str]]]  # (content key, prompt, response)
+    chance: float
+
+
+def world(seed: int) -> dict[str, tuple[str, str]]:
+    """The fictional facts: creature -> (colour, town)."""
+    rng = random.Random(seed)
+    return {creature: (rng.choice(COLOURS), rng.choice(TOWNS)) for creature in CREATURES}
+
+
+def general_corpus(count: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(count):
+        sentences = [
+            f"{rng.choice(SUBJECTS).capitalize()} {rng.choice(VERBS)} {rng.choice(OBJECTS)} {rng.choice(TIMES)} {rng.choice(ENDINGS)}"
+            for _ in range(rng.randint(2, 4))
+        ]
+        docs.append(" ".join(sentences))
+    return docs
+
+
+def domain_corpus(count: int, seed: int) -> list[str]:
+    facts = world(seed)
+    rng = random.Random(seed + 1)
+    phrasings = [
+        "The {c} is {colour} and lives in {town}.",
+        "In {town} you can meet the {colour} {c}.",
+        "Every {c} is {colour}. Its home is {town}.",
+        "Travellers to {town} often see a {c}, a {colour} creature.",
+    ]
+    docs = []
+    for _ in range(count):
+        picked = rng.sample(CREATURES, 3)
+        docs.append(" ".join(rng.choice(phrasings).format(c=c, colour=facts[c][0], town=facts[c][1]) for c in picked))
+    return docs
+
+
+def _arithmetic(rng: random.Random) -> list[tuple[str, str, str]]:
+    return [
+        (f"{a}+{b}", template.format(a=a, b=b), str(a + b))
+        for a in range(10)
+        for b in range(10)
+        for template in ARITHMETIC_TEMPLATES
+    ]
+
+
+def _fact_lookup(seed: int) -> Callable[[random.Random], list[tuple[str, str, str]]]:
+    def build(rng: random.Random) -> list[tuple[str, str, str]]:
+        facts = world(seed)
+        rows = []
+        for creature, (colour, town) in facts.items():
+            rows += [(f"{creature}/colour", t.format(c=creature), colour) for t in COLOUR_TEMPLATES]
+            rows += [(f"{creature}/town", t.format(c=creature), town) for t in TOWN_TEMPLATES]
+        return rows
+
+    return build
+
+
+def _reverse(rng: random.Random) -> list[tuple[str, str, str]]:
+    rows = []
+    for _ in range(900):
+        words = rng.sample(WORDS, 3)
+        template = rng.choice(REVERSE_TEMPLATES)
+        rows.append((" ".join(words), template.format(w=" ".join(words)), " ".join(reversed(words))))
+    return rows
+
+
+def _uppercase(rng: random.Random) -> list[tuple[str, str, str]]:
+    return [(w, f"Write in capitals: {w}", w.upper()) for w in WORDS for _ in range(3)]
+
+
+def _digit_count(rng: random.Random) -> list[tuple[str, str, str]]:
+    rows = []
+    for _ in range(600):
+        words = rng.sample(WORDS, rng.randint(1, 6))
+        rows.append((" ".join(words), f"How many words are in: {' '.join(words)}", str(len(words))))
+    return rows
+
+
+def demo_tasks(seed: int) -> dict[str, DemoTask]:
+    return {
+        "arithmetic": DemoTask("arithmetic", _arithmetic, chance=1 / 19),
+        "fact_lookup": DemoTask("fact_lookup", _fact_lookup(seed), chance=1 / len(COLOURS)),
+        "reverse": DemoTask("reverse", _reverse, chance=1 / 6),
+        "uppercase": DemoTask("uppercase", _uppercase, chance=1 / len(WORDS)),
+        "digit_count": DemoTask("digit_count", _digit_count, chance=1 / 6),
+    }
+
+
+def task_records(task: DemoTask, train_count: int, eval_count: int, seed: int) -> list[dict]:
+    """Instruction records for one task; test prompts are distinct from every training prompt."""
+    rng = random.Random(f"{seed}/{task.name}")
+    rows = list(dict.fromkeys(task.examples(rng)))  # exact duplicates add nothing
+    rng.shuffle(rows)
+    test, seen = [], set()
+    for row in rows:
+        if len(test) == eval_count:
+            break
+        if row[1] not in seen:
+            test.append(row)
+            seen.add(row[1])
+    test_prompts = {prompt for _, prompt, _ in test}
+    pool = [row for row in rows if row[1] not in test_prompts]
+    train = pool[:train_count]
+    records = []
+    for split, chosen in (("train", train), ("test", test)):
+        for _, prompt, response in chosen:
+            records.append({"task": task.name, "prompt": prompt, "response": response, "options": None, "split": split})
+    return records

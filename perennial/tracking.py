@@ -1,0 +1,145 @@
+"""MLflow tracking through explicit run ids (no fluent global state), so Prefect tasks in any thread
+log to the right run: one parent run per retrain, one nested run per stage.
+
+Mid-run outages: metrics go through a small write-ahead buffer. A metric that cannot be sent is
+kept (in memory and in a JSONL file under the work dir) and flushed, in order, on the next
+successful call or at the end of the stage; a stage never finishes with unsent metrics — it
+fails instead, and Prefect's retry re-runs it from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+PARENT_TAG = "mlflow.parentRunId"
+
+
+class TrackingError(RuntimeError):
+    pass
+
+
+def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, before any training, when the tracking server cannot be reached."""
+    if not uri.startswith("http"):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+            if response.status == 200:
+                return
+    except (urllib.error.URLError, OSError) as error:
+        raise TrackingError(
+            f"MLflow tracking server {uri} is unreachable ({error}). Start the local services with "
+            "`make services-up` (or `perennial services up`), or set tracking.tracking_uri"
+        ) from None
+    raise TrackingError(f"MLflow tracking server {uri} is not healthy")
+
+
+def _mask(value: Any, secrets: list[str]) -> str:
+    text = str(value)
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+class Tracker:
+    def __init__(self, tracking_uri: str, experiment: str, spool_dir: Path | None = None, secrets: list[str] | None = None):
+        self.uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.experiment = experiment
+        self.secrets = [s for s in (secrets or []) if s]
+        self._pending: list[tuple[str, Metric]] = []
+        self._lock = threading.Lock()
+        self.spool = (spool_dir / "unsent-metrics.jsonl") if spool_dir else None
+
+    def experiment_id(self) -> str:
+        found = self.client.get_experiment_by_name(self.experiment)
+        if found is not None:
+            return found.experiment_id
+        return self.client.create_experiment(self.experiment)
+
+    def start_run(self, name: str, parent_id: str | None = None, tags: dict[str, str] | None = None) -> str:
+        all_tags = {"mlflow.runName": name, **(tags or {})}
+        if parent_id:
+            all_tags[PARENT_TAG] = parent_id
+        run = self.client.create_run(self.experiment_id(), run_name=name, tags={k: _mask(v, self.secrets) for k, v in all_tags.items()})
+        return run.info.run_id
+
+    def find_run(self, tag: str, value: str, status: str | None = None) -> str | None:
+        query = f"tags.`{tag}` = '{value}'" + (f" and attributes.status = '{status}'" if status else "")
+        runs = self.client.search_runs([self.experiment_id()], filter_string=query, max_results=1, order_by=["attributes.start_time DESC"])
+        return runs[0].info.run_id if runs else None
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        batch = [Param(k, _mask(v, self.secrets)[:6000]) for k, v in params.items()]
+        for start in range(0, len(batch), 100):
+            self.client.log_batch(run_id, params=batch[start : start + 100])
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, _mask(v, self.secrets)) for k, v in tags.items()])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        with self._lock:
+            for key, value in metrics.items():
+                if value is None:
+                    continue
+                self._pending.append((run_id, Metric(key, float(value), now, step)))
+            self._spool()
+        self.flush(raise_on_error=False)
+
+    def flush(self, raise_on_error: bool = True, attempts: int = 1) -> None:
+        """Send buffered metrics in order; on failure keep them (and their spool file) for the next try."""
+        for attempt in range(attempts):
+            with self._lock:
+                pending = list(self._pending)
+            if not pending:
+                return
+            try:
+                by_run: dict[str, list[Metric]] = {}
+                for run_id, metric in pending:
+                    by_run.setdefault(run_id, []).append(metric)
+                for run_id, metrics in by_run.items():
+                    for start in range(0, len(metrics), 500):
+                        self.client.log_batch(run_id, metrics=metrics[start : start + 500])
+                with self._lock:
+                    self._pending = self._pending[len(pending) :]
+                    self._spool()
+                return
+            except Exception as error:  # the server may be restarting; the buffer keeps everything
+                last = error
+                if attempt + 1 < attempts:
+                    time.sleep(min(2**attempt, 10))
+        if raise_on_error:
+            raise TrackingError(f"{len(self._pending)} metrics could not be sent to {self.uri}: {last}") from None
+
+    @property
+    def unsent(self) -> int:
+        return len(self._pending)
+
+    def _spool(self) -> None:
+        if self.spool is None:
+            return
+        self.spool.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.spool, "w") as handle:
+            for run_id, metric in self._pending:
+                handle.write(json.dumps({"run_id": run_id, "key": metric.key, "value": metric.value, "step": metric.step, "ts": metric.timestamp}) + "\n")
+
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, _mask(text, self.secrets), artifact_file)
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self.flush(attempts=5)
+        self.client.set_terminated(run_id, status=status)

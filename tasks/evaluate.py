@@ -1,0 +1,80 @@
+"""Evaluation after every stage: one row of the accuracy matrix, general perplexity, output-bias drift."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from pydantic import BaseModel
+from safetensors.torch import load_file, save_file
+
+from models.engine import resolve_device, set_seed
+from models.evaluation import next_token_distributions, output_drift, perplexity, score_task
+from models.loading import load_model_and_tokenizer
+from tasks.ingest import DataBundle, read_records
+from tasks.runtime import RunContext, fetch_dir, open_store, open_tracker
+
+
+class StageEval(BaseModel):
+    stage_index: int  # 0 = before continual tuning
+    stage: str
+    scores: dict[str, float]
+    details: dict[str, dict[str, float]] = {}
+    general_ppl: float
+    drift: dict = {}
+
+
+def probe_prompts(general_test: list[dict], count: int) -> list[str]:
+    """Held-out general text cut to its first words: prompts no task trains on."""
+    return [" ".join(record["text"].split()[:8]) for record in general_test[:count]]
+
+
+def evaluate_stage(run: RunContext, model_uri: str, data: DataBundle, stage_index: int, stage: str) -> StageEval:
+    cfg = run.config
+    store = open_store(cfg)
+    result_key = f"{run.prefix}/eval/stage-{stage_index:02d}.json"
+    if store.exists(result_key):
+        return StageEval.model_validate(store.get_json(result_key))
+
+    set_seed(cfg.seed)
+    cache = cfg.work_dir / "cache"
+    model, tokenizer = load_model_and_tokenizer(
+        fetch_dir(store, model_uri, cache), attn_implementation=cfg.model.attn_implementation, device=resolve_device(cfg.device)
+    )
+    model.eval()
+    scores, details = {}, {}
+    for task in data.tasks:
+        records = read_records(store, task, cache, split="test")
+        scored = score_task(model, tokenizer, records, scoring=cfg.eval.scoring, batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens)
+        scores[task.name] = scored["accuracy"]
+        details[task.name] = {k: v for k, v in scored.items() if isinstance(v, (int, float))}
+
+    general_test = read_records(store, data.general, cache, split="test")
+    texts = [record["text"] for record in general_test[: cfg.eval.general_max_docs]]
+    ppl = perplexity(model, tokenizer, texts, block_size=cfg.cit.optim.max_length, batch_size=cfg.eval.batch_size)
+
+    # Drift is measured against the model before continual tuning (stage 0), on fixed probe prompts.
+    prompts = probe_prompts(general_test, cfg.eval.probe_prompts)
+    current = next_token_distributions(model, tokenizer, prompts)
+    base_key = f"{run.prefix}/eval/probe-base.safetensors"
+    local_base = run.work_dir / "probe-base.safetensors"
+    if stage_index == 0:
+        save_file({"probs": current.contiguous()}, local_base)
+        store.put_file(local_base, base_key)
+    elif not local_base.exists():
+        store.get_file(base_key, local_base)
+    base = load_file(local_base)["probs"]
+    drift = output_drift(base, current, tokenizer)
+
+    evaluation = StageEval(stage_index=stage_index, stage=stage, scores=scores, details=details, general_ppl=ppl, drift=drift)
+    tracker = open_tracker(cfg)
+    metrics = {f"eval/{name}": score for name, score in scores.items()}
+    metrics["eval/general_ppl"] = ppl
+    metrics.update({f"drift/{k}": v for k, v in drift.items() if isinstance(v, (int, float))})
+    tracker.log_metrics(run.parent_run_id, metrics, step=stage_index)
+    tracker.flush(attempts=5)
+    store.put_json(result_key, json.loads(evaluation.model_dump_json()))
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return evaluation

@@ -1,0 +1,84 @@
+"""Report and register: accuracy-matrix metrics, plots and a summary table in MLflow; a new registry version."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+from mlflow.tracking import MlflowClient
+from pydantic import BaseModel
+
+from perennial.cl_metrics import AccuracyMatrix, summarize
+from perennial.reports import markdown_summary, plot_accuracy_matrix, plot_drift, plot_task_curves
+from tasks.evaluate import StageEval
+from tasks.ingest import DataBundle
+from tasks.runtime import RunContext, fetch_dir, open_store, open_tracker
+
+CHALLENGER = "challenger"
+
+
+class Report(BaseModel):
+    tasks: list[str]
+    matrix: list[list[float]]
+    metrics: dict[str, float]
+    markdown: str
+
+
+def report(run: RunContext, data: DataBundle, evaluations: list[StageEval]) -> Report:
+    tasks = [task.name for task in data.tasks]
+    rows = [[evaluation.scores[name] for name in tasks] for evaluation in evaluations]
+    matrix = AccuracyMatrix(tasks=tasks, rows=rows)
+    metrics = summarize(matrix, general_ppl_base=evaluations[0].general_ppl, general_ppl_final=evaluations[-1].general_ppl)
+    drift = [evaluation.drift for evaluation in evaluations]
+    markdown = markdown_summary(matrix, metrics, drift=drift)
+
+    tracker = open_tracker(run.config)
+    tracker.log_metrics(run.parent_run_id, {k: v for k, v in metrics.items() if v is not None}, step=len(evaluations) - 1)
+    out = run.work_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    plot_accuracy_matrix(matrix, out / "accuracy_matrix.png")
+    plot_task_curves(matrix, out / "task_curves.png")
+    plot_drift(drift, out / "drift.png")
+    (out / "summary.md").write_text(markdown)
+    (out / "accuracy_matrix.json").write_text(json.dumps({"tasks": tasks, "rows": rows}))
+    for path in sorted(out.iterdir()):
+        tracker.log_artifact(run.parent_run_id, path, "report")
+    tracker.flush(attempts=5)
+    return Report(tasks=tasks, matrix=rows, metrics={k: v for k, v in metrics.items() if v is not None}, markdown=markdown)
+
+
+def _git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def register(run: RunContext, model_uri: str, data: DataBundle, summary: Report) -> dict:
+    """Log the final model to the run and register it as a new version with alias `challenger`."""
+    cfg = run.config
+    store = open_store(cfg)
+    tracker = open_tracker(cfg)
+    local = fetch_dir(store, model_uri, cfg.work_dir / "cache")
+    tracker.client.log_artifacts(run.parent_run_id, str(local), "model")
+    client: MlflowClient = tracker.client
+    name = cfg.tracking.registered_model
+    try:
+        client.get_registered_model(name)
+    except Exception:
+        client.create_registered_model(name, description="Perennial continual-retraining lineage")
+    source = f"{client.get_run(run.parent_run_id).info.artifact_uri}/model"
+    tags = {
+        "git_sha": _git_sha(),
+        "config_digest": cfg.digest(),
+        "base_model": cfg.model.name_or_path or f"tiny-llama({cfg.model.tiny.hidden_size}x{cfg.model.tiny.num_hidden_layers})",
+        "tuning_method": cfg.cit.tuning.method,
+        "cl_methods": ",".join(["replay"] * cfg.cit.replay.enabled + [m.name for m in cfg.cit.methods]) or "none",
+        "checkpoint_uri": model_uri,
+        "checkpoint_manifest": f"{model_uri}/MANIFEST.json",
+        "run_key": run.run_key,
+        **{f"dataset.{ref.name}": ref.digest[:16] for ref in [data.general, data.domain, *data.tasks]},
+    }
+    version = client.create_model_version(name, source, run_id=run.parent_run_id, tags=tags, description=summary.markdown[:5000])
+    client.set_registered_model_alias(name, CHALLENGER, version.version)
+    return {"name": name, "version": int(version.version), "alias": CHALLENGER, "source": source}

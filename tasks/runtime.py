@@ -1,0 +1,115 @@
+"""What every task needs: the run's identity, its object keys, the store, the tracker, local caches.
+
+A run is identified by a key derived from the config digest (or given explicitly), so re-running
+the same retrain after a crash finds its own committed stage outputs and checkpoints in S3 and
+continues from them instead of starting over.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from perennial.config import Config
+from perennial.storage import ObjectStore, join_key, key_component
+from perennial.tracking import Tracker
+
+
+class RunContext(BaseModel):
+    """Passed between tasks: plain values only (paths and URIs, never models)."""
+
+    config: Config
+    run_key: str
+    parent_run_id: str
+
+    @property
+    def prefix(self) -> str:
+        return join_key(self.config.storage.prefix, "runs", self.run_key)
+
+    def stage_prefix(self, stage: str) -> str:
+        return join_key(self.prefix, "stages", key_component(stage))
+
+    @property
+    def work_dir(self) -> Path:
+        path = Path(self.config.work_dir) / self.run_key
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def open_store(config: Config) -> ObjectStore:
+    return ObjectStore(config.storage)
+
+
+def secret_values(config: Config) -> list[str]:
+    return [os.environ.get(config.storage.access_key_env, ""), os.environ.get(config.storage.secret_key_env, "")]
+
+
+def open_tracker(config: Config, spool_dir: Path | None = None) -> Tracker:
+    return Tracker(config.tracking.tracking_uri, config.tracking.experiment, spool_dir=spool_dir, secrets=secret_values(config))
+
+
+def uri_to_prefix(store: ObjectStore, uri: str) -> str:
+    expected = f"s3://{store.bucket}/"
+    if not uri.startswith(expected):
+        raise ValueError(f"{uri} is not in bucket {store.bucket}")
+    return uri[len(expected) :]
+
+
+def fetch_dir(store: ObjectStore, uri: str, cache_root: Path) -> Path:
+    """Download a committed directory once (digest-verified) into a cache keyed by its manifest digest."""
+    prefix = uri_to_prefix(store, uri)
+    manifest = store.read_manifest(prefix)
+    if manifest is None:
+        raise FileNotFoundError(f"{uri} is not committed (no manifest)")
+    local = cache_root / manifest["digest"][:24]
+    marker = local / ".complete"
+    if not marker.exists():
+        store.download_dir(prefix, local)
+        marker.write_text(uri)
+    return local
+
+
+def committed_uri(store: ObjectStore, prefix: str) -> str | None:
+    return store.uri(prefix) if store.read_manifest(prefix) is not None else None
+
+
+RUN_KEY_TAG = "perennial.run_key"
+
+
+def start_run(config: Config, run_key: str | None = None) -> RunContext:
+    """Preflight (storage and tracking reachable, before any training) and the parent MLflow run.
+
+    An unfinished parent run with the same key is resumed, so a crashed retrain continues in place.
+    """
+    from perennial.tracking import check_tracking_server
+
+    check_tracking_server(config.tracking.tracking_uri)
+    store = open_store(config)
+    store.check()
+    run_key = key_component(run_key or f"{config.run_name}-{config.digest()[:12]}")
+    tracker = open_tracker(config)
+    parent = tracker.find_run(RUN_KEY_TAG, run_key, status="RUNNING") or tracker.find_run(RUN_KEY_TAG, run_key, status="FAILED")
+    if parent is None:
+        parent = tracker.start_run(config.run_name, tags={RUN_KEY_TAG: run_key, "config_digest": config.digest()})
+        flat = config.model_dump(mode="json")
+        tracker.log_params(parent, _flatten(flat))
+    else:
+        tracker.client.update_run(parent, status="RUNNING")
+    return RunContext(config=config, run_key=run_key, parent_run_id=parent)
+
+
+def finish_run(run: RunContext, status: str = "FINISHED") -> None:
+    open_tracker(run.config).finish(run.parent_run_id, status)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat

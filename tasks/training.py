@@ -1,0 +1,165 @@
+"""One training stage (base pretraining, DAP, or one CIT task), committed to S3 and resumable.
+
+A stage's output is committed when ``<stage>/model/MANIFEST.json`` exists; a rerun returns it
+without training. Mid-stage checkpoints are committed the same way under ``<stage>/checkpoints``;
+a rerun after a crash resumes from the newest one, and the engine's step-derived data order
+makes the result identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from models.cl.base import CLPlugin, PluginState, TaskContext
+from models.engine import TrainResult, resolve_device, set_seed, train
+from models.loading import load_model_and_tokenizer, save_model
+from models.tuning import apply_tuning, merge_for_export
+from perennial.config import OptimConfig, TuningConfig
+from perennial.storage import MANIFEST_NAME, ObjectStore
+from safetensors.torch import load_file, save_file
+from tasks.runtime import RunContext, committed_uri, fetch_dir, open_store, open_tracker
+
+PLUGIN_DIR = "perennial_plugins"
+
+
+def latest_checkpoint(store: ObjectStore, checkpoints_prefix: str) -> str | None:
+    """The newest committed checkpoint (one whose manifest exists); partial uploads are ignored."""
+    committed = [
+        info.key[: -len(MANIFEST_NAME) - 1]
+        for info in store.list(checkpoints_prefix + "/")
+        if info.key.endswith("/" + MANIFEST_NAME)
+    ]
+    return max(committed) if committed else None
+
+
+def save_plugin_states(plugins: Sequence[CLPlugin], directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for position, plugin in enumerate(plugins):
+        state = plugin.state_dict()
+        stem = directory / f"{position}-{plugin.name}"
+        save_file(state.tensors or {"_empty": torch.zeros(0)}, f"{stem}.safetensors")
+        Path(f"{stem}.json").write_text(json.dumps(state.meta))
+
+
+def load_plugin_states(plugins: Sequence[CLPlugin], directory: Path) -> None:
+    for position, plugin in enumerate(plugins):
+        stem = directory / f"{position}-{plugin.name}"
+        if not Path(f"{stem}.json").exists():
+            raise FileNotFoundError(f"{directory} has no state for plugin {plugin.name}; the method list changed mid-run?")
+        tensors = {k: v for k, v in load_file(f"{stem}.safetensors").items() if k != "_empty"}
+        plugin.load_state_dict(PluginState(tensors, json.loads(Path(f"{stem}.json").read_text())))
+
+
+def run_stage(
+    run: RunContext,
+    stage: str,
+    input_model_uri: str,
+    examples: list[dict] | Callable[[object], list[dict]],
+    optim: OptimConfig,
+    tuning: TuningConfig,
+    plugins: Sequence[CLPlugin] = (),
+    plugin_state_uri: str | None = None,
+    task_index: int = 0,
+    replay_examples: list[dict] | None = None,
+    mlflow_run_id: str | None = None,
+) -> str:
+    """Train one stage from ``input_model_uri``; returns the committed output model's URI.
+
+    ``examples`` may be a function of the tokenizer, so encoding happens only when training does.
+    """
+    cfg = run.config
+    store = open_store(cfg)
+    output_prefix = f"{run.stage_prefix(stage)}/model"
+    done = committed_uri(store, output_prefix)
+    if done:
+        return done
+
+    cache = Path(cfg.work_dir) / "cache"
+    device = resolve_device(cfg.device)
+    set_seed(cfg.seed)
+    model, tokenizer = load_model_and_tokenizer(
+        fetch_dir(store, input_model_uri, cache), attn_implementation=cfg.model.attn_implementation, device=device
+    )
+    if callable(examples):
+        examples = examples(tokenizer)
+    if plugin_state_uri:
+        load_plugin_states(plugins, fetch_dir(store, plugin_state_uri, cache) / PLUGIN_DIR)
+
+    model = apply_tuning(model, tuning)
+    context = TaskContext(
+        task_index=task_index,
+        task_name=stage,
+        model=model,
+        tokenizer=tokenizer,
+        train_examples=examples,
+        device=device,
+        batch_size=optim.batch_size,
+        pad_token_id=tokenizer.pad_token_id,
+        replay_examples=replay_examples or [],
+        work_dir=run.work_dir / stage,
+    )
+    for plugin in plugins:
+        plugin.before_task(context)
+
+    checkpoints_prefix = f"{run.stage_prefix(stage)}/checkpoints"
+    resume_prefix = latest_checkpoint(store, checkpoints_prefix)
+    resume_dir = None
+    if resume_prefix:
+        resume_dir = run.work_dir / stage / "resume"
+        shutil.rmtree(resume_dir, ignore_errors=True)
+        store.download_dir(resume_prefix, resume_dir)
+
+    tracker = open_tracker(cfg, spool_dir=run.work_dir / stage)
+    local_checkpoints = run.work_dir / stage / "checkpoints"
+
+    def commit_checkpoint(step: int, state_dir: Path) -> None:
+        store.upload_dir(state_dir, f"{checkpoints_prefix}/{state_dir.name}", meta={"stage": stage, "step": step})
+        shutil.rmtree(state_dir, ignore_errors=True)  # S3 holds it now; keep local disk bounded
+
+    def log(metrics: dict[str, float], step: int) -> None:
+        if mlflow_run_id:
+            tracker.log_metrics(mlflow_run_id, {f"train/{k}": v for k, v in metrics.items()}, step)
+
+    result: TrainResult = train(
+        model,
+        examples,
+        optim,
+        seed=cfg.seed,
+        pad_token_id=tokenizer.pad_token_id,
+        device=device,
+        plugins=plugins,
+        resume_from=resume_dir,
+        checkpoint_fn=commit_checkpoint,
+        checkpoint_dir=local_checkpoints,
+        log_fn=log,
+        desc=stage,
+    )
+    for plugin in plugins:
+        plugin.after_task(context)
+
+    export_dir = run.work_dir / stage / "model"
+    shutil.rmtree(export_dir, ignore_errors=True)
+    save_model(merge_for_export(model), tokenizer, export_dir)
+    if plugins:
+        save_plugin_states(plugins, export_dir / PLUGIN_DIR)
+    (export_dir / "training.json").write_text(
+        json.dumps({"stage": stage, "steps": result.steps, "resumed_from": result.resumed_from, "losses": result.losses})
+    )
+    manifest = store.upload_dir(
+        export_dir, output_prefix, meta={"stage": stage, "config_digest": cfg.digest(), "steps": result.steps}
+    )
+    if mlflow_run_id:
+        tracker.log_metrics(
+            mlflow_run_id,
+            {"train/final_loss": result.losses[-1], "train/tokens_per_second": result.tokens_per_second, "train/resumed_from": result.resumed_from},
+            result.steps,
+        )
+        tracker.set_tags(mlflow_run_id, {"checkpoint_uri": manifest["uri"], "checkpoint_digest": manifest["digest"]})
+        tracker.flush(attempts=5)
+    shutil.rmtree(export_dir, ignore_errors=True)
+    return manifest["uri"]

@@ -1,0 +1,48 @@
+"""Shared fixtures: real SeaweedFS + MLflow on free ports, started once per test session."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+import perennial  # noqa: F401  (applies offline / no-telemetry defaults before other imports)
+from perennial.config import StorageConfig
+from perennial.services import LocalServices
+from perennial.storage import ObjectStore
+
+
+@pytest.fixture(scope="session")
+def services(tmp_path_factory) -> LocalServices:
+    """Real SeaweedFS (S3) and MLflow (sqlite + S3 artifacts) for the whole session."""
+    local = LocalServices.on_free_ports(tmp_path_factory.mktemp("services"))
+    env = local.up(timeout=120)
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    yield local
+    local.down()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def store(services) -> ObjectStore:
+    """A fresh bucket per test, so tests never see each other's objects."""
+    cfg = StorageConfig(endpoint_url=services.s3_endpoint, bucket=f"t-{uuid.uuid4().hex[:12]}")
+    object_store = ObjectStore(cfg)
+    object_store.ensure_bucket()
+    return object_store
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One Prefect test harness (temporary local API + sqlite) per session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -1,0 +1,72 @@
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from perennial.config import Config, ConfigError, build_config, load_config, parse_overrides
+
+
+def test_demo_config_loads_and_overrides_apply():
+    cfg = load_config("configs/demo.yaml", ["cit.optim.lr=3e-4", "cit.tuning.method=attn-proj", "data.demo.tasks=[arithmetic]"])
+    assert cfg.cit.optim.lr == pytest.approx(3e-4)
+    assert cfg.cit.tuning.method == "attn-proj"
+    assert cfg.data.demo.tasks == ["arithmetic"]
+
+
+def test_digest_is_stable_and_sensitive():
+    a = load_config("configs/demo.yaml")
+    b = load_config("configs/demo.yaml")
+    c = load_config("configs/demo.yaml", ["seed=1"])
+    assert a.digest() == b.digest() != c.digest()
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("cit.optim.lr=-1", "cit.optim.lr"),
+        ("cit.replay.budget=1.5", "cit.replay.budget"),
+        ("cit.optmi.lr=1", "cit.optmi"),
+        ("model.tiny.hidden_size=abc", "model.tiny.hidden_size"),
+        ("cit.tuning.method=everything", "cit.tuning.method"),
+    ],
+)
+def test_bad_values_are_rejected_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as error:
+        load_config("configs/demo.yaml", [override])
+    assert key in str(error.value)
+
+
+def test_unknown_key_message_says_unknown():
+    with pytest.raises(ConfigError, match="unknown key"):
+        build_config({"sede": 1})
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["cit.optim.lr"])
+    with pytest.raises(ConfigError, match="empty key"):
+        parse_overrides(["cit..lr=1"])
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_regex_method_requires_patterns():
+    with pytest.raises(ConfigError, match="trainable_regex"):
+        build_config({"cit": {"tuning": {"method": "regex"}}})
+
+
+@settings(max_examples=60, deadline=None)
+@given(lr=st.floats(allow_nan=True, allow_infinity=True), budget=st.floats(allow_nan=True, allow_infinity=True))
+def test_validators_accept_exactly_the_allowed_ranges(lr, budget):
+    lr_ok = 0 < lr <= 1.0
+    finite = budget == budget and abs(budget) != float("inf")
+    budget_ok = finite and budget > 0 and (budget <= 1 or budget == int(budget))
+    try:
+        cfg = build_config({"cit": {"optim": {"lr": lr}, "replay": {"budget": budget}}})
+    except ConfigError:
+        assert not (lr_ok and budget_ok)
+    else:
+        assert lr_ok and budget_ok
+        assert isinstance(cfg, Config)

@@ -1,0 +1,88 @@
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from models.engine import lr_multiplier, save_state, stream_indices, train
+from perennial.config import OptimConfig
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(
+        LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=False)
+    )
+
+
+def examples(count=40, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(count):
+        length = int(torch.randint(6, 16, (1,), generator=generator))
+        ids = torch.randint(3, 48, (length,), generator=generator).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * 3 + ids[3:]})
+    return rows
+
+
+def test_stream_indices_cover_each_epoch_once_and_depend_only_on_position():
+    first_epoch = stream_indices(10, seed=3, start=0, count=10)
+    assert sorted(first_epoch) == list(range(10))
+    assert stream_indices(10, 3, 7, 6) == stream_indices(10, 3, 0, 13)[7:]
+    assert stream_indices(10, 3, 10, 10) != first_epoch  # a new permutation each epoch
+
+
+def test_schedules_warm_up_then_decay():
+    cfg = OptimConfig(lr=1e-3, warmup_steps=4, max_steps=20, schedule="cosine")
+    values = [lr_multiplier(step, cfg) for step in range(20)]
+    assert values[0] < values[3] < values[4] == pytest.approx(1.0)
+    assert values[-1] < values[10] < values[4]
+    linear = OptimConfig(lr=1e-3, warmup_steps=0, max_steps=10, schedule="linear")
+    assert lr_multiplier(9, linear) == pytest.approx(1.0 - 0.9 * 0.9)
+
+
+def test_training_reduces_loss_with_accumulation():
+    model = tiny_model()
+    data = examples()
+    cfg = OptimConfig(lr=5e-3, max_steps=30, batch_size=4, grad_accum=2, warmup_steps=2, log_every=5)
+    logged = []
+    result = train(model, data, cfg, seed=0, pad_token_id=0, log_fn=lambda m, s: logged.append(s))
+    assert sum(result.losses[-5:]) / 5 < sum(result.losses[:5]) / 5
+    assert logged == [5, 10, 15, 20, 25, 30]
+
+
+def test_interrupted_and_resumed_run_matches_straight_run_bit_for_bit(tmp_path):
+    data = examples()
+    cfg = OptimConfig(lr=3e-3, max_steps=12, batch_size=4, grad_accum=2, warmup_steps=3, checkpoint_every=5, weight_decay=0.01)
+    init = tiny_model()
+
+    straight_model = copy.deepcopy(init)
+    saved = []
+    straight = train(straight_model, data, cfg, seed=1, pad_token_id=0, checkpoint_dir=tmp_path,
+                     checkpoint_fn=lambda step, path: saved.append(path))
+    assert [p.name for p in saved] == ["step-00000005", "step-00000010"]
+
+    resumed_model = copy.deepcopy(init)
+    torch.manual_seed(12345)  # a restarted process has unrelated RNG state; the checkpoint restores it
+    resumed = train(resumed_model, data, cfg, seed=1, pad_token_id=0, resume_from=saved[0])
+    assert resumed.resumed_from == 5
+    assert resumed.losses == straight.losses  # exact float equality: no repeated or skipped steps
+    for (name, a), (_, b) in zip(straight_model.named_parameters(), resumed_model.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_checkpoint_holds_no_pickle(tmp_path):
+    model = tiny_model()
+    cfg = OptimConfig(lr=1e-3, max_steps=2, batch_size=2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    train(model, examples(8), cfg, seed=0, pad_token_id=0)
+    save_state(tmp_path, model, optimizer, scheduler, 2, [1.0])
+    suffixes = {p.suffix for p in tmp_path.iterdir()}
+    assert suffixes <= {".safetensors", ".json"}
+
+
+def test_empty_examples_fail_loudly():
+    with pytest.raises(ValueError, match="no training examples"):
+        train(tiny_model(), [], OptimConfig(max_steps=1), seed=0, pad_token_id=0)
