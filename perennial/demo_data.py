@@ -77,9 +77,10 @@ def domain_corpus(count: int, seed: int) -> list[str]:
 
 
 def _arithmetic(rng: random.Random) -> list[tuple[str, str, str]]:
+    """Tens plus units (40 + 7 = 47): a rule a small model can learn and apply to unseen sums."""
     return [
         (f"{a}+{b}", template.format(a=a, b=b), str(a + b))
-        for a in range(10)
+        for a in range(10, 100, 10)
         for b in range(10)
         for template in ARITHMETIC_TEMPLATES
     ]
@@ -98,12 +99,13 @@ def _fact_lookup(seed: int) -> Callable[[random.Random], list[tuple[str, str, st
 
 
 def _reverse(rng: random.Random) -> list[tuple[str, str, str]]:
-    rows = []
-    for _ in range(900):
-        words = rng.sample(WORDS, 3)
-        template = rng.choice(REVERSE_TEMPLATES)
-        rows.append((" ".join(words), template.format(w=" ".join(words)), " ".join(reversed(words))))
-    return rows
+    return [
+        (f"{a} {b}", template.format(w=f"{a} {b}"), f"{b} {a}")
+        for a in WORDS
+        for b in WORDS
+        if a != b
+        for template in REVERSE_TEMPLATES
+    ]
 
 
 def _uppercase(rng: random.Random) -> list[tuple[str, str, str]]:
@@ -120,9 +122,10 @@ def _digit_count(rng: random.Random) -> list[tuple[str, str, str]]:
 
 def demo_tasks(seed: int) -> dict[str, DemoTask]:
     return {
-        "arithmetic": DemoTask("arithmetic", _arithmetic, chance=1 / 19),
-        "fact_lookup": DemoTask("fact_lookup", _fact_lookup(seed), chance=1 / len(COLOURS)),
-        "reverse": DemoTask("reverse", _reverse, chance=1 / 6),
+        # chance: the score of guessing uniformly among the answers of the right kind
+        "arithmetic": DemoTask("arithmetic", _arithmetic, chance=1 / 90),
+        "fact_lookup": DemoTask("fact_lookup", _fact_lookup(seed), chance=1 / min(len(COLOURS), len(TOWNS))),
+        "reverse": DemoTask("reverse", _reverse, chance=1 / 2),
         "uppercase": DemoTask("uppercase", _uppercase, chance=1 / len(WORDS)),
         "digit_count": DemoTask("digit_count", _digit_count, chance=1 / 6),
     }

@@ -1,0 +1,70 @@
+import urllib.error
+import urllib.request
+
+import pytest
+
+from perennial.config import StorageConfig
+from perennial.storage import CorruptObjectError, ObjectStore, StorageError, join_key, sha256_file
+
+pytestmark = pytest.mark.integration
+
+
+def test_committed_directory_round_trips_with_digests(store, tmp_path):
+    source = tmp_path / "src"
+    (source / "sub").mkdir(parents=True)
+    (source / "a.bin").write_bytes(b"\x00\x01" * 1000)
+    (source / "sub" / "b.json").write_text('{"x": 1}')
+    manifest = store.upload_dir(source, "runs/r1/model", meta={"stage": "x"})
+    assert set(manifest["files"]) == {"a.bin", "sub/b.json"}
+    assert store.exists("runs/r1/model/MANIFEST.json")
+    target = tmp_path / "dst"
+    store.download_dir("runs/r1/model", target)
+    assert sha256_file(target / "a.bin") == sha256_file(source / "a.bin")
+
+
+def test_flipped_byte_is_detected_and_refused(store, tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "weights.safetensors").write_bytes(bytes(range(256)) * 64)
+    store.upload_dir(source, "ckpt")
+    corrupted = bytearray((source / "weights.safetensors").read_bytes())
+    corrupted[100] ^= 0xFF
+    store.put_bytes("ckpt/weights.safetensors", bytes(corrupted))
+    with pytest.raises(CorruptObjectError, match="corrupt"):
+        store.download_dir("ckpt", tmp_path / "dst")
+    assert not (tmp_path / "dst" / "weights.safetensors").exists()
+
+
+def test_uncommitted_directory_is_not_loadable(store, tmp_path):
+    store.put_bytes("partial/weights.safetensors", b"half")
+    assert store.read_manifest("partial") is None
+    with pytest.raises(StorageError, match="never committed"):
+        store.download_dir("partial", tmp_path)
+
+
+def test_anonymous_access_is_denied(services, store):
+    store.put_bytes("secret.txt", b"s")
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen(f"{services.s3_endpoint}/{store.bucket}/secret.txt")
+    assert error.value.code == 403
+
+
+def test_missing_credentials_say_which_variables(monkeypatch):
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+    with pytest.raises(StorageError, match="AWS_ACCESS_KEY_ID"):
+        ObjectStore(StorageConfig())
+
+
+def test_server_down_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    store = ObjectStore(StorageConfig(endpoint_url="http://127.0.0.1:9", max_attempts=1))
+    with pytest.raises(StorageError, match="Is the server up"):
+        store.check()
+
+
+@pytest.mark.parametrize("bad", ["..", "../etc", "a/../../b", "", "a b", "x//y", "a\\b"])
+def test_object_keys_reject_traversal(bad):
+    with pytest.raises(StorageError):
+        join_key("runs", bad)
+    assert join_key("runs", "task-1", "model.v2") == "runs/task-1/model.v2"
