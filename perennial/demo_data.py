@@ -109,7 +109,7 @@ def _reverse(rng: random.Random) -> list[tuple[str, str, str]]:
 
 
 def _uppercase(rng: random.Random) -> list[tuple[str, str, str]]:
-    return [(w, f"Write in capitals: {w}", w.upper()) for w in WORDS for _ in range(3)]
+    return [(f"{a} {b}", f"Write in capitals: {a} {b}", f"{a} {b}".upper()) for a in WORDS for b in WORDS if a != b]
 
 
 def _digit_count(rng: random.Random) -> list[tuple[str, str, str]]:
@@ -126,7 +126,7 @@ def demo_tasks(seed: int) -> dict[str, DemoTask]:
         "arithmetic": DemoTask("arithmetic", _arithmetic, chance=1 / 90),
         "fact_lookup": DemoTask("fact_lookup", _fact_lookup(seed), chance=1 / min(len(COLOURS), len(TOWNS))),
         "reverse": DemoTask("reverse", _reverse, chance=1 / 2),
-        "uppercase": DemoTask("uppercase", _uppercase, chance=1 / len(WORDS)),
+        "uppercase": DemoTask("uppercase", _uppercase, chance=1 / len(WORDS) ** 2),
         "digit_count": DemoTask("digit_count", _digit_count, chance=1 / 6),
     }
 
