@@ -8,13 +8,14 @@ import subprocess
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 
+from perennial import registry
 from perennial.cl_metrics import AccuracyMatrix, summarize
 from perennial.reports import markdown_summary, plot_accuracy_matrix, plot_drift, plot_task_curves
 from tasks.evaluate import StageEval
 from tasks.ingest import DataBundle
 from tasks.runtime import RunContext, fetch_dir, open_store, open_tracker
 
-CHALLENGER = "challenger"
+CHALLENGER = registry.CHALLENGER
 
 
 class Report(BaseModel):
@@ -55,19 +56,30 @@ def _git_sha() -> str:
 
 
 def register(run: RunContext, model_uri: str, data: DataBundle, summary: Report) -> dict:
-    """Log the final model to the run and register it as a new version with alias `challenger`."""
+    """Log the final model to the run, register it as a new version with alias `challenger`, and
+    judge it with the quality gates (perennial/registry.py): promoted when all pass and
+    registry.auto_promote is on, else tagged needs-review."""
     cfg = run.config
     store = open_store(cfg)
     tracker = open_tracker(cfg)
-    local = fetch_dir(store, model_uri, cfg.work_dir / "cache")
-    tracker.client.log_artifacts(run.parent_run_id, str(local), "model")
     client: MlflowClient = tracker.client
     name = cfg.tracking.registered_model
-    try:
-        client.get_registered_model(name)
-    except Exception:
-        client.create_registered_model(name, description="Perennial continual-retraining lineage")
-    source = f"{client.get_run(run.parent_run_id).info.artifact_uri}/model"
+    registry.ensure_registered_model(client, name)
+    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run.parent_run_id}'")
+    if existing:  # a rerun of a finished retrain registers nothing new
+        version = max(existing, key=lambda v: int(v.version))
+        return {
+            "name": name,
+            "version": int(version.version),
+            "alias": CHALLENGER,
+            "source": version.source,
+            "gates": json.loads(version.tags.get(registry.GATES_TAG, "[]")),
+            "promoted": "promoted_at" in version.tags,
+        }
+    parent = client.get_run(run.parent_run_id)
+    source = f"{parent.info.artifact_uri}/model"
+    local = fetch_dir(store, model_uri, cfg.work_dir / "cache")
+    client.log_artifacts(run.parent_run_id, str(local), "model")
     tags = {
         "git_sha": _git_sha(),
         "config_digest": cfg.digest(),
@@ -79,6 +91,17 @@ def register(run: RunContext, model_uri: str, data: DataBundle, summary: Report)
         "run_key": run.run_key,
         **{f"dataset.{ref.name}": ref.digest[:16] for ref in [data.general, data.domain, *data.tasks]},
     }
-    version = client.create_model_version(name, source, run_id=run.parent_run_id, tags=tags, description=summary.markdown[:5000])
-    client.set_registered_model_alias(name, CHALLENGER, version.version)
-    return {"name": name, "version": int(version.version), "alias": CHALLENGER, "source": source}
+    # evaluate_stage logs drift/kl_mean at step = stage index; the run keeps the last stage's value.
+    metrics = registry.candidate_metrics(summary.tasks, summary.matrix, summary.metrics, parent.data.metrics.get("drift/kl_mean"))
+    return registry.register_version(
+        client,
+        name,
+        source,
+        metrics,
+        cfg.registry.gates,
+        auto_promote=cfg.registry.auto_promote,
+        run_id=run.parent_run_id,
+        tags=tags,
+        description=summary.markdown,
+        by=f"auto-promote ({registry.whoami()})",
+    )

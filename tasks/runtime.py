@@ -81,7 +81,8 @@ RUN_KEY_TAG = "perennial.run_key"
 def start_run(config: Config, run_key: str | None = None) -> RunContext:
     """Preflight (storage and tracking reachable, before any training) and the parent MLflow run.
 
-    An unfinished parent run with the same key is resumed, so a crashed retrain continues in place.
+    A parent run with the same key is reused, so a crashed retrain continues in place and a
+    finished one is a no-op rerun.
     """
     from perennial.tracking import check_tracking_server
 
@@ -90,7 +91,7 @@ def start_run(config: Config, run_key: str | None = None) -> RunContext:
     store.check()
     run_key = key_component(run_key or f"{config.run_name}-{config.digest()[:12]}")
     tracker = open_tracker(config)
-    parent = tracker.find_run(RUN_KEY_TAG, run_key, status="RUNNING") or tracker.find_run(RUN_KEY_TAG, run_key, status="FAILED")
+    parent = tracker.find_run(RUN_KEY_TAG, run_key)
     if parent is None:
         parent = tracker.start_run(config.run_name, tags={RUN_KEY_TAG: run_key, "config_digest": config.digest()})
         flat = config.model_dump(mode="json")

@@ -1,0 +1,295 @@
+"""Scoring a causal LM: greedy generation, option scoring, perplexity and output-bias drift.
+
+Every prompt goes through `models.data.encode_prompt`, so evaluation sees exactly the token
+sequence training saw before the response. Everything runs on the model's own device, in eval
+mode, without gradients; the model's train/eval mode is restored afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections import Counter
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import GenerationConfig
+
+from models.data import IGNORE_INDEX, collate, encode_prompt, pack_texts
+
+
+# --------------------------------------------------------------------------- text metrics
+
+
+_PUNCTUATION = set(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD normalisation: lowercase, drop punctuation and articles, collapse whitespace."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in _PUNCTUATION)
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    """1.0 when equal after stripping surrounding whitespace (tokenizers differ on leading spaces)."""
+    return float(prediction.strip() == reference.strip())
+
+
+def normalized_exact_match(prediction: str, reference: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(reference))
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD token F1 over normalised words; two empty answers agree perfectly."""
+    pred_tokens = normalize_answer(prediction).split()
+    ref_tokens = normalize_answer(reference).split()
+    if not pred_tokens or not ref_tokens:
+        return float(pred_tokens == ref_tokens)
+    common = sum((Counter(pred_tokens) & Counter(ref_tokens)).values())
+    if common == 0:
+        return 0.0
+    precision = common / len(pred_tokens)
+    recall = common / len(ref_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+@contextmanager
+def _inference(model: torch.nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _chunks(items: Sequence, size: int, desc: str) -> Iterator[Sequence]:
+    # disable=None: the bar shows on a terminal and stays silent in logs and tests.
+    for start in tqdm(range(0, len(items), size), desc=desc, disable=None, leave=False):
+        yield items[start : start + size]
+
+
+def _left_pad(sequences: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left padding keeps every prompt's last token in the final column, where generation continues."""
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids)
+        attention[row, width - len(ids) :] = 1
+    return input_ids, attention
+
+
+def _logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Float32 logits of a right-padded batch (position ids 0.. are then correct without passing them)."""
+    out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+    return out.logits.float()
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 16, batch_size: int = 16) -> list[str]:
+    """Greedy continuations of the rendered prompts, cut at the first EOS, special tokens dropped."""
+    device = _device(model)
+    pad_id, eos_id = _pad_id(tokenizer), tokenizer.eos_token_id
+    # An explicit config, so sampling or penalties in a checkpoint's generation_config never change scores.
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos_id, pad_token_id=pad_id, bos_token_id=tokenizer.bos_token_id
+    )
+    encoded = [encode_prompt(tokenizer, prompt) for prompt in prompts]
+    predictions: list[str] = []
+    with _inference(model):
+        for chunk in _chunks(encoded, batch_size, "generate"):
+            input_ids, attention = _left_pad(chunk, pad_id)
+            output = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), generation_config=config)
+            for row in output[:, input_ids.shape[1] :].tolist():
+                if eos_id in row:
+                    row = row[: row.index(eos_id)]
+                predictions.append(tokenizer.decode(row, skip_special_tokens=True))
+    return predictions
+
+
+# --------------------------------------------------------------------------- option scoring
+
+
+def option_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 16) -> list[float]:
+    """For each (prompt, option): the sum of log-probs of the option's tokens plus EOS given the rendered prompt.
+
+    The option is tokenised on its own and followed by EOS, exactly as `encode_instruction`
+    builds a training target.
+    """
+    examples = []
+    for text, option in pairs:
+        prompt_ids = encode_prompt(tokenizer, text)
+        option_ids = tokenizer.encode(option, add_special_tokens=False) + [tokenizer.eos_token_id]
+        examples.append({"input_ids": prompt_ids + option_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + option_ids})
+    device = _device(model)
+    scores: list[float] = []
+    with _inference(model):
+        for chunk in _chunks(examples, batch_size, "options"):
+            batch = collate(chunk, _pad_id(tokenizer))
+            logprobs = torch.log_softmax(_logits(model, batch, device)[:, :-1], dim=-1)
+            labels = batch["labels"][:, 1:].to(device)
+            mask = labels != IGNORE_INDEX
+            picked = logprobs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            scores.extend((picked * mask).sum(dim=1).tolist())
+    return scores
+
+
+def choose_options(model, tokenizer, records: Sequence[dict], batch_size: int = 16) -> list[str]:
+    """For each record, the option with the highest summed log-prob (first one on ties)."""
+    for record in records:
+        if not record.get("options"):
+            raise ValueError(f"record {record.get('id')!r} has no options; use scoring='generate'")
+    pairs = [(record["prompt"], option) for record in records for option in record["options"]]
+    scores = option_logprobs(model, tokenizer, pairs, batch_size)
+    chosen, start = [], 0
+    for record in records:
+        options = record["options"]
+        block = scores[start : start + len(options)]
+        chosen.append(options[max(range(len(options)), key=block.__getitem__)])
+        start += len(options)
+    return chosen
+
+
+# --------------------------------------------------------------------------- task scoring
+
+
+def score_task(model, tokenizer, records: Sequence[dict], scoring: str = "generate", batch_size: int = 16, max_new_tokens: int = 16) -> dict:
+    """Score instruction records; `accuracy` is the accuracy-matrix entry.
+
+    generate: accuracy = exact match of the greedy answer. options: accuracy = share of records
+    whose highest-scoring option equals the response. Both also report normalised exact match
+    and token F1 of the prediction, and the predictions themselves.
+    """
+    if not records:
+        raise ValueError("score_task needs at least one record")
+    if scoring == "generate":
+        predictions = generate(model, tokenizer, [record["prompt"] for record in records], max_new_tokens, batch_size)
+    elif scoring == "options":
+        predictions = choose_options(model, tokenizer, records, batch_size)
+    else:
+        raise ValueError(f"unknown scoring {scoring!r}; expected 'generate' or 'options'")
+    references = [record["response"] for record in records]
+    n = len(records)
+    em = sum(map(exact_match, predictions, references)) / n
+    return {
+        "accuracy": em,
+        "exact_match": em,
+        "normalized_exact_match": sum(map(normalized_exact_match, predictions, references)) / n,
+        "token_f1": sum(map(token_f1, predictions, references)) / n,
+        "n": n,
+        "predictions": predictions,
+    }
+
+
+# --------------------------------------------------------------------------- perplexity
+
+
+def perplexity(model, tokenizer, texts: Sequence[str], block_size: int = 128, batch_size: int = 16) -> float:
+    """exp(mean next-token NLL) over the texts packed into blocks as DAP packs them.
+
+    Every block is scored independently, so the first token of a block is context only; a trailing
+    part shorter than a block is dropped (as in training) unless the texts fill less than one block.
+    """
+    blocks = pack_texts(tokenizer, texts, block_size)
+    if not blocks:
+        raise ValueError("perplexity needs at least one non-empty text")
+    device = _device(model)
+    total_nll, total_tokens = 0.0, 0
+    with _inference(model):
+        for chunk in _chunks([{"input_ids": block} for block in blocks], batch_size, "perplexity"):
+            batch = collate(chunk, _pad_id(tokenizer))
+            logits = _logits(model, batch, device)[:, :-1]
+            labels = batch["labels"][:, 1:].to(device)
+            total_nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum").item()
+            total_tokens += int((labels != IGNORE_INDEX).sum())
+    return math.exp(total_nll / total_tokens)
+
+
+# --------------------------------------------------------------------------- output-bias drift
+
+
+def next_token_distributions(model, tokenizer, prompts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
+    """[len(prompts), vocab] float32 CPU tensor: P(next token | rendered prompt) for each probe."""
+    examples = [{"input_ids": encode_prompt(tokenizer, prompt)} for prompt in prompts]
+    device = _device(model)
+    rows: list[torch.Tensor] = []
+    with _inference(model):
+        for chunk in _chunks(examples, batch_size, "probe"):
+            batch = collate(chunk, _pad_id(tokenizer))
+            last = batch["attention_mask"].sum(dim=1) - 1  # right padding: the last real token of each row
+            logits = _logits(model, batch, device)
+            rows.append(torch.softmax(logits[torch.arange(len(chunk), device=device), last.to(device)], dim=-1).cpu())
+    return torch.cat(rows)
+
+
+def digit_token_ids(tokenizer, vocab_size: int | None = None) -> list[int]:
+    """Ids of non-special tokens that decode to ASCII digits only (surrounding spaces allowed)."""
+    count = min(len(tokenizer), vocab_size) if vocab_size is not None else len(tokenizer)
+    special = set(tokenizer.all_special_ids)
+    decoded = tokenizer.batch_decode([[i] for i in range(count)])
+    return [i for i, text in enumerate(decoded) if i not in special and text.strip() and all(ch in "0123456789" for ch in text.strip())]
+
+
+def output_drift(base_probs: torch.Tensor, current_probs: torch.Tensor, tokenizer, favoured_token_ids: Sequence[int] | None = None, top_k: int = 10) -> dict:
+    """How the next-token distribution on fixed probe prompts moved away from the base model.
+
+    - kl_mean / kl_max: KL(base || current) per probe (nats), averaged / worst;
+    - favoured_mass_base / favoured_mass / favoured_mass_delta: mean probability on the favoured
+      tokens (default: digit tokens), a direct read-out of a task's output bias leaking into
+      unrelated prompts;
+    - top_gainers: the top_k tokens whose mean probability grew most, decoded, with the change.
+    """
+    if base_probs.shape != current_probs.shape:
+        raise ValueError(f"distribution shapes differ: {tuple(base_probs.shape)} vs {tuple(current_probs.shape)}")
+    base = base_probs.detach().double().cpu()
+    current = current_probs.detach().double().cpu()
+    # Clamping keeps log(0) finite; terms with base = 0 contribute nothing either way.
+    eps = 1e-12
+    kl = (base * (base.clamp(min=eps).log() - current.clamp(min=eps).log())).sum(dim=1)
+    if favoured_token_ids is None:
+        favoured_token_ids = digit_token_ids(tokenizer, base.shape[1])
+    favoured = torch.tensor(list(favoured_token_ids), dtype=torch.long)
+    mass_base = base[:, favoured].sum(dim=1).mean().item() if len(favoured) else 0.0
+    mass_current = current[:, favoured].sum(dim=1).mean().item() if len(favoured) else 0.0
+    delta = current.mean(dim=0) - base.mean(dim=0)
+    gains, ids = delta.topk(min(top_k, delta.numel()))
+    top_gainers = [
+        {
+            "token": tokenizer.decode([i]) if i < len(tokenizer) else f"<id {i}>",
+            "id": i,
+            "delta": gain,
+            "base": base[:, i].mean().item(),
+            "current": current[:, i].mean().item(),
+        }
+        for i, gain in zip(ids.tolist(), gains.tolist())
+    ]
+    return {
+        "kl_mean": kl.mean().item(),
+        "kl_max": kl.max().item(),
+        "favoured_mass_base": mass_base,
+        "favoured_mass": mass_current,
+        "favoured_mass_delta": mass_current - mass_base,
+        "num_prompts": base.shape[0],
+        "top_gainers": top_gainers,
+    }

@@ -1,0 +1,105 @@
+"""Deciding what is trained: full fine-tuning, peft adapters (LoRA, MoRA, OSF) or a selective subset.
+
+The selective presets freeze everything but a named group of weight matrices (see TuningConfig),
+to limit which parts of the network a new task can move: attn-proj trains only the self-attention
+projections, mlp-gate-up only the MLP's gate and up projections (down_proj stays fixed).
+"""
+
+from __future__ import annotations
+
+import re
+
+import peft
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+
+from models.mora import MoraConfig, choose_mora_type
+from perennial.config import TuningConfig
+
+# Matched with re.search against full parameter names such as "model.layers.0.self_attn.q_proj.weight".
+SELECTIVE_PATTERNS: dict[str, tuple[str, ...]] = {
+    "attn-proj": (r"(^|\.)(q_proj|k_proj|v_proj|o_proj)\.",),
+    "mlp-gate-up": (r"(^|\.)(gate_proj|up_proj)\.",),
+}
+
+
+def apply_tuning(model: torch.nn.Module, tuning: TuningConfig) -> torch.nn.Module:
+    """Make exactly the parameters `tuning` asks for trainable; peft methods return a wrapped PeftModel."""
+    method = tuning.method
+    if method == "full":
+        model.requires_grad_(True)
+        return model
+    if method in SELECTIVE_PATTERNS:
+        return _train_only_matching(model, method, SELECTIVE_PATTERNS[method])
+    if method == "regex":
+        return _train_only_matching(model, method, tuple(tuning.trainable_regex))
+    if method == "lora":
+        config = LoraConfig(
+            task_type=TaskType.CAUSAL_LM, r=tuning.r, lora_alpha=tuning.alpha,
+            lora_dropout=tuning.dropout, target_modules=list(tuning.target_modules),
+        )
+        return get_peft_model(model, config)
+    if method == "mora":
+        # MoRA has no alpha: its update is not rescaled (as in the paper's reference code).
+        config = MoraConfig(
+            task_type=TaskType.CAUSAL_LM, r=tuning.r, mora_type=choose_mora_type(tuning.r, tuning.mora_type),
+            mora_dropout=tuning.dropout, target_modules=list(tuning.target_modules),
+        )
+        return get_peft_model(model, config)
+    if method == "osf":
+        return get_peft_model(model, _osf_config(tuning))
+    raise ValueError(f"unknown tuning.method {method!r}")
+
+
+def _osf_config(tuning: TuningConfig):
+    osf_config_cls = getattr(peft, "OSFConfig", None)
+    if osf_config_cls is None:
+        raise ValueError(
+            f"tuning.method='osf' needs peft's OSF tuner (peft.OSFConfig), which the installed peft "
+            f"{peft.__version__} does not provide; upgrade peft or choose another tuning.method"
+        )
+    # OSF's rank means the preserved (frozen) SVD rank, not a trainable rank like LoRA's r, so r is not
+    # passed on: OSF's default keeps the top half of each matrix's singular directions frozen.
+    return osf_config_cls(task_type=TaskType.CAUSAL_LM, target_modules=list(tuning.target_modules))
+
+
+def _train_only_matching(model: torch.nn.Module, method: str, patterns: tuple[str, ...]) -> torch.nn.Module:
+    compiled = []
+    for pattern in patterns:
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as error:
+            raise ValueError(f"tuning.method={method!r}: invalid regex {pattern!r}: {error}") from error
+    matched = 0
+    for name, parameter in model.named_parameters():
+        trainable = any(regex.search(name) for regex in compiled)
+        parameter.requires_grad_(trainable)
+        matched += trainable
+    if not matched:
+        raise ValueError(
+            f"tuning.method={method!r} matched no parameters of {type(model).__name__} "
+            f"(patterns: {list(patterns)}); its parameter names look like "
+            f"{[name for name, _ in model.named_parameters()][:5]}"
+        )
+    return model
+
+
+def trainable_parameter_names(model: torch.nn.Module) -> list[str]:
+    return [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) element counts; tied weights are counted once."""
+    trainable = total = 0
+    for parameter in model.parameters():
+        total += parameter.numel()
+        if parameter.requires_grad:
+            trainable += parameter.numel()
+    return trainable, total
+
+
+def merge_for_export(model: torch.nn.Module) -> torch.nn.Module:
+    """A plain model to save or serve: adapters folded into the base weights, anything else unchanged."""
+    if isinstance(model, PeftModel):
+        return model.merge_and_unload()
+    return model

@@ -1,0 +1,137 @@
+"""Continual-learning metrics over the accuracy matrix (pure Python; formulas in docs/metrics.md).
+
+R has rows 0..T and columns 1..T: row 0 scores the model before continual tuning, row i the
+model after training task i, and R[i][j] is the score on task j at that point. Metrics are
+computed for the last stage present (t = number of rows - 1), so a partial matrix from an
+unfinished run gives the metrics "so far"; for a complete matrix t = T. A missing cell (None)
+is left out of every average and the denominator shrinks with it; a metric with no defined term
+is None rather than a misleading 0.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Mapping
+
+
+@dataclass
+class AccuracyMatrix:
+    tasks: list[str]
+    rows: list[list[float | None]]
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ValueError("an accuracy matrix needs at least one task")
+        if not self.rows:
+            raise ValueError("an accuracy matrix needs at least row 0 (the model before continual tuning)")
+        if len(self.rows) > len(self.tasks) + 1:
+            raise ValueError(f"{len(self.rows)} rows for {len(self.tasks)} tasks: expected at most T+1 = {len(self.tasks) + 1}")
+        for index, row in enumerate(self.rows):
+            if len(row) != len(self.tasks):
+                raise ValueError(f"row {index} has {len(row)} scores for {len(self.tasks)} tasks")
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def stage(self) -> int:
+        """The last stage present: T for a complete matrix."""
+        return len(self.rows) - 1
+
+    def r(self, i: int, j: int) -> float | None:
+        """R[i][j] with the paper's indexing: stage i in 0..T, task j in 1..T."""
+        if not 1 <= j <= self.num_tasks:
+            raise IndexError(f"task index {j} is outside 1..{self.num_tasks}")
+        return self.rows[i][j - 1]
+
+    def stage_labels(self) -> list[str]:
+        return ["before"] + [f"after {task}" for task in self.tasks[: self.stage]]
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [value for value in values if value is not None]
+    return sum(present) / len(present) if present else None
+
+
+def _diff(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def average_performance(matrix: AccuracyMatrix, t: int | None = None) -> float | None:
+    """AP_t = (1/t) * sum_{j<=t} R[t][j]: mean score on the tasks seen so far."""
+    t = matrix.stage if t is None else t
+    if t < 1:
+        return None
+    return _mean([matrix.r(t, j) for j in range(1, t + 1)])
+
+
+def average_incremental_performance(matrix: AccuracyMatrix) -> float | None:
+    """AIP = mean over k=1..t of AP_k: rewards being good at every stage, not only the last."""
+    return _mean([average_performance(matrix, k) for k in range(1, matrix.stage + 1)])
+
+
+def backward_transfer(matrix: AccuracyMatrix) -> float | None:
+    """BWT = 1/(t-1) * sum_{j<t} (R[t][j] - R[j][j]); negative means forgetting. None when t < 2."""
+    t = matrix.stage
+    return _mean([_diff(matrix.r(t, j), matrix.r(j, j)) for j in range(1, t)])
+
+
+def forward_transfer(matrix: AccuracyMatrix) -> float | None:
+    """FWT = 1/(t-1) * sum_{j=2..t} (R[j-1][j] - R[0][j]): zero-shot gain on a task from the earlier ones."""
+    t = matrix.stage
+    return _mean([_diff(matrix.r(j - 1, j), matrix.r(0, j)) for j in range(2, t + 1)])
+
+
+def forgetting(matrix: AccuracyMatrix) -> dict[str, float | None]:
+    """Per task j<t: max_{i in [j, t-1]} R[i][j] - R[t][j], the drop from the best score since learning it."""
+    t = matrix.stage
+    result: dict[str, float | None] = {}
+    for j in range(1, t):
+        earlier = [matrix.r(i, j) for i in range(j, t) if matrix.r(i, j) is not None]
+        result[matrix.tasks[j - 1]] = _diff(max(earlier), matrix.r(t, j)) if earlier else None
+    return result
+
+
+def general_ability_delta(base: Mapping[str, float], current: Mapping[str, float]) -> dict[str, float]:
+    """current - base for every held-out general score present in both (positive = better for accuracies)."""
+    return {name: current[name] - base[name] for name in base if name in current}
+
+
+# MLflow accepts only these characters in metric names; anything else in a task name becomes "_".
+_UNSAFE = re.compile(r"[^A-Za-z0-9_\-. /]")
+
+
+def _metric_name(name: str) -> str:
+    return _UNSAFE.sub("_", name)
+
+
+def summarize(
+    matrix: AccuracyMatrix,
+    general_ppl_base: float | None = None,
+    general_ppl_final: float | None = None,
+    general_scores_base: Mapping[str, float] | None = None,
+    general_scores_final: Mapping[str, float] | None = None,
+) -> dict[str, float | None]:
+    """Flat metric names for MLflow. Undefined metrics (e.g. BWT with one task) are None; drop them before logging."""
+    per_task = forgetting(matrix)
+    known = [value for value in per_task.values() if value is not None]
+    metrics: dict[str, float | None] = {
+        "ap": average_performance(matrix),
+        "aip": average_incremental_performance(matrix),
+        "bwt": backward_transfer(matrix),
+        "fwt": forward_transfer(matrix),
+        "forgetting_mean": _mean(known),
+        "forgetting_max": max(known) if known else None,
+    }
+    metrics.update({f"forgetting/{_metric_name(task)}": value for task, value in per_task.items()})
+    if general_ppl_base is not None and general_ppl_final is not None:
+        metrics["general_ppl_base"] = general_ppl_base
+        metrics["general_ppl_final"] = general_ppl_final
+        metrics["general_ppl_delta"] = general_ppl_final - general_ppl_base
+        metrics["general_ppl_rel_change"] = (general_ppl_final - general_ppl_base) / general_ppl_base if general_ppl_base else None
+    if general_scores_base and general_scores_final:
+        for name, delta in general_ability_delta(general_scores_base, general_scores_final).items():
+            metrics[f"general/{_metric_name(name)}_delta"] = delta
+    return metrics

@@ -1,0 +1,116 @@
+"""Report artefacts for a run: accuracy-matrix heatmap, per-task curves, drift plot, markdown summary."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: works on headless workers and never opens a window
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from perennial.cl_metrics import AccuracyMatrix  # noqa: E402
+
+
+def _as_array(matrix: AccuracyMatrix) -> np.ndarray:
+    """Rows x tasks, with NaN for missing cells so matplotlib leaves them blank."""
+    return np.array([[np.nan if v is None else v for v in row] for row in matrix.rows], dtype=float)
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy_matrix(matrix: AccuracyMatrix, path: str | Path) -> Path:
+    """Heatmap of R (stages down, tasks across), each cell annotated with its score."""
+    values = _as_array(matrix)
+    fig, ax = plt.subplots(figsize=(1.2 * matrix.num_tasks + 3, 0.6 * len(matrix.rows) + 2))
+    image = ax.imshow(values, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+    ax.set_xticks(range(matrix.num_tasks), matrix.tasks, rotation=30, ha="right")
+    ax.set_yticks(range(len(matrix.rows)), matrix.stage_labels())
+    ax.set_xlabel("evaluated on task")
+    ax.set_ylabel("model after stage")
+    for i, row in enumerate(values):
+        for j, value in enumerate(row):
+            if not math.isnan(value):
+                # Dark text on the bright end of viridis, light text elsewhere.
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="black" if value > 0.6 else "white")
+    fig.colorbar(image, ax=ax, label="score")
+    ax.set_title("Accuracy matrix R[i][j]")
+    return _save(fig, path)
+
+
+def plot_task_curves(matrix: AccuracyMatrix, path: str | Path) -> Path:
+    """One line per task: its score after every stage, with a marker where that task was trained."""
+    values = _as_array(matrix)
+    stages = np.arange(len(matrix.rows))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for j, task in enumerate(matrix.tasks):
+        (line,) = ax.plot(stages, values[:, j], marker="o", label=task)
+        if j + 1 < len(matrix.rows):
+            ax.scatter([j + 1], [values[j + 1, j]], s=120, facecolors="none", edgecolors=line.get_color())
+    ax.set_xticks(stages, matrix.stage_labels(), rotation=30, ha="right")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel("score")
+    ax.set_title("Per-task score across stages (circle: just trained)")
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_drift(drift_by_stage: list[dict], path: str | Path) -> Path:
+    """KL(base || current) and favoured-token (default: digit) mass on the probe prompts, per stage."""
+    stages = np.arange(len(drift_by_stage))
+    kl = [_number(d.get("kl_mean")) for d in drift_by_stage]
+    mass = [_number(d.get("favoured_mass")) for d in drift_by_stage]
+    fig, (ax_kl, ax_mass) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax_kl.plot(stages, kl, marker="o")
+    ax_kl.set_title("KL(base || current) on probe prompts")
+    ax_mass.plot(stages, mass, marker="o", color="tab:orange", label="current")
+    base_mass = next((d["favoured_mass_base"] for d in drift_by_stage if d.get("favoured_mass_base") is not None), None)
+    if base_mass is not None:
+        ax_mass.axhline(base_mass, color="gray", linestyle="--", label="base model")
+        ax_mass.legend(fontsize="small")
+    ax_mass.set_title("favoured-token (digit) mass on probe prompts")
+    for ax in (ax_kl, ax_mass):
+        ax.set_xlabel("stage")
+        ax.set_xticks(stages)
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _fmt(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def _number(value) -> float:
+    return np.nan if value is None else float(value)
+
+
+def markdown_summary(matrix: AccuracyMatrix, metrics: dict, drift: list[dict] | None = None) -> str:
+    """The accuracy matrix, the metrics and (optionally) drift per stage as markdown tables."""
+    lines = ["## Accuracy matrix", "", "| stage | " + " | ".join(matrix.tasks) + " |", "|---" * (matrix.num_tasks + 1) + "|"]
+    for label, row in zip(matrix.stage_labels(), matrix.rows):
+        lines.append(f"| {label} | " + " | ".join(_fmt(v) for v in row) + " |")
+    lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {name} | {_fmt(value)} |" for name, value in metrics.items()]
+    if drift:
+        lines += ["", "## Output drift (probe prompts vs. stage 0)", "", "| stage | KL mean | favoured mass | top gainers |", "|---|---|---|---|"]
+        labels = matrix.stage_labels()
+        for index, entry in enumerate(drift):
+            label = labels[index] if index < len(labels) else f"stage {index}"
+            # repr() shows whitespace tokens; a literal "|" would end the table cell.
+            gainers = ", ".join(f"{g['token']!r} {g['delta']:+.3f}".replace("|", "\\|") for g in entry.get("top_gainers", [])[:5])
+            lines.append(f"| {label} | {_fmt(entry.get('kl_mean'))} | {_fmt(entry.get('favoured_mass'))} | {gainers} |")
+    return "\n".join(lines) + "\n"
