@@ -279,6 +279,10 @@ class ReplayConfig(Strict):
     strategy: Literal["uniform", "reservoir", "loss-mid", "balanced"] = "uniform"
     budget: float = Field(0.1, gt=0, description="per-task budget: a fraction in (0, 1] or a count (> 1)")
     mixing: Literal["interleave", "concat", "epoch"] = "concat"
+    loss_quantile: float = Field(
+        0.1, ge=0, lt=0.5, description="loss-mid: share of easiest and of hardest examples left out"
+    )
+    label_key: str = Field("response", min_length=1, description="balanced: the record field whose values are balanced")
 
     @field_validator("budget")
     @classmethod
@@ -304,7 +308,23 @@ class LwFConfig(Strict):
 class AveragingConfig(Strict):
     name: Literal["averaging"]
     alpha: float = Field(0.5, ge=0, le=1, description="weight kept from the previous model")
-    per_layer: dict[str, float] = Field(default_factory=dict)
+    per_layer: dict[str, float] = Field(
+        default_factory=dict, description="regex on parameter names -> alpha; first match wins, else alpha"
+    )
+
+    @field_validator("per_layer")
+    @classmethod
+    def _per_layer_valid(cls, per_layer: dict[str, float]) -> dict[str, float]:
+        import re
+
+        for pattern, alpha in per_layer.items():
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"per_layer key {pattern!r} is not a valid regex: {error}") from None
+            if not 0 <= alpha <= 1:
+                raise ValueError(f"per_layer[{pattern!r}] = {alpha} must be in [0, 1]")
+        return per_layer
 
 
 class SEEKRConfig(Strict):
@@ -312,8 +332,10 @@ class SEEKRConfig(Strict):
     alpha: float = Field(0.5, ge=0, le=1)
     beta: float = Field(1.0, ge=0)
     layer_budget: int = Field(2, ge=1)
-    head_budget: int = Field(4, ge=1)
+    head_budget: int = Field(4, ge=1, description="heads distilled in total, within the selected layers")
     store_logits: bool = True
+    samples_per_task: int = Field(32, ge=1, description="replay samples kept per task with their teacher maps")
+    replay_batch_size: int = Field(4, ge=1, description="replay samples distilled per training micro-batch")
 
 
 class OLoRAConfig(Strict):

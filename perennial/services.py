@@ -163,7 +163,7 @@ class LocalServices:
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    def up(self, timeout: float = 60.0) -> dict[str, str]:
+    def up(self, timeout: float = 180.0) -> dict[str, str]:
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "ports.json").write_text(
             json.dumps({"s3": self.s3_port, "mlflow": self.mlflow_port, "weed_base": self.weed_port_base, "bucket": self.bucket})

@@ -81,7 +81,7 @@ def run_stage(
 
     cache = Path(cfg.work_dir) / "cache"
     device = resolve_device(cfg.device)
-    set_seed(cfg.seed)
+    set_seed(cfg.seed + task_index)  # a fresh adapter per task starts from its own draw (O-LoRA needs that)
     model, tokenizer = load_model_and_tokenizer(
         fetch_dir(store, input_model_uri, cache), attn_implementation=cfg.model.attn_implementation, device=device
     )

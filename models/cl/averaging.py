@@ -1,0 +1,62 @@
+"""Weight averaging between consecutive models: after each task
+
+    theta = alpha * theta_prev + (1 - alpha) * theta_new
+
+where theta_prev is the model at the start of the task. A larger alpha keeps more of the previous
+model (less forgetting, less learning). `per_layer` gives parameters their own alpha by regex
+(re.search on the parameter name, first match wins, else `alpha`): heterogeneous model averaging
+(Lin et al. 2024, "Mitigating the Alignment Tax of RLHF"), where different layers keep different
+shares of the previous model because they differ in how much old ability they carry.
+Related: Wortsman et al. 2022 (WiSE-FT, robust fine-tuning by weight-space ensembling).
+
+Only trainable parameters change during a task, so only they are stored and averaged. Under LoRA
+these are the adapter matrices, and averaging A and B separately is not an average of the update
+B @ A; use full or selective tuning for exact weight-space interpolation.
+
+theta_prev is rebuilt by before_task from the task-start model, so it is not part of state_dict:
+on a resume the stage runner calls before_task with the task-start model again.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from models.cl.base import CLPlugin, PluginState, TaskContext
+
+
+class AveragingPlugin(CLPlugin):
+    name = "averaging"
+
+    def __init__(self, alpha: float = 0.5, per_layer: dict[str, float] | None = None, seed: int = 0):
+        self.alpha = alpha
+        self.per_layer = dict(per_layer or {})
+        self._patterns = [(re.compile(pattern), value) for pattern, value in self.per_layer.items()]
+        self.previous: dict[str, torch.Tensor] = {}
+
+    def alpha_for(self, name: str) -> float:
+        for pattern, value in self._patterns:
+            if pattern.search(name):
+                return value
+        return self.alpha
+
+    def before_task(self, ctx: TaskContext) -> None:
+        self.previous = {name: p.detach().clone() for name, p in ctx.model.named_parameters() if p.requires_grad}
+
+    def after_task(self, ctx: TaskContext) -> None:
+        if not self.previous:
+            raise RuntimeError("averaging: before_task was not called, so there is no previous model to average with")
+        with torch.no_grad():
+            for name, parameter in ctx.model.named_parameters():
+                if name in self.previous:
+                    alpha = self.alpha_for(name)
+                    previous = self.previous[name].to(parameter.device, parameter.dtype)
+                    parameter.copy_(alpha * previous + (1 - alpha) * parameter)
+        self.previous = {}
+
+    def state_dict(self) -> PluginState:
+        return PluginState(meta={"alpha": self.alpha, "per_layer": self.per_layer})
+
+    def load_state_dict(self, state: PluginState) -> None:
+        pass  # nothing carries across tasks: theta_prev is the model at the start of each task

@@ -1,0 +1,121 @@
+"""Elastic Weight Consolidation (Kirkpatrick et al. 2017, "Overcoming catastrophic forgetting in
+neural networks"), online variant (Schwarz et al. 2018, "Progress & Compress").
+
+After each task the diagonal of the empirical Fisher information, E[(d log p(y|x) / d theta)^2], is
+estimated from per-example gradients on `fisher_samples` of the task's training examples, and folded
+into a running estimate F = decay * F_old + F_new. The anchor theta* is the parameters at the end of
+that task. While training later tasks the penalty
+
+    strength / 2 * sum_i F_i (theta_i - theta*_i)^2
+
+pulls the weights that mattered for earlier tasks back towards their old values.
+
+Only trainable parameters are covered, matched by name and shape: under full or selective tuning
+the same parameters persist across tasks, which is where EWC applies. Under LoRA the stage runner
+gives every task a fresh adapter (the previous one is merged into the base weights), so the old
+adapter values are not an anchor for the new ones; parameters without a matching anchor are skipped.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from models.cl.base import CLPlugin, PluginState, TaskContext
+from models.data import collate
+
+
+class EWCPlugin(CLPlugin):
+    name = "ewc"
+
+    def __init__(self, strength: float = 100.0, fisher_samples: int = 64, decay: float = 1.0, seed: int = 0):
+        self.strength = strength
+        self.fisher_samples = fisher_samples
+        self.decay = decay
+        self.seed = seed
+        self.fisher: dict[str, torch.Tensor] = {}
+        self.anchor: dict[str, torch.Tensor] = {}
+        self.tasks_seen = 0
+        self._device_copies: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def extra_loss(self, model, batch, outputs):
+        if not self.fisher:
+            return None
+        penalty = None
+        for name, parameter in model.named_parameters():
+            if not parameter.requires_grad or name not in self.fisher or self.fisher[name].shape != parameter.shape:
+                continue
+            fisher, anchor = self._on_device(name, parameter)
+            term = (fisher * (parameter - anchor) ** 2).sum()
+            penalty = term if penalty is None else penalty + term
+        return None if penalty is None else self.strength / 2 * penalty
+
+    def _on_device(self, name: str, parameter: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fisher and anchor on the parameter's device, copied once per task rather than every step."""
+        cached = self._device_copies.get(name)
+        if cached is None or cached[0].device != parameter.device:
+            cached = (
+                self.fisher[name].to(parameter.device, torch.float32),
+                self.anchor[name].to(parameter.device, torch.float32),
+            )
+            self._device_copies[name] = cached
+        return cached
+
+    def after_task(self, ctx: TaskContext) -> None:
+        new_fisher = diagonal_fisher(
+            ctx.model, ctx.train_examples, self.fisher_samples, ctx.pad_token_id, seed=self.seed + ctx.task_index
+        )
+        for name, value in new_fisher.items():
+            old = self.fisher.get(name)
+            self.fisher[name] = value if old is None or old.shape != value.shape else self.decay * old + value
+        self.anchor = {
+            name: p.detach().float().cpu().clone() for name, p in ctx.model.named_parameters() if p.requires_grad
+        }
+        self.tasks_seen += 1
+        self._device_copies = {}
+
+    def state_dict(self) -> PluginState:
+        tensors = {f"fisher.{name}": value for name, value in self.fisher.items()}
+        tensors.update({f"anchor.{name}": value for name, value in self.anchor.items()})
+        return PluginState(tensors=tensors, meta={"tasks_seen": self.tasks_seen})
+
+    def load_state_dict(self, state: PluginState) -> None:
+        self.fisher = {k[len("fisher.") :]: v.clone() for k, v in state.tensors.items() if k.startswith("fisher.")}
+        self.anchor = {k[len("anchor.") :]: v.clone() for k, v in state.tensors.items() if k.startswith("anchor.")}
+        self.tasks_seen = int(state.meta.get("tasks_seen", 0))
+        self._device_copies = {}
+
+
+def diagonal_fisher(
+    model: torch.nn.Module, examples: list[dict], num_samples: int, pad_token_id: int, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Empirical diagonal Fisher of the trainable parameters: the mean over examples of the squared
+    gradient of each example's log-likelihood (its mean token loss), one example at a time.
+
+    Per-example gradients matter: squaring a batch-mean gradient would cancel disagreeing examples
+    and underestimate the Fisher. Returns float32 CPU tensors keyed by parameter name.
+    """
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    fisher = {name: torch.zeros(p.shape, dtype=torch.float32) for name, p in params.items()}
+    if not examples:
+        return fisher
+    chosen = random.Random(seed).sample(range(len(examples)), min(num_samples, len(examples)))
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()  # no dropout: the Fisher of the model as it will be used
+    counted = 0
+    for index in chosen:
+        batch = {k: v.to(device) for k, v in collate([examples[index]], pad_token_id).items()}
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch).loss
+        if not torch.isfinite(loss):  # an example with no supervised tokens carries no information
+            continue
+        loss.backward()
+        counted += 1
+        for name, p in params.items():
+            if p.grad is not None:
+                fisher[name] += p.grad.detach().float().cpu() ** 2
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    return {name: value / max(1, counted) for name, value in fisher.items()}

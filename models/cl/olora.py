@@ -1,0 +1,122 @@
+"""O-LoRA: orthogonal subspace learning (Wang et al. 2023, "Orthogonal Subspace Learning for
+Language Model Continual Learning", Findings of EMNLP).
+
+Each task learns its update in a fresh LoRA subspace, kept orthogonal to the subspaces of earlier
+tasks so that the new update interferes little with what they learned. For every LoRA-wrapped
+layer, with A_old the earlier tasks' LoRA A matrices stacked along the rank dimension:
+
+    extra_loss = lambda_orth * sum_layers sum_ij |(A_old @ A_new^T)_ij|  +  lambda_l2 * sum ||new adapter||^2
+
+where the optional L2 term runs over the trainable adapter's A and B matrices.
+
+Folding (the choice made here): after each task the adapter's update dW = B @ A * scaling is added
+into the frozen base weight, A is appended to A_old (the plugin's state), and the adapter is
+re-initialised for the next task (A kaiming-uniform as peft does, B zeros, so the model's function
+is unchanged by the fold). Keeping every old adapter frozen and separate (as the paper does) gives
+the same function but grows the forward pass with each task; folding keeps one adapter and is what
+the stage runner's export does anyway (it merges the adapter into the base weights, and the next
+stage starts a fresh adapter). Only the A_old subspaces are needed to keep later tasks orthogonal.
+
+Requirements: the model must be a peft LoRA model (cit.tuning.method: lora), without DoRA or
+LoRA bias; layers are matched across tasks by module name, so keep tuning.target_modules fixed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from models.cl.base import CLPlugin, PluginState, TaskContext
+
+NOT_LORA = "O-LoRA needs a peft LoRA model (cit.tuning.method: lora); the model has no LoRA layers"
+
+
+def lora_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, str]]:
+    """(module name, module, adapter name) for every trainable LoRA adapter of a linear layer."""
+    found = []
+    for name, module in model.named_modules():
+        lora_a = getattr(module, "lora_A", None)
+        if not isinstance(lora_a, torch.nn.ModuleDict):
+            continue
+        for adapter, linear in lora_a.items():
+            if linear.weight.requires_grad:
+                found.append((name, module, adapter))
+    return found
+
+
+class OLoRAPlugin(CLPlugin):
+    name = "olora"
+
+    def __init__(self, lambda_orth: float = 0.5, lambda_l2: float = 0.0, seed: int = 0):
+        self.lambda_orth = lambda_orth
+        self.lambda_l2 = lambda_l2
+        self.seed = seed
+        self.old_a: dict[str, torch.Tensor] = {}  # module name -> [sum of earlier ranks, in_features]
+        self.tasks_seen = 0
+        self._device_copies: dict[str, torch.Tensor] = {}
+
+    def before_task(self, ctx: TaskContext) -> None:
+        layers = lora_layers(ctx.model)
+        if not layers:
+            raise ValueError(NOT_LORA)
+        for name, module, adapter in layers:
+            if getattr(module, "use_dora", {}).get(adapter, False) or getattr(module, "lora_bias", {}).get(adapter, False):
+                raise ValueError(f"O-LoRA supports plain LoRA only; {name} uses DoRA or a LoRA bias")
+        self._device_copies = {}
+
+    def extra_loss(self, model, batch, outputs):
+        if not self.lambda_orth and not self.lambda_l2:
+            return None
+        orthogonality, l2 = None, None
+        for name, module, adapter in lora_layers(model):
+            a_new = module.lora_A[adapter].weight.float()
+            if self.lambda_orth and name in self.old_a:
+                term = (self._old_on(name, a_new.device) @ a_new.T).abs().sum()
+                orthogonality = term if orthogonality is None else orthogonality + term
+            if self.lambda_l2:
+                term = a_new.pow(2).sum() + module.lora_B[adapter].weight.float().pow(2).sum()
+                l2 = term if l2 is None else l2 + term
+        loss = None
+        if orthogonality is not None:
+            loss = self.lambda_orth * orthogonality
+        if l2 is not None:
+            loss = self.lambda_l2 * l2 if loss is None else loss + self.lambda_l2 * l2
+        return loss
+
+    def _old_on(self, name: str, device: torch.device) -> torch.Tensor:
+        cached = self._device_copies.get(name)
+        if cached is None or cached.device != device:
+            cached = self.old_a[name].to(device, torch.float32)
+            self._device_copies[name] = cached
+        return cached
+
+    def after_task(self, ctx: TaskContext) -> None:
+        layers = lora_layers(ctx.model)
+        if not layers:
+            raise ValueError(NOT_LORA)
+        # Seeded so a rerun re-initialises the next adapter identically; the global RNG is untouched.
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(self.seed * 1_000_003 + ctx.task_index)
+            for name, module, adapter in layers:
+                a = module.lora_A[adapter].weight.detach().float().cpu()
+                self.old_a[name] = a.clone() if name not in self.old_a else torch.cat([self.old_a[name], a])
+                base = module.get_base_layer()
+                base.weight += module.get_delta_weight(adapter).to(base.weight.dtype)
+                module.reset_lora_parameters(adapter, True)
+        self.tasks_seen += 1
+        self._device_copies = {}
+
+    def overlap(self, model: torch.nn.Module) -> float:
+        """sum over layers of |A_old @ A_new^T| for the current adapter: what the penalty drives down."""
+        with torch.no_grad():
+            return float(sum(
+                (self.old_a[name] @ module.lora_A[adapter].weight.detach().float().cpu().T).abs().sum()
+                for name, module, adapter in lora_layers(model) if name in self.old_a
+            ))
+
+    def state_dict(self) -> PluginState:
+        return PluginState(tensors={f"old_a.{k}": v for k, v in self.old_a.items()}, meta={"tasks_seen": self.tasks_seen})
+
+    def load_state_dict(self, state: PluginState) -> None:
+        self.old_a = {k[len("old_a.") :]: v.clone() for k, v in state.tensors.items() if k.startswith("old_a.")}
+        self.tasks_seen = int(state.meta.get("tasks_seen", 0))
+        self._device_copies = {}
