@@ -1,0 +1,67 @@
+"""``perennial ingest CONFIG [key=value ...]``: ingest every dataset listed under data.datasets."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from perennial.config import ConfigError, load_config
+from perennial.ingest.core import ingest_dataset
+from perennial.ingest.incremental import ingest_incremental
+from perennial.ingest.readers import IngestError
+from perennial.storage import ObjectStore, StorageError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="perennial ingest",
+        description="Validate, deduplicate, split and version the datasets of a config into S3.",
+    )
+    parser.add_argument("config", help="YAML config with data.datasets (e.g. configs/wikitext-ingest.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. storage.bucket=mine")
+    parser.add_argument("--only", action="append", default=[], metavar="NAME", help="ingest only this dataset (repeatable)")
+    parser.add_argument("--log-mlflow", action="store_true", help="log each version as an input of an MLflow run")
+    return parser
+
+
+def main_ingest(argv: list[str] | None = None) -> int:
+    """Returns the exit status: 0 on success, 2 when a config, source or dataset is unusable."""
+    args = _parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        specs = [spec for spec in cfg.data.datasets if not args.only or spec.name in args.only]
+        if not specs:
+            known = [spec.name for spec in cfg.data.datasets]
+            raise ConfigError(f"no datasets to ingest: data.datasets lists {known}, --only asked for {args.only}")
+        store = ObjectStore(cfg.storage)
+        store.check()
+        work_dir = Path(cfg.work_dir) / "ingest"
+        for spec in specs:
+            ingest = ingest_incremental if spec.incremental else ingest_dataset
+            result = ingest(spec, store, work_dir, cfg.storage.prefix)
+            summary = {"name": result.name, "digest": result.digest, "uri": result.uri, "created": result.created,
+                       "counts": result.counts, "rejected": result.rejected, "tasks": result.tasks}  # fmt: skip
+            print(json.dumps(summary), flush=True)
+            if args.log_mlflow:
+                _log(cfg, result)
+    except (ConfigError, IngestError, StorageError) as error:
+        print(f"perennial ingest: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _log(cfg, result) -> None:
+    import mlflow
+
+    from perennial.ingest.tracking import log_dataset_to_mlflow
+
+    mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
+    mlflow.set_experiment(cfg.tracking.experiment)
+    with mlflow.start_run(run_name=f"ingest-{result.name}"):
+        log_dataset_to_mlflow(result, context="ingest")
+
+
+if __name__ == "__main__":
+    sys.exit(main_ingest())

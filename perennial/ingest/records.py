@@ -1,0 +1,225 @@
+"""From one input record of a configured shape to one canonical record, or a rejection with a reason.
+
+Canonical records (models/data.py):
+- text:        {"id", "text", "split"}
+- instruction: {"id", "task", "prompt", "response", "options", "split"}
+
+``id`` is the sha256 of the normalized content, so exact-duplicate removal, leakage checks and the
+hash split all agree on what "the same record" means.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import unicodedata
+from pathlib import Path
+from typing import Any
+
+from perennial.config import IngestDatasetConfig
+from perennial.ingest.readers import split_from_name
+
+# Every reason a record can be quarantined for (docs/ingestion.md explains each).
+REASONS = (
+    "invalid_json",  # a line or array element that does not parse
+    "unreadable",  # a file the reader cannot open as its format (the rest of that file is lost)
+    "wrong_type",  # the record or a field has the wrong type (e.g. a number where text belongs)
+    "missing_field",  # a required field is absent or null
+    "not_utf8",  # a field holds bytes that are not valid UTF-8
+    "empty",  # a required text is empty or whitespace only
+    "too_long",  # a field is longer than max_chars (with over_long=reject)
+    "label_not_in_set",  # a classification label (or a response) outside the declared options
+    "bad_messages",  # a chat without an assistant turn, or without a user turn before it
+    "bad_split",  # a split field that is neither train nor test (nor a known alias)
+    "duplicate",  # same id as an earlier record of this dataset, same split
+    "duplicate_previous",  # same id as a record of the version this run builds on (incremental)
+    "leakage",  # a test record whose id is also in train
+)
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class Rejected(Exception):
+    def __init__(self, reason: str, detail: str):
+        assert reason in REASONS, reason
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def clean(text: str) -> str:
+    """The stored form: NFC, Unix newlines, no surrounding whitespace (inner layout is kept)."""
+    return unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n")).strip()
+
+
+def normalize(text: str) -> str:
+    """The compared form for ids: NFKC with all whitespace runs collapsed to one space."""
+    return " ".join(unicodedata.normalize("NFKC", text).split())
+
+
+def record_id(record: dict) -> str:
+    """sha256 of the normalized content. The task name is not content: the same example under two
+    task names is a duplicate."""
+    if "text" in record:
+        content: Any = normalize(record["text"])
+    else:
+        options = [normalize(option) for option in record["options"]] if record["options"] is not None else None
+        content = [normalize(record["prompt"]), normalize(record["response"]), options]
+    return hashlib.sha256(json.dumps(content, ensure_ascii=False).encode()).hexdigest()
+
+
+def load_labels(spec: IngestDatasetConfig) -> list[str] | None:
+    """The label set of a classification dataset: inline, or read from labels_file."""
+    if spec.shape != "classification":
+        return None
+    if spec.labels is not None:
+        labels = spec.labels
+    else:
+        path = Path(spec.labels_file)
+        try:
+            labels = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise ValueError(f"dataset {spec.name!r}: cannot read labels_file {path}: {error}") from None
+    if not isinstance(labels, list) or not labels or not all(isinstance(label, str) and label.strip() for label in labels):
+        raise ValueError(f"dataset {spec.name!r}: the label set must be a non-empty list of non-empty strings")
+    labels = [clean(label) for label in labels]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"dataset {spec.name!r}: the label set repeats a label: {labels}")
+    return labels
+
+
+class Shaper:
+    """Turns input records of one dataset's shape into canonical records (without id and split)."""
+
+    def __init__(self, spec: IngestDatasetConfig, labels: list[str] | None, task: str, task_from_record: bool = True):
+        self.spec, self.labels, self.task, self.task_from_record = spec, labels, task, task_from_record
+        self.truncated = 0
+
+    def __call__(self, value: Any) -> dict:
+        shape = self.spec.shape
+        if shape == "text" and isinstance(value, str):  # txt files yield bare lines / documents
+            return {"text": self._check("text", value, required=True)}
+        if not isinstance(value, dict):
+            raise Rejected("wrong_type", f"a record must be an object, got {type(value).__name__}")
+        if shape == "text":
+            return {"text": self._string(value, "text")}
+        if shape == "alpaca":
+            instruction = self._string(value, "instruction")
+            extra = self._string(value, "input", required=False)
+            prompt = f"{instruction}\n\n{extra}" if extra else instruction
+            return self._instruction(prompt, self._string(value, "output"), None)
+        if shape == "chat":
+            prompt, response = self._chat(value)
+            return self._instruction(prompt, response, None)
+        if shape == "classification":
+            text = self._string(value, "input")
+            label = self._label(value)
+            options = ", ".join(self.labels)
+            prompt = self.spec.template.format(instruction=self.spec.instruction, options=options, input=text)
+            return self._instruction(prompt, label, list(self.labels))
+        # shape == "instruction": already canonical fields
+        prompt, response = self._string(value, "prompt"), self._string(value, "response")
+        options = self._options(value)
+        if options is not None and response not in options:
+            raise Rejected("label_not_in_set", f"response {response[:80]!r} is not one of the options {options}")
+        return self._instruction(prompt, response, options, value)
+
+    def split_of(self, value: Any) -> str | None:
+        """A split named by the record itself (train/test and aliases), None when it names none."""
+        if not isinstance(value, dict):
+            return None
+        raw = value.get(self.spec.field("split"))
+        if raw is None:
+            return None
+        split = split_from_name(raw) if isinstance(raw, str) else None
+        if split is None:
+            raise Rejected("bad_split", f"split {raw!r} is not train or test (or valid/validation/dev/eval)")
+        return split
+
+    # -- pieces -------------------------------------------------------------------------------
+
+    def _instruction(self, prompt: str, response: str, options: list[str] | None, value: dict | None = None) -> dict:
+        task = self.task
+        if self.task_from_record and value is not None and value.get(self.spec.field("task")) is not None:
+            task = value[self.spec.field("task")]
+            if not isinstance(task, str) or not _TASK_NAME.match(task):
+                raise Rejected("wrong_type", f"task {task!r} is not a name (letters, digits, '.', '_', '-')")
+        return {"task": task, "prompt": prompt, "response": response, "options": options}
+
+    def _string(self, value: dict, canonical: str, required: bool = True) -> str:
+        name = self.spec.field(canonical)
+        raw = value.get(name)
+        if raw is None:
+            if required:
+                raise Rejected("missing_field", f"field {name!r} is missing")
+            return ""
+        return self._check(name, raw, required)
+
+    def _check(self, name: str, raw: Any, required: bool) -> str:
+        """Type, encoding, emptiness and length checks of one text field; returns the cleaned text."""
+        if isinstance(raw, bytes):  # binary columns (Parquet, datasets) arrive as bytes
+            try:
+                raw = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise Rejected("not_utf8", f"field {name!r} has a byte that is not UTF-8 at offset {error.start}") from None
+        if not isinstance(raw, str):
+            raise Rejected("wrong_type", f"field {name!r} must be text, got {type(raw).__name__}")
+        bad = _SURROGATE.search(raw)
+        if bad:  # a byte the reader could not decode (surrogateescape) or an unpaired \\u escape
+            raise Rejected("not_utf8", f"field {name!r} holds bytes that are not valid UTF-8 (character {bad.start()})")
+        text = clean(raw)
+        if required and not text:
+            raise Rejected("empty", f"field {name!r} is empty or whitespace only")
+        limit = self.spec.max_chars
+        if len(text) > limit:
+            if self.spec.over_long == "reject":
+                raise Rejected("too_long", f"field {name!r} has {len(text)} characters > max_chars {limit}")
+            text = text[:limit].rstrip()
+            self.truncated += 1
+        return text
+
+    def _label(self, value: dict) -> str:
+        name = self.spec.field("output")
+        raw = value.get(name)
+        if raw is None:
+            raise Rejected("missing_field", f"field {name!r} is missing")
+        # Integer labels index the label set (a common encoding); bool is an int but never a label.
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            if 0 <= raw < len(self.labels):
+                return self.labels[raw]
+            raise Rejected("label_not_in_set", f"label index {raw} is outside 0..{len(self.labels) - 1}")
+        label = self._check(name, raw, required=True)
+        if label not in self.labels:
+            raise Rejected("label_not_in_set", f"label {label[:80]!r} is not in the label set {self.labels}")
+        return label
+
+    def _options(self, value: dict) -> list[str] | None:
+        name = self.spec.field("options")
+        raw = value.get(name)
+        if raw is None:
+            return None
+        if not isinstance(raw, list) or not raw:
+            raise Rejected("wrong_type", f"field {name!r} must be a non-empty list of strings or null")
+        return [self._check(name, option, required=True) for option in raw]
+
+    def _chat(self, value: dict) -> tuple[str, str]:
+        name = self.spec.field("messages")
+        messages = value.get(name)
+        if messages is None:
+            raise Rejected("missing_field", f"field {name!r} is missing")
+        if not isinstance(messages, list):
+            raise Rejected("wrong_type", f"field {name!r} must be a list of messages, got {type(messages).__name__}")
+        role_key, content_key = self.spec.field("role"), self.spec.field("content")
+        turns = []
+        for number, message in enumerate(messages, 1):
+            if not isinstance(message, dict) or not isinstance(message.get(role_key), str):
+                raise Rejected("wrong_type", f"{name}[{number}] must be an object with a string {role_key!r}")
+            turns.append((message[role_key], message.get(content_key), number))
+        last = max((i for i, (role, _, _) in enumerate(turns) if role == "assistant"), default=None)
+        if last is None:
+            raise Rejected("bad_messages", "the conversation has no assistant turn")
+        users = [self._check(f"{name}[{n}].{content_key}", content, True) for role, content, n in turns[:last] if role == "user"]
+        if not users:
+            raise Rejected("bad_messages", "no user turn before the last assistant turn")
+        role, content, number = turns[last]
+        return "\n\n".join(users), self._check(f"{name}[{number}].{content_key}", content, True)
