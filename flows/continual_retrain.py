@@ -24,7 +24,7 @@ def continual_retrain(config_path: str | None = None, overrides: list[str] | Non
     run = start_run_task(cfg, run_key)
     data = ingest_task(run)
     model = base_model_task(run, data.general)
-    if cfg.dap.enabled:
+    if cfg.dap.enabled and data.domain is not None:
         model = dap_task(run, model, data)
     evaluations = [evaluate_task(run, model, data, 0, "before-cit")]
     step = None

@@ -13,6 +13,8 @@ OFFLINE_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_UI_ENABLED": "false",
     "TOKENIZERS_PARALLELISM": "false",
+    # A loaded 2-core machine can take well over the 20 s default to start Prefect's local API.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     "GIT_PYTHON_REFRESH": "quiet",
 }
 

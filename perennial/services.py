@@ -275,7 +275,9 @@ class LocalServices:
             "--workers",
             "1",
         ]
-        self._spawn("mlflow", argv, {**env, **self.extra_env})
+        # The job executor (huey consumers) serves MLflow's GenAI jobs, which Perennial never submits.
+        quiet = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_ENABLE_TELEMETRY": "false", "DO_NOT_TRACK": "1"}
+        self._spawn("mlflow", argv, {**env, **quiet, **self.extra_env})
         self._wait("mlflow", self._mlflow_ready, timeout)
 
     def _mlflow_ready(self) -> bool:

@@ -8,7 +8,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from perennial import demo_data
-from perennial.ingest import ingest_records
+from perennial.ingest import ingest_dataset, ingest_incremental, ingest_records, log_dataset_to_mlflow
 from perennial.storage import ObjectStore
 from tasks.runtime import RunContext, fetch_dir, open_store, open_tracker
 
@@ -25,8 +25,11 @@ class DatasetRef(BaseModel):
 
 class DataBundle(BaseModel):
     general: DatasetRef
-    domain: DatasetRef
+    domain: DatasetRef | None  # without a domain corpus there is nothing to adapt to: DAP is skipped
     tasks: list[DatasetRef]
+
+    def all(self) -> list[DatasetRef]:
+        return [self.general, *([self.domain] if self.domain else []), *self.tasks]
 
 
 def _ref(result, chance: float | None = None) -> DatasetRef:
@@ -41,32 +44,55 @@ def _ref(result, chance: float | None = None) -> DatasetRef:
     )
 
 
-def ingest_demo(run: RunContext) -> DataBundle:
-    """Generate the embedded demo data and push it through the same validation and versioning path as user data."""
+def ingest(run: RunContext) -> DataBundle:
+    """Generated demo data or the configured datasets, through the same validation and versioning path."""
     cfg = run.config
-    demo = cfg.data.demo
     store = open_store(cfg)
     work = run.work_dir / "ingest"
+    results = _demo_results(run, store, work) if cfg.data.source == "demo" else _dataset_results(run, store, work)
+    tracker = open_tracker(cfg)
+    for result, _ in results:
+        log_dataset_to_mlflow(result, context=result.name, run_id=run.parent_run_id, client=tracker.client)
+    refs = {result.name: _ref(result, chance) for result, chance in results}
+    if cfg.data.source == "demo":
+        return DataBundle(general=refs["general"], domain=refs["domain"], tasks=[refs[name] for name in cfg.data.demo.tasks])
+    roles = {spec.name: spec.resolved_role for spec in cfg.data.datasets}
+    general = [refs[name] for name, role in roles.items() if role == "general"]
+    domain = [refs[name] for name, role in roles.items() if role == "domain"]
+    tasks = [refs[name] for name, role in roles.items() if role == "task"]
+    if len(general) != 1 or len(domain) > 1 or not tasks:
+        raise ValueError(
+            "data.datasets must hold exactly one dataset with role: general, at most one with role: domain, "
+            f"and at least one instruction task; got general={len(general)}, domain={len(domain)}, tasks={len(tasks)}"
+        )
+    return DataBundle(general=general[0], domain=domain[0] if domain else None, tasks=tasks)
 
-    def publish(name: str, kind: str, records: list[dict], chance: float | None = None) -> DatasetRef:
-        result = ingest_records(name, kind, records, store=store, work_dir=work, storage_prefix=cfg.storage.prefix)
-        return _ref(result, chance)
+
+def _demo_results(run: RunContext, store, work) -> list[tuple]:
+    cfg = run.config
+    demo = cfg.data.demo
+
+    def publish(name: str, kind: str, records: list[dict]):
+        return ingest_records(name, kind, records, store=store, work_dir=work, storage_prefix=cfg.storage.prefix)
 
     general_docs = demo_data.general_corpus(demo.general_docs + demo.general_eval_docs, demo.seed)
-    general = [
-        {"text": text, "split": "test" if index < demo.general_eval_docs else "train"} for index, text in enumerate(general_docs)
-    ]
+    general = [{"text": text, "split": "test" if index < demo.general_eval_docs else "train"} for index, text in enumerate(general_docs)]
     domain = [{"text": text, "split": "train"} for text in demo_data.domain_corpus(demo.domain_docs, demo.seed)]
     catalogue = demo_data.demo_tasks(demo.seed)
-    tasks = [
-        publish(name, "instruction", demo_data.task_records(catalogue[name], demo.train_per_task, demo.eval_per_task, demo.seed), catalogue[name].chance)
-        for name in demo.tasks
-    ]
-    bundle = DataBundle(general=publish("general", "text", general), domain=publish("domain", "text", domain), tasks=tasks)
+    results = [(publish("general", "text", general), None), (publish("domain", "text", domain), None)]
+    for name in demo.tasks:
+        records = demo_data.task_records(catalogue[name], demo.train_per_task, demo.eval_per_task, demo.seed)
+        results.append((publish(name, "instruction", records), catalogue[name].chance))
+    return results
 
-    tracker = open_tracker(cfg)
-    tracker.log_params(run.parent_run_id, {f"dataset.{ref.name}.digest": ref.digest for ref in [bundle.general, bundle.domain, *bundle.tasks]})
-    return bundle
+
+def _dataset_results(run: RunContext, store, work) -> list[tuple]:
+    cfg = run.config
+    results = []
+    for spec in cfg.data.datasets:
+        ingest_fn = ingest_incremental if spec.incremental else ingest_dataset
+        results.append((ingest_fn(spec, store, work, cfg.storage.prefix), None))
+    return results
 
 
 def read_records(store: ObjectStore, ref: DatasetRef, cache_root: Path, split: str | None = None) -> list[dict]:

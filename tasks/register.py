@@ -89,7 +89,7 @@ def register(run: RunContext, model_uri: str, data: DataBundle, summary: Report)
         "checkpoint_uri": model_uri,
         "checkpoint_manifest": f"{model_uri}/MANIFEST.json",
         "run_key": run.run_key,
-        **{f"dataset.{ref.name}": ref.digest[:16] for ref in [data.general, data.domain, *data.tasks]},
+        **{f"dataset.{ref.name}": ref.digest for ref in data.all()},
     }
     # evaluate_stage logs drift/kl_mean at step = stage index; the run keeps the last stage's value.
     metrics = registry.candidate_metrics(summary.tasks, summary.matrix, summary.metrics, parent.data.metrics.get("drift/kl_mean"))

@@ -23,6 +23,7 @@ class RunContext(BaseModel):
     config: Config
     run_key: str
     parent_run_id: str
+    experiment_id: str = "0"
 
     @property
     def prefix(self) -> str:
@@ -98,7 +99,7 @@ def start_run(config: Config, run_key: str | None = None) -> RunContext:
         tracker.log_params(parent, _flatten(flat))
     else:
         tracker.client.update_run(parent, status="RUNNING")
-    return RunContext(config=config, run_key=run_key, parent_run_id=parent)
+    return RunContext(config=config, run_key=run_key, parent_run_id=parent, experiment_id=tracker.experiment_id())
 
 
 def finish_run(run: RunContext, status: str = "FINISHED") -> None:

@@ -1,23 +1,38 @@
 """Thin Prefect task wrappers around the plain functions (retries for transient service errors)."""
 
 from prefect import task
+from prefect.artifacts import create_markdown_artifact
 
 from tasks.base_model import prepare_base_model
 from tasks.cit import train_task
 from tasks.dap import train_dap
 from tasks.evaluate import evaluate_stage
-from tasks.ingest import ingest_demo
+from tasks.ingest import ingest
 from tasks.register import register, report
 from tasks.runtime import finish_run, start_run
 
 RETRY = {"retries": 2, "retry_delay_seconds": [2, 10]}
 
 start_run_task = task(start_run, name="preflight")
-ingest_task = task(ingest_demo, name="ingest", **RETRY)
+ingest_task = task(ingest, name="ingest", **RETRY)
 base_model_task = task(prepare_base_model, name="base-model", **RETRY)
 dap_task = task(train_dap, name="dap", **RETRY)
 cit_task = task(train_task, name="cit-task", task_run_name="cit-{index}", **RETRY)
 evaluate_task = task(evaluate_stage, name="evaluate", task_run_name="evaluate-{stage}", **RETRY)
-report_task = task(report, name="report", **RETRY)
+
+
+@task(name="report", **RETRY)
+def report_task(run, data, evaluations):
+    """The report, plus the same table as a Prefect markdown artifact linking to the MLflow run."""
+    summary = report(run, data, evaluations)
+    link = f"{run.config.tracking.tracking_uri.rstrip('/')}/#/experiments/{run.experiment_id}/runs/{run.parent_run_id}"
+    create_markdown_artifact(
+        key=f"retrain-{run.run_key}".lower().replace("_", "-").replace(".", "-"),
+        markdown=f"{summary.markdown}\n\n[MLflow run]({link})",
+        description="accuracy matrix and continual-learning metrics",
+    )
+    return summary
+
+
 register_task = task(register, name="register", **RETRY)
 finish_task = task(finish_run, name="finish")

@@ -5,7 +5,13 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from flows.continual_retrain import continual_retrain
+from models.data import encode_prompt
+from models.evaluation import generate
+from tasks.export import export_model
 from perennial.config import StorageConfig, build_config
 from perennial.storage import ObjectStore
 
@@ -75,6 +81,25 @@ def test_continual_retrain_end_to_end(services, prefect_harness, tmp_path):
     version = client.get_model_version_by_alias("micro-model", "challenger")
     assert int(version.version) == registered["version"]
     assert version.tags["config_digest"] == cfg.digest()
+
+    # the Prefect run carries the same table as a markdown artifact with a link to the MLflow run
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as prefect:
+        markdown = [artifact.data for artifact in prefect.read_artifacts() if artifact.type == "markdown"]
+    assert any(parent.info.run_id in text and "arithmetic" in text for text in markdown)
+
+    # export: a plain transformers folder that generates what in-pipeline evaluation generates
+    exported = export_model(cfg, summary["checkpoints"]["cit-03-reverse"], tmp_path / "exported")
+    assert not (exported / "perennial_plugins").exists()
+    plain = AutoModelForCausalLM.from_pretrained(exported)
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    prompts = ["What is 30 + 4?", "Reverse the words: cat dog"]
+    ours = generate(plain, tokenizer, prompts, max_new_tokens=4)
+    for prompt, expected in zip(prompts, ours):
+        ids = torch.tensor([encode_prompt(tokenizer, prompt)])
+        out = plain.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        assert tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip() == expected.strip()
 
     # a rerun of the same config finds every stage committed and returns the same results
     again = continual_retrain(config=cfg.model_dump(mode="json"))

@@ -23,14 +23,16 @@ def _schema(kind: str):
     )
 
 
-def log_dataset_to_mlflow(result: IngestResult, context: str = "training") -> None:
-    """``mlflow.log_input`` on the active run (MLflow starts one if none is active).
+def log_dataset_to_mlflow(result: IngestResult, context: str = "training", run_id: str | None = None, client=None) -> None:
+    """Record the dataset version as an input of a run: ``run_id`` through ``client`` (an MlflowClient),
+    else the fluent active run (MLflow starts one if none is active).
 
     A MetaDataset carries metadata only: the records stay in S3 at ``result.uri``.
     """
     import mlflow
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
 
     dataset = MetaDataset(
         source=resolve_dataset_source(result.uri),
@@ -38,5 +40,10 @@ def log_dataset_to_mlflow(result: IngestResult, context: str = "training") -> No
         digest=result.digest,
         schema=_schema(result.kind),
     )
-    counts = {f"perennial.{split}": str(result.counts.get(split, 0)) for split in ("train", "test")}
-    mlflow.log_input(dataset, context=context, tags={"perennial.kind": result.kind, **counts})
+    tags = {"mlflow.data.context": context, "perennial.kind": result.kind}
+    tags.update({f"perennial.{split}": str(result.counts.get(split, 0)) for split in ("train", "test")})
+    if run_id is None:
+        mlflow.log_input(dataset, context=context, tags={k: v for k, v in tags.items() if k != "mlflow.data.context"})
+        return
+    entity = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(k, v) for k, v in tags.items()])
+    client.log_inputs(run_id, datasets=[entity])
