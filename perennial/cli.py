@@ -2,6 +2,11 @@
 
     perennial services up|down|status      local SeaweedFS (S3) + MLflow, under .perennial/services
     perennial run CONFIG [key=value ...]   the continual-retrain flow (see configs/demo.yaml)
+    perennial review MODEL                 champion vs challenger: metrics, gates, lineage
+    perennial promote MODEL VERSION        make VERSION the champion (--reason, --by)
+    perennial rollback MODEL               give `champion` back to `previous-champion`
+    perennial status [--limit N]           recent retrain runs and their stages
+    perennial deploy                       register deployments/prefect.yaml with the Prefect server
 """
 
 from __future__ import annotations
@@ -90,6 +95,154 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- registry and operations (docs/operations.md) ---------------------------------------------
+
+
+def _tracking_client(args: argparse.Namespace):
+    """MLflow client for --tracking-uri, else MLFLOW_TRACKING_URI (local services' env included)."""
+    load_services_env()
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise ConfigError("no tracking server: pass --tracking-uri or set MLFLOW_TRACKING_URI (e.g. http://127.0.0.1:5000)")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri), uri
+
+
+def cmd_review(args: argparse.Namespace) -> int:
+    from perennial import registry
+
+    client, _ = _tracking_client(args)
+    print(registry.review(client, args.model), end="")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from perennial import registry
+
+    client, _ = _tracking_client(args)
+    try:
+        result = registry.promote(client, args.model, args.version, by=args.by or registry.whoami(), reason=args.reason)
+    except registry.RegistryError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    previous = f" (previous-champion: v{result['previous_champion']})" if result["previous_champion"] else ""
+    print(f"{args.model}: champion is now v{result['champion']}{previous}")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from perennial import registry
+
+    client, _ = _tracking_client(args)
+    try:
+        result = registry.rollback(client, args.model, by=args.by or registry.whoami(), reason=args.reason)
+    except registry.RegistryError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"{args.model}: champion is back to v{result['champion']} (v{result['demoted']} demoted)")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    client, uri = _tracking_client(args)
+    experiment = client.get_experiment_by_name(args.experiment)
+    if experiment is None:
+        print(f"no experiment {args.experiment!r} at {uri}", file=sys.stderr)
+        return 1
+    # One search: the newest runs, parents and stages together; stages are grouped under their parent.
+    runs = client.search_runs([experiment.experiment_id], max_results=max(args.limit * 30, 100), order_by=["attributes.start_time DESC"])
+    stages: dict[str, list] = {}
+    for run in runs:
+        parent = run.data.tags.get("mlflow.parentRunId")
+        if parent:
+            stages.setdefault(parent, []).append(run)
+    parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags][: args.limit]
+    if not parents:
+        print(f"no runs yet in experiment {args.experiment!r}")
+        return 0
+    from datetime import datetime
+
+    for run in parents:
+        started = datetime.fromtimestamp(run.info.start_time / 1000).strftime("%Y-%m-%d %H:%M:%S")
+        name = run.data.tags.get("mlflow.runName", run.info.run_id)
+        print(f"{started}  {run.info.status:9s}  {name}  key={run.data.tags.get('perennial.run_key', '-')}")
+        children = sorted(stages.get(run.info.run_id, []), key=lambda child: child.info.start_time)
+        if children:
+            print("    stages: " + "  ".join(
+                f"{child.data.tags.get('stage', child.data.tags.get('mlflow.runName', '?'))}={child.info.status}" for child in children))
+        print(f"    {uri.rstrip('/')}/#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}")
+    return 0
+
+
+def ensure_work_pools(prefect_file: Path) -> list[str]:
+    """Create the process work pools that prefect_file's deployments name, where missing."""
+    import yaml
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    spec = yaml.safe_load(prefect_file.read_text())
+    pools = sorted({d["work_pool"]["name"] for d in spec.get("deployments", []) if d.get("work_pool", {}).get("name")})
+    with get_client(sync_client=True) as client:
+        for pool in pools:
+            try:
+                client.read_work_pool(pool)
+            except ObjectNotFound:
+                try:
+                    client.create_work_pool(WorkPoolCreate(
+                        name=pool, type="process", base_job_template=ProcessWorker.get_default_base_job_template()))
+                    print(f"created work pool {pool} (process)")
+                except ObjectAlreadyExists:  # a worker started meanwhile created it
+                    pass
+    return pools
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    """Create the process work pool if missing, then `prefect deploy --all` with the project's prefect.yaml.
+
+    Run from the project root: entrypoints in prefect.yaml are relative to it, and Prefect records
+    this directory as where workers load the flow code from.
+    """
+    import subprocess
+
+    import yaml
+    from prefect.settings import get_current_settings
+
+    prefect_file = Path(args.prefect_file)
+    if not prefect_file.is_file():
+        raise ConfigError(f"{prefect_file} does not exist; run `perennial deploy` from the project root")
+    for deployment in yaml.safe_load(prefect_file.read_text()).get("deployments", []):
+        entry = deployment.get("entrypoint", "").split(":")[0]
+        if entry and not Path(entry).is_file():
+            raise ConfigError(f"deployment {deployment.get('name')!r}: entrypoint {entry} not found from {Path.cwd()}; run from the project root")
+    if not get_current_settings().api.url:
+        print("warning: PREFECT_API_URL is not set: deployments go to the local Prefect database; "
+              "start `prefect server start` and set PREFECT_API_URL so workers can see them", file=sys.stderr)
+    ensure_work_pools(prefect_file)
+    command = [str(Path(sys.executable).parent / "prefect"), "--no-prompt", "deploy", "--prefect-file", str(prefect_file)]
+    command += [arg for name in args.name for arg in ("--name", name)] if args.name else ["--all"]
+    return subprocess.run(command).returncode
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from perennial.ingest.cli import main_ingest
+
+    load_services_env()
+    return main_ingest(args.args)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from tasks.export import export_model
+
+    load_services_env()
+    cfg = load_config(args.config, _apply_service_endpoints([]))
+    out = export_model(cfg, args.model_uri, args.out_dir)
+    print(f"exported to {out}; evaluate with: lm_eval --model hf --model_args pretrained={out} --tasks ...")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="perennial",
@@ -106,12 +259,60 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-key", help="resume or name a run explicitly (default: run_name + config digest)")
     run.set_defaults(func=cmd_run)
 
+    ingest = sub.add_parser("ingest", help="validate, version and upload the datasets of a config (no training)",
+                            description="Ingest data.datasets of CONFIG: schema checks, quarantine, dedup, "
+                            "hash splits, versioned JSONL + manifest in S3. See docs/ingestion.md.")
+    ingest.add_argument("args", nargs=argparse.REMAINDER, help="CONFIG [key=value ...] [--only NAME] [--log-mlflow]")
+    ingest.set_defaults(func=cmd_ingest)
+
+    export = sub.add_parser("export", help="write a committed checkpoint as a plain Hugging Face folder (for lm_eval)",
+                            description="Download and verify a checkpoint (s3://... URI of a stage's model) and write "
+                            "a folder `lm_eval --model hf --model_args pretrained=FOLDER` reads.")
+    export.add_argument("model_uri", help="e.g. s3://perennial/perennial/runs/<run>/stages/cit-03-reverse/model")
+    export.add_argument("out_dir", help="an empty or new folder")
+    export.add_argument("--config", default="configs/demo.yaml", help="config whose storage settings to use")
+    export.set_defaults(func=cmd_export)
+
     services = sub.add_parser("services", help="start, stop or inspect local SeaweedFS + MLflow")
     services.add_argument("action", choices=["up", "down", "status"])
     services.add_argument("--root", default=None, help="state folder (default .perennial/services)")
     services.add_argument("--s3-port", type=int, default=None, help="S3 port (default 8333 or PERENNIAL_S3_PORT)")
     services.add_argument("--mlflow-port", type=int, default=None, help="MLflow port (default 5000 or PERENNIAL_MLFLOW_PORT)")
     services.set_defaults(func=cmd_services)
+
+    def tracking_option(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--tracking-uri", default=None, help="MLflow tracking server (default: $MLFLOW_TRACKING_URI)")
+
+    review = sub.add_parser("review", help="champion vs challenger of a registered model: metrics, gates, lineage")
+    review.add_argument("model", help="registered model name (tracking.registered_model)")
+    tracking_option(review)
+    review.set_defaults(func=cmd_review)
+
+    promote = sub.add_parser("promote", help="make a version the champion (the old one becomes previous-champion)")
+    promote.add_argument("model", help="registered model name")
+    promote.add_argument("version", type=int, help="version number to promote")
+    promote.add_argument("--reason", default="(no reason given)", help="why; recorded as the version tag promoted_reason")
+    promote.add_argument("--by", default=None, help="who; recorded as promoted_by (default: $USER)")
+    tracking_option(promote)
+    promote.set_defaults(func=cmd_promote)
+
+    rollback = sub.add_parser("rollback", help="give alias champion back to previous-champion")
+    rollback.add_argument("model", help="registered model name")
+    rollback.add_argument("--reason", default="(no reason given)", help="why; recorded on both versions")
+    rollback.add_argument("--by", default=None, help="who (default: $USER)")
+    tracking_option(rollback)
+    rollback.set_defaults(func=cmd_rollback)
+
+    status = sub.add_parser("status", help="recent retrain runs: name, stages, status, start time, MLflow link")
+    status.add_argument("--limit", type=int, default=10, help="how many retrain runs (default 10)")
+    status.add_argument("--experiment", default="perennial-demo", help="MLflow experiment (tracking.experiment; default perennial-demo)")
+    tracking_option(status)
+    status.set_defaults(func=cmd_status)
+
+    deploy = sub.add_parser("deploy", help="register the Prefect deployments in deployments/prefect.yaml (run from the project root)")
+    deploy.add_argument("--prefect-file", default="deployments/prefect.yaml", help="deployment definitions")
+    deploy.add_argument("--name", action="append", default=[], help="deploy only this deployment (repeatable; default all)")
+    deploy.set_defaults(func=cmd_deploy)
     return parser
 
 

@@ -90,7 +90,7 @@ def start_run(config: Config, run_key: str | None = None) -> RunContext:
     check_tracking_server(config.tracking.tracking_uri)
     store = open_store(config)
     store.check()
-    run_key = key_component(run_key or f"{config.run_name}-{config.digest()[:12]}")
+    run_key = key_component(_expand_run_key(run_key) or f"{config.run_name}-{config.digest()[:12]}")
     tracker = open_tracker(config)
     parent = tracker.find_run(RUN_KEY_TAG, run_key)
     if parent is None:
@@ -100,6 +100,18 @@ def start_run(config: Config, run_key: str | None = None) -> RunContext:
     else:
         tracker.client.update_run(parent, status="RUNNING")
     return RunContext(config=config, run_key=run_key, parent_run_id=parent, experiment_id=tracker.experiment_id())
+
+
+def _expand_run_key(run_key: str | None) -> str | None:
+    """`{date}` in a run key becomes the flow run's scheduled date, so a nightly schedule gets one run per night."""
+    if not run_key or "{date}" not in run_key:
+        return run_key
+    from datetime import datetime, timezone
+
+    from prefect.runtime import flow_run
+
+    scheduled = flow_run.scheduled_start_time or datetime.now(timezone.utc)
+    return run_key.replace("{date}", scheduled.strftime("%Y%m%d"))
 
 
 def finish_run(run: RunContext, status: str = "FINISHED") -> None:

@@ -1,0 +1,475 @@
+"""Model registry workflow: quality gates, champion / challenger aliases, promotion and rollback.
+
+Every retrain registers a new version of the lineage's registered model with alias `challenger`.
+Its metrics are stored as version tags (`metric.<name>`) next to its lineage tags (datasets,
+base model, config digest, checkpoint), so gates, review and rollback need no run lookups and keep
+working after runs are deleted.
+
+Gates compare the challenger with the version holding alias `champion` (absolute thresholds when
+there is none yet). When every gate passes and `registry.auto_promote` is on the challenger is
+promoted at once; otherwise it is tagged `needs-review=true` with the failed gates, and a person
+decides with `perennial review` / `perennial promote` / `perennial rollback`.
+
+Aliases after a promotion: `champion` -> the new version, `previous-champion` -> the one it
+replaced. A rollback moves `champion` back to `previous-champion`.
+
+MLflow only (no torch), so the CLI stays quick.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from typing import Iterator
+
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from perennial.config import GatesConfig
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+PREVIOUS = "previous-champion"
+
+METRIC_TAG = "metric."  # prefix of the version tags that hold metric values
+DATASET_TAG = "dataset."  # prefix of the lineage tags that hold dataset digests
+GATES_TAG = "gate_results"  # JSON list of GateResult, as evaluated at registration
+GATES_AGAINST_TAG = "gates_against"  # the champion version the gates compared with ("none")
+NEEDS_REVIEW_TAG = "needs-review"
+FAILED_GATES_TAG = "failed_gates"
+PREVIOUS_VERSION_TAG = "previous_champion_version"  # lets rollback walk back more than one step
+
+# Shown first in review; every other metric follows alphabetically.
+HEADLINE_METRICS = ["final_mean", "ap", "aip", "bwt", "fwt", "forgetting_mean", "forgetting_max",
+                    "general_ppl_final", "general_ppl_rel_change", "drift_kl_mean"]
+LINEAGE_TAGS = ["base_model", "config_digest", "checkpoint_uri", "checkpoint_manifest", "tuning_method",
+                "cl_methods", "git_sha", "run_key"]
+DECISION_TAGS = ["promoted_by", "promoted_reason", "promoted_at", NEEDS_REVIEW_TAG, FAILED_GATES_TAG, PREVIOUS_VERSION_TAG,
+                 "superseded_by", "rolled_back_by", "rolled_back_reason", "rolled_back_at", "restored_from"]
+
+
+class RegistryError(RuntimeError):
+    """A registry action that cannot be done as asked; the message says why."""
+
+
+@dataclass
+class GateResult:
+    name: str
+    passed: bool
+    value: float | None
+    threshold: float | None
+    detail: str
+
+
+def whoami() -> str:
+    """Who acts, when --by is not given: $USER, else the login name."""
+    try:
+        return os.environ.get("USER") or getpass.getuser()
+    except Exception:  # no passwd entry in some containers
+        return "unknown"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# --- metrics ----------------------------------------------------------------------------------
+
+
+def candidate_metrics(
+    tasks: list[str], matrix: list[list[float | None]], metrics: dict[str, float | None], drift_kl_mean: float | None = None
+) -> dict[str, float]:
+    """The flat metrics a version is judged by: the run's summary metrics, the final row per task
+    (`final/<task>`), its mean (`final_mean`) and the final output-bias drift (`drift_kl_mean`)."""
+    result = {key: float(value) for key, value in metrics.items() if value is not None}
+    final = dict(zip(tasks, matrix[-1])) if matrix else {}
+    scores = [score for score in final.values() if score is not None]
+    result.update({f"final/{task}": float(score) for task, score in final.items() if score is not None})
+    if scores:
+        result["final_mean"] = sum(scores) / len(scores)
+    if drift_kl_mean is not None:
+        result["drift_kl_mean"] = float(drift_kl_mean)
+    return result
+
+
+def metrics_from_tags(tags: dict[str, str]) -> dict[str, float]:
+    return {key[len(METRIC_TAG):]: float(value) for key, value in tags.items() if key.startswith(METRIC_TAG)}
+
+
+def _final_scores(metrics: dict[str, float]) -> dict[str, float]:
+    return {key[len("final/"):]: value for key, value in metrics.items() if key.startswith("final/")}
+
+
+# --- gates ------------------------------------------------------------------------------------
+
+
+def evaluate_gates(
+    gates: GatesConfig,
+    challenger_metrics: dict,
+    champion_metrics: dict | None,
+    changed_eval_sets: set[str] | frozenset[str] = frozenset(),
+) -> list[GateResult]:
+    """Judge a challenger; one result per gate, unconfigured gates pass as "not configured".
+
+    Relative gates (per-task drop, general perplexity increase) compare with the champion's
+    final scores, and only on evaluation sets both were scored on: `changed_eval_sets` names the
+    datasets whose digests differ (tasks, or "general"), which are left out and named. Without a
+    champion only the absolute gates can fail. A configured gate whose metric is missing fails:
+    a gate that cannot be checked must not wave a model through.
+    """
+    results: list[GateResult] = []
+
+    def absolute(name: str, key: str, threshold: float | None, higher_is_better: bool, label: str) -> None:
+        value = challenger_metrics.get(key)
+        if threshold is None:
+            results.append(GateResult(name, True, value, None, "not configured"))
+        elif value is None:
+            results.append(GateResult(name, False, None, threshold, f"{label} ({key}) is missing: cannot check"))
+        else:
+            passed = value >= threshold if higher_is_better else value <= threshold
+            relation = ">=" if higher_is_better else "<="
+            results.append(GateResult(name, passed, value, threshold, f"{label} {value:.4f} (must be {relation} {threshold:g})"))
+
+    absolute("min_target_score", "final_mean", gates.min_target_score, True, "mean final-row task score")
+    absolute("min_bwt", "bwt", gates.min_bwt, True, "backward transfer")
+
+    # Per-task drop against the champion's final scores, on the tasks both were evaluated on.
+    threshold = gates.max_task_drop
+    if threshold is None:
+        results.append(GateResult("max_task_drop", True, None, None, "not configured"))
+    elif champion_metrics is None:
+        results.append(GateResult("max_task_drop", True, None, threshold, "no champion to compare with: absolute gates only"))
+    else:
+        mine, theirs = _final_scores(challenger_metrics), _final_scores(champion_metrics)
+        skipped = sorted(task for task in set(mine) & set(theirs) if task in changed_eval_sets)
+        common = sorted(task for task in set(mine) & set(theirs) if task not in changed_eval_sets)
+        note = f"; left out (evaluation set changed): {', '.join(skipped)}" if skipped else ""
+        if set(theirs) - set(mine):
+            note += f"; champion tasks the challenger was not scored on: {', '.join(sorted(set(theirs) - set(mine)))}"
+        if not common:
+            results.append(GateResult("max_task_drop", True, None, threshold, f"no task evaluated on the same data as the champion{note}"))
+        else:
+            drops = {task: theirs[task] - mine[task] for task in common}
+            worst = max(drops, key=drops.get)
+            value = drops[worst]
+            results.append(GateResult("max_task_drop", value <= threshold, value, threshold,
+                                      f"worst drop vs champion: {worst} {theirs[worst]:.4f} -> {mine[worst]:.4f} "
+                                      f"({value:+.4f}, must be <= {threshold:g}){note}"))
+
+    # General perplexity relative to the champion's, on the same held-out general text.
+    threshold = gates.max_general_ppl_increase
+    mine_ppl = challenger_metrics.get("general_ppl_final")
+    theirs_ppl = (champion_metrics or {}).get("general_ppl_final")
+    if threshold is None:
+        results.append(GateResult("max_general_ppl_increase", True, None, None, "not configured"))
+    elif champion_metrics is None:
+        results.append(GateResult("max_general_ppl_increase", True, None, threshold, "no champion to compare with: absolute gates only"))
+    elif "general" in changed_eval_sets:
+        results.append(GateResult("max_general_ppl_increase", True, None, threshold, "general evaluation set changed: not comparable with the champion"))
+    elif mine_ppl is None or not theirs_ppl:
+        results.append(GateResult("max_general_ppl_increase", False, None, threshold, "general_ppl_final is missing: cannot check"))
+    else:
+        value = (mine_ppl - theirs_ppl) / theirs_ppl
+        results.append(GateResult("max_general_ppl_increase", value <= threshold, value, threshold,
+                                  f"general perplexity {theirs_ppl:.3f} -> {mine_ppl:.3f} ({value:+.2%}, must be <= {threshold:+.2%})"))
+
+    absolute("max_output_drift_kl", "drift_kl_mean", gates.max_output_drift_kl, False, "output drift KL(base || final)")
+    return results
+
+
+def failed(results: list[GateResult]) -> list[str]:
+    return [result.name for result in results if not result.passed]
+
+
+# --- versions and aliases ---------------------------------------------------------------------
+
+
+def alias_version(client: MlflowClient, name: str, alias: str):
+    """The version holding an alias, or None."""
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+# Version numbers are strings over REST but ints from a local store: compare them as str().
+
+
+def _get_version(client: MlflowClient, name: str, version: int | str):
+    try:
+        return client.get_model_version(name, str(version))
+    except MlflowException:
+        raise RegistryError(f"{name} has no version {version}") from None
+
+
+def _changed_eval_sets(challenger_tags: dict[str, str], champion_tags: dict[str, str]) -> set[str]:
+    """Datasets whose digest differs between two versions (a missing tag is not a difference)."""
+    changed = set()
+    for key, digest in challenger_tags.items():
+        if key.startswith(DATASET_TAG) and key in champion_tags and champion_tags[key] != digest:
+            changed.add(key[len(DATASET_TAG):])
+    return changed
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def describe(metrics: dict[str, float], results: list[GateResult], against: str, extra: str = "") -> str:
+    """Version description (markdown): gate table, metric table, then the run's own summary."""
+    lines = [f"Gates (against {against}):", "", "| gate | result | value | threshold | detail |", "|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r.name} | {'pass' if r.passed else 'FAIL'} | {_fmt(r.value)} | {_fmt(r.threshold)} | {r.detail} |")
+    lines += ["", "| metric | value |", "|---|---|"]
+    lines += [f"| {key} | {metrics[key]:.4f} |" for key in _metric_order(metrics)]
+    text = "\n".join(lines)
+    if extra:
+        text += "\n\n" + extra
+    return text[:5000]  # MLflow's limit on descriptions
+
+
+def _metric_order(*metric_dicts: dict) -> list[str]:
+    keys = set().union(*metric_dicts)
+    return [key for key in HEADLINE_METRICS if key in keys] + sorted(keys - set(HEADLINE_METRICS))
+
+
+def ensure_registered_model(client: MlflowClient, name: str) -> None:
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        try:
+            client.create_registered_model(name, description="Perennial continual-retraining lineage")
+        except MlflowException:  # created by a concurrent register between the two calls
+            client.get_registered_model(name)
+
+
+def register_version(
+    client: MlflowClient,
+    name: str,
+    source: str,
+    metrics: dict[str, float],
+    gates: GatesConfig,
+    auto_promote: bool = False,
+    run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    description: str = "",
+    by: str = "auto-promote",
+) -> dict:
+    """Create a version with alias `challenger`, judge it against the champion, promote or flag it.
+
+    Returns name, version, alias, source, gates (list of dicts) and promoted (bool).
+    """
+    ensure_registered_model(client, name)
+    champion = alias_version(client, name, CHAMPION)
+    tags = dict(tags or {})
+    champion_metrics = metrics_from_tags(champion.tags) if champion is not None else None
+    changed = _changed_eval_sets(tags, champion.tags) if champion is not None else set()
+    results = evaluate_gates(gates, metrics, champion_metrics, changed)
+    against = f"champion v{champion.version}" if champion is not None else "no champion"
+
+    tags.update({f"{METRIC_TAG}{key}": repr(float(value)) for key, value in metrics.items()})
+    tags[GATES_TAG] = json.dumps([asdict(result) for result in results])
+    tags[GATES_AGAINST_TAG] = str(champion.version) if champion is not None else "none"
+    failures = failed(results)
+    promoted = not failures and auto_promote
+    # The decision is known before the version exists, so its tags go in with the version
+    # (each MLflow call is a round trip; a version is never visible without them).
+    if promoted:
+        tags.update(_promotion_tags(by, f"auto-promotion: all {len(results)} gates passed against {against}", champion))
+    else:  # a person decides: say why it was not promoted
+        tags[NEEDS_REVIEW_TAG] = "true"
+        if failures:
+            tags[FAILED_GATES_TAG] = ",".join(failures)
+    version = client.create_model_version(
+        name, source, run_id=run_id, tags=tags, description=describe(metrics, results, against, description)
+    )
+    client.set_registered_model_alias(name, CHALLENGER, version.version)
+    if promoted:
+        _move_champion(client, name, version.version, champion)
+    return {
+        "name": name,
+        "version": int(version.version),
+        "alias": CHALLENGER,
+        "source": source,
+        "gates": [asdict(result) for result in results],
+        "promoted": promoted,
+    }
+
+
+def _promotion_tags(by: str, reason: str, current) -> dict[str, str]:
+    tags = {"promoted_by": by, "promoted_reason": reason, "promoted_at": _now()}
+    if current is not None:
+        tags[PREVIOUS_VERSION_TAG] = str(current.version)
+    return tags
+
+
+def _move_champion(client: MlflowClient, name: str, version: str, current) -> None:
+    """`champion` -> version; the replaced champion (if any) -> `previous-champion`."""
+    if current is not None:
+        client.set_registered_model_alias(name, PREVIOUS, current.version)
+        client.set_model_version_tag(name, current.version, "superseded_by", str(version))
+    client.set_registered_model_alias(name, CHAMPION, version)
+
+
+def promote(client: MlflowClient, name: str, version: int | str, by: str, reason: str) -> dict:
+    """Make `version` the champion, recording who, why and when; the replaced champion keeps alias
+    `previous-champion`."""
+    target = _get_version(client, name, version)
+    current = alias_version(client, name, CHAMPION)
+    if current is not None and current.version == target.version:
+        raise RegistryError(f"{name} version {target.version} is already the champion")
+    tags = _promotion_tags(by, reason, current)
+    if target.tags.get(NEEDS_REVIEW_TAG) == "true":
+        tags[NEEDS_REVIEW_TAG] = "false"  # reviewed; failed_gates stays as the record of what was overridden
+    for key, value in tags.items():
+        client.set_model_version_tag(name, target.version, key, value)
+    _move_champion(client, name, target.version, current)
+    return {"name": name, "champion": int(target.version), "previous_champion": int(current.version) if current else None}
+
+
+def rollback(client: MlflowClient, name: str, by: str, reason: str) -> dict:
+    """Give `champion` back to `previous-champion`; the demoted version is tagged with who and why."""
+    previous = alias_version(client, name, PREVIOUS)
+    if previous is None:
+        raise RegistryError(f"{name} has no {PREVIOUS} alias: nothing to roll back to")
+    current = alias_version(client, name, CHAMPION)
+    when = _now()
+    if current is not None:
+        for key, value in {"rolled_back_by": by, "rolled_back_reason": reason, "rolled_back_at": when}.items():
+            client.set_model_version_tag(name, current.version, key, value)
+    client.set_registered_model_alias(name, CHAMPION, previous.version)
+    if current is not None:  # who and why are on the demoted version; its own promotion record stays
+        client.set_model_version_tag(name, previous.version, "restored_from", str(current.version))
+    # The demoted version must not become the rollback target (a second rollback would re-promote
+    # it); step back to whatever the restored champion itself replaced, if anything.
+    older = previous.tags.get(PREVIOUS_VERSION_TAG)
+    if older and current is not None and older != str(current.version):
+        client.set_registered_model_alias(name, PREVIOUS, older)
+    else:
+        client.delete_registered_model_alias(name, PREVIOUS)
+    return {"name": name, "champion": int(previous.version), "demoted": int(current.version) if current else None}
+
+
+def resolve_checkpoint_uri(client: MlflowClient, uri: str) -> str:
+    """`models:/NAME@ALIAS` or `models:/NAME/VERSION` -> the version's S3 checkpoint; other URIs unchanged."""
+    if not uri.startswith("models:/"):
+        return uri
+    ref = uri[len("models:/"):]
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        version = alias_version(client, name, alias)
+        if version is None:
+            raise RegistryError(f"{name} has no alias {alias!r}")
+    else:
+        name, _, number = ref.partition("/")
+        version = _get_version(client, name, number)
+    checkpoint = version.tags.get("checkpoint_uri")
+    if not checkpoint:
+        raise RegistryError(f"{uri} (version {version.version}) has no checkpoint_uri tag")
+    return checkpoint
+
+
+# --- review -----------------------------------------------------------------------------------
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    fmt = lambda cells: "  ".join(str(cell).ljust(width) for cell, width in zip(cells, widths)).rstrip()  # noqa: E731
+    return [fmt(header), fmt(["-" * width for width in widths]), *(fmt(row) for row in rows)]
+
+
+def review(client: MlflowClient, name: str) -> str:
+    """Champion and challenger side by side: metrics, the challenger's gates, data lineage, decisions."""
+    champion = alias_version(client, name, CHAMPION)
+    challenger = alias_version(client, name, CHALLENGER)
+    previous = alias_version(client, name, PREVIOUS)
+    shown = [(label, version) for label, version in (("champion", champion), ("challenger", challenger)) if version is not None]
+    if not shown:
+        return f"{name}: no champion and no challenger yet (register a retrain first)"
+    lines = [f"Registered model {name}"]
+    lines.append("  " + "   ".join(f"{label}: v{version.version}" for label, version in shown)
+                 + (f"   previous-champion: v{previous.version}" if previous is not None else ""))
+    if champion is None:
+        lines.append("  no champion yet: the challenger was judged by absolute gates only")
+    elif challenger is not None and challenger.version == champion.version:
+        lines.append("  the challenger has already been promoted: nothing awaits review")
+    lines.append("")
+
+    header = ["metric", *(f"{label} v{version.version}" for label, version in shown)]
+    per_version = [metrics_from_tags(version.tags) for _, version in shown]
+    rows = []
+    for key in _metric_order(*per_version):
+        row = [key, *(_fmt(metrics.get(key)) for metrics in per_version)]
+        rows.append(row)
+    if len(shown) == 2:
+        header.append("change")
+        for row, key in zip(rows, _metric_order(*per_version)):
+            a, b = per_version[0].get(key), per_version[1].get(key)
+            row.append("-" if a is None or b is None else f"{b - a:+.4f}")
+    lines += ["Metrics", *_table(header, rows or [["(no metric tags)"] + [""] * (len(header) - 1)]), ""]
+
+    if challenger is not None:
+        against = challenger.tags.get(GATES_AGAINST_TAG, "unknown")
+        lines.append(f"Gates of challenger v{challenger.version} (evaluated at registration against "
+                     f"{'no champion' if against == 'none' else 'champion v' + against})")
+        if champion is not None and against not in ("none", "unknown", str(champion.version)):
+            lines.append(f"  note: the champion is now v{champion.version}; gates were not re-evaluated against it")
+        results = json.loads(challenger.tags.get(GATES_TAG, "[]"))
+        gate_rows = [["PASS" if r["passed"] else "FAIL", r["name"], _fmt(r["value"]), _fmt(r["threshold"]), r["detail"]] for r in results]
+        lines += [*_table(["result", "gate", "value", "threshold", "detail"], gate_rows or [["-", "(no gate results)", "", "", ""]]), ""]
+
+    lineage_header = ["lineage", *(f"{label} v{version.version}" for label, version in shown)]
+    keys = LINEAGE_TAGS + sorted({key for _, version in shown for key in version.tags if key.startswith(DATASET_TAG)})
+    lineage_rows = [[key, *(version.tags.get(key, "-") for _, version in shown)] for key in keys]
+    lineage_rows.append(["run_id", *((version.run_id or "-") for _, version in shown)])
+    lineage_rows.append(["source", *(version.source for _, version in shown)])
+    lines += ["Lineage", *_table(lineage_header, lineage_rows), ""]
+
+    decision_rows = [[key, *(version.tags.get(key, "-") for _, version in shown)] for key in DECISION_TAGS]
+    decision_rows = [row for row in decision_rows if any(cell != "-" for cell in row[1:])]
+    if decision_rows:
+        lines += ["Decisions", *_table(["tag", *(f"{label} v{version.version}" for label, version in shown)], decision_rows), ""]
+
+    if challenger is not None and (champion is None or challenger.version != champion.version):
+        lines.append(f"promote:  perennial promote {name} {challenger.version} --reason '...'")
+    if previous is not None:
+        lines.append(f"rollback: perennial rollback {name} --reason '...'   (champion -> v{previous.version})")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# --- one retrain per lineage ------------------------------------------------------------------
+
+
+def lineage_limit_name(registered_model: str) -> str:
+    return f"perennial-train-{registered_model}"
+
+
+@contextmanager
+def lineage_lock(registered_model: str, timeout_seconds: float | None = None) -> Iterator[None]:
+    """Hold the lineage's Prefect global concurrency slot (limit 1) while training.
+
+    Two retrains of the same registered model (say the nightly and a manual one) would otherwise
+    train at once and race for the challenger alias; the second waits here until the first
+    leaves (or `timeout_seconds` passes: TimeoutError). The limit is created on first use.
+    Prefect is imported here so that the rest of this module needs MLflow only.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists
+
+    name = lineage_limit_name(registered_model)
+    with get_client(sync_client=True) as client:
+        try:
+            client.upsert_global_concurrency_limit_by_name(name, 1)
+        except ObjectAlreadyExists:  # a concurrent retrain created it between read and create
+            pass
+    # strict: a missing limit must fail loudly, not silently let two retrains through. The slot is
+    # a lease renewed in the background; a renewal hiccup must not kill hours of training, and a
+    # crashed retrain's slot frees itself when its lease runs out.
+    with concurrency(name, occupy=1, timeout_seconds=timeout_seconds, strict=True,
+                     lease_duration=600, raise_on_lease_renewal_failure=False):
+        yield

@@ -1,0 +1,192 @@
+"""Registry workflow against the real MLflow server: gates, auto-promotion, review, promote, rollback.
+
+Versions are created directly (a run with a small artifact folder and hand-built metrics), so no
+training is needed.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from perennial import registry
+from perennial.cli import main
+from perennial.config import GatesConfig
+
+GATES = GatesConfig(min_target_score=0.5, min_bwt=-0.1, max_task_drop=0.05, max_general_ppl_increase=0.1, max_output_drift_kl=0.5)
+TASKS = ["arithmetic", "fact_lookup", "reverse"]
+
+
+def metrics(final: list[float], bwt: float = -0.02, ppl: float = 20.0, kl: float = 0.1) -> dict[str, float]:
+    """Metrics shaped like a real retrain's: the accuracy matrix's final row plus summary values."""
+    matrix = [[0.1, 0.1, 0.1], final]
+    summary = {"ap": sum(final) / len(final), "bwt": bwt, "general_ppl_final": ppl, "general_ppl_base": 18.0}
+    return registry.candidate_metrics(TASKS, matrix, summary, drift_kl_mean=kl)
+
+
+def by_name(results: list[registry.GateResult]) -> dict[str, registry.GateResult]:
+    return {result.name: result for result in results}
+
+
+# --- gates (pure) -----------------------------------------------------------------------------
+
+
+def test_gates_pass_against_a_comparable_champion():
+    results = registry.evaluate_gates(GATES, metrics([0.8, 0.7, 0.9]), metrics([0.8, 0.72, 0.85], ppl=19.5))
+    assert registry.failed(results) == [], results
+    drop = by_name(results)["max_task_drop"]
+    assert drop.value == pytest.approx(0.02) and "fact_lookup" in drop.detail
+    assert by_name(results)["min_target_score"].value == pytest.approx(0.8)
+
+
+def test_each_gate_fails_on_its_own_cause():
+    champion = metrics([0.8, 0.8, 0.8], ppl=20.0)
+    cases = {
+        "min_target_score": metrics([0.4, 0.4, 0.45]),
+        "min_bwt": metrics([0.8, 0.8, 0.8], bwt=-0.3),
+        "max_general_ppl_increase": metrics([0.8, 0.8, 0.8], ppl=23.0),  # +15% > +10%
+        "max_output_drift_kl": metrics([0.8, 0.8, 0.8], kl=0.9),
+    }
+    for gate, challenger in cases.items():
+        results = registry.evaluate_gates(GATES, challenger, champion)
+        if gate == "min_target_score":  # a 0.4 score also drops 0.4 on every task
+            assert registry.failed(results) == ["min_target_score", "max_task_drop"]
+        else:
+            assert registry.failed(results) == [gate], (gate, results)
+    drop = by_name(registry.evaluate_gates(GATES, metrics([0.8, 0.6, 0.8]), champion))["max_task_drop"]
+    assert not drop.passed and drop.value == pytest.approx(0.2) and "fact_lookup" in drop.detail
+
+
+def test_without_champion_only_absolute_gates_apply():
+    results = by_name(registry.evaluate_gates(GATES, metrics([0.6, 0.6, 0.6], ppl=500.0), None))
+    assert results["max_task_drop"].passed and "no champion" in results["max_task_drop"].detail
+    assert results["max_general_ppl_increase"].passed and "no champion" in results["max_general_ppl_increase"].detail
+    assert not registry.evaluate_gates(GATES, metrics([0.3, 0.3, 0.3]), None)[0].passed
+
+
+def test_missing_metric_fails_and_changed_eval_sets_are_not_compared():
+    challenger = metrics([0.8, 0.5, 0.8])
+    del challenger["bwt"]  # e.g. a one-task retrain: BWT is undefined
+    results = by_name(registry.evaluate_gates(GATES, challenger, metrics([0.8, 0.8, 0.8]), changed_eval_sets={"fact_lookup"}))
+    assert not results["min_bwt"].passed and "missing" in results["min_bwt"].detail
+    # fact_lookup's evaluation data changed: its 0.3 drop is not a like-for-like comparison
+    assert results["max_task_drop"].passed and "fact_lookup" in results["max_task_drop"].detail
+    unconfigured = registry.evaluate_gates(GatesConfig(), challenger, None)
+    assert all(r.passed and r.detail == "not configured" for r in unconfigured) and len(unconfigured) == 5
+
+
+# --- registry against the real MLflow server --------------------------------------------------
+# Every MLflow call is a round trip (about a second on a loaded 2-core machine), so one lineage
+# walks through its whole life in one test instead of many tests building their own versions.
+
+
+def new_version(client, name, final, gates=GATES, auto_promote=True, datasets=None, **kw) -> dict:
+    """Register a version the way a retrain does. Its run has no artifacts: the registry never reads them."""
+    experiment = client.get_experiment_by_name("registry-test") or client.get_experiment(client.create_experiment("registry-test"))
+    run = client.create_run(experiment.experiment_id, run_name=f"{name}-retrain")
+    tags = {
+        "base_model": "tiny-llama(32x2)",
+        "config_digest": uuid.uuid4().hex,
+        "checkpoint_uri": f"s3://bucket/runs/{run.info.run_id}/final",
+        **{f"dataset.{task}": digest for task, digest in (datasets or {t: "d" * 16 for t in TASKS}).items()},
+    }
+    return registry.register_version(client, name, f"{run.info.artifact_uri}/model", metrics(final, **kw), gates,
+                                     auto_promote=auto_promote, run_id=run.info.run_id, tags=tags, description="run summary")
+
+
+def test_lineage_life_gates_review_promote_rollback(services, tmp_path, capsys, monkeypatch):
+    client = MlflowClient(services.mlflow_uri)
+    name = f"reg-{uuid.uuid4().hex[:8]}"
+    uri = ["--tracking-uri", services.mlflow_uri]
+
+    # v1: no champion yet, every absolute gate passes -> promoted automatically
+    v1 = new_version(client, name, [0.8, 0.8, 0.8])
+    assert v1["promoted"] and v1["version"] == 1 and all(g["passed"] for g in v1["gates"])
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert champion.version == "1" and client.get_model_version_by_alias(name, "challenger").version == "1"
+    assert champion.tags["promoted_by"] == "auto-promote" and "all 5 gates passed" in champion.tags["promoted_reason"]
+    assert champion.tags["promoted_at"] and "needs-review" not in champion.tags
+    # metric values travel as tags, so review needs no run lookups
+    assert float(champion.tags["metric.final/reverse"]) == pytest.approx(0.8)
+    assert float(champion.tags["metric.drift_kl_mean"]) == pytest.approx(0.1)
+    assert "| max_task_drop |" in champion.description and "run summary" in champion.description
+    assert registry.resolve_checkpoint_uri(client, f"models:/{name}@champion") == champion.tags["checkpoint_uri"]
+
+    # v2: fact_lookup drops 0.2 and BWT is below the floor -> challenger, flagged for review
+    v2 = new_version(client, name, [0.8, 0.6, 0.8], bwt=-0.3, ppl=21.0, datasets={"arithmetic": "a" * 16, "reverse": "d" * 16})
+    assert not v2["promoted"] and v2["version"] == 2
+    tags = client.get_model_version(name, "2").tags
+    assert tags["needs-review"] == "true" and tags["failed_gates"] == "min_bwt,max_task_drop"
+    assert tags["gates_against"] == "1"
+    assert client.get_model_version_by_alias(name, "champion").version == "1"
+    assert client.get_model_version_by_alias(name, "challenger").version == "2"
+
+    # review: both versions side by side, gates, lineage, and the command to act
+    monkeypatch.setenv("USER", "dana")
+    assert main(["review", name, *uri]) == 0
+    text = capsys.readouterr().out
+    assert "champion: v1" in text and "challenger: v2" in text
+    metric_line = next(line for line in text.splitlines() if line.startswith("final/fact_lookup "))
+    assert "0.8000" in metric_line and "0.6000" in metric_line and "-0.2000" in metric_line
+    assert "21.0000" in text and "20.0000" in text  # general perplexity side by side
+    gate_rows = {line.split()[1]: line.split()[0] for line in text.splitlines() if line.startswith(("PASS", "FAIL"))}
+    assert gate_rows == {"min_target_score": "PASS", "min_bwt": "FAIL", "max_task_drop": "FAIL",
+                         "max_general_ppl_increase": "PASS", "max_output_drift_kl": "PASS"}
+    assert "against champion v1" in text
+    for version in ("1", "2"):
+        lineage = client.get_model_version(name, version).tags
+        assert lineage["config_digest"] in text and lineage["checkpoint_uri"] in text
+    assert "dataset.arithmetic" in text and "a" * 16 in text and "tiny-llama(32x2)" in text
+    assert f"perennial promote {name} 2" in text
+
+    # a person promotes v2 anyway: who ($USER when --by is absent) and why are recorded
+    assert main(["promote", name, "2", "--reason", "fact_lookup eval set was relabelled", *uri]) == 0
+    assert "champion is now v2" in capsys.readouterr().out
+    promoted = client.get_model_version_by_alias(name, "champion")
+    assert promoted.version == "2" and promoted.tags["promoted_by"] == "dana"
+    assert promoted.tags["promoted_reason"] == "fact_lookup eval set was relabelled" and promoted.tags["promoted_at"]
+    assert promoted.tags["needs-review"] == "false" and promoted.tags["failed_gates"] == "min_bwt,max_task_drop"
+    assert client.get_model_version_by_alias(name, "previous-champion").version == "1"
+    assert client.get_model_version(name, "1").tags["superseded_by"] == "2"
+    assert main(["promote", name, "2", *uri]) == 1
+    assert "already the champion" in capsys.readouterr().err
+    with pytest.raises(registry.RegistryError, match="no version 9"):
+        registry.promote(client, name, 9, by="dana", reason="typo")
+
+    # rollback: v1 is champion again, v2 records who rolled it back and why
+    assert main(["rollback", name, "--by", "erin", "--reason", "complaints about reversal", *uri]) == 0
+    assert "back to v1 (v2 demoted)" in capsys.readouterr().out
+    assert client.get_model_version_by_alias(name, "champion").version == "1"
+    demoted = client.get_model_version(name, "2").tags
+    assert demoted["rolled_back_by"] == "erin" and demoted["rolled_back_reason"] == "complaints about reversal"
+    assert client.get_model_version(name, "1").tags["restored_from"] == "2"
+    # v1 replaced nothing: a second rollback has nowhere to go (and must not re-promote v2)
+    with pytest.raises(registry.RegistryError, match="nothing to roll back"):
+        registry.rollback(client, name, by="erin", reason="again")
+
+    # v3 passes every gate, but with auto-promotion off a person still decides
+    v3 = new_version(client, name, [0.85, 0.8, 0.8], auto_promote=False)
+    tags = client.get_model_version(name, "3").tags
+    assert not v3["promoted"] and tags["needs-review"] == "true" and "failed_gates" not in tags
+
+    # rollback walks back through successive promotions: v1 -> v3 -> v2, then back twice
+    registry.promote(client, name, 3, by="dana", reason="r3")
+    registry.promote(client, name, 2, by="dana", reason="r2")
+    assert registry.rollback(client, name, by="erin", reason="back1")["champion"] == 3
+    assert client.get_model_version_by_alias(name, "previous-champion").version == "1"
+    assert registry.rollback(client, name, by="erin", reason="back2")["champion"] == 1
+
+
+def test_status_lists_retrains_with_stages_and_links(services, capsys):
+    client = MlflowClient(services.mlflow_uri)
+    experiment_id = client.create_experiment(f"status-{uuid.uuid4().hex[:8]}")
+    parent = client.create_run(experiment_id, run_name="nightly-status", tags={"perennial.run_key": "nightly-abc"})
+    client.create_run(experiment_id, run_name="dap", tags={"mlflow.parentRunId": parent.info.run_id, "stage": "dap"})
+    name = client.get_experiment(experiment_id).name
+    assert main(["status", "--experiment", name, "--tracking-uri", services.mlflow_uri]) == 0
+    out = capsys.readouterr().out
+    assert "nightly-status" in out and "key=nightly-abc" in out and "dap=RUNNING" in out and "RUNNING" in out.splitlines()[0]
+    assert f"{services.mlflow_uri}/#/experiments/{experiment_id}/runs/{parent.info.run_id}" in out
+    assert main(["status", "--experiment", "no-such-experiment", "--tracking-uri", services.mlflow_uri]) == 1
