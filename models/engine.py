@@ -8,14 +8,18 @@ What makes it exactly resumable:
 - a checkpoint holds the trainable weights, optimizer and scheduler state, RNG states and the
   plugins' state, all as safetensors + JSON (never pickle).
 Under `torchrun` (torch.distributed initialised) the model is wrapped in DDP and each rank
-takes its slice of every global micro-batch.
+takes its slice of every global micro-batch; the reported loss and token count are global
+(averaged / summed over ranks), so every rank logs and checkpoints the same history.
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
+import functools
 import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -37,7 +41,11 @@ CheckpointFn = Callable[[int, Path], None]
 
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        # Under torchrun each process drives the GPU of its LOCAL_RANK, not all of them cuda:0.
+        local_rank = os.environ.get("LOCAL_RANK")
+        return torch.device("cuda", int(local_rank)) if local_rank is not None else torch.device("cuda")
     return torch.device(name)
 
 
@@ -73,14 +81,21 @@ def lr_multiplier(step: int, cfg) -> float:
 
 def stream_indices(num_examples: int, seed: int, start: int, count: int) -> list[int]:
     """Example indices at stream positions [start, start+count): epochs of seeded permutations."""
-    indices, cache = [], {}
+    indices = []
     for position in range(start, start + count):
         epoch, offset = divmod(position, num_examples)
-        if epoch not in cache:
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-            cache[epoch] = torch.randperm(num_examples, generator=generator).tolist()
-        indices.append(cache[epoch][offset])
+        indices.append(int(_epoch_permutation(num_examples, seed, epoch)[offset]))
     return indices
+
+
+@functools.lru_cache(maxsize=2)  # the current epoch, and the previous one while a batch straddles both
+def _epoch_permutation(num_examples: int, seed: int, epoch: int) -> torch.Tensor:
+    """Built once per epoch, not per micro-batch: a randperm of 100k examples costs ~30 ms.
+
+    Callers only read it (the cache hands every caller the same tensor).
+    """
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_examples, generator=generator)
 
 
 # --- checkpoint state (safetensors + JSON only) ------------------------------------------------
@@ -206,7 +221,9 @@ def train(
         start_step, losses = load_state(resume_from, model, optimizer, scheduler, plugins)
     trained = model
     if world > 1:
-        trained = torch.nn.parallel.DistributedDataParallel(model)
+        # DDP averages the ranks' gradients during backward; CPU (gloo) modules take no device_ids.
+        device_ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+        trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     want_attentions = any(plugin.needs_attentions for plugin in plugins)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _no_autocast()
 
@@ -214,24 +231,37 @@ def train(
     progress = tqdm(total=cfg.max_steps, initial=start_step, desc=desc, disable=rank != 0, leave=False)
     for step in range(start_step, cfg.max_steps):
         optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
+        # Summed on the device and read once per step: a .item() per micro-batch would stall a GPU.
+        # float64 keeps the sum as exact as the Python-float sum it replaces.
+        step_loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for accum in range(cfg.grad_accum):
             micro_index = step * cfg.grad_accum + accum
             positions = stream_indices(len(examples), seed, micro_index * micro + rank * per_rank, per_rank)
-            batch = {k: v.to(device) for k, v in collate([examples[i] for i in positions], pad_token_id).items()}
-            with autocast:
-                outputs = trained(**batch, output_attentions=want_attentions) if want_attentions else trained(**batch)
-                loss = outputs.loss
-                for plugin in plugins:
-                    extra = plugin.extra_loss(model, batch, outputs)
-                    if extra is not None:
-                        loss = loss + extra
-            (loss / cfg.grad_accum).backward()
-            step_loss += loss.item() / cfg.grad_accum
-            tokens += int(batch["attention_mask"].sum())
+            cpu_batch = collate([examples[i] for i in positions], pad_token_id)
+            tokens += int(cpu_batch["attention_mask"].sum())  # counted on the CPU copy: no device sync
+            batch = {k: v.to(device) for k, v in cpu_batch.items()}
+            # Under DDP, gradients are all-reduced only on the step's last micro-batch (no_sync before).
+            last_micro = accum == cfg.grad_accum - 1
+            sync = trained.no_sync() if world > 1 and not last_micro else contextlib.nullcontext()
+            with sync:
+                with autocast:
+                    outputs = trained(**batch, output_attentions=want_attentions) if want_attentions else trained(**batch)
+                    loss = outputs.loss
+                    for plugin in plugins:
+                        extra = plugin.extra_loss(model, batch, outputs)
+                        if extra is not None:
+                            loss = loss + extra
+                (loss / cfg.grad_accum).backward()
+            step_loss_sum += loss.detach().double() / cfg.grad_accum
+        if world > 1:
+            # The mean of the ranks' losses: what the global batch's gradient followed (DDP averages
+            # gradients the same way), identical on every rank so logs and checkpoints agree.
+            dist.all_reduce(step_loss_sum)
+            step_loss_sum /= world
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
         optimizer.step()
         scheduler.step()
+        step_loss = step_loss_sum.item()  # after the optimizer's kernels are queued
         losses.append(step_loss)
         progress.update(1)
         progress.set_postfix(loss=f"{step_loss:.4f}")
@@ -247,6 +277,10 @@ def train(
     progress.close()
     model.eval()
     seconds = time.perf_counter() - started
+    if world > 1:  # throughput of the whole job, not of one rank
+        total = torch.tensor([tokens], dtype=torch.int64, device=device)
+        dist.all_reduce(total)
+        tokens = int(total.item())
     return TrainResult(steps=cfg.max_steps, losses=losses, tokens=tokens, seconds=seconds, resumed_from=start_step)
 
 

@@ -31,6 +31,8 @@ def test_kill_9_mid_stage_then_rerun_matches_uninterrupted_run(services, prefect
     config_file.write_text(yaml.safe_dump(killed_cfg.model_dump(mode="json")))
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-child")}
     env.pop("PREFECT_API_URL", None)  # the child runs its own local Prefect API, like a real retrain would
+    for endpoint in ("PERENNIAL_S3_ENDPOINT", "PERENNIAL_BUCKET", "MLFLOW_TRACKING_URI"):
+        env.pop(endpoint, None)  # the YAML names this test's services; the env defaults would override it
     child = subprocess.Popen([sys.executable, "-m", "perennial.cli", "run", str(config_file)], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     store = ObjectStore(StorageConfig(endpoint_url=services.s3_endpoint, bucket=bucket))
