@@ -32,19 +32,6 @@ def load_services_env(path: Path = SERVICES_ENV) -> None:
             os.environ.setdefault(key, value)
 
 
-def _apply_service_endpoints(overrides: list[str]) -> list[str]:
-    """Point storage/tracking at the local services unless the config or an override says otherwise."""
-    extra = []
-    keys = {item.split("=", 1)[0] for item in overrides}
-    if "PERENNIAL_S3_ENDPOINT" in os.environ and "storage.endpoint_url" not in keys:
-        extra.append(f"storage.endpoint_url={os.environ['PERENNIAL_S3_ENDPOINT']}")
-    if "PERENNIAL_BUCKET" in os.environ and "storage.bucket" not in keys:
-        extra.append(f"storage.bucket={os.environ['PERENNIAL_BUCKET']}")
-    if "MLFLOW_TRACKING_URI" in os.environ and "tracking.tracking_uri" not in keys:
-        extra.append(f"tracking.tracking_uri={os.environ['MLFLOW_TRACKING_URI']}")
-    return extra + overrides
-
-
 def cmd_services(args: argparse.Namespace) -> int:
     from perennial.services import LocalServices
 
@@ -71,8 +58,7 @@ def cmd_services(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     load_services_env()
-    overrides = _apply_service_endpoints(args.overrides)
-    cfg = load_config(args.config, overrides)  # validate before anything starts
+    cfg = load_config(args.config, args.overrides)  # validate before anything starts
     from flows.continual_retrain import continual_retrain
 
     summary = continual_retrain(config=cfg.model_dump(mode="json"), run_key=args.run_key)
@@ -237,7 +223,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from tasks.export import export_model
 
     load_services_env()
-    cfg = load_config(args.config, _apply_service_endpoints([]))
+    cfg = load_config(args.config)
     out = export_model(cfg, args.model_uri, args.out_dir)
     print(f"exported to {out}; evaluate with: lm_eval --model hf --model_args pretrained={out} --tasks ...")
     return 0

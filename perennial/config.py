@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -455,6 +457,26 @@ def build_config(data: dict, overrides: list[str] | None = None, source: str = "
         raise _explain(error, source) from None
 
 
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(data: Any) -> Any:
+    """Resolve ``${VAR}`` / ``${VAR:-default}`` references in YAML strings (e.g. endpoints of local services)."""
+    if isinstance(data, dict):
+        return {key: expand_env(value) for key, value in data.items()}
+    if isinstance(data, list):
+        return [expand_env(value) for value in data]
+    if isinstance(data, str):
+        def resolve(match: re.Match) -> str:
+            value = os.environ.get(match.group(1), match.group(2))
+            if value is None:
+                raise ConfigError(f"${{{match.group(1)}}} is referenced in the config but not set, and has no :-default")
+            return value
+
+        return _ENV_REFERENCE.sub(resolve, data)
+    return data
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Load YAML (or the built-in defaults when path is None) and apply ``key=value`` overrides."""
     data: dict = {}
@@ -469,5 +491,6 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        data = expand_env(data)
         source = str(path)
     return build_config(data, overrides, source)

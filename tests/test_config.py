@@ -70,3 +70,14 @@ def test_validators_accept_exactly_the_allowed_ranges(lr, budget):
     else:
         assert lr_ok and budget_ok
         assert isinstance(cfg, Config)
+
+
+def test_env_references_resolve_with_defaults(monkeypatch, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("storage:\n  endpoint_url: ${PERENNIAL_TEST_S3:-http://127.0.0.1:1}\n  bucket: ${PERENNIAL_TEST_BUCKET}\n")
+    monkeypatch.setenv("PERENNIAL_TEST_BUCKET", "from-env")
+    cfg = load_config(path)
+    assert (cfg.storage.endpoint_url, cfg.storage.bucket) == ("http://127.0.0.1:1", "from-env")
+    monkeypatch.delenv("PERENNIAL_TEST_BUCKET")
+    with pytest.raises(ConfigError, match="PERENNIAL_TEST_BUCKET"):
+        load_config(path)

@@ -33,8 +33,9 @@ def test_kill_9_mid_stage_then_rerun_matches_uninterrupted_run(services, prefect
     env.pop("PREFECT_API_URL", None)  # the child runs its own local Prefect API, like a real retrain would
     for endpoint in ("PERENNIAL_S3_ENDPOINT", "PERENNIAL_BUCKET", "MLFLOW_TRACKING_URI"):
         env.pop(endpoint, None)  # the YAML names this test's services; the env defaults would override it
+    log = open(tmp_path / "child.log", "wb")
     child = subprocess.Popen([sys.executable, "-m", "perennial.cli", "run", str(config_file)], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     store = ObjectStore(StorageConfig(endpoint_url=services.s3_endpoint, bucket=bucket))
     marker = "/stages/cit-02-fact_lookup/checkpoints/step-00000010/MANIFEST.json"
     deadline = time.monotonic() + 600
@@ -43,7 +44,7 @@ def test_kill_9_mid_stage_then_rerun_matches_uninterrupted_run(services, prefect
             if any(info.key.endswith(marker) for info in store.list("perennial/runs/killed-")):
                 break
             time.sleep(0.1)
-        assert child.poll() is None, "the run finished before it could be killed"
+        assert child.poll() is None, "the run ended before it could be killed:\n" + (tmp_path / "child.log").read_text()[-3000:]
         os.killpg(child.pid, signal.SIGKILL)
         child.wait()
     finally:

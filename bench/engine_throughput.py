@@ -1,0 +1,309 @@
+"""Training throughput of Perennial's engine against a plain PyTorch loop and transformers.Trainer.
+
+    python -m bench.engine_throughput [--steps N] [--warmup W] [--rounds R] [--quick]
+
+All three train the demo-size tiny Llama (vocab 512, hidden 128, intermediate 352, 4 layers,
+4 heads) from the same initial weights on the demo general corpus packed into 128-token
+blocks, 16 blocks a step, AdamW, the same number of steps. Each method records a timestamp
+after every optimizer step; tokens/s is measured from the end of warm-up step W to the last
+step, so start-up (Trainer construction, first-call allocation) is excluded. The methods run
+in rotated order for R rounds and the median is reported, so a burst of load from other
+processes does not land on one method only.
+
+Then, in a fresh subprocess per tuning method (so one method's allocations do not inflate the
+next), the peak resident memory of a short engine run: getrusage's ru_maxrss (the process's
+lifetime peak, which for this small a model is set by importing torch and transformers) and the
+peak while training above the resident size just before the model is built (Linux: the
+high-water mark is reset through /proc/self/clear_refs, then read from /proc/self/status).
+
+Timings default to one thread (--threads): on a busy shared machine a second OpenMP thread
+that loses its core stalls every parallel region, and step times swing tenfold.
+
+Results: a table on stdout and bench/results/engine_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from models.data import collate, pack_texts
+from models.engine import stream_indices, train
+from models.tiny import build_tiny_llama, train_tokenizer
+from perennial.config import DemoDataConfig, OptimConfig, TinyModelConfig, TuningConfig
+from perennial.demo_data import general_corpus
+
+RESULTS = Path(__file__).parent / "results" / "engine_throughput.json"
+BLOCK = 128
+BATCH = 16
+LR = 3e-3
+SEED = 0
+TUNING_METHODS = ["full", "lora", "mora", "attn-proj", "mlp-gate-up"]
+
+
+# --- shared setup -----------------------------------------------------------------------------
+
+
+def demo_setup():
+    """Tokenizer, packed blocks and a freshly initialised demo-size model, all deterministic."""
+    demo = DemoDataConfig()
+    texts = general_corpus(demo.general_docs, demo.seed)
+    tiny = TinyModelConfig()
+    tokenizer = train_tokenizer(texts, tiny.vocab_size)
+    blocks = [block for block in pack_texts(tokenizer, texts, BLOCK) if len(block) == BLOCK]
+    torch.manual_seed(SEED)
+    model = build_tiny_llama(tokenizer, tiny)
+    return tokenizer, [{"input_ids": block} for block in blocks], model
+
+
+def optim_config(steps: int) -> OptimConfig:
+    # No warm-up in the schedule and a constant rate: the baselines have no schedule either.
+    return OptimConfig(lr=LR, batch_size=BATCH, max_steps=steps, warmup_steps=0, schedule="constant",
+                       max_length=BLOCK, log_every=10**6)
+
+
+def stamp() -> tuple[float, float]:
+    """(wall clock, this process's CPU time), taken after every optimizer step."""
+    return time.perf_counter(), time.process_time()
+
+
+def throughput(stamps: list[tuple[float, float]], warmup: int) -> dict[str, float]:
+    """Tokens/s after `warmup` steps, three ways.
+
+    cpu: tokens per CPU-second of the training process at the median step. With one thread this
+      is what an idle core would give, and other processes taking the core do not change it:
+      the headline on a shared machine.
+    wall: tokens per wall-clock second at the median step (a stalled step does not move a median).
+    wall_window: tokens over the whole wall-clock window, stalls included.
+    """
+    after = stamps[warmup - 1 :]
+    wall = [b[0] - a[0] for a, b in zip(after, after[1:])]
+    cpu = [b[1] - a[1] for a, b in zip(after, after[1:])]
+    tokens = BATCH * BLOCK
+    return {"cpu": tokens / statistics.median(cpu), "wall": tokens / statistics.median(wall),
+            "wall_window": tokens * len(wall) / sum(wall)}
+
+
+# --- the three methods, each returning one timestamp per optimizer step ------------------------
+
+
+def run_engine(model, examples, pad_token_id: int, steps: int) -> list[tuple[float, float]]:
+    stamps: list[tuple[float, float]] = []
+    train(model, examples, optim_config(steps), seed=SEED, pad_token_id=pad_token_id,
+          device=torch.device("cpu"), on_step_end=lambda step, _model: stamps.append(stamp()))
+    return stamps
+
+
+def run_plain(model, examples, pad_token_id: int, steps: int) -> list[tuple[float, float]]:
+    """The least a loop can do: the same batches (pre-stacked), forward, backward, AdamW step."""
+    data = torch.tensor([example["input_ids"] for example in examples])
+    order = torch.tensor(stream_indices(len(examples), SEED, 0, steps * BATCH)).view(steps, BATCH)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    model.train()
+    stamps = []
+    for step in range(steps):
+        ids = data[order[step]]
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        stamps.append(stamp())
+    return stamps
+
+
+def run_trainer(model, examples, pad_token_id: int, steps: int) -> list[tuple[float, float]]:
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    class Stamps(TrainerCallback):
+        def __init__(self):
+            self.stamps: list[tuple[float, float]] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.stamps.append(stamp())
+
+    rows = [collate([example], pad_token_id) for example in examples]
+    dataset = [{key: value[0] for key, value in row.items()} for row in rows]
+    with tempfile.TemporaryDirectory() as output_dir:
+        args = TrainingArguments(
+            output_dir=output_dir, per_device_train_batch_size=BATCH, max_steps=steps, learning_rate=LR,
+            lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+            optim="adamw_torch",  # the engine's optimizer; Trainer's default is the fused variant
+            eval_strategy="no", save_strategy="no", logging_strategy="no", report_to="none",
+            disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False, use_cpu=True, seed=SEED,
+        )
+        callback = Stamps()
+        Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback]).train()
+    return callback.stamps
+
+
+METHODS = {"engine": run_engine, "plain": run_plain, "trainer": run_trainer}
+
+
+# --- peak memory per tuning method (one subprocess each) ------------------------------------------
+
+
+def rss_child(method: str, steps: int) -> None:
+    """Runs in its own process: a short engine run under one tuning method; prints a JSON line."""
+    from models.tuning import apply_tuning, count_parameters
+
+    tokenizer, examples, model = demo_setup()
+    del model  # built again below, after the baseline, so its weights count as training memory
+    reset = _reset_peak_rss()
+    baseline = _status_kib("VmRSS")
+    torch.manual_seed(SEED)
+    model = apply_tuning(build_tiny_llama(tokenizer, TinyModelConfig()), TuningConfig(method=method))
+    trainable, total = count_parameters(model)
+    result = train(model, examples, optim_config(steps), seed=SEED, pad_token_id=tokenizer.pad_token_id,
+                   device=torch.device("cpu"))
+    lifetime_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    print(json.dumps({
+        "method": method, "trainable_params": trainable, "total_params": total,
+        "ru_maxrss_mib": round(lifetime_peak / 1024, 1), "rss_before_model_mib": round(baseline / 1024, 1),
+        "training_peak_above_baseline_mib": round((_status_kib("VmHWM") - baseline) / 1024, 1) if reset else None,
+        "tokens_per_s_whole_run": round(result.tokens_per_second, 1), "steps": steps,
+    }))
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's resident high-water mark (Linux >= 4.0), so VmHWM covers training only."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def measure_rss(steps: int, threads: int) -> list[dict]:
+    rows = []
+    for method in TUNING_METHODS:
+        done = subprocess.run(
+            [sys.executable, "-m", "bench.engine_throughput", "--rss-child", method, "--steps", str(steps),
+             "--threads", str(threads)],
+            capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1],
+        )
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+# --- reporting ------------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import transformers
+
+    return {
+        "cpu_model": cpu, "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run (warm-up included)")
+    parser.add_argument("--warmup", type=int, default=5, help="steps excluded from the timing")
+    parser.add_argument("--rounds", type=int, default=3, help="rotated rounds of the three methods; median reported")
+    parser.add_argument("--rss-steps", type=int, default=10, help="engine steps per tuning-method memory run")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for every method (see above)")
+    parser.add_argument("--quick", action="store_true", help="12 steps, 3 warm-up, 2 rounds, 4 memory steps")
+    parser.add_argument("--no-rss", action="store_true", help="skip the per-tuning-method memory runs")
+    parser.add_argument("--rss-child", choices=TUNING_METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.rss_child:
+        rss_child(args.rss_child, args.steps)
+        return 0
+    if args.quick:
+        args.steps, args.warmup, args.rounds, args.rss_steps = 12, 3, 2, 4
+    if not 0 < args.warmup < args.steps:
+        parser.error("--warmup must be at least 1 and below --steps")
+
+    load_before = os.getloadavg()
+    tokenizer, examples, init = demo_setup()
+    names = list(METHODS)
+    clocks = ("cpu", "wall", "wall_window")
+    runs = {name: {clock: [] for clock in clocks} for name in names}
+    for round_index in range(args.rounds):
+        for name in names[round_index % 3:] + names[: round_index % 3]:  # rotate who goes first
+            model = copy.deepcopy(init)  # the same initial weights for every run
+            stamps = METHODS[name](model, examples, tokenizer.pad_token_id, args.steps)
+            assert len(stamps) == args.steps, f"{name} ran {len(stamps)} steps, not {args.steps}"
+            for clock, value in throughput(stamps, args.warmup).items():
+                runs[name][clock].append(value)
+            print(f"round {round_index + 1}/{args.rounds} {name:8s} cpu {runs[name]['cpu'][-1]:7.0f}  "
+                  f"wall {runs[name]['wall'][-1]:7.0f} tokens/s", flush=True)
+    median = {name: {clock: statistics.median(runs[name][clock]) for clock in clocks} for name in names}
+    ratios = {clock: {"engine/plain": median["engine"][clock] / median["plain"][clock],
+                      "engine/trainer": median["engine"][clock] / median["trainer"][clock]} for clock in clocks}
+    load_after = os.getloadavg()
+
+    rss = [] if args.no_rss else measure_rss(args.rss_steps, args.threads)
+
+    print(f"\ntokens/s, median over {args.rounds} rounds of each run's median step ({args.threads} thread(s))")
+    print(f"{'method':10s} {'per CPU-second':>15s} {'per wall-second':>16s} {'wall, whole window':>19s}")
+    for name in names:
+        print(f"{name:10s} {median[name]['cpu']:15.0f} {median[name]['wall']:16.0f} {median[name]['wall_window']:19.0f}")
+    for key in ("engine/plain", "engine/trainer"):
+        values = [ratios[clock][key] for clock in clocks]
+        verdict = "ok" if ratios["cpu"][key] >= 0.95 else "BELOW 0.95"
+        print(f"{key:15s} {values[0]:15.3f} {values[1]:16.3f} {values[2]:19.3f}  {verdict} (CPU-time)")
+    if rss:
+        print(f"\n{'tuning':12s} {'trainable':>10s} {'ru_maxrss MiB':>14s} {'training peak above baseline MiB':>33s}")
+        for row in rss:
+            above = row["training_peak_above_baseline_mib"]
+            print(f"{row['method']:12s} {row['trainable_params']:10d} {row['ru_maxrss_mib']:14.1f} {above if above is not None else 'n/a':>33}")
+    print(f"load average before/after: {load_before[0]:.1f} / {load_after[0]:.1f} on {os.cpu_count()} cores")
+
+    report = {
+        "command": " ".join(["python", "-m", "bench.engine_throughput", *(argv if argv is not None else sys.argv[1:])]),
+        "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "load_average_1min": {"before": load_before[0], "after": load_after[0]},
+        "settings": {"steps": args.steps, "warmup_steps_excluded": args.warmup, "rounds": args.rounds, "batch": BATCH,
+                     "block": BLOCK, "examples": len(examples), "model": TinyModelConfig().model_dump(), "lr": LR,
+                     "trainer_optim": "adamw_torch", "attn_implementation": "eager", "device": "cpu",
+                     "threads": args.threads},
+        "tokens_per_s": {name: {"median": median[name], "runs": runs[name]} for name in names},
+        "clocks": {"cpu": "tokens per CPU-second of the training process at the median step (headline)",
+                   "wall": "tokens per wall-clock second at the median step",
+                   "wall_window": "tokens per wall-clock second over all timed steps, stalls included"},
+        "ratios": ratios,
+        "peak_rss_by_tuning": rss,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

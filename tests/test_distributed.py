@@ -1,0 +1,177 @@
+"""Multi-process (DDP) training matches single-process training at the same global batch.
+
+The test starts this file twice as a script (rank 0 and 1, torchrun's environment variables,
+gloo on the CPU); each rank runs `models.engine.train` and writes its losses and final weights
+to a folder the test then compares with a single-process run in the test's own process.
+
+Why the examples all have the same length and the same number of masked prompt tokens: each
+rank's loss is the mean over *its* supervised tokens, and DDP averages the ranks' gradients, so
+the distributed step follows the mean of per-rank means. That equals the single process's
+mean over the whole micro-batch only when every rank supervises the same number of tokens
+(as also holds across grad_accum micro-batches). With equal counts the two runs compute the
+same quantity and differ only by float summation order, hence the small tolerances.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # when a rank runs this file as a script
+    sys.path.insert(0, str(REPO))
+
+from models.engine import train  # noqa: E402
+from perennial.config import OptimConfig  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+
+WORLD = 2
+CFG = OptimConfig(lr=3e-3, max_steps=8, batch_size=4, grad_accum=2, warmup_steps=2, weight_decay=0.01, checkpoint_every=4)
+SEED = 7
+RESUME_STEP = 4
+
+
+def tiny_model(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(
+        LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=False)
+    )
+
+
+def equal_length_examples(count: int = 24, length: int = 12, masked: int = 3) -> list[dict]:
+    """Same length and same masked prefix everywhere: every rank supervises the same token count."""
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(count):
+        ids = torch.randint(3, 48, (length,), generator=generator).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * masked + ids[masked:]})
+    return rows
+
+
+def _worker(out_dir: Path) -> None:
+    """One rank: a straight DDP run with a mid-run checkpoint, then a resumed DDP run from it."""
+    dist.init_process_group("gloo", init_method=f"file://{out_dir / 'rendezvous'}",
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    rank = dist.get_rank()
+    data = equal_length_examples()
+    checkpoints = out_dir / "checkpoints"
+    straight_model = tiny_model(seed=0)
+    straight = train(straight_model, data, CFG, seed=SEED, pad_token_id=0,
+                     checkpoint_dir=checkpoints, checkpoint_fn=lambda step, path: None)
+    dist.barrier()  # rank 0 wrote the checkpoint; every rank reads it below
+
+    # A differently initialised model: the checkpoint must restore weights, optimizer, schedule, RNG.
+    resumed_model = tiny_model(seed=99)
+    resumed = train(resumed_model, data, CFG, seed=SEED, pad_token_id=0,
+                    resume_from=checkpoints / f"step-{RESUME_STEP:08d}")
+
+    try:  # 3 examples cannot be split evenly over 2 ranks
+        train(tiny_model(), data, CFG.model_copy(update={"batch_size": 3}), seed=SEED, pad_token_id=0)
+        indivisible_error = ""
+    except ValueError as error:
+        indivisible_error = str(error)
+
+    save_file({n: p.detach().contiguous() for n, p in straight_model.named_parameters()}, out_dir / f"straight-{rank}.safetensors")
+    save_file({n: p.detach().contiguous() for n, p in resumed_model.named_parameters()}, out_dir / f"resumed-{rank}.safetensors")
+    (out_dir / f"result-{rank}.json").write_text(json.dumps({
+        "losses": straight.losses, "resumed_losses": resumed.losses, "resumed_from": resumed.resumed_from,
+        "tokens": straight.tokens, "indivisible_error": indivisible_error,
+    }))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Start the two ranks, train the single-process reference meanwhile, then collect both."""
+    out_dir = tmp_path_factory.mktemp("ddp")
+    # Plain processes with torchrun's RANK / WORLD_SIZE variables; the process group meets through
+    # a file, so there is no port to pick or collide on. (torchrun's agent would add one more
+    # interpreter start, seconds on a busy machine, and test nothing of the engine.)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false",
+           "WORLD_SIZE": str(WORLD)}
+    ranks = [
+        subprocess.Popen([sys.executable, __file__, str(out_dir)], env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in range(WORLD)
+    ]
+    try:
+        single = single_process_run()
+        logs = [process.communicate(timeout=180)[0] for process in ranks]
+    finally:
+        for process in ranks:
+            process.kill()  # no-op once exited; never leave a rank waiting on its peer
+    for rank, (process, log) in enumerate(zip(ranks, logs)):
+        assert process.returncode == 0, f"rank {rank} failed:\n{log[-4000:]}"
+    return out_dir, single
+
+
+def single_process_run():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tiny model gains nothing from threads, and loses much on a busy machine
+    try:
+        model = tiny_model(seed=0)
+        result = train(model, equal_length_examples(), CFG, seed=SEED, pad_token_id=0)
+    finally:
+        torch.set_num_threads(threads)
+    return result, {n: p.detach() for n, p in model.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def ddp_run(runs) -> Path:
+    return runs[0]
+
+
+@pytest.fixture(scope="module")
+def single_run(runs):
+    return runs[1]
+
+
+def test_two_ranks_follow_the_single_process_loss_and_weights(ddp_run, single_run):
+    single, single_weights = single_run
+    rank0 = json.loads((ddp_run / "result-0.json").read_text())
+    # Losses are averaged over ranks, so rank 0 reports the global loss, not its half-batch's.
+    assert rank0["losses"] == pytest.approx(single.losses, rel=1e-4)
+    assert len(rank0["losses"]) == CFG.max_steps
+    # Tokens are summed over ranks: the global micro-batch, every step.
+    assert rank0["tokens"] == single.tokens == CFG.max_steps * CFG.grad_accum * CFG.batch_size * 12
+    ddp_weights = load_file(ddp_run / "straight-0.safetensors")
+    assert ddp_weights.keys() == single_weights.keys()
+    for name, expected in single_weights.items():
+        torch.testing.assert_close(ddp_weights[name], expected, rtol=1e-4, atol=2e-5, msg=name)
+
+
+def test_ranks_stay_identical(ddp_run):
+    rank0, rank1 = (json.loads((ddp_run / f"result-{r}.json").read_text()) for r in range(WORLD))
+    assert rank0["losses"] == rank1["losses"]  # so the checkpoint's loss history does not depend on the rank
+    weights0, weights1 = (load_file(ddp_run / f"straight-{r}.safetensors") for r in range(WORLD))
+    for name in weights0:
+        assert torch.equal(weights0[name], weights1[name]), name
+
+
+def test_resumed_ddp_run_matches_the_straight_one_exactly(ddp_run):
+    rank0 = json.loads((ddp_run / "result-0.json").read_text())
+    assert rank0["resumed_from"] == RESUME_STEP
+    assert rank0["resumed_losses"] == rank0["losses"]
+    straight, resumed = load_file(ddp_run / "straight-0.safetensors"), load_file(ddp_run / "resumed-0.safetensors")
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+
+
+def test_batch_not_divisible_by_ranks_is_refused(ddp_run):
+    rank0 = json.loads((ddp_run / "result-0.json").read_text())
+    assert "must be divisible by the number of processes 2" in rank0["indivisible_error"]
+
+
+if __name__ == "__main__":  # a rank started by the `runs` fixture
+    _worker(Path(sys.argv[1]))
