@@ -36,10 +36,10 @@ test-fast: venv
 	$(BIN)/python -m pytest -q -m "not integration and not slow" $(PYTEST_ARGS)
 
 bench: venv
-	$(BIN)/python -m bench.run_all
+	$(BIN)/python -m bench.engine_throughput
 
 bench-quick: venv
-	$(BIN)/python -m bench.run_all --quick
+	$(BIN)/python -m bench.engine_throughput --quick
 
 deploy: venv
 	$(BIN)/perennial deploy

@@ -105,6 +105,24 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().cpu().contiguous().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
+def save_plugin_states(plugins: Sequence[CLPlugin], directory: Path) -> None:
+    """Each plugin's tensors as safetensors and the rest as JSON (safetensors refuses an empty file)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for position, plugin in enumerate(plugins):
+        state = plugin.state_dict()
+        save_file(state.tensors or {"_empty": torch.zeros(0)}, directory / f"plugin-{position}-{plugin.name}.safetensors")
+        (directory / f"plugin-{position}-{plugin.name}.json").write_text(json.dumps(state.meta))
+
+
+def load_plugin_states(plugins: Sequence[CLPlugin], directory: Path) -> None:
+    for position, plugin in enumerate(plugins):
+        stem = directory / f"plugin-{position}-{plugin.name}"
+        if not Path(f"{stem}.json").exists():
+            raise FileNotFoundError(f"{directory} has no state for plugin {plugin.name}; did the method list change mid-run?")
+        tensors = {k: v for k, v in load_file(f"{stem}.safetensors").items() if k != "_empty"}
+        plugin.load_state_dict(PluginState(tensors, json.loads(Path(f"{stem}.json").read_text())))
+
+
 def save_state(
     directory: Path, model, optimizer, scheduler, step: int, losses: list[float], plugins: Sequence[CLPlugin] = ()
 ) -> None:
@@ -123,10 +141,7 @@ def save_state(
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     save_file(rng, directory / "rng.safetensors")
-    for position, plugin in enumerate(plugins):
-        state = plugin.state_dict()
-        save_file(state.tensors or {"_empty": torch.zeros(0)}, directory / f"plugin-{position}-{plugin.name}.safetensors")
-        (directory / f"plugin-{position}-{plugin.name}.json").write_text(json.dumps(state.meta))
+    save_plugin_states(plugins, directory)
     meta = {
         "step": step,
         "losses": losses,
@@ -159,10 +174,7 @@ def load_state(directory: Path, model, optimizer, scheduler, plugins: Sequence[C
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
     random.setstate(_tuples(ast.literal_eval(meta["python_random"])))
-    for position, plugin in enumerate(plugins):
-        stem = directory / f"plugin-{position}-{plugin.name}"
-        plugin_tensors = {k: v for k, v in load_file(f"{stem}.safetensors").items() if k != "_empty"}
-        plugin.load_state_dict(PluginState(plugin_tensors, json.loads(Path(f"{stem}.json").read_text())))
+    load_plugin_states(plugins, directory)
     return meta["step"], meta["losses"]
 
 

@@ -13,15 +13,13 @@ import shutil
 from pathlib import Path
 from typing import Callable, Sequence
 
-import torch
 
-from models.cl.base import CLPlugin, PluginState, TaskContext
-from models.engine import TrainResult, resolve_device, set_seed, train
+from models.cl.base import CLPlugin, TaskContext
+from models.engine import TrainResult, load_plugin_states, resolve_device, save_plugin_states, set_seed, train
 from models.loading import load_model_and_tokenizer, save_model
 from models.tuning import apply_tuning, merge_for_export
 from perennial.config import OptimConfig, TuningConfig
 from perennial.storage import MANIFEST_NAME, ObjectStore
-from safetensors.torch import load_file, save_file
 from tasks.runtime import RunContext, committed_uri, fetch_dir, open_store, open_tracker
 
 PLUGIN_DIR = "perennial_plugins"
@@ -35,24 +33,6 @@ def latest_checkpoint(store: ObjectStore, checkpoints_prefix: str) -> str | None
         if info.key.endswith("/" + MANIFEST_NAME)
     ]
     return max(committed) if committed else None
-
-
-def save_plugin_states(plugins: Sequence[CLPlugin], directory: Path) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    for position, plugin in enumerate(plugins):
-        state = plugin.state_dict()
-        stem = directory / f"{position}-{plugin.name}"
-        save_file(state.tensors or {"_empty": torch.zeros(0)}, f"{stem}.safetensors")
-        Path(f"{stem}.json").write_text(json.dumps(state.meta))
-
-
-def load_plugin_states(plugins: Sequence[CLPlugin], directory: Path) -> None:
-    for position, plugin in enumerate(plugins):
-        stem = directory / f"{position}-{plugin.name}"
-        if not Path(f"{stem}.json").exists():
-            raise FileNotFoundError(f"{directory} has no state for plugin {plugin.name}; the method list changed mid-run?")
-        tensors = {k: v for k, v in load_file(f"{stem}.safetensors").items() if k != "_empty"}
-        plugin.load_state_dict(PluginState(tensors, json.loads(Path(f"{stem}.json").read_text())))
 
 
 def run_stage(
