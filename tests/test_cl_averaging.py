@@ -3,7 +3,7 @@ import torch
 
 from models.cl.averaging import AveragingPlugin
 from perennial.config import AveragingConfig
-from test_cl_common import (  # noqa: F401  (one_thread is an autouse fixture)
+from tests.test_cl_common import (  # noqa: F401  (one_thread is an autouse fixture)
     HELD_OUT,
     context,
     model_after_task1,

@@ -3,7 +3,7 @@ import torch
 
 from models.cl.ewc import EWCPlugin, diagonal_fisher
 from models.data import collate
-from test_cl_common import (  # noqa: F401  (one_thread is an autouse fixture)
+from tests.test_cl_common import (  # noqa: F401  (one_thread is an autouse fixture)
     HELD_OUT,
     PAD,
     TRAIN,

@@ -3,7 +3,7 @@ import torch.nn.functional as F
 
 from models.cl.lwf import LwFPlugin, distillation_kl
 from models.data import collate
-from test_cl_common import (  # noqa: F401  (one_thread is an autouse fixture)
+from tests.test_cl_common import (  # noqa: F401  (one_thread is an autouse fixture)
     HELD_OUT,
     PAD,
     TRAIN,

@@ -5,7 +5,7 @@ import torch
 
 from models.cl.olora import OLoRAPlugin, lora_layers
 from models.data import collate
-from test_cl_common import (  # noqa: F401  (one_thread is an autouse fixture)
+from tests.test_cl_common import (  # noqa: F401  (one_thread is an autouse fixture)
     ALL_LINEAR,
     HELD_OUT,
     PAD,

@@ -20,7 +20,7 @@ from models.cl.replay import (
 )
 from models.data import collate
 from models.engine import train
-from test_cl_common import (  # noqa: F401  (one_thread is an autouse fixture)
+from tests.test_cl_common import (  # noqa: F401  (one_thread is an autouse fixture)
     HELD_OUT,
     PAD,
     TASK2_STEPS,

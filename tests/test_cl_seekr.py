@@ -11,7 +11,7 @@ from models.cl.seekr import (
 )
 from models.data import collate
 from models.engine import train
-from test_cl_common import (  # noqa: F401  (one_thread is an autouse fixture)
+from tests.test_cl_common import (  # noqa: F401  (one_thread is an autouse fixture)
     PAD,
     TASK2_STEPS,
     TRAIN,
