@@ -79,8 +79,11 @@ def lr_multiplier(step: int, cfg) -> float:
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def stream_indices(num_examples: int, seed: int, start: int, count: int) -> list[int]:
-    """Example indices at stream positions [start, start+count): epochs of seeded permutations."""
+def stream_indices(num_examples: int, seed: int, start: int, count: int, shuffle: bool = True) -> list[int]:
+    """Example indices at stream positions [start, start+count): epochs of seeded permutations,
+    or the list order itself when ``shuffle`` is off (an order the caller built, e.g. interleaved replay)."""
+    if not shuffle:
+        return [position % num_examples for position in range(start, start + count)]
     indices = []
     for position in range(start, start + count):
         epoch, offset = divmod(position, num_examples)
@@ -214,6 +217,7 @@ def train(
     log_fn: LogFn | None = None,
     on_step_end: StepHook | None = None,
     desc: str = "train",
+    shuffle: bool = True,
 ) -> TrainResult:
     """Run optimizer steps up to ``cfg.max_steps`` (an OptimConfig); resume from a saved state if given."""
     if not examples:
@@ -248,7 +252,7 @@ def train(
         step_loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for accum in range(cfg.grad_accum):
             micro_index = step * cfg.grad_accum + accum
-            positions = stream_indices(len(examples), seed, micro_index * micro + rank * per_rank, per_rank)
+            positions = stream_indices(len(examples), seed, micro_index * micro + rank * per_rank, per_rank, shuffle)
             cpu_batch = collate([examples[i] for i in positions], pad_token_id)
             tokens += int(cpu_batch["attention_mask"].sum())  # counted on the CPU copy: no device sync
             batch = {k: v.to(device) for k, v in cpu_batch.items()}

@@ -90,6 +90,8 @@ def train_task(run: RunContext, model_uri: str, data: DataBundle, index: int, pr
         plugin_state_uri=previous.model_uri if previous and plugins else None,
         task_index=index,
         mlflow_run_id=child,
+        # interleave builds its own alternating order of replay and current examples: keep it
+        shuffle=not (replay.mixing == "interleave" and replay_records),
     )
     if separate_replay_phase:
         # `epoch` mixing: one pass over the replay examples after the task, as its own committed stage.

@@ -47,6 +47,7 @@ def run_stage(
     task_index: int = 0,
     replay_examples: list[dict] | None = None,
     mlflow_run_id: str | None = None,
+    shuffle: bool = True,
 ) -> str:
     """Train one stage from ``input_model_uri``; returns the committed output model's URI.
 
@@ -118,6 +119,7 @@ def run_stage(
         checkpoint_dir=local_checkpoints,
         log_fn=log,
         desc=stage,
+        shuffle=shuffle,
     )
     for plugin in plugins:
         plugin.after_task(context)

@@ -33,6 +33,10 @@ def test_stream_indices_cover_each_epoch_once_and_depend_only_on_position():
     assert stream_indices(10, 3, 10, 10) != first_epoch  # a new permutation each epoch
 
 
+def test_unshuffled_stream_keeps_the_callers_order():
+    assert stream_indices(5, seed=3, start=3, count=6, shuffle=False) == [3, 4, 0, 1, 2, 3]
+
+
 def test_schedules_warm_up_then_decay():
     cfg = OptimConfig(lr=1e-3, warmup_steps=4, max_steps=20, schedule="cosine")
     values = [lr_multiplier(step, cfg) for step in range(20)]
