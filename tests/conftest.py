@@ -14,6 +14,20 @@ from perennial.services import LocalServices
 from perennial.storage import ObjectStore
 
 
+@pytest.fixture
+def single_torch_thread():
+    """Tiny models train fastest on one thread, and tests then do not fight over the 2 cores.
+
+    Modules opt in with `pytestmark = pytest.mark.usefixtures("single_torch_thread")`.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def services(tmp_path_factory) -> LocalServices:
     """Real SeaweedFS (S3) and MLflow (sqlite + S3 artifacts) for the whole session."""

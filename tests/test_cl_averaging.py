@@ -3,15 +3,16 @@ import torch
 
 from models.cl.averaging import AveragingPlugin
 from perennial.config import AveragingConfig
-from tests.test_cl_common import (  # noqa: F401  (one_thread is an autouse fixture)
+from tests.test_cl_common import (
     HELD_OUT,
     context,
     model_after_task1,
-    one_thread,
     plain_after_task2,
     run_task,
     task_loss,
 )
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def test_after_task_sets_exactly_the_per_layer_interpolation():

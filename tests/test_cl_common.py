@@ -31,13 +31,7 @@ TASK1_STEPS = 60
 TASK2_STEPS = 40
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models train fastest on one thread, and the tests then do not fight over the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def tiny_model(seed: int = 0) -> LlamaForCausalLM:

@@ -3,18 +3,19 @@ import torch
 
 from models.cl.ewc import EWCPlugin, diagonal_fisher
 from models.data import collate
-from tests.test_cl_common import (  # noqa: F401  (one_thread is an autouse fixture)
+from tests.test_cl_common import (
     HELD_OUT,
     PAD,
     TRAIN,
     context,
     model_after_task1,
-    one_thread,
     plain_after_task2,
     run_task,
     task_loss,
     tiny_model,
 )
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def fisher_distance(model, fisher, anchor) -> float:

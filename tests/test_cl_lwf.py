@@ -1,19 +1,21 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
 from models.cl.lwf import LwFPlugin, distillation_kl
 from models.data import collate
-from tests.test_cl_common import (  # noqa: F401  (one_thread is an autouse fixture)
+from tests.test_cl_common import (
     HELD_OUT,
     PAD,
     TRAIN,
     context,
     model_after_task1,
-    one_thread,
     plain_after_task2,
     run_task,
     task_loss,
 )
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def output_drift(model, reference, examples) -> float:

@@ -5,18 +5,19 @@ import torch
 
 from models.cl.olora import OLoRAPlugin, lora_layers
 from models.data import collate
-from tests.test_cl_common import (  # noqa: F401  (one_thread is an autouse fixture)
+from tests.test_cl_common import (
     ALL_LINEAR,
     HELD_OUT,
     PAD,
     context,
     lora_model,
     model_after_task1,
-    one_thread,
     run_task,
     task_loss,
     tiny_model,
 )
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def test_o_lora_refuses_a_model_without_lora():

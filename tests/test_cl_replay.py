@@ -20,17 +20,18 @@ from models.cl.replay import (
 )
 from models.data import collate
 from models.engine import train
-from tests.test_cl_common import (  # noqa: F401  (one_thread is an autouse fixture)
+from tests.test_cl_common import (
     HELD_OUT,
     PAD,
     TASK2_STEPS,
     TRAIN,
     model_after_task1,
-    one_thread,
     optim,
     plain_after_task2,
     task_loss,
 )
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def records(count, **extra):

@@ -11,17 +11,18 @@ from models.cl.seekr import (
 )
 from models.data import collate
 from models.engine import train
-from tests.test_cl_common import (  # noqa: F401  (one_thread is an autouse fixture)
+from tests.test_cl_common import (
     PAD,
     TASK2_STEPS,
     TRAIN,
     context,
     model_after_task1,
-    one_thread,
     optim,
     plain_after_task2,
     tiny_model,
 )
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def seekr_after_task1(**options) -> SEEKRPlugin:

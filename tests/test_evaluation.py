@@ -51,13 +51,7 @@ def arithmetic_pairs() -> list[tuple[str, str]]:
     return [(f"What is {a} plus {b}?", str(a + b)) for a in range(10) for b in range(10)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a busy 2-core box two threads thrash.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")

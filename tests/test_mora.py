@@ -13,13 +13,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from models.mora import MoraConfig, MoraLinear, choose_mora_type, mora_rank
 from models.mora.layer import mora_update, rotate_chunks
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny matmuls run several times faster on one thread than with threads contending for 2 cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]  # square 32x32 and non-square 32<->64 layers

@@ -14,13 +14,7 @@ from perennial.config import TuningConfig
 NUM_LAYERS = 2
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny matmuls run several times faster on one thread than with threads contending for 2 cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def tiny_llama(seed: int = 0) -> transformers.LlamaForCausalLM:
