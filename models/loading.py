@@ -1,16 +1,22 @@
-"""Loading and saving causal LMs: local directories, hub ids (when online), the project's own checkpoints.
+"""Loading and saving causal LMs: local directories, hub ids, the project's own checkpoints.
 
+A hub id (``org/name``, optionally a ``revision``: branch, tag or commit) goes through
+transformers' own hub resolution: with HF_HUB_OFFLINE=1 (Perennial's default, perennial/env.py)
+it is read from the Hugging Face cache (HF_HUB_CACHE, default ~/.cache/huggingface/hub) only.
 Only safetensors weights are accepted: a directory holding only pickle weights (``*.bin``,
 ``*.pt``) is refused rather than unpickled.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import try_to_load_from_cache
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from models.atomic import atomic_dir
 
 
 class ModelLoadError(ValueError):
@@ -34,8 +40,35 @@ def _check_local_dir(path: Path) -> None:
         raise ModelLoadError(f"{path} has no weights (*.safetensors); was the save interrupted?")
 
 
+def _in_hub_cache(repo_id: str, revision: str | None) -> bool:
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str)
+    except ValueError:  # not even a valid repo id
+        return False
+
+
+def _load_error(what: str, name_or_path: str | Path, revision: str | None, error: Exception) -> ModelLoadError:
+    """transformers' offline message ("couldn't connect ... check your internet connection") does
+    not say that the hub is off on purpose, nor how to get the model; this one does."""
+    if Path(name_or_path).exists():
+        return ModelLoadError(f"cannot load the {what} in {name_or_path}: {error}")
+    at = f" at revision {revision!r}" if revision else ""
+    if hub_constants.is_offline_mode() and not _in_hub_cache(str(name_or_path), revision):
+        download = f"HF_HUB_OFFLINE=0 hf download {name_or_path}" + (f" --revision {revision}" if revision else "")
+        return ModelLoadError(
+            f"{str(name_or_path)!r} is not a local directory, and as a hub model id{at} it is not in the Hugging Face "
+            f"cache {hub_constants.HF_HUB_CACHE}; hub downloads are off (HF_HUB_OFFLINE=1, Perennial's default). "
+            f"To fix: download it once on a machine with network access (`{download}`), point HF_HUB_CACHE (or "
+            "HF_HOME) at a cache that holds it, or give the path of a saved model directory (model.source=local)."
+        )
+    return ModelLoadError(f"cannot load the {what} of hub model {str(name_or_path)!r}{at}: {error}")
+
+
 def load_tokenizer(name_or_path: str | Path, revision: str | None = None) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), revision=revision)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), revision=revision)
+    except OSError as error:
+        raise _load_error("tokenizer", name_or_path, revision, error) from None
     if tokenizer.pad_token_id is None:
         # Causal LMs often ship without a pad token; EOS is the conventional stand-in.
         tokenizer.pad_token = tokenizer.eos_token
@@ -48,7 +81,7 @@ def load_causal_lm(
     attn_implementation: str = "eager",
     device: torch.device | str = "cpu",
 ) -> torch.nn.Module:
-    """A local directory or, with a network, a hub id; the same transformers loading path either way."""
+    """A local directory or a hub id (from the cache when offline); the same transformers loading path either way."""
     path = Path(name_or_path)
     if path.exists():
         _check_local_dir(path)
@@ -57,9 +90,7 @@ def load_causal_lm(
             str(name_or_path), revision=revision, attn_implementation=attn_implementation, use_safetensors=True
         )
     except OSError as error:
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        hint = " (HF_HUB_OFFLINE=1: hub ids load only from the local cache)" if offline and not path.exists() else ""
-        raise ModelLoadError(f"cannot load model {name_or_path!r}{hint}: {error}") from None
+        raise _load_error("model", name_or_path, revision, error) from None
     return model.to(device)
 
 
@@ -81,9 +112,12 @@ def check_compatible(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
 
 
 def save_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, directory: str | Path) -> Path:
-    """Weights as safetensors plus config and tokenizer: loadable by plain AutoModelForCausalLM."""
+    """Weights as safetensors plus config and tokenizer: loadable by plain AutoModelForCausalLM.
+
+    Written all or nothing (models/atomic.py): a full disk raises DiskFullError naming the folder.
+    """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory, safe_serialization=True)
-    tokenizer.save_pretrained(directory)
+    with atomic_dir(directory) as scratch:
+        model.save_pretrained(scratch, safe_serialization=True)
+        tokenizer.save_pretrained(scratch)
     return directory

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import boto3
+from boto3.exceptions import RetriesExceededError, S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
@@ -128,15 +129,18 @@ class ObjectStore:
         for attempt in range(1, attempts + 1):
             try:
                 return call(*args, **kwargs)
-            except ClientError as error:
-                code = error.response.get("Error", {}).get("Code", "")
-                status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-                if code in {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchKey", "404"}:
-                    raise
-                if status and status < 500 and code not in {"SlowDown", "RequestTimeout"}:
-                    raise
+            except (ClientError, S3UploadFailedError) as error:
+                # upload_file wraps the server's answer (say a 503 while it restarts) in S3UploadFailedError
+                cause = error if isinstance(error, ClientError) else error.__context__
+                if isinstance(cause, ClientError):
+                    code = cause.response.get("Error", {}).get("Code", "")
+                    status = cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+                    if code in {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchKey", "404"}:
+                        raise
+                    if status and status < 500 and code not in {"SlowDown", "RequestTimeout"}:
+                        raise
                 last = error
-            except (BotoCoreError, EndpointConnectionError, ConnectionError) as error:
+            except (BotoCoreError, EndpointConnectionError, ConnectionError, RetriesExceededError) as error:
                 last = error
             if attempt < attempts:
                 time.sleep(delay)

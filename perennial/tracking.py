@@ -2,9 +2,12 @@
 log to the right run: one parent run per retrain, one nested run per stage.
 
 Mid-run outages: metrics go through a small write-ahead buffer. A metric that cannot be sent is
-kept (in memory and in a JSONL file under the work dir) and flushed, in order, on the next
-successful call or at the end of the stage; a stage never finishes with unsent metrics — it
-fails instead, and Prefect's retry re-runs it from its last checkpoint.
+kept (in memory and in a JSONL spool file under the stage's work dir) and flushed, in order, on
+the next successful call or at the end of the stage. Every send first asks the server's /health
+(2 s timeout), so a training step never waits out MLflow's own retries (minutes) while the server
+is down. A stage never finishes with unsent metrics: `finish` waits about a minute for the server,
+then fails the stage, and the retried stage's tracker reads the spool back and sends it
+(docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -43,6 +46,16 @@ def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
     raise TrackingError(f"MLflow tracking server {uri} is not healthy")
 
 
+def server_healthy(uri: str, timeout: float = 2.0) -> bool:
+    if not uri.startswith("http"):
+        return True
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
 def _mask(value: Any, secrets: list[str]) -> str:
     text = str(value)
     for secret in secrets:
@@ -57,9 +70,10 @@ class Tracker:
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.experiment = experiment
         self.secrets = [s for s in (secrets or []) if s]
-        self._pending: list[tuple[str, Metric]] = []
         self._lock = threading.Lock()
         self.spool = (spool_dir / "unsent-metrics.jsonl") if spool_dir else None
+        # What an earlier attempt of this stage could not send (it failed while the server was down).
+        self._pending: list[tuple[str, Metric]] = self._read_spool()
 
     def experiment_id(self) -> str:
         found = self.client.get_experiment_by_name(self.experiment)
@@ -105,15 +119,20 @@ class Tracker:
             if not pending:
                 return
             try:
+                if not server_healthy(self.uri):
+                    raise TrackingError(f"{self.uri} does not answer /health")
                 by_run: dict[str, list[Metric]] = {}
                 for run_id, metric in pending:
                     by_run.setdefault(run_id, []).append(metric)
                 for run_id, metrics in by_run.items():
                     for start in range(0, len(metrics), 500):
-                        self.client.log_batch(run_id, metrics=metrics[start : start + 500])
-                with self._lock:
-                    self._pending = self._pending[len(pending) :]
-                    self._spool()
+                        chunk = metrics[start : start + 500]
+                        self.client.log_batch(run_id, metrics=chunk)
+                        # dropped batch by batch, so a failure halfway never sends a metric twice
+                        sent = {id(metric) for metric in chunk}
+                        with self._lock:
+                            self._pending = [(r, m) for r, m in self._pending if id(m) not in sent]
+                            self._spool()
                 return
             except Exception as error:  # the server may be restarting; the buffer keeps everything
                 last = error
@@ -125,6 +144,16 @@ class Tracker:
     @property
     def unsent(self) -> int:
         return len(self._pending)
+
+    def _read_spool(self) -> list[tuple[str, Metric]]:
+        if self.spool is None or not self.spool.exists():
+            return []
+        pending = []
+        for line in self.spool.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                pending.append((row["run_id"], Metric(row["key"], row["value"], row["ts"], row["step"])))
+        return pending
 
     def _spool(self) -> None:
         if self.spool is None:
@@ -141,5 +170,5 @@ class Tracker:
         self.client.log_text(run_id, _mask(text, self.secrets), artifact_file)
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
-        self.flush(attempts=5)
+        self.flush(attempts=10)  # waits up to ~65 s for a restarting server, then fails the stage
         self.client.set_terminated(run_id, status=status)
