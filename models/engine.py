@@ -7,9 +7,11 @@ What makes it exactly resumable:
   examples a straight run would;
 - a checkpoint holds the trainable weights, optimizer and scheduler state, RNG states and the
   plugins' state, all as safetensors + JSON (never pickle).
-Under `torchrun` (torch.distributed initialised) the model is wrapped in DDP and each rank
-takes its slice of every global micro-batch; the reported loss and token count are global
-(averaged / summed over ranks), so every rank logs and checkpoints the same history.
+Under `torchrun` (torch.distributed initialised) the model is wrapped in DDP, or sharded with
+FSDP2 (`strategy="fsdp"`), and each rank takes its slice of every global micro-batch; the
+reported loss and token count are global (averaged / summed over ranks), so every rank logs and
+checkpoints the same history. Under FSDP a checkpoint gathers whole tensors to rank 0 and a
+resume scatters them again, so its files are the same as a single process's.
 """
 
 from __future__ import annotations
@@ -24,19 +26,29 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from tqdm.auto import tqdm
 
+from models.atomic import atomic_dir
 from models.cl.base import CLPlugin, PluginState
 from models.data import collate
 
 StepHook = Callable[[int, torch.nn.Module], None]
 LogFn = Callable[[dict[str, float], int], None]
 CheckpointFn = Callable[[int, Path], None]
+Strategy = Literal["ddp", "fsdp"]
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -108,6 +120,66 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().cpu().contiguous().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
+def trainable_names(model: torch.nn.Module) -> list[str]:
+    """In the optimizer's parameter order (build_optimizer), so position i is optimizer index i."""
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def shard_model(model: torch.nn.Module, device: torch.device) -> None:
+    """FSDP2 over all ranks: each transformer block is one unit (its parameters gathered just
+    before it runs and freed after), the embeddings, final norm and head another at the root.
+
+    The blocks are the model's `_no_split_modules` (transformers names them, e.g.
+    LlamaDecoderLayer); found through any peft wrapper.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    block_types = set()
+    for module in model.modules():
+        block_types.update(getattr(module, "_no_split_modules", None) or ())
+    blocks = [module for module in model.modules() if type(module).__name__ in block_types]
+    for block in blocks:  # collected first: fully_shard changes each module's class
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+_FULL_TO_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model state on the CPU, e.g. to export after training.
+
+    Under FSDP the shards are gathered to rank 0: a collective, every rank must call it; the
+    other ranks get an empty dict.
+    """
+    if is_sharded(model):
+        return get_model_state_dict(model, options=_FULL_TO_RANK0)
+    return {name: value.detach().cpu() for name, value in model.state_dict().items()}
+
+
+def _checkpoint_tensors(model, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Trainable weights and the optimizer state as one process holds them (whole tensors, the
+    state keyed by parameter index). Under FSDP a collective: rank 0 gets them, the others empty dicts."""
+    if not is_sharded(model):
+        return trainable_state(model), optimizer.state_dict()
+    names = trainable_names(model)
+    weights = get_model_state_dict(model, options=_FULL_TO_RANK0)
+    optim = get_optimizer_state_dict(model, optimizer, options=_FULL_TO_RANK0)
+    if not weights:
+        return {}, {}
+    # get_optimizer_state_dict keys by parameter name; the checkpoint format keys by index.
+    index = {name: position for position, name in enumerate(names)}
+    return {name: weights[name].contiguous() for name in names}, {
+        "state": {index[name]: slot for name, slot in optim["state"].items()},
+        "param_groups": [{**group, "params": [index[name] for name in group["params"]]} for group in optim["param_groups"]],
+    }
+
+
 def save_plugin_states(plugins: Sequence[CLPlugin], directory: Path) -> None:
     """Each plugin's tensors as safetensors and the rest as JSON (safetensors refuses an empty file)."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -129,9 +201,18 @@ def load_plugin_states(plugins: Sequence[CLPlugin], directory: Path) -> None:
 def save_state(
     directory: Path, model, optimizer, scheduler, step: int, losses: list[float], plugins: Sequence[CLPlugin] = ()
 ) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(trainable_state(model), directory / "trainable.safetensors")
-    optim = optimizer.state_dict()
+    """Write a checkpoint folder. For a sharded (FSDP) model every rank must call it (the tensors
+    are gathered); rank 0 writes, the files the same as a single process would write."""
+    weights, optim = _checkpoint_tensors(model, optimizer)
+    if is_sharded(model) and dist.get_rank() != 0:
+        return
+    # All or nothing: a save that dies (disk full, kill) leaves no half checkpoint under `directory`.
+    with atomic_dir(directory) as scratch:
+        _write_state(scratch, weights, optim, scheduler, step, losses, plugins)
+
+
+def _write_state(directory: Path, weights, optim, scheduler, step: int, losses: list[float], plugins: Sequence[CLPlugin]) -> None:
+    save_file(weights, directory / "trainable.safetensors")
     tensors, scalars = {}, {}
     for index, slot in optim["state"].items():
         for key, value in slot.items():
@@ -157,12 +238,17 @@ def save_state(
 
 
 def load_state(directory: Path, model, optimizer, scheduler, plugins: Sequence[CLPlugin] = ()) -> tuple[int, list[float]]:
+    """Restore a checkpoint folder. A sharded (FSDP) model takes each rank's shard of the whole
+    tensors in the files; every rank must call it with the same folder."""
     meta = json.loads((directory / "state.json").read_text())
     weights = load_file(directory / "trainable.safetensors")
     missing = set(weights) - {name for name, _ in model.named_parameters()}
     if missing:
         raise ValueError(f"checkpoint {directory} holds parameters the model lacks: {sorted(missing)[:5]}")
-    model.load_state_dict(weights, strict=False)
+    if is_sharded(model):
+        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        model.load_state_dict(weights, strict=False)
     tensors = load_file(directory / "optimizer.safetensors")
     state: dict[int, dict] = {}
     for key, value in list(tensors.items()) + list(meta["optimizer_scalars"].items()):
@@ -170,7 +256,15 @@ def load_state(directory: Path, model, optimizer, scheduler, plugins: Sequence[C
             continue
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    if is_sharded(model):
+        names = trainable_names(model)
+        by_name = {
+            "state": {names[index]: slot for index, slot in state.items()},
+            "param_groups": [{**group, "params": [names[i] for i in group["params"]]} for group in meta["param_groups"]],
+        }
+        set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     scheduler.load_state_dict(meta["scheduler"])
     rng = load_file(directory / "rng.safetensors")
     torch.set_rng_state(rng["cpu"])
@@ -218,8 +312,14 @@ def train(
     on_step_end: StepHook | None = None,
     desc: str = "train",
     shuffle: bool = True,
+    strategy: Strategy = "ddp",
 ) -> TrainResult:
-    """Run optimizer steps up to ``cfg.max_steps`` (an OptimConfig); resume from a saved state if given."""
+    """Run optimizer steps up to ``cfg.max_steps`` (an OptimConfig); resume from a saved state if given.
+
+    ``strategy`` matters only under torch.distributed: "ddp" wraps the model, "fsdp" shards it
+    in place (it stays sharded after training: export through `full_state_dict`). Under FSDP
+    every rank must pass ``checkpoint_fn`` (or none): writing a checkpoint is a collective.
+    """
     if not examples:
         raise ValueError(f"{desc}: no training examples; the stage would silently learn nothing")
     device = device or next(model.parameters()).device
@@ -228,7 +328,14 @@ def train(
     if micro % world:
         raise ValueError(f"batch_size {micro} must be divisible by the number of processes {world}")
     per_rank = micro // world
+    fsdp = world > 1 and strategy == "fsdp"
+    if fsdp and plugins:
+        raise ValueError("CL plugins (cit.methods) do not run under FSDP: they read whole parameters; use strategy ddp")
 
+    if fsdp:
+        # Before the optimizer (it must hold the shards) and before moving: a model loaded on the
+        # CPU then reaches the device one block at a time (moved, then sharded), never whole.
+        shard_model(model, device)
     model.to(device).train()
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, cfg))
@@ -236,7 +343,7 @@ def train(
     if resume_from is not None:
         start_step, losses = load_state(resume_from, model, optimizer, scheduler, plugins)
     trained = model
-    if world > 1:
+    if world > 1 and not fsdp:
         # DDP averages the ranks' gradients during backward; CPU (gloo) modules take no device_ids.
         device_ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
         trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
@@ -256,9 +363,13 @@ def train(
             cpu_batch = collate([examples[i] for i in positions], pad_token_id)
             tokens += int(cpu_batch["attention_mask"].sum())  # counted on the CPU copy: no device sync
             batch = {k: v.to(device) for k, v in cpu_batch.items()}
-            # Under DDP, gradients are all-reduced only on the step's last micro-batch (no_sync before).
+            # Gradients are reduced across ranks only on the step's last micro-batch.
             last_micro = accum == cfg.grad_accum - 1
-            sync = trained.no_sync() if world > 1 and not last_micro else contextlib.nullcontext()
+            sync = contextlib.nullcontext()
+            if fsdp:
+                model.set_requires_gradient_sync(last_micro)
+            elif world > 1 and not last_micro:
+                sync = trained.no_sync()
             with sync:
                 with autocast:
                     outputs = trained(**batch, output_attentions=want_attentions) if want_attentions else trained(**batch)
@@ -286,10 +397,12 @@ def train(
             log_fn({"loss": step_loss, "lr": scheduler.get_last_lr()[0]}, done)
         if on_step_end:
             on_step_end(done, model)
-        if checkpoint_fn and rank == 0 and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
+        if checkpoint_fn and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
             state_dir = (checkpoint_dir or Path("checkpoints")) / f"step-{done:08d}"
-            save_state(state_dir, model, optimizer, scheduler, done, losses, plugins)
-            checkpoint_fn(done, state_dir)
+            if rank == 0 or fsdp:  # FSDP: every rank takes part in gathering the tensors
+                save_state(state_dir, model, optimizer, scheduler, done, losses, plugins)
+            if rank == 0:
+                checkpoint_fn(done, state_dir)
     progress.close()
     model.eval()
     seconds = time.perf_counter() - started

@@ -59,12 +59,24 @@ class DemoDataConfig(Strict):
     tasks: list[Literal["arithmetic", "fact_lookup", "reverse", "uppercase", "digit_count"]] = Field(
         default_factory=lambda: ["arithmetic", "fact_lookup", "reverse"], min_length=1
     )
+    heldout_tasks: list[Literal["arithmetic", "fact_lookup", "reverse", "uppercase", "digit_count"]] = Field(
+        default_factory=list,
+        description="held-out general tasks: scored at every stage (eval_per_task test records each), never trained "
+        "on, not columns of the accuracy matrix; their change from stage 0 is the general-task delta",
+    )
     train_per_task: int = Field(400, ge=8)
     eval_per_task: int = Field(40, ge=4)
     general_docs: int = Field(1500, ge=10)
     domain_docs: int = Field(800, ge=10)
     general_eval_docs: int = Field(100, ge=4)
     seed: int = 1234
+
+    @model_validator(mode="after")
+    def _heldout_apart(self) -> "DemoDataConfig":
+        both = sorted(set(self.tasks) & set(self.heldout_tasks))
+        if both:
+            raise ValueError(f"data.demo.heldout_tasks must not repeat a trained task (data.demo.tasks): {both}")
+        return self
 
 
 # Dataset and task names become object-key components (see perennial.storage.key_component).
@@ -115,8 +127,10 @@ class IngestDatasetConfig(Strict):
 
     name: str = Field(pattern=_DATASET_NAME)
     shape: Literal["text", "alpaca", "chat", "classification", "instruction"]
-    role: Literal["general", "domain", "task"] | None = Field(
-        None, description="how the pipeline uses it; default: task for instruction shapes, domain for text"
+    role: Literal["general", "domain", "task", "heldout"] | None = Field(
+        None,
+        description="how the pipeline uses it; default: task for instruction shapes, domain for text. heldout: an "
+        "instruction dataset scored (test split) at every stage but never trained on, for the general-task delta",
     )
     task: str | None = Field(None, pattern=_DATASET_NAME, description="task name of instruction records; default name")
     sources: list[IngestSourceConfig] = Field(min_length=1)
@@ -138,7 +152,7 @@ class IngestDatasetConfig(Strict):
         return "text" if self.shape == "text" else "instruction"
 
     @property
-    def resolved_role(self) -> Literal["general", "domain", "task"]:
+    def resolved_role(self) -> Literal["general", "domain", "task", "heldout"]:
         return self.role or ("domain" if self.kind == "text" else "task")
 
     def field(self, canonical: str) -> str:
@@ -166,13 +180,16 @@ class IngestDatasetConfig(Strict):
                 )
         if self.incremental and self.incremental.new_data == "next_task" and self.kind == "text":
             raise ValueError("text datasets have no tasks: use incremental.new_data='append'")
+        if self.role == "heldout" and self.kind != "instruction":
+            raise ValueError("role 'heldout' is for instruction datasets (scored like tasks); held-out text belongs to role 'general'")
         return self
 
 
 class DataConfig(Strict):
     """Where training data comes from: generated demo data, or datasets ingested by perennial.ingest.
 
-    With source='datasets', instruction datasets with role 'task' form the task sequence in list order.
+    With source='datasets', instruction datasets with role 'task' form the task sequence in list order;
+    those with role 'heldout' are only evaluated (held-out general tasks).
     """
 
     source: Literal["demo", "datasets"] = "demo"
@@ -235,6 +252,10 @@ class BaseModelConfig(Strict):
     revision: str | None = None
     attn_implementation: Literal["eager", "sdpa"] = "eager"
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+    seed: int | None = Field(
+        None, description="seed of the tiny model's pretraining; default the run's seed. Fixing it lets runs with "
+        "different seeds start from one shared (cached) base model"
+    )
     pretrain: OptimConfig = Field(
         default_factory=lambda: OptimConfig(lr=3e-3, max_steps=300, batch_size=16, warmup_steps=20)
     )
@@ -271,6 +292,10 @@ class TuningConfig(Strict):
 
 class DAPConfig(Strict):
     enabled: bool = True
+    seed: int | None = Field(
+        None, description="seed of DAP; default the run's seed. Fixing it (with model.seed) lets runs with different "
+        "seeds share one cached DAP model, so only continual tuning varies"
+    )
     general_mix_fraction: float = Field(0.1, ge=0.0, le=1.0)
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-3, max_steps=100, warmup_steps=10))
     tuning: TuningConfig = Field(default_factory=TuningConfig)
@@ -371,6 +396,9 @@ class GatesConfig(Strict):
     min_bwt: float | None = None
     max_task_drop: float | None = Field(None, ge=0)
     max_general_ppl_increase: float | None = Field(None, ge=0, description="relative, e.g. 0.1 = +10%")
+    max_general_task_drop: float | None = Field(
+        None, ge=0, description="largest allowed drop of any held-out general task score from stage 0 to the final model"
+    )
     max_output_drift_kl: float | None = Field(None, ge=0)
 
 
@@ -378,6 +406,17 @@ class RegistryConfig(Strict):
     enabled: bool = True
     auto_promote: bool = False
     gates: GatesConfig = Field(default_factory=GatesConfig)
+
+
+class DistributedConfig(Strict):
+    """Multi-process training of the DAP and CIT stages (docs/training.md, "Multi-process training")."""
+
+    nproc_per_node: int = Field(
+        1, ge=1, description="processes per stage, one per GPU (gloo processes on a CPU); > 1: the stage runs under torchrun"
+    )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp: each process holds the whole model; fsdp: weights, gradients and optimizer state sharded (FSDP2)"
+    )
 
 
 class Config(Strict):
@@ -395,6 +434,24 @@ class Config(Strict):
     cit: CITConfig = Field(default_factory=CITConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+
+    @model_validator(mode="after")
+    def _distributed_fits(self) -> "Config":
+        processes = self.distributed.nproc_per_node
+        if processes == 1:
+            return self
+        if self.cit.methods:
+            raise ValueError(
+                "cit.methods (CL plugins) do not run in multi-process stages yet; use distributed.nproc_per_node=1"
+            )
+        for key, optim in (("dap.optim", self.dap.optim), ("cit.optim", self.cit.optim)):
+            if optim.batch_size % processes:
+                raise ValueError(
+                    f"{key}.batch_size {optim.batch_size} must be divisible by distributed.nproc_per_node {processes} "
+                    "(it is the global batch; each process takes an equal share)"
+                )
+        return self
 
     def digest(self) -> str:
         """Content digest of the configuration (stable across key order)."""

@@ -81,3 +81,30 @@ def test_env_references_resolve_with_defaults(monkeypatch, tmp_path):
     monkeypatch.delenv("PERENNIAL_TEST_BUCKET")
     with pytest.raises(ConfigError, match="PERENNIAL_TEST_BUCKET"):
         load_config(path)
+
+
+def test_heldout_general_tasks_are_validated():
+    cfg = load_config("configs/demo.yaml", ["data.demo.heldout_tasks=[uppercase]"])
+    assert cfg.data.demo.heldout_tasks == ["uppercase"]
+    with pytest.raises(ConfigError, match="heldout_tasks"):
+        load_config("configs/demo.yaml", ["data.demo.heldout_tasks=[reverse]"])  # reverse is trained in demo.yaml
+    source = [{"uri": "x.jsonl"}]
+    heldout = {"name": "probe", "shape": "alpaca", "role": "heldout", "sources": source}
+    cfg = build_config({"data": {"source": "datasets", "datasets": [heldout]}})
+    assert cfg.data.datasets[0].resolved_role == "heldout"
+    with pytest.raises(ConfigError, match="heldout"):
+        build_config({"data": {"source": "datasets", "datasets": [{**heldout, "shape": "text"}]}})
+
+
+def test_multi_process_stages_are_validated_before_any_work():
+    cfg = load_config("configs/demo.yaml", ["distributed.nproc_per_node=4", "distributed.strategy=fsdp"])
+    assert (cfg.distributed.nproc_per_node, cfg.distributed.strategy) == (4, "fsdp")
+    assert load_config("configs/demo.yaml").distributed.nproc_per_node == 1
+    with pytest.raises(ConfigError, match=r"dap.optim.batch_size 16 must be divisible by distributed.nproc_per_node 3"):
+        load_config("configs/demo.yaml", ["distributed.nproc_per_node=3"])
+    with pytest.raises(ConfigError, match=r"cit.optim.batch_size 6 must be divisible"):
+        load_config("configs/demo.yaml", ["distributed.nproc_per_node=4", "cit.optim.batch_size=6"])
+    with pytest.raises(ConfigError, match=r"cit.methods \(CL plugins\) do not run in multi-process stages"):
+        load_config("configs/demo.yaml", ["distributed.nproc_per_node=2", "cit.methods=[{name: ewc}]"])
+    with pytest.raises(ConfigError, match="distributed.strategy"):
+        load_config("configs/demo.yaml", ["distributed.strategy=zero3"])

@@ -1,8 +1,9 @@
-"""Multi-process (DDP) training matches single-process training at the same global batch.
+"""Multi-process (DDP and FSDP) training matches single-process training at the same global batch.
 
 The test starts this file twice as a script (rank 0 and 1, torchrun's environment variables,
-gloo on the CPU); each rank runs `models.engine.train` and writes its losses and final weights
-to a folder the test then compares with a single-process run in the test's own process.
+gloo on the CPU); each rank runs `models.engine.train` under DDP, then under FSDP2, and writes
+its losses, final weights and checkpoints to a folder the test then compares with
+single-process runs in the test's own process.
 
 Why the examples all have the same length and the same number of masked prompt tokens: each
 rank's loss is the mean over *its* supervised tokens, and DDP averages the ranks' gradients, so
@@ -30,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # when a rank runs this file as a script
     sys.path.insert(0, str(REPO))
 
-from models.engine import train  # noqa: E402
+from models.engine import full_state_dict, train  # noqa: E402
 from perennial.config import OptimConfig  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
@@ -47,6 +48,17 @@ def tiny_model(seed: int = 0) -> LlamaForCausalLM:
         LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=False)
     )
+
+
+def fsdp_input_model(seed: int = 0) -> LlamaForCausalLM:
+    """The FSDP runs train all but the embeddings: frozen and trainable parameters then share the
+    root FSDP unit, and the checkpoint's parameter indices skip a frozen one. ``seed`` draws the
+    trainable weights; the frozen embeddings are always seed 0's, as when a run is resumed on the
+    same input model."""
+    model = tiny_model(seed)
+    model.model.embed_tokens.weight.data.copy_(tiny_model(0).model.embed_tokens.weight)
+    model.model.embed_tokens.weight.requires_grad_(False)
+    return model
 
 
 def equal_length_examples(count: int = 24, length: int = 12, masked: int = 3) -> list[dict]:
@@ -84,9 +96,28 @@ def _worker(out_dir: Path) -> None:
 
     save_file({n: p.detach().contiguous() for n, p in straight_model.named_parameters()}, out_dir / f"straight-{rank}.safetensors")
     save_file({n: p.detach().contiguous() for n, p in resumed_model.named_parameters()}, out_dir / f"resumed-{rank}.safetensors")
+
+    # FSDP: the same straight run and a resume from its own mid-run checkpoint.
+    fsdp_checkpoints = out_dir / "fsdp-checkpoints"
+    fsdp_model = fsdp_input_model(seed=0)
+    fsdp = train(fsdp_model, data, CFG, seed=SEED, pad_token_id=0, strategy="fsdp",
+                 checkpoint_dir=fsdp_checkpoints, checkpoint_fn=lambda step, path: None)
+    fsdp_weights = full_state_dict(fsdp_model)  # gathered to rank 0; every rank must call it
+    dist.barrier()
+    fsdp_resumed_model = fsdp_input_model(seed=99)
+    fsdp_resumed = train(fsdp_resumed_model, data, CFG, seed=SEED, pad_token_id=0, strategy="fsdp",
+                         resume_from=fsdp_checkpoints / f"step-{RESUME_STEP:08d}")
+    fsdp_resumed_weights = full_state_dict(fsdp_resumed_model)
+    if rank == 0:
+        save_file(fsdp_weights, out_dir / "fsdp-straight.safetensors")
+        save_file(fsdp_resumed_weights, out_dir / "fsdp-resumed.safetensors")
+    else:
+        assert not fsdp_weights, "only rank 0 receives the gathered state"
+
     (out_dir / f"result-{rank}.json").write_text(json.dumps({
         "losses": straight.losses, "resumed_losses": resumed.losses, "resumed_from": resumed.resumed_from,
         "tokens": straight.tokens, "indivisible_error": indivisible_error,
+        "fsdp_losses": fsdp.losses, "fsdp_resumed_losses": fsdp_resumed.losses, "fsdp_resumed_from": fsdp_resumed.resumed_from,
     }))
     dist.destroy_process_group()
 
@@ -106,7 +137,7 @@ def runs(tmp_path_factory):
         for rank in range(WORLD)
     ]
     try:
-        single = single_process_run()
+        single = single_process_run(out_dir / "single-checkpoints")
         logs = [process.communicate(timeout=180)[0] for process in ranks]
     finally:
         for process in ranks:
@@ -116,15 +147,23 @@ def runs(tmp_path_factory):
     return out_dir, single
 
 
-def single_process_run():
+def single_process_run(checkpoints: Path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the tiny model gains nothing from threads, and loses much on a busy machine
     try:
         model = tiny_model(seed=0)
         result = train(model, equal_length_examples(), CFG, seed=SEED, pad_token_id=0)
+        # The FSDP runs' reference, with a checkpoint to compare theirs with, file by file.
+        frozen_model = fsdp_input_model(seed=0)
+        frozen = train(frozen_model, equal_length_examples(), CFG, seed=SEED, pad_token_id=0,
+                       checkpoint_dir=checkpoints, checkpoint_fn=lambda step, path: None)
     finally:
         torch.set_num_threads(threads)
-    return result, {n: p.detach() for n, p in model.named_parameters()}
+    return {
+        "result": result, "weights": {n: p.detach() for n, p in model.named_parameters()},
+        "frozen": frozen, "frozen_weights": {n: p.detach() for n, p in frozen_model.named_parameters()},
+        "checkpoint": checkpoints / f"step-{RESUME_STEP:08d}",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +177,7 @@ def single_run(runs):
 
 
 def test_two_ranks_follow_the_single_process_loss_and_weights(ddp_run, single_run):
-    single, single_weights = single_run
+    single, single_weights = single_run["result"], single_run["weights"]
     rank0 = json.loads((ddp_run / "result-0.json").read_text())
     # Losses are averaged over ranks, so rank 0 reports the global loss, not its half-batch's.
     assert rank0["losses"] == pytest.approx(single.losses, rel=1e-4)
@@ -171,6 +210,59 @@ def test_resumed_ddp_run_matches_the_straight_one_exactly(ddp_run):
 def test_batch_not_divisible_by_ranks_is_refused(ddp_run):
     rank0 = json.loads((ddp_run / "result-0.json").read_text())
     assert "must be divisible by the number of processes 2" in rank0["indivisible_error"]
+
+
+def test_fsdp_ranks_follow_the_single_process_loss_and_weights(ddp_run, single_run):
+    single, single_weights = single_run["frozen"], single_run["frozen_weights"]
+    rank0, rank1 = (json.loads((ddp_run / f"result-{r}.json").read_text()) for r in range(WORLD))
+    assert rank0["fsdp_losses"] == pytest.approx(single.losses, rel=1e-4)
+    assert rank0["fsdp_losses"] == rank1["fsdp_losses"]
+    gathered = load_file(ddp_run / "fsdp-straight.safetensors")
+    # Whole tensors under the plain parameter names, not shards or FSDP-prefixed names.
+    assert gathered.keys() == single_weights.keys()
+    for name, expected in single_weights.items():
+        assert gathered[name].shape == expected.shape, name
+        torch.testing.assert_close(gathered[name], expected, rtol=1e-4, atol=2e-5, msg=name)
+    assert torch.equal(gathered["model.embed_tokens.weight"], tiny_model(0).model.embed_tokens.weight.detach())
+
+
+def test_fsdp_checkpoint_has_the_single_process_format(ddp_run, single_run):
+    fsdp_dir, single_dir = ddp_run / "fsdp-checkpoints" / f"step-{RESUME_STEP:08d}", single_run["checkpoint"]
+    assert sorted(p.name for p in fsdp_dir.iterdir()) == sorted(p.name for p in single_dir.iterdir())
+    for name in ("trainable.safetensors", "optimizer.safetensors"):
+        fsdp, single = load_file(fsdp_dir / name), load_file(single_dir / name)
+        assert fsdp.keys() == single.keys(), name  # optimizer: "<param index>.<state>", as one process writes it
+        for key in single:
+            assert fsdp[key].shape == single[key].shape and fsdp[key].dtype == single[key].dtype, key
+            # Scaled to each tensor (Adam's second moments are ~1e-8): float summation order differs,
+            # a wrong parameter index would not be close at all.
+            scale = float(single[key].abs().max())
+            torch.testing.assert_close(fsdp[key], single[key], rtol=1e-3, atol=1e-3 * scale, msg=key)
+    assert "model.embed_tokens.weight" not in load_file(fsdp_dir / "trainable.safetensors")  # frozen: not saved
+    fsdp_meta, single_meta = (json.loads((d / "state.json").read_text()) for d in (fsdp_dir, single_dir))
+    assert fsdp_meta["step"] == single_meta["step"] == RESUME_STEP
+    assert fsdp_meta["param_groups"] == single_meta["param_groups"]
+    assert fsdp_meta["scheduler"] == single_meta["scheduler"]
+    assert fsdp_meta["losses"] == pytest.approx(single_meta["losses"], rel=1e-4)
+
+
+def test_fsdp_checkpoint_resumes_in_one_process(ddp_run, single_run, single_torch_thread):
+    model = fsdp_input_model(seed=99)
+    resumed = train(model, equal_length_examples(), CFG, seed=SEED, pad_token_id=0,
+                    resume_from=ddp_run / "fsdp-checkpoints" / f"step-{RESUME_STEP:08d}")
+    assert resumed.resumed_from == RESUME_STEP
+    assert resumed.losses == pytest.approx(single_run["frozen"].losses, rel=1e-4)
+    for name, expected in single_run["frozen_weights"].items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].detach(), expected, rtol=1e-4, atol=2e-5, msg=name)
+
+
+def test_resumed_fsdp_run_matches_the_straight_one_exactly(ddp_run):
+    rank0 = json.loads((ddp_run / "result-0.json").read_text())
+    assert rank0["fsdp_resumed_from"] == RESUME_STEP
+    assert rank0["fsdp_resumed_losses"] == rank0["fsdp_losses"]
+    straight, resumed = load_file(ddp_run / "fsdp-straight.safetensors"), load_file(ddp_run / "fsdp-resumed.safetensors")
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
 
 
 if __name__ == "__main__":  # a rank started by the `runs` fixture
