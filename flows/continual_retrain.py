@@ -47,7 +47,8 @@ def continual_retrain(config_path: str | None = None, overrides: list[str] | Non
             "tasks": summary.tasks,
             "accuracy_matrix": summary.matrix,
             "metrics": summary.metrics,
-            "chance": {task.name: task.chance for task in data.tasks},
+            "general_tasks": summary.general_tasks,
+            "chance": {task.name: task.chance for task in [*data.tasks, *data.heldout]},
             "checkpoints": checkpoints,
             "registered_model": registered,
         }

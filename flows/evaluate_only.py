@@ -39,7 +39,8 @@ def evaluate_only(
     evaluation = evaluate_task(run, checkpoint, data, 0, "evaluate-only")
     summary = report_task(run, data, [evaluation])
     finish_task(run)
-    print(f"{model_uri} -> {checkpoint}: " + ", ".join(f"{task}={score:.3f}" for task, score in evaluation.scores.items())
+    scores = {**evaluation.scores, **evaluation.general_scores}
+    print(f"{model_uri} -> {checkpoint}: " + ", ".join(f"{task}={score:.3f}" for task, score in scores.items())
           + f", general_ppl={evaluation.general_ppl:.3f}")
     return {
         "run_key": run.run_key,
@@ -47,6 +48,7 @@ def evaluate_only(
         "model_uri": model_uri,
         "checkpoint_uri": checkpoint,
         "scores": evaluation.scores,
+        "general_scores": evaluation.general_scores,
         "general_ppl": evaluation.general_ppl,
         "metrics": summary.metrics,
     }

@@ -135,24 +135,57 @@ def option_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_si
     """For each (prompt, option): the sum of log-probs of the option's tokens plus EOS given the rendered prompt.
 
     The option is tokenised on its own and followed by EOS, exactly as `encode_instruction`
-    builds a training target.
+    builds a training target. Consecutive pairs with the same prompt share one forward pass of
+    that prompt: its KV cache is copied to each option, so a 14-way classification costs one
+    prompt pass rather than fourteen. ``batch_size`` counts prompts.
     """
-    examples = []
+    groups: list[tuple[list[int], list[list[int]]]] = []
+    previous = None
     for text, option in pairs:
-        prompt_ids = encode_prompt(tokenizer, text)
-        option_ids = tokenizer.encode(option, add_special_tokens=False) + [tokenizer.eos_token_id]
-        examples.append({"input_ids": prompt_ids + option_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + option_ids})
+        if text != previous:
+            groups.append((encode_prompt(tokenizer, text), []))
+            previous = text
+        groups[-1][1].append(tokenizer.encode(option, add_special_tokens=False) + [tokenizer.eos_token_id])
     device = _device(model)
+    pad_id = _pad_id(tokenizer)
     scores: list[float] = []
     with _inference(model):
-        for chunk in _chunks(examples, batch_size, "options"):
-            batch = collate(chunk, _pad_id(tokenizer))
-            logprobs = torch.log_softmax(_logits(model, batch, device)[:, :-1], dim=-1)
-            labels = batch["labels"][:, 1:].to(device)
-            mask = labels != IGNORE_INDEX
-            picked = logprobs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            scores.extend((picked * mask).sum(dim=1).tolist())
+        for chunk in _chunks(groups, batch_size, "options"):
+            scores.extend(_score_shared_prompts(model, chunk, pad_id, device))
     return scores
+
+
+def _score_shared_prompts(model, groups, pad_id: int, device: torch.device) -> list[float]:
+    prompt_ids, prompt_mask = _left_pad([prompt for prompt, _ in groups], pad_id)
+    # Explicit positions: left padding must not shift where each prompt starts.
+    prompt_positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(
+        input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device),
+        position_ids=prompt_positions.to(device), use_cache=True,
+    )
+    next_logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+
+    rows = torch.tensor([row for row, (_, options) in enumerate(groups) for _ in options])
+    options = [option for _, group_options in groups for option in group_options]
+    cache = out.past_key_values
+    cache.reorder_cache(rows.to(device))  # one copy of its prompt's cache per option
+    width = max(len(option) for option in options)
+    option_ids = torch.full((len(options), width), pad_id, dtype=torch.long)
+    option_mask = torch.zeros((len(options), width), dtype=torch.long)
+    for index, option in enumerate(options):
+        option_ids[index, : len(option)] = torch.tensor(option)
+        option_mask[index, : len(option)] = 1
+    prompt_lengths = prompt_mask.sum(-1)[rows]
+    positions = prompt_lengths[:, None] + torch.arange(width)[None, :]
+    attention = torch.cat([prompt_mask[rows], option_mask], dim=1)
+    logits = model(
+        input_ids=option_ids.to(device), attention_mask=attention.to(device), position_ids=positions.to(device), past_key_values=cache
+    ).logits.float()
+
+    # Token 0 of an option is predicted by the prompt's last position, token j by option position j-1.
+    predicting = torch.cat([next_logprobs[rows.to(device)].unsqueeze(1), torch.log_softmax(logits[:, :-1], dim=-1)], dim=1)
+    picked = predicting.gather(-1, option_ids.to(device).unsqueeze(-1)).squeeze(-1)
+    return (picked * option_mask.to(device)).sum(dim=1).tolist()
 
 
 def choose_options(model, tokenizer, records: Sequence[dict], batch_size: int = 16) -> list[str]:

@@ -132,6 +132,12 @@ def summarize(
         metrics["general_ppl_delta"] = general_ppl_final - general_ppl_base
         metrics["general_ppl_rel_change"] = (general_ppl_final - general_ppl_base) / general_ppl_base if general_ppl_base else None
     if general_scores_base and general_scores_final:
-        for name, delta in general_ability_delta(general_scores_base, general_scores_final).items():
+        deltas = general_ability_delta(general_scores_base, general_scores_final)
+        for name, delta in deltas.items():
             metrics[f"general/{_metric_name(name)}_delta"] = delta
+        if deltas:
+            # Means over the same tasks (those scored at both ends), so delta = final - base exactly.
+            metrics["general_task_base"] = _mean([general_scores_base[name] for name in deltas])
+            metrics["general_task_final"] = _mean([general_scores_final[name] for name in deltas])
+            metrics["general_task_delta"] = _mean(list(deltas.values()))
     return metrics

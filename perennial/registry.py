@@ -45,7 +45,7 @@ PREVIOUS_VERSION_TAG = "previous_champion_version"  # lets rollback walk back mo
 
 # Shown first in review; every other metric follows alphabetically.
 HEADLINE_METRICS = ["final_mean", "ap", "aip", "bwt", "fwt", "forgetting_mean", "forgetting_max",
-                    "general_ppl_final", "general_ppl_rel_change", "drift_kl_mean"]
+                    "general_ppl_final", "general_ppl_rel_change", "general_task_delta", "drift_kl_mean"]
 LINEAGE_TAGS = ["base_model", "config_digest", "checkpoint_uri", "checkpoint_manifest", "tuning_method",
                 "cl_methods", "git_sha", "run_key"]
 DECISION_TAGS = ["promoted_by", "promoted_reason", "promoted_at", NEEDS_REVIEW_TAG, FAILED_GATES_TAG, PREVIOUS_VERSION_TAG,
@@ -176,6 +176,23 @@ def evaluate_gates(
         value = (mine_ppl - theirs_ppl) / theirs_ppl
         results.append(GateResult("max_general_ppl_increase", value <= threshold, value, threshold,
                                   f"general perplexity {theirs_ppl:.3f} -> {mine_ppl:.3f} ({value:+.2%}, must be <= {threshold:+.2%})"))
+
+    # Held-out general tasks against the same run's stage 0 (the model before continual tuning),
+    # so the gate needs no champion and is not affected by a changed evaluation set.
+    threshold = gates.max_general_task_drop
+    deltas = {key[len("general/"):-len("_delta")]: value for key, value in challenger_metrics.items()
+              if key.startswith("general/") and key.endswith("_delta") and value is not None}
+    if threshold is None:
+        results.append(GateResult("max_general_task_drop", True, None, None, "not configured"))
+    elif not deltas:
+        results.append(GateResult("max_general_task_drop", False, None, threshold,
+                                  "no held-out general task scores (general/<task>_delta): cannot check"))
+    else:
+        worst = min(deltas, key=deltas.get)
+        value = -deltas[worst]
+        results.append(GateResult("max_general_task_drop", value <= threshold, value, threshold,
+                                  f"worst held-out general task vs stage 0: {worst} {deltas[worst]:+.4f} "
+                                  f"(drop must be <= {threshold:g})"))
 
     absolute("max_output_drift_kl", "drift_kl_mean", gates.max_output_drift_kl, False, "output drift KL(base || final)")
     return results

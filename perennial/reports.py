@@ -1,4 +1,4 @@
-"""Report artefacts for a run: accuracy-matrix heatmap, per-task curves, drift plot, markdown summary."""
+"""Report artefacts for a run: accuracy-matrix heatmap, per-task curves (with held-out general tasks), drift plot, markdown summary."""
 
 from __future__ import annotations
 
@@ -47,8 +47,10 @@ def plot_accuracy_matrix(matrix: AccuracyMatrix, path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def plot_task_curves(matrix: AccuracyMatrix, path: str | Path) -> Path:
-    """One line per task: its score after every stage, with a marker where that task was trained."""
+def plot_task_curves(matrix: AccuracyMatrix, path: str | Path, general: list[dict[str, float]] | None = None) -> Path:
+    """One line per task: its score after every stage, with a marker where that task was trained.
+
+    `general` (one dict per stage) adds the held-out general tasks as dashed lines."""
     values = _as_array(matrix)
     stages = np.arange(len(matrix.rows))
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -56,6 +58,8 @@ def plot_task_curves(matrix: AccuracyMatrix, path: str | Path) -> Path:
         (line,) = ax.plot(stages, values[:, j], marker="o", label=task)
         if j + 1 < len(matrix.rows):
             ax.scatter([j + 1], [values[j + 1, j]], s=120, facecolors="none", edgecolors=line.get_color())
+    for name in _general_names(general):
+        ax.plot(stages, [_number(row.get(name)) for row in general], marker="s", linestyle="--", label=f"{name} (held-out)")
     ax.set_xticks(stages, matrix.stage_labels(), rotation=30, ha="right")
     ax.set_ylim(-0.02, 1.02)
     ax.set_ylabel("score")
@@ -98,11 +102,23 @@ def _number(value) -> float:
     return np.nan if value is None else float(value)
 
 
-def markdown_summary(matrix: AccuracyMatrix, metrics: dict, drift: list[dict] | None = None) -> str:
-    """The accuracy matrix, the metrics and (optionally) drift per stage as markdown tables."""
+def _general_names(general: list[dict[str, float]] | None) -> list[str]:
+    return list(dict.fromkeys(name for row in general or [] for name in row))
+
+
+def markdown_summary(matrix: AccuracyMatrix, metrics: dict, drift: list[dict] | None = None, general: list[dict[str, float]] | None = None) -> str:
+    """The accuracy matrix, held-out general tasks (stage 0 vs final, from `general`: one dict of
+    scores per stage), the metrics and (optionally) drift per stage as markdown tables."""
     lines = ["## Accuracy matrix", "", "| stage | " + " | ".join(matrix.tasks) + " |", "|---" * (matrix.num_tasks + 1) + "|"]
     for label, row in zip(matrix.stage_labels(), matrix.rows):
         lines.append(f"| {label} | " + " | ".join(_fmt(v) for v in row) + " |")
+    names = _general_names(general)
+    if names:
+        lines += ["", "## Held-out general tasks (never trained on)", "", "| task | before | final | delta |", "|---|---|---|---|"]
+        for name in names:
+            base, final = general[0].get(name), general[-1].get(name)
+            delta = None if base is None or final is None else final - base
+            lines.append(f"| {name} | {_fmt(base)} | {_fmt(final)} | {_fmt(delta)} |")
     lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
     lines += [f"| {name} | {_fmt(value)} |" for name, value in metrics.items()]
     if drift:

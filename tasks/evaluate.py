@@ -1,4 +1,4 @@
-"""Evaluation after every stage: one row of the accuracy matrix, general perplexity, output-bias drift."""
+"""Evaluation after every stage: one row of the accuracy matrix, held-out general tasks, general perplexity, output-bias drift."""
 
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ class StageEval(BaseModel):
     stage: str
     scores: dict[str, float]
     details: dict[str, dict[str, float]] = {}
+    # Held-out general tasks (never trained on): kept apart from `scores`, which are the accuracy-matrix row.
+    general_scores: dict[str, float] = {}
+    general_details: dict[str, dict[str, float]] = {}
     general_ppl: float
     drift: dict = {}
 
@@ -42,12 +45,18 @@ def evaluate_stage(run: RunContext, model_uri: str, data: DataBundle, stage_inde
         fetch_dir(store, model_uri, cache), attn_implementation=cfg.model.attn_implementation, device=resolve_device(cfg.device)
     )
     model.eval()
-    scores, details = {}, {}
-    for task in data.tasks:
-        records = read_records(store, task, cache, split="test")
-        scored = score_task(model, tokenizer, records, scoring=cfg.eval.scoring, batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens)
-        scores[task.name] = scored["accuracy"]
-        details[task.name] = {k: v for k, v in scored.items() if isinstance(v, (int, float))}
+
+    def score_all(refs):
+        scores, details = {}, {}
+        for ref in refs:
+            records = read_records(store, ref, cache, split="test")
+            scored = score_task(model, tokenizer, records, scoring=cfg.eval.scoring, batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens)
+            scores[ref.name] = scored["accuracy"]
+            details[ref.name] = {k: v for k, v in scored.items() if isinstance(v, (int, float))}
+        return scores, details
+
+    scores, details = score_all(data.tasks)
+    general_scores, general_details = score_all(data.heldout)
 
     general_test = read_records(store, data.general, cache, split="test")
     texts = [record["text"] for record in general_test[: cfg.eval.general_max_docs]]
@@ -66,9 +75,13 @@ def evaluate_stage(run: RunContext, model_uri: str, data: DataBundle, stage_inde
     base = load_file(local_base)["probs"]
     drift = output_drift(base, current, tokenizer)
 
-    evaluation = StageEval(stage_index=stage_index, stage=stage, scores=scores, details=details, general_ppl=ppl, drift=drift)
+    evaluation = StageEval(
+        stage_index=stage_index, stage=stage, scores=scores, details=details,
+        general_scores=general_scores, general_details=general_details, general_ppl=ppl, drift=drift,
+    )
     tracker = open_tracker(cfg)
     metrics = {f"eval/{name}": score for name, score in scores.items()}
+    metrics.update({f"eval_general/{name}": score for name, score in general_scores.items()})
     metrics["eval/general_ppl"] = ppl
     metrics.update({f"drift/{k}": v for k, v in drift.items() if isinstance(v, (int, float))})
     tracker.log_metrics(run.parent_run_id, metrics, step=stage_index)

@@ -27,9 +27,11 @@ class DataBundle(BaseModel):
     general: DatasetRef
     domain: DatasetRef | None  # without a domain corpus there is nothing to adapt to: DAP is skipped
     tasks: list[DatasetRef]
+    # Held-out general tasks: scored at every stage, never trained on, kept out of the accuracy matrix.
+    heldout: list[DatasetRef] = []
 
     def all(self) -> list[DatasetRef]:
-        return [self.general, *([self.domain] if self.domain else []), *self.tasks]
+        return [self.general, *([self.domain] if self.domain else []), *self.tasks, *self.heldout]
 
 
 def _ref(result, chance: float | None = None) -> DatasetRef:
@@ -55,25 +57,30 @@ def ingest(run: RunContext) -> DataBundle:
         log_dataset_to_mlflow(result, context=result.name, run_id=run.parent_run_id, client=tracker.client)
     refs = {result.name: _ref(result, chance) for result, chance in results}
     if cfg.data.source == "demo":
-        return DataBundle(general=refs["general"], domain=refs["domain"], tasks=[refs[name] for name in cfg.data.demo.tasks])
+        demo = cfg.data.demo
+        return DataBundle(
+            general=refs["general"], domain=refs["domain"], tasks=[refs[name] for name in demo.tasks],
+            heldout=[refs[name] for name in demo.heldout_tasks],
+        )
     roles = {spec.name: spec.resolved_role for spec in cfg.data.datasets}
     general = [refs[name] for name, role in roles.items() if role == "general"]
     domain = [refs[name] for name, role in roles.items() if role == "domain"]
     tasks = [refs[name] for name, role in roles.items() if role == "task"]
+    heldout = [refs[name] for name, role in roles.items() if role == "heldout"]
     if len(general) != 1 or len(domain) > 1 or not tasks:
         raise ValueError(
             "data.datasets must hold exactly one dataset with role: general, at most one with role: domain, "
             f"and at least one instruction task; got general={len(general)}, domain={len(domain)}, tasks={len(tasks)}"
         )
-    return DataBundle(general=general[0], domain=domain[0] if domain else None, tasks=tasks)
+    return DataBundle(general=general[0], domain=domain[0] if domain else None, tasks=tasks, heldout=heldout)
 
 
 def _demo_results(run: RunContext, store, work) -> list[tuple]:
     cfg = run.config
     demo = cfg.data.demo
 
-    def publish(name: str, kind: str, records: list[dict]):
-        return ingest_records(name, kind, records, store=store, work_dir=work, storage_prefix=cfg.storage.prefix)
+    def publish(name: str, kind: str, records: list[dict], role: str | None = None):
+        return ingest_records(name, kind, records, store=store, work_dir=work, storage_prefix=cfg.storage.prefix, role=role)
 
     general_docs = demo_data.general_corpus(demo.general_docs + demo.general_eval_docs, demo.seed)
     general = [{"text": text, "split": "test" if index < demo.general_eval_docs else "train"} for index, text in enumerate(general_docs)]
@@ -83,6 +90,10 @@ def _demo_results(run: RunContext, store, work) -> list[tuple]:
     for name in demo.tasks:
         records = demo_data.task_records(catalogue[name], demo.train_per_task, demo.eval_per_task, demo.seed)
         results.append((publish(name, "instruction", records), catalogue[name].chance))
+    for name in demo.heldout_tasks:
+        # Test records only: a held-out task has nothing to train on, by construction.
+        records = demo_data.task_records(catalogue[name], 0, demo.eval_per_task, demo.seed)
+        results.append((publish(name, "instruction", records, role="heldout"), catalogue[name].chance))
     return results
 
 

@@ -23,29 +23,48 @@ class Report(BaseModel):
     matrix: list[list[float]]
     metrics: dict[str, float]
     markdown: str
+    # Held-out general tasks: name -> {"base": stage-0 score, "final": last-stage score, "delta": final - base}.
+    general_tasks: dict[str, dict[str, float]] = {}
 
 
 def report(run: RunContext, data: DataBundle, evaluations: list[StageEval]) -> Report:
     tasks = [task.name for task in data.tasks]
     rows = [[evaluation.scores[name] for name in tasks] for evaluation in evaluations]
     matrix = AccuracyMatrix(tasks=tasks, rows=rows)
-    metrics = summarize(matrix, general_ppl_base=evaluations[0].general_ppl, general_ppl_final=evaluations[-1].general_ppl)
+    base, final = evaluations[0], evaluations[-1]
+    metrics = summarize(
+        matrix,
+        general_ppl_base=base.general_ppl,
+        general_ppl_final=final.general_ppl,
+        general_scores_base=base.general_scores,
+        general_scores_final=final.general_scores,
+    )
+    general = [evaluation.general_scores for evaluation in evaluations]
+    general_tasks = {
+        name: {"base": base.general_scores[name], "final": final.general_scores[name], "delta": final.general_scores[name] - base.general_scores[name]}
+        for name in base.general_scores
+        if name in final.general_scores
+    }
     drift = [evaluation.drift for evaluation in evaluations]
-    markdown = markdown_summary(matrix, metrics, drift=drift)
+    markdown = markdown_summary(matrix, metrics, drift=drift, general=general)
 
     tracker = open_tracker(run.config)
     tracker.log_metrics(run.parent_run_id, {k: v for k, v in metrics.items() if v is not None}, step=len(evaluations) - 1)
     out = run.work_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     plot_accuracy_matrix(matrix, out / "accuracy_matrix.png")
-    plot_task_curves(matrix, out / "task_curves.png")
+    plot_task_curves(matrix, out / "task_curves.png", general=general)
     plot_drift(drift, out / "drift.png")
     (out / "summary.md").write_text(markdown)
     (out / "accuracy_matrix.json").write_text(json.dumps({"tasks": tasks, "rows": rows}))
+    if general_tasks:
+        (out / "general_tasks.json").write_text(json.dumps({"tasks": list(general_tasks), "rows": general, "summary": general_tasks}))
     for path in sorted(out.iterdir()):
         tracker.log_artifact(run.parent_run_id, path, "report")
     tracker.flush(attempts=5)
-    return Report(tasks=tasks, matrix=rows, metrics={k: v for k, v in metrics.items() if v is not None}, markdown=markdown)
+    return Report(
+        tasks=tasks, matrix=rows, metrics={k: v for k, v in metrics.items() if v is not None}, markdown=markdown, general_tasks=general_tasks
+    )
 
 
 def _git_sha() -> str:

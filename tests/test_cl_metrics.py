@@ -121,3 +121,21 @@ def test_rejects_malformed_matrices():
         AccuracyMatrix(tasks=["a", "b"], rows=[[0.1]])
     with pytest.raises(ValueError):
         AccuracyMatrix(tasks=["a"], rows=[[0.1], [0.2], [0.3]])
+
+
+def test_general_task_delta_is_the_mean_of_per_task_deltas():
+    base = {"digit_count": 0.10, "uppercase": 0.50, "only_base": 0.9}
+    final = {"digit_count": 0.35, "uppercase": 0.20, "only_final": 0.1}
+    m = summarize(R3, general_scores_base=base, general_scores_final=final)
+    # per task: digit_count 0.35 - 0.10 = +0.25, uppercase 0.20 - 0.50 = -0.30; the others are unpaired
+    assert m["general/digit_count_delta"] == pytest.approx(0.25)
+    assert m["general/uppercase_delta"] == pytest.approx(-0.30)
+    assert not any("only_" in key for key in m)
+    # means over the two paired tasks only: base (0.10 + 0.50) / 2, final (0.35 + 0.20) / 2
+    assert m["general_task_base"] == pytest.approx(0.30)
+    assert m["general_task_final"] == pytest.approx(0.275)
+    assert m["general_task_delta"] == pytest.approx(-0.025)  # (0.25 - 0.30) / 2
+    # held-out tasks are not columns of R: the matrix metrics are those of R3 alone
+    assert {k: m[k] for k in ("ap", "bwt", "fwt")} == pytest.approx({k: summarize(R3)[k] for k in ("ap", "bwt", "fwt")})
+    without = summarize(R3, general_scores_base={}, general_scores_final={})
+    assert not any(key.startswith("general_task") for key in without)

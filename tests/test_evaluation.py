@@ -244,3 +244,18 @@ def test_drift_rises_after_narrow_digit_finetuning(base, tok, sounds_model):
     # ...and the tokens that gained most are digits.
     top = [g["token"].strip() for g in digits["top_gainers"][:5]]
     assert sum(t.isdigit() for t in top) >= 3
+
+
+def test_shared_prompt_option_scores_equal_full_sequence_scores(base, tok):
+    # Prompts of different lengths (left padding) and different option counts in one batch.
+    groups = [("What does a cat say?", ["meow", "woof", "moo"]), ("Say it", ["quack", "oink"]),
+              ("A much longer prompt about which animal makes which sound on a farm?", ["moo", "meow", "baa", "woof"])]
+    pairs = [(prompt, option) for prompt, options in groups for option in options]
+    expected = []
+    with torch.no_grad():
+        for prompt, option in pairs:
+            example = encode_instruction(tok, prompt, option, 128)
+            supervised = sum(label != -100 for label in example["labels"]) - (example["labels"][0] != -100)
+            expected.append(-base(**collate([example], tok.pad_token_id)).loss.item() * supervised)
+    assert option_logprobs(base, tok, pairs, batch_size=3) == pytest.approx(expected, rel=1e-4, abs=1e-4)
+    assert option_logprobs(base, tok, pairs, batch_size=1) == pytest.approx(expected, rel=1e-4, abs=1e-4)

@@ -19,7 +19,8 @@ pytestmark = pytest.mark.integration
 
 MICRO = {
     "run_name": "micro",
-    "data": {"demo": {"tasks": ["arithmetic", "fact_lookup", "reverse"], "train_per_task": 48, "eval_per_task": 8,
+    "data": {"demo": {"tasks": ["arithmetic", "fact_lookup", "reverse"], "heldout_tasks": ["digit_count"],
+                      "train_per_task": 48, "eval_per_task": 8,
                       "general_docs": 120, "domain_docs": 60, "general_eval_docs": 8}},
     "model": {"tiny": {"vocab_size": 300, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                        "num_attention_heads": 2, "num_key_value_heads": 2},
@@ -51,6 +52,12 @@ def test_continual_retrain_end_to_end(services, prefect_harness, tmp_path):
     assert len(summary["accuracy_matrix"]) == 4 and all(len(row) == 3 for row in summary["accuracy_matrix"])
     for key in ("ap", "bwt", "fwt"):
         assert key in summary["metrics"]
+    # the held-out general task is scored but is no column of R, and its delta is final - stage 0
+    assert "digit_count" not in summary["tasks"]
+    heldout = summary["general_tasks"]["digit_count"]
+    assert heldout["delta"] == pytest.approx(heldout["final"] - heldout["base"])
+    assert summary["metrics"]["general_task_delta"] == pytest.approx(heldout["delta"])
+    assert summary["metrics"]["general/digit_count_delta"] == pytest.approx(heldout["delta"])
 
     # every checkpoint is committed in S3 and its digests verify on download
     store = ObjectStore(StorageConfig(endpoint_url=services.s3_endpoint, bucket="pipeline-test"))
@@ -62,7 +69,7 @@ def test_continual_retrain_end_to_end(services, prefect_harness, tmp_path):
     mid_stage = [i.key for i in store.list("perennial/runs/") if "/checkpoints/step-00000004/MANIFEST.json" in i.key]
     assert len(mid_stage) == 3  # one mid-stage checkpoint per CIT task (checkpoint_every=4 of 8 steps)
     datasets = {i.key.split("/")[2] for i in store.list("perennial/datasets/") if i.key.endswith("MANIFEST.json")}
-    assert {"general", "domain", "arithmetic", "fact_lookup", "reverse"} <= datasets
+    assert {"general", "domain", "arithmetic", "fact_lookup", "reverse", "digit_count"} <= datasets
 
     # MLflow: a parent run with nested stage runs, metrics with steps, a registered version
     client = MlflowClient(services.mlflow_uri)
@@ -70,6 +77,11 @@ def test_continual_retrain_end_to_end(services, prefect_harness, tmp_path):
     assert parent.info.status == "FINISHED"
     history = client.get_metric_history(parent.info.run_id, "eval/arithmetic")
     assert sorted(m.step for m in history) == [0, 1, 2, 3]
+    general_history = {m.step: m.value for m in client.get_metric_history(parent.info.run_id, "eval_general/digit_count")}
+    assert sorted(general_history) == [0, 1, 2, 3]
+    assert (general_history[0], general_history[3]) == pytest.approx((heldout["base"], heldout["final"]))
+    assert "eval/digit_count" not in parent.data.metrics
+    assert parent.data.metrics["general_task_delta"] == pytest.approx(heldout["delta"])
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     names = {run.data.tags["mlflow.runName"] for run in children}
     assert {"pretrain-base", "dap", "cit-01-arithmetic", "cit-02-fact_lookup", "cit-03-reverse"} <= names
@@ -81,13 +93,15 @@ def test_continual_retrain_end_to_end(services, prefect_harness, tmp_path):
     version = client.get_model_version_by_alias("micro-model", "challenger")
     assert int(version.version) == registered["version"]
     assert version.tags["config_digest"] == cfg.digest()
+    assert float(version.tags["metric.general_task_delta"]) == pytest.approx(heldout["delta"])
+    assert "dataset.digit_count" in version.tags
 
     # the Prefect run carries the same table as a markdown artifact with a link to the MLflow run
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as prefect:
         markdown = [artifact.data for artifact in prefect.read_artifacts() if artifact.type == "markdown"]
-    assert any(parent.info.run_id in text and "arithmetic" in text for text in markdown)
+    assert any(parent.info.run_id in text and "arithmetic" in text and "| digit_count |" in text for text in markdown)
 
     # export: a plain transformers folder that generates what in-pipeline evaluation generates
     exported = export_model(cfg, summary["checkpoints"]["cit-03-reverse"], tmp_path / "exported")
@@ -104,4 +118,5 @@ def test_continual_retrain_end_to_end(services, prefect_harness, tmp_path):
     # a rerun of the same config finds every stage committed and returns the same results
     again = continual_retrain(config=cfg.model_dump(mode="json"))
     assert again["accuracy_matrix"] == summary["accuracy_matrix"]
+    assert again["general_tasks"] == summary["general_tasks"]
     assert again["checkpoints"] == summary["checkpoints"]

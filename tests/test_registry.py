@@ -74,7 +74,21 @@ def test_missing_metric_fails_and_changed_eval_sets_are_not_compared():
     # fact_lookup's evaluation data changed: its 0.3 drop is not a like-for-like comparison
     assert results["max_task_drop"].passed and "fact_lookup" in results["max_task_drop"].detail
     unconfigured = registry.evaluate_gates(GatesConfig(), challenger, None)
-    assert all(r.passed and r.detail == "not configured" for r in unconfigured) and len(unconfigured) == 5
+    assert all(r.passed and r.detail == "not configured" for r in unconfigured) and len(unconfigured) == 6
+
+
+def test_general_task_drop_gate_compares_with_stage_0_not_the_champion():
+    gates = GatesConfig(max_general_task_drop=0.1)
+    challenger = {**metrics([0.8, 0.8, 0.8]), "general/digit_count_delta": -0.05, "general/uppercase_delta": -0.15}
+    result = by_name(registry.evaluate_gates(gates, challenger, None))["max_general_task_drop"]
+    # worst held-out task: uppercase lost 0.15 since stage 0 > 0.1, even with no champion
+    assert not result.passed and result.value == pytest.approx(0.15) and "uppercase" in result.detail
+    challenger["general/uppercase_delta"] = 0.2
+    result = by_name(registry.evaluate_gates(gates, challenger, None))["max_general_task_drop"]
+    assert result.passed and result.value == pytest.approx(0.05) and "digit_count" in result.detail
+    # configured but the run had no held-out general tasks: cannot check, so it fails
+    missing = by_name(registry.evaluate_gates(gates, metrics([0.8, 0.8, 0.8]), None))["max_general_task_drop"]
+    assert not missing.passed and "cannot check" in missing.detail
 
 
 # --- registry against the real MLflow server --------------------------------------------------
@@ -106,7 +120,7 @@ def test_lineage_life_gates_review_promote_rollback(services, tmp_path, capsys, 
     assert v1["promoted"] and v1["version"] == 1 and all(g["passed"] for g in v1["gates"])
     champion = client.get_model_version_by_alias(name, "champion")
     assert champion.version == "1" and client.get_model_version_by_alias(name, "challenger").version == "1"
-    assert champion.tags["promoted_by"] == "auto-promote" and "all 5 gates passed" in champion.tags["promoted_reason"]
+    assert champion.tags["promoted_by"] == "auto-promote" and "all 6 gates passed" in champion.tags["promoted_reason"]
     assert champion.tags["promoted_at"] and "needs-review" not in champion.tags
     # metric values travel as tags, so review needs no run lookups
     assert float(champion.tags["metric.final/reverse"]) == pytest.approx(0.8)
@@ -133,7 +147,7 @@ def test_lineage_life_gates_review_promote_rollback(services, tmp_path, capsys, 
     assert "21.0000" in text and "20.0000" in text  # general perplexity side by side
     gate_rows = {line.split()[1]: line.split()[0] for line in text.splitlines() if line.startswith(("PASS", "FAIL"))}
     assert gate_rows == {"min_target_score": "PASS", "min_bwt": "FAIL", "max_task_drop": "FAIL",
-                         "max_general_ppl_increase": "PASS", "max_output_drift_kl": "PASS"}
+                         "max_general_ppl_increase": "PASS", "max_general_task_drop": "PASS", "max_output_drift_kl": "PASS"}
     assert "against champion v1" in text
     for version in ("1", "2"):
         lineage = client.get_model_version(name, version).tags
@@ -179,14 +193,26 @@ def test_lineage_life_gates_review_promote_rollback(services, tmp_path, capsys, 
     assert registry.rollback(client, name, by="erin", reason="back2")["champion"] == 1
 
 
-def test_status_lists_retrains_with_stages_and_links(services, capsys):
+def test_status_without_prefect_still_lists_retrains_with_stages_and_links(services, capsys):
+    from perennial.services import free_ports
+
     client = MlflowClient(services.mlflow_uri)
     experiment_id = client.create_experiment(f"status-{uuid.uuid4().hex[:8]}")
-    parent = client.create_run(experiment_id, run_name="nightly-status", tags={"perennial.run_key": "nightly-abc"})
+    parent = client.create_run(experiment_id, run_name="nightly-status", tags={
+        "perennial.run_key": "nightly-abc", "prefect.flow_run_id": str(uuid.uuid4()), "prefect.flow_run_name": "sleepy-owl"})
+    # no perennial.s3_prefix tag (a run from before it existed): the prefix comes from the logged config
+    client.log_param(parent.info.run_id, "storage.bucket", "bkt")
+    client.log_param(parent.info.run_id, "storage.prefix", "perennial")
     client.create_run(experiment_id, run_name="dap", tags={"mlflow.parentRunId": parent.info.run_id, "stage": "dap"})
     name = client.get_experiment(experiment_id).name
-    assert main(["status", "--experiment", name, "--tracking-uri", services.mlflow_uri]) == 0
+    (closed,) = free_ports(1)  # nothing listens there: the Prefect API is down
+    assert main(["status", "--experiment", name, "--tracking-uri", services.mlflow_uri,
+                 "--prefect-api-url", f"http://127.0.0.1:{closed}/api"]) == 0
     out = capsys.readouterr().out
-    assert "nightly-status" in out and "key=nightly-abc" in out and "dap=RUNNING" in out and "RUNNING" in out.splitlines()[0]
+    assert f"prefect: column missing: Prefect API http://127.0.0.1:{closed}/api is unreachable" in out
+    assert "nightly-status" in out and "key=nightly-abc" in out
+    assert "flow run 'sleepy-owl' (state not available)" in out
+    assert "mlflow   RUNNING    current stage dap (RUNNING)" in out and "dap=RUNNING" in out
     assert f"{services.mlflow_uri}/#/experiments/{experiment_id}/runs/{parent.info.run_id}" in out
+    assert "s3       s3://bkt/perennial/runs/nightly-abc" in out
     assert main(["status", "--experiment", "no-such-experiment", "--tracking-uri", services.mlflow_uri]) == 1

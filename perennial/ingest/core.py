@@ -363,7 +363,7 @@ def ingest_records(
     test_fraction: float = 0.1,
     max_chars: int = 20000,
     over_long: Literal["reject", "truncate"] = "reject",
-    role: Literal["general", "domain", "task"] | None = None,
+    role: Literal["general", "domain", "task", "heldout"] | None = None,
 ) -> IngestResult:
     """Ingest records generated in memory through the same validation and versioning path.
 
