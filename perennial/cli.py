@@ -5,7 +5,7 @@
     perennial review MODEL                 champion vs challenger: metrics, gates, lineage
     perennial promote MODEL VERSION        make VERSION the champion (--reason, --by)
     perennial rollback MODEL               give `champion` back to `previous-champion`
-    perennial status [--limit N]           recent retrain runs and their stages
+    perennial status [--limit N]           recent retrains: Prefect state + MLflow stage, status, links
     perennial deploy                       register deployments/prefect.yaml with the Prefect server
 """
 
@@ -70,6 +70,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     print("  " + "  ".join(f"{t:>12s}" for t in summary["tasks"]))
     for row in summary["accuracy_matrix"]:
         print("  " + "  ".join(f"{v:12.3f}" for v in row))
+    for name, scores in summary.get("general_tasks", {}).items():
+        print(f"held-out general task {name}: {scores['base']:.3f} -> {scores['final']:.3f} ({scores['delta']:+.3f})")
     print("metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(summary["metrics"].items()) if "/" not in k))
     print(f"MLflow UI:  open {summary['tracking_uri']} (run {summary['mlflow_run_id']})")
     print(f"S3:         {summary['s3_prefix']}")
@@ -131,33 +133,19 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from perennial.status import status_report
+
     client, uri = _tracking_client(args)
-    experiment = client.get_experiment_by_name(args.experiment)
-    if experiment is None:
+    prefect_url = args.prefect_api_url
+    if prefect_url is None:
+        from prefect.settings import get_current_settings
+
+        prefect_url = get_current_settings().api.url
+    report = status_report(client, uri, args.experiment, args.limit, prefect_url)
+    if report is None:
         print(f"no experiment {args.experiment!r} at {uri}", file=sys.stderr)
         return 1
-    # One search: the newest runs, parents and stages together; stages are grouped under their parent.
-    runs = client.search_runs([experiment.experiment_id], max_results=max(args.limit * 30, 100), order_by=["attributes.start_time DESC"])
-    stages: dict[str, list] = {}
-    for run in runs:
-        parent = run.data.tags.get("mlflow.parentRunId")
-        if parent:
-            stages.setdefault(parent, []).append(run)
-    parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags][: args.limit]
-    if not parents:
-        print(f"no runs yet in experiment {args.experiment!r}")
-        return 0
-    from datetime import datetime
-
-    for run in parents:
-        started = datetime.fromtimestamp(run.info.start_time / 1000).strftime("%Y-%m-%d %H:%M:%S")
-        name = run.data.tags.get("mlflow.runName", run.info.run_id)
-        print(f"{started}  {run.info.status:9s}  {name}  key={run.data.tags.get('perennial.run_key', '-')}")
-        children = sorted(stages.get(run.info.run_id, []), key=lambda child: child.info.start_time)
-        if children:
-            print("    stages: " + "  ".join(
-                f"{child.data.tags.get('stage', child.data.tags.get('mlflow.runName', '?'))}={child.info.status}" for child in children))
-        print(f"    {uri.rstrip('/')}/#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}")
+    print(report, end="")
     return 0
 
 
@@ -289,10 +277,15 @@ def build_parser() -> argparse.ArgumentParser:
     tracking_option(rollback)
     rollback.set_defaults(func=cmd_rollback)
 
-    status = sub.add_parser("status", help="recent retrain runs: name, stages, status, start time, MLflow link")
-    status.add_argument("--limit", type=int, default=10, help="how many retrain runs (default 10)")
+    status = sub.add_parser("status", help="recent retrains: Prefect flow-run state joined with the MLflow run (stage, status, link, S3 prefix)",
+                            description="Recent retrains, newest first: the Prefect flow run (state, name, deployment, start) "
+                            "joined with its MLflow parent run (run key, current or last stage, status, MLflow link, S3 prefix), "
+                            "then continual-retrain flow runs with no MLflow run in the experiment. Without a reachable "
+                            "Prefect API the MLflow side is still shown, with the reason.")
+    status.add_argument("--limit", type=int, default=10, help="how many retrains (default 10)")
     status.add_argument("--experiment", default="perennial-demo", help="MLflow experiment (tracking.experiment; default perennial-demo)")
     tracking_option(status)
+    status.add_argument("--prefect-api-url", default=None, help="Prefect API, e.g. http://127.0.0.1:4200/api (default: $PREFECT_API_URL)")
     status.set_defaults(func=cmd_status)
 
     deploy = sub.add_parser("deploy", help="register the Prefect deployments in deployments/prefect.yaml (run from the project root)")

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from perennial.config import Config
 from perennial.storage import ObjectStore, join_key, key_component
+from perennial.status import FLOW_RUN_ID_TAG, FLOW_RUN_NAME_TAG, RUN_KEY_TAG, S3_PREFIX_TAG
 from perennial.tracking import Tracker
 
 
@@ -76,9 +77,6 @@ def committed_uri(store: ObjectStore, prefix: str) -> str | None:
     return store.uri(prefix) if store.read_manifest(prefix) is not None else None
 
 
-RUN_KEY_TAG = "perennial.run_key"
-
-
 def start_run(config: Config, run_key: str | None = None) -> RunContext:
     """Preflight (storage and tracking reachable, before any training) and the parent MLflow run.
 
@@ -99,7 +97,19 @@ def start_run(config: Config, run_key: str | None = None) -> RunContext:
         tracker.log_params(parent, _flatten(flat))
     else:
         tracker.client.update_run(parent, status="RUNNING")
-    return RunContext(config=config, run_key=run_key, parent_run_id=parent, experiment_id=tracker.experiment_id())
+    context = RunContext(config=config, run_key=run_key, parent_run_id=parent, experiment_id=tracker.experiment_id())
+    # For `perennial status`: where the run's files are, and the Prefect flow run to join it with
+    # (on a resume, the flow run that resumed it).
+    tracker.set_tags(parent, {S3_PREFIX_TAG: f"s3://{config.storage.bucket}/{context.prefix}", **_flow_run_tags()})
+    return context
+
+
+def _flow_run_tags() -> dict[str, str]:
+    from prefect.runtime import flow_run
+
+    if not flow_run.id:  # called outside a Prefect flow run
+        return {}
+    return {FLOW_RUN_ID_TAG: str(flow_run.id), FLOW_RUN_NAME_TAG: str(flow_run.name)}
 
 
 def _expand_run_key(run_key: str | None) -> str | None:

@@ -1,18 +1,16 @@
 """Prefect deployments: the definitions in deployments/prefect.yaml, and the worker path end to end
 against a real `prefect server start`, process work pool and `prefect worker start`.
 
-The run goes through a probe flow registered as deployment `continual-retrain/manual`, with the
-`manual` deployment's own definition from deployments/prefect.yaml (pool, parameters) and the
-real `perennial deploy` command. The real retrain is not run here: on 2 busy cores importing
-torch alone takes ~30 s in the flow-run process (tests/test_pipeline.py runs the flow itself).
+`perennial deploy` registers deployments/prefect.yaml from the project root, exactly as `make deploy`
+does; the real `continual-retrain/manual` deployment is then triggered through the Prefect API
+with a micro config (tests/test_pipeline.py MICRO) pointing at the session's S3 and MLflow, and
+its registered model version and `perennial status` are checked.
 """
 
 from __future__ import annotations
 
 import ast
-import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -62,27 +60,6 @@ def test_prefect_yaml_defines_the_three_deployments():
 
 # --- the worker path against a real Prefect server ----------------------------------------------
 
-PROBE_FLOW = '''
-"""Stands in for flows/continual_retrain.py: same flow name and parameters, no training."""
-import json
-from pathlib import Path
-
-from prefect import flow
-from prefect.runtime import flow_run
-
-from perennial.config import load_config
-
-
-@flow(name="continual-retrain")
-def continual_retrain(config_path: str | None = None, overrides: list[str] | None = None,
-                      config: dict | None = None, run_key: str | None = None) -> dict:
-    cfg = load_config(config_path, overrides)
-    result = {"run_name": cfg.run_name, "digest": cfg.digest(), "cwd": str(Path.cwd())}
-    Path("probe-out").mkdir(exist_ok=True)
-    Path("probe-out", f"{flow_run.id}.json").write_text(json.dumps(result))
-    return result
-'''
-
 
 def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
     deadline = time.time() + timeout
@@ -125,6 +102,9 @@ def prefect_server(tmp_path_factory):
         "DO_NOT_TRACK": "1",
         "PREFECT_LOGGING_LEVEL": "WARNING",
         "PREFECT_WORKER_QUERY_SECONDS": "1",  # pick the run up at once, not after the default 10 s
+        # The real nightly deployment is registered too; without the scheduler no 02:00 run can
+        # be created for the worker to pick up while a test runs near that hour.
+        "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
     }
     log = home / "server.log"
     proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
@@ -148,56 +128,87 @@ def prefect_api(prefect_server, monkeypatch):
         yield prefect_server
 
 
+def _git_sha() -> str:
+    done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else "unknown"
+
+
 @pytest.mark.integration
-def test_manual_deployment_runs_on_a_process_worker(prefect_api, tmp_path, monkeypatch):
+def test_manual_retrain_deployment_runs_on_a_process_worker(services, prefect_api, tmp_path, monkeypatch, capsys):
+    from mlflow.tracking import MlflowClient
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
     from perennial.cli import ensure_work_pools, main
+    from tests.test_pipeline import micro_config
 
-    # A project folder holding the probe flow, configs/demo.yaml and the `manual` deployment as
-    # defined in deployments/prefect.yaml, with only the entrypoint swapped for the probe.
-    project = tmp_path / "project"
-    (project / "configs").mkdir(parents=True)
-    shutil.copy(ROOT / "configs" / "demo.yaml", project / "configs" / "demo.yaml")
-    (project / "probe_flow.py").write_text(PROBE_FLOW)
-    spec = yaml.safe_load(PREFECT_YAML.read_text())
-    manual = dict(deployments()["manual"], entrypoint="probe_flow.py:continual_retrain")
-    spec["deployments"] = [manual]
-    (project / "prefect.yaml").write_text(yaml.safe_dump(spec))
-    monkeypatch.chdir(project)
+    # A micro retrain (two tasks, a few steps per stage) given as a config file plus overrides,
+    # the documented `-p config_path=... --params overrides` way of triggering `manual`.
+    config_path = tmp_path / "micro.yaml"
+    config_path.write_text(yaml.safe_dump(micro_config(services, tmp_path).model_dump(mode="json")))
+    overrides = ["run_name=deployed", "data.demo.tasks=[arithmetic, reverse]", "storage.bucket=deploy-test",
+                 "tracking.experiment=deploy-test", "tracking.registered_model=deploy-micro"]
+    cfg = load_config(config_path, overrides)
 
-    # The worker starts while `perennial deploy` registers the deployment (both take seconds to
-    # start on 2 busy cores); it needs the work pool first, which deploy would create as well.
-    assert ensure_work_pools(project / "prefect.yaml") == ["perennial-process"]
+    # The worker starts while `perennial deploy` registers the deployments (both take seconds on
+    # 2 busy cores); it needs the work pool first, which deploy would create as well. Its
+    # environment carries the services' endpoints and S3 keys (conftest `services`) and the
+    # Prefect API (`prefect_api`); flow runs inherit it.
+    assert ensure_work_pools(PREFECT_YAML) == ["perennial-process"]
     log = tmp_path / "worker.log"
     worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "perennial-process", "--limit", "1"],
-                              cwd=project, env=dict(os.environ), stdout=log.open("w"), stderr=subprocess.STDOUT,
+                              cwd=tmp_path, env=dict(os.environ), stdout=log.open("w"), stderr=subprocess.STDOUT,
                               start_new_session=True)
     try:
-        assert main(["deploy", "--prefect-file", "prefect.yaml"]) == 0
+        monkeypatch.chdir(ROOT)  # `make deploy` runs from the project root
+        assert main(["deploy"]) == 0
         with get_client(sync_client=True) as client:
             pool = client.read_work_pool("perennial-process")
             assert pool.type == "process"
-            deployment = client.read_deployment_by_name("continual-retrain/manual")
-            assert deployment.parameters == {"config_path": "configs/demo.yaml", "overrides": []}
-            assert deployment.work_pool_name == "perennial-process"
+            for name, spec in deployments().items():
+                flow_name = "evaluate-only" if name == "evaluate-only" else "continual-retrain"
+                deployed = client.read_deployment_by_name(f"{flow_name}/{name}")
+                assert deployed.parameters == spec["parameters"] and deployed.work_pool_name == "perennial-process", name
+            # no pull section: flow runs load the code from the folder `perennial deploy` ran in
+            manual = client.read_deployment_by_name("continual-retrain/manual")
+            assert Path(manual.pull_steps[0]["prefect.deployments.steps.set_working_directory"]["directory"]) == ROOT
 
-        # exactly the documented `prefect deployment run 'continual-retrain/manual' -p config_path=...`
         flow_run = run_deployment(
             "continual-retrain/manual",
-            parameters={"config_path": "configs/demo.yaml", "overrides": ["run_name=deploy-probe"]},
-            timeout=150,
-            poll_interval=1,
+            parameters={"config_path": str(config_path), "overrides": overrides},
+            timeout=540,
+            poll_interval=2,
         )
         assert flow_run.state is not None and flow_run.state.is_completed(), (flow_run.state, log.read_text()[-4000:])
     finally:
         _stop(worker)
 
-    # the worker ran the flow in the deployed project folder with the given parameters
-    result = json.loads((project / "probe-out" / f"{flow_run.id}.json").read_text())
-    assert result["run_name"] == "deploy-probe" and Path(result["cwd"]).resolve() == project.resolve()
-    assert result["digest"] == load_config("configs/demo.yaml", ["run_name=deploy-probe"]).digest()
+    # The retrain registered a new version with its lineage, joined to the Prefect flow run.
+    client = MlflowClient(services.mlflow_uri)
+    version = client.get_model_version_by_alias("deploy-micro", "challenger")
+    parent = client.get_run(version.run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["prefect.flow_run_id"] == str(flow_run.id)
+    tags = version.tags
+    assert tags["git_sha"] == _git_sha()
+    assert tags["config_digest"] == cfg.digest() == parent.data.tags["config_digest"]
+    assert tags["run_key"] == parent.data.tags["perennial.run_key"]
+    assert tags["tuning_method"] == cfg.cit.tuning.method
+    logged = {d.dataset.name: d.dataset.digest for d in parent.inputs.dataset_inputs}
+    assert set(logged) >= {"general", "domain", "arithmetic", "reverse"}
+    assert {name: tags[f"dataset.{name}"] for name in logged} == logged
+    assert tags["checkpoint_uri"].startswith(f"s3://deploy-test/perennial/runs/{tags['run_key']}/stages/cit-02-reverse/")
+
+    # `perennial status` joins the Prefect flow run with the MLflow run
+    capsys.readouterr()
+    assert main(["status", "--experiment", "deploy-test", "--tracking-uri", services.mlflow_uri]) == 0
+    out = capsys.readouterr().out
+    assert f"prefect: {prefect_api['url']}" in out, out
+    assert f"prefect  COMPLETED  flow run {flow_run.name!r}  deployment continual-retrain/manual" in out, out
+    assert "mlflow   FINISHED   last stage cit-02-reverse (FINISHED)" in out, out
+    assert f"{services.mlflow_uri}/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}" in out, out
+    assert f"s3       s3://deploy-test/perennial/runs/{tags['run_key']}" in out, out
+    assert "with no MLflow run" not in out, out
 
 
 @pytest.mark.integration
