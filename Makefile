@@ -35,11 +35,19 @@ test: venv
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not integration and not slow" $(PYTEST_ARGS)
 
+# Benchmarks write bench/results/<name>.json + .md; bench.report assembles BENCHMARKS.md from them.
 bench: venv
 	$(BIN)/python -m bench.engine_throughput
+	$(BIN)/python -m bench.system_perf
+	$(BIN)/python -m bench.cl_quality
+	$(BIN)/python -m bench.report
 
+QUICK := bench/results/quick
 bench-quick: venv
-	$(BIN)/python -m bench.engine_throughput --quick
+	$(BIN)/python -m bench.engine_throughput --quick --output $(QUICK)/engine_throughput.json
+	$(BIN)/python -m bench.system_perf --quick --output-dir $(QUICK)
+	$(BIN)/python -m bench.cl_quality --quick --workers 1 --output-dir $(QUICK)
+	$(BIN)/python -m bench.report --results $(QUICK) --output $(QUICK)/BENCHMARKS.md
 
 deploy: venv
 	$(BIN)/perennial deploy

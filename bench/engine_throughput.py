@@ -19,7 +19,9 @@ high-water mark is reset through /proc/self/clear_refs, then read from /proc/sel
 Timings default to one thread (--threads): on a busy shared machine a second OpenMP thread
 that loses its core stalls every parallel region, and step times swing tenfold.
 
-Results: a table on stdout and bench/results/engine_throughput.json.
+Results: a table on stdout, bench/results/engine_throughput.json (every number) and
+bench/results/engine_throughput.md (the `## Training engine` section of BENCHMARKS.md);
+`--render` rewrites the .md from an existing .json without measuring again.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -40,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from bench.common import command, load_note, machine, machine_line, table
 from models.data import collate, pack_texts
 from models.engine import stream_indices, train
 from models.tiny import build_tiny_llama, train_tokenizer
@@ -208,22 +210,53 @@ def measure_rss(steps: int, threads: int) -> list[dict]:
 # --- reporting ------------------------------------------------------------------------------------
 
 
-def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import transformers
-
-    return {
-        "cpu_model": cpu, "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
+def markdown(report: dict) -> str:
+    """The `## Training engine` section of BENCHMARKS.md, from the numbers in the JSON report."""
+    settings, median, ratios = report["settings"], {k: v["median"] for k, v in report["tokens_per_s"].items()}, report["ratios"]
+    load = report["load_average_1min"]
+    lines = [
+        "## Training engine",
+        "",
+        f"Command: `{report['command']}` (measured {report['measured_at']}).",
+        "",
+        f"Machine: {machine_line(report['machine'])}",
+        load_note(load["before"], load["after"], report["machine"]["logical_cores"]),
+        "",
+        f"The demo-size tiny Llama (hidden {settings['model']['hidden_size']}, {settings['model']['num_hidden_layers']} layers) on the demo general "
+        f"corpus, {settings['batch']} blocks of {settings['block']} tokens a step, AdamW, {settings['steps']} steps of which "
+        f"the first {settings['warmup_steps_excluded']} are excluded, {settings['threads']} torch thread(s), {settings['device']}; "
+        f"median over {settings['rounds']} rounds in rotated order.",
+        "",
+        "### Throughput (tokens/s)",
+        "",
+        table(["method", "per CPU-second (headline)", "per wall-second", "wall, whole window (stalls included)"],
+              [[name, f"{m['cpu']:.0f}", f"{m['wall']:.0f}", f"{m['wall_window']:.0f}"] for name, m in median.items()]),
+        "",
+        table(["ratio", "CPU-second", "wall-second", "whole window", "target >= 0.95 (CPU-second)"],
+              [[key, *(f"{ratios[clock][key]:.3f}" for clock in ("cpu", "wall", "wall_window")),
+                "met" if ratios["cpu"][key] >= 0.95 else "NOT met"] for key in ("engine/plain", "engine/trainer")]),
+        "",
+        f"Reading: the engine trains at {ratios['cpu']['engine/plain']:.2f}x the tokens/s of a plain PyTorch loop and "
+        f"{ratios['cpu']['engine/trainer']:.2f}x that of transformers.Trainer on the same model, data and batch.",
+    ]
+    rss = report.get("peak_rss_by_tuning") or []
+    if rss:
+        lines += [
+            "",
+            f"### Peak resident memory by tuning method ({rss[0]['steps']} engine steps, one fresh process each)",
+            "",
+            table(["tuning", "trainable params", "ru_maxrss MiB (process lifetime)", "training peak above pre-model RSS MiB",
+                   "tokens/s (whole run)"],
+                  [[row["method"], row["trainable_params"], f"{row['ru_maxrss_mib']:.1f}",
+                    "n/a" if row["training_peak_above_baseline_mib"] is None else f"{row['training_peak_above_baseline_mib']:.1f}",
+                    f"{row['tokens_per_s_whole_run']:.0f}"] for row in rss]),
+            "",
+            f"Reading: about {min(r['rss_before_model_mib'] for r in rss):.0f} MiB are resident before the model is built "
+            "(torch, transformers, tokenizer, data); training then adds "
+            + ", ".join(f"{r['method']} {r['training_peak_above_baseline_mib']:.0f}" for r in rss
+                        if r["training_peak_above_baseline_mib"] is not None) + " MiB at its peak.",
+        ]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,8 +269,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="12 steps, 3 warm-up, 2 rounds, 4 memory steps")
     parser.add_argument("--no-rss", action="store_true", help="skip the per-tuning-method memory runs")
     parser.add_argument("--rss-child", choices=TUNING_METHODS, help=argparse.SUPPRESS)
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--output", type=Path, default=RESULTS, help="the JSON report; the .md goes beside it")
+    parser.add_argument("--render", action="store_true", help="only rewrite the .md from the existing --output JSON")
     args = parser.parse_args(argv)
+    if args.render:
+        args.output.with_suffix(".md").write_text(markdown(json.loads(args.output.read_text())))
+        print(f"wrote {args.output.with_suffix('.md')}")
+        return 0
     torch.set_num_threads(args.threads)
     if args.rss_child:
         rss_child(args.rss_child, args.steps)
@@ -284,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average before/after: {load_before[0]:.1f} / {load_after[0]:.1f} on {os.cpu_count()} cores")
 
     report = {
-        "command": " ".join(["python", "-m", "bench.engine_throughput", *(argv if argv is not None else sys.argv[1:])]),
+        "command": command("bench.engine_throughput", argv if argv is not None else sys.argv[1:]),
         "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
         "load_average_1min": {"before": load_before[0], "after": load_after[0]},
@@ -301,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.output}")
+    args.output.with_suffix(".md").write_text(markdown(report))
+    print(f"wrote {args.output} and {args.output.with_suffix('.md')}")
     return 0
 
 

