@@ -61,3 +61,11 @@ def test_every_method_override_makes_a_valid_runnable_config():
         assert cfg.eval.scoring == "options"
         tunings.add(cfg.cit.tuning.method)
     assert tunings == {"full", "attn-proj", "mlp-gate-up", "lora", "mora"}
+
+
+def test_learned_over_chance_reads_the_diagonal_after_row_zero():
+    from bench.cl_quality import learned_over_chance
+
+    result = {"tasks": ["a", "b"], "accuracy_matrix": [[0.9, 0.9], [0.6, 0.0], [0.0, 0.3]]}
+    # R[1][0] = 0.6 and R[2][1] = 0.3 (row 0, before any training, is not a diagonal entry)
+    assert learned_over_chance(result, {"a": 0.5, "b": 0.25}) == pytest.approx(((0.6 - 0.5) + (0.3 - 0.25)) / 2)
