@@ -1,5 +1,6 @@
 """The CL quality benchmark's aggregation and its check of the published orderings."""
 
+import json
 import math
 
 import pytest
@@ -30,6 +31,11 @@ def test_orderings_report_whichever_way_they_go():
     assert line.count("**holds**") == 2
     lost = aggregate([run("full", 0, 0.5, -0.05, 20.0), run("attn-proj", 0, 0.45, -0.3, 500.0)], ["full", "attn-proj"])
     assert orderings(lost)[0].count("**does not hold**") == 2
+    # one seed each, no spread: any gap is beyond it; with spread, a small gap is called within it
+    assert "(beyond the summed seed std)" in line
+    noisy = aggregate([run("full", s, 0.5, bwt, 500.0) for s, bwt in enumerate((-0.3, -0.1))]
+                      + [run("attn-proj", s, 0.45, bwt, 20.0) for s, bwt in enumerate((-0.25, -0.05))], ["full", "attn-proj"])
+    assert "(within the summed seed std)" in orderings(noisy)[0]
     far = aggregate([run("seekr-1%", 0, 0.2, -0.4, 50.0), run("replay-10%", 0, 0.5, -0.05, 20.0)], ["seekr-1%", "replay-10%"])
     assert "**does not hold**" in orderings(far)[0]
 
@@ -69,3 +75,18 @@ def test_learned_over_chance_reads_the_diagonal_after_row_zero():
     result = {"tasks": ["a", "b"], "accuracy_matrix": [[0.9, 0.9], [0.6, 0.0], [0.0, 0.3]]}
     # R[1][0] = 0.6 and R[2][1] = 0.3 (row 0, before any training, is not a diagonal entry)
     assert learned_over_chance(result, {"a": 0.5, "b": 0.25}) == pytest.approx(((0.6 - 0.5) + (0.3 - 0.25)) / 2)
+
+
+def test_side_run_renders_under_its_own_name(tmp_path):
+    from bench.cl_quality import main
+    from bench.common import machine
+
+    report = {"command": "python -m bench.cl_quality", "wall_minutes": 1.0, "workers": 1, "load": "", "machine": machine(),
+              "model": "m", "budget": "b", "seeds": [0], "tasks": ["a", "b"], "chance": {"a": 0.5, "b": 0.5}, "quick": False,
+              "set": ["cit.optim.lr=0.01"], "methods": {"attn-proj": {}}, "runs": [{**run("attn-proj", 0, 0.6, -0.1, 20.0), "accuracy_matrix": [[0.5, 0.5], [0.8, 0.5], [0.7, 0.9]]}]}
+    (tmp_path / "side.json").write_text(json.dumps(report))
+    assert main(["--render", "--name", "side", "--output-dir", str(tmp_path)]) == 0
+    text = (tmp_path / "side.md").read_text()
+    assert text.startswith("## Continual-learning quality with cit.optim.lr=0.01")
+    assert "| attn-proj |" in text
+    assert not (tmp_path / "cl_quality.md").exists()
