@@ -17,6 +17,10 @@ Reported per method, mean ± sample std over seeds: AP (final average accuracy),
 largest per-task forgetting, and the WikiText-2 test perplexity before CIT and after the last
 task. The two published orderings it checks are stated with the numbers, whichever way they go.
 
+A killed or interrupted benchmark resumes: the next invocation with the same --state-dir
+collects the runs the last one finished (matched by config digest, see finished_runs) and runs
+only the rest; `--no-run` reports what is there without running anything.
+
 `--set` changes every run (for a side experiment such as a higher learning rate for the tuning
 methods that learn slowly); `--name` keeps its results apart from the main table.
 
@@ -94,10 +98,10 @@ def run_one(method: str, seed: int, overrides: list[str]) -> dict:
 
 
 def run_all(jobs: dict[str, list[str]], seeds: list[int], workers: int, env: dict[str, str], prefect_home: str,
-            serial_first: bool = True) -> list[dict]:
+            serial_first: bool = True, skip: set[tuple[str, int]] = frozenset()) -> list[dict]:
     """With serial_first, the first run builds the shared base and DAP models (configs fix model.seed and
     dap.seed) alone and the rest reuse them; services whose caches already hold them need not wait."""
-    order = [(method, seed) for seed in seeds for method in jobs]
+    order = [(method, seed) for seed in seeds for method in jobs if (method, seed) not in skip]
     with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(env, prefect_home)) as pool:
         results = []
         if serial_first:
@@ -106,6 +110,51 @@ def run_all(jobs: dict[str, list[str]], seeds: list[int], workers: int, env: dic
         futures = [pool.submit(run_one, method, seed, jobs[method]) for method, seed in order]
         results += [_report(future.result()) for future in as_completed(futures)]
     return results
+
+
+# Where a run kept its data, not what it computed: these differ between invocations of the benchmark.
+WHERE_KEYS = ("work_dir", "storage.endpoint_url", "storage.bucket", "tracking.tracking_uri")
+
+
+def finished_runs(jobs: dict[str, list[str]], seeds: list[int]) -> list[dict]:
+    """Runs an earlier (interrupted) invocation finished in these services, matched by config digest.
+
+    Every parent run is tagged with the digest of its config; a (method, seed) matches when the
+    benchmark's config for it, with that run's WHERE_KEYS (ports and folders differ per invocation),
+    has the same digest. So a killed benchmark
+    resumes where it stopped, and a run made with other sizes or code defaults never counts.
+    """
+    import json
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from perennial.config import load_config
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(load_config(str(BASE_CONFIG)).tracking.experiment)
+    if experiment is None:
+        return []
+    found: dict[tuple[str, int], dict] = {}
+    for run in mlflow.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED' and tags.mlflow.runName = 'cl-benchmark'",
+                                  output_format="list"):
+        params, digest = run.data.params, run.data.tags.get("config_digest")
+        seed = int(params.get("seed", -1))
+        if seed not in seeds or not all(key in params for key in WHERE_KEYS):
+            continue
+        where = [f"{key}={params[key]}" for key in WHERE_KEYS]
+        for method, overrides in jobs.items():
+            cfg = load_config(str(BASE_CONFIG), [*overrides, f"seed={seed}", *where])
+            if (method, seed) in found or cfg.digest() != digest:
+                continue
+            matrix = json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/report/accuracy_matrix.json"))
+            found[method, seed] = {
+                "method": method, "seed": seed, "overrides": overrides, "collected": True,
+                "wall_s": round((run.info.end_time - run.info.start_time) / 1000, 1),
+                "tasks": matrix["tasks"], "accuracy_matrix": matrix["rows"], "metrics": run.data.metrics,
+                "mlflow_run_id": run.info.run_id,
+            }
+    return list(found.values())
 
 
 def _report(result: dict) -> dict:
@@ -196,7 +245,10 @@ def markdown(report: dict) -> str:
     body = [
         "## Continual-learning quality" + (f" with {', '.join(extra)}" if extra else ""),
         "",
-        f"Command: `{report['command']}` ({report['wall_minutes']:.0f} min with {report['workers']} workers). "
+        f"Command: `{report['command']}` ({report['wall_minutes']:.0f} min with {report['workers']} workers"
+        + (f"; {report['collected_runs']} of {len(report['runs'])} runs were finished by an earlier, interrupted invocation "
+           "and collected from its MLflow, their wall times are in the JSON" if report.get("collected_runs") else "")
+        + "). "
         f"{report['load']} Machine: {machine_line(report['machine'])}",
         "",
         f"A tiny Llama ({report['model']}) pretrained on WikiText-2, DAP on yelp review text, then "
@@ -207,11 +259,11 @@ def markdown(report: dict) -> str:
         "(geometric mean over seeds).",
         "",
     ]
-    headers = ["method", "R[i][i] - chance", *(title for _, title in COLUMNS), "WikiText-2 ppl", *(f"final {task}" for task in tasks)]
+    headers = ["method", "seeds", "R[i][i] - chance", *(title for _, title in COLUMNS), "WikiText-2 ppl", *(f"final {task}" for task in tasks)]
     table_rows = []
     for method, row in rows.items():
         ppl = f"{row['ppl_base']['mean']:.0f} -> {row['ppl_base']['mean'] * math.exp(row['log_ppl_ratio']['mean']):.0f}"
-        table_rows.append([method, _fmt(row["learned"], True), *(_fmt(row[key], key in ("bwt", "fwt")) for key, _ in COLUMNS), ppl,
+        table_rows.append([method, str(row["ap"]["n"]), _fmt(row["learned"], True), *(_fmt(row[key], key in ("bwt", "fwt")) for key, _ in COLUMNS), ppl,
                            *(f"{value:.3f}" for value in row["final_row"])])
     body += [table(headers, table_rows), ""]
     best = max(row["learned"]["mean"] for row in rows.values())
@@ -248,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="S3 and MLflow data of the benchmark's own services (kept between runs)")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="overrides for every run, after the method's own (e.g. cit.optim.lr=0.01)")
+    parser.add_argument("--no-run", action="store_true",
+                        help="run nothing: report the runs an earlier invocation finished in --state-dir")
     parser.add_argument("--name", default="cl_quality", help="results file stem under --output-dir (default cl_quality)")
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR, help="where <name>.json and .md go")
     args = parser.parse_args(argv)
@@ -285,8 +339,18 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = load_config(str(BASE_CONFIG), args.set)
             ObjectStore(cfg.storage).ensure_bucket()
-            results = run_all(jobs, seeds, args.workers, {**env, "PERENNIAL_BENCH_WORK": str(Path(tmp) / "work")},
-                              str(Path(tmp) / "prefect"), serial_first=not warm)
+            results = finished_runs(jobs, seeds) if warm else []
+            done = {(r["method"], r["seed"]) for r in results}
+            for result in results:
+                print(f"[{result['method']} seed {result['seed']}] finished earlier in {state}: collected", flush=True)
+            todo = {method: overrides for method, overrides in jobs.items() if any((method, seed) not in done for seed in seeds)}
+            if todo and not args.no_run:
+                # run_all runs every (method, seed) of todo; drop the pairs already done afterwards
+                fresh = run_all(todo, seeds, args.workers, {**env, "PERENNIAL_BENCH_WORK": str(Path(tmp) / "work")},
+                                str(Path(tmp) / "prefect"), serial_first=not warm, skip=done)
+                results += fresh
+            if not results:
+                parser.error(f"no finished runs in {state} to report")
         finally:
             services.down()
 
@@ -302,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_minutes": (time.perf_counter() - started) / 60,
         "quick": args.quick,
         "set": args.set,
+        "collected_runs": sum(bool(r.get("collected")) for r in results),
         "seeds": seeds,
         "tasks": tasks,
         "chance": chance,

@@ -90,3 +90,32 @@ def test_side_run_renders_under_its_own_name(tmp_path):
     assert text.startswith("## Continual-learning quality with cit.optim.lr=0.01")
     assert "| attn-proj |" in text
     assert not (tmp_path / "cl_quality.md").exists()
+
+
+def test_finished_runs_are_collected_by_config_digest(tmp_path, monkeypatch):
+    """A killed benchmark resumes: finished runs whose config matches are reused, others are not."""
+    import mlflow
+
+    from bench.cl_quality import BASE_CONFIG, WHERE_KEYS, finished_runs
+    from perennial.config import load_config
+    from tasks.runtime import _flatten
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("PERENNIAL_S3_ENDPOINT", "http://127.0.0.1:1")
+    jobs = {"full": [], "lora": ["cit.tuning.method=lora"]}
+    experiment = mlflow.create_experiment(load_config(str(BASE_CONFIG)).tracking.experiment, artifact_location=str(tmp_path / "art"))
+
+    def finished(overrides, ap):
+        where = [f"{key}=/elsewhere/{key}" if key == "work_dir" else f"{key}=http://127.0.0.1:9" if "endpoint" in key or "uri" in key
+                 else f"{key}=other-bucket" for key in WHERE_KEYS]
+        cfg = load_config(str(BASE_CONFIG), [*overrides, *where])
+        with mlflow.start_run(experiment_id=experiment, run_name="cl-benchmark", tags={"config_digest": cfg.digest()}):
+            mlflow.log_params({k: v for k, v in _flatten(cfg.model_dump(mode="json")).items() if k in (*WHERE_KEYS, "seed")})
+            mlflow.log_metric("ap", ap)
+            mlflow.log_dict({"tasks": ["a"], "rows": [[0.1], [ap]]}, "report/accuracy_matrix.json")
+
+    finished(["cit.tuning.method=lora", "seed=1"], 0.4)
+    finished(["cit.tuning.method=lora", "seed=1", "cit.optim.max_steps=7"], 0.9)  # other sizes: not this benchmark
+    finished(["seed=5"], 0.3)  # a seed not asked for
+    [run] = finished_runs(jobs, [0, 1])
+    assert (run["method"], run["seed"], run["metrics"]["ap"], run["accuracy_matrix"]) == ("lora", 1, 0.4, [[0.1], [0.4]])
