@@ -253,7 +253,8 @@ def markdown(report: dict) -> str:
         "",
         f"A tiny Llama ({report['model']}) pretrained on WikiText-2, DAP on yelp review text, then "
         f"{' -> '.join(tasks)} as instruction tasks scored by option log-likelihood (chance: {report['chance']}). "
-        f"Every method has the same budget ({report['budget']}); seeds {report['seeds']}; mean ± sample std over seeds. "
+        f"Every method has the same budget ({report['budget']}); seeds {report['seeds']} (the seeds column counts the runs "
+        "behind each row); mean ± sample std over seeds. "
         "AP = mean of the last row of R; BWT and FWT as in docs/metrics.md; max forgetting = the largest drop of a task "
         "from its best earlier score; perplexity is WikiText-2 test, before CIT -> after the last task "
         "(geometric mean over seeds).",
@@ -275,6 +276,14 @@ def markdown(report: dict) -> str:
             "cannot be resolved by this run; the perplexity column, which moves by orders of magnitude, can. A "
             "longer run (raise cit.optim.max_steps and the record limits in configs/cl-benchmark.yaml together) is "
             "needed for the task side.",
+            "",
+        ]
+    unlearned = [method for method, row in rows.items() if row["learned"]["mean"] < LEARNED_ENOUGH]
+    if unlearned and best >= LEARNED_ENOUGH:
+        body += [
+            f"**{', '.join(unlearned)}: right after training on a task, within +{LEARNED_ENOUGH} of chance** at this budget and "
+            "learning rate. Their small BWT and perplexity change mean they learned little, not that they kept what they "
+            "learned; compare methods on forgetting only among those that learn.",
             "",
         ]
     body += ["Published orderings, checked:", "", *report["orderings"], ""]

@@ -119,3 +119,18 @@ def test_finished_runs_are_collected_by_config_digest(tmp_path, monkeypatch):
     finished(["seed=5"], 0.3)  # a seed not asked for
     [run] = finished_runs(jobs, [0, 1])
     assert (run["method"], run["seed"], run["metrics"]["ap"], run["accuracy_matrix"]) == ("lora", 1, 0.4, [[0.1], [0.4]])
+
+
+def test_methods_that_did_not_learn_are_named_beside_the_table(tmp_path):
+    from bench.cl_quality import markdown
+    from bench.common import machine
+
+    learned = {**run("full", 0, 0.6, -0.3, 500.0), "accuracy_matrix": [[0.5, 0.5], [0.9, 0.5], [0.6, 0.9]]}
+    flat = {**run("lora", 0, 0.5, 0.0, 20.0), "accuracy_matrix": [[0.5, 0.5], [0.5, 0.5], [0.5, 0.52]]}
+    rows = aggregate([learned, flat], ["full", "lora"], {"a": 0.5, "b": 0.5})
+    report = {"command": "c", "wall_minutes": 1.0, "workers": 1, "load": "", "machine": machine(), "model": "m", "budget": "b",
+              "seeds": [0], "tasks": ["a", "b"], "chance": {"a": 0.5, "b": 0.5}, "quick": False, "methods": rows,
+              "orderings": [], "runs": [learned, flat]}
+    text = markdown(report)
+    assert "**lora: right after training on a task, within +0.05 of chance**" in text
+    assert "| full | 1 | +0.400 ± 0.000 |" in text
