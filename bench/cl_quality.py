@@ -352,12 +352,9 @@ def main(argv: list[str] | None = None) -> int:
             done = {(r["method"], r["seed"]) for r in results}
             for result in results:
                 print(f"[{result['method']} seed {result['seed']}] finished earlier in {state}: collected", flush=True)
-            todo = {method: overrides for method, overrides in jobs.items() if any((method, seed) not in done for seed in seeds)}
-            if todo and not args.no_run:
-                # run_all runs every (method, seed) of todo; drop the pairs already done afterwards
-                fresh = run_all(todo, seeds, args.workers, {**env, "PERENNIAL_BENCH_WORK": str(Path(tmp) / "work")},
-                                str(Path(tmp) / "prefect"), serial_first=not warm, skip=done)
-                results += fresh
+            if len(done) < len(jobs) * len(seeds) and not args.no_run:
+                results += run_all(jobs, seeds, args.workers, {**env, "PERENNIAL_BENCH_WORK": str(Path(tmp) / "work")},
+                                   str(Path(tmp) / "prefect"), serial_first=not warm, skip=done)
             if not results:
                 parser.error(f"no finished runs in {state} to report")
         finally:
