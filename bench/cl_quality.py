@@ -121,8 +121,8 @@ def finished_runs(jobs: dict[str, list[str]], seeds: list[int]) -> list[dict]:
 
     Every parent run is tagged with the digest of its config; a (method, seed) matches when the
     benchmark's config for it, with that run's WHERE_KEYS (ports and folders differ per invocation),
-    has the same digest. So a killed benchmark
-    resumes where it stopped, and a run made with other sizes or code defaults never counts.
+    has the same digest. So a killed benchmark resumes where it stopped, and a run made with other
+    sizes or code defaults never counts.
     """
     import json
 
@@ -131,12 +131,12 @@ def finished_runs(jobs: dict[str, list[str]], seeds: list[int]) -> list[dict]:
 
     from perennial.config import load_config
 
-    client = MlflowClient()
-    experiment = client.get_experiment_by_name(load_config(str(BASE_CONFIG)).tracking.experiment)
+    base = load_config(str(BASE_CONFIG))
+    experiment = MlflowClient().get_experiment_by_name(base.tracking.experiment)
     if experiment is None:
         return []
     found: dict[tuple[str, int], dict] = {}
-    for run in mlflow.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED' and tags.mlflow.runName = 'cl-benchmark'",
+    for run in mlflow.search_runs([experiment.experiment_id], f"attributes.status = 'FINISHED' and tags.mlflow.runName = '{base.run_name}'",
                                   output_format="list"):
         params, digest = run.data.params, run.data.tags.get("config_digest")
         seed = int(params.get("seed", -1))
@@ -144,8 +144,7 @@ def finished_runs(jobs: dict[str, list[str]], seeds: list[int]) -> list[dict]:
             continue
         where = [f"{key}={params[key]}" for key in WHERE_KEYS]
         for method, overrides in jobs.items():
-            cfg = load_config(str(BASE_CONFIG), [*overrides, f"seed={seed}", *where])
-            if (method, seed) in found or cfg.digest() != digest:
+            if (method, seed) in found or load_config(str(BASE_CONFIG), [*overrides, f"seed={seed}", *where]).digest() != digest:
                 continue
             matrix = json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/report/accuracy_matrix.json"))
             found[method, seed] = {
