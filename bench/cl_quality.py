@@ -24,8 +24,8 @@ only the rest; `--no-run` reports what is there without running anything.
 `--set` changes every run (for a side experiment such as a higher learning rate for the tuning
 methods that learn slowly); `--name` keeps its results apart from the main table.
 
-`--quick` is a smoke run (two methods, one seed, a few steps): it checks that the benchmark
-works, its numbers mean nothing.
+`--quick` is a smoke run (two methods, one seed, a few steps, 20 test records per task): it
+checks that the benchmark works, its numbers mean nothing.
 
 Results: bench/results/cl_quality.json (every run's matrix and metrics) and cl_quality.md
 (--output-dir moves them; `make bench-quick` uses bench/results/quick/).
@@ -54,7 +54,7 @@ METHODS_FILE = ROOT / "configs" / "cl-benchmark-methods.yaml"
 QUICK_METHODS = ["full", "attn-proj"]
 QUICK_OVERRIDES = [
     "model.pretrain.max_steps=20", "dap.optim.max_steps=4", "cit.optim.max_steps=6", "eval.general_max_docs=10",
-    "eval.probe_prompts=4",
+    "eval.probe_prompts=4", "eval.max_task_records=20",
 ]
 
 
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", choices=list(all_methods), help="methods to run (default: all)")
     parser.add_argument("--seeds", nargs="+", type=int, help=f"seeds (default: {default_seeds})")
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel, one torch thread each (default 2)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 2 methods, 1 seed, a few steps")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 methods, 1 seed, a few steps, 20 test records per task")
     parser.add_argument("--render", action="store_true", help="only rewrite the .md from the existing JSON in --output-dir")
     parser.add_argument("--state-dir", type=Path, default=ROOT / ".perennial" / "bench" / "cl_quality",
                         help="S3 and MLflow data of the benchmark's own services (kept between runs)")

@@ -389,6 +389,9 @@ class EvalConfig(Strict):
     scoring: Literal["generate", "options"] = "generate"
     general_max_docs: int = Field(100, ge=1)
     probe_prompts: int = Field(32, ge=1)
+    max_task_records: int | None = Field(
+        None, ge=1, description="score at most this many test records of each task (None: all of them); for smoke runs"
+    )
 
 
 class GatesConfig(Strict):

@@ -49,7 +49,7 @@ def evaluate_stage(run: RunContext, model_uri: str, data: DataBundle, stage_inde
     def score_all(refs):
         scores, details = {}, {}
         for ref in refs:
-            records = read_records(store, ref, cache, split="test")
+            records = read_records(store, ref, cache, split="test")[: cfg.eval.max_task_records]
             scored = score_task(model, tokenizer, records, scoring=cfg.eval.scoring, batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens)
             scores[ref.name] = scored["accuracy"]
             details[ref.name] = {k: v for k, v in scored.items() if isinstance(v, (int, float))}

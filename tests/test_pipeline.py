@@ -44,7 +44,8 @@ def micro_config(services, tmp_path, **extra):
 
 
 def test_continual_retrain_end_to_end(services, prefect_harness, tmp_path):
-    cfg = micro_config(services, tmp_path)
+    # eval.max_task_records (the smoke runs' cap) scores 5 of the 8 test records of each task
+    cfg = build_config(micro_config(services, tmp_path).model_dump(mode="json"), ["eval.max_task_records=5"])
     summary = continual_retrain(config=cfg.model_dump(mode="json"))
 
     # accuracy matrix: row 0 (before CIT) plus one row per task, one column per task
@@ -70,6 +71,11 @@ def test_continual_retrain_end_to_end(services, prefect_harness, tmp_path):
     assert len(mid_stage) == 3  # one mid-stage checkpoint per CIT task (checkpoint_every=4 of 8 steps)
     datasets = {i.key.split("/")[2] for i in store.list("perennial/datasets/") if i.key.endswith("MANIFEST.json")}
     assert {"general", "domain", "arithmetic", "fact_lookup", "reverse", "digit_count"} <= datasets
+    stage_evals = [store.get_json(i.key) for i in store.list(f"perennial/runs/{cfg.run_name}-") if "/eval/stage-" in i.key]
+    assert len(stage_evals) == 4
+    for stage_eval in stage_evals:
+        scored = {name: details["n"] for name, details in {**stage_eval["details"], **stage_eval["general_details"]}.items()}
+        assert scored == {"arithmetic": 5, "fact_lookup": 5, "reverse": 5, "digit_count": 5}
 
     # MLflow: a parent run with nested stage runs, metrics with steps, a registered version
     client = MlflowClient(services.mlflow_uri)
