@@ -54,6 +54,15 @@ def test_report_assembles_sections_and_names_the_missing(tmp_path):
     assert "python -m bench.engine_throughput` has not been run yet" in text
 
 
+def test_make_bench_runs_every_section_the_report_assembles():
+    from bench.report import ROOT, SECTIONS
+
+    recipe = (ROOT / "Makefile").read_text().split("\nbench:", 1)[1].split("\n\n", 1)[0]
+    commands = [line.strip().removeprefix("$(BIN)/") for line in recipe.splitlines() if line.startswith("\t")]
+    for name, command in SECTIONS:
+        assert command in commands, f"make bench does not run {command!r}, so {name}.md would go stale"
+
+
 def test_every_method_override_makes_a_valid_runnable_config():
     from bench.cl_quality import BASE_CONFIG
     from models.cl.registry import check_requirements
