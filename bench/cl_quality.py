@@ -24,6 +24,9 @@ only the rest; `--no-run` reports what is there without running anything.
 `--set` changes every run (for a side experiment such as a higher learning rate for the tuning
 methods that learn slowly); `--name` keeps its results apart from the main table.
 
+The methods file also lists diagnostics (blocks-only, head-only, attn-proj+head) that run only
+when named: `--name cl_quality_diagnostics --methods blocks-only head-only attn-proj+head`.
+
 `--quick` is a smoke run (two methods, one seed, a few steps, 20 test records per task): it
 checks that the benchmark works, its numbers mean nothing.
 
@@ -51,6 +54,7 @@ from bench.common import RESULTS_DIR, command, load_note, machine, machine_line,
 ROOT = Path(__file__).resolve().parent.parent
 BASE_CONFIG = ROOT / "configs" / "cl-benchmark.yaml"
 METHODS_FILE = ROOT / "configs" / "cl-benchmark-methods.yaml"
+DEFAULT_NAME = "cl_quality"
 QUICK_METHODS = ["full", "attn-proj"]
 QUICK_OVERRIDES = [
     "model.pretrain.max_steps=20", "dap.optim.max_steps=4", "cit.optim.max_steps=6", "eval.general_max_docs=10",
@@ -58,9 +62,11 @@ QUICK_OVERRIDES = [
 ]
 
 
-def load_methods() -> tuple[dict[str, list[str]], list[int]]:
+def load_methods(diagnostics: bool = False) -> tuple[dict[str, list[str]], list[int]]:
+    """The compared methods (and, with diagnostics=True, the diagnostic variants run only when named)."""
     spec = yaml.safe_load(METHODS_FILE.read_text())
-    return {name: list(overrides) for name, overrides in spec["methods"].items()}, list(spec["seeds"])
+    entries = {**spec["methods"], **(spec.get("diagnostics") or {})} if diagnostics else spec["methods"]
+    return {name: list(overrides) for name, overrides in entries.items()}, list(spec["seeds"])
 
 
 # --- one run per (method, seed), in worker processes ----------------------------------------------
@@ -241,8 +247,9 @@ def markdown(report: dict) -> str:
     rows = report["methods"]
     tasks = report["tasks"]
     extra = report.get("set") or []
+    name = report.get("name", DEFAULT_NAME)
     body = [
-        "## Continual-learning quality" + (f" with {', '.join(extra)}" if extra else ""),
+        "## Continual-learning quality" + (f": {name}" if name != DEFAULT_NAME else "") + (f" with {', '.join(extra)}" if extra else ""),
         "",
         f"Command: `{report['command']}` ({report['wall_minutes']:.0f} min with {report['workers']} workers"
         + (f"; {report['collected_runs']} of {len(report['runs'])} runs were finished by an earlier, interrupted invocation "
@@ -259,6 +266,11 @@ def markdown(report: dict) -> str:
         "(geometric mean over seeds).",
         "",
     ]
+    compared, _ = load_methods()
+    everything, _ = load_methods(diagnostics=True)
+    diagnostics = [f"{method} = `{' '.join(everything[method])}`" for method in rows if method not in compared and method in everything]
+    if diagnostics:
+        body += ["Diagnostics, not methods (configs/cl-benchmark-methods.yaml): " + "; ".join(diagnostics) + ".", ""]
     headers = ["method", "seeds", "R[i][i] - chance", *(title for _, title in COLUMNS), "WikiText-2 ppl", *(f"final {task}" for task in tasks)]
     table_rows = []
     for method, row in rows.items():
@@ -298,8 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Methods and seeds default to configs/cl-benchmark-methods.yaml.")
-    all_methods, default_seeds = load_methods()
-    parser.add_argument("--methods", nargs="+", choices=list(all_methods), help="methods to run (default: all)")
+    compared, default_seeds = load_methods()
+    all_methods, _ = load_methods(diagnostics=True)
+    parser.add_argument("--methods", nargs="+", choices=list(all_methods),
+                        help="methods to run (default: every compared one; the diagnostics run only when named)")
     parser.add_argument("--seeds", nargs="+", type=int, help=f"seeds (default: {default_seeds})")
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel, one torch thread each (default 2)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 methods, 1 seed, a few steps, 20 test records per task")
@@ -310,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="overrides for every run, after the method's own (e.g. cit.optim.lr=0.01)")
     parser.add_argument("--no-run", action="store_true",
                         help="run nothing: report the runs an earlier invocation finished in --state-dir")
-    parser.add_argument("--name", default="cl_quality", help="results file stem under --output-dir (default cl_quality)")
+    parser.add_argument("--name", default=DEFAULT_NAME, help="results file stem under --output-dir (default cl_quality)")
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR, help="where <name>.json and .md go")
     args = parser.parse_args(argv)
 
@@ -318,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         import json
 
         report = json.loads((args.output_dir / f"{args.name}.json").read_text())
+        report["name"] = args.name
         methods = list(report["methods"])
         report["methods"] = aggregate(report["runs"], methods, report["chance"])
         report["orderings"] = orderings(report["methods"])
@@ -326,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not (ROOT.parent / "shared" / "datasets").exists() and "PERENNIAL_DATASETS" not in os.environ:
         parser.error("the benchmark reads ../shared/datasets (or $PERENNIAL_DATASETS), which is not there")
-    methods = args.methods or (QUICK_METHODS if args.quick else list(all_methods))
+    methods = args.methods or (QUICK_METHODS if args.quick else list(compared))
     seeds = args.seeds or (default_seeds[:1] if args.quick else default_seeds)
     jobs = {method: all_methods[method] + (QUICK_OVERRIDES if args.quick else []) + args.set for method in methods}
 
@@ -363,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     chance = {task: round(1 / len(_labels(cfg, task)), 3) for task in tasks}
     rows = aggregate(results, methods, chance)
     report = {
+        "name": args.name,
         "command": command("bench.cl_quality", argv),
         "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {**machine(), "torch_threads": 1},  # per worker (_init_worker)

@@ -22,6 +22,8 @@ SECTIONS = [
     # The selective and PEFT methods barely learn at full fine-tuning's learning rate; this side run
     # gives them a higher one, so their forgetting is measured on tasks they actually learned.
     ("cl_quality_lr", "python -m bench.cl_quality --name cl_quality_lr --methods attn-proj mlp-gate-up lora --set cit.optim.lr=0.01"),
+    # Which weights the tiny model must move to learn these tasks at all (one seed; not a comparison).
+    ("cl_quality_diagnostics", "python -m bench.cl_quality --name cl_quality_diagnostics --methods blocks-only head-only attn-proj+head --seeds 0"),
 ]
 
 HEADER = """# Benchmarks

@@ -68,14 +68,35 @@ def test_every_method_override_makes_a_valid_runnable_config():
     from models.cl.registry import check_requirements
     from perennial.config import load_config
 
-    methods, _ = load_methods()
+    methods, _ = load_methods(diagnostics=True)
     tunings = set()
     for overrides in methods.values():
         cfg = load_config(str(BASE_CONFIG), overrides)
         check_requirements(cfg.cit.methods, cfg.cit.tuning.method, cfg.model.attn_implementation)
         assert cfg.eval.scoring == "options"
         tunings.add(cfg.cit.tuning.method)
-    assert tunings == {"full", "attn-proj", "mlp-gate-up", "lora", "mora"}
+    assert tunings == {"full", "attn-proj", "mlp-gate-up", "lora", "mora", "regex"}
+
+
+def test_diagnostics_train_the_weights_their_names_say_and_are_not_compared():
+    from bench.cl_quality import BASE_CONFIG
+    from models.tiny import build_tiny_llama, train_tokenizer
+    from models.tuning import apply_tuning, trainable_parameter_names
+    from perennial.config import load_config
+
+    compared, _ = load_methods()
+    everything, _ = load_methods(diagnostics=True)
+    diagnostics = {name: overrides for name, overrides in everything.items() if name not in compared}
+    assert set(diagnostics) == {"blocks-only", "head-only", "attn-proj+head"}
+    trained = {}
+    for name, overrides in diagnostics.items():
+        cfg = load_config(str(BASE_CONFIG), overrides)
+        model = build_tiny_llama(train_tokenizer(["a b c"], 64), cfg.model.tiny)
+        trained[name] = trainable_parameter_names(apply_tuning(model, cfg.cit.tuning))
+    assert trained["head-only"] == ["lm_head.weight"]
+    assert all(name.startswith("model.layers.") for name in trained["blocks-only"])
+    assert {name.split(".")[-2] for name in trained["blocks-only"]} >= {"q_proj", "down_proj", "input_layernorm"}
+    assert {name.split(".")[-2] for name in trained["attn-proj+head"]} == {"q_proj", "k_proj", "v_proj", "o_proj", "lm_head"}
 
 
 def test_learned_over_chance_reads_the_diagonal_after_row_zero():
@@ -96,9 +117,17 @@ def test_side_run_renders_under_its_own_name(tmp_path):
     (tmp_path / "side.json").write_text(json.dumps(report))
     assert main(["--render", "--name", "side", "--output-dir", str(tmp_path)]) == 0
     text = (tmp_path / "side.md").read_text()
-    assert text.startswith("## Continual-learning quality with cit.optim.lr=0.01")
-    assert "| attn-proj |" in text
+    assert text.startswith("## Continual-learning quality: side with cit.optim.lr=0.01")
+    assert "| attn-proj |" in text and "Diagnostics" not in text
     assert not (tmp_path / "cl_quality.md").exists()
+
+    # a diagnostic is labelled as one, with the overrides that define it
+    report.update(set=[], methods={"head-only": {}}, runs=[{**report["runs"][0], "method": "head-only"}])
+    (tmp_path / "diag.json").write_text(json.dumps(report))
+    assert main(["--render", "--name", "diag", "--output-dir", str(tmp_path)]) == 0
+    text = (tmp_path / "diag.md").read_text()
+    assert text.startswith("## Continual-learning quality: diag\n")
+    assert "Diagnostics, not methods (configs/cl-benchmark-methods.yaml): head-only = `cit.tuning.method=regex" in text
 
 
 def test_finished_runs_are_collected_by_config_digest(tmp_path, monkeypatch):
