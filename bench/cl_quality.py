@@ -281,12 +281,10 @@ def markdown(report: dict) -> str:
     best = max(row["learned"]["mean"] for row in rows.values())
     if best < LEARNED_ENOUGH:
         body += [
-            f"**Caveat: at this budget the model barely learns the tasks** (R[i][i] - chance is at most {best:+.3f} for "
-            "any method, the accuracy right after training on a task against guessing). AP, BWT and FWT then "
-            "differ between methods by about their seed spread, so the task-forgetting side of the orderings below "
-            "cannot be resolved by this run; the perplexity column, which moves by orders of magnitude, can. A "
-            "longer run (raise cit.optim.max_steps and the record limits in configs/cl-benchmark.yaml together) is "
-            "needed for the task side.",
+            f"**Caveat: no method in this table learns the tasks at this budget** (R[i][i] - chance is at most {best:+.3f}, "
+            "the accuracy right after training on a task against guessing). AP, BWT and FWT then differ between "
+            "methods by about their seed spread, so this table cannot say which method forgets the tasks less; the "
+            "perplexity column, which moves by orders of magnitude, can.",
             "",
         ]
     unlearned = [method for method, row in rows.items() if row["learned"]["mean"] < LEARNED_ENOUGH]
@@ -297,7 +295,8 @@ def markdown(report: dict) -> str:
             "learned; compare methods on forgetting only among those that learn.",
             "",
         ]
-    body += ["Published orderings, checked:", "", *report["orderings"], ""]
+    if report["orderings"]:
+        body += ["Published orderings, checked:", "", *report["orderings"], ""]
     if report.get("quick"):
         body.insert(2, "**Smoke run (`--quick`): a few steps only; these numbers say nothing about the methods.**\n")
     return "\n".join(body) + "\n"

@@ -119,15 +119,18 @@ def test_side_run_renders_under_its_own_name(tmp_path):
     text = (tmp_path / "side.md").read_text()
     assert text.startswith("## Continual-learning quality: side with cit.optim.lr=0.01")
     assert "| attn-proj |" in text and "Diagnostics" not in text
+    assert "Published orderings" not in text  # neither ordering has both of its methods here
     assert not (tmp_path / "cl_quality.md").exists()
 
-    # a diagnostic is labelled as one, with the overrides that define it
-    report.update(set=[], methods={"head-only": {}}, runs=[{**report["runs"][0], "method": "head-only"}])
+    # a diagnostic is labelled as one; a table where nothing learns says its BWT cannot rank anything
+    chance_level = [[0.5, 0.5], [0.52, 0.5], [0.5, 0.51]]
+    report.update(set=[], methods={"head-only": {}}, runs=[{**report["runs"][0], "method": "head-only", "accuracy_matrix": chance_level}])
     (tmp_path / "diag.json").write_text(json.dumps(report))
     assert main(["--render", "--name", "diag", "--output-dir", str(tmp_path)]) == 0
     text = (tmp_path / "diag.md").read_text()
     assert text.startswith("## Continual-learning quality: diag\n")
     assert "Diagnostics, not methods (configs/cl-benchmark-methods.yaml): head-only = `cit.tuning.method=regex" in text
+    assert "no method in this table learns the tasks" in text
 
 
 def test_finished_runs_are_collected_by_config_digest(tmp_path, monkeypatch):
