@@ -41,7 +41,7 @@ bench: venv
 	$(BIN)/python -m bench.system_perf
 	$(BIN)/python -m bench.cl_quality
 	$(BIN)/python -m bench.cl_quality --name cl_quality_lr --methods attn-proj mlp-gate-up lora --set cit.optim.lr=0.01
-	$(BIN)/python -m bench.cl_quality --name cl_quality_diagnostics --methods blocks-only head-only attn-proj+head --seeds 0
+	$(BIN)/python -m bench.cl_quality --name cl_quality_diagnostics --methods blocks-only head-only embed-only attn-proj+head --seeds 0
 	$(BIN)/python -m bench.report
 
 QUICK := bench/results/quick

@@ -24,8 +24,8 @@ only the rest; `--no-run` reports what is there without running anything.
 `--set` changes every run (for a side experiment such as a higher learning rate for the tuning
 methods that learn slowly); `--name` keeps its results apart from the main table.
 
-The methods file also lists diagnostics (blocks-only, head-only, attn-proj+head) that run only
-when named: `--name cl_quality_diagnostics --methods blocks-only head-only attn-proj+head`.
+The methods file also lists diagnostics (blocks-only, head-only, embed-only, attn-proj+head)
+that run only when named, as in `make bench`.
 
 `--quick` is a smoke run (two methods, one seed, a few steps, 20 test records per task): it
 checks that the benchmark works, its numbers mean nothing.
@@ -207,7 +207,8 @@ def aggregate(results: list[dict], methods: list[str], chance: dict[str, float] 
 
 def _fmt(stat: dict, signed: bool = False) -> str:
     sign = "+" if signed else ""
-    return f"{stat['mean']:{sign}.3f} ± {stat['std']:.3f}"
+    mean = f"{stat['mean']:{sign}.3f}"
+    return mean if stat.get("n", 2) < 2 else f"{mean} ± {stat['std']:.3f}"  # one seed has no spread to show
 
 
 def orderings(rows: dict[str, dict]) -> list[str]:

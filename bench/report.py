@@ -23,7 +23,7 @@ SECTIONS = [
     # gives them a higher one, so their forgetting is measured on tasks they actually learned.
     ("cl_quality_lr", "python -m bench.cl_quality --name cl_quality_lr --methods attn-proj mlp-gate-up lora --set cit.optim.lr=0.01"),
     # Which weights the tiny model must move to learn these tasks at all (one seed; not a comparison).
-    ("cl_quality_diagnostics", "python -m bench.cl_quality --name cl_quality_diagnostics --methods blocks-only head-only attn-proj+head --seeds 0"),
+    ("cl_quality_diagnostics", "python -m bench.cl_quality --name cl_quality_diagnostics --methods blocks-only head-only embed-only attn-proj+head --seeds 0"),
 ]
 
 HEADER = """# Benchmarks
