@@ -27,7 +27,7 @@ methods that learn slowly); `--name` keeps its results apart from the main table
 The methods file also lists diagnostics (blocks-only, head-only, embed-only, attn-proj+head)
 that run only when named, as in `make bench`.
 
-`--quick` is a smoke run (two methods, one seed, a few steps, 20 test records per task): it
+`--quick` is a smoke run (two methods, one seed, a few steps, 10 test records per task): it
 checks that the benchmark works, its numbers mean nothing.
 
 Results: bench/results/cl_quality.json (every run's matrix and metrics) and cl_quality.md
@@ -57,8 +57,8 @@ METHODS_FILE = ROOT / "configs" / "cl-benchmark-methods.yaml"
 DEFAULT_NAME = "cl_quality"
 QUICK_METHODS = ["full", "attn-proj"]
 QUICK_OVERRIDES = [
-    "model.pretrain.max_steps=20", "dap.optim.max_steps=4", "cit.optim.max_steps=6", "eval.general_max_docs=10",
-    "eval.probe_prompts=4", "eval.max_task_records=20",
+    "model.pretrain.max_steps=8", "dap.optim.max_steps=2", "cit.optim.max_steps=4", "eval.general_max_docs=8",
+    "eval.probe_prompts=4", "eval.max_task_records=10",
 ]
 
 
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="methods to run (default: every compared one; the diagnostics run only when named)")
     parser.add_argument("--seeds", nargs="+", type=int, help=f"seeds (default: {default_seeds})")
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel, one torch thread each (default 2)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 2 methods, 1 seed, a few steps, 20 test records per task")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 methods, 1 seed, a few steps, 10 test records per task")
     parser.add_argument("--render", action="store_true", help="only rewrite the .md from the existing JSON in --output-dir")
     parser.add_argument("--state-dir", type=Path, default=ROOT / ".perennial" / "bench" / "cl_quality",
                         help="S3 and MLflow data of the benchmark's own services (kept between runs)")

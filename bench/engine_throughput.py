@@ -54,6 +54,7 @@ BATCH = 16
 LR = 3e-3
 SEED = 0
 TUNING_METHODS = ["full", "lora", "mora", "attn-proj", "mlp-gate-up"]
+QUICK_RSS_METHODS = ["full", "lora"]  # a subprocess each, and most of a child's time is importing torch
 
 
 # --- shared setup -----------------------------------------------------------------------------
@@ -195,9 +196,9 @@ def _status_kib(field: str) -> int:
     raise KeyError(field)
 
 
-def measure_rss(steps: int, threads: int) -> list[dict]:
+def measure_rss(steps: int, threads: int, methods: list[str] = TUNING_METHODS) -> list[dict]:
     rows = []
-    for method in TUNING_METHODS:
+    for method in methods:
         done = subprocess.run(
             [sys.executable, "-m", "bench.engine_throughput", "--rss-child", method, "--steps", str(steps),
              "--threads", str(threads)],
@@ -266,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rotated rounds of the three methods; median reported")
     parser.add_argument("--rss-steps", type=int, default=10, help="engine steps per tuning-method memory run")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for every method (see above)")
-    parser.add_argument("--quick", action="store_true", help="12 steps, 3 warm-up, 2 rounds, 4 memory steps")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 8 steps, 2 warm-up, 1 round; memory of full and lora only, 2 steps")
     parser.add_argument("--no-rss", action="store_true", help="skip the per-tuning-method memory runs")
     parser.add_argument("--rss-child", choices=TUNING_METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, default=RESULTS, help="the JSON report; the .md goes beside it")
@@ -281,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         rss_child(args.rss_child, args.steps)
         return 0
     if args.quick:
-        args.steps, args.warmup, args.rounds, args.rss_steps = 12, 3, 2, 4
+        args.steps, args.warmup, args.rounds, args.rss_steps = 8, 2, 1, 2
     if not 0 < args.warmup < args.steps:
         parser.error("--warmup must be at least 1 and below --steps")
 
@@ -304,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
                       "engine/trainer": median["engine"][clock] / median["trainer"][clock]} for clock in clocks}
     load_after = os.getloadavg()
 
-    rss = [] if args.no_rss else measure_rss(args.rss_steps, args.threads)
+    rss = [] if args.no_rss else measure_rss(args.rss_steps, args.threads, QUICK_RSS_METHODS if args.quick else TUNING_METHODS)
 
     print(f"\ntokens/s, median over {args.rounds} rounds of each run's median step ({args.threads} thread(s))")
     print(f"{'method':10s} {'per CPU-second':>15s} {'per wall-second':>16s} {'wall, whole window':>19s}")

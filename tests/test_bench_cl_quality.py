@@ -52,6 +52,8 @@ def test_report_assembles_sections_and_names_the_missing(tmp_path):
     assert text.startswith("# Benchmarks")
     assert "## Continual-learning quality" in text
     assert "python -m bench.engine_throughput` has not been run yet" in text
+    assert "cl_quality_lr" in text  # a side run is missing from a full report
+    assert "cl_quality_lr" not in assemble(tmp_path, quick=True)  # and is no part of the smoke run
 
 
 def test_make_bench_runs_every_section_the_report_assembles():
@@ -59,7 +61,7 @@ def test_make_bench_runs_every_section_the_report_assembles():
 
     recipe = (ROOT / "Makefile").read_text().split("\nbench:", 1)[1].split("\n\n", 1)[0]
     commands = [line.strip().removeprefix("$(BIN)/") for line in recipe.splitlines() if line.startswith("\t")]
-    for name, command in SECTIONS:
+    for name, command, _ in SECTIONS:
         assert command in commands, f"make bench does not run {command!r}, so {name}.md would go stale"
 
 
