@@ -62,11 +62,11 @@ QUICK_OVERRIDES = [
 ]
 
 
-def load_methods(diagnostics: bool = False) -> tuple[dict[str, list[str]], list[int]]:
-    """The compared methods (and, with diagnostics=True, the diagnostic variants run only when named)."""
+def load_methods() -> tuple[dict[str, list[str]], dict[str, list[str]], list[int]]:
+    """The compared methods, the diagnostic variants (run only when named) and the default seeds."""
     spec = yaml.safe_load(METHODS_FILE.read_text())
-    entries = {**spec["methods"], **(spec.get("diagnostics") or {})} if diagnostics else spec["methods"]
-    return {name: list(overrides) for name, overrides in entries.items()}, list(spec["seeds"])
+    overrides = lambda entries: {name: list(values) for name, values in (entries or {}).items()}  # noqa: E731
+    return overrides(spec["methods"]), overrides(spec.get("diagnostics")), list(spec["seeds"])
 
 
 # --- one run per (method, seed), in worker processes ----------------------------------------------
@@ -267,9 +267,8 @@ def markdown(report: dict) -> str:
         "(geometric mean over seeds).",
         "",
     ]
-    compared, _ = load_methods()
-    everything, _ = load_methods(diagnostics=True)
-    diagnostics = [f"{method} = `{' '.join(everything[method])}`" for method in rows if method not in compared and method in everything]
+    _, known_diagnostics, _ = load_methods()
+    diagnostics = [f"{method} = `{' '.join(known_diagnostics[method])}`" for method in rows if method in known_diagnostics]
     if diagnostics:
         body += ["Diagnostics, not methods (configs/cl-benchmark-methods.yaml): " + "; ".join(diagnostics) + ".", ""]
     headers = ["method", "seeds", "R[i][i] - chance", *(title for _, title in COLUMNS), "WikiText-2 ppl", *(f"final {task}" for task in tasks)]
@@ -310,8 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Methods and seeds default to configs/cl-benchmark-methods.yaml.")
-    compared, default_seeds = load_methods()
-    all_methods, _ = load_methods(diagnostics=True)
+    compared, diagnostics, default_seeds = load_methods()
+    all_methods = {**compared, **diagnostics}
     parser.add_argument("--methods", nargs="+", choices=list(all_methods),
                         help="methods to run (default: every compared one; the diagnostics run only when named)")
     parser.add_argument("--seeds", nargs="+", type=int, help=f"seeds (default: {default_seeds})")

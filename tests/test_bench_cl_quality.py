@@ -41,7 +41,7 @@ def test_orderings_report_whichever_way_they_go():
 
 
 def test_every_issue_method_is_configured_with_three_seeds():
-    methods, seeds = load_methods()
+    methods, _, seeds = load_methods()
     assert set(methods) == {"full", "attn-proj", "mlp-gate-up", "lora", "mora", "replay-1%", "replay-10%", "ewc", "lwf", "seekr-1%", "olora"}
     assert len(seeds) == 3
 
@@ -70,9 +70,9 @@ def test_every_method_override_makes_a_valid_runnable_config():
     from models.cl.registry import check_requirements
     from perennial.config import load_config
 
-    methods, _ = load_methods(diagnostics=True)
+    compared, diagnostics, _ = load_methods()
     tunings = set()
-    for overrides in methods.values():
+    for overrides in [*compared.values(), *diagnostics.values()]:
         cfg = load_config(str(BASE_CONFIG), overrides)
         check_requirements(cfg.cit.methods, cfg.cit.tuning.method, cfg.model.attn_implementation)
         assert cfg.eval.scoring == "options"
@@ -86,10 +86,9 @@ def test_diagnostics_train_the_weights_their_names_say_and_are_not_compared():
     from models.tuning import apply_tuning, trainable_parameter_names
     from perennial.config import load_config
 
-    compared, _ = load_methods()
-    everything, _ = load_methods(diagnostics=True)
-    diagnostics = {name: overrides for name, overrides in everything.items() if name not in compared}
+    compared, diagnostics, _ = load_methods()
     assert set(diagnostics) == {"blocks-only", "head-only", "embed-only", "attn-proj+head"}
+    assert not set(diagnostics) & set(compared)
     trained = {}
     for name, overrides in diagnostics.items():
         cfg = load_config(str(BASE_CONFIG), overrides)
