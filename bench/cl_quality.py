@@ -27,7 +27,7 @@ methods that learn slowly); `--name` keeps its results apart from the main table
 The methods file also lists diagnostics (blocks-only, head-only, embed-only, attn-proj+head)
 that run only when named, as in `make bench`.
 
-`--quick` is a smoke run (two methods, one seed, a few steps, 10 test records per task): it
+`--quick` is a smoke run (two methods, one seed, a few steps, 10 test records per task, empty services): it
 checks that the benchmark works, its numbers mean nothing.
 
 Results: bench/results/cl_quality.json (every run's matrix and metrics) and cl_quality.md
@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 methods, 1 seed, a few steps, 10 test records per task")
     parser.add_argument("--render", action="store_true", help="only rewrite the .md from the existing JSON in --output-dir")
     parser.add_argument("--state-dir", type=Path, default=ROOT / ".perennial" / "bench" / "cl_quality",
-                        help="S3 and MLflow data of the benchmark's own services (kept between runs)")
+                        help="S3 and MLflow data of the benchmark's own services (kept between runs; --quick starts from an empty one)")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="overrides for every run, after the method's own (e.g. cit.optim.lr=0.01)")
     parser.add_argument("--no-run", action="store_true",
@@ -350,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="perennial-clq-") as tmp:
-        state = args.state_dir / ("quick" if args.quick else "full")
+        # A smoke run starts cold: in a kept state dir its runs would be collected, or replayed from S3.
+        state = Path(tmp) / "state" if args.quick else args.state_dir / "full"
         warm = state.exists()  # an earlier benchmark run left the base and DAP models in its caches
         services = LocalServices.on_free_ports(state)
         env = services.up()

@@ -30,7 +30,7 @@ SECTIONS = [
 HEADER = """# Benchmarks
 
 Written by `make bench` (everything, about {minutes}) or `make bench-quick` (a smoke run of every
-script, the three side by side, about 2.5 minutes on 2 CPU cores, into bench/results/quick/; its
+script, the three side by side, about 3 minutes on 2 CPU cores, into bench/results/quick/; its
 numbers only show that the scripts work). Each section
 names the exact command that reproduces it and the machine it ran on; the numbers come from the
 JSON beside each section in `{results}/`. Ratios are measured side by side in one run.
