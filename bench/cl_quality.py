@@ -208,7 +208,7 @@ def aggregate(results: list[dict], methods: list[str], chance: dict[str, float] 
 def _fmt(stat: dict, signed: bool = False) -> str:
     sign = "+" if signed else ""
     mean = f"{stat['mean']:{sign}.3f}"
-    return mean if stat.get("n", 2) < 2 else f"{mean} ± {stat['std']:.3f}"  # one seed has no spread to show
+    return mean if stat["n"] < 2 else f"{mean} ± {stat['std']:.3f}"  # one seed has no spread to show
 
 
 def orderings(rows: dict[str, dict]) -> list[str]:
