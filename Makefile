@@ -8,14 +8,33 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DO_NOT_TRACK=1
 export MLFLOW_ENABLE_TELEMETRY=false PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_HOME=$(CURDIR)/.perennial/prefect
 
-.PHONY: venv run test test-fast services-up services-down services-status bench bench-quick bench-quick-engine bench-quick-system bench-quick-cl deploy worker clean
+.PHONY: venv lock run test test-fast services-up services-down services-status bench bench-quick bench-quick-engine bench-quick-system bench-quick-cl deploy worker clean
 
+LOCK := requirements.lock
+PIP_TOOLS := pip-tools==7.6.2
+
+# Installs exactly the locked set: --no-deps means pip resolves nothing, so every machine on every day
+# gets the same versions. scripts/lock.py refuses a lock whose inputs (pyproject.toml dependencies,
+# constraints.txt) changed since it was made; `pip check` refuses a set that is not closed.
 venv: $(STAMP)
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt $(LOCK) scripts/lock.py
+	$(PYTHON) scripts/lock.py check
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps -r $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check
 	touch $(STAMP)
+
+# Re-resolve on purpose: pip-compile (pip-tools) pins every transitive dependency of pyproject.toml
+# under constraints.txt, taking torch from the CPU wheel on disk (pip's find-links), then stamps the
+# lock with its inputs' digest. Review the version changes in the diff before committing.
+lock:
+	rm -rf .perennial/locktools
+	$(PYTHON) -m venv .perennial/locktools
+	.perennial/locktools/bin/python -m pip install -q $(PIP_TOOLS)
+	.perennial/locktools/bin/pip-compile --quiet --strip-extras --allow-unsafe --all-build-deps --extra dev \
+		--constraint constraints.txt --no-emit-index-url --no-emit-find-links --output-file $(LOCK) pyproject.toml
+	$(PYTHON) scripts/lock.py stamp
 
 services-up: venv
 	$(BIN)/perennial services up

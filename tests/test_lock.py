@@ -1,0 +1,72 @@
+"""The lock is the installed set: exact pins, in step with pyproject.toml, and what `make venv` installed."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import re
+import shutil
+import tomllib
+from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("lockscript", ROOT / "scripts" / "lock.py")
+lockscript = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(lockscript)
+
+
+def locked() -> dict[str, Version]:
+    pins = {}
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        match = re.fullmatch(r"([A-Za-z0-9._-]+)==(\S+)", line)
+        assert match, f"requirements.lock line is not an exact pin: {line!r}"
+        pins[canonicalize_name(match[1])] = Version(match[2])
+    return pins
+
+
+def test_lock_matches_its_inputs():
+    assert lockscript.check(ROOT) is None
+
+
+def test_changed_dependencies_are_refused_with_the_fix(tmp_path):
+    for name in ("pyproject.toml", "constraints.txt", "requirements.lock"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    assert lockscript.check(tmp_path) is None
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text(pyproject.read_text().replace('"tqdm",', '"tqdm",\n  "rich",'))
+    problem = lockscript.check(tmp_path)
+    assert problem is not None and "make lock" in problem
+    # Formatting and unrelated tables do not count as a change.
+    shutil.copy(ROOT / "pyproject.toml", pyproject)
+    pyproject.write_text(pyproject.read_text().replace('timeout = 900', 'timeout = 901') + "\n# a comment\n")
+    assert lockscript.check(tmp_path) is None
+
+
+def test_every_direct_dependency_and_constraint_is_pinned_within_its_range():
+    pins = locked()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    direct = project["dependencies"] + [d for extra in project["optional-dependencies"].values() for d in extra]
+    constraints = [
+        line.split("#", 1)[0].strip() for line in (ROOT / "constraints.txt").read_text().splitlines()
+    ]
+    for spec in direct + [c for c in constraints if c]:
+        requirement = Requirement(spec)
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{requirement.name} is not in requirements.lock"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (spec, str(pins[name]))
+
+
+def test_installed_environment_is_exactly_the_lock():
+    """`make venv` installed the locked versions, not whatever the index served that day."""
+    installed = {
+        canonicalize_name(dist.metadata["Name"]): Version(dist.version) for dist in importlib.metadata.distributions()
+    }
+    wrong = {name: (str(pin), str(installed.get(name))) for name, pin in locked().items() if installed.get(name) != pin}
+    assert not wrong, f"installed versions differ from requirements.lock (run `make venv`): {wrong}"
