@@ -1,4 +1,9 @@
-"""Learning is real: on the embedded default config, each task beats chance right after training on it."""
+"""Learning is real: on the embedded default config, each task is learned right after training on it.
+
+The margin is wide on purpose (measured at seeds 0, 1, 2: every task gains >= +0.8 over its stage-0 score),
+so a library version bump that nudges a few answers cannot flip it; a regression that stops a task
+from being learned does.
+"""
 
 import pytest
 
@@ -7,8 +12,10 @@ from perennial.config import load_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
+MARGIN = 0.3  # accuracy points above both chance and the stage-0 (before CIT) score
 
-def test_demo_model_beats_chance_on_each_task_after_training_on_it(services, prefect_harness, tmp_path):
+
+def test_demo_model_learns_each_task_well_above_chance_and_its_before_score(services, prefect_harness, tmp_path):
     cfg = load_config(
         "configs/demo.yaml",
         [
@@ -23,6 +30,6 @@ def test_demo_model_beats_chance_on_each_task_after_training_on_it(services, pre
     summary = continual_retrain(config=cfg.model_dump(mode="json"))
     matrix = summary["accuracy_matrix"]
     for index, task in enumerate(summary["tasks"]):
-        just_trained = matrix[index + 1][index]
-        assert just_trained > summary["chance"][task], (task, just_trained, matrix)
-        assert just_trained > matrix[0][index], (task, matrix)  # better than before CIT
+        just_trained, before = matrix[index + 1][index], matrix[0][index]
+        assert just_trained >= summary["chance"][task] + MARGIN, (task, matrix)
+        assert just_trained >= before + MARGIN, (task, matrix)
