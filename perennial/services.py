@@ -57,6 +57,20 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
+# The only variables a server inherits from the caller. Anything else, credentials above all, is
+# left behind: SeaweedFS accepts AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY from its environment as an
+# extra admin identity, so a caller's stray keys (or the keys a rotation just replaced) would stay valid.
+_INHERITED = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR")
+
+
+def server_env(env: dict[str, str]) -> dict[str, str]:
+    """A clean environment for a server: the few inherited basics, the offline/telemetry defaults, then ``env``."""
+    from perennial.env import OFFLINE_DEFAULTS
+
+    inherited = {key: os.environ[key] for key in _INHERITED if key in os.environ}
+    return {**inherited, **OFFLINE_DEFAULTS, **env}
+
+
 def _port_open(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.5)
@@ -183,7 +197,7 @@ class LocalServices:
             return
         log = open(self.root / f"{name}.log", "ab")
         process = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**os.environ, **env}, start_new_session=True
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=server_env(env), start_new_session=True
         )
         pidfile.write_text(str(process.pid))
 

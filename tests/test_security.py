@@ -306,3 +306,38 @@ def test_services_listen_on_loopback_only(services):
     assert listening["s3"] and listening["mlflow"], listening
     exposed = {name: addresses for name, addresses in listening.items() if addresses - {"127.0.0.1"}}
     assert exposed == {}  # nothing on 0.0.0.0, :: or an external interface
+
+
+def test_caller_aws_keys_are_not_accepted_by_the_s3_server(tmp_path, monkeypatch):
+    """A key in the caller's environment when `services up` runs is no S3 identity; only the generated one is.
+
+    SeaweedFS adds AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY from its own environment as an admin
+    identity, so a server started with the caller's whole environment kept those keys valid, and a
+    rotation (source services.env, then rotate) left the old key working.
+    """
+    import boto3
+    from botocore.config import Config as BotoConfig
+    from botocore.exceptions import ClientError
+
+    from perennial.services import LocalServices
+
+    stray = {"AWS_ACCESS_KEY_ID": "stray-" + uuid.uuid4().hex[:8], "AWS_SECRET_ACCESS_KEY": uuid.uuid4().hex}
+    for key, value in stray.items():
+        monkeypatch.setenv(key, value)
+    local = LocalServices.on_free_ports(tmp_path / "services")
+    env = local.up(timeout=120)
+    try:
+        def s3(access_key: str, secret_key: str):
+            return boto3.client("s3", endpoint_url=local.s3_endpoint, aws_access_key_id=access_key,
+                                aws_secret_access_key=secret_key, region_name="us-east-1",
+                                config=BotoConfig(retries={"max_attempts": 1}))
+
+        with pytest.raises(ClientError) as refused:
+            s3(stray["AWS_ACCESS_KEY_ID"], stray["AWS_SECRET_ACCESS_KEY"]).list_objects_v2(Bucket=local.bucket)
+        assert refused.value.response["Error"]["Code"] in {"InvalidAccessKeyId", "AccessDenied", "SignatureDoesNotMatch"}
+        # the generated identity still works, and it is the only one the server loaded
+        s3(env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]).list_objects_v2(Bucket=local.bucket)
+        log = (local.root / "seaweedfs.log").read_text(errors="replace")
+        assert "Available keys: 2" not in log
+    finally:
+        local.down()
