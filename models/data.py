@@ -32,28 +32,56 @@ def _bos(tokenizer) -> list[int]:
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    return _bos(tokenizer) + tokenizer.encode(render_prompt(tokenizer, prompt), add_special_tokens=False)
+    """Token ids the model sees before its answer, special tokens included: the one prompt encoder
+    of training, generation, option scoring and drift probes.
+
+    With a chat template, the template alone decides the special tokens: the ids equal
+    ``tokenizer.apply_chat_template([user turn], tokenize=True, add_generation_prompt=True)``.
+    Adding a BOS as well doubled it: Llama-style templates emit ``{{ bos_token }}`` themselves, and
+    ChatML tokenizers such as SmolLM2's name the template's own ``<|im_start|>`` their bos_token.
+    Without a template: BOS (when the tokenizer has one) once, then the default template.
+    """
+    # apply_chat_template tokenizes the rendered text with add_special_tokens=False, as here.
+    specials = [] if getattr(tokenizer, "chat_template", None) else _bos(tokenizer)
+    return specials + tokenizer.encode(render_prompt(tokenizer, prompt), add_special_tokens=False)
+
+
+def fit_prompt(prompt_ids: list[int], answer_length: int, max_length: int | None) -> tuple[list[int], int]:
+    """Cut a prompt and an answer of ``answer_length`` tokens to ``max_length`` tokens, as training does.
+
+    Returns (prompt ids kept, answer tokens kept). When the pair overflows, the answer keeps at
+    most max(1, max_length // 2) tokens and the prompt keeps its end.
+    ``max_length=None`` cuts nothing. Evaluation calls this with the training length so it feeds
+    exactly the prompt window `encode_instruction` trained on (a model with learned absolute
+    positions also has no positions beyond it).
+    """
+    if max_length is None:
+        return prompt_ids, answer_length
+    if len(prompt_ids) + answer_length > max_length:
+        answer_length = min(answer_length, max(1, max_length // 2))
+    budget = max_length - answer_length
+    return prompt_ids[max(0, len(prompt_ids) - budget) :], answer_length
 
 
 def encode_instruction(tokenizer, prompt: str, response: str, max_length: int) -> dict[str, list[int]]:
     """Prompt + response + EOS, with labels only on the response (loss masking for CIT).
 
-    Over-long examples keep the end of the prompt and as much response as fits, so the
-    supervised tokens are never silently empty.
+    At most ``max_length`` tokens: over-long examples are cut by `fit_prompt` (the end of the
+    prompt, and at least one response token), so the supervised tokens are never silently empty.
     """
-    prompt_ids = encode_prompt(tokenizer, prompt)
     response_ids = tokenizer.encode(response, add_special_tokens=False) + [tokenizer.eos_token_id]
-    response_ids = response_ids[: max(1, max_length // 2)] if len(prompt_ids) + len(response_ids) > max_length else response_ids
-    budget = max_length - len(response_ids)
-    if len(prompt_ids) > budget:
-        prompt_ids = prompt_ids[-budget:]
+    prompt_ids, kept = fit_prompt(encode_prompt(tokenizer, prompt), len(response_ids), max_length)
+    response_ids = response_ids[:kept]
     input_ids = prompt_ids + response_ids
     labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
     return {"input_ids": input_ids, "labels": labels}
 
 
 def pack_texts(tokenizer, texts: Iterable[str], block_size: int) -> list[list[int]]:
-    """Concatenate documents (each closed by EOS) and cut into equal blocks: sequence packing for DAP."""
+    """Concatenate documents (each closed by EOS) and cut into equal blocks: sequence packing for DAP.
+
+    Plain text has no chat template, so each document gets BOS once (`encode_prompt`'s rule without one).
+    """
     blocks: list[list[int]] = []
     buffer: list[int] = []
     for text in texts:

@@ -1,8 +1,10 @@
 """Scoring a causal LM: greedy generation, option scoring, perplexity and output-bias drift.
 
-Every prompt goes through `models.data.encode_prompt`, so evaluation sees exactly the token
-sequence training saw before the response. Everything runs on the model's own device, in eval
-mode, without gradients; the model's train/eval mode is restored afterwards.
+Every prompt goes through `models.data.encode_prompt` and, given the training ``max_length``
+(``cit.optim.max_length``), is cut by `models.data.fit_prompt` as `encode_instruction` cuts it, so
+evaluation sees exactly the token sequence training saw before the response. Everything runs on
+the model's own device, in eval mode, without gradients; the model's train/eval mode is restored
+afterwards.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from models.data import IGNORE_INDEX, collate, encode_prompt, pack_texts
+from models.data import IGNORE_INDEX, collate, encode_prompt, fit_prompt, pack_texts
 
 
 # --------------------------------------------------------------------------- text metrics
@@ -107,45 +109,63 @@ def _logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torc
 # --------------------------------------------------------------------------- generation
 
 
-def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 16, batch_size: int = 16) -> list[str]:
-    """Greedy continuations of the rendered prompts, cut at the first EOS, special tokens dropped."""
+def generate(
+    model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 16, batch_size: int = 16, max_length: int | None = None
+) -> list[str]:
+    """Greedy continuations of the rendered prompts, cut at the first EOS, special tokens dropped.
+
+    max_length: the training length (tokens). Each prompt is then cut as `encode_instruction` cuts it
+    for an answer of ``max_new_tokens`` tokens, and prompt + answer never exceed max_length tokens: an
+    over-long prompt leaves at most max(1, max_length // 2) answer tokens, as in training. None: no cut.
+    """
     device = _device(model)
     pad_id, eos_id = _pad_id(tokenizer), tokenizer.eos_token_id
-    # An explicit config, so sampling or penalties in a checkpoint's generation_config never change scores.
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos_id, pad_token_id=pad_id, bos_token_id=tokenizer.bos_token_id
-    )
-    encoded = [encode_prompt(tokenizer, prompt) for prompt in prompts]
-    predictions: list[str] = []
+    fitted = [fit_prompt(encode_prompt(tokenizer, prompt), max_new_tokens, max_length) for prompt in prompts]
+    predictions = [""] * len(prompts)
     with _inference(model):
-        for chunk in _chunks(encoded, batch_size, "generate"):
-            input_ids, attention = _left_pad(chunk, pad_id)
-            output = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), generation_config=config)
-            for row in output[:, input_ids.shape[1] :].tolist():
-                if eos_id in row:
-                    row = row[: row.index(eos_id)]
-                predictions.append(tokenizer.decode(row, skip_special_tokens=True))
+        # Prompts cut to leave fewer answer tokens generate apart: in a shared batch they would run past max_length.
+        for new_tokens in sorted({kept for _, kept in fitted}):
+            rows = [index for index, (_, kept) in enumerate(fitted) if kept == new_tokens]
+            # An explicit config, so sampling or penalties in a checkpoint's generation_config never change scores.
+            config = GenerationConfig(
+                max_new_tokens=new_tokens, do_sample=False, num_beams=1, eos_token_id=eos_id, pad_token_id=pad_id,
+                bos_token_id=tokenizer.bos_token_id,
+            )
+            for chunk in _chunks(rows, batch_size, "generate"):
+                input_ids, attention = _left_pad([fitted[index][0] for index in chunk], pad_id)
+                output = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), generation_config=config)
+                for index, row in zip(chunk, output[:, input_ids.shape[1] :].tolist()):
+                    if eos_id in row:
+                        row = row[: row.index(eos_id)]
+                    predictions[index] = tokenizer.decode(row, skip_special_tokens=True)
     return predictions
 
 
 # --------------------------------------------------------------------------- option scoring
 
 
-def option_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 16) -> list[float]:
-    """For each (prompt, option): the sum of log-probs of the option's tokens plus EOS given the rendered prompt.
+def option_logprobs(
+    model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 16, max_length: int | None = None
+) -> list[float]:
+    """For each (prompt, option): the sum of log-probs (nats, <= 0) of the option's tokens plus EOS given the rendered prompt.
 
-    The option is tokenised on its own and followed by EOS, exactly as `encode_instruction`
-    builds a training target. Consecutive pairs with the same prompt share one forward pass of
-    that prompt: its KV cache is copied to each option, so a 14-way classification costs one
-    prompt pass rather than fourteen. ``batch_size`` counts prompts.
+    The option is tokenised on its own and followed by EOS, and with ``max_length`` (the training
+    length, tokens) the pair is cut by `fit_prompt`, exactly as `encode_instruction` builds a training
+    example: the score is minus that example's summed training loss. So options of different lengths
+    under an over-long prompt each see the prompt window training would give them. Consecutive pairs
+    with the same prompt window share one forward pass of it: its KV cache is copied to each option,
+    so a 14-way classification costs one prompt pass rather than fourteen. ``batch_size`` counts prompts.
     """
     groups: list[tuple[list[int], list[list[int]]]] = []
-    previous = None
+    previous_text, full_prompt = None, []
     for text, option in pairs:
-        if text != previous:
-            groups.append((encode_prompt(tokenizer, text), []))
-            previous = text
-        groups[-1][1].append(tokenizer.encode(option, add_special_tokens=False) + [tokenizer.eos_token_id])
+        if text != previous_text:
+            previous_text, full_prompt = text, encode_prompt(tokenizer, text)
+        option_ids = tokenizer.encode(option, add_special_tokens=False) + [tokenizer.eos_token_id]
+        prompt_ids, kept = fit_prompt(full_prompt, len(option_ids), max_length)
+        if not groups or groups[-1][0] != prompt_ids:
+            groups.append((prompt_ids, []))
+        groups[-1][1].append(option_ids[:kept])
     device = _device(model)
     pad_id = _pad_id(tokenizer)
     scores: list[float] = []
@@ -176,7 +196,9 @@ def _score_shared_prompts(model, groups, pad_id: int, device: torch.device) -> l
         option_ids[index, : len(option)] = torch.tensor(option)
         option_mask[index, : len(option)] = 1
     prompt_lengths = prompt_mask.sum(-1)[rows]
-    positions = prompt_lengths[:, None] + torch.arange(width)[None, :]
+    # Padding after a short option gets position 0: counting on past its prompt window could run beyond
+    # a learned position table (GPT-2 style); padding outputs are masked out below anyway.
+    positions = (prompt_lengths[:, None] + torch.arange(width)[None, :]) * option_mask
     attention = torch.cat([prompt_mask[rows], option_mask], dim=1)
     logits = model(
         input_ids=option_ids.to(device), attention_mask=attention.to(device), position_ids=positions.to(device), past_key_values=cache
@@ -188,13 +210,13 @@ def _score_shared_prompts(model, groups, pad_id: int, device: torch.device) -> l
     return (picked * option_mask.to(device)).sum(dim=1).tolist()
 
 
-def choose_options(model, tokenizer, records: Sequence[dict], batch_size: int = 16) -> list[str]:
-    """For each record, the option with the highest summed log-prob (first one on ties)."""
+def choose_options(model, tokenizer, records: Sequence[dict], batch_size: int = 16, max_length: int | None = None) -> list[str]:
+    """For each record, the option with the highest summed log-prob (first one on ties); max_length as in `option_logprobs`."""
     for record in records:
         if not record.get("options"):
             raise ValueError(f"record {record.get('id')!r} has no options; use scoring='generate'")
     pairs = [(record["prompt"], option) for record in records for option in record["options"]]
-    scores = option_logprobs(model, tokenizer, pairs, batch_size)
+    scores = option_logprobs(model, tokenizer, pairs, batch_size, max_length)
     chosen, start = [], 0
     for record in records:
         options = record["options"]
@@ -207,19 +229,23 @@ def choose_options(model, tokenizer, records: Sequence[dict], batch_size: int = 
 # --------------------------------------------------------------------------- task scoring
 
 
-def score_task(model, tokenizer, records: Sequence[dict], scoring: str = "generate", batch_size: int = 16, max_new_tokens: int = 16) -> dict:
+def score_task(
+    model, tokenizer, records: Sequence[dict], scoring: str = "generate", batch_size: int = 16, max_new_tokens: int = 16,
+    max_length: int | None = None,
+) -> dict:
     """Score instruction records; `accuracy` is the accuracy-matrix entry.
 
     generate: accuracy = exact match of the greedy answer. options: accuracy = share of records
     whose highest-scoring option equals the response. Both also report normalised exact match
-    and token F1 of the prediction, and the predictions themselves.
+    and token F1 of the prediction, and the predictions themselves. max_length: the training
+    length in tokens (prompts are cut as training cuts them; see `generate`, `option_logprobs`).
     """
     if not records:
         raise ValueError("score_task needs at least one record")
     if scoring == "generate":
-        predictions = generate(model, tokenizer, [record["prompt"] for record in records], max_new_tokens, batch_size)
+        predictions = generate(model, tokenizer, [record["prompt"] for record in records], max_new_tokens, batch_size, max_length)
     elif scoring == "options":
-        predictions = choose_options(model, tokenizer, records, batch_size)
+        predictions = choose_options(model, tokenizer, records, batch_size, max_length)
     else:
         raise ValueError(f"unknown scoring {scoring!r}; expected 'generate' or 'options'")
     references = [record["response"] for record in records]
@@ -262,9 +288,12 @@ def perplexity(model, tokenizer, texts: Sequence[str], block_size: int = 128, ba
 # --------------------------------------------------------------------------- output-bias drift
 
 
-def next_token_distributions(model, tokenizer, prompts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
-    """[len(prompts), vocab] float32 CPU tensor: P(next token | rendered prompt) for each probe."""
-    examples = [{"input_ids": encode_prompt(tokenizer, prompt)} for prompt in prompts]
+def next_token_distributions(model, tokenizer, prompts: Sequence[str], batch_size: int = 16, max_length: int | None = None) -> torch.Tensor:
+    """[len(prompts), vocab] float32 CPU tensor: P(next token | rendered prompt) for each probe.
+
+    max_length: the training length (tokens); a prompt is cut as training cuts it before a first answer token.
+    """
+    examples = [{"input_ids": fit_prompt(encode_prompt(tokenizer, prompt), 1, max_length)[0]} for prompt in prompts]
     device = _device(model)
     rows: list[torch.Tensor] = []
     with _inference(model):

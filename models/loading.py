@@ -65,10 +65,23 @@ def _load_error(what: str, name_or_path: str | Path, revision: str | None, error
 
 
 def load_tokenizer(name_or_path: str | Path, revision: str | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model folder or hub id, with a pad token (EOS when it has none).
+
+    Raises ModelLoadError when it cannot be loaded, or when it has no EOS token: every training
+    answer and packed document ends with EOS, and generation stops on it, so without one the
+    first encoded example would fail far from the cause (a TypeError on a None id).
+    """
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), revision=revision)
     except OSError as error:
         raise _load_error("tokenizer", name_or_path, revision, error) from None
+    if tokenizer.eos_token_id is None:
+        specials = ", ".join(repr(token) for token in tokenizer.all_special_tokens) or "none"
+        raise ModelLoadError(
+            f"tokenizer in {name_or_path} has no eos_token; Perennial ends every answer and document with it. "
+            'Set eos_token in its tokenizer_config.json to the token that ends a text for this model, e.g. "eos_token": "</s>" '
+            f"(its special tokens: {specials})"
+        )
     if tokenizer.pad_token_id is None:
         # Causal LMs often ship without a pad token; EOS is the conventional stand-in.
         tokenizer.pad_token = tokenizer.eos_token

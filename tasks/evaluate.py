@@ -46,11 +46,15 @@ def evaluate_stage(run: RunContext, model_uri: str, data: DataBundle, stage_inde
     )
     model.eval()
 
+    # Prompts are cut to the CIT training length, so evaluation feeds what training fed (models/data.py:fit_prompt).
     def score_all(refs):
         scores, details = {}, {}
         for ref in refs:
             records = read_records(store, ref, cache, split="test")[: cfg.eval.max_task_records]
-            scored = score_task(model, tokenizer, records, scoring=cfg.eval.scoring, batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens)
+            scored = score_task(
+                model, tokenizer, records, scoring=cfg.eval.scoring, batch_size=cfg.eval.batch_size,
+                max_new_tokens=cfg.eval.max_new_tokens, max_length=cfg.cit.optim.max_length,
+            )
             scores[ref.name] = scored["accuracy"]
             details[ref.name] = {k: v for k, v in scored.items() if isinstance(v, (int, float))}
         return scores, details
@@ -64,7 +68,7 @@ def evaluate_stage(run: RunContext, model_uri: str, data: DataBundle, stage_inde
 
     # Drift is measured against the model before continual tuning (stage 0), on fixed probe prompts.
     prompts = probe_prompts(general_test, cfg.eval.probe_prompts)
-    current = next_token_distributions(model, tokenizer, prompts)
+    current = next_token_distributions(model, tokenizer, prompts, max_length=cfg.cit.optim.max_length)
     base_key = f"{run.prefix}/eval/probe-base.safetensors"
     local_base = run.work_dir / "probe-base.safetensors"
     if stage_index == 0:

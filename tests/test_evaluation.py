@@ -5,13 +5,14 @@ from __future__ import annotations
 import copy
 import math
 import random
+from contextlib import contextmanager
 
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from models.data import collate, encode_instruction, pack_texts
+from models.data import collate, encode_instruction, encode_prompt, pack_texts
 from models.evaluation import (
     choose_options,
     digit_token_ids,
@@ -259,3 +260,76 @@ def test_shared_prompt_option_scores_equal_full_sequence_scores(base, tok):
             expected.append(-base(**collate([example], tok.pad_token_id)).loss.item() * supervised)
     assert option_logprobs(base, tok, pairs, batch_size=3) == pytest.approx(expected, rel=1e-4, abs=1e-4)
     assert option_logprobs(base, tok, pairs, batch_size=1) == pytest.approx(expected, rel=1e-4, abs=1e-4)
+
+
+# --------------------------------------------------------------------------- prompts longer than the training length (issue #17)
+
+LONG_PROMPT = " ".join(sentences(48, 7)) + " What does a cat say?"  # about 900 tokens
+
+
+def prompt_part(example: dict) -> list[int]:
+    """The ids before the first supervised token of an `encode_instruction` example."""
+    return example["input_ids"][: example["labels"].count(-100)]
+
+
+@contextmanager
+def fed_ids(model):
+    """Every input_ids tensor the model's forward receives, as lists."""
+    calls: list[list[list[int]]] = []
+    handle = model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].tolist()), with_kwargs=True)
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+def test_evaluation_feeds_the_prompt_window_training_saw(base, tok):
+    assert len(encode_prompt(tok, LONG_PROMPT)) > 800
+    trained = encode_instruction(tok, LONG_PROMPT, "meow", 64)
+    answer_tokens = len(trained["input_ids"]) - len(prompt_part(trained))  # "meow" + EOS
+    assert len(trained["input_ids"]) == 64
+
+    with fed_ids(base) as calls:
+        generate(base, tok, [LONG_PROMPT], max_new_tokens=answer_tokens, max_length=64)
+    assert calls[0] == [prompt_part(trained)]  # the prefill pass: exactly what training put before "meow"
+    assert len(calls[0][0]) + len(calls) - 1 <= 64  # one more token per later pass, never beyond max_length
+
+    # Option scoring: each option's score is minus its training loss, prompt and option cut as training cuts them.
+    options = ["meow", "quack " * 40]  # the second overflows max_length // 2 and is cut to 32 tokens
+    with fed_ids(base) as calls:
+        scores = option_logprobs(base, tok, [(LONG_PROMPT, option) for option in options], batch_size=1, max_length=64)
+    expected = []
+    for index, option in enumerate(options):
+        example = encode_instruction(tok, LONG_PROMPT, option, 64)
+        assert calls[2 * index] == [prompt_part(example)]  # batch_size=1: a prompt pass, then its options pass
+        with torch.no_grad():
+            expected.append(-base(**collate([example], tok.pad_token_id)).loss.item() * (64 - len(prompt_part(example))))
+    assert len(prompt_part(encode_instruction(tok, LONG_PROMPT, options[1], 64))) == 32
+    assert scores == pytest.approx(expected, rel=1e-4)
+
+    with fed_ids(base) as calls:
+        next_token_distributions(base, tok, [LONG_PROMPT], max_length=64)
+    assert calls == [[prompt_part(encode_instruction(tok, LONG_PROMPT, "", 64))]]  # room for one token: EOS
+
+
+def test_learned_positions_model_scores_long_prompts_within_its_positions(tok):
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(
+        vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=4,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )).eval()
+    records = [
+        {"id": "long", "prompt": LONG_PROMPT, "response": "meow", "options": ["meow", "woof", "quack " * 40]},
+        {"id": "short", "prompt": "What does a cat say?", "response": "meow", "options": ["meow", "woof"]},
+    ]
+    with pytest.raises(IndexError):  # uncut, the prompt runs past the 64 learned positions
+        score_task(gpt2, tok, records, scoring="generate", max_new_tokens=4)
+
+    for scoring in ("generate", "options"):
+        assert score_task(gpt2, tok, records, scoring=scoring, max_new_tokens=4, max_length=64)["n"] == 2
+    # More new tokens than max_length // 2: the long prompt keeps 32 tokens and gets 32 new ones, as a training
+    # example with a long answer would; the short prompt still gets all 40, whatever its batch-mates.
+    with fed_ids(gpt2) as calls:
+        both = generate(gpt2, tok, [LONG_PROMPT, "What does a cat say?"], max_new_tokens=40, max_length=64)
+    assert max(len(ids[0]) for ids in calls if len(ids[0]) > 1) == 32
+    assert both[1] == generate(gpt2, tok, ["What does a cat say?"], max_new_tokens=40, max_length=64)[0]

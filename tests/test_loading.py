@@ -8,10 +8,11 @@ import shutil
 import pytest
 import torch
 from huggingface_hub import constants as hub_constants
-from transformers import LlamaConfig, LlamaForCausalLM
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from models.data import DEFAULT_PROMPT_TEMPLATE, render_prompt
-from models.loading import ModelLoadError, load_model_and_tokenizer, save_model
+from models.data import DEFAULT_PROMPT_TEMPLATE, encode_instruction, encode_prompt, render_prompt
+from models.loading import ModelLoadError, load_model_and_tokenizer, load_tokenizer, save_model
 from models.tiny import train_tokenizer
 from perennial import demo_data
 
@@ -136,3 +137,104 @@ def test_chat_template_used_when_present_else_default(tokenizer):
     templated = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     templated.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
     assert render_prompt(templated, "hi") == "<|user|>hi<|assistant|>"
+
+
+# --------------------------------------------------------------------------- prompt special tokens (issue #17)
+
+LLAMA_STYLE_TEMPLATE = (  # emits BOS itself, as Llama-2/3 templates do
+    "{{ bos_token }}{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}[assistant] {% endif %}"
+)
+SMOLLM2_TEMPLATE = (  # SmolLM2-Instruct's ChatML template, verbatim
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def chat_reference(tokenizer, prompt):
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True, add_generation_prompt=True, return_dict=False)
+
+
+@pytest.fixture(scope="module")
+def llama_style(tokenizer):
+    templated = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    templated.chat_template = LLAMA_STYLE_TEMPLATE
+    return templated
+
+
+@pytest.fixture(scope="module")
+def smollm2_style():
+    """A ChatML tokenizer whose bos_token is the template's own start token, as SmolLM2's is."""
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    backend = Tokenizer(models.BPE(unk_token=None))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(demo_data.general_corpus(200, 0), trainer=trainer)
+    chatml = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    chatml.chat_template = SMOLLM2_TEMPLATE
+    return chatml
+
+
+def test_template_that_emits_bos_gets_it_once(llama_style):
+    prompt = "the farmer walked"
+    ids = encode_prompt(llama_style, prompt)
+    assert ids == chat_reference(llama_style, prompt)
+    assert ids[0] == llama_style.bos_token_id and ids.count(llama_style.bos_token_id) == 1
+    example = encode_instruction(llama_style, prompt, "to the river", 64)
+    assert example["input_ids"][: len(ids)] == ids and example["labels"][: len(ids)] == [-100] * len(ids)
+
+
+def test_chatml_bos_that_is_the_template_start_token_is_not_doubled(smollm2_style):
+    prompt = "the farmer walked"
+    ids = encode_prompt(smollm2_style, prompt)
+    assert ids == chat_reference(smollm2_style, prompt)
+    start = smollm2_style.convert_tokens_to_ids("<|im_start|>")
+    assert smollm2_style.bos_token_id == start
+    assert ids[0] == start and ids[1] != start
+    assert ids.count(start) == 3  # system, user, assistant turns: one each
+    assert encode_instruction(smollm2_style, prompt, "to the river", 256)["input_ids"][: len(ids)] == ids
+
+
+def test_no_template_gets_bos_once_then_the_default_template(tokenizer):
+    prompt = "the farmer walked"
+    expected = [tokenizer.bos_token_id] + tokenizer.encode(DEFAULT_PROMPT_TEMPLATE.format(prompt=prompt), add_special_tokens=False)
+    assert encode_prompt(tokenizer, prompt) == expected
+    assert expected.count(tokenizer.bos_token_id) == 1
+
+
+def test_saved_and_exported_tokenizer_encodes_prompts_identically(tmp_path, monkeypatch, llama_style, smollm2_style):
+    import tasks.export
+    from perennial.config import Config
+
+    for name, templated in (("llama", llama_style), ("chatml", smollm2_style)):
+        saved = save_model(small_model(len(templated)), templated, tmp_path / name)
+        _, reloaded = load_model_and_tokenizer(saved)
+        # export_model copies the fetched checkpoint minus Perennial's own files; serve it the saved folder.
+        monkeypatch.setattr(tasks.export, "open_store", lambda config: None)
+        monkeypatch.setattr(tasks.export, "fetch_dir", lambda store, uri, cache, saved=saved: saved)
+        exported = tasks.export.export_model(Config(work_dir=tmp_path / "work"), "s3://unused/ckpt", tmp_path / f"{name}-export")
+        _, from_export = load_model_and_tokenizer(exported)
+        for loaded in (reloaded, from_export):
+            assert loaded.chat_template == templated.chat_template
+            for prompt in ("the farmer walked", "a child found the market"):
+                assert encode_prompt(loaded, prompt) == encode_prompt(templated, prompt) == chat_reference(templated, prompt)
+                assert encode_instruction(loaded, prompt, "yes", 64) == encode_instruction(templated, prompt, "yes", 64)
+
+
+# --------------------------------------------------------------------------- tokenizer without EOS (issue #17)
+
+
+def test_tokenizer_without_eos_is_refused_at_load_saying_what_to_set(tmp_path, tokenizer):
+    no_eos = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, bos_token="<s>", pad_token="<pad>", unk_token="<unk>")
+    assert no_eos.eos_token_id is None
+    save_model(small_model(len(no_eos)), no_eos, tmp_path)
+    with pytest.raises(ModelLoadError) as refused:
+        load_model_and_tokenizer(tmp_path)
+    message = str(refused.value)
+    assert f"tokenizer in {tmp_path} has no eos_token" in message
+    assert 'set eos_token in its tokenizer_config.json' in message.lower() and '"eos_token": "</s>"' in message
+    with pytest.raises(ModelLoadError, match="no eos_token"):
+        load_tokenizer(tmp_path)  # the tokenizer-only path (tasks/launch.py) refuses it too

@@ -14,7 +14,7 @@ from typing import Literal
 
 from perennial.ingest.core import content_digest, iter_jsonl
 
-CACHE_FORMAT = 1  # bump when the cached layout or the encoding functions change meaning
+CACHE_FORMAT = 2  # bump when the cached layout or the encoding functions change meaning (2: no second BOS before a chat template)
 
 
 def tokenizer_digest(tokenizer) -> str:
