@@ -3,6 +3,12 @@
 The selective presets freeze everything but a named group of weight matrices (see TuningConfig),
 to limit which parts of the network a new task can move: attn-proj trains only the self-attention
 projections, mlp-gate-up only the MLP's gate and up projections (down_proj stays fixed).
+
+Tied word embeddings (``tie_word_embeddings``: the input embeddings and lm_head are one tensor):
+full and regex train that one tensor, so a pattern naming either module trains both and the saved
+model stays tied. A peft adapter on either module changes only that module's output, so that
+module gets its own copy of the matrix first (`_untie_targeted_embeddings`) and the merged model
+is exactly the trained one.
 """
 
 from __future__ import annotations
@@ -11,7 +17,8 @@ import re
 
 import peft
 import torch
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft import LoraConfig, PeftConfig, PeftModel, TaskType, get_peft_model
+from peft.tuners.tuners_utils import check_target_module_exists
 
 from models.mora import MoraConfig, choose_mora_type
 from perennial.config import TuningConfig
@@ -38,17 +45,44 @@ def apply_tuning(model: torch.nn.Module, tuning: TuningConfig) -> torch.nn.Modul
             task_type=TaskType.CAUSAL_LM, r=tuning.r, lora_alpha=tuning.alpha,
             lora_dropout=tuning.dropout, target_modules=list(tuning.target_modules),
         )
-        return get_peft_model(model, config)
+        return _wrap(model, config)
     if method == "mora":
         # MoRA has no alpha: its update is not rescaled (as in the paper's reference code).
         config = MoraConfig(
             task_type=TaskType.CAUSAL_LM, r=tuning.r, mora_type=choose_mora_type(tuning.r, tuning.mora_type),
             mora_dropout=tuning.dropout, target_modules=list(tuning.target_modules),
         )
-        return get_peft_model(model, config)
+        return _wrap(model, config)
     if method == "osf":
-        return get_peft_model(model, _osf_config(tuning))
+        return _wrap(model, _osf_config(tuning))
     raise ValueError(f"unknown tuning.method {method!r}")
+
+
+def _wrap(model: torch.nn.Module, config: PeftConfig) -> PeftModel:
+    _untie_targeted_embeddings(model, config)
+    return get_peft_model(model, config)
+
+
+def _untie_targeted_embeddings(model: torch.nn.Module, config: PeftConfig) -> None:
+    """Give each module that shares the input embedding matrix its own copy, if `config` adapts any of them.
+
+    Why: an adapter on lm_head (or on the input embeddings) changes only that module's output, so the
+    model being trained already behaves untied; merging would fold the update into the shared tensor
+    and so move the other module as well (exported logits off by whole units). Untied, the merge is
+    exact, and `tie_word_embeddings=False` makes the saved model load untied too: it holds one more
+    vocab x hidden matrix. A model whose config does not tie its embeddings is left alone.
+    """
+    if not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        return
+    embeddings = model.get_input_embeddings()
+    shared = embeddings.weight
+    tied = {name: module for name, module in model.named_modules() if getattr(module, "weight", None) is shared}
+    if len(tied) < 2 or not any(check_target_module_exists(config, name) for name in tied):
+        return
+    for module in tied.values():
+        if module is not embeddings:
+            module.weight = torch.nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
+    model.config.tie_word_embeddings = False
 
 
 def _osf_config(tuning: TuningConfig):
@@ -70,9 +104,15 @@ def _train_only_matching(model: torch.nn.Module, method: str, patterns: tuple[st
             compiled.append(re.compile(pattern))
         except re.error as error:
             raise ValueError(f"tuning.method={method!r}: invalid regex {pattern!r}: {error}") from error
+    # Every name a parameter is reachable by: a tied embedding matrix is both "model.embed_tokens.weight"
+    # and "lm_head.weight", and named_parameters() lists only the first, so a pattern for the head would
+    # silently match nothing.
+    names: dict[torch.nn.Parameter, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names.setdefault(parameter, []).append(name)
     matched = 0
-    for name, parameter in model.named_parameters():
-        trainable = any(regex.search(name) for regex in compiled)
+    for parameter, aliases in names.items():
+        trainable = any(regex.search(name) for regex in compiled for name in aliases)
         parameter.requires_grad_(trainable)
         matched += trainable
     if not matched:
