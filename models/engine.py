@@ -7,6 +7,8 @@ What makes it exactly resumable:
   examples a straight run would;
 - a checkpoint holds the trainable weights, optimizer and scheduler state, RNG states and the
   plugins' state, all as safetensors + JSON (never pickle).
+A step whose loss or gradient norm is nan or inf stops the run (`NonFiniteLossError`) before it
+changes a weight or saves a checkpoint.
 Under `torchrun` (torch.distributed initialised) the model is wrapped in DDP, or sharded with
 FSDP2 (`strategy="fsdp"`), and each rank takes its slice of every global micro-batch; the
 reported loss and token count are global (averaged / summed over ranks), so every rank logs and
@@ -39,6 +41,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from models.atomic import atomic_dir
@@ -49,6 +52,15 @@ StepHook = Callable[[int, torch.nn.Module], None]
 LogFn = Callable[[dict[str, float], int], None]
 CheckpointFn = Callable[[int, Path], None]
 Strategy = Literal["ddp", "fsdp"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A training step's loss or gradient norm was nan or inf; the message names the stage and the step.
+
+    Raised before that step's optimizer update, so the weights are those after the previous step
+    and no checkpoint exists for this step or a later one. Not transient: a rerun resumes from the
+    last checkpoint and meets the same step again, so it must not be retried.
+    """
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -385,14 +397,27 @@ def train(
             # gradients the same way), identical on every rank so logs and checkpoints agree.
             dist.all_reduce(step_loss_sum)
             step_loss_sum /= world
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+        if isinstance(grad_norm, DTensor):  # FSDP: the whole model's norm, the same on every rank
+            grad_norm = grad_norm.full_tensor()
+        done = step + 1
+        # Read before the optimizer step (one device sync for both): a nan/inf step must not reach
+        # the weights. Loss and norm are global, so every rank stops at the same step.
+        step_loss, step_norm = torch.stack([step_loss_sum, grad_norm.double()]).tolist()
+        if not (math.isfinite(step_loss) and math.isfinite(step_norm)):
+            progress.close()
+            raise NonFiniteLossError(
+                f"{desc}: non-finite training loss {step_loss} (gradient norm {step_norm}) at step {done} of "
+                f"{cfg.max_steps}; stopped before that step's update (the weights are those after step {step}; step 0: "
+                "the input model's) and saved no checkpoint or model for this step or later. A rerun resumes from the "
+                "last committed checkpoint and would meet the same step: fix the cause first (a lower optim.lr, the "
+                "data of this step, or nan/inf weights in the input model)"
+            )
         optimizer.step()
         scheduler.step()
-        step_loss = step_loss_sum.item()  # after the optimizer's kernels are queued
         losses.append(step_loss)
         progress.update(1)
         progress.set_postfix(loss=f"{step_loss:.4f}")
-        done = step + 1
         if log_fn and rank == 0 and (done % cfg.log_every == 0 or done == cfg.max_steps):
             log_fn({"loss": step_loss, "lr": scheduler.get_last_lr()[0]}, done)
         if on_step_end:

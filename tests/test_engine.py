@@ -1,10 +1,12 @@
 import copy
+import math
+import re
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from models.engine import lr_multiplier, save_state, stream_indices, train
+from models.engine import NonFiniteLossError, lr_multiplier, save_state, stream_indices, train
 from perennial.config import OptimConfig
 
 
@@ -90,3 +92,67 @@ def test_checkpoint_holds_no_pickle(tmp_path):
 def test_empty_examples_fail_loudly():
     with pytest.raises(ValueError, match="no training examples"):
         train(tiny_model(), [], OptimConfig(max_steps=1), seed=0, pad_token_id=0)
+
+
+FAULT_STEP = 3
+
+
+def nan_loss_at(step: int, model):
+    """The final norm's output turns nan in the forward pass of `step` (counted from 1): nan loss and gradients."""
+    forwards = iter(range(1, 1_000))
+    return model.model.norm.register_forward_hook(
+        lambda module, inputs, output: output * float("nan") if next(forwards) == step else output)
+
+
+def inf_gradient_at(step: int, model):
+    """One weight's gradient is inf in the backward pass of `step`: a finite loss, an inf gradient norm."""
+    backwards = iter(range(1, 1_000))
+    return model.model.layers[1].mlp.down_proj.weight.register_hook(
+        lambda grad: torch.full_like(grad, float("inf")) if next(backwards) == step else grad)
+
+
+@pytest.mark.parametrize(
+    "fault,loss_text,norm_text", [(nan_loss_at, "nan", "nan"), (inf_gradient_at, r"[0-9.]+", "inf")],
+    ids=["nan-loss", "inf-gradient-norm"],
+)
+def test_non_finite_step_stops_training_before_it_changes_or_saves_anything(fault, loss_text, norm_text, tmp_path):
+    data = examples()
+    cfg = OptimConfig(lr=3e-3, max_steps=6, batch_size=4, warmup_steps=0, checkpoint_every=1)
+    model = tiny_model()
+    fault_handle = fault(FAULT_STEP, model)
+    weights_after = {}
+    committed = []
+    with pytest.raises(NonFiniteLossError) as raised:
+        train(model, data, cfg, seed=0, pad_token_id=0, desc="cit-1", checkpoint_dir=tmp_path,
+              checkpoint_fn=lambda step, path: committed.append(step),
+              on_step_end=lambda step, m: weights_after.__setitem__(step, copy.deepcopy(m.state_dict())))
+    message = str(raised.value)
+    match = re.match(rf"cit-1: non-finite training loss ({loss_text}) \(gradient norm {norm_text}\) at step {FAULT_STEP} of 6;", message)
+    assert match, message
+    assert (norm_text == "nan") or math.isfinite(float(match.group(1)))  # the inf-gradient step's loss itself was fine
+    # Stopped before the update: every weight is what step FAULT_STEP - 1 left, bit for bit.
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, weights_after[FAULT_STEP - 1][name]), name
+    # Nothing at or after the faulty step was saved or handed to the committer.
+    assert committed == list(range(1, FAULT_STEP))
+    assert sorted(path.name for path in tmp_path.iterdir()) == [f"step-{step:08d}" for step in range(1, FAULT_STEP)]
+
+    # The last checkpoint still resumes (as a rerun after fixing the cause does) and matches a run that never failed.
+    fault_handle.remove()
+    straight = train(tiny_model(), data, cfg.model_copy(update={"checkpoint_every": 0}), seed=0, pad_token_id=0)
+    resumed_model = tiny_model(seed=1)
+    resumed = train(resumed_model, data, cfg, seed=0, pad_token_id=0, resume_from=tmp_path / f"step-{FAULT_STEP - 1:08d}")
+    assert resumed.resumed_from == FAULT_STEP - 1 and resumed.losses == straight.losses
+
+
+def test_inf_weight_in_the_input_model_fails_at_step_1_with_nothing_trained():
+    """The reported case: one inf weight used to give losses [nan, nan, nan] and a model of nans, returned normally."""
+    model = tiny_model()
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("inf")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(NonFiniteLossError, match=r"^dap: non-finite training loss nan .* at step 1 of 3;"):
+        train(model, examples(), OptimConfig(lr=1e-3, max_steps=3, batch_size=4, warmup_steps=0), seed=0,
+              pad_token_id=0, desc="dap")
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
