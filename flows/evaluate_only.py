@@ -16,6 +16,7 @@ from prefect import flow
 
 from perennial.config import Config, load_config
 from perennial.registry import resolve_checkpoint_uri
+from tasks.runtime import failed_on_error
 from tasks.wrappers import evaluate_task, finish_task, ingest_task, report_task, start_run_task
 
 
@@ -33,12 +34,13 @@ def evaluate_only(
     # and its cached stage-0 evaluation. The same model and config evaluated twice is a cached no-op.
     digest = hashlib.sha256(f"{checkpoint}|{cfg.digest()}".encode()).hexdigest()[:12]
     run = start_run_task(cfg, run_key or f"{cfg.run_name}-eval-{digest}")
-    data = ingest_task(run)
-    # Stage 0 is the only stage, so output drift is measured against the model itself (zero);
-    # scores and general perplexity are what this flow is for.
-    evaluation = evaluate_task(run, checkpoint, data, 0, "evaluate-only")
-    summary = report_task(run, data, [evaluation])
-    finish_task(run)
+    with failed_on_error(run):
+        data = ingest_task(run, training=False)
+        # Stage 0 is the only stage, so output drift is measured against the model itself (zero);
+        # scores and general perplexity are what this flow is for.
+        evaluation = evaluate_task(run, checkpoint, data, 0, "evaluate-only")
+        summary = report_task(run, data, [evaluation])
+        finish_task(run)
     scores = {**evaluation.scores, **evaluation.general_scores}
     print(f"{model_uri} -> {checkpoint}: " + ", ".join(f"{task}={score:.3f}" for task, score in scores.items())
           + f", general_ppl={evaluation.general_ppl:.3f}")

@@ -142,6 +142,12 @@ class IngestDatasetConfig(Strict):
         "{instruction}\nOptions: {options}\nInput: {input}",
         description="classification prompt; placeholders {instruction}, {options}, {input}",
     )
+    integer_labels: Literal["auto", "names", "indexes"] = Field(
+        "auto",
+        description="classification: how an integer label (a number, or text such as CSV's \"1\") is read: names: "
+        "the label whose name is that integer; indexes: a 0-based index into the label set; auto: names when a "
+        "label name is an integer, else indexes (docs/ingestion.md, \"Integer labels\")",
+    )
     test_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of hash-split records that go to test")
     max_chars: int = Field(20000, ge=1, description="longest text / prompt / response kept")
     over_long: Literal["reject", "truncate"] = "reject"
@@ -178,6 +184,8 @@ class IngestDatasetConfig(Strict):
                 raise ValueError(
                     f"template placeholders {sorted(used)} must include {{input}} and only use {sorted(TEMPLATE_PLACEHOLDERS)}"
                 )
+        elif self.integer_labels != "auto":
+            raise ValueError("integer_labels applies to shape 'classification' only")
         if self.incremental and self.incremental.new_data == "next_task" and self.kind == "text":
             raise ValueError("text datasets have no tasks: use incremental.new_data='append'")
         if self.role == "heldout" and self.kind != "instruction":
@@ -454,6 +462,21 @@ class Config(Strict):
                     f"{key}.batch_size {optim.batch_size} must be divisible by distributed.nproc_per_node {processes} "
                     "(it is the global batch; each process takes an equal share)"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _options_to_score(self) -> "Config":
+        # Option scoring reads each test record's options; shapes that never have them are known now.
+        if self.eval.scoring != "options":
+            return self
+        if self.data.source == "demo":
+            raise ValueError("eval.scoring='options' needs test records with options, and the demo tasks have none; "
+                             "use eval.scoring='generate'")
+        without = [d.name for d in self.data.datasets if d.resolved_role in ("task", "heldout") and d.shape in ("alpaca", "chat")]
+        if without:
+            raise ValueError(f"eval.scoring='options' needs test records with options, and datasets {without} have shape "
+                             "alpaca or chat, whose records have none; use eval.scoring='generate', or shape "
+                             "classification (or instruction with an options field)")
         return self
 
     def digest(self) -> str:

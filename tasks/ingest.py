@@ -8,7 +8,16 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from perennial import demo_data
-from perennial.ingest import ingest_dataset, ingest_incremental, ingest_records, log_dataset_to_mlflow
+from perennial.config import Config, ConfigError
+from perennial.ingest import (
+    IngestError,
+    IngestResult,
+    ingest_dataset,
+    ingest_incremental,
+    ingest_records,
+    iter_jsonl,
+    log_dataset_to_mlflow,
+)
 from perennial.storage import ObjectStore
 from tasks.runtime import RunContext, fetch_dir, open_store, open_tracker
 
@@ -46,8 +55,12 @@ def _ref(result, chance: float | None = None) -> DatasetRef:
     )
 
 
-def ingest(run: RunContext) -> DataBundle:
-    """Generated demo data or the configured datasets, through the same validation and versioning path."""
+def ingest(run: RunContext, training: bool = True) -> DataBundle:
+    """Generated demo data or the configured datasets, through the same validation and versioning path.
+
+    ``training`` False (evaluate-only) drops the checks of what only training reads. Raises
+    ConfigError when the datasets' roles do not form a run, and what check_usable raises.
+    """
     cfg = run.config
     store = open_store(cfg)
     work = run.work_dir / "ingest"
@@ -58,21 +71,61 @@ def ingest(run: RunContext) -> DataBundle:
     refs = {result.name: _ref(result, chance) for result, chance in results}
     if cfg.data.source == "demo":
         demo = cfg.data.demo
-        return DataBundle(
+        data = DataBundle(
             general=refs["general"], domain=refs["domain"], tasks=[refs[name] for name in demo.tasks],
             heldout=[refs[name] for name in demo.heldout_tasks],
         )
-    roles = {spec.name: spec.resolved_role for spec in cfg.data.datasets}
-    general = [refs[name] for name, role in roles.items() if role == "general"]
-    domain = [refs[name] for name, role in roles.items() if role == "domain"]
-    tasks = [refs[name] for name, role in roles.items() if role == "task"]
-    heldout = [refs[name] for name, role in roles.items() if role == "heldout"]
-    if len(general) != 1 or len(domain) > 1 or not tasks:
-        raise ValueError(
-            "data.datasets must hold exactly one dataset with role: general, at most one with role: domain, "
-            f"and at least one instruction task; got general={len(general)}, domain={len(domain)}, tasks={len(tasks)}"
-        )
-    return DataBundle(general=general[0], domain=domain[0] if domain else None, tasks=tasks, heldout=heldout)
+    else:
+        roles = {spec.name: spec.resolved_role for spec in cfg.data.datasets}
+        general = [refs[name] for name, role in roles.items() if role == "general"]
+        domain = [refs[name] for name, role in roles.items() if role == "domain"]
+        tasks = [refs[name] for name, role in roles.items() if role == "task"]
+        heldout = [refs[name] for name, role in roles.items() if role == "heldout"]
+        if len(general) != 1 or len(domain) > 1 or not tasks:
+            raise ConfigError(
+                "data.datasets must hold exactly one dataset with role: general, at most one with role: domain, "
+                f"and at least one instruction task; got general={len(general)}, domain={len(domain)}, tasks={len(tasks)}"
+            )
+        data = DataBundle(general=general[0], domain=domain[0] if domain else None, tasks=tasks, heldout=heldout)
+    check_usable(cfg, data, {result.name: result for result, _ in results}, training)
+    return data
+
+
+def check_usable(cfg: Config, data: DataBundle, results: dict[str, IngestResult], training: bool = True) -> None:
+    """Refuse data that a later stage could not use, before any model is built or trained.
+
+    Raises IngestError naming the dataset, its counts and the fix when a split that a stage reads
+    is empty, and ConfigError when eval.scoring is 'options' and a scored test record has none.
+    """
+    dap = training and cfg.dap.enabled and data.domain is not None
+    needs = [(data.general, "test", "general perplexity and drift probes after every stage")]
+    needs += [(ref, "test", "scoring after every stage") for ref in [*data.tasks, *data.heldout]]
+    if training:
+        needs += [(ref, "train", "its continual tuning stage") for ref in data.tasks]
+        if cfg.model.source == "tiny" or (dap and cfg.dap.general_mix_fraction > 0):
+            needs.append((data.general, "train", "the tiny base model's tokenizer and pretraining, or DAP's general mix"))
+        if dap:
+            needs.append((data.domain, "train", "domain-adaptive pretraining (DAP)"))
+    for ref, split, reader in needs:
+        if ref.counts[split] == 0:
+            fraction = results[ref.name].manifest["filters"]["test_fraction"]
+            fix = ("add records, raise test_fraction, or mark test records with split: test" if split == "test"
+                   else "add records, lower test_fraction, or mark train records with split: train")
+            raise IngestError(
+                f"dataset {ref.name!r} has 0 {split} records ({ref.counts['train']} train, {ref.counts['test']} test), "
+                f"but {reader} needs them. Records with no split field (and none from their source or file name) are "
+                f"split by content hash with test_fraction={fraction}: {fix}"
+            )
+    if cfg.eval.scoring == "options":
+        for ref in [*data.tasks, *data.heldout]:
+            test = [record for record in iter_jsonl(results[ref.name].local_path) if record["split"] == "test"]
+            without = [record["id"] for record in test if not record["options"]]
+            if without:
+                raise ConfigError(
+                    f"eval.scoring='options' scores each test record by its options, but {len(without)} of the "
+                    f"{len(test)} test records of dataset {ref.name!r} have none (e.g. id {without[0][:12]}); use "
+                    "eval.scoring='generate', or give every record an options list"
+                )
 
 
 def _demo_results(run: RunContext, store, work) -> list[tuple]:

@@ -7,15 +7,25 @@ continues from them instead of starting over.
 
 from __future__ import annotations
 
+import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from pydantic import BaseModel
 
 from perennial.config import Config
 from perennial.storage import ObjectStore, join_key, key_component
 from perennial.status import FLOW_RUN_ID_TAG, FLOW_RUN_NAME_TAG, RUN_KEY_TAG, S3_PREFIX_TAG
-from perennial.tracking import Tracker
+from perennial.tracking import Tracker, server_healthy
+
+log = logging.getLogger(__name__)
+
+# The parent run's tag holding the error of a failed retrain ("ValueError: ..."), cut to fit
+# MLflow's tag value limit.
+ERROR_TAG = "perennial.error"
+ERROR_TAG_CHARS = 5000
 
 
 class RunContext(BaseModel):
@@ -97,6 +107,8 @@ def start_run(config: Config, run_key: str | None = None) -> RunContext:
         tracker.log_params(parent, _flatten(flat))
     else:
         tracker.client.update_run(parent, status="RUNNING")
+        if ERROR_TAG in tracker.client.get_run(parent).data.tags:  # an earlier attempt's error is not this one's
+            tracker.client.delete_tag(parent, ERROR_TAG)
     context = RunContext(config=config, run_key=run_key, parent_run_id=parent, experiment_id=tracker.experiment_id())
     # For `perennial status`: where the run's files are, and the Prefect flow run to join it with
     # (on a resume, the flow run that resumed it).
@@ -126,6 +138,32 @@ def _expand_run_key(run_key: str | None) -> str | None:
 
 def finish_run(run: RunContext, status: str = "FINISHED") -> None:
     open_tracker(run.config).finish(run.parent_run_id, status)
+
+
+@contextmanager
+def failed_on_error(run: RunContext) -> Iterator[None]:
+    """Ends the parent MLflow run FAILED (KILLED on an interrupt) when the body raises, with the
+    error in the run's ERROR_TAG; the error is then raised again."""
+    try:
+        yield
+    except BaseException as error:
+        _mark_failed(run, error)
+        raise
+
+
+def _mark_failed(run: RunContext, error: BaseException) -> None:
+    uri = run.config.tracking.tracking_uri
+    # When MLflow itself is what failed, its client would retry for minutes before giving up, and
+    # the run's own error matters more than its status: say so and let that error through.
+    if not server_healthy(uri):
+        log.warning("MLflow at %s does not answer; run %s stays RUNNING", uri, run.parent_run_id)
+        return
+    tracker = open_tracker(run.config)
+    try:
+        tracker.set_tags(run.parent_run_id, {ERROR_TAG: f"{type(error).__name__}: {error}"[:ERROR_TAG_CHARS]})
+        tracker.client.set_terminated(run.parent_run_id, status="FAILED" if isinstance(error, Exception) else "KILLED")
+    except Exception as mark_error:  # same reason: never hide the run's error behind this one
+        log.warning("could not mark MLflow run %s failed: %s", run.parent_run_id, mark_error)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

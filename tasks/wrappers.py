@@ -3,6 +3,8 @@
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
+from perennial.config import ConfigError
+from perennial.ingest import IngestError
 from tasks.base_model import prepare_base_model
 from tasks.cit import train_task
 from tasks.dap import train_dap
@@ -11,7 +13,16 @@ from tasks.ingest import ingest
 from tasks.register import register, report
 from tasks.runtime import finish_run, start_run
 
-RETRY = {"retries": 2, "retry_delay_seconds": [2, 10]}
+# Errors that a retry cannot fix: the same config and data fail the same way, so they fail at once.
+NOT_RETRIED = (ConfigError, IngestError)
+
+
+def retryable(task, task_run, state) -> bool:
+    """Prefect's retry_condition_fn: retry unless the task failed with one of NOT_RETRIED."""
+    return not isinstance(state.result(raise_on_failure=False), NOT_RETRIED)
+
+
+RETRY = {"retries": 2, "retry_delay_seconds": [2, 10], "retry_condition_fn": retryable}
 
 start_run_task = task(start_run, name="preflight")
 ingest_task = task(ingest, name="ingest", **RETRY)

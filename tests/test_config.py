@@ -108,3 +108,31 @@ def test_multi_process_stages_are_validated_before_any_work():
         load_config("configs/demo.yaml", ["distributed.nproc_per_node=2", "cit.methods=[{name: ewc}]"])
     with pytest.raises(ConfigError, match="distributed.strategy"):
         load_config("configs/demo.yaml", ["distributed.strategy=zero3"])
+
+
+def test_option_scoring_of_shapes_without_options_is_refused_at_config_time():
+    with pytest.raises(ConfigError, match=r"eval.scoring='options' needs test records with options, and the demo tasks have none"):
+        load_config("configs/demo.yaml", ["eval.scoring=options"])
+    source = [{"uri": "x.jsonl"}]
+    datasets = [
+        {"name": "general", "shape": "text", "role": "general", "sources": source},
+        {"name": "chat", "shape": "chat", "sources": source},
+        {"name": "probe", "shape": "alpaca", "role": "heldout", "sources": source},
+        {"name": "topics", "shape": "classification", "labels": ["a", "b"], "instruction": "Topic?", "sources": source},
+    ]
+    with pytest.raises(ConfigError, match=r"datasets \['chat', 'probe'\] have shape alpaca or chat"):
+        build_config({"data": {"source": "datasets", "datasets": datasets}, "eval": {"scoring": "options"}})
+    # classification records always have options; instruction records may (checked after ingest)
+    instruction = {"name": "inst", "shape": "instruction", "sources": source}
+    cfg = build_config({"data": {"source": "datasets", "datasets": [datasets[0], datasets[3], instruction]}, "eval": {"scoring": "options"}})
+    assert cfg.eval.scoring == "options"
+
+
+def test_integer_labels_is_a_classification_key():
+    source = [{"uri": "x.jsonl"}]
+    topics = {"name": "t", "shape": "classification", "labels": ["1", "2"], "instruction": "Stars?", "sources": source}
+    assert build_config({"data": {"datasets": [{**topics, "integer_labels": "indexes"}]}}).data.datasets[0].integer_labels == "indexes"
+    with pytest.raises(ConfigError, match="integer_labels applies to shape 'classification' only"):
+        build_config({"data": {"datasets": [{"name": "a", "shape": "alpaca", "sources": source, "integer_labels": "names"}]}})
+    with pytest.raises(ConfigError, match="integer_labels"):
+        build_config({"data": {"datasets": [{**topics, "integer_labels": "numbers"}]}})

@@ -13,6 +13,7 @@ import pytest
 from perennial.config import ConfigError, IngestDatasetConfig, build_config, load_config
 from perennial.ingest import (
     EmptyDatasetError,
+    IngestError,
     content_digest,
     ingest_dataset,
     ingest_records,
@@ -158,6 +159,48 @@ def test_empty_file_raises(store, tmp_path):
 def test_missing_source_raises(store, tmp_path):
     with pytest.raises(ValueError, match="no such file or folder"):
         ingest({"name": "m", "shape": "text", "sources": [{"uri": str(tmp_path / "nope.jsonl")}]}, store, tmp_path / "w")
+
+
+# -- integer labels (docs/ingestion.md "Integer labels") --------------------------------------------
+
+STARS = ["1", "2", "3", "4", "5"]
+
+
+def labelled(store, tmp_path: Path, name: str, labels: list[str], values: list, **spec) -> list[str]:
+    """Each record's stored label in input order, or the reason it was quarantined for."""
+    rows = [{"sentence": f"review number {index}", "label": value} for index, value in enumerate(values)]
+    path = jsonl(tmp_path / f"{name}.jsonl", rows)
+    result = ingest({"name": name, "shape": "classification", "labels": labels, "instruction": "Stars?",
+                     "sources": [{"uri": str(path), "split": "train"}], **spec}, store, tmp_path / name)  # fmt: skip
+    kept = {row["prompt"].rsplit("Input: ", 1)[1]: row["response"] for row in iter_jsonl(result.local_path)}
+    dropped = {entry["value"]["sentence"]: entry["reason"] for entry in iter_jsonl(result.quarantine_path)}
+    return [kept.get(row["sentence"]) or dropped[row["sentence"]] for row in rows]
+
+
+def test_integer_labels_are_names_when_a_label_name_is_an_integer(store, tmp_path):
+    values = [1, 5, "3", 2.0, " 4 ", 6, -1, 1.5, True, "five"]
+    assert labelled(store, tmp_path, "stars", STARS, values) == [
+        "1", "5", "3", "2", "4", "label_not_in_set", "label_not_in_set", "wrong_type", "wrong_type", "label_not_in_set",
+    ]  # fmt: skip
+
+
+def test_integer_labels_are_indexes_when_no_label_name_is_an_integer(store, tmp_path):
+    values = [0, 1, "1", 1.0, "positive", 2, True, 0.5]
+    assert labelled(store, tmp_path, "sentiment", ["negative", "positive"], values) == [
+        "negative", "positive", "positive", "positive", "positive", "label_not_in_set", "wrong_type", "wrong_type",
+    ]  # fmt: skip
+
+
+def test_integer_labels_that_read_as_both_are_refused_until_declared(store, tmp_path):
+    # 0 is no name of 1..5 stars but a valid index: the data may be 0-based indexes, and 1 then means "2"
+    with pytest.raises(IngestError, match=r"dataset 'zero': label 0 is not a label name but is a valid index \(-> '1'\)\. "
+                                          r".*Declare which it is: integer_labels: names .* or integer_labels: indexes"):
+        labelled(store, tmp_path, "zero", STARS, [1, 0])
+    assert not list(store.list(join_key("perennial", "datasets", "zero")))  # nothing was versioned
+    assert labelled(store, tmp_path, "as-indexes", STARS, [0, 4, "4", 1.0, 5], integer_labels="indexes") == [
+        "1", "5", "5", "2", "label_not_in_set"]
+    assert labelled(store, tmp_path, "as-names", STARS, [0, 1, "5", 5.0], integer_labels="names") == [
+        "label_not_in_set", "1", "5", "5"]
 
 
 # -- dedup, leakage and hash splitting --------------------------------------------------------------

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import re
 import unicodedata
 from pathlib import Path
 from typing import Any
 
 from perennial.config import IngestDatasetConfig
-from perennial.ingest.readers import split_from_name
+from perennial.ingest.readers import IngestError, split_from_name
 
 # Every reason a record can be quarantined for (docs/ingestion.md explains each).
 REASONS = (
@@ -38,6 +39,7 @@ REASONS = (
 )
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_INTEGER = re.compile(r"^[+-]?[0-9]+$")  # a label name or label text that is an integer
 
 
 class Rejected(Exception):
@@ -94,6 +96,11 @@ class Shaper:
     def __init__(self, spec: IngestDatasetConfig, labels: list[str] | None, task: str, task_from_record: bool = True):
         self.spec, self.labels, self.task, self.task_from_record = spec, labels, task, task_from_record
         self.truncated = 0
+        # How integer labels are read, decided once per dataset so that every record reads the same
+        # way: an integer can only be an index when no label name is an integer.
+        self.integers = spec.integer_labels
+        if labels is not None and self.integers == "auto":
+            self.integers = "names" if any(_INTEGER.match(label) for label in labels) else "indexes"
 
     def __call__(self, value: Any) -> dict:
         shape = self.spec.shape
@@ -179,19 +186,42 @@ class Shaper:
         return text
 
     def _label(self, value: dict) -> str:
+        """The label name of a classification record (docs/ingestion.md, "Integer labels").
+
+        Raises Rejected for a label outside the set or of the wrong type, and IngestError when
+        integer_labels is auto, a label name is an integer, and a label is an integer that is no
+        name but a valid index: the dataset then holds indexes, or both encodings, and the labels
+        already read as names may be wrong.
+        """
         name = self.spec.field("output")
         raw = value.get(name)
         if raw is None:
             raise Rejected("missing_field", f"field {name!r} is missing")
-        # Integer labels index the label set (a common encoding); bool is an int but never a label.
-        if isinstance(raw, int) and not isinstance(raw, bool):
-            if 0 <= raw < len(self.labels):
-                return self.labels[raw]
-            raise Rejected("label_not_in_set", f"label index {raw} is outside 0..{len(self.labels) - 1}")
-        label = self._check(name, raw, required=True)
-        if label not in self.labels:
-            raise Rejected("label_not_in_set", f"label {label[:80]!r} is not in the label set {self.labels}")
-        return label
+        if isinstance(raw, bool):  # an int to Python, but neither a name nor an index
+            raise Rejected("wrong_type", f"label {raw!r} is a boolean; give the label name or its index")
+        if isinstance(raw, numbers.Real):  # numpy scalars from Parquet and datasets count too
+            if not float(raw).is_integer():
+                raise Rejected("wrong_type", f"label {raw!r} is not a whole number, so neither a label name nor an index")
+            number = int(raw)  # 2.0 (an integer column with nulls, read as floats) is 2
+            label = str(number)
+        else:
+            label = self._check(name, raw, required=True)
+            number = int(label) if _INTEGER.match(label) else None
+        if number is not None and self.integers == "indexes":
+            if 0 <= number < len(self.labels):
+                return self.labels[number]
+            raise Rejected("label_not_in_set", f"label index {number} is outside 0..{len(self.labels) - 1}")
+        if label in self.labels:
+            return label
+        if number is not None and self.spec.integer_labels == "auto" and 0 <= number < len(self.labels):
+            raise IngestError(
+                f"dataset {self.spec.name!r}: label {raw!r} is not a label name but is a valid index (-> "
+                f"{self.labels[number]!r}). The label set {self.labels} has integer names, so integer labels are read "
+                "as names; this dataset also has labels that look like indexes. Declare which it is: "
+                "integer_labels: names (such labels are then quarantined) or integer_labels: indexes "
+                f"(0 -> {self.labels[0]!r}, the ClassLabel encoding)"
+            )
+        raise Rejected("label_not_in_set", f"label {label[:80]!r} is not in the label set {self.labels}")
 
     def _options(self, value: dict) -> list[str] | None:
         name = self.spec.field("options")
