@@ -3,6 +3,8 @@
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
+from models.engine import NonFiniteLossError
+from models.loading import ModelLoadError
 from perennial.config import ConfigError
 from perennial.ingest import IngestError
 from tasks.base_model import prepare_base_model
@@ -13,8 +15,9 @@ from tasks.ingest import ingest
 from tasks.register import register, report
 from tasks.runtime import finish_run, start_run
 
-# Errors that a retry cannot fix: the same config and data fail the same way, so they fail at once.
-NOT_RETRIED = (ConfigError, IngestError)
+# Errors that a retry cannot fix: the same config, data and model fail the same way, so they fail at once.
+# A non-finite loss recurs at the same step (the retry resumes from the last committed checkpoint).
+NOT_RETRIED = (ConfigError, IngestError, ModelLoadError, NonFiniteLossError)
 
 
 def retryable(task, task_run, state) -> bool:

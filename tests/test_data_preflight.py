@@ -14,6 +14,8 @@ from mlflow.tracking import MlflowClient
 from prefect import flow, task
 
 from flows.continual_retrain import continual_retrain
+from models.engine import NonFiniteLossError
+from models.loading import ModelLoadError
 from perennial import demo_data
 from perennial.config import ConfigError, StorageConfig, build_config
 from perennial.ingest import IngestError
@@ -148,7 +150,7 @@ def test_an_error_ends_the_parent_run_failed_and_a_rerun_clears_it(services, tmp
 
 
 def test_retries_skip_config_and_data_errors_and_keep_transient_ones(prefect_harness):
-    calls = {"bad data": 0, "bad config": 0, "S3 hiccup": 0}
+    calls = {"bad data": 0, "bad config": 0, "bad model": 0, "nan loss": 0, "S3 hiccup": 0}
 
     def fail(kind: str) -> str:
         calls[kind] += 1
@@ -156,6 +158,10 @@ def test_retries_skip_config_and_data_errors_and_keep_transient_ones(prefect_har
             raise IngestError("dataset 'x' is unusable")
         if kind == "bad config":
             raise ConfigError("eval.scoring is unusable")
+        if kind == "bad model":
+            raise ModelLoadError("tokenizer in DIR has no eos_token")
+        if kind == "nan loss":
+            raise NonFiniteLossError("cit-1: non-finite training loss nan at step 3 of 6")
         if calls[kind] == 1:
             raise StorageError("S3 answered 503")
         return "recovered"
@@ -166,5 +172,5 @@ def test_retries_skip_config_and_data_errors_and_keep_transient_ones(prefect_har
     def pipeline() -> list:
         return [step(kind, return_state=True).type.value for kind in calls]
 
-    assert pipeline() == ["FAILED", "FAILED", "COMPLETED"]
-    assert calls == {"bad data": 1, "bad config": 1, "S3 hiccup": 2}
+    assert pipeline() == ["FAILED", "FAILED", "FAILED", "FAILED", "COMPLETED"]
+    assert calls == {"bad data": 1, "bad config": 1, "bad model": 1, "nan loss": 1, "S3 hiccup": 2}
