@@ -483,6 +483,33 @@ class Config(Strict):
         """Content digest of the configuration (stable across key order)."""
         return hashlib.sha256(canonical_json(self.model_dump(mode="json")).encode()).hexdigest()
 
+    def outputs_digest(self) -> str:
+        """Digest of what a run computes: the configuration less LOCATION_KEYS (where services and scratch are).
+
+        Two configs with the same outputs digest make the same models, so a run key made with one may
+        be resumed with the other (e.g. after the services moved to other ports).
+        """
+        tree = self.model_dump(mode="json")
+        for dotted in LOCATION_KEYS:
+            *parents, last = dotted.split(".")
+            node = tree
+            for key in parents:
+                node = node[key]
+            node.pop(last)
+        return hashlib.sha256(canonical_json(tree).encode()).hexdigest()
+
+
+# Keys that say where a run's services and scratch files are, not what it computes.
+LOCATION_KEYS = (
+    "work_dir",
+    "storage.endpoint_url",
+    "storage.region",
+    "storage.access_key_env",
+    "storage.secret_key_env",
+    "storage.max_attempts",
+    "tracking.tracking_uri",
+)
+
 
 def canonical_json(data: Any) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)

@@ -15,7 +15,7 @@ from typing import Iterator
 
 from pydantic import BaseModel
 
-from perennial.config import Config
+from perennial.config import LOCATION_KEYS, Config, ConfigError
 from perennial.storage import ObjectStore, join_key, key_component
 from perennial.status import FLOW_RUN_ID_TAG, FLOW_RUN_NAME_TAG, RUN_KEY_TAG, S3_PREFIX_TAG
 from perennial.tracking import Tracker, server_healthy
@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 # MLflow's tag value limit.
 ERROR_TAG = "perennial.error"
 ERROR_TAG_CHARS = 5000
+# The parent run's tag holding Config.outputs_digest(): a run key is resumed only by a config with the same.
+OUTPUTS_DIGEST_TAG = "perennial.outputs_digest"
 
 
 class RunContext(BaseModel):
@@ -102,18 +104,45 @@ def start_run(config: Config, run_key: str | None = None) -> RunContext:
     tracker = open_tracker(config)
     parent = tracker.find_run(RUN_KEY_TAG, run_key)
     if parent is None:
-        parent = tracker.start_run(config.run_name, tags={RUN_KEY_TAG: run_key, "config_digest": config.digest()})
+        tags = {RUN_KEY_TAG: run_key, "config_digest": config.digest(), OUTPUTS_DIGEST_TAG: config.outputs_digest()}
+        parent = tracker.start_run(config.run_name, tags=tags)
         flat = config.model_dump(mode="json")
         tracker.log_params(parent, _flatten(flat))
     else:
+        earlier = tracker.client.get_run(parent).data
+        _refuse_other_config(config, run_key, parent, earlier)
         tracker.client.update_run(parent, status="RUNNING")
-        if ERROR_TAG in tracker.client.get_run(parent).data.tags:  # an earlier attempt's error is not this one's
+        if ERROR_TAG in earlier.tags:  # an earlier attempt's error is not this one's
             tracker.client.delete_tag(parent, ERROR_TAG)
     context = RunContext(config=config, run_key=run_key, parent_run_id=parent, experiment_id=tracker.experiment_id())
     # For `perennial status`: where the run's files are, and the Prefect flow run to join it with
     # (on a resume, the flow run that resumed it).
     tracker.set_tags(parent, {S3_PREFIX_TAG: f"s3://{config.storage.bucket}/{context.prefix}", **_flow_run_tags()})
     return context
+
+
+def _refuse_other_config(config: Config, run_key: str, parent: str, earlier) -> None:
+    """Raise ConfigError when the run under this key was made from a config that computes something else.
+
+    A key's committed stage outputs, checkpoints and registered version belong to the config that
+    made them; resuming them under another config would return outputs made from other inputs
+    (a re-triggered nightly with corrected overrides, say). Location keys may differ.
+    """
+    recorded = earlier.tags.get(OUTPUTS_DIGEST_TAG)
+    if recorded is None or recorded == config.outputs_digest():
+        return
+    current = {k: v for k, v in _flatten(config.model_dump(mode="json")).items() if k not in LOCATION_KEYS}
+    changed = [
+        f"{key}: {earlier.params.get(key, '(unset)')} -> {value}"
+        for key, value in sorted(current.items())
+        if str(value) != earlier.params.get(key)
+    ]
+    raise ConfigError(
+        f"run key {run_key!r} belongs to a retrain of a different configuration (MLflow run {parent}"
+        f"{'; changed: ' + ', '.join(changed[:5]) if changed else ''}), and its outputs were made from that one. "
+        f"Rerun with the configuration it was made with to resume it, or give this configuration its own run key "
+        f"(--run-key {run_key}-2, or no --run-key: the key then follows the config digest)."
+    )
 
 
 def _flow_run_tags() -> dict[str, str]:
