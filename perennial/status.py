@@ -16,6 +16,8 @@ from datetime import datetime, timezone
 
 FLOW_RUN_ID_TAG = "prefect.flow_run_id"
 FLOW_RUN_NAME_TAG = "prefect.flow_run_name"
+# Every flow run that worked on a parent run, oldest first (a killed attempt, then the one that resumed it).
+FLOW_RUNS_TAG = "perennial.flow_run_ids"
 S3_PREFIX_TAG = "perennial.s3_prefix"
 RUN_KEY_TAG = "perennial.run_key"
 PARENT_TAG = "mlflow.parentRunId"
@@ -146,6 +148,28 @@ def _stage_name(run) -> str:
     return run.data.tags.get("stage", run.data.tags.get("mlflow.runName", "?"))
 
 
+def _flow_run_ids(run) -> list[str]:
+    """Every flow run that worked on a parent run, oldest first; the last is the current one."""
+    tags = run.data.tags
+    history = [run_id for run_id in tags.get(FLOW_RUNS_TAG, "").split(",") if run_id]
+    current = tags.get(FLOW_RUN_ID_TAG)
+    if current and current not in history:  # runs started before the history tag existed
+        history.append(current)
+    return history
+
+
+def _stages_line(children: list) -> str:
+    """Each stage's newest attempt; attempts that a resume superseded are counted, not listed as RUNNING."""
+    attempts: dict[str, list] = {}
+    for child in children:
+        attempts.setdefault(_stage_name(child), []).append(child)
+    parts = []
+    for name, runs in attempts.items():
+        earlier = len(runs) - 1
+        parts.append(f"{name}={runs[-1].info.status}" + (f" (+{earlier} superseded)" if earlier else ""))
+    return "  ".join(parts)
+
+
 def render(experiment_name: str, experiment_id: str, tracking_uri: str, parents: list, stages: dict[str, list],
            prefect: PrefectSide, limit: int) -> str:
     lines = [f"experiment {experiment_name!r} at {tracking_uri}; times in UTC"]
@@ -180,9 +204,14 @@ def render(experiment_name: str, experiment_id: str, tracking_uri: str, parents:
             stage = "no stage started"
         lines.append(f"    mlflow   {run.info.status:10s} {stage}  {tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run.info.run_id}")
         if children:
-            lines.append("    stages   " + "  ".join(f"{_stage_name(child)}={child.info.status}" for child in children))
+            lines.append("    stages   " + _stages_line(children))
+        current_name = flow_run.name if flow_run is not None else tags.get(FLOW_RUN_NAME_TAG, flow_run_id)
+        for earlier_id in _flow_run_ids(run)[:-1]:
+            earlier = prefect.runs.get(earlier_id)
+            state, name = (earlier.state, earlier.name) if earlier else ("?", earlier_id)
+            lines.append(f"    prefect  {state:10s} flow run {name!r} superseded: resumed by flow run {current_name!r}")
         lines.append(f"    s3       {_s3_prefix(run)}")
-    matched = {run.data.tags.get(FLOW_RUN_ID_TAG) for run in parents}
+    matched = {run_id for run in parents for run_id in _flow_run_ids(run)}
     orphans = [flow_run for flow_run in prefect.recent if flow_run.id not in matched]
     if orphans:
         lines.append("")
@@ -200,6 +229,6 @@ def status_report(client, tracking_uri: str, experiment_name: str, limit: int, p
     if experiment is None:
         return None
     parents, stages = mlflow_side(client, experiment.experiment_id, limit)
-    ids = [run.data.tags[FLOW_RUN_ID_TAG] for run in parents[:limit] if run.data.tags.get(FLOW_RUN_ID_TAG)]
+    ids = [run_id for run in parents[:limit] for run_id in _flow_run_ids(run)]
     prefect = prefect_side(prefect_url, ids, limit)
     return render(experiment_name, experiment.experiment_id, tracking_uri, parents, stages, prefect, limit)

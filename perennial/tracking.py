@@ -24,6 +24,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 PARENT_TAG = "mlflow.parentRunId"
+# On a stage attempt whose process died: the id of the attempt that took over (Tracker.start_stage_run).
+SUPERSEDED_BY_TAG = "perennial.superseded_by"
 
 
 class TrackingError(RuntimeError):
@@ -87,6 +89,21 @@ class Tracker:
             all_tags[PARENT_TAG] = parent_id
         run = self.client.create_run(self.experiment_id(), run_name=name, tags={k: _mask(v, self.secrets) for k, v in all_tags.items()})
         return run.info.run_id
+
+    def start_stage_run(self, name: str, parent_id: str, tags: dict[str, str] | None = None) -> str:
+        """The run of one attempt at a stage, under its parent run.
+
+        Earlier attempts at the same stage under the same parent that are still RUNNING belong to a
+        process that was killed (or a retry's failed predecessor): they end KILLED, tagged
+        ``perennial.superseded_by`` with the new run's id, so no stage shows RUNNING after a resume.
+        """
+        query = f"tags.`{PARENT_TAG}` = '{parent_id}' and attributes.run_name = '{name}' and attributes.status = 'RUNNING'"
+        earlier = self.client.search_runs([self.experiment_id()], filter_string=query, max_results=100)
+        run_id = self.start_run(name, parent_id=parent_id, tags=tags)
+        for attempt in earlier:
+            self.client.set_tag(attempt.info.run_id, SUPERSEDED_BY_TAG, run_id)
+            self.client.set_terminated(attempt.info.run_id, status="KILLED")
+        return run_id
 
     def find_run(self, tag: str, value: str, status: str | None = None) -> str | None:
         query = f"tags.`{tag}` = '{value}'" + (f" and attributes.status = '{status}'" if status else "")

@@ -48,7 +48,7 @@ def prepare_base_model(run: RunContext, general: DatasetRef) -> str:
         tokenizer = train_tokenizer(texts, cfg.model.tiny.vocab_size)
         model = build_tiny_llama(tokenizer, cfg.model.tiny, cfg.model.attn_implementation)
         blocks = [{"input_ids": block} for block in pack_texts(tokenizer, texts, cfg.model.pretrain.max_length)]
-        child = tracker.start_run("pretrain-base", parent_id=run.parent_run_id)
+        child = tracker.start_stage_run("pretrain-base", run.parent_run_id)
         result = train(
             model,
             blocks,

@@ -76,7 +76,7 @@ def train_task(run: RunContext, model_uri: str, data: DataBundle, index: int, pr
         return mix_examples(current, _encoder(cfg, replay_records)(tokenizer), mode=replay.mixing, seed=cfg.seed)
 
     tracker = open_tracker(cfg)
-    child = tracker.start_run(stage, parent_id=run.parent_run_id, tags={"stage": stage, "task": task.name})
+    child = tracker.start_stage_run(stage, run.parent_run_id, tags={"stage": stage, "task": task.name})
     tracker.log_params(child, {"task": task.name, "train_records": len(records), "replay_records": len(replay_records), "dataset_digest": task.digest})
     plugins = build_plugins(cfg.cit.methods, seed=cfg.seed + index)
     model_out = run_stage(

@@ -58,7 +58,7 @@ def train_dap(run: RunContext, base_model_uri: str, data: DataBundle) -> str:
 
     key = dap_key(run, base_model_uri, data)
     tracker = open_tracker(cfg)
-    child = tracker.start_run(STAGE, parent_id=run.parent_run_id, tags={"stage": STAGE, "dap_key": key})
+    child = tracker.start_stage_run(STAGE, run.parent_run_id, tags={"stage": STAGE, "dap_key": key})
     tracker.log_params(child, {"domain_docs": len(domain), "general_mix_fraction": cfg.dap.general_mix_fraction, "mixed_docs": len(texts)})
     uri = run_stage(
         run, STAGE, base_model_uri, encode, cfg.dap.optim, cfg.dap.tuning, mlflow_run_id=child,

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from perennial.config import LOCATION_KEYS, Config, ConfigError
 from perennial.storage import ObjectStore, join_key, key_component
-from perennial.status import FLOW_RUN_ID_TAG, FLOW_RUN_NAME_TAG, RUN_KEY_TAG, S3_PREFIX_TAG
+from perennial.status import FLOW_RUN_ID_TAG, FLOW_RUN_NAME_TAG, FLOW_RUNS_TAG, RUN_KEY_TAG, S3_PREFIX_TAG
 from perennial.tracking import Tracker, server_healthy
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,7 @@ def start_run(config: Config, run_key: str | None = None) -> RunContext:
     run_key = key_component(_expand_run_key(run_key) or f"{config.run_name}-{config.digest()[:12]}")
     tracker = open_tracker(config)
     parent = tracker.find_run(RUN_KEY_TAG, run_key)
+    earlier_tags: dict[str, str] = {}
     if parent is None:
         tags = {RUN_KEY_TAG: run_key, "config_digest": config.digest(), OUTPUTS_DIGEST_TAG: config.outputs_digest()}
         parent = tracker.start_run(config.run_name, tags=tags)
@@ -110,6 +111,7 @@ def start_run(config: Config, run_key: str | None = None) -> RunContext:
         tracker.log_params(parent, _flatten(flat))
     else:
         earlier = tracker.client.get_run(parent).data
+        earlier_tags = earlier.tags
         _refuse_other_config(config, run_key, parent, earlier)
         tracker.client.update_run(parent, status="RUNNING")
         if ERROR_TAG in earlier.tags:  # an earlier attempt's error is not this one's
@@ -117,7 +119,7 @@ def start_run(config: Config, run_key: str | None = None) -> RunContext:
     context = RunContext(config=config, run_key=run_key, parent_run_id=parent, experiment_id=tracker.experiment_id())
     # For `perennial status`: where the run's files are, and the Prefect flow run to join it with
     # (on a resume, the flow run that resumed it).
-    tracker.set_tags(parent, {S3_PREFIX_TAG: f"s3://{config.storage.bucket}/{context.prefix}", **_flow_run_tags()})
+    tracker.set_tags(parent, {S3_PREFIX_TAG: f"s3://{config.storage.bucket}/{context.prefix}", **_flow_run_tags(earlier_tags)})
     return context
 
 
@@ -145,12 +147,16 @@ def _refuse_other_config(config: Config, run_key: str, parent: str, earlier) -> 
     )
 
 
-def _flow_run_tags() -> dict[str, str]:
+def _flow_run_tags(earlier: dict[str, str]) -> dict[str, str]:
+    """The current flow run, and every flow run that worked on this parent run (oldest first, at most 50)."""
     from prefect.runtime import flow_run
 
     if not flow_run.id:  # called outside a Prefect flow run
         return {}
-    return {FLOW_RUN_ID_TAG: str(flow_run.id), FLOW_RUN_NAME_TAG: str(flow_run.name)}
+    history = [run_id for run_id in earlier.get(FLOW_RUNS_TAG, "").split(",") if run_id]
+    if str(flow_run.id) not in history:
+        history.append(str(flow_run.id))
+    return {FLOW_RUN_ID_TAG: str(flow_run.id), FLOW_RUN_NAME_TAG: str(flow_run.name), FLOW_RUNS_TAG: ",".join(history[-50:])}
 
 
 def _expand_run_key(run_key: str | None) -> str | None:

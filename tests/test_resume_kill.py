@@ -61,3 +61,29 @@ def test_kill_9_mid_stage_then_rerun_matches_uninterrupted_run(services, prefect
         reference["checkpoints"]["cit-02-fact_lookup"].removeprefix(f"s3://{bucket}/") + "/training.json"))
     assert training["losses"] == ref_training["losses"]  # bit for bit: no repeated or skipped steps
     assert resumed["accuracy_matrix"] == reference["accuracy_matrix"]
+
+    # No attempt stays RUNNING: the killed attempt at cit-02 ends KILLED, superseded by the one that resumed it,
+    # and both flow runs are recorded on the parent, so `perennial status` labels the killed one as superseded.
+    from mlflow.tracking import MlflowClient
+
+    from perennial.status import FLOW_RUN_ID_TAG, FLOW_RUNS_TAG, FlowRunInfo, PrefectSide, mlflow_side, render
+    from perennial.tracking import SUPERSEDED_BY_TAG
+
+    client = MlflowClient(services.mlflow_uri)
+    parent = client.get_run(resumed["mlflow_run_id"])
+    experiment_id = parent.info.experiment_id
+    stages = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert not [run.info.run_name for run in stages if run.info.status == "RUNNING"]
+    attempts = sorted((run for run in stages if run.info.run_name == "cit-02-fact_lookup"), key=lambda run: run.info.start_time)
+    assert [run.info.status for run in attempts] == ["KILLED", "FINISHED"]
+    assert attempts[0].data.tags[SUPERSEDED_BY_TAG] == attempts[1].info.run_id
+    flow_runs = parent.data.tags[FLOW_RUNS_TAG].split(",")
+    assert len(flow_runs) == 2 and flow_runs[-1] == parent.data.tags[FLOW_RUN_ID_TAG]
+
+    killed_run, resuming_run = (FlowRunInfo(run_id, name, state, None, None)
+                                for run_id, name, state in zip(flow_runs, ["killed-attempt", "resuming"], ["CRASHED", "COMPLETED"]))
+    prefect = PrefectSide("http://prefect", {r.id: r for r in (killed_run, resuming_run)}, [resuming_run, killed_run])
+    report = render("e", experiment_id, services.mlflow_uri, *mlflow_side(client, experiment_id, 10), prefect, 10)
+    assert "cit-02-fact_lookup=FINISHED (+1 superseded)" in report, report
+    assert "CRASHED    flow run 'killed-attempt' superseded: resumed by flow run 'resuming'" in report, report
+    assert "with no MLflow run" not in report, report
