@@ -77,7 +77,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"S3:         {summary['s3_prefix']}")
     registered = summary.get("registered_model")
     if registered:
-        print(f"registered: {registered['name']} version {registered['version']} (alias {registered['alias']})")
+        aliases = ", ".join(registered["aliases"]) or "none"  # read back from the registry
+        print(f"registered: {registered['name']} version {registered['version']} (aliases: {aliases})")
+        if registered["needs_review"]:
+            print(f"            needs review: {registered['review_reason']}")
     if args.summary_json:
         print(f"summary:    {args.summary_json}")
     return 0

@@ -11,7 +11,12 @@ promoted at once; otherwise it is tagged `needs-review=true` with the failed gat
 decides with `perennial review` / `perennial promote` / `perennial rollback`.
 
 Aliases after a promotion: `champion` -> the new version, `previous-champion` -> the one it
-replaced. A rollback moves `champion` back to `previous-champion`.
+replaced. A rollback moves `champion` back to `previous-champion`. Promotions and rollbacks of one
+model take turns (`promotion_lock`), so each starts from the champion the one before it left.
+
+Registration can be rerun (a Prefect retry, a rerun after a crash): the version of the run is
+found again and whatever a first run would have done and has not (tags, description, aliases, the
+promotion decision) is done; the result is read back from the registry.
 
 MLflow only (no torch), so the CLI stays quick.
 """
@@ -21,6 +26,9 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import random
+import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -41,6 +49,7 @@ GATES_TAG = "gate_results"  # JSON list of GateResult, as evaluated at registrat
 GATES_AGAINST_TAG = "gates_against"  # the champion version the gates compared with ("none")
 NEEDS_REVIEW_TAG = "needs-review"
 FAILED_GATES_TAG = "failed_gates"
+REVIEW_REASON_TAG = "needs_review_reason"  # why it was not promoted automatically
 PREVIOUS_VERSION_TAG = "previous_champion_version"  # lets rollback walk back more than one step
 
 # Shown first in review; every other metric follows alphabetically.
@@ -48,7 +57,8 @@ HEADLINE_METRICS = ["final_mean", "ap", "aip", "bwt", "fwt", "forgetting_mean", 
                     "general_ppl_final", "general_ppl_rel_change", "general_task_delta", "drift_kl_mean"]
 LINEAGE_TAGS = ["base_model", "config_digest", "checkpoint_uri", "checkpoint_manifest", "tuning_method",
                 "cl_methods", "git_sha", "run_key"]
-DECISION_TAGS = ["promoted_by", "promoted_reason", "promoted_at", NEEDS_REVIEW_TAG, FAILED_GATES_TAG, PREVIOUS_VERSION_TAG,
+DECISION_TAGS = ["promoted_by", "promoted_reason", "promoted_at", NEEDS_REVIEW_TAG, FAILED_GATES_TAG, REVIEW_REASON_TAG,
+                 PREVIOUS_VERSION_TAG,
                  "superseded_by", "rolled_back_by", "rolled_back_reason", "rolled_back_at", "restored_from"]
 
 
@@ -264,6 +274,45 @@ def ensure_registered_model(client: MlflowClient, name: str) -> None:
             client.get_registered_model(name)
 
 
+def version_of_run(client: MlflowClient, name: str, run_id: str):
+    """The version registered from a run (the newest, if several), or None."""
+    versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    return max(versions, key=lambda v: int(v.version)) if versions else None
+
+
+def registered(client: MlflowClient, name: str, version: int | str) -> dict:
+    """What the registry holds for a version, read back: name, version, alias (`challenger` or None),
+    aliases, source, gates (list of dicts), promoted (it holds `champion`), needs_review, review_reason.
+
+    Raises RegistryError when there is no such version.
+    """
+    held = _get_version(client, name, version)
+    aliases = sorted(held.aliases)
+    return {
+        "name": name,
+        "version": int(held.version),
+        "alias": CHALLENGER if CHALLENGER in aliases else None,
+        "aliases": aliases,
+        "source": held.source,
+        "gates": json.loads(held.tags.get(GATES_TAG, "[]")),
+        "promoted": CHAMPION in aliases,
+        "needs_review": held.tags.get(NEEDS_REVIEW_TAG) == "true",
+        "review_reason": held.tags.get(REVIEW_REASON_TAG),
+    }
+
+
+def _against(version: str) -> str:
+    """A gates_against value ("none" or a version number) in words."""
+    return "no champion" if version == "none" else f"champion v{version}"
+
+
+def _review_tags(reason: str, failures: list[str] | None = None) -> dict[str, str]:
+    tags = {NEEDS_REVIEW_TAG: "true", REVIEW_REASON_TAG: reason}
+    if failures:
+        tags[FAILED_GATES_TAG] = ",".join(failures)
+    return tags
+
+
 def register_version(
     client: MlflowClient,
     name: str,
@@ -276,99 +325,220 @@ def register_version(
     description: str = "",
     by: str = "auto-promote",
 ) -> dict:
-    """Create a version with alias `challenger`, judge it against the champion, promote or flag it.
+    """Register a version with alias `challenger`, judge it against the champion, promote or flag it.
 
-    Returns name, version, alias, source, gates (list of dicts) and promoted (bool).
+    Safe to rerun for the same run_id (a retry, or a rerun after a crash between any two steps): the
+    run's version is found again and only what is missing is done: tags and description it lacks,
+    alias `challenger` (unless a newer version holds it), and the decision. The gates are judged
+    once, when the version is created, against the champion of that moment; auto-promotion then
+    happens only if that is still the champion (under `promotion_lock`). If a promotion or rollback
+    moved it meanwhile, the version stays challenger, tagged needs-review with the reason.
+
+    Returns `registered(...)`: what the registry holds afterwards, read back.
+    Raises RegistryError when another promotion holds the lock past its timeout; MlflowException
+    from the server.
     """
     ensure_registered_model(client, name)
-    champion = alias_version(client, name, CHAMPION)
-    tags = dict(tags or {})
-    champion_metrics = metrics_from_tags(champion.tags) if champion is not None else None
-    changed = _changed_eval_sets(tags, champion.tags) if champion is not None else set()
-    results = evaluate_gates(gates, metrics, champion_metrics, changed)
-    against = f"champion v{champion.version}" if champion is not None else "no champion"
-
-    tags.update({f"{METRIC_TAG}{key}": repr(float(value)) for key, value in metrics.items()})
-    tags[GATES_TAG] = json.dumps([asdict(result) for result in results])
-    tags[GATES_AGAINST_TAG] = str(champion.version) if champion is not None else "none"
-    failures = failed(results)
-    promoted = not failures and auto_promote
-    # The decision is known before the version exists, so its tags go in with the version
-    # (each MLflow call is a round trip; a version is never visible without them).
-    if promoted:
-        tags.update(_promotion_tags(by, f"auto-promotion: all {len(results)} gates passed against {against}", champion))
-    else:  # a person decides: say why it was not promoted
-        tags[NEEDS_REVIEW_TAG] = "true"
-        if failures:
-            tags[FAILED_GATES_TAG] = ",".join(failures)
-    version = client.create_model_version(
-        name, source, run_id=run_id, tags=tags, description=describe(metrics, results, against, description)
-    )
-    client.set_registered_model_alias(name, CHALLENGER, version.version)
-    if promoted:
-        _move_champion(client, name, version.version, champion)
-    return {
-        "name": name,
-        "version": int(version.version),
-        "alias": CHALLENGER,
-        "source": source,
-        "gates": [asdict(result) for result in results],
-        "promoted": promoted,
+    version = version_of_run(client, name, run_id) if run_id else None
+    held = dict(version.tags) if version is not None else {}
+    if GATES_TAG in held:  # judged when the version was created: a rerun keeps that judgement
+        results = [GateResult(**result) for result in json.loads(held[GATES_TAG])]
+        against = held.get(GATES_AGAINST_TAG, "none")
+    else:
+        champion = alias_version(client, name, CHAMPION)
+        champion_metrics = metrics_from_tags(champion.tags) if champion is not None else None
+        changed = _changed_eval_sets(tags or {}, champion.tags) if champion is not None else set()
+        results = evaluate_gates(gates, metrics, champion_metrics, changed)
+        against = str(champion.version) if champion is not None else "none"
+    tags = {
+        **(tags or {}),
+        **{f"{METRIC_TAG}{key}": repr(float(value)) for key, value in metrics.items()},
+        GATES_TAG: json.dumps([asdict(result) for result in results]),
+        GATES_AGAINST_TAG: against,
     }
+    failures = failed(results)
+    if failures:
+        review = _review_tags(f"failed gates: {', '.join(failures)}", failures)
+    elif not auto_promote:
+        review = _review_tags("registry.auto_promote is off: a person decides")
+    else:
+        review = {}
+    text = describe(metrics, results, _against(against), description)
+    if version is None:
+        # A decision known before the version exists goes in with it (each MLflow call is a round trip).
+        tags.update(review)
+        version = client.create_model_version(name, source, run_id=run_id, tags=tags, description=text)
+    else:
+        for key, value in tags.items():
+            if key not in held:
+                client.set_model_version_tag(name, version.version, key, value)
+        if not version.description:
+            client.update_model_version(name, version.version, description=text)
+    number = str(version.version)
+    held = {**tags, **held}
+    challenger = alias_version(client, name, CHALLENGER)
+    if challenger is None or int(challenger.version) < int(number):  # a rerun of an older retrain leaves a newer one's alias
+        client.set_registered_model_alias(name, CHALLENGER, number)
+    if NEEDS_REVIEW_TAG not in held and "promoted_at" not in held:  # not decided yet
+        if review:
+            for key, value in review.items():
+                client.set_model_version_tag(name, number, key, value)
+        else:
+            _auto_promote(client, name, number, against, by, len(results))
+    return registered(client, name, number)
 
 
-def _promotion_tags(by: str, reason: str, current) -> dict[str, str]:
-    tags = {"promoted_by": by, "promoted_reason": reason, "promoted_at": _now()}
+def _auto_promote(client: MlflowClient, name: str, version: str, against: str, by: str, gate_count: int) -> None:
+    """Promote a version whose gates all passed, if the champion is still `against` (the version the
+    gates compared with, or "none"); else tag it needs-review with the reason.
+
+    Raises RegistryError when another promotion holds the lock past its timeout.
+    """
+    with promotion_lock(client, name, by):
+        current = alias_version(client, name, CHAMPION)
+        holder = str(current.version) if current is not None else "none"
+        if holder == version:  # the alias moved, then the run was interrupted before promoted_at
+            client.set_model_version_tag(name, version, "promoted_at", _now())
+        elif holder != against:  # promoting would silently replace a champion nobody judged it against
+            reason = (f"auto-promotion refused: the gates compared with {_against(against)}, but the champion is now "
+                      f"{_against(holder)} (promoted or rolled back since); judge it against that one before promoting")
+            for key, value in _review_tags(reason).items():
+                client.set_model_version_tag(name, version, key, value)
+        else:
+            tags = {"promoted_by": by, "promoted_reason": f"auto-promotion: all {gate_count} gates passed against {_against(against)}"}
+            _promote(client, name, version, tags, current)
+
+
+def _promote(client: MlflowClient, name: str, version: str, tags: dict[str, str], current) -> None:
+    """`champion` -> version and `previous-champion` -> current (the champion read under the
+    promotion lock), with the promotion record `tags` on the version.
+
+    promoted_at is written last, so a version that has it has held `champion`: a rerun of its
+    retrain never promotes it again, even after it was superseded or rolled back.
+    """
     if current is not None:
-        tags[PREVIOUS_VERSION_TAG] = str(current.version)
-    return tags
-
-
-def _move_champion(client: MlflowClient, name: str, version: str, current) -> None:
-    """`champion` -> version; the replaced champion (if any) -> `previous-champion`."""
+        tags = {**tags, PREVIOUS_VERSION_TAG: str(current.version)}
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
     if current is not None:
         client.set_registered_model_alias(name, PREVIOUS, current.version)
         client.set_model_version_tag(name, current.version, "superseded_by", str(version))
     client.set_registered_model_alias(name, CHAMPION, version)
+    client.set_model_version_tag(name, version, "promoted_at", _now())
 
 
 def promote(client: MlflowClient, name: str, version: int | str, by: str, reason: str) -> dict:
     """Make `version` the champion, recording who, why and when; the replaced champion keeps alias
-    `previous-champion`."""
+    `previous-champion`. Concurrent promotions take turns (`promotion_lock`), so each one's previous
+    champion is the one promoted before it and none is lost.
+
+    Raises RegistryError: no such version, it is already the champion, or another promotion holds
+    the lock past its timeout.
+    """
     target = _get_version(client, name, version)
-    current = alias_version(client, name, CHAMPION)
-    if current is not None and current.version == target.version:
-        raise RegistryError(f"{name} version {target.version} is already the champion")
-    tags = _promotion_tags(by, reason, current)
+    tags = {"promoted_by": by, "promoted_reason": reason}
     if target.tags.get(NEEDS_REVIEW_TAG) == "true":
         tags[NEEDS_REVIEW_TAG] = "false"  # reviewed; failed_gates stays as the record of what was overridden
-    for key, value in tags.items():
-        client.set_model_version_tag(name, target.version, key, value)
-    _move_champion(client, name, target.version, current)
+    with promotion_lock(client, name, by):
+        current = alias_version(client, name, CHAMPION)
+        if current is not None and current.version == target.version:
+            raise RegistryError(f"{name} version {target.version} is already the champion")
+        _promote(client, name, target.version, tags, current)
     return {"name": name, "champion": int(target.version), "previous_champion": int(current.version) if current else None}
 
 
 def rollback(client: MlflowClient, name: str, by: str, reason: str) -> dict:
-    """Give `champion` back to `previous-champion`; the demoted version is tagged with who and why."""
-    previous = alias_version(client, name, PREVIOUS)
-    if previous is None:
-        raise RegistryError(f"{name} has no {PREVIOUS} alias: nothing to roll back to")
-    current = alias_version(client, name, CHAMPION)
-    when = _now()
-    if current is not None:
-        for key, value in {"rolled_back_by": by, "rolled_back_reason": reason, "rolled_back_at": when}.items():
-            client.set_model_version_tag(name, current.version, key, value)
-    client.set_registered_model_alias(name, CHAMPION, previous.version)
-    if current is not None:  # who and why are on the demoted version; its own promotion record stays
-        client.set_model_version_tag(name, previous.version, "restored_from", str(current.version))
-    # The demoted version must not become the rollback target (a second rollback would re-promote
-    # it); step back to whatever the restored champion itself replaced, if anything.
-    older = previous.tags.get(PREVIOUS_VERSION_TAG)
-    if older and current is not None and older != str(current.version):
-        client.set_registered_model_alias(name, PREVIOUS, older)
-    else:
-        client.delete_registered_model_alias(name, PREVIOUS)
+    """Give `champion` back to `previous-champion`; the demoted version is tagged with who and why.
+
+    Raises RegistryError: there is no previous-champion, or another promotion holds the lock past
+    its timeout.
+    """
+    with promotion_lock(client, name, by):
+        previous = alias_version(client, name, PREVIOUS)
+        if previous is None:
+            raise RegistryError(f"{name} has no {PREVIOUS} alias: nothing to roll back to")
+        current = alias_version(client, name, CHAMPION)
+        when = _now()
+        if current is not None:
+            for key, value in {"rolled_back_by": by, "rolled_back_reason": reason, "rolled_back_at": when}.items():
+                client.set_model_version_tag(name, current.version, key, value)
+        client.set_registered_model_alias(name, CHAMPION, previous.version)
+        if current is not None:  # who and why are on the demoted version; its own promotion record stays
+            client.set_model_version_tag(name, previous.version, "restored_from", str(current.version))
+        # The demoted version must not become the rollback target (a second rollback would re-promote
+        # it); step back to whatever the restored champion itself replaced, if anything.
+        older = previous.tags.get(PREVIOUS_VERSION_TAG)
+        if older and current is not None and older != str(current.version):
+            client.set_registered_model_alias(name, PREVIOUS, older)
+        else:
+            client.delete_registered_model_alias(name, PREVIOUS)
     return {"name": name, "champion": int(previous.version), "demoted": int(current.version) if current else None}
+
+
+# --- one promotion per model at a time ----------------------------------------------------------
+
+PROMOTION_LOCK_SUFFIX = ".promotion-lock"
+LOCK_STALE_SECONDS = 600  # far beyond a promotion's few calls: only a crashed holder's lock gets this old
+
+
+def promotion_lock_name(registered_model: str) -> str:
+    return f"{registered_model}{PROMOTION_LOCK_SUFFIX}"
+
+
+@contextmanager
+def promotion_lock(client: MlflowClient, name: str, by: str, timeout_seconds: float = 120.0) -> Iterator[None]:
+    """Hold the model's promotion lock while `champion` / `previous-champion` move.
+
+    The lock is a registered model `<name>.promotion-lock` that exists while it is held. MLflow
+    stores a registered model name once (a unique key in its database), so of concurrent promoters
+    exactly one creates it; the others wait until the holder deletes it. It lives on the tracking
+    server that every promoter already uses, so `perennial promote` needs no Prefect API and still
+    takes turns with a retrain's auto-promotion. A lock older than LOCK_STALE_SECONDS was left by a
+    crashed holder: it is set aside by renaming it to `<lock>.stale-<token>` (a rename, like a
+    create, succeeds once, so two waiters cannot both break it), which stays as the record.
+
+    Raises RegistryError, naming the holder, when the lock is still held after timeout_seconds.
+    """
+    lock = promotion_lock_name(name)
+    token = uuid.uuid4().hex
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        try:
+            client.create_registered_model(lock, tags={"token": token, "holder": by},
+                                           description=f"Perennial: a promotion of {name} by {by} is in progress")
+            break
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        try:
+            held = client.get_registered_model(lock)
+        except MlflowException:  # released between the two calls
+            continue
+        if held.tags.get("token") == token:  # our create went through; its reply was lost and the client retried
+            break
+        age = time.time() - held.creation_timestamp / 1000
+        if age > LOCK_STALE_SECONDS:
+            try:
+                client.rename_registered_model(lock, f"{lock}.stale-{held.tags.get('token', 'unknown')}")
+            except MlflowException:  # another waiter set it aside first
+                pass
+            continue
+        if time.monotonic() > deadline:
+            raise RegistryError(f"{name}: another promotion or rollback (by {held.tags.get('holder', 'unknown')}, "
+                                f"{age:.0f} s ago) still holds registered model {lock}; retry later. If no promotion "
+                                f"is running, delete that registered model, or wait: it is set aside "
+                                f"{LOCK_STALE_SECONDS} s after it was taken")
+        time.sleep(random.uniform(0.2, 1.0))  # jitter, so waiters do not retry in lockstep
+    try:
+        yield
+    finally:
+        # Delete only our own lock: had ours been set aside as stale, this one is another promoter's.
+        try:
+            ours = client.get_registered_model(lock).tags.get("token") == token
+        except MlflowException:  # ours was set aside and nobody holds it now
+            ours = False
+        if ours:
+            client.delete_registered_model(lock)
 
 
 def resolve_checkpoint_uri(client: MlflowClient, uri: str) -> str:

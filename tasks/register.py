@@ -15,8 +15,6 @@ from tasks.evaluate import StageEval
 from tasks.ingest import DataBundle
 from tasks.runtime import RunContext, fetch_dir, open_store, open_tracker
 
-CHALLENGER = registry.CHALLENGER
-
 
 class Report(BaseModel):
     tasks: list[str]
@@ -77,28 +75,24 @@ def _git_sha() -> str:
 def register(run: RunContext, model_uri: str, data: DataBundle, summary: Report) -> dict:
     """Log the final model to the run, register it as a new version with alias `challenger`, and
     judge it with the quality gates (perennial/registry.py): promoted when all pass and
-    registry.auto_promote is on, else tagged needs-review."""
+    registry.auto_promote is on, else tagged needs-review.
+
+    A rerun (Prefect retry, or the retrain rerun after a crash) completes an interrupted
+    registration instead of skipping it (registry.register_version); the result is what the
+    registry holds, read back. Raises registry.RegistryError when another promotion holds the
+    registry's promotion lock past its timeout.
+    """
     cfg = run.config
     store = open_store(cfg)
     tracker = open_tracker(cfg)
     client: MlflowClient = tracker.client
     name = cfg.tracking.registered_model
-    registry.ensure_registered_model(client, name)
-    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run.parent_run_id}'")
-    if existing:  # a rerun of a finished retrain registers nothing new
-        version = max(existing, key=lambda v: int(v.version))
-        return {
-            "name": name,
-            "version": int(version.version),
-            "alias": CHALLENGER,
-            "source": version.source,
-            "gates": json.loads(version.tags.get(registry.GATES_TAG, "[]")),
-            "promoted": "promoted_at" in version.tags,
-        }
     parent = client.get_run(run.parent_run_id)
     source = f"{parent.info.artifact_uri}/model"
-    local = fetch_dir(store, model_uri, cfg.work_dir / "cache")
-    client.log_artifacts(run.parent_run_id, str(local), "model")
+    # The version is created after its files are logged: if it exists, they are there.
+    if registry.version_of_run(client, name, run.parent_run_id) is None:
+        local = fetch_dir(store, model_uri, cfg.work_dir / "cache")
+        client.log_artifacts(run.parent_run_id, str(local), "model")
     tags = {
         "git_sha": _git_sha(),
         "config_digest": cfg.digest(),

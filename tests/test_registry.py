@@ -6,14 +6,16 @@ training is needed.
 
 from __future__ import annotations
 
+import threading
 import uuid
 
 import pytest
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from perennial import registry
 from perennial.cli import main
-from perennial.config import GatesConfig
+from perennial.config import GatesConfig, build_config
 
 GATES = GatesConfig(min_target_score=0.5, min_bwt=-0.1, max_task_drop=0.05, max_general_ppl_increase=0.1, max_output_drift_kl=0.5)
 TASKS = ["arithmetic", "fact_lookup", "reverse"]
@@ -96,10 +98,14 @@ def test_general_task_drop_gate_compares_with_stage_0_not_the_champion():
 # walks through its whole life in one test instead of many tests building their own versions.
 
 
+def retrain_run(client, name):
+    experiment = client.get_experiment_by_name("registry-test") or client.get_experiment(client.create_experiment("registry-test"))
+    return client.create_run(experiment.experiment_id, run_name=f"{name}-retrain")
+
+
 def new_version(client, name, final, gates=GATES, auto_promote=True, datasets=None, **kw) -> dict:
     """Register a version the way a retrain does. Its run has no artifacts: the registry never reads them."""
-    experiment = client.get_experiment_by_name("registry-test") or client.get_experiment(client.create_experiment("registry-test"))
-    run = client.create_run(experiment.experiment_id, run_name=f"{name}-retrain")
+    run = retrain_run(client, name)
     tags = {
         "base_model": "tiny-llama(32x2)",
         "config_digest": uuid.uuid4().hex,
@@ -216,3 +222,173 @@ def test_status_without_prefect_still_lists_retrains_with_stages_and_links(servi
     assert f"{services.mlflow_uri}/#/experiments/{experiment_id}/runs/{parent.info.run_id}" in out
     assert "s3       s3://bkt/perennial/runs/nightly-abc" in out
     assert main(["status", "--experiment", "no-such-experiment", "--tracking-uri", services.mlflow_uri]) == 1
+
+
+# --- interrupted registration and concurrent promotion (issue #23) ------------------------------
+
+
+def fail_once(monkeypatch, method: str, argument: str) -> list[str]:
+    """Make the first MlflowClient.`method` call whose arguments include `argument` raise, as a
+    server that goes away at that step would; later calls reach the real server."""
+    real = getattr(MlflowClient, method)
+    fired: list[str] = []
+
+    def call(self, *args, **kwargs):
+        if not fired and argument in [str(a) for a in (*args, *kwargs.values())]:
+            fired.append(f"{method}({argument})")
+            raise MlflowException(f"injected: server gone at {method}({argument})")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, method, call)
+    return fired
+
+
+@pytest.mark.parametrize("method, argument", [
+    ("set_registered_model_alias", "challenger"),  # just after create_model_version
+    ("set_registered_model_alias", "champion"),  # promotion record written, alias not moved
+    ("set_model_version_tag", "promoted_at"),  # alias moved, record not finished
+])
+def test_register_task_interrupted_after_the_version_exists_is_completed_by_the_rerun(services, store, tmp_path, monkeypatch, method, argument):
+    from tasks.ingest import DataBundle, DatasetRef
+    from tasks.register import Report, register
+    from tasks.runtime import RunContext
+
+    name = f"crash-{uuid.uuid4().hex[:8]}"
+    cfg = build_config({"work_dir": str(tmp_path / "work"),
+                        "storage": {"endpoint_url": services.s3_endpoint, "bucket": store.bucket},
+                        "tracking": {"tracking_uri": services.mlflow_uri, "experiment": "registry-test", "registered_model": name},
+                        "registry": {"auto_promote": True, "gates": GATES.model_dump()}})
+    client = MlflowClient(services.mlflow_uri)
+    parent = retrain_run(client, name)
+    client.log_metric(parent.info.run_id, "drift/kl_mean", 0.1)  # as evaluate_stage logs it
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "config.json").write_text("{}")
+    model_uri = store.upload_dir(tmp_path / "final", "runs/k/final")["uri"]
+    ref = lambda task: DatasetRef(name=task, kind="instruction", digest="d" * 16, uri=f"s3://x/{task}", data_file="data.jsonl")  # noqa: E731
+    data = DataBundle(general=ref("general"), domain=None, tasks=[ref(task) for task in TASKS])
+    summary = Report(tasks=TASKS, matrix=[[0.1, 0.1, 0.1], [0.8, 0.8, 0.8]], markdown="run summary",
+                     metrics={"ap": 0.8, "bwt": -0.02, "general_ppl_final": 20.0})
+    run = RunContext(config=cfg, run_key="k", parent_run_id=parent.info.run_id, experiment_id=parent.info.experiment_id)
+
+    fired = fail_once(monkeypatch, method, argument)
+    with pytest.raises(MlflowException, match="injected"):
+        register(run, model_uri, data, summary)
+    assert fired and len(client.search_model_versions(f"name = '{name}'")) == 1  # the half-registered version
+
+    result = register(run, model_uri, data, summary)  # the rerun (or a Prefect retry) of the same retrain
+    assert len(client.search_model_versions(f"name = '{name}'")) == 1  # completed, not registered twice
+    champion = client.get_model_version_by_alias(name, "champion")
+    challenger = client.get_model_version_by_alias(name, "challenger")
+    assert champion.version == challenger.version == "1"
+    # what is reported is what the registry holds
+    assert result["version"] == 1 and result["alias"] == "challenger" and result["aliases"] == ["challenger", "champion"]
+    assert result["promoted"] and not result["needs_review"]
+    tags = champion.tags
+    assert tags["promoted_by"].startswith("auto-promote") and "all 6 gates passed against no champion" in tags["promoted_reason"]
+    assert tags["promoted_at"] and "needs-review" not in tags and tags["gates_against"] == "none"
+    assert tags["config_digest"] == cfg.digest() and tags["checkpoint_uri"] == model_uri and tags["run_key"] == "k"
+    assert float(tags["metric.final_mean"]) == pytest.approx(0.8) and "run summary" in champion.description
+    assert "model/config.json" in {a.path for a in client.list_artifacts(parent.info.run_id, "model")}
+    text = registry.review(client, name)
+    assert "champion: v1" in text and "challenger: v1" in text
+
+    # once complete, a further rerun changes nothing and reports the same
+    assert register(run, model_uri, data, summary) == result
+    assert client.get_model_version(name, "1").tags == tags
+
+
+def test_concurrent_promotions_form_a_chain_and_none_is_lost(services):
+    client = MlflowClient(services.mlflow_uri)
+    name = f"race-{uuid.uuid4().hex[:8]}"
+    new_version(client, name, [0.8, 0.8, 0.8])  # v1: champion
+    contenders = [new_version(client, name, [0.8, 0.8, 0.8], auto_promote=False)["version"] for _ in range(4)]
+    start = threading.Barrier(len(contenders))
+    outcomes: dict[int, object] = {}
+
+    def person(version: int) -> None:
+        own = MlflowClient(services.mlflow_uri)  # one process each, as separate `perennial promote` calls are
+        start.wait()
+        try:
+            outcomes[version] = registry.promote(own, name, version, by=f"user{version}", reason="race")
+        except registry.RegistryError as error:
+            outcomes[version] = error
+
+    threads = [threading.Thread(target=person, args=(version,)) for version in contenders]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert set(outcomes) == set(contenders)
+    failures = {v: str(o) for v, o in outcomes.items() if isinstance(o, registry.RegistryError)}
+    assert all("still holds registered model" in message for message in failures.values()), failures
+    done = {v: o for v, o in outcomes.items() if isinstance(o, dict)}
+    assert done, failures
+
+    # each promotion replaced the one before it: following `previous` from v1 visits every success once
+    after = {result["previous_champion"]: version for version, result in done.items()}
+    assert len(after) == len(done), f"two promotions replaced the same champion: {done}"
+    chain, version = [1], 1
+    while version in after:
+        version = after[version]
+        chain.append(version)
+    assert sorted(chain[1:]) == sorted(done)
+    assert client.get_model_version_by_alias(name, "champion").version == str(chain[-1])
+    for before, version in zip(chain, chain[1:]):
+        assert client.get_model_version(name, str(version)).tags["previous_champion_version"] == str(before)
+        assert client.get_model_version(name, str(before)).tags["superseded_by"] == str(version)
+
+    # rollback walks back through every one of them, down to v1
+    for expected in reversed(chain[:-1]):
+        assert registry.rollback(client, name, by="erin", reason="walk back")["champion"] == expected
+    with pytest.raises(registry.RegistryError, match="nothing to roll back"):
+        registry.rollback(client, name, by="erin", reason="past v1")
+    assert not client.search_registered_models(f"name = '{registry.promotion_lock_name(name)}'")  # released
+
+
+def test_auto_promotion_refuses_when_the_champion_changed_after_gating(services, monkeypatch):
+    client = MlflowClient(services.mlflow_uri)
+    name = f"stale-{uuid.uuid4().hex[:8]}"
+    new_version(client, name, [0.8, 0.8, 0.8])  # v1: champion
+    new_version(client, name, [0.8, 0.8, 0.8], auto_promote=False)  # v2: awaits review
+
+    # v3 is gated against v1; before its promotion step a person promotes v2
+    real = MlflowClient.create_model_version
+
+    def create_then_person_promotes(self, *args, **kwargs):
+        version = real(self, *args, **kwargs)
+        registry.promote(MlflowClient(services.mlflow_uri), name, 2, by="dana", reason="reviewed")
+        return version
+
+    monkeypatch.setattr(MlflowClient, "create_model_version", create_then_person_promotes)
+    v3 = new_version(client, name, [0.85, 0.8, 0.8])
+    monkeypatch.undo()
+
+    assert client.get_model_version_by_alias(name, "champion").version == "2"  # the person's promotion stands
+    assert client.get_model_version_by_alias(name, "challenger").version == "3"
+    tags = client.get_model_version(name, "3").tags
+    assert tags["gates_against"] == "1" and tags["needs-review"] == "true" and "promoted_at" not in tags
+    reason = tags["needs_review_reason"]
+    assert "auto-promotion refused" in reason and "champion v1" in reason and "champion v2" in reason
+    assert not v3["promoted"] and v3["needs_review"] and v3["review_reason"] == reason and v3["aliases"] == ["challenger"]
+    assert "needs_review_reason" in registry.review(client, name)
+    # rollback goes back to what v2 replaced: nothing was skipped
+    assert registry.rollback(client, name, by="erin", reason="r")["champion"] == 1
+
+
+def test_promotion_lock_waits_for_its_holder_and_sets_aside_a_stale_one(services, monkeypatch):
+    client = MlflowClient(services.mlflow_uri)
+    name = f"lock-{uuid.uuid4().hex[:8]}"
+    lock = registry.promotion_lock_name(name)
+    with registry.promotion_lock(client, name, by="dana"):
+        with pytest.raises(registry.RegistryError, match=f"by dana.*still holds registered model {lock}"):
+            with registry.promotion_lock(client, name, by="erin", timeout_seconds=1):
+                pass
+    assert not client.search_registered_models(f"name = '{lock}'")
+
+    # a holder that crashed leaves the lock; once stale it is set aside (kept as the record) and taken
+    client.create_registered_model(lock, tags={"token": "crashed", "holder": "dana"})
+    monkeypatch.setattr(registry, "LOCK_STALE_SECONDS", -1)
+    with registry.promotion_lock(client, name, by="erin", timeout_seconds=30):
+        assert client.get_registered_model(lock).tags["holder"] == "erin"
+    assert client.get_registered_model(f"{lock}.stale-crashed").tags["holder"] == "dana"
+    assert not client.search_registered_models(f"name = '{lock}'")
