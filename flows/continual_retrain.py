@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow
 
 from perennial.config import Config, load_config
-from perennial.registry import lineage_lock
+from perennial.locks import lineage_lock
 from tasks.runtime import failed_on_error
 from tasks.wrappers import (
     base_model_task,

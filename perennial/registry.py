@@ -626,37 +626,3 @@ def review(client: MlflowClient, name: str) -> str:
     if previous is not None:
         lines.append(f"rollback: perennial rollback {name} --reason '...'   (champion -> v{previous.version})")
     return "\n".join(lines).rstrip() + "\n"
-
-
-# --- one retrain per lineage ------------------------------------------------------------------
-
-
-def lineage_limit_name(registered_model: str) -> str:
-    return f"perennial-train-{registered_model}"
-
-
-@contextmanager
-def lineage_lock(registered_model: str, timeout_seconds: float | None = None) -> Iterator[None]:
-    """Hold the lineage's Prefect global concurrency slot (limit 1) while training.
-
-    Two retrains of the same registered model (say the nightly and a manual one) would otherwise
-    train at once and race for the challenger alias; the second waits here until the first
-    leaves (or `timeout_seconds` passes: TimeoutError). The limit is created on first use.
-    Prefect is imported here so that the rest of this module needs MLflow only.
-    """
-    from prefect.client.orchestration import get_client
-    from prefect.concurrency.sync import concurrency
-    from prefect.exceptions import ObjectAlreadyExists
-
-    name = lineage_limit_name(registered_model)
-    with get_client(sync_client=True) as client:
-        try:
-            client.upsert_global_concurrency_limit_by_name(name, 1)
-        except ObjectAlreadyExists:  # a concurrent retrain created it between read and create
-            pass
-    # strict: a missing limit must fail loudly, not silently let two retrains through. The slot is
-    # a lease renewed in the background; a renewal hiccup must not kill hours of training, and a
-    # crashed retrain's slot frees itself when its lease runs out.
-    with concurrency(name, occupy=1, timeout_seconds=timeout_seconds, strict=True,
-                     lease_duration=600, raise_on_lease_renewal_failure=False):
-        yield

@@ -213,7 +213,7 @@ def test_manual_retrain_deployment_runs_on_a_process_worker(services, prefect_ap
 
 @pytest.mark.integration
 def test_lineage_lock_lets_one_retrain_per_lineage_train(prefect_api):
-    from perennial.registry import lineage_limit_name, lineage_lock
+    from perennial.locks import lineage_limit_name, lineage_lock
 
     with lineage_lock("lineage-a"):
         # a second retrain of the same lineage waits (here: gives up after 2 s) ...

@@ -30,7 +30,7 @@ from models.cl.replay import ReplayBuffer
 from perennial import demo_data
 from perennial.config import StorageConfig, build_config
 from perennial.ingest import read_watermark
-from perennial.registry import lineage_limit_name
+from perennial.locks import lineage_limit_name
 from perennial.storage import MANIFEST_NAME, ObjectStore, StorageError
 from tests.test_pipeline import micro_config
 
