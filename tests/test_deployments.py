@@ -10,6 +10,7 @@ its registered model version and `perennial status` are checked.
 from __future__ import annotations
 
 import ast
+import contextlib
 import os
 import signal
 import subprocess
@@ -87,10 +88,13 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    """A real `prefect server start` on a free port, with its own PREFECT_HOME and sqlite database."""
-    home = tmp_path_factory.mktemp("prefect-home")
+@contextlib.contextmanager
+def running_prefect_server(home: Path, **settings: str):
+    """A real `prefect server start` on a free port, with its own PREFECT_HOME and sqlite database.
+
+    Yields {"url", "env", "home", "log"}; `settings` are extra PREFECT_* variables for the server
+    (and for the clients that copy `env`).
+    """
     (port,) = free_ports(1)
     url = f"http://127.0.0.1:{port}/api"
     env = {
@@ -102,30 +106,43 @@ def prefect_server(tmp_path_factory):
         "DO_NOT_TRACK": "1",
         "PREFECT_LOGGING_LEVEL": "WARNING",
         "PREFECT_WORKER_QUERY_SECONDS": "1",  # pick the run up at once, not after the default 10 s
-        # The real nightly deployment is registered too; without the scheduler no 02:00 run can
-        # be created for the worker to pick up while a test runs near that hour.
-        "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
+        **settings,
     }
     log = home / "server.log"
     proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                             env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_healthy(url, proc, log, timeout=120)
-        yield {"url": url, "env": env, "home": home}
+        yield {"url": url, "env": env, "home": home, "log": log}
     finally:
         _stop(proc)
 
 
-@pytest.fixture
-def prefect_api(prefect_server, monkeypatch):
-    """Point this process (settings) and its subprocesses (environment) at the test server."""
+@contextlib.contextmanager
+def pointed_at(server: dict, monkeypatch):
+    """Point this process (settings) and its subprocesses (environment) at a test server."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    for key, value in prefect_server["env"].items():
+    for key, value in server["env"].items():
         if key.startswith("PREFECT_"):
             monkeypatch.setenv(key, value)
-    with temporary_settings(updates={PREFECT_API_URL: prefect_server["url"]}):
-        yield prefect_server
+    with temporary_settings(updates={PREFECT_API_URL: server["url"]}):
+        yield server
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    # The real nightly deployment is registered too; without the scheduler no 02:00 run can be
+    # created for the worker to pick up while a test runs near that hour (tests/test_schedule.py
+    # runs the scheduler on a server of its own).
+    with running_prefect_server(tmp_path_factory.mktemp("prefect-home"), PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false") as server:
+        yield server
+
+
+@pytest.fixture
+def prefect_api(prefect_server, monkeypatch):
+    with pointed_at(prefect_server, monkeypatch) as server:
+        yield server
 
 
 def _git_sha() -> str:

@@ -13,13 +13,11 @@ import subprocess
 import sys
 import time
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import pytest
 import yaml
 
-from perennial.services import free_ports
-from tests.test_deployments import PREFECT, PREFECT_YAML, ROOT, _stop, _wait_healthy, deployments
+from tests.test_deployments import PREFECT, PREFECT_YAML, ROOT, _stop, deployments, pointed_at, running_prefect_server
 from tests.test_security import _jsonl, nightly_config, publish_incoming
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -28,41 +26,17 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def scheduling_server(tmp_path_factory):
     """A real Prefect server whose scheduler runs every 2 s instead of every 60 s."""
-    home = tmp_path_factory.mktemp("prefect-sched")
-    (port,) = free_ports(1)
-    url = f"http://127.0.0.1:{port}/api"
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(home),
-        "PREFECT_API_URL": url,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
-        "DO_NOT_TRACK": "1",
-        "PREFECT_LOGGING_LEVEL": "WARNING",
-        "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "true",
-        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
-        "PREFECT_WORKER_QUERY_SECONDS": "1",
-        "PREFECT_RUNNER_POLL_FREQUENCY": "1",
-    }
-    log = home / "server.log"
-    proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                            env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        _wait_healthy(url, proc, log, timeout=120)
-        yield {"url": url, "env": env, "log": log}
-    finally:
-        _stop(proc)
+    with running_prefect_server(tmp_path_factory.mktemp("prefect-sched"),
+                                PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="true",
+                                PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2",
+                                PREFECT_RUNNER_POLL_FREQUENCY="1") as server:
+        yield server
 
 
 @pytest.fixture
 def scheduling_api(scheduling_server, monkeypatch):
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    for key, value in scheduling_server["env"].items():
-        if key.startswith("PREFECT_"):
-            monkeypatch.setenv(key, value)
-    with temporary_settings(updates={PREFECT_API_URL: scheduling_server["url"]}):
-        yield scheduling_server
+    with pointed_at(scheduling_server, monkeypatch) as server:
+        yield server
 
 
 def _flow_runs(client, deployment_id):
