@@ -5,6 +5,8 @@
     perennial review MODEL                 champion vs challenger: metrics, gates, lineage
     perennial promote MODEL VERSION        make VERSION the champion (--reason, --by)
     perennial rollback MODEL               give `champion` back to `previous-champion`
+    perennial unpromote MODEL              withdraw a first champion (no previous-champion to roll back to)
+    perennial export MODEL_URI DIR         a plain Hugging Face folder (models:/NAME@ALIAS, models:/NAME/N, s3://)
     perennial status [--limit N]           recent retrains: Prefect state + MLflow stage, status, links
     perennial deploy                       register deployments/prefect.yaml with the Prefect server
 """
@@ -17,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from perennial.config import ConfigError, load_config
+from perennial.config import ConfigError, endpoints_config, load_config
 
 SERVICES_ENV = Path(".perennial/services/services.env")
 
@@ -101,10 +103,23 @@ def _tracking_client(args: argparse.Namespace):
 
 
 def cmd_review(args: argparse.Namespace) -> int:
+    """Exit 1, listing the registered models, when MODEL is not one of them."""
+    from mlflow.exceptions import MlflowException
+
     from perennial import registry
 
-    client, _ = _tracking_client(args)
-    print(registry.review(client, args.model), end="")
+    client, uri = _tracking_client(args)
+    try:
+        client.get_registered_model(args.model)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        names = [model.name for model in client.search_registered_models(max_results=100)
+                 if registry.PROMOTION_LOCK_SUFFIX not in model.name]
+        print(f"error: no registered model {args.model!r} at {uri}; registered models: {', '.join(names) or 'none'} "
+              f"(all of them, in the MLflow UI: {uri.rstrip('/')}/#/models)", file=sys.stderr)
+        return 1
+    print(registry.review(client, args.model).rstrip("\n"))
     return 0
 
 
@@ -132,6 +147,19 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"{args.model}: champion is back to v{result['champion']} (v{result['demoted']} demoted)")
+    return 0
+
+
+def cmd_unpromote(args: argparse.Namespace) -> int:
+    from perennial import registry
+
+    client, _ = _tracking_client(args)
+    try:
+        result = registry.unpromote(client, args.model, by=args.by or registry.whoami(), reason=args.reason)
+    except registry.RegistryError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"{args.model}: v{result['unpromoted']} is no longer the champion; no version is")
     return 0
 
 
@@ -211,11 +239,25 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    """Exit 1 with the reason for a bad URI, an unknown model, a non-empty DIR or unreachable storage."""
+    from perennial.registry import RegistryError
+    from perennial.storage import StorageError
+    from perennial.tracking import TrackingError
     from tasks.export import export_model
 
     load_services_env()
-    cfg = load_config(args.config)
-    out = export_model(cfg, args.model_uri, args.out_dir)
+    # Export needs only endpoints, so outside the repo the environment (services.env) is enough.
+    cfg = load_config(args.config) if args.config else endpoints_config()
+    try:
+        out = export_model(cfg, args.model_uri, args.out_dir)
+    except (StorageError, TrackingError) as error:
+        print(f"error: {error}\n(S3 {cfg.storage.endpoint_url}, MLflow {cfg.tracking.tracking_uri}: set PERENNIAL_S3_ENDPOINT, "
+              "MLFLOW_TRACKING_URI and the AWS_* credentials, e.g. `source .perennial/services/services.env`, "
+              "or pass --config)", file=sys.stderr)
+        return 1
+    except (RegistryError, FileExistsError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     print(f"exported to {out}; evaluate with: lm_eval --model hf --model_args pretrained={out} --tasks ...")
     return 0
 
@@ -243,11 +285,16 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.set_defaults(func=cmd_ingest)
 
     export = sub.add_parser("export", help="write a committed checkpoint as a plain Hugging Face folder (for lm_eval)",
-                            description="Download and verify a checkpoint (s3://... URI of a stage's model) and write "
-                            "a folder `lm_eval --model hf --model_args pretrained=FOLDER` reads.")
-    export.add_argument("model_uri", help="e.g. s3://perennial/perennial/runs/<run>/stages/cit-03-reverse/model")
+                            description="Download and verify a checkpoint (a registered version, models:/NAME@ALIAS or "
+                            "models:/NAME/VERSION, or the s3://... URI of a stage's model) and write a folder "
+                            "`lm_eval --model hf --model_args pretrained=FOLDER` reads. Endpoints come from the "
+                            "environment (PERENNIAL_S3_ENDPOINT, MLFLOW_TRACKING_URI and the AWS_* credentials, "
+                            "as in services.env) unless --config is given.")
+    export.add_argument("model_uri", help="e.g. models:/perennial-demo@champion, models:/perennial-demo/3 or "
+                        "s3://perennial/perennial/runs/<run>/stages/cit-03-reverse/model")
     export.add_argument("out_dir", help="an empty or new folder")
-    export.add_argument("--config", default="configs/demo.yaml", help="config whose storage settings to use")
+    export.add_argument("--config", default=None, help="config whose storage and tracking settings to use "
+                        "(default: the environment's endpoints)")
     export.set_defaults(func=cmd_export)
 
     services = sub.add_parser("services", help="start, stop or inspect local SeaweedFS + MLflow")
@@ -279,6 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("--by", default=None, help="who (default: $USER)")
     tracking_option(rollback)
     rollback.set_defaults(func=cmd_rollback)
+
+    unpromote = sub.add_parser("unpromote", help="withdraw a champion that has no previous-champion (delete alias champion)")
+    unpromote.add_argument("model", help="registered model name")
+    unpromote.add_argument("--reason", default="(no reason given)", help="why; recorded as the version tag unpromoted_reason")
+    unpromote.add_argument("--by", default=None, help="who (default: $USER)")
+    tracking_option(unpromote)
+    unpromote.set_defaults(func=cmd_unpromote)
 
     status = sub.add_parser("status", help="recent retrains: Prefect flow-run state joined with the MLflow run (stage, status, link, S3 prefix)",
                             description="Recent retrains, newest first: the Prefect flow run (state, name, deployment, start) "

@@ -56,10 +56,10 @@ class TrackingConfig(Strict):
 class DemoDataConfig(Strict):
     """Generated data for the embedded default: checkable tasks and two text corpora."""
 
-    tasks: list[Literal["arithmetic", "fact_lookup", "reverse", "uppercase", "digit_count"]] = Field(
+    tasks: list[Literal["arithmetic", "fact_lookup", "reverse", "uppercase", "word_count"]] = Field(
         default_factory=lambda: ["arithmetic", "fact_lookup", "reverse"], min_length=1
     )
-    heldout_tasks: list[Literal["arithmetic", "fact_lookup", "reverse", "uppercase", "digit_count"]] = Field(
+    heldout_tasks: list[Literal["arithmetic", "fact_lookup", "reverse", "uppercase", "word_count"]] = Field(
         default_factory=list,
         description="held-out general tasks: scored at every stage (eval_per_task test records each), never trained "
         "on, not columns of the accuracy matrix; their change from stage 0 is the general-task delta",
@@ -604,3 +604,24 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         data = expand_env(data)
         source = str(path)
     return build_config(data, overrides, source)
+
+
+# The endpoints `perennial services up` writes to services.env (configs/demo.yaml reads the same).
+ENDPOINT_ENV = {
+    "PERENNIAL_S3_ENDPOINT": ("storage", "endpoint_url"),
+    "PERENNIAL_BUCKET": ("storage", "bucket"),
+    "MLFLOW_TRACKING_URI": ("tracking", "tracking_uri"),
+}
+
+
+def endpoints_config() -> Config:
+    """The defaults with the endpoints of ENDPOINT_ENV that are set: for commands that need no
+    pipeline settings (e.g. `perennial export`), so they run anywhere without a config file.
+
+    Raises ConfigError: a variable holds a value the config refuses (e.g. a bucket name S3 rejects).
+    """
+    data: dict = {}
+    for variable, (section, key) in ENDPOINT_ENV.items():
+        if os.environ.get(variable):
+            data.setdefault(section, {})[key] = os.environ[variable]
+    return build_config(data, source="environment: " + ", ".join(ENDPOINT_ENV))

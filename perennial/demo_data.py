@@ -112,7 +112,7 @@ def _uppercase(rng: random.Random) -> list[tuple[str, str, str]]:
     return [(f"{a} {b}", f"Write in capitals: {a} {b}", f"{a} {b}".upper()) for a in WORDS for b in WORDS if a != b]
 
 
-def _digit_count(rng: random.Random) -> list[tuple[str, str, str]]:
+def _word_count(rng: random.Random) -> list[tuple[str, str, str]]:
     rows = []
     for _ in range(600):
         words = rng.sample(WORDS, rng.randint(1, 6))
@@ -127,7 +127,7 @@ def demo_tasks(seed: int) -> dict[str, DemoTask]:
         "fact_lookup": DemoTask("fact_lookup", _fact_lookup(seed), chance=1 / min(len(COLOURS), len(TOWNS))),
         "reverse": DemoTask("reverse", _reverse, chance=1 / 2),
         "uppercase": DemoTask("uppercase", _uppercase, chance=1 / len(WORDS) ** 2),
-        "digit_count": DemoTask("digit_count", _digit_count, chance=1 / 6),
+        "word_count": DemoTask("word_count", _word_count, chance=1 / 6),
     }
 
 

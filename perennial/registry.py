@@ -455,9 +455,11 @@ def rollback(client: MlflowClient, name: str, by: str, reason: str) -> dict:
     """
     with promotion_lock(client, name, by):
         previous = alias_version(client, name, PREVIOUS)
-        if previous is None:
-            raise RegistryError(f"{name} has no {PREVIOUS} alias: nothing to roll back to")
         current = alias_version(client, name, CHAMPION)
+        if previous is None:
+            withdraw = (f"; to withdraw champion v{current.version} and leave no champion, run "
+                        f"`perennial unpromote {name} --reason '...'`" if current is not None else "")
+            raise RegistryError(f"{name} has no {PREVIOUS} alias: nothing to roll back to{withdraw}")
         when = _now()
         if current is not None:
             for key, value in {"rolled_back_by": by, "rolled_back_reason": reason, "rolled_back_at": when}.items():
@@ -473,6 +475,25 @@ def rollback(client: MlflowClient, name: str, by: str, reason: str) -> dict:
         else:
             client.delete_registered_model_alias(name, PREVIOUS)
     return {"name": name, "champion": int(previous.version), "demoted": int(current.version) if current else None}
+
+
+def unpromote(client: MlflowClient, name: str, by: str, reason: str) -> dict:
+    """Withdraw a champion that has no predecessor (a first champion, which rollback cannot replace):
+    alias `champion` is deleted and the version is tagged with who, why and when.
+
+    Raises RegistryError: there is no champion, there is a previous-champion (rollback restores it
+    instead), or another promotion holds the lock past its timeout.
+    """
+    with promotion_lock(client, name, by):
+        current = alias_version(client, name, CHAMPION)
+        if current is None:
+            raise RegistryError(f"{name} has no champion: nothing to unpromote")
+        if alias_version(client, name, PREVIOUS) is not None:
+            raise RegistryError(f"{name} has a {PREVIOUS}: run `perennial rollback {name}` to give it the champion alias back")
+        for key, value in {"unpromoted_by": by, "unpromoted_reason": reason, "unpromoted_at": _now()}.items():
+            client.set_model_version_tag(name, current.version, key, value)
+        client.delete_registered_model_alias(name, CHAMPION)
+    return {"name": name, "unpromoted": int(current.version)}
 
 
 # --- one promotion per model at a time ----------------------------------------------------------

@@ -124,11 +124,11 @@ def test_rejects_malformed_matrices():
 
 
 def test_general_task_delta_is_the_mean_of_per_task_deltas():
-    base = {"digit_count": 0.10, "uppercase": 0.50, "only_base": 0.9}
-    final = {"digit_count": 0.35, "uppercase": 0.20, "only_final": 0.1}
+    base = {"word_count": 0.10, "uppercase": 0.50, "only_base": 0.9}
+    final = {"word_count": 0.35, "uppercase": 0.20, "only_final": 0.1}
     m = summarize(R3, general_scores_base=base, general_scores_final=final)
-    # per task: digit_count 0.35 - 0.10 = +0.25, uppercase 0.20 - 0.50 = -0.30; the others are unpaired
-    assert m["general/digit_count_delta"] == pytest.approx(0.25)
+    # per task: word_count 0.35 - 0.10 = +0.25, uppercase 0.20 - 0.50 = -0.30; the others are unpaired
+    assert m["general/word_count_delta"] == pytest.approx(0.25)
     assert m["general/uppercase_delta"] == pytest.approx(-0.30)
     assert not any("only_" in key for key in m)
     # means over the two paired tasks only: base (0.10 + 0.50) / 2, final (0.35 + 0.20) / 2

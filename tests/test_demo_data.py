@@ -36,3 +36,14 @@ def test_domain_corpus_states_the_fact_lookup_facts():
     corpus = " ".join(demo_data.domain_corpus(200, 5))
     creature, (colour, town) = next(iter(facts.items()))
     assert creature in corpus and town in corpus
+
+
+def test_word_count_task_counts_words_and_is_named_for_it():
+    from perennial.config import build_config
+
+    cfg = build_config({"data": {"demo": {"heldout_tasks": ["word_count"]}}})
+    assert cfg.data.demo.heldout_tasks == ["word_count"]
+    assert "digit_count" not in demo_data.demo_tasks(7)
+    for record in demo_data.task_records(demo_data.demo_tasks(7)["word_count"], 50, 10, 7):
+        assert record["prompt"].startswith("How many words are in: ")
+        assert record["response"] == str(len(record["prompt"].split(": ", 1)[1].split()))

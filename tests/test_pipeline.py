@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 
 MICRO = {
     "run_name": "micro",
-    "data": {"demo": {"tasks": ["arithmetic", "fact_lookup", "reverse"], "heldout_tasks": ["digit_count"],
+    "data": {"demo": {"tasks": ["arithmetic", "fact_lookup", "reverse"], "heldout_tasks": ["word_count"],
                       "train_per_task": 48, "eval_per_task": 8,
                       "general_docs": 120, "domain_docs": 60, "general_eval_docs": 8}},
     "model": {"tiny": {"vocab_size": 300, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -54,11 +54,11 @@ def test_continual_retrain_end_to_end(services, prefect_harness, tmp_path):
     for key in ("ap", "bwt", "fwt"):
         assert key in summary["metrics"]
     # the held-out general task is scored but is no column of R, and its delta is final - stage 0
-    assert "digit_count" not in summary["tasks"]
-    heldout = summary["general_tasks"]["digit_count"]
+    assert "word_count" not in summary["tasks"]
+    heldout = summary["general_tasks"]["word_count"]
     assert heldout["delta"] == pytest.approx(heldout["final"] - heldout["base"])
     assert summary["metrics"]["general_task_delta"] == pytest.approx(heldout["delta"])
-    assert summary["metrics"]["general/digit_count_delta"] == pytest.approx(heldout["delta"])
+    assert summary["metrics"]["general/word_count_delta"] == pytest.approx(heldout["delta"])
 
     # every checkpoint is committed in S3 and its digests verify on download
     store = ObjectStore(StorageConfig(endpoint_url=services.s3_endpoint, bucket="pipeline-test"))
@@ -70,12 +70,12 @@ def test_continual_retrain_end_to_end(services, prefect_harness, tmp_path):
     mid_stage = [i.key for i in store.list("perennial/runs/") if "/checkpoints/step-00000004/MANIFEST.json" in i.key]
     assert len(mid_stage) == 3  # one mid-stage checkpoint per CIT task (checkpoint_every=4 of 8 steps)
     datasets = {i.key.split("/")[2] for i in store.list("perennial/datasets/") if i.key.endswith("MANIFEST.json")}
-    assert {"general", "domain", "arithmetic", "fact_lookup", "reverse", "digit_count"} <= datasets
+    assert {"general", "domain", "arithmetic", "fact_lookup", "reverse", "word_count"} <= datasets
     stage_evals = [store.get_json(i.key) for i in store.list(f"perennial/runs/{cfg.run_name}-") if "/eval/stage-" in i.key]
     assert len(stage_evals) == 4
     for stage_eval in stage_evals:
         scored = {name: details["n"] for name, details in {**stage_eval["details"], **stage_eval["general_details"]}.items()}
-        assert scored == {"arithmetic": 5, "fact_lookup": 5, "reverse": 5, "digit_count": 5}
+        assert scored == {"arithmetic": 5, "fact_lookup": 5, "reverse": 5, "word_count": 5}
 
     # MLflow: a parent run with nested stage runs, metrics with steps, a registered version
     client = MlflowClient(services.mlflow_uri)
@@ -83,10 +83,10 @@ def test_continual_retrain_end_to_end(services, prefect_harness, tmp_path):
     assert parent.info.status == "FINISHED"
     history = client.get_metric_history(parent.info.run_id, "eval/arithmetic")
     assert sorted(m.step for m in history) == [0, 1, 2, 3]
-    general_history = {m.step: m.value for m in client.get_metric_history(parent.info.run_id, "eval_general/digit_count")}
+    general_history = {m.step: m.value for m in client.get_metric_history(parent.info.run_id, "eval_general/word_count")}
     assert sorted(general_history) == [0, 1, 2, 3]
     assert (general_history[0], general_history[3]) == pytest.approx((heldout["base"], heldout["final"]))
-    assert "eval/digit_count" not in parent.data.metrics
+    assert "eval/word_count" not in parent.data.metrics
     assert parent.data.metrics["general_task_delta"] == pytest.approx(heldout["delta"])
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     names = {run.data.tags["mlflow.runName"] for run in children}
@@ -100,14 +100,14 @@ def test_continual_retrain_end_to_end(services, prefect_harness, tmp_path):
     assert int(version.version) == registered["version"]
     assert version.tags["config_digest"] == cfg.digest()
     assert float(version.tags["metric.general_task_delta"]) == pytest.approx(heldout["delta"])
-    assert "dataset.digit_count" in version.tags
+    assert "dataset.word_count" in version.tags
 
     # the Prefect run carries the same table as a markdown artifact with a link to the MLflow run
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as prefect:
         markdown = [artifact.data for artifact in prefect.read_artifacts() if artifact.type == "markdown"]
-    assert any(parent.info.run_id in text and "arithmetic" in text and "| digit_count |" in text for text in markdown)
+    assert any(parent.info.run_id in text and "arithmetic" in text and "| word_count |" in text for text in markdown)
 
     # export: a plain transformers folder that generates what in-pipeline evaluation generates
     exported = export_model(cfg, summary["checkpoints"]["cit-03-reverse"], tmp_path / "exported")

@@ -71,14 +71,14 @@ def test_markdown_marks_undefined_metrics():
 
 
 def test_markdown_and_curves_show_heldout_general_tasks(tmp_path):
-    general = [{"digit_count": 0.10}, {"digit_count": 0.40}, {"digit_count": 0.30}, {"digit_count": 0.25}]
+    general = [{"word_count": 0.10}, {"word_count": 0.40}, {"word_count": 0.30}, {"word_count": 0.25}]
     metrics = summarize(MATRIX, general_scores_base=general[0], general_scores_final=general[-1])
     text = markdown_summary(MATRIX, metrics, general=general)
     section = text.split("## Held-out general tasks (never trained on)")[1].split("## Metrics")[0]
     # stage 0 vs the last stage, not the best or the middle one: 0.25 - 0.10 = 0.15
-    assert "| digit_count | 0.1000 | 0.2500 | 0.1500 |" in section
+    assert "| word_count | 0.1000 | 0.2500 | 0.1500 |" in section
     assert "| general_task_delta | 0.1500 |" in text
     # it stays out of the accuracy-matrix table
-    assert "digit_count" not in text.split("## Held-out")[0]
+    assert "word_count" not in text.split("## Held-out")[0]
     assert "Held-out" not in markdown_summary(MATRIX, summarize(MATRIX), general=[{}, {}, {}, {}])
     assert_png(plot_task_curves(MATRIX, tmp_path / "curves.png", general=general))
