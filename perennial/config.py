@@ -403,14 +403,34 @@ class EvalConfig(Strict):
 
 
 class GatesConfig(Strict):
-    min_target_score: float | None = Field(None, ge=0, le=1)
-    min_bwt: float | None = None
-    max_task_drop: float | None = Field(None, ge=0)
-    max_general_ppl_increase: float | None = Field(None, ge=0, description="relative, e.g. 0.1 = +10%")
+    """Quality gates of a new registry version (docs/operations.md, "Quality gates").
+
+    On by default, with thresholds a healthy demo retrain passes and a broken one fails; set a
+    gate to null to turn it off (it is then shown as "—", never as a pass). Comparisons are with
+    the champion when there is one (on the same evaluation data), else with the run's own stage 0
+    (the base model before continual tuning).
+    """
+
+    min_target_score: float | None = Field(None, ge=0, le=1, description="mean final-row task score, absolute")
+    min_bwt: float | None = Field(-0.4, description="floor of backward transfer (scores in [0, 1]; negative = forgetting)")
+    max_task_drop: float | None = Field(
+        0.25, ge=0, description="largest allowed drop of any task's final score (in [0, 1]) below the champion's, else below stage 0"
+    )
+    min_chance_margin: float | None = Field(
+        0.05, description="every task's final score (in [0, 1]) must exceed its chance level by this much; tasks of unknown chance are not checked"
+    )
+    max_general_ppl_ratio: float | None = Field(
+        4.0, ge=1, description="largest allowed general perplexity / the champion's, on the same general text (4 = four times)"
+    )
+    max_general_ppl_ratio_vs_base: float | None = Field(
+        2000.0, ge=1, description="the same ratio against the run's stage 0, used when there is no champion to compare with "
+        "(or the general text changed); loose by default because the demo's tiny model loses most of its general text "
+        "when fine-tuned (docs/operations.md)",
+    )
     max_general_task_drop: float | None = Field(
         None, ge=0, description="largest allowed drop of any held-out general task score from stage 0 to the final model"
     )
-    max_output_drift_kl: float | None = Field(None, ge=0)
+    max_output_drift_kl: float | None = Field(6.0, ge=0, description="ceiling of mean KL(base || final) on probe prompts (nats)")
 
 
 class RegistryConfig(Strict):

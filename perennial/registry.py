@@ -5,10 +5,13 @@ Its metrics are stored as version tags (`metric.<name>`) next to its lineage tag
 base model, config digest, checkpoint), so gates, review and rollback need no run lookups and keep
 working after runs are deleted.
 
-Gates compare the challenger with the version holding alias `champion` (absolute thresholds when
-there is none yet). When every gate passes and `registry.auto_promote` is on the challenger is
-promoted at once; otherwise it is tagged `needs-review=true` with the failed gates, and a person
-decides with `perennial review` / `perennial promote` / `perennial rollback`.
+Gates compare the challenger with the version holding alias `champion`, and with the run's own
+stage 0 (the base model before continual tuning) when there is no champion or it was scored on other
+evaluation data. A version whose gates all pass is READY, else BLOCKED: the verdict opens the
+version description, the parent run's description and `perennial review`. When every gate passes
+and `registry.auto_promote` is on the challenger is promoted at once; otherwise it is tagged
+`needs-review=true` with the failed gates, and a person decides with `perennial review` /
+`perennial promote` / `perennial rollback`.
 
 Aliases after a promotion: `champion` -> the new version, `previous-champion` -> the one it
 replaced. A rollback moves `champion` back to `previous-champion`. Promotions and rollbacks of one
@@ -51,6 +54,7 @@ NEEDS_REVIEW_TAG = "needs-review"
 FAILED_GATES_TAG = "failed_gates"
 REVIEW_REASON_TAG = "needs_review_reason"  # why it was not promoted automatically
 PREVIOUS_VERSION_TAG = "previous_champion_version"  # lets rollback walk back more than one step
+RUN_NOTE_TAG = "mlflow.note.content"  # a run's description in MLflow
 
 # Shown first in review; every other metric follows alphabetically.
 HEADLINE_METRICS = ["final_mean", "ap", "aip", "bwt", "fwt", "forgetting_mean", "forgetting_max",
@@ -69,7 +73,7 @@ class RegistryError(RuntimeError):
 @dataclass
 class GateResult:
     name: str
-    passed: bool
+    passed: bool | None  # None: not configured, or nothing it could check; shown as "—", never as a pass
     value: float | None
     threshold: float | None
     detail: str
@@ -91,14 +95,22 @@ def _now() -> str:
 
 
 def candidate_metrics(
-    tasks: list[str], matrix: list[list[float | None]], metrics: dict[str, float | None], drift_kl_mean: float | None = None
+    tasks: list[str],
+    matrix: list[list[float | None]],
+    metrics: dict[str, float | None],
+    drift_kl_mean: float | None = None,
+    chance: dict[str, float | None] | None = None,
 ) -> dict[str, float]:
     """The flat metrics a version is judged by: the run's summary metrics, the final row per task
-    (`final/<task>`), its mean (`final_mean`) and the final output-bias drift (`drift_kl_mean`)."""
+    (`final/<task>`), its mean (`final_mean`), row 0 per task (`stage0/<task>`, the base model before
+    continual tuning), each task's chance level where known (`chance/<task>`) and the final
+    output-bias drift (`drift_kl_mean`, nats). Scores are accuracies in [0, 1]."""
     result = {key: float(value) for key, value in metrics.items() if value is not None}
     final = dict(zip(tasks, matrix[-1])) if matrix else {}
     scores = [score for score in final.values() if score is not None]
     result.update({f"final/{task}": float(score) for task, score in final.items() if score is not None})
+    result.update({f"stage0/{task}": float(score) for task, score in zip(tasks, matrix[0] if matrix else []) if score is not None})
+    result.update({f"chance/{task}": float(level) for task, level in (chance or {}).items() if level is not None})
     if scores:
         result["final_mean"] = sum(scores) / len(scores)
     if drift_kl_mean is not None:
@@ -110,8 +122,9 @@ def metrics_from_tags(tags: dict[str, str]) -> dict[str, float]:
     return {key[len(METRIC_TAG):]: float(value) for key, value in tags.items() if key.startswith(METRIC_TAG)}
 
 
-def _final_scores(metrics: dict[str, float]) -> dict[str, float]:
-    return {key[len("final/"):]: value for key, value in metrics.items() if key.startswith("final/")}
+def _per_task(metrics: dict[str, float], prefix: str) -> dict[str, float]:
+    """`<prefix>/<task>` metrics by task: prefix "final", "stage0" or "chance"."""
+    return {key[len(prefix) + 1:]: value for key, value in metrics.items() if key.startswith(prefix + "/")}
 
 
 # --- gates ------------------------------------------------------------------------------------
@@ -123,20 +136,26 @@ def evaluate_gates(
     champion_metrics: dict | None,
     changed_eval_sets: set[str] | frozenset[str] = frozenset(),
 ) -> list[GateResult]:
-    """Judge a challenger; one result per gate, unconfigured gates pass as "not configured".
+    """Judge a challenger; one result per gate, in GatesConfig's order.
 
-    Relative gates (per-task drop, general perplexity increase) compare with the champion's
-    final scores, and only on evaluation sets both were scored on: `changed_eval_sets` names the
-    datasets whose digests differ (tasks, or "general"), which are left out and named. Without a
-    champion only the absolute gates can fail. A configured gate whose metric is missing fails:
-    a gate that cannot be checked must not wave a model through.
+    Relative gates (per-task drop, general perplexity ratio) compare with the champion when there
+    is one, on the evaluation sets both were scored on, and otherwise with the run's own stage 0
+    (the base model before continual tuning; the perplexity ratio then has its own threshold,
+    max_general_ppl_ratio_vs_base): `changed_eval_sets` names the datasets whose digests
+    differ (tasks, or "general"); those are compared with stage 0 and named. The held-out
+    general-task gate always compares with stage 0. An unconfigured gate has passed=None (shown
+    "—"); so has the chance gate when no task has a known chance level. A configured gate whose
+    metric is missing fails: a gate that cannot be checked must not wave a model through.
     """
     results: list[GateResult] = []
+
+    def off(name: str) -> None:
+        results.append(GateResult(name, None, None, None, "not configured"))
 
     def absolute(name: str, key: str, threshold: float | None, higher_is_better: bool, label: str) -> None:
         value = challenger_metrics.get(key)
         if threshold is None:
-            results.append(GateResult(name, True, value, None, "not configured"))
+            off(name)
         elif value is None:
             results.append(GateResult(name, False, None, threshold, f"{label} ({key}) is missing: cannot check"))
         else:
@@ -147,45 +166,76 @@ def evaluate_gates(
     absolute("min_target_score", "final_mean", gates.min_target_score, True, "mean final-row task score")
     absolute("min_bwt", "bwt", gates.min_bwt, True, "backward transfer")
 
-    # Per-task drop against the champion's final scores, on the tasks both were evaluated on.
+    final = _per_task(challenger_metrics, "final")
+
+    # Per-task drop: against the champion's final score where it was scored on the same data, else
+    # against stage 0, so a first version (or a changed evaluation set) is still checked.
     threshold = gates.max_task_drop
     if threshold is None:
-        results.append(GateResult("max_task_drop", True, None, None, "not configured"))
-    elif champion_metrics is None:
-        results.append(GateResult("max_task_drop", True, None, threshold, "no champion to compare with: absolute gates only"))
+        off("max_task_drop")
     else:
-        mine, theirs = _final_scores(challenger_metrics), _final_scores(champion_metrics)
-        skipped = sorted(task for task in set(mine) & set(theirs) if task in changed_eval_sets)
-        common = sorted(task for task in set(mine) & set(theirs) if task not in changed_eval_sets)
-        note = f"; left out (evaluation set changed): {', '.join(skipped)}" if skipped else ""
-        if set(theirs) - set(mine):
-            note += f"; champion tasks the challenger was not scored on: {', '.join(sorted(set(theirs) - set(mine)))}"
-        if not common:
-            results.append(GateResult("max_task_drop", True, None, threshold, f"no task evaluated on the same data as the champion{note}"))
+        champion_final = _per_task(champion_metrics or {}, "final")
+        stage0 = _per_task(challenger_metrics, "stage0")
+        references = {}
+        for task in final:
+            if task in champion_final and task not in changed_eval_sets:
+                references[task] = (champion_final[task], "champion")
+            elif task in stage0:
+                references[task] = (stage0[task], "stage 0")
+        changed = sorted(task for task in final if task in champion_final and task in changed_eval_sets)
+        note = f"; evaluation set changed since the champion, compared with stage 0: {', '.join(changed)}" if changed else ""
+        if champion_final.keys() - final.keys():
+            note += f"; champion tasks the challenger was not scored on: {', '.join(sorted(champion_final.keys() - final.keys()))}"
+        if not references:
+            results.append(GateResult("max_task_drop", False, None, threshold, f"no task has a final and a reference score: cannot check{note}"))
         else:
-            drops = {task: theirs[task] - mine[task] for task in common}
+            drops = {task: reference - final[task] for task, (reference, _) in references.items()}
             worst = max(drops, key=drops.get)
-            value = drops[worst]
+            (reference, source), value = references[worst], drops[worst]
             results.append(GateResult("max_task_drop", value <= threshold, value, threshold,
-                                      f"worst drop vs champion: {worst} {theirs[worst]:.4f} -> {mine[worst]:.4f} "
-                                      f"({value:+.4f}, must be <= {threshold:g}){note}"))
+                                      f"worst drop: {worst} {reference:.4f} ({source}) -> {final[worst]:.4f} "
+                                      f"(drop {value:+.4f}, must be <= {threshold:g}){note}"))
 
-    # General perplexity relative to the champion's, on the same held-out general text.
-    threshold = gates.max_general_ppl_increase
+    # Every task above its chance level by a margin: a score at chance is not a learned task, however
+    # the other gates look. Tasks of unknown chance (free generation) cannot be checked this way.
+    threshold = gates.min_chance_margin
+    chance = _per_task(challenger_metrics, "chance")
+    known = {task: final[task] - chance[task] for task in final if task in chance}
+    unknown = sorted(final.keys() - chance.keys())
+    note = f"; chance unknown, not checked: {', '.join(unknown)}" if unknown else ""
+    if threshold is None:
+        off("min_chance_margin")
+    elif not known:
+        results.append(GateResult("min_chance_margin", None, None, threshold, f"no task has a known chance level{note}"))
+    else:
+        below = sorted(task for task, margin in known.items() if margin < threshold)
+        worst = min(known, key=known.get)
+        value = known[worst]
+        shown = below or [worst]
+        scores = ", ".join(f"{task} {final[task]:.4f} vs chance {chance[task]:.4f} ({known[task]:+.4f})" for task in shown)
+        results.append(GateResult("min_chance_margin", not below, value, threshold,
+                                  f"{'below chance + ' + format(threshold, 'g') + ': ' if below else 'closest to chance: '}{scores}{note}"))
+
+    # General perplexity as a ratio: the champion's on the same held-out general text, else stage 0's,
+    # each with its own threshold (fine-tuning moves a model further from its base than from a champion
+    # trained the same way).
     mine_ppl = challenger_metrics.get("general_ppl_final")
     theirs_ppl = (champion_metrics or {}).get("general_ppl_final")
-    if threshold is None:
-        results.append(GateResult("max_general_ppl_increase", True, None, None, "not configured"))
-    elif champion_metrics is None:
-        results.append(GateResult("max_general_ppl_increase", True, None, threshold, "no champion to compare with: absolute gates only"))
-    elif "general" in changed_eval_sets:
-        results.append(GateResult("max_general_ppl_increase", True, None, threshold, "general evaluation set changed: not comparable with the champion"))
-    elif mine_ppl is None or not theirs_ppl:
-        results.append(GateResult("max_general_ppl_increase", False, None, threshold, "general_ppl_final is missing: cannot check"))
+    if champion_metrics is not None and theirs_ppl and "general" not in changed_eval_sets:
+        reference, source, threshold = theirs_ppl, "champion", gates.max_general_ppl_ratio
     else:
-        value = (mine_ppl - theirs_ppl) / theirs_ppl
-        results.append(GateResult("max_general_ppl_increase", value <= threshold, value, threshold,
-                                  f"general perplexity {theirs_ppl:.3f} -> {mine_ppl:.3f} ({value:+.2%}, must be <= {threshold:+.2%})"))
+        reference, threshold = challenger_metrics.get("general_ppl_base"), gates.max_general_ppl_ratio_vs_base
+        source = "stage 0" + ("; general evaluation set changed since the champion" if champion_metrics is not None else "")
+    if threshold is None:
+        off("max_general_ppl_ratio")
+    elif mine_ppl is None or not reference:
+        results.append(GateResult("max_general_ppl_ratio", False, None, threshold,
+                                  f"general_ppl_final or the {source} perplexity is missing: cannot check"))
+    else:
+        value = mine_ppl / reference
+        results.append(GateResult("max_general_ppl_ratio", value <= threshold, value, threshold,
+                                  f"general perplexity {reference:,.3f} ({source}) -> {mine_ppl:,.3f} "
+                                  f"(x{value:,.2f}, must be <= x{threshold:g})"))
 
     # Held-out general tasks against the same run's stage 0 (the model before continual tuning),
     # so the gate needs no champion and is not affected by a changed evaluation set.
@@ -193,7 +243,7 @@ def evaluate_gates(
     deltas = {key[len("general/"):-len("_delta")]: value for key, value in challenger_metrics.items()
               if key.startswith("general/") and key.endswith("_delta") and value is not None}
     if threshold is None:
-        results.append(GateResult("max_general_task_drop", True, None, None, "not configured"))
+        off("max_general_task_drop")
     elif not deltas:
         results.append(GateResult("max_general_task_drop", False, None, threshold,
                                   "no held-out general task scores (general/<task>_delta): cannot check"))
@@ -209,7 +259,21 @@ def evaluate_gates(
 
 
 def failed(results: list[GateResult]) -> list[str]:
-    return [result.name for result in results if not result.passed]
+    """Names of the gates that failed (not those shown "—")."""
+    return [result.name for result in results if result.passed is False]
+
+
+def verdict(results: list[GateResult], against: str) -> list[str]:
+    """READY or BLOCKED first, then one line per failed gate saying why; `against` in words
+    (e.g. "champion v3")."""
+    failures = [r for r in results if r.passed is False]
+    unchecked = [r.name for r in results if r.passed is None]
+    rest = f"; not checked (—): {', '.join(unchecked)}" if unchecked else ""
+    if failures:
+        return [f"BLOCKED: {len(failures)} of {len(results)} gates fail against {against}: "
+                f"{', '.join(r.name for r in failures)}{rest}", *(f"- {r.name}: {r.detail}" for r in failures)]
+    passed = len(results) - len(unchecked)
+    return [f"READY: all {passed} checked gates pass against {against}{rest}"]
 
 
 # --- versions and aliases ---------------------------------------------------------------------
@@ -243,24 +307,59 @@ def _changed_eval_sets(challenger_tags: dict[str, str], champion_tags: dict[str,
 
 
 def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
+    return "—" if value is None else f"{value:.4f}"
+
+
+def _result_word(passed: bool | None) -> str:
+    return "—" if passed is None else "PASS" if passed else "FAIL"
+
+
+def stored_gates(tag: str) -> list[GateResult]:
+    """Gate results from tag gate_results. Versions registered before unconfigured gates had
+    passed=None stored them as passes with detail "not configured"; they read back as "—"."""
+    results = [GateResult(**result) for result in json.loads(tag)]
+    for result in results:
+        if result.detail == "not configured":
+            result.passed = None
+    return results
+
+
+def task_rows(metrics: dict[str, float]) -> list[list[str]]:
+    """Per task: name, chance ("—" when unknown), stage-0 score, final score, change stage 0 -> final."""
+    final, stage0, chance = (_per_task(metrics, prefix) for prefix in ("final", "stage0", "chance"))
+    rows = []
+    for task in sorted(final.keys() | stage0.keys()):
+        before, after = stage0.get(task), final.get(task)
+        change = "—" if before is None or after is None else f"{after - before:+.4f}"
+        rows.append([task, _fmt(chance.get(task)), _fmt(before), _fmt(after), change])
+    return rows
+
+
+TASK_HEADER = ["task", "chance", "stage 0", "final", "change"]
 
 
 def describe(metrics: dict[str, float], results: list[GateResult], against: str, extra: str = "") -> str:
-    """Version description (markdown): gate table, metric table, then the run's own summary."""
-    lines = [f"Gates (against {against}):", "", "| gate | result | value | threshold | detail |", "|---|---|---|---|---|"]
+    """Version and parent-run description (markdown): the verdict first (READY / BLOCKED and why),
+    then per-task scores beside chance, the gate table, the metric table and the run's own summary.
+    Cut at 5000 characters, MLflow's limit."""
+    lines = [f"**{line}**" if index == 0 else line for index, line in enumerate(verdict(results, against))]
+    lines += ["", "| " + " | ".join(TASK_HEADER) + " |", "|---" * len(TASK_HEADER) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in task_rows(metrics)]
+    lines += ["", f"Gates (against {against}):", "", "| gate | result | value | threshold | detail |", "|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r.name} | {'pass' if r.passed else 'FAIL'} | {_fmt(r.value)} | {_fmt(r.threshold)} | {r.detail} |")
+        lines.append(f"| {r.name} | {_result_word(r.passed)} | {_fmt(r.value)} | {_fmt(r.threshold)} | {r.detail} |")
     lines += ["", "| metric | value |", "|---|---|"]
     lines += [f"| {key} | {metrics[key]:.4f} |" for key in _metric_order(metrics)]
     text = "\n".join(lines)
     if extra:
         text += "\n\n" + extra
-    return text[:5000]  # MLflow's limit on descriptions
+    return text[:5000]
 
 
 def _metric_order(*metric_dicts: dict) -> list[str]:
-    keys = set().union(*metric_dicts)
+    """Headline metrics first, then the rest alphabetically; stage-0 scores and chance levels are
+    left to the task table."""
+    keys = {key for key in set().union(*metric_dicts) if not key.startswith(("stage0/", "chance/"))}
     return [key for key in HEADLINE_METRICS if key in keys] + sorted(keys - set(HEADLINE_METRICS))
 
 
@@ -342,7 +441,7 @@ def register_version(
     version = version_of_run(client, name, run_id) if run_id else None
     held = dict(version.tags) if version is not None else {}
     if GATES_TAG in held:  # judged when the version was created: a rerun keeps that judgement
-        results = [GateResult(**result) for result in json.loads(held[GATES_TAG])]
+        results = stored_gates(held[GATES_TAG])
         against = held.get(GATES_AGAINST_TAG, "none")
     else:
         champion = alias_version(client, name, CHAMPION)
@@ -374,6 +473,8 @@ def register_version(
                 client.set_model_version_tag(name, version.version, key, value)
         if not version.description:
             client.update_model_version(name, version.version, description=text)
+    if run_id:  # the run's description (MLflow shows this tag as it) opens with the same verdict
+        client.set_tag(run_id, RUN_NOTE_TAG, text)
     number = str(version.version)
     held = {**tags, **held}
     challenger = alias_version(client, name, CHALLENGER)
@@ -384,13 +485,13 @@ def register_version(
             for key, value in review.items():
                 client.set_model_version_tag(name, number, key, value)
         else:
-            _auto_promote(client, name, number, against, by, len(results))
+            _auto_promote(client, name, number, against, by, sum(result.passed is True for result in results))
     return registered(client, name, number)
 
 
 def _auto_promote(client: MlflowClient, name: str, version: str, against: str, by: str, gate_count: int) -> None:
-    """Promote a version whose gates all passed, if the champion is still `against` (the version the
-    gates compared with, or "none"); else tag it needs-review with the reason.
+    """Promote a version whose `gate_count` checked gates all passed, if the champion is still
+    `against` (the version the gates compared with, or "none"); else tag it needs-review with the reason.
 
     Raises RegistryError when another promotion holds the lock past its timeout.
     """
@@ -405,7 +506,7 @@ def _auto_promote(client: MlflowClient, name: str, version: str, against: str, b
             for key, value in _review_tags(reason).items():
                 client.set_model_version_tag(name, version, key, value)
         else:
-            tags = {"promoted_by": by, "promoted_reason": f"auto-promotion: all {gate_count} gates passed against {_against(against)}"}
+            tags = {"promoted_by": by, "promoted_reason": f"auto-promotion: all {gate_count} checked gates passed against {_against(against)}"}
             _promote(client, name, version, tags, current)
 
 
@@ -591,21 +692,34 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def review(client: MlflowClient, name: str) -> str:
-    """Champion and challenger side by side: metrics, the challenger's gates, data lineage, decisions."""
+    """The challenger's verdict (READY / BLOCKED and why) first, its task scores beside chance and
+    their change from stage 0, then champion and challenger side by side: metrics, the
+    challenger's gates, data lineage, decisions."""
     champion = alias_version(client, name, CHAMPION)
     challenger = alias_version(client, name, CHALLENGER)
     previous = alias_version(client, name, PREVIOUS)
     shown = [(label, version) for label, version in (("champion", champion), ("challenger", challenger)) if version is not None]
     if not shown:
         return f"{name}: no champion and no challenger yet (register a retrain first)"
-    lines = [f"Registered model {name}"]
+    lines = []
+    if challenger is not None:
+        against = challenger.tags.get(GATES_AGAINST_TAG, "unknown")
+        against_words = "an unknown champion" if against == "unknown" else _against(against)
+        results = stored_gates(challenger.tags.get(GATES_TAG, "[]"))
+        lines += [f"{name} challenger v{challenger.version}: " + "\n  ".join(verdict(results, against_words)), ""]
+    lines.append(f"Registered model {name}")
     lines.append("  " + "   ".join(f"{label}: v{version.version}" for label, version in shown)
                  + (f"   previous-champion: v{previous.version}" if previous is not None else ""))
     if champion is None:
-        lines.append("  no champion yet: the challenger was judged by absolute gates only")
+        lines.append("  no champion yet: the challenger was judged against its own stage 0 (the base model)")
     elif challenger is not None and challenger.version == champion.version:
         lines.append("  the challenger has already been promoted: nothing awaits review")
     lines.append("")
+    if challenger is not None:
+        rows = task_rows(metrics_from_tags(challenger.tags))
+        if rows:
+            lines += [f"Tasks of challenger v{challenger.version} (stage 0 = before continual tuning; chance — = unknown)",
+                      *_table(TASK_HEADER, rows), ""]
 
     header = ["metric", *(f"{label} v{version.version}" for label, version in shown)]
     per_version = [metrics_from_tags(version.tags) for _, version in shown]
@@ -617,18 +731,15 @@ def review(client: MlflowClient, name: str) -> str:
         header.append("change")
         for row, key in zip(rows, _metric_order(*per_version)):
             a, b = per_version[0].get(key), per_version[1].get(key)
-            row.append("-" if a is None or b is None else f"{b - a:+.4f}")
+            row.append("—" if a is None or b is None else f"{b - a:+.4f}")
     lines += ["Metrics", *_table(header, rows or [["(no metric tags)"] + [""] * (len(header) - 1)]), ""]
 
     if challenger is not None:
-        against = challenger.tags.get(GATES_AGAINST_TAG, "unknown")
-        lines.append(f"Gates of challenger v{challenger.version} (evaluated at registration against "
-                     f"{'no champion' if against == 'none' else 'champion v' + against})")
+        lines.append(f"Gates of challenger v{challenger.version} (evaluated at registration against {against_words})")
         if champion is not None and against not in ("none", "unknown", str(champion.version)):
             lines.append(f"  note: the champion is now v{champion.version}; gates were not re-evaluated against it")
-        results = json.loads(challenger.tags.get(GATES_TAG, "[]"))
-        gate_rows = [["PASS" if r["passed"] else "FAIL", r["name"], _fmt(r["value"]), _fmt(r["threshold"]), r["detail"]] for r in results]
-        lines += [*_table(["result", "gate", "value", "threshold", "detail"], gate_rows or [["-", "(no gate results)", "", "", ""]]), ""]
+        gate_rows = [[_result_word(r.passed), r.name, _fmt(r.value), _fmt(r.threshold), r.detail] for r in results]
+        lines += [*_table(["result", "gate", "value", "threshold", "detail"], gate_rows or [["—", "(no gate results)", "", "", ""]]), ""]
 
     lineage_header = ["lineage", *(f"{label} v{version.version}" for label, version in shown)]
     keys = LINEAGE_TAGS + sorted({key for _, version in shown for key in version.tags if key.startswith(DATASET_TAG)})

@@ -150,12 +150,21 @@ def _demo_results(run: RunContext, store, work) -> list[tuple]:
     return results
 
 
+def dataset_chance(result: IngestResult) -> float | None:
+    """Chance level of an ingested dataset: 1/len(labels) for a classification label set (the score
+    of picking a label uniformly, under option scoring and under generation alike); None (unknown)
+    for free-form responses, whose answers have no finite set to guess from."""
+    labels = result.manifest["filters"].get("labels")
+    return 1 / len(labels) if labels else None
+
+
 def _dataset_results(run: RunContext, store, work) -> list[tuple]:
     cfg = run.config
     results = []
     for spec in cfg.data.datasets:
         ingest_fn = ingest_incremental if spec.incremental else ingest_dataset
-        results.append((ingest_fn(spec, store, work, cfg.storage.prefix), None))
+        result = ingest_fn(spec, store, work, cfg.storage.prefix)
+        results.append((result, dataset_chance(result)))
     return results
 
 

@@ -75,7 +75,8 @@ def _git_sha() -> str:
 def register(run: RunContext, model_uri: str, data: DataBundle, summary: Report) -> dict:
     """Log the final model to the run, register it as a new version with alias `challenger`, and
     judge it with the quality gates (perennial/registry.py): promoted when all pass and
-    registry.auto_promote is on, else tagged needs-review.
+    registry.auto_promote is on, else tagged needs-review. The verdict (READY / BLOCKED and why)
+    then opens the version's description and the parent run's (registry.register_version).
 
     A rerun (Prefect retry, or the retrain rerun after a crash) completes an interrupted
     registration instead of skipping it (registry.register_version); the result is what the
@@ -105,7 +106,8 @@ def register(run: RunContext, model_uri: str, data: DataBundle, summary: Report)
         **{f"dataset.{ref.name}": ref.digest for ref in data.all()},
     }
     # evaluate_stage logs drift/kl_mean at step = stage index; the run keeps the last stage's value.
-    metrics = registry.candidate_metrics(summary.tasks, summary.matrix, summary.metrics, parent.data.metrics.get("drift/kl_mean"))
+    metrics = registry.candidate_metrics(summary.tasks, summary.matrix, summary.metrics, parent.data.metrics.get("drift/kl_mean"),
+                                         chance={ref.name: ref.chance for ref in data.tasks})
     return registry.register_version(
         client,
         name,
