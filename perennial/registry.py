@@ -54,6 +54,10 @@ NEEDS_REVIEW_TAG = "needs-review"
 FAILED_GATES_TAG = "failed_gates"
 REVIEW_REASON_TAG = "needs_review_reason"  # why it was not promoted automatically
 PREVIOUS_VERSION_TAG = "previous_champion_version"  # lets rollback walk back more than one step
+# The latest decision on a version in one line (needs review and why, promoted by whom, superseded,
+# rolled back, withdrawn). The MLflow UI lists a version's tags in code-point order in a box a few
+# rows high: a capitalised key sorts before every lowercase one, so this is the first row.
+DECISION_TAG = "Decision"
 RUN_NOTE_TAG = "mlflow.note.content"  # a run's description in MLflow
 
 # Shown first in review; every other metric follows alphabetically.
@@ -61,7 +65,7 @@ HEADLINE_METRICS = ["final_mean", "ap", "aip", "bwt", "fwt", "forgetting_mean", 
                     "general_ppl_final", "general_ppl_rel_change", "general_task_delta", "drift_kl_mean"]
 LINEAGE_TAGS = ["base_model", "config_digest", "checkpoint_uri", "checkpoint_manifest", "tuning_method",
                 "cl_methods", "git_sha", "run_key"]
-DECISION_TAGS = ["promoted_by", "promoted_reason", "promoted_at", NEEDS_REVIEW_TAG, FAILED_GATES_TAG, REVIEW_REASON_TAG,
+DECISION_TAGS = [DECISION_TAG, "promoted_by", "promoted_reason", "promoted_at", NEEDS_REVIEW_TAG, FAILED_GATES_TAG, REVIEW_REASON_TAG,
                  PREVIOUS_VERSION_TAG,
                  "superseded_by", "rolled_back_by", "rolled_back_reason", "rolled_back_at", "restored_from"]
 
@@ -406,7 +410,7 @@ def _against(version: str) -> str:
 
 
 def _review_tags(reason: str, failures: list[str] | None = None) -> dict[str, str]:
-    tags = {NEEDS_REVIEW_TAG: "true", REVIEW_REASON_TAG: reason}
+    tags = {NEEDS_REVIEW_TAG: "true", REVIEW_REASON_TAG: reason, DECISION_TAG: f"needs review: {reason}"}
     if failures:
         tags[FAILED_GATES_TAG] = ",".join(failures)
     return tags
@@ -517,13 +521,15 @@ def _promote(client: MlflowClient, name: str, version: str, tags: dict[str, str]
     promoted_at is written last, so a version that has it has held `champion`: a rerun of its
     retrain never promotes it again, even after it was superseded or rolled back.
     """
+    tags = {**tags, DECISION_TAG: f"champion: promoted by {tags['promoted_by']}: {tags['promoted_reason']}"}
     if current is not None:
         tags = {**tags, PREVIOUS_VERSION_TAG: str(current.version)}
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     if current is not None:
         client.set_registered_model_alias(name, PREVIOUS, current.version)
-        client.set_model_version_tag(name, current.version, "superseded_by", str(version))
+        for key, value in {"superseded_by": str(version), DECISION_TAG: f"superseded by v{version} (previous-champion)"}.items():
+            client.set_model_version_tag(name, current.version, key, value)
     client.set_registered_model_alias(name, CHAMPION, version)
     client.set_model_version_tag(name, version, "promoted_at", _now())
 
@@ -563,11 +569,16 @@ def rollback(client: MlflowClient, name: str, by: str, reason: str) -> dict:
             raise RegistryError(f"{name} has no {PREVIOUS} alias: nothing to roll back to{withdraw}")
         when = _now()
         if current is not None:
-            for key, value in {"rolled_back_by": by, "rolled_back_reason": reason, "rolled_back_at": when}.items():
+            for key, value in {"rolled_back_by": by, "rolled_back_reason": reason, "rolled_back_at": when,
+                               DECISION_TAG: f"rolled back by {by}: {reason}"}.items():
                 client.set_model_version_tag(name, current.version, key, value)
         client.set_registered_model_alias(name, CHAMPION, previous.version)
-        if current is not None:  # who and why are on the demoted version; its own promotion record stays
-            client.set_model_version_tag(name, previous.version, "restored_from", str(current.version))
+        # who and why are on the demoted version; the restored one's own promotion record stays
+        restored = {DECISION_TAG: f"champion again: rollback by {by}"}
+        if current is not None:
+            restored["restored_from"] = str(current.version)
+        for key, value in restored.items():
+            client.set_model_version_tag(name, previous.version, key, value)
         # The demoted version must not become the rollback target (a second rollback would re-promote
         # it); step back to whatever the restored champion itself replaced, if anything.
         older = previous.tags.get(PREVIOUS_VERSION_TAG)
@@ -591,7 +602,8 @@ def unpromote(client: MlflowClient, name: str, by: str, reason: str) -> dict:
             raise RegistryError(f"{name} has no champion: nothing to unpromote")
         if alias_version(client, name, PREVIOUS) is not None:
             raise RegistryError(f"{name} has a {PREVIOUS}: run `perennial rollback {name}` to give it the champion alias back")
-        for key, value in {"unpromoted_by": by, "unpromoted_reason": reason, "unpromoted_at": _now()}.items():
+        for key, value in {"unpromoted_by": by, "unpromoted_reason": reason, "unpromoted_at": _now(),
+                           DECISION_TAG: f"champion withdrawn by {by}: {reason}"}.items():
             client.set_model_version_tag(name, current.version, key, value)
         client.delete_registered_model_alias(name, CHAMPION)
     return {"name": name, "unpromoted": int(current.version)}

@@ -26,6 +26,20 @@ from mlflow.tracking import MlflowClient
 PARENT_TAG = "mlflow.parentRunId"
 # On a stage attempt whose process died: the id of the attempt that took over (Tracker.start_stage_run).
 SUPERSEDED_BY_TAG = "perennial.superseded_by"
+# The MLflow 3 UI's kind of an experiment; one without it is inferred to be GenAI.
+# "custom_model_development" is the UI's "Machine learning" kind.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# The UI's sidebar and landing page follow a per-browser "GenAI / Model training" switch that starts
+# on GenAI (an empty traces overview), whatever the experiment's kind; links with this query open in
+# Model training: the runs table, models, the model registry.
+UI_WORKFLOW = "workflowType=machine_learning"
+# The runs table shows no metric columns until a person picks them. A shared view (what the UI's
+# "Share" button stores as an experiment tag) opens it with the summary metrics of each retrain:
+# `#/experiments/<id>/runs?viewStateShareKey=perennial` (runs_table_link).
+RUNS_VIEW = "perennial"
+RUNS_VIEW_TAG = f"mlflow.sharedViewState.{RUNS_VIEW}"
+RUNS_VIEW_METRICS = ["ap", "aip", "bwt", "fwt", "forgetting_mean", "general_ppl_final", "general_task_delta", "drift/kl_mean"]
 
 
 class TrackingError(RuntimeError):
@@ -58,6 +72,17 @@ def server_healthy(uri: str, timeout: float = 2.0) -> bool:
         return False
 
 
+def runs_table_link(experiment_id: str) -> str:
+    """The experiment's runs table with the summary metrics as columns, relative to the MLflow UI's address."""
+    return f"#/experiments/{experiment_id}/runs?{UI_WORKFLOW}&viewStateShareKey={RUNS_VIEW}"
+
+
+def _experiment_tags() -> dict[str, str]:
+    """What a Perennial experiment carries for the MLflow UI: its kind and the runs-table view."""
+    columns = ["attributes.`Dataset`", "attributes.`Models`", *(f"metrics.`{key}`" for key in RUNS_VIEW_METRICS)]
+    return {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, RUNS_VIEW_TAG: json.dumps({"selectedColumns": columns})}
+
+
 def _mask(value: Any, secrets: list[str]) -> str:
     text = str(value)
     for secret in secrets:
@@ -78,10 +103,18 @@ class Tracker:
         self._pending: list[tuple[str, Metric]] = self._read_spool()
 
     def experiment_id(self) -> str:
+        """The experiment's id; it is created (or, from before, tagged) as a model-training
+        experiment with the runs-table view (_experiment_tags).
+
+        A tag already set (a person chose another kind in the UI) is left as it is.
+        """
         found = self.client.get_experiment_by_name(self.experiment)
-        if found is not None:
-            return found.experiment_id
-        return self.client.create_experiment(self.experiment)
+        if found is None:
+            return self.client.create_experiment(self.experiment, tags=_experiment_tags())
+        for key, value in _experiment_tags().items():
+            if key not in found.tags:
+                self.client.set_experiment_tag(found.experiment_id, key, value)
+        return found.experiment_id
 
     def start_run(self, name: str, parent_id: str | None = None, tags: dict[str, str] | None = None) -> str:
         all_tags = {"mlflow.runName": name, **(tags or {})}

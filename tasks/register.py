@@ -4,16 +4,43 @@ from __future__ import annotations
 
 import json
 import subprocess
+import tempfile
+from pathlib import Path
 
+import mlflow
+import mlflow.transformers
+import torch
+import transformers
+from huggingface_hub import ModelCard
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 
+from models.loading import load_model_and_tokenizer
 from perennial import registry
 from perennial.cl_metrics import AccuracyMatrix, summarize
 from perennial.reports import markdown_summary, plot_accuracy_matrix, plot_drift, plot_task_curves
+from perennial.tracking import UI_WORKFLOW, runs_table_link
 from tasks.evaluate import StageEval
 from tasks.ingest import DataBundle
 from tasks.runtime import RunContext, fetch_dir, open_store, open_tracker
+
+
+HEATMAP = "report/accuracy_matrix.png"
+
+
+def report_links(experiment_id: str, run_id: str) -> str:
+    """Markdown for the version's description: the accuracy heatmap shown inline, and links to the
+    run and its report. Relative to the MLflow UI's own address, so they work however it is reached."""
+    run_page = f"#/experiments/{experiment_id}/runs/{run_id}"
+    return "\n".join([
+        "Report of the retrain:",
+        "",
+        f"![accuracy matrix](get-artifact?path={HEATMAP}&run_uuid={run_id})",
+        "",
+        f"[accuracy heatmap]({run_page}/artifactPath/{HEATMAP}?{UI_WORKFLOW}) "
+        f"| [all report files]({run_page}/artifactPath/report?{UI_WORKFLOW}) | [run (metrics, stages)]({run_page}?{UI_WORKFLOW}) "
+        f"| [all retrains, metrics as columns]({runs_table_link(experiment_id)})",
+    ])
 
 
 class Report(BaseModel):
@@ -72,8 +99,31 @@ def _git_sha() -> str:
         return "unknown"
 
 
+def save_mlflow_model(checkpoint: Path, out: Path, card: str) -> Path:
+    """The checkpoint as an MLflow transformers-flavor folder (MLmodel, model/, components/tokenizer/),
+    so `mlflow.transformers.load_model("models:/NAME@ALIAS")` loads it; the S3 checkpoint stays the
+    source of truth (the version's checkpoint_uri tag).
+
+    Built from the already downloaded checkpoint: nothing comes from the hub, and Perennial's own
+    files (plugins, training state) are left out because only the model and tokenizer are saved.
+    """
+    model, tokenizer = load_model_and_tokenizer(checkpoint)
+    mlflow.transformers.save_model(
+        {"model": model, "tokenizer": tokenizer},
+        out,
+        task="text-generation",
+        # A card of our own: MLflow would otherwise look the model up on the hub (offline here).
+        model_card=ModelCard(card),
+        # Stated, not inferred: inference loads the model again in a subprocess, for the same answer.
+        pip_requirements=[f"mlflow=={mlflow.__version__}", f"transformers=={transformers.__version__}",
+                          f"torch=={torch.__version__.split('+')[0]}"],
+    )
+    return out
+
+
 def register(run: RunContext, model_uri: str, data: DataBundle, summary: Report) -> dict:
-    """Log the final model to the run, register it as a new version with alias `challenger`, and
+    """Log the final model to the run (MLflow transformers flavor, save_mlflow_model), register it as
+    a new version with alias `challenger` and links to the run's report (report_links), and
     judge it with the quality gates (perennial/registry.py): promoted when all pass and
     registry.auto_promote is on, else tagged needs-review. The verdict (READY / BLOCKED and why)
     then opens the version's description and the parent run's (registry.register_version).
@@ -93,7 +143,10 @@ def register(run: RunContext, model_uri: str, data: DataBundle, summary: Report)
     # The version is created after its files are logged: if it exists, they are there.
     if registry.version_of_run(client, name, run.parent_run_id) is None:
         local = fetch_dir(store, model_uri, cfg.work_dir / "cache")
-        client.log_artifacts(run.parent_run_id, str(local), "model")
+        cfg.work_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="mlflow-model-", dir=cfg.work_dir) as scratch:
+            folder = save_mlflow_model(local, Path(scratch) / "model", summary.markdown)
+            client.log_artifacts(run.parent_run_id, str(folder), "model")
     tags = {
         "git_sha": _git_sha(),
         "config_digest": cfg.digest(),
@@ -117,6 +170,6 @@ def register(run: RunContext, model_uri: str, data: DataBundle, summary: Report)
         auto_promote=cfg.registry.auto_promote,
         run_id=run.parent_run_id,
         tags=tags,
-        description=summary.markdown,
+        description=f"{report_links(run.experiment_id, run.parent_run_id)}\n\n{summary.markdown}",
         by=f"auto-promote ({registry.whoami()})",
     )

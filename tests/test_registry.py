@@ -370,6 +370,9 @@ def fail_once(monkeypatch, method: str, argument: str) -> list[str]:
     ("set_model_version_tag", "promoted_at"),  # alias moved, record not finished
 ])
 def test_register_task_interrupted_after_the_version_exists_is_completed_by_the_rerun(services, store, tmp_path, monkeypatch, method, argument):
+    from models.loading import save_model
+    from models.tiny import build_tiny_llama, train_tokenizer
+    from perennial.config import TinyModelConfig
     from tasks.ingest import DataBundle, DatasetRef
     from tasks.register import Report, register
     from tasks.runtime import RunContext
@@ -382,8 +385,10 @@ def test_register_task_interrupted_after_the_version_exists_is_completed_by_the_
     client = MlflowClient(services.mlflow_uri)
     parent = retrain_run(client, name)
     client.log_metric(parent.info.run_id, "drift/kl_mean", 0.1)  # as evaluate_stage logs it
-    (tmp_path / "final").mkdir()
-    (tmp_path / "final" / "config.json").write_text("{}")
+    tokenizer = train_tokenizer(["the cat sat on the mat"] * 20, vocab_size=300)
+    tiny = TinyModelConfig(vocab_size=300, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=2)
+    save_model(build_tiny_llama(tokenizer, tiny), tokenizer, tmp_path / "final")
     model_uri = store.upload_dir(tmp_path / "final", "runs/k/final")["uri"]
     ref = lambda task: DatasetRef(name=task, kind="instruction", digest="d" * 16, uri=f"s3://x/{task}", data_file="data.jsonl",  # noqa: E731
                                   chance=CHANCE.get(task))
@@ -410,8 +415,8 @@ def test_register_task_interrupted_after_the_version_exists_is_completed_by_the_
     assert tags["promoted_at"] and "needs-review" not in tags and tags["gates_against"] == "none"
     assert tags["config_digest"] == cfg.digest() and tags["checkpoint_uri"] == model_uri and tags["run_key"] == "k"
     assert float(tags["metric.final_mean"]) == pytest.approx(0.8) and "run summary" in champion.description
-    assert "model/config.json" in {a.path for a in client.list_artifacts(parent.info.run_id, "model")}
     assert float(tags["metric.chance/reverse"]) == 0.5 and champion.description.startswith("**READY")  # chance from the data
+    assert "model/MLmodel" in {a.path for a in client.list_artifacts(parent.info.run_id, "model")}  # transformers flavor
     text = registry.review(client, name)
     assert "champion: v1" in text and "challenger: v1" in text
 
