@@ -258,7 +258,7 @@ def evaluate_gates(
                                   f"worst held-out general task vs stage 0: {worst} {deltas[worst]:+.4f} "
                                   f"(drop must be <= {threshold:g})"))
 
-    absolute("max_output_drift_kl", "drift_kl_mean", gates.max_output_drift_kl, False, "output drift KL(base || final)")
+    absolute("max_output_drift_kl", "drift_kl_mean", gates.max_output_drift_kl, False, "output drift KL(base‖final)")
     return results
 
 
