@@ -283,7 +283,7 @@ def test_broken_retrain_is_blocked_with_its_reasons_and_a_healthy_one_is_ready(s
     assert head[1] == ("- min_chance_margin: below chance + 0.05: arithmetic 0.0500 vs chance 0.0111 (+0.0389), "
                        "fact_lookup 0.0250 vs chance 0.1667 (-0.1417), reverse 0.2750 vs chance 0.5000 (-0.2250)")
     assert head[2] == "- max_general_ppl_ratio: general perplexity 2.621 (stage 0) -> 115,741.980 (x44,162.84, must be <= x2000)"
-    assert head[3] == "- max_output_drift_kl: output drift KL(base || final) 8.0400 (must be <= 6)"
+    assert head[3] == "- max_output_drift_kl: output drift KL(base‖final) 8.0400 (must be <= 6)"
     assert "| reverse | 0.5000 | 0.0000 | 0.2750 | +0.2750 |" in version.description  # chance, stage 0, final, change
     assert "| min_target_score | — | — | — | not configured |" in version.description
     assert client.get_run(version.run_id).data.tags["mlflow.note.content"] == version.description
