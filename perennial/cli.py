@@ -123,44 +123,38 @@ def cmd_review(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_promote(args: argparse.Namespace) -> int:
+def _move_champion(args: argparse.Namespace, action: str, done) -> int:
+    """Run registry.<action> (promote, rollback, unpromote) as --by or this user; a RegistryError exits 1.
+
+    `done` turns the action's result dict into the line printed on success.
+    """
     from perennial import registry
 
     client, _ = _tracking_client(args)
+    options = {"version": args.version} if action == "promote" else {}
     try:
-        result = registry.promote(client, args.model, args.version, by=args.by or registry.whoami(), reason=args.reason)
+        result = getattr(registry, action)(client, args.model, **options, by=args.by or registry.whoami(), reason=args.reason)
     except registry.RegistryError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    previous = f" (previous-champion: v{result['previous_champion']})" if result["previous_champion"] else ""
-    print(f"{args.model}: champion is now v{result['champion']}{previous}")
+    print(f"{args.model}: {done(result)}")
     return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    def done(result: dict) -> str:
+        previous = f" (previous-champion: v{result['previous_champion']})" if result["previous_champion"] else ""
+        return f"champion is now v{result['champion']}{previous}"
+
+    return _move_champion(args, "promote", done)
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from perennial import registry
-
-    client, _ = _tracking_client(args)
-    try:
-        result = registry.rollback(client, args.model, by=args.by or registry.whoami(), reason=args.reason)
-    except registry.RegistryError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(f"{args.model}: champion is back to v{result['champion']} (v{result['demoted']} demoted)")
-    return 0
+    return _move_champion(args, "rollback", lambda result: f"champion is back to v{result['champion']} (v{result['demoted']} demoted)")
 
 
 def cmd_unpromote(args: argparse.Namespace) -> int:
-    from perennial import registry
-
-    client, _ = _tracking_client(args)
-    try:
-        result = registry.unpromote(client, args.model, by=args.by or registry.whoami(), reason=args.reason)
-    except registry.RegistryError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(f"{args.model}: v{result['unpromoted']} is no longer the champion; no version is")
-    return 0
+    return _move_champion(args, "unpromote", lambda result: f"v{result['unpromoted']} is no longer the champion; no version is")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
