@@ -213,7 +213,7 @@ def test_saved_and_exported_tokenizer_encodes_prompts_identically(tmp_path, monk
         saved = save_model(small_model(len(templated)), templated, tmp_path / name)
         _, reloaded = load_model_and_tokenizer(saved)
         # export_model copies the fetched checkpoint minus Perennial's own files; serve it the saved folder.
-        monkeypatch.setattr(tasks.export, "open_store", lambda config: None)
+        monkeypatch.setattr(tasks.export, "ObjectStore", lambda storage: None)
         monkeypatch.setattr(tasks.export, "fetch_dir", lambda store, uri, cache, saved=saved: saved)
         exported = tasks.export.export_model(Config(work_dir=tmp_path / "work"), "s3://unused/ckpt", tmp_path / f"{name}-export")
         _, from_export = load_model_and_tokenizer(exported)
