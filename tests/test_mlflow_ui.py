@@ -88,7 +88,7 @@ def test_the_latest_decision_is_the_first_tag_of_a_version(services):
 def test_a_retrain_is_reviewable_in_the_ui_and_loads_with_the_transformers_flavor(services, prefect_harness, tmp_path):
     name = f"ui-model-{uuid.uuid4().hex[:8]}"
     cfg = build_config(micro_config(services, tmp_path).model_dump(mode="json"),
-                       [f"tracking.registered_model={name}", f"tracking.experiment={name}"])
+                       [f"tracking.registered_model={name}", f"tracking.experiment={name}", "storage.bucket=ui-test"])
     summary = continual_retrain(config=cfg.model_dump(mode="json"))
     client = MlflowClient(services.mlflow_uri)
 
@@ -124,7 +124,7 @@ def test_a_retrain_is_reviewable_in_the_ui_and_loads_with_the_transformers_flavo
     loaded = mlflow.transformers.load_model(f"models:/{name}@challenger", return_type="components")
     checkpoint_uri = version.tags["checkpoint_uri"]
     assert checkpoint_uri == summary["checkpoints"]["cit-03-reverse"]
-    store = ObjectStore(StorageConfig(endpoint_url=services.s3_endpoint, bucket="pipeline-test"))
+    store = ObjectStore(StorageConfig(endpoint_url=services.s3_endpoint, bucket=cfg.storage.bucket))
     checkpoint = AutoModelForCausalLM.from_pretrained(fetch_dir(store, checkpoint_uri, Path(tmp_path) / "verify")).eval()
     ids = loaded["tokenizer"]("What is 30 + 4?", return_tensors="pt").input_ids
     assert ids.shape[1] > 1
