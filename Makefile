@@ -32,7 +32,7 @@ lock:
 	rm -rf .perennial/locktools
 	$(PYTHON) -m venv .perennial/locktools
 	.perennial/locktools/bin/python -m pip install -q $(PIP_TOOLS)
-	.perennial/locktools/bin/pip-compile --quiet --strip-extras --allow-unsafe --all-build-deps --extra dev \
+	.perennial/locktools/bin/pip-compile --quiet --strip-extras --allow-unsafe --all-build-deps --extra dev --extra eval \
 		--constraint constraints.txt --no-emit-index-url --no-emit-find-links --output-file $(LOCK) pyproject.toml
 	$(PYTHON) scripts/lock.py stamp
 

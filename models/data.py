@@ -63,6 +63,22 @@ def fit_prompt(prompt_ids: list[int], answer_length: int, max_length: int | None
     return prompt_ids[max(0, len(prompt_ids) - budget) :], answer_length
 
 
+def prompt_window_text(tokenizer, prompt: str, answer_length: int, max_length: int | None) -> str:
+    """The prompt window evaluation feeds (`encode_prompt` cut by `fit_prompt`), as text that re-encodes to it.
+
+    Special tokens stay in the text (``<s>``, ``<|im_start|>``): a harness that encodes it with
+    add_special_tokens=False and applies no chat template (lm-eval's defaults) feeds the same ids.
+    Raises ValueError when the decoded text does not re-encode to the same ids (a tokenizer whose
+    decode is lossy), since the harness would then score another prompt.
+    """
+    ids, _ = fit_prompt(encode_prompt(tokenizer, prompt), answer_length, max_length)
+    text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    if tokenizer.encode(text, add_special_tokens=False) != ids:
+        raise ValueError(f"prompt {prompt[:60]!r}... does not survive decode and re-encode with this tokenizer, "
+                         "so an external harness would not see the ids Perennial scores")
+    return text
+
+
 def encode_instruction(tokenizer, prompt: str, response: str, max_length: int) -> dict[str, list[int]]:
     """Prompt + response + EOS, with labels only on the response (loss masking for CIT).
 

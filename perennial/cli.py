@@ -252,7 +252,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     except (RegistryError, FileExistsError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"exported to {out}; evaluate with: lm_eval --model hf --model_args pretrained={out} --tasks ...")
+    print(f"exported to {out}; to score it with lm-eval as Perennial does: perennial lm-eval-task {out} DATA.jsonl TASK_DIR")
+    return 0
+
+
+def cmd_lm_eval_task(args: argparse.Namespace) -> int:
+    """Exit 1 with the reason for unreadable records, no test records or a prompt lm-eval cannot be given."""
+    from tasks.export import write_lm_eval_task
+
+    cfg = load_config(args.config) if args.config else None
+    scoring = args.scoring or (cfg.eval.scoring if cfg else "generate")
+    max_new_tokens = args.max_new_tokens or (cfg.eval.max_new_tokens if cfg else 12)
+    max_length = args.max_length or (cfg.cit.optim.max_length if cfg else 128)
+    try:
+        records = [json.loads(line) for line in Path(args.records).read_text().splitlines() if line.strip()]
+        out = write_lm_eval_task(args.model_dir, records, args.out_dir, args.name, scoring, max_new_tokens, max_length)
+    except (OSError, json.JSONDecodeError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {out / (args.name + '.yaml')}; score with lm-eval's defaults (CPU):\n"
+          f"  lm_eval --model hf --model_args pretrained={args.model_dir} --include_path {out} --tasks {args.name} --device cpu")
     return 0
 
 
@@ -290,6 +309,24 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--config", default=None, help="config whose storage and tracking settings to use "
                         "(default: the environment's endpoints)")
     export.set_defaults(func=cmd_export)
+
+    lm_eval_task = sub.add_parser(
+        "lm-eval-task", help="write an lm-evaluation-harness task that scores test records as Perennial does",
+        description="Render the test records of an ingested data.jsonl with an exported model's tokenizer into an "
+        "lm-eval task (NAME.yaml + NAME.jsonl): each context is the exact prompt window Perennial feeds (chat "
+        "template, special tokens, cut to the training length), so `lm_eval --model hf` with its defaults (no "
+        "--apply_chat_template) scores the model as Perennial's own scorer does. Needs lm-eval for the scoring "
+        "itself (installed by make venv: the `eval` extra).")
+    lm_eval_task.add_argument("model_dir", help="an exported model folder (perennial export)")
+    lm_eval_task.add_argument("records", help="JSONL of canonical instruction records (an ingested data.jsonl); test split only")
+    lm_eval_task.add_argument("out_dir", help="folder for NAME.yaml and NAME.jsonl (pass it to lm_eval --include_path)")
+    lm_eval_task.add_argument("--name", default="perennial_task", help="lm-eval task name (default perennial_task)")
+    lm_eval_task.add_argument("--config", default=None, help="take --scoring, --max-new-tokens and --max-length from this "
+                              "config (eval.scoring, eval.max_new_tokens, cit.optim.max_length)")
+    lm_eval_task.add_argument("--scoring", choices=["generate", "options"], default=None, help="default generate")
+    lm_eval_task.add_argument("--max-new-tokens", type=int, default=None, help="generate: answer budget (default 12)")
+    lm_eval_task.add_argument("--max-length", type=int, default=None, help="training length in tokens (default 128)")
+    lm_eval_task.set_defaults(func=cmd_lm_eval_task)
 
     services = sub.add_parser("services", help="start, stop or inspect local SeaweedFS + MLflow")
     services.add_argument("action", choices=["up", "down", "status"])

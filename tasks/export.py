@@ -49,3 +49,63 @@ def export_model(config: Config, model_uri: str, out_dir: str | Path) -> Path:
         local = fetch_dir(store, checkpoint, Path(cache))
         shutil.copytree(local, out_dir, ignore=shutil.ignore_patterns(*PERENNIAL_ONLY), dirs_exist_ok=True)
     return out_dir
+
+
+def write_lm_eval_task(model_dir: str | Path, records: list[dict], out_dir: str | Path, name: str, scoring: str,
+                       max_new_tokens: int, max_length: int) -> Path:
+    """An lm-evaluation-harness task that scores ``records`` as Perennial's `score_task` does, under lm-eval's defaults.
+
+    lm-eval encodes a context with add_special_tokens=False and applies no chat template unless told
+    to, so each test record's context is the exact prompt window Perennial feeds (chat template or
+    default template, BOS, cut to ``max_length`` tokens), written as text with its special tokens
+    (`prompt_window_text`). generate: greedy answers of at most ``max_new_tokens`` tokens up to EOS,
+    exact match after stripping surrounding whitespace (`exact_match`). options: the option plus EOS
+    with the highest summed log-prob, as `option_logprobs` scores it (lm-eval moves the context's
+    trailing whitespace into each choice, which adds the same term to every choice of a record).
+    A prompt too long for ``max_length`` is cut for the longest option; Perennial cuts it for each
+    option, so only such records can score differently.
+
+    Writes OUT_DIR/NAME.yaml and OUT_DIR/NAME.jsonl; returns OUT_DIR. Only records with split "test".
+    Raises ValueError: no test records, an options record without options, or a prompt that does
+    not survive decode and re-encode.
+    """
+    import json
+
+    from models.data import prompt_window_text
+    from models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    test = [record for record in records if record.get("split", "test") == "test"]
+    if not test:
+        raise ValueError("no test records to write: pass an ingested data.jsonl (or records) with split 'test'")
+    rows = []
+    for record in test:
+        if scoring == "options":
+            if not record.get("options") or record["response"] not in record["options"]:
+                raise ValueError(f"record {record.get('id')!r} has no options holding its response; use --scoring generate")
+            longest = max(len(tokenizer.encode(option, add_special_tokens=False)) + 1 for option in record["options"])
+            rows.append({"context": prompt_window_text(tokenizer, record["prompt"], longest, max_length),
+                         "choices": [option + tokenizer.eos_token for option in record["options"]],
+                         "answer": record["options"].index(record["response"])})
+        else:
+            rows.append({"context": prompt_window_text(tokenizer, record["prompt"], max_new_tokens, max_length),
+                         "answer": record["response"]})
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = (out_dir / f"{name}.jsonl").resolve()
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    if scoring == "options":
+        specific = ('output_type: multiple_choice\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
+                    "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    else:
+        specific = ("output_type: generate_until\ndoc_to_target: \"{{answer}}\"\ngeneration_kwargs:\n"
+                    f"  until: [{json.dumps(tokenizer.eos_token)}]\n  do_sample: false\n  max_gen_toks: {max_new_tokens}\n"
+                    "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
+                    '    regexes_to_ignore: ["^\\\\s+", "\\\\s+$"]\n')
+    (out_dir / f"{name}.yaml").write_text(
+        f"# Written by `perennial lm-eval-task` for the model in {Path(model_dir).resolve()}: contexts are the exact\n"
+        "# prompt windows Perennial scores, so run lm_eval without --apply_chat_template.\n"
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data))}\n"
+        f'test_split: test\ndoc_to_text: "{{{{context}}}}"\ntarget_delimiter: ""\n{specific}'
+    )
+    return out_dir

@@ -99,22 +99,3 @@ def test_export_of_unknown_or_malformed_uris_says_what_to_pass(registered, elsew
     assert main(["export", registered["uri"] + "-missing", "out"]) == 1
     assert "is not committed" in capsys.readouterr().err
     assert not (elsewhere / "out").exists()
-
-
-def test_lm_eval_example_reads_only_test_records_from_an_absolute_path():
-    class Loader(yaml.SafeLoader):
-        pass
-
-    Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
-    example = Path(__file__).parent.parent / "docs" / "examples"
-    task = yaml.load((example / "lm_eval_local_task.yaml").read_text(), Loader=Loader)
-    assert Path(task["dataset_kwargs"]["data_files"]["test"]).is_absolute()
-    assert "lm_eval[hf]" in (example / "lm_eval_local_task.yaml").read_text()
-    module, function = task["process_docs"].split(".")
-    namespace: dict = {}
-    exec((example / f"{module}.py").read_text(), namespace)
-    import datasets
-
-    records = datasets.Dataset.from_list([{"prompt": "a", "response": "1", "split": "train"},
-                                          {"prompt": "b", "response": "2", "split": "test"}])
-    assert namespace[function](records)["prompt"] == ["b"]
