@@ -99,6 +99,10 @@ def _tracking_client(args: argparse.Namespace):
         raise ConfigError("no tracking server: pass --tracking-uri or set MLFLOW_TRACKING_URI (e.g. http://127.0.0.1:5000)")
     from mlflow.tracking import MlflowClient
 
+    from perennial.tracking import check_tracking_server
+
+    check_tracking_server(uri)  # a clear error in seconds, not MLflow's minutes of retries and a traceback
+
     return MlflowClient(tracking_uri=uri), uri
 
 
@@ -386,11 +390,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from perennial.tracking import TrackingError
+
     try:
         return args.func(args)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except TrackingError as error:  # the message says how to reach or start the server
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

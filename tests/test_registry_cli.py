@@ -62,3 +62,13 @@ def test_unpromote_refuses_when_rollback_can_restore_a_previous_champion(service
     assert main(["unpromote", name, "--tracking-uri", services.mlflow_uri]) == 1
     assert f"run `perennial rollback {name}`" in capsys.readouterr().err
     assert client.get_model_version_by_alias(name, "champion").version == "2"
+
+
+def test_commands_against_an_unreachable_tracking_server_say_how_to_start_it(capsys):
+    from perennial.services import free_ports
+
+    (port,) = free_ports(1)
+    for command in (["review", "some-model"], ["promote", "some-model", "2"], ["status"]):
+        assert main([*command, "--tracking-uri", f"http://127.0.0.1:{port}"]) == 1, command
+        err = capsys.readouterr().err
+        assert f"MLflow tracking server http://127.0.0.1:{port} is unreachable" in err and "perennial services up" in err, err
