@@ -148,10 +148,15 @@ def _stage_name(run) -> str:
     return run.data.tags.get("stage", run.data.tags.get("mlflow.runName", "?"))
 
 
+def flow_run_history(tags: dict[str, str]) -> list[str]:
+    """The flow run ids of a parent run's FLOW_RUNS_TAG, oldest first."""
+    return [run_id for run_id in tags.get(FLOW_RUNS_TAG, "").split(",") if run_id]
+
+
 def _flow_run_ids(run) -> list[str]:
     """Every flow run that worked on a parent run, oldest first; the last is the current one."""
     tags = run.data.tags
-    history = [run_id for run_id in tags.get(FLOW_RUNS_TAG, "").split(",") if run_id]
+    history = flow_run_history(tags)
     current = tags.get(FLOW_RUN_ID_TAG)
     if current and current not in history:  # runs started before the history tag existed
         history.append(current)

@@ -71,6 +71,8 @@ def write_lm_eval_task(model_dir: str | Path, records: list[dict], out_dir: str 
     """
     import json
 
+    import yaml
+
     from models.data import prompt_window_text
     from models.loading import load_tokenizer
 
@@ -94,18 +96,19 @@ def write_lm_eval_task(model_dir: str | Path, records: list[dict], out_dir: str 
     out_dir.mkdir(parents=True, exist_ok=True)
     data = (out_dir / f"{name}.jsonl").resolve()
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    task = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+            "test_split": "test", "doc_to_text": "{{context}}", "target_delimiter": ""}
     if scoring == "options":
-        specific = ('output_type: multiple_choice\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
-                    "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+        task |= {"output_type": "multiple_choice", "doc_to_choice": "{{choices}}", "doc_to_target": "{{answer}}",
+                 "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]}
     else:
-        specific = ("output_type: generate_until\ndoc_to_target: \"{{answer}}\"\ngeneration_kwargs:\n"
-                    f"  until: [{json.dumps(tokenizer.eos_token)}]\n  do_sample: false\n  max_gen_toks: {max_new_tokens}\n"
-                    "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
-                    '    regexes_to_ignore: ["^\\\\s+", "\\\\s+$"]\n')
+        task |= {"output_type": "generate_until", "doc_to_target": "{{answer}}",
+                 "generation_kwargs": {"until": [tokenizer.eos_token], "do_sample": False, "max_gen_toks": max_new_tokens},
+                 "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
+                                  "regexes_to_ignore": [r"^\s+", r"\s+$"]}]}
     (out_dir / f"{name}.yaml").write_text(
         f"# Written by `perennial lm-eval-task` for the model in {Path(model_dir).resolve()}: contexts are the exact\n"
         "# prompt windows Perennial scores, so run lm_eval without --apply_chat_template.\n"
-        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data))}\n"
-        f'test_split: test\ndoc_to_text: "{{{{context}}}}"\ntarget_delimiter: ""\n{specific}'
+        + yaml.safe_dump(task, sort_keys=False)
     )
     return out_dir

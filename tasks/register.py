@@ -7,11 +7,6 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import mlflow
-import mlflow.transformers
-import torch
-import transformers
-from huggingface_hub import ModelCard
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 
@@ -107,6 +102,13 @@ def save_mlflow_model(checkpoint: Path, out: Path, card: str) -> Path:
     Built from the already downloaded checkpoint: nothing comes from the hub, and Perennial's own
     files (plugins, training state) are left out because only the model and tokenizer are saved.
     """
+    # Imported here: the flavor is needed once per retrain, not at every flow's start-up.
+    import mlflow
+    import mlflow.transformers
+    import torch
+    import transformers
+    from huggingface_hub import ModelCard
+
     model, tokenizer = load_model_and_tokenizer(checkpoint)
     mlflow.transformers.save_model(
         {"model": model, "tokenizer": tokenizer},

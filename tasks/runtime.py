@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from perennial.config import LOCATION_KEYS, Config, ConfigError
 from perennial.storage import ObjectStore, join_key, key_component
-from perennial.status import FLOW_RUN_ID_TAG, FLOW_RUN_NAME_TAG, FLOW_RUNS_TAG, RUN_KEY_TAG, S3_PREFIX_TAG
+from perennial.status import FLOW_RUN_ID_TAG, FLOW_RUN_NAME_TAG, FLOW_RUNS_TAG, RUN_KEY_TAG, S3_PREFIX_TAG, flow_run_history
 from perennial.tracking import Tracker, server_healthy
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ def _flow_run_tags(earlier: dict[str, str]) -> dict[str, str]:
 
     if not flow_run.id:  # called outside a Prefect flow run
         return {}
-    history = [run_id for run_id in earlier.get(FLOW_RUNS_TAG, "").split(",") if run_id]
+    history = flow_run_history(earlier)
     if str(flow_run.id) not in history:
         history.append(str(flow_run.id))
     return {FLOW_RUN_ID_TAG: str(flow_run.id), FLOW_RUN_NAME_TAG: str(flow_run.name), FLOW_RUNS_TAG: ",".join(history[-50:])}
