@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 HOST = "127.0.0.1"
+VOLUME_SLOTS = 1000
 # SeaweedFS `weed mini` opens these besides S3; each gets an explicit port so instances never collide.
 _WEED_PORT_FLAGS = (
     "master.port",
@@ -241,6 +242,10 @@ class LocalServices:
             "-s3.port.lance=0",
             "-admin.ui=false",
             "-master.telemetry=false",
+            # A fixed number of volume slots. Left at 0, `weed mini` allows free disk / 1 GiB of them (62 at
+            # 63 GB free), each bucket claims its own, and a test session's many buckets then ran out
+            # ("No writable volumes" -> S3 InternalError) on a fuller disk. Slots cost nothing until written.
+            f"-volume.max={VOLUME_SLOTS}",
             *(f"-{flag}={port}" for flag, port in self.weed_ports.items()),
         ]
         self._spawn("seaweedfs", argv, {})

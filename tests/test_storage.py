@@ -68,3 +68,16 @@ def test_object_keys_reject_traversal(bad):
     with pytest.raises(StorageError):
         join_key("runs", bad)
     assert join_key("runs", "task-1", "model.v2") == "runs/task-1/model.v2"
+
+
+def test_many_buckets_each_take_writes(services):
+    """Every bucket (a SeaweedFS collection) claims volumes of its own. With the slot count left to
+    `weed mini` (free disk / 1 GiB: 62 at 63 GB free) a test session's buckets ran out and writes
+    failed with S3 InternalError ("No writable volumes"); the services now start with a fixed count."""
+    import uuid
+
+    for index in range(70):
+        bucket = ObjectStore(StorageConfig(endpoint_url=services.s3_endpoint, bucket=f"many-{index}-{uuid.uuid4().hex[:8]}"))
+        bucket.ensure_bucket()
+        bucket.put_bytes("probe", b"x")
+        assert bucket.get_bytes("probe") == b"x"
