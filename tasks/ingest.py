@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -10,16 +9,17 @@ from pydantic import BaseModel
 from perennial import demo_data
 from perennial.config import Config, ConfigError
 from perennial.ingest import (
+    DATA_FILE,
     IngestError,
     IngestResult,
     ingest_dataset,
     ingest_incremental,
     ingest_records,
-    iter_jsonl,
+    iter_version,
     log_dataset_to_mlflow,
 )
 from perennial.storage import ObjectStore
-from tasks.runtime import RunContext, fetch_dir, open_store, open_tracker
+from tasks.runtime import RunContext, open_store, open_tracker
 
 
 class DatasetRef(BaseModel):
@@ -27,7 +27,7 @@ class DatasetRef(BaseModel):
     kind: str  # "text" | "instruction"
     digest: str
     uri: str
-    data_file: str
+    data_file: str  # the name of the version's records as one file; read_records streams its shards instead
     counts: dict = {}
     chance: float | None = None  # chance-level score of an instruction task, where known
 
@@ -49,7 +49,7 @@ def _ref(result, chance: float | None = None) -> DatasetRef:
         kind=result.kind,
         digest=result.digest,
         uri=result.uri,
-        data_file=Path(result.local_path).name,
+        data_file=DATA_FILE,  # not result.local_path: that would assemble the whole version on disk
         counts=dict(result.counts),
         chance=chance,
     )
@@ -118,7 +118,7 @@ def check_usable(cfg: Config, data: DataBundle, results: dict[str, IngestResult]
             )
     if cfg.eval.scoring == "options":
         for ref in [*data.tasks, *data.heldout]:
-            test = [record for record in iter_jsonl(results[ref.name].local_path) if record["split"] == "test"]
+            test = list(results[ref.name].iter_records("test"))
             without = [record["id"] for record in test if not record["options"]]
             if without:
                 raise ConfigError(
@@ -169,11 +169,10 @@ def _dataset_results(run: RunContext, store, work) -> list[tuple]:
 
 
 def read_records(store: ObjectStore, ref: DatasetRef, cache_root: Path, split: str | None = None) -> list[dict]:
-    local = fetch_dir(store, ref.uri, cache_root)
-    records = []
-    with open(local / ref.data_file) as handle:
-        for line in handle:
-            record = json.loads(line)
-            if split is None or record.get("split") == split:
-                records.append(record)
-    return records
+    """The records of a committed dataset version (only ``split``'s when given), in version order.
+
+    Streams the version's shards (downloaded once into ``cache_root``, sha256-verified); a shard of
+    the other split is not downloaded. Returns canonical records (dicts). Raises IngestError when
+    ``ref.uri`` is not a committed version.
+    """
+    return list(iter_version(store, ref.uri, Path(cache_root) / "datasets", split))

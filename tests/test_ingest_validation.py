@@ -14,15 +14,15 @@ from perennial.config import ConfigError, IngestDatasetConfig, build_config, loa
 from perennial.ingest import (
     EmptyDatasetError,
     IngestError,
-    content_digest,
     ingest_dataset,
     ingest_records,
     iter_jsonl,
     log_dataset_to_mlflow,
     record_id,
+    version_digest,
 )
 from perennial.ingest.cli import main_ingest
-from perennial.storage import MANIFEST_NAME, join_key
+from perennial.storage import MANIFEST_NAME, join_key, sha256_file
 
 GOLDEN = Path(__file__).parent / "golden" / "ingest_quarantine.json"
 LABELS = ["World", "Sports"]
@@ -239,7 +239,10 @@ def test_digest_stable_across_runs_and_changes_with_data(store, tmp_path):
     first = ingest(spec, store, tmp_path / "w1")
     again = ingest(spec, store, tmp_path / "w2")
     assert again.digest == first.digest and first.created and not again.created
-    assert content_digest(first.local_path) == first.digest
+    assert again.skipped and again.counts["read"] == 0  # unchanged sources: nothing parsed
+    # the digest is over the shards' sha256s (one shard per split here): a function of the records alone
+    assert [shard["split"] for shard in first.manifest["shards"]] == ["train", "test"]
+    assert first.digest == version_digest([shard["sha256"] for shard in first.manifest["shards"]])
 
     jsonl(path, [{"text": f"line {n}"} for n in range(19)] + [{"text": "line 19 changed"}])
     changed = ingest(spec, store, tmp_path / "w3")
@@ -252,8 +255,11 @@ def test_version_is_committed_with_lineage_manifest(store, tmp_path):
     prefix = join_key("perennial", "datasets", "lin", result.digest)
     assert result.uri == store.uri(prefix)
     keys = sorted(info.key.rsplit("/", 1)[1] for info in store.list(prefix + "/"))
-    assert keys == [MANIFEST_NAME, "data.jsonl", "quarantine.jsonl"]
+    assert keys == [MANIFEST_NAME, "index.sqlite", "quarantine.jsonl"]
     meta = store.read_manifest(prefix)["meta"]
+    (shard,) = meta["shards"]
+    assert store.exists(join_key("perennial", "datasets", "lin", "shards", shard["sha256"] + ".jsonl"))
+    assert shard["sha256"] == sha256_file(result.local_path) and shard["records"] == 2
     assert meta["digest"] == result.digest and meta["counts"] == {"train": 2, "test": 0}
     assert meta["rejected"] == {"empty": 1}
     assert meta["sources"][0]["uri"] == str(path) and len(meta["sources"][0]["sha256"]) == 64
@@ -327,3 +333,32 @@ def test_cli_ingests_a_config_and_fails_clearly(services, store, tmp_path, capsy
 
     assert main_ingest([str(config), f"data.datasets=[{{name: cli, shape: text, sources: [{{uri: {tmp_path}/none.txt}}]}}]"]) == 2
     assert "no such file or folder" in capsys.readouterr().err
+
+
+# -- max_chars bounds what the model sees: the assembled prompt and response (issue #22) ----------
+
+
+@pytest.mark.parametrize("over_long", ["reject", "truncate"])
+def test_max_chars_bounds_the_assembled_prompt_not_just_each_field(store, tmp_path, over_long):
+    half = "word " * 3000  # 15,000 characters: each field alone is under max_chars
+    (tmp_path / "a").mkdir(), (tmp_path / "c").mkdir()
+    alpaca = jsonl(tmp_path / "a" / "train.jsonl", [
+        {"instruction": half, "input": half, "output": "ok"},  # a 30,002-character prompt
+        {"instruction": "short", "input": "also short", "output": "fine"},
+    ])  # fmt: skip
+    chat = jsonl(tmp_path / "c" / "train.jsonl", [
+        {"messages": [{"role": "user", "content": half}, {"role": "user", "content": half}, {"role": "assistant", "content": "ok"}]},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+    ])  # fmt: skip
+    for shape, path in [("alpaca", alpaca), ("chat", chat)]:
+        spec = {"name": f"long-{shape}", "shape": shape, "max_chars": 20000, "over_long": over_long,
+                "sources": [{"uri": str(path)}]}  # fmt: skip
+        result = ingest(spec, store, tmp_path / f"w-{shape}")
+        rows = list(iter_jsonl(result.local_path))
+        assert all(len(row["prompt"]) <= 20000 and len(row["response"]) <= 20000 for row in rows), shape
+        if over_long == "reject":
+            assert len(rows) == 1 and result.rejected == {"too_long": 1}, shape
+            (entry,) = iter_jsonl(result.quarantine_path)
+            assert "assembled prompt has 30" in entry["detail"], entry["detail"]
+        else:
+            assert len(rows) == 2 and result.counts["truncated"] == 1, shape

@@ -17,11 +17,13 @@ from perennial.ingest.core import (
     ingest_dataset,
     ingest_records,
     iter_jsonl,
+    iter_version,
     latest_version,
 )
 from perennial.ingest.incremental import ingest_incremental, read_watermark
 from perennial.ingest.readers import IngestError, iter_json_array
 from perennial.ingest.records import REASONS, record_id
+from perennial.ingest.shards import SHARD_RECORDS, version_digest
 from perennial.ingest.tokencache import tokenize_cached, tokenizer_digest
 from perennial.ingest.tracking import log_dataset_to_mlflow
 
@@ -39,10 +41,13 @@ __all__ = [
     "ingest_records",
     "iter_json_array",
     "iter_jsonl",
+    "iter_version",
     "latest_version",
     "log_dataset_to_mlflow",
     "read_watermark",
     "record_id",
+    "SHARD_RECORDS",
+    "version_digest",
     "tokenize_cached",
     "tokenizer_digest",
 ]

@@ -1,15 +1,21 @@
 """The ingestion pipeline: read -> shape and validate -> dedup -> split -> leakage -> version -> S3.
 
-Each dataset version lives at ``<storage_prefix>/datasets/<name>/<digest>/`` as ``data.jsonl``
-(the canonical records), ``quarantine.jsonl`` (every rejected record with its reason) and
-``MANIFEST.json`` (written last by ObjectStore.upload_dir; its ``meta`` is the lineage manifest).
-``<storage_prefix>/datasets/<name>/LATEST.json`` points at the most recently ingested version.
+A dataset version is a list of immutable, content-addressed shards (perennial/ingest/shards.py)
+stored once under ``<storage_prefix>/datasets/<name>/shards/`` and referenced by every version that
+holds them. ``<storage_prefix>/datasets/<name>/<digest>/`` holds ``quarantine.jsonl`` (this build's
+rejections), ``index.sqlite`` (this build's dedup index segment) and ``MANIFEST.json`` (written last
+by ObjectStore.upload_dir; its ``meta`` is the lineage manifest, listing the shards in order and the
+index segments). ``<storage_prefix>/datasets/<name>/LATEST.json`` points at the most recent version.
+The concatenation of the shards in order is the version's ``data.jsonl``: train records, then test,
+in input order, per build (an incremental tick appends its build after its parent's).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import shutil
 import uuid
 from collections import Counter
@@ -19,8 +25,19 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal
 
 from perennial.config import IngestDatasetConfig, IngestSourceConfig
-from perennial.ingest.readers import IngestError, RawRecord, SourceReader
-from perennial.ingest.records import Rejected, Shaper, load_labels, record_id
+from perennial.ingest.readers import IngestError, RawRecord, SourceReader, source_identity
+from perennial.ingest.records import Rejected, Shaper, canonical_line, load_labels, record_id
+from perennial.ingest.shards import (
+    INDEX_FILE,
+    SHARD_RECORDS,
+    IndexSegment,
+    ParentIndex,
+    ShardWriter,
+    compact_id,
+    iter_shard,
+    shard_key,
+    version_digest,
+)
 from perennial.storage import ObjectStore, join_key, sha256_file
 
 log = logging.getLogger(__name__)
@@ -28,9 +45,11 @@ log = logging.getLogger(__name__)
 DATA_FILE = "data.jsonl"
 QUARANTINE_FILE = "quarantine.jsonl"
 LATEST_FILE = "LATEST.json"
+LAYOUT = "shards-v1"  # bumps when what a build writes for the same inputs changes; part of the snapshot key
 DIGEST_CHARS = 32  # 128 bits of sha256; also fits MLflow's 36-character dataset digest limit
 # Reasons that mean "a valid record we already have", as opposed to a broken record.
 _SEEN_BEFORE = {"duplicate", "duplicate_previous", "leakage"}
+_BATCH = 4096  # records shaped before one batched lookup against the parent's index
 
 
 class EmptyDatasetError(IngestError):
@@ -39,21 +58,64 @@ class EmptyDatasetError(IngestError):
 
 @dataclass
 class IngestResult:
+    """One committed version, plus this run's counts.
+
+    ``local_path`` (the version's records as one JSONL file) is assembled from the shards on first
+    access (downloading any shard not on this machine, sha256-verified); ``iter_records`` streams
+    them without assembling. Building a version never assembles it, so a tick stays cheap.
+    """
+
     name: str
     kind: Literal["text", "instruction"]
-    digest: str  # content digest of data.jsonl (first 32 hex digits of its sha256)
+    digest: str  # version digest: sha256 over the shards' sha256s, first 32 hex digits
     uri: str  # s3://bucket/<prefix>/datasets/<name>/<digest>
-    local_path: Path  # the normalized JSONL on local disk
+    version_dir: Path  # local folder of this version (quarantine, assembled data.jsonl)
     counts: dict[str, int]  # train/test records in this version; read/accepted/truncated/... in this run
     rejected: dict[str, int]  # rejected records of this run, per reason
     quarantine_path: Path | None
     manifest: dict  # the lineage manifest (MANIFEST.json's "meta")
     created: bool = True  # False when an identical version already existed (nothing uploaded)
     tasks: list[str] = field(default_factory=list)  # instruction tasks in sequence order
+    skipped: bool = False  # True when the sources were unchanged since a committed snapshot: nothing was read
+    store: ObjectStore | None = field(default=None, repr=False)
+    shards_dir: Path | None = None  # the local shard cache of this dataset
+
+    @property
+    def local_path(self) -> Path:
+        """The version's data.jsonl on local disk (assembled from the shards once, then reused)."""
+        path = self.version_dir / DATA_FILE
+        if not path.is_file():
+            partial = path.with_name(f".{DATA_FILE}.{uuid.uuid4().hex[:8]}")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(partial, "wb") as sink:
+                for shard in self.manifest["shards"]:
+                    with open(self._shard(shard), "rb") as source:
+                        shutil.copyfileobj(source, sink, 1 << 20)
+            os.replace(partial, path)
+        return path
+
+    def iter_records(self, split: str | None = None) -> Iterator[dict]:
+        """The version's records in order (only ``split``'s when given), streamed shard by shard."""
+        for shard in self.manifest["shards"]:
+            if split is None or shard["split"] == split:
+                yield from iter_shard(self._shard(shard), split)
+
+    def _shard(self, shard: dict) -> Path:
+        return fetch_shard(self.store, self.manifest["shard_prefix"], shard, self.shards_dir)
+
+
+def fetch_shard(store: ObjectStore | None, shard_prefix: str, shard: dict, shards_dir: Path) -> Path:
+    """A shard on local disk: the cached copy, or downloaded and verified against its sha256."""
+    local = Path(shards_dir) / f"{shard['sha256']}.jsonl"
+    if not local.is_file():
+        if store is None:
+            raise IngestError(f"shard {shard['sha256'][:12]} is not on this machine and no object store was given")
+        store.get_file(join_key(shard_prefix, f"{shard['sha256']}.jsonl"), local, expected_sha256=shard["sha256"])
+    return local
 
 
 def content_digest(path: str | Path) -> str:
-    """The dataset digest: sha256 of the normalized JSONL, shortened to DIGEST_CHARS."""
+    """sha256 of a file, shortened to DIGEST_CHARS (the digest of a pre-shard, single-file version)."""
     return sha256_file(path)[:DIGEST_CHARS]
 
 
@@ -64,10 +126,6 @@ def iter_jsonl(path: str | Path) -> Iterator[dict]:
                 yield json.loads(line)
 
 
-def _dumps(record: dict) -> str:
-    return json.dumps(record, ensure_ascii=False) + "\n"
-
-
 def _quarantine_line(raw: RawRecord, reason: str, detail: str, record: Any = None) -> str:
     # ensure_ascii: a lone surrogate (a byte that was not UTF-8) is written as \udcXX, not refused.
     entry = {"source": raw.source, "record": raw.index, "reason": reason, "detail": detail,
@@ -76,20 +134,27 @@ def _quarantine_line(raw: RawRecord, reason: str, detail: str, record: Any = Non
 
 
 class _Builder:
-    """Streams canonical records into per-split staging files, dropping duplicates and leakage.
+    """Streams canonical records into shards, dropping duplicates, the parent's records and leakage.
 
-    Memory holds the ids (one per accepted record), not the records.
+    Memory holds one batch of records and the SQLite page cache, never the ids of all records: the
+    per-split dedup index is on disk (IndexSegment). Train records go straight into train shards;
+    test records wait in a staging file (with their id and origin beside them) until train is
+    complete, because a test record is leakage when its id appears in train anywhere in the build.
     """
 
-    def __init__(self, staging: Path, shaper: Shaper, test_fraction: float, previous_ids: dict[str, str]):
-        self.staging, self.shaper, self.test_fraction, self.previous_ids = staging, shaper, test_fraction, previous_ids
-        self.parts = {split: open(staging / f"{split}.part", "w", encoding="utf-8") for split in ("train", "test")}
+    def __init__(self, staging: Path, shards_dir: Path, shaper: Shaper, test_fraction: float,
+                 parent: ParentIndex | None, shard_records: int = SHARD_RECORDS):  # fmt: skip
+        self.staging, self.shaper, self.test_fraction, self.parent = staging, shaper, test_fraction, parent
+        self.index = IndexSegment(staging / INDEX_FILE)
+        self.train = ShardWriter(shards_dir, "train", shard_records)
+        self.test = ShardWriter(shards_dir, "test", shard_records)
+        self.test_part = open(staging / "test.part", "w", encoding="utf-8")
+        self.test_where = open(staging / "test.where", "w", encoding="utf-8")  # "id\tindex\ttask\tsource" per test line
         self.quarantine = open(staging / QUARANTINE_FILE, "w", encoding="utf-8")
-        self.ids: dict[str, set[str]] = {"train": set(), "test": set()}
-        self.test_where: dict[str, tuple[str, int]] = {}  # where each test record came from, for leakage reports
         self.rejected: Counter = Counter()
         self.first_rejection: tuple[RawRecord, str, str] | None = None
         self.read = 0
+        self.batch: list[RawRecord] = []
 
     def reject(self, raw: RawRecord, reason: str, detail: str, record: Any = None) -> None:
         self.rejected[reason] += 1
@@ -102,79 +167,92 @@ class _Builder:
         return "test" if int(record_id[:15], 16) / 16**15 < self.test_fraction else "train"
 
     def add(self, raw: RawRecord) -> None:
-        self.read += 1
-        if raw.error is not None:
-            self.reject(raw, *raw.error)
-            return
-        try:
-            record = self.shaper(raw.value)
-            # Precedence: the config's split, then the record's split field, then the file name, then hash.
-            split = raw.split if raw.split in {"train", "test"} else None
-            if split is None and raw.split != "hash":
-                split = self.shaper.split_of(raw.value) or raw.split_hint
-        except Rejected as rejection:
-            self.reject(raw, rejection.reason, rejection.detail)
-            return
-        rid = record_id(record)
-        split = split or self._hash_split(rid)
-        canonical = {"id": rid, **record, "split": split}
-        if rid in self.previous_ids:
-            self.reject(raw, "duplicate_previous", f"id {rid[:12]} is already in the parent version ({self.previous_ids[rid]})", canonical)
-        elif rid in self.ids[split]:
-            self.reject(raw, "duplicate", f"id {rid[:12]} already appeared in {split}", canonical)
-        else:
-            self.ids[split].add(rid)
-            if split == "test":
-                self.test_where[rid] = (raw.source, raw.index)
-            self.parts[split].write(_dumps(canonical))
+        self.batch.append(raw)
+        if len(self.batch) >= _BATCH:
+            self.flush()
 
-    def finish(self, out: Path, previous_data: Path | None) -> int:
-        """Write data.jsonl: the parent's records, then train, then test minus leakage. Returns records added."""
-        for handle in self.parts.values():
-            handle.close()
-        added = 0
-        with open(out, "w", encoding="utf-8") as sink:
-            if previous_data is not None:
-                with open(previous_data, encoding="utf-8") as parent:
-                    shutil.copyfileobj(parent, sink)
-            with open(self.staging / "train.part", encoding="utf-8") as train:
-                for line in train:
-                    sink.write(line)
-                    added += 1
-            with open(self.staging / "test.part", encoding="utf-8") as test:
-                for line in test:
-                    record = json.loads(line)
-                    if record["id"] in self.ids["train"]:
-                        source, index = self.test_where[record["id"]]
-                        where = RawRecord(source, index, None, "test")
-                        self.reject(where, "leakage", f"test record {record['id'][:12]} is also in train", record)
-                        continue
-                    sink.write(line)
-                    added += 1
+    def flush(self) -> None:
+        """Shape a batch, look its ids up in the parent's index at once, then decide each in input order."""
+        shaped: list[tuple[RawRecord, Any, str | None, str | None]] = []  # (raw, record or rejection, id, split)
+        for raw in self.batch:
+            self.read += 1
+            if raw.error is not None:
+                shaped.append((raw, raw.error, None, None))
+                continue
+            try:
+                record = self.shaper(raw.value)
+                # Precedence: the config's split, then the record's split field, then the file name, then hash.
+                split = raw.split if raw.split in {"train", "test"} else None
+                if split is None and raw.split != "hash":
+                    split = self.shaper.split_of(raw.value) or raw.split_hint
+            except Rejected as rejection:
+                shaped.append((raw, (rejection.reason, rejection.detail), None, None))
+                continue
+            rid = record_id(record)
+            shaped.append((raw, record, rid, split or self._hash_split(rid)))
+        self.batch = []
+        previous = self.parent.lookup([compact_id(rid) for _, _, rid, _ in shaped if rid]) if self.parent else {}
+        for raw, record, rid, split in shaped:
+            if rid is None:
+                self.reject(raw, *record)
+                continue
+            key = compact_id(rid)
+            if key in previous:
+                self.reject(raw, "duplicate_previous", f"id {rid[:12]} is already in the parent version ({previous[key]})",
+                            {"id": rid, **record, "split": split})  # fmt: skip
+            elif not self.index.add(key, split):
+                self.reject(raw, "duplicate", f"id {rid[:12]} already appeared in {split}", {"id": rid, **record, "split": split})
+            elif split == "train":
+                self.train.write(canonical_line(rid, record, split), record.get("task"))
+            else:
+                self.test_part.write(canonical_line(rid, record, split))
+                self.test_where.write(f"{rid}\t{raw.index}\t{record.get('task', '')}\t{raw.source}\n")
+
+    def finish(self) -> list[dict]:
+        """Close the train shards, write the test shards minus leakage; returns the new shards in order."""
+        self.flush()
+        train = self.train.close()
+        self.test_part.close()
+        self.test_where.close()
+        with open(self.staging / "test.part", encoding="utf-8") as lines, open(self.staging / "test.where", encoding="utf-8") as where:
+            for line, origin in zip(lines, where):
+                rid, index, task, source = origin.rstrip("\n").split("\t", 3)
+                key = compact_id(rid)
+                if self.index.in_train(key):
+                    self.index.drop_test(key)
+                    record = json.loads(line)  # parsed only to quarantine it, as the record it is
+                    self.reject(RawRecord(source, int(index), None, "test"), "leakage", f"test record {rid[:12]} is also in train", record)
+                    continue
+                self.test.write(line, task or None)
+        test = self.test.close()
         self.quarantine.close()
-        for split in ("train", "test"):
-            (self.staging / f"{split}.part").unlink()
-        return added
+        self.index.close()
+        for name in ("test.part", "test.where"):
+            (self.staging / name).unlink()
+        return train + test
 
     def saw_no_valid_record(self) -> bool:
         """True when not one valid record was seen (duplicates of valid records count as valid)."""
         return not any(self.rejected[reason] for reason in _SEEN_BEFORE)
 
     def close(self) -> None:
-        for handle in [*self.parts.values(), self.quarantine]:
+        self.train.abort()
+        self.test.abort()
+        self.index.close()
+        for handle in [self.test_part, self.test_where, self.quarantine]:
             if not handle.closed:
                 handle.close()
 
 
-def _summarize(path: Path) -> tuple[dict[str, int], list[dict]]:
-    """Records per split, and per task in order of first appearance (the task sequence)."""
-    splits: Counter = Counter()
+def _summarize(shards: list[dict]) -> tuple[dict[str, int], list[dict]]:
+    """Records per split, and per task in order of first appearance (the task sequence), from the
+    shard entries (which count as they are written; nothing is re-read)."""
+    counts = {"train": 0, "test": 0}
     tasks: dict[str, Counter] = {}
-    for record in iter_jsonl(path):
-        splits[record["split"]] += 1
-        if "task" in record:
-            tasks.setdefault(record["task"], Counter())[record["split"]] += 1
-    counts = {"train": splits["train"], "test": splits["test"]}
+    for shard in shards:
+        counts[shard["split"]] += shard["records"]
+        for task, number in shard["tasks"]:
+            tasks.setdefault(task, Counter())[shard["split"]] += number
     return counts, [{"name": name, "train": c["train"], "test": c["test"]} for name, c in tasks.items()]
 
 
@@ -197,6 +275,7 @@ def _filters(spec: IngestDatasetConfig, labels: list[str] | None) -> dict:
         "dedup": "exact duplicates of normalized content (same split) are dropped",
         "leakage": "test records whose id is in train are dropped from test",
         "max_chars": spec.max_chars,
+        "max_chars_applies_to": "every text field, and the assembled prompt and response",
         "over_long": spec.over_long,
         "test_fraction": spec.test_fraction,
         "labels": labels,
@@ -205,15 +284,20 @@ def _filters(spec: IngestDatasetConfig, labels: list[str] | None) -> dict:
 
 def _schema(kind: str) -> dict:
     fields = ["id", "text", "split"] if kind == "text" else ["id", "task", "prompt", "response", "options", "split"]
-    return {"kind": kind, "fields": fields, "format": "JSON lines, UTF-8, one canonical record per line"}
+    return {"kind": kind, "fields": fields, "format": "JSON lines, UTF-8, one canonical record per line, in shards read in order"}
 
 
 def _version_prefix(storage_prefix: str, name: str, digest: str | None = None) -> str:
     return join_key(storage_prefix, "datasets", name, *([digest] if digest else []))
 
 
-def result_from(spec_name: str, kind: str, manifest: dict, local_dir: Path, created: bool, run: dict | None = None) -> IngestResult:
-    """An IngestResult for a version's local copy; ``run`` adds this run's counts and rejections."""
+def _shards_dir(work_dir: Path, name: str) -> Path:
+    return Path(work_dir) / "datasets" / name / "shards"
+
+
+def result_from(spec_name: str, kind: str, manifest: dict, local_dir: Path, created: bool, run: dict | None = None,
+                store: ObjectStore | None = None, shards_dir: Path | None = None, skipped: bool = False) -> IngestResult:  # fmt: skip
+    """An IngestResult for a version; ``run`` adds this run's counts and rejections."""
     run = run or {}
     quarantine = local_dir / QUARANTINE_FILE
     return IngestResult(
@@ -221,14 +305,58 @@ def result_from(spec_name: str, kind: str, manifest: dict, local_dir: Path, crea
         kind=kind,
         digest=manifest["digest"],
         uri=manifest["uri"],
-        local_path=local_dir / DATA_FILE,
+        version_dir=local_dir,
         counts={**manifest["counts"], **run.get("counts", {})},
         rejected=dict(run.get("rejected", manifest["rejected"])),
         quarantine_path=quarantine if quarantine.is_file() else None,
         manifest=manifest,
         created=created,
         tasks=[task["name"] for task in manifest.get("tasks", [])],
+        skipped=skipped,
+        store=store,
+        shards_dir=shards_dir or local_dir.parent / "shards",
     )
+
+
+def _fetch_segments(store: ObjectStore, manifest: dict, work_dir: Path) -> list[Path]:
+    """The parent's index segments on local disk (cached by sha256, so a warm worker downloads none)."""
+    paths = []
+    cache = Path(work_dir) / "datasets" / manifest["name"] / "index"
+    for segment in manifest["index"]:
+        local = cache / f"{segment['sha256']}.sqlite"
+        if not local.is_file():
+            store.get_file(segment["key"], local, expected_sha256=segment["sha256"])
+        paths.append(local)
+    return paths
+
+
+def build_shards(spec: IngestDatasetConfig, records: Iterable[RawRecord], store: ObjectStore, work_dir: Path, *, task: str,
+                 task_from_record: bool = True, parent: dict | None = None,
+                 shard_records: int = SHARD_RECORDS) -> tuple[Path, list[dict], _Builder, list[str] | None]:  # fmt: skip
+    """Validate, dedup and split ``records`` into new local shards (nothing uploaded yet).
+
+    Returns (staging folder with quarantine.jsonl and index.sqlite, the new shards in order, the
+    builder with its counts, the label set). On error the staging folder is removed.
+    """
+    labels = load_labels(spec)
+    shaper = Shaper(spec, labels, task, task_from_record)
+    root = Path(work_dir) / "datasets" / spec.name
+    staging = root / f".staging-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(parents=True)
+    parent_index = ParentIndex(_fetch_segments(store, parent, work_dir)) if parent else None
+    builder = _Builder(staging, _shards_dir(work_dir, spec.name), shaper, spec.test_fraction, parent_index, shard_records)
+    try:
+        for raw in records:
+            builder.add(raw)
+        new_shards = builder.finish()
+    except BaseException:
+        builder.close()
+        shutil.rmtree(staging, ignore_errors=True)  # a failed run leaves no half-written files behind
+        raise
+    finally:
+        if parent_index is not None:
+            parent_index.close()
+    return staging, new_shards, builder, labels
 
 
 def build_version(
@@ -242,32 +370,21 @@ def build_version(
     task: str,
     task_from_record: bool = True,
     parent: dict | None = None,
-    parent_data: Path | None = None,
     sources: list[dict] | None = None,
+    shard_records: int = SHARD_RECORDS,
+    snapshot_key: str | None = None,
 ) -> tuple[IngestResult | None, dict]:
-    """Validate and version ``records``.
+    """Validate and version ``records``: new shards, then the manifest (parent's shards + new ones).
 
     Returns the result (None when every valid record was already in ``parent``: no new version)
-    and this run's counts and rejections.
+    and this run's counts and rejections. Raises EmptyDatasetError when no record is valid.
     """
-    labels = load_labels(spec)
-    shaper = Shaper(spec, labels, task, task_from_record)
-    previous_ids = {r["id"]: r["split"] for r in iter_jsonl(parent_data)} if parent_data else {}
-    root = Path(work_dir) / "datasets" / spec.name
-    staging = root / f".staging-{uuid.uuid4().hex[:8]}"
-    staging.mkdir(parents=True)
-    builder = _Builder(staging, shaper, spec.test_fraction, previous_ids)
-    try:
-        for raw in records:
-            builder.add(raw)
-        added = builder.finish(staging / DATA_FILE, parent_data)
-    except BaseException:
-        builder.close()
-        shutil.rmtree(staging, ignore_errors=True)  # a failed run leaves no half-written files behind
-        raise
-    builder.close()
+    staging, new_shards, builder, labels = build_shards(spec, records, store, work_dir, task=task, task_from_record=task_from_record,
+                                                        parent=parent, shard_records=shard_records)  # fmt: skip
+    shaper = builder.shaper
     lineage = sources if sources is not None else (reader.lineage if reader else [])
     stats = dict(reader.stats) if reader else {}
+    added = sum(shard["records"] for shard in new_shards)
     run_counts = {"read": builder.read, "accepted": added, "truncated": shaper.truncated, **stats}
     run = {"counts": run_counts, "rejected": dict(sorted(builder.rejected.items()))}
     log.info("dataset %s: read %d, accepted %d, rejected %s", spec.name, builder.read, added, run["rejected"] or "none")
@@ -276,42 +393,71 @@ def build_version(
         if parent is None or builder.saw_no_valid_record():
             raise _empty_error(spec, builder, [entry["uri"] for entry in lineage] or [s.uri for s in spec.sources])
         return None, run  # nothing new: every valid record is already in the parent version
+    return commit_version(spec, store, work_dir, storage_prefix, staging, new_shards, run, lineage, labels,
+                          parent=parent, snapshot_key=snapshot_key), run  # fmt: skip
 
-    digest = content_digest(staging / DATA_FILE)
-    counts, tasks = _summarize(staging / DATA_FILE)
+
+def commit_version(spec: IngestDatasetConfig, store: ObjectStore, work_dir: Path, storage_prefix: str, staging: Path,
+                   new_shards: list[dict], run: dict, lineage: list[dict], labels: list[str] | None, *,
+                   parent: dict | None = None, snapshot_key: str | None = None, extra_segments: list[Path] = ()) -> IngestResult:  # fmt: skip
+    """Upload the new shards (those not already stored) and index segment, then the manifest, last.
+
+    ``staging`` holds this build's quarantine.jsonl and index.sqlite; it becomes the version's
+    local folder. ``extra_segments`` are more index files of this build (distributed ingestion:
+    one per worker), uploaded beside the version as index-<n>.sqlite.
+    """
+    shards_dir = _shards_dir(work_dir, spec.name)
+    shard_prefix = join_key(storage_prefix, "datasets", spec.name, "shards")
+    shards = [*(parent["shards"] if parent else []), *new_shards]
+    digest = version_digest([shard["sha256"] for shard in shards], DIGEST_CHARS)
+    counts, tasks = _summarize(shards)
     prefix = _version_prefix(storage_prefix, spec.name, digest)
-    manifest = {
-        "name": spec.name,
-        "kind": spec.kind,
-        "shape": spec.shape,
-        "role": spec.resolved_role,
-        "digest": digest,
-        "digest_algorithm": f"sha256 of {DATA_FILE}, first {DIGEST_CHARS} hex digits",
-        "uri": store.uri(prefix),
-        "parent": parent["digest"] if parent else None,
-        "sources": lineage,
-        "counts": counts,
-        "tasks": tasks if spec.kind == "instruction" else [],
-        "run": run_counts,
-        "rejected": run["rejected"],
-        "filters": _filters(spec, labels),
-        "schema": _schema(spec.kind),
-        "spec": spec.model_dump(mode="json"),
-        "ingested": datetime.now(timezone.utc).isoformat(),
-    }
-    local_dir = root / digest
-    if local_dir.exists():
-        shutil.rmtree(local_dir)
-    staging.rename(local_dir)
-
+    local_dir = Path(work_dir) / "datasets" / spec.name / digest
     existing = store.read_manifest(prefix)
     created = existing is None
     if created:
+        for shard in new_shards:
+            key = shard_key(storage_prefix, spec.name, shard["sha256"])
+            if not store.exists(key):  # content-addressed: a shard already stored is the same bytes
+                store.put_file(shards_dir / f"{shard['sha256']}.jsonl", key)
+        segment_files = [name for name in sorted(os.listdir(staging)) if name.endswith(".sqlite")]
+        segments = [{"key": join_key(prefix, name), "sha256": sha256_file(staging / name)} for name in segment_files]
+        manifest = {
+            "name": spec.name,
+            "kind": spec.kind,
+            "shape": spec.shape,
+            "role": spec.resolved_role,
+            "digest": digest,
+            "digest_algorithm": f"sha256 of '{LAYOUT}' and the shards' sha256s in order, first {DIGEST_CHARS} hex digits",
+            "layout": LAYOUT,
+            "uri": store.uri(prefix),
+            "parent": parent["digest"] if parent else None,
+            "shard_prefix": shard_prefix,
+            "shards": shards,
+            "index": [*(parent["index"] if parent else []), *segments],
+            "sources": lineage,
+            "counts": counts,
+            "tasks": tasks if spec.kind == "instruction" else [],
+            "run": run["counts"],
+            "rejected": run["rejected"],
+            "filters": _filters(spec, labels),
+            "schema": _schema(spec.kind),
+            "spec": spec.model_dump(mode="json"),
+            "ingested": datetime.now(timezone.utc).isoformat(),
+        }
+        if local_dir.exists():
+            shutil.rmtree(local_dir)
+        staging.rename(local_dir)
         store.upload_dir(local_dir, prefix, meta=manifest)
     else:
         manifest = existing["meta"]  # same content: the stored version (and its lineage) stands
+        if local_dir.exists():
+            shutil.rmtree(local_dir)
+        staging.rename(local_dir)
+    if snapshot_key:
+        store.put_json(_snapshot_key(storage_prefix, spec.name, snapshot_key), {"digest": digest})
     store.put_json(join_key(storage_prefix, "datasets", spec.name, LATEST_FILE), {"digest": digest, "uri": manifest["uri"]})
-    return result_from(spec.name, spec.kind, manifest, local_dir, created, run), run
+    return result_from(spec.name, spec.kind, manifest, local_dir, created, run, store, shards_dir)
 
 
 def latest_version(store: ObjectStore, storage_prefix: str, name: str) -> dict | None:
@@ -325,28 +471,95 @@ def latest_version(store: ObjectStore, storage_prefix: str, name: str) -> dict |
 
 
 def fetch_version(store: ObjectStore, storage_prefix: str, name: str, digest: str, work_dir: Path) -> IngestResult:
-    """A committed version downloaded (and verified against its manifest) into work_dir."""
+    """A committed version: its manifest and quarantine; shards are downloaded (verified) when read."""
     local_dir = Path(work_dir) / "datasets" / name / digest
-    stored = store.download_dir(_version_prefix(storage_prefix, name, digest), local_dir)
+    prefix = _version_prefix(storage_prefix, name, digest)
+    stored = store.read_manifest(prefix)
+    if stored is None:
+        raise IngestError(f"dataset {name!r}: version {digest} is not committed under {store.uri(prefix)}")
     manifest = stored["meta"]
-    return result_from(name, manifest["kind"], manifest, local_dir, created=False)
+    if "shards" not in manifest:
+        raise IngestError(f"dataset {name!r}: version {digest} predates sharded versions; re-ingest it (perennial ingest CONFIG)")
+    quarantine = stored["files"].get(QUARANTINE_FILE)
+    if quarantine:
+        target = local_dir / QUARANTINE_FILE
+        if not (target.is_file() and sha256_file(target) == quarantine["sha256"]):
+            store.get_file(join_key(prefix, QUARANTINE_FILE), target, expected_sha256=quarantine["sha256"])
+    return result_from(name, manifest["kind"], manifest, local_dir, False, store=store, shards_dir=_shards_dir(work_dir, name))
 
 
-def ingest_dataset(spec: IngestDatasetConfig | dict, store: ObjectStore, work_dir: str | Path, storage_prefix: str) -> IngestResult:
+def iter_version(store: ObjectStore, uri: str, cache_dir: Path, split: str | None = None) -> Iterator[dict]:
+    """Stream the records of the committed version at ``uri`` (s3://bucket/...), shards in order.
+
+    Shards are cached in ``cache_dir`` by sha256 and verified when downloaded; a shard of the other
+    split is never downloaded. Raises IngestError when ``uri`` is not a committed version.
+    """
+    bucket_prefix = f"s3://{store.bucket}/"
+    if not uri.startswith(bucket_prefix):
+        raise IngestError(f"{uri} is not in bucket {store.bucket}")
+    prefix = uri[len(bucket_prefix) :]
+    stored = store.read_manifest(prefix)
+    if stored is None:
+        raise IngestError(f"{uri} is not a committed dataset version (no manifest)")
+    meta = stored["meta"]
+    if "shards" not in meta:  # a version written before shards: one data.jsonl beside the manifest
+        local = Path(cache_dir) / "legacy" / stored["digest"][:24]
+        store.download_dir(prefix, local)
+        for record in iter_jsonl(local / DATA_FILE):
+            if split is None or record.get("split") == split:
+                yield record
+        return
+    for shard in meta["shards"]:
+        if split is None or shard["split"] == split:
+            yield from iter_shard(fetch_shard(store, meta["shard_prefix"], shard, Path(cache_dir) / "shards"), split)
+
+
+def _snapshot_key(storage_prefix: str, name: str, key: str) -> str:
+    return join_key(storage_prefix, "datasets", name, "snapshots", f"{key}.json")
+
+
+def snapshot_digest(spec: IngestDatasetConfig, identity: list[dict]) -> str:
+    """What a snapshot's output is a function of: the layout, the spec and each source's content
+    (local files by sha256, S3 objects by ETag), so equal keys mean an identical version."""
+    payload = json.dumps({"layout": LAYOUT, "spec": spec.model_dump(mode="json"), "sources": identity}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def ingest_dataset(spec: IngestDatasetConfig | dict, store: ObjectStore, work_dir: str | Path, storage_prefix: str,
+                   *, shard_records: int = SHARD_RECORDS) -> IngestResult:  # fmt: skip
     """Ingest every source of ``spec`` into one versioned dataset (a full snapshot).
 
-    Re-running on the same inputs yields the same digest and uploads nothing new.
+    When every source is unchanged (same sha256 per file, same ETag per object) since a committed
+    snapshot of the same spec, nothing is read: that version is returned with ``skipped`` True,
+    ``created`` False and zero run counts. Otherwise the same inputs give the same digest, and
+    shards already stored are not uploaded again. Raises IngestError / EmptyDatasetError.
     """
     spec = IngestDatasetConfig.model_validate(spec) if isinstance(spec, dict) else spec
-    scratch = Path(work_dir) / "scratch" / spec.name
+    work_dir = Path(work_dir)
+    scratch = work_dir / "scratch" / spec.name
     scratch.mkdir(parents=True, exist_ok=True)
     reader = SourceReader(store, scratch)
+    identity = source_identity(spec.sources, store, reader)
+    key = snapshot_digest(spec, identity) if identity is not None else None
+    if key is not None:
+        pointer = _snapshot_key(storage_prefix, spec.name, key)
+        if store.exists(pointer):
+            digest = store.get_json(pointer)["digest"]
+            stored = store.read_manifest(_version_prefix(storage_prefix, spec.name, digest))
+            if stored is not None:
+                log.info("dataset %s: sources unchanged since version %s; nothing read", spec.name, digest)
+                run = {"counts": {"read": 0, "accepted": 0, "truncated": 0}, "rejected": {}}
+                local_dir = work_dir / "datasets" / spec.name / digest
+                store.put_json(join_key(storage_prefix, "datasets", spec.name, LATEST_FILE), {"digest": digest, "uri": stored["meta"]["uri"]})
+                return result_from(spec.name, spec.kind, stored["meta"], local_dir, False, run, store,
+                                   _shards_dir(work_dir, spec.name), skipped=True)  # fmt: skip
 
     def records() -> Iterator[RawRecord]:
         for src in spec.sources:
             yield from reader.read(src)
 
-    result, _ = build_version(spec, records(), reader, store, Path(work_dir), storage_prefix, task=spec.task or spec.name)
+    result, _ = build_version(spec, records(), reader, store, work_dir, storage_prefix, task=spec.task or spec.name,
+                              shard_records=shard_records, snapshot_key=key)  # fmt: skip
     assert result is not None  # without a parent, "nothing new" is an error raised above
     return result
 
@@ -364,11 +577,13 @@ def ingest_records(
     max_chars: int = 20000,
     over_long: Literal["reject", "truncate"] = "reject",
     role: Literal["general", "domain", "task", "heldout"] | None = None,
+    shard_records: int = SHARD_RECORDS,
 ) -> IngestResult:
     """Ingest records generated in memory through the same validation and versioning path.
 
     ``records`` are canonical-shaped dicts without ids: text {"text", "split"?}; instruction
     {"prompt", "response", "options"?, "task"?, "split"?}. A missing split is decided by hash.
+    ``records`` is consumed lazily, so a generator of any length streams.
     """
     spec = IngestDatasetConfig(
         name=name,
@@ -382,6 +597,7 @@ def ingest_records(
     )
     raw = (RawRecord(f"memory://{name}", index, value, None) for index, value in enumerate(records, 1))
     lineage = [{"uri": f"memory://{name}", "format": "python"}]
-    result, _ = build_version(spec, raw, None, store, Path(work_dir), storage_prefix, task=task or name, sources=lineage)
+    result, _ = build_version(spec, raw, None, store, Path(work_dir), storage_prefix, task=task or name, sources=lineage,
+                              shard_records=shard_records)  # fmt: skip
     assert result is not None
     return result

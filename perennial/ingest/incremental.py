@@ -4,9 +4,12 @@ The watermark lives in S3 at ``<storage_prefix>/datasets/<name>/WATERMARK.json``
 disk, so any worker can run the next tick): the set of processed object URIs with their ETags. An
 object is new when its URI is absent or its ETag changed (it was overwritten).
 
-A tick builds a new version = the latest version's records + the new records, where new records
-already present in the latest version are dropped (``duplicate_previous``). The watermark is
-written last: a tick that dies halfway is simply redone, and the redo adds nothing twice.
+A tick builds a new version = the latest version's shards + new shards holding the new records,
+where new records already present in the latest version are dropped (``duplicate_previous``, looked
+up in the parent's on-disk index segments). Nothing of the parent is copied, re-hashed or
+re-uploaded, and its records are never downloaded: a tick costs in proportion to the new data.
+The watermark is written last: a tick that dies halfway is simply redone, and the redo adds nothing
+twice.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ from perennial.config import IngestDatasetConfig, IncrementalConfig
 from perennial.ingest.core import (
     EmptyDatasetError,
     IngestResult,
+    _shards_dir,
     build_version,
-    fetch_version,
     latest_version,
+    result_from,
 )
 from perennial.ingest.readers import IngestError, RawRecord, SourceReader, is_s3, list_s3_source
 from perennial.storage import ObjectStore, join_key
@@ -75,17 +79,27 @@ def ingest_incremental(
             fresh.append((src, s3, new))
     parent = latest_version(store, storage_prefix, spec.name)
 
+    if parent is not None and "shards" not in parent:
+        raise IngestError(
+            f"dataset {spec.name!r}: the latest version {parent['digest']} predates sharded versions; "
+            "ingest the dataset once more from scratch (delete its LATEST.json and WATERMARK.json)"
+        )
+
+    def unchanged(run: dict) -> IngestResult:
+        """The latest version as it stands, with this run's counts; nothing downloaded."""
+        local_dir = work_dir / "datasets" / spec.name / parent["digest"]
+        result = result_from(spec.name, parent["kind"], parent, local_dir, False, run, store, _shards_dir(work_dir, spec.name))
+        result.quarantine_path = None  # this run's rejections, not the parent build's, are what it reports
+        return result
+
     if not fresh:
         if parent is None:
             raise EmptyDatasetError(
                 f"dataset {spec.name!r}: nothing to ingest: no objects under {[s.uri for s in spec.sources]} "
                 "and no earlier version"
             )
-        return fetch_version(store, storage_prefix, spec.name, parent["digest"], work_dir)
+        return unchanged({"counts": {"read": 0, "accepted": 0, "truncated": 0}, "rejected": {}})
 
-    parent_data = None
-    if parent is not None:
-        parent_data = fetch_version(store, storage_prefix, spec.name, parent["digest"], work_dir).local_path
     scratch = work_dir / "scratch" / spec.name
     scratch.mkdir(parents=True, exist_ok=True)
     reader = SourceReader(store, scratch)
@@ -105,12 +119,9 @@ def ingest_incremental(
         task=_next_task(spec, incremental, parent),
         task_from_record=False,  # the sequence decides the task, not the incoming records
         parent=parent,
-        parent_data=parent_data,
     )
     if result is None:  # only records we already had: the latest version stands
-        result = fetch_version(store, storage_prefix, spec.name, parent["digest"], work_dir)
-        result.counts.update(run["counts"])
-        result.rejected = run["rejected"]
+        result = unchanged(run)
 
     for _, s3, new in fresh:
         processed.update({s3.uri(info.key): info.etag for info in new})

@@ -115,6 +115,33 @@ def list_s3_source(src: IngestSourceConfig, store: ObjectStore) -> tuple[ObjectS
     return s3, sorted(objects, key=lambda info: info.key)
 
 
+def source_identity(sources: list[IngestSourceConfig], store: ObjectStore | None, reader: "SourceReader") -> list[dict] | None:
+    """What every source holds, without parsing it: local files by sha256, S3 objects by ETag.
+
+    None when a source has no such identity (a Hugging Face folder, a memory source), or cannot
+    be listed (the read reports that error). The reader keeps the hashes, so reading does not
+    hash the files again.
+    """
+    identity = []
+    for src in sources:
+        try:
+            if is_s3(src.uri):
+                if store is None:
+                    return None
+                s3, objects = list_s3_source(src, store)
+                identity.append({"uri": src.uri, "objects": [[s3.uri(info.key), info.etag] for info in objects], "limit": src.limit})
+                continue
+            files = reader._local_files(src)
+        except IngestError:
+            return None
+        if any(fmt == "hf_disk" or not path.is_file() for path, fmt in files):
+            return None
+        for path, _ in files:
+            reader.file_sha256[path] = sha256_file(path)
+        identity.append({"uri": src.uri, "files": [[str(path), reader.file_sha256[path]] for path, _ in files]})
+    return identity
+
+
 class SourceReader:
     """Reads sources into RawRecords and remembers what it read (for the manifest's lineage)."""
 
@@ -123,6 +150,7 @@ class SourceReader:
         self.scratch = scratch
         self.stats: Counter = Counter()  # e.g. skipped_blank_lines
         self.lineage: list[dict] = []  # one entry per file or object read
+        self.file_sha256: dict[Path, str] = {}  # hashed already (by source_identity): not hashed twice
 
     def read(self, src: IngestSourceConfig, objects: list[ObjectInfo] | None = None, s3: ObjectStore | None = None) -> Iterator[RawRecord]:
         """All records of one source in a deterministic order, at most ``src.limit`` of them.
@@ -166,7 +194,7 @@ class SourceReader:
 
     def _read_local(self, src: IngestSourceConfig) -> Iterator[RawRecord]:
         for path, fmt in self._local_files(src):
-            identity = {"sha256": sha256_file(path)} if path.is_file() else {}
+            identity = {"sha256": self.file_sha256.get(path) or sha256_file(path)} if path.is_file() else {}
             self.lineage.append({"uri": str(path), "format": fmt, **identity})
             yield from self._read_file(path, fmt, str(path), src)
 

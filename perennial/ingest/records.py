@@ -15,6 +15,7 @@ import json
 import numbers
 import re
 import unicodedata
+from json.encoder import encode_basestring as _json_string  # the C encoder json.dumps(ensure_ascii=False) uses
 from pathlib import Path
 from typing import Any
 
@@ -61,13 +62,30 @@ def normalize(text: str) -> str:
 
 def record_id(record: dict) -> str:
     """sha256 of the normalized content. The task name is not content: the same example under two
-    task names is a duplicate."""
+    task names is a duplicate.
+
+    The hashed bytes are exactly ``json.dumps(content, ensure_ascii=False)`` of the normalized text,
+    or of ``[prompt, response, options]``; they are assembled with the standard library's C string
+    encoder, which is what json.dumps calls, without json.dumps' per-call setup (a hot loop).
+    """
     if "text" in record:
-        content: Any = normalize(record["text"])
+        content = _json_string(normalize(record["text"]))
     else:
-        options = [normalize(option) for option in record["options"]] if record["options"] is not None else None
-        content = [normalize(record["prompt"]), normalize(record["response"]), options]
-    return hashlib.sha256(json.dumps(content, ensure_ascii=False).encode()).hexdigest()
+        options = record["options"]
+        listed = "null" if options is None else "[" + ", ".join(_json_string(normalize(o)) for o in options) + "]"
+        content = "[" + _json_string(normalize(record["prompt"])) + ", " + _json_string(normalize(record["response"])) + ", " + listed + "]"
+    return hashlib.sha256(content.encode()).hexdigest()
+
+
+def canonical_line(record_id: str, record: dict, split: str) -> str:
+    """One line of data.jsonl: ``json.dumps({"id", **record, "split"}, ensure_ascii=False) + "\n"``,
+    byte for byte, assembled with the same C string encoder (ids and splits need no escaping)."""
+    if "text" in record:
+        return '{"id": "' + record_id + '", "text": ' + _json_string(record["text"]) + ', "split": "' + split + '"}\n'
+    options = record["options"]
+    listed = "null" if options is None else "[" + ", ".join(_json_string(o) for o in options) + "]"
+    return ('{"id": "' + record_id + '", "task": ' + _json_string(record["task"]) + ', "prompt": ' + _json_string(record["prompt"])
+            + ', "response": ' + _json_string(record["response"]) + ', "options": ' + listed + ', "split": "' + split + '"}\n')  # fmt: skip
 
 
 def load_labels(spec: IngestDatasetConfig) -> list[str] | None:
@@ -151,7 +169,19 @@ class Shaper:
             task = value[self.spec.field("task")]
             if not isinstance(task, str) or not _TASK_NAME.match(task):
                 raise Rejected("wrong_type", f"task {task!r} is not a name (letters, digits, '.', '_', '-')")
+        # Each field passed its own check; the model sees the assembled prompt (an alpaca instruction
+        # plus its input, a chat's user turns, a classification template), so that is what max_chars bounds.
+        prompt, response = self._limit("prompt", prompt), self._limit("response", response)
         return {"task": task, "prompt": prompt, "response": response, "options": options}
+
+    def _limit(self, name: str, text: str) -> str:
+        limit = self.spec.max_chars
+        if len(text) <= limit:
+            return text
+        if self.spec.over_long == "reject":
+            raise Rejected("too_long", f"the assembled {name} has {len(text)} characters > max_chars {limit}")
+        self.truncated += 1
+        return text[:limit].rstrip()
 
     def _string(self, value: dict, canonical: str, required: bool = True) -> str:
         name = self.spec.field(canonical)
