@@ -19,6 +19,7 @@ import os
 import shutil
 import uuid
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -143,11 +144,11 @@ class _Builder:
     """
 
     def __init__(self, staging: Path, shards_dir: Path, shaper: Shaper, test_fraction: float,
-                 parent: ParentIndex | None, shard_records: int = SHARD_RECORDS):  # fmt: skip
+                 parent: ParentIndex | None, shard_records: int = SHARD_RECORDS, on_shard=None):  # fmt: skip
         self.staging, self.shaper, self.test_fraction, self.parent = staging, shaper, test_fraction, parent
         self.index = IndexSegment(staging / INDEX_FILE)
-        self.train = ShardWriter(shards_dir, "train", shard_records)
-        self.test = ShardWriter(shards_dir, "test", shard_records)
+        self.train = ShardWriter(shards_dir, "train", shard_records, on_shard)
+        self.test = ShardWriter(shards_dir, "test", shard_records, on_shard)
         self.test_part = open(staging / "test.part", "w", encoding="utf-8")
         self.test_where = open(staging / "test.where", "w", encoding="utf-8")  # "id\tindex\ttask\tsource" per test line
         self.quarantine = open(staging / QUARANTINE_FILE, "w", encoding="utf-8")
@@ -331,29 +332,44 @@ def _fetch_segments(store: ObjectStore, manifest: dict, work_dir: Path) -> list[
 
 
 def build_shards(spec: IngestDatasetConfig, records: Iterable[RawRecord], store: ObjectStore, work_dir: Path, *, task: str,
-                 task_from_record: bool = True, parent: dict | None = None,
-                 shard_records: int = SHARD_RECORDS) -> tuple[Path, list[dict], _Builder, list[str] | None]:  # fmt: skip
-    """Validate, dedup and split ``records`` into new local shards (nothing uploaded yet).
+                 task_from_record: bool = True, parent: dict | None = None, shard_records: int = SHARD_RECORDS,
+                 upload_prefix: str | None = None) -> tuple[Path, list[dict], _Builder, list[str] | None]:  # fmt: skip
+    """Validate, dedup and split ``records`` into new local shards.
 
-    Returns (staging folder with quarantine.jsonl and index.sqlite, the new shards in order, the
-    builder with its counts, the label set). On error the staging folder is removed.
+    With ``upload_prefix`` (the storage prefix), each finished shard is uploaded in the background
+    while the next is built (content-addressed, so a shard already stored is skipped); all uploads
+    have finished when this returns. Returns (staging folder with quarantine.jsonl and index.sqlite,
+    the new shards in order, the builder with its counts, the label set). On error the staging
+    folder is removed (shards already uploaded stay: no manifest references them).
     """
     labels = load_labels(spec)
     shaper = Shaper(spec, labels, task, task_from_record)
     root = Path(work_dir) / "datasets" / spec.name
     staging = root / f".staging-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
+    uploads: list[Future] = []
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-upload") if upload_prefix is not None else None
+
+    def upload(path: Path, entry: dict) -> None:
+        key = shard_key(upload_prefix, spec.name, entry["sha256"])
+        uploads.append(pool.submit(lambda: store.exists(key) or store.put_file(path, key)))
+
     parent_index = ParentIndex(_fetch_segments(store, parent, work_dir)) if parent else None
-    builder = _Builder(staging, _shards_dir(work_dir, spec.name), shaper, spec.test_fraction, parent_index, shard_records)
+    builder = _Builder(staging, _shards_dir(work_dir, spec.name), shaper, spec.test_fraction, parent_index, shard_records,
+                       upload if pool else None)  # fmt: skip
     try:
         for raw in records:
             builder.add(raw)
         new_shards = builder.finish()
+        for future in uploads:
+            future.result()  # an upload that failed fails the build, before any manifest is written
     except BaseException:
         builder.close()
         shutil.rmtree(staging, ignore_errors=True)  # a failed run leaves no half-written files behind
         raise
     finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
         if parent_index is not None:
             parent_index.close()
     return staging, new_shards, builder, labels
@@ -380,7 +396,7 @@ def build_version(
     and this run's counts and rejections. Raises EmptyDatasetError when no record is valid.
     """
     staging, new_shards, builder, labels = build_shards(spec, records, store, work_dir, task=task, task_from_record=task_from_record,
-                                                        parent=parent, shard_records=shard_records)  # fmt: skip
+                                                        parent=parent, shard_records=shard_records, upload_prefix=storage_prefix)  # fmt: skip
     shaper = builder.shaper
     lineage = sources if sources is not None else (reader.lineage if reader else [])
     stats = dict(reader.stats) if reader else {}
@@ -416,7 +432,7 @@ def commit_version(spec: IngestDatasetConfig, store: ObjectStore, work_dir: Path
     existing = store.read_manifest(prefix)
     created = existing is None
     if created:
-        for shard in new_shards:
+        for shard in new_shards:  # normally uploaded while the build ran (build_shards); this covers callers that did not
             key = shard_key(storage_prefix, spec.name, shard["sha256"])
             if not store.exists(key):  # content-addressed: a shard already stored is the same bytes
                 store.put_file(shards_dir / f"{shard['sha256']}.jsonl", key)

@@ -52,12 +52,15 @@ class Rejected(Exception):
 
 def clean(text: str) -> str:
     """The stored form: NFC, Unix newlines, no surrounding whitespace (inner layout is kept)."""
-    return unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n")).strip()
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    # NFC leaves ASCII unchanged, and isascii() is a flag lookup: most text skips the normalizer.
+    return (text if text.isascii() else unicodedata.normalize("NFC", text)).strip()
 
 
 def normalize(text: str) -> str:
     """The compared form for ids: NFKC with all whitespace runs collapsed to one space."""
-    return " ".join(unicodedata.normalize("NFKC", text).split())
+    return " ".join((text if text.isascii() else unicodedata.normalize("NFKC", text)).split())
 
 
 def record_id(record: dict) -> str:
@@ -201,7 +204,7 @@ class Shaper:
                 raise Rejected("not_utf8", f"field {name!r} has a byte that is not UTF-8 at offset {error.start}") from None
         if not isinstance(raw, str):
             raise Rejected("wrong_type", f"field {name!r} must be text, got {type(raw).__name__}")
-        bad = _SURROGATE.search(raw)
+        bad = None if raw.isascii() else _SURROGATE.search(raw)  # ASCII holds no surrogate
         if bad:  # a byte the reader could not decode (surrogateescape) or an unpaired \\u escape
             raise Rejected("not_utf8", f"field {name!r} holds bytes that are not valid UTF-8 (character {bad.start()})")
         text = clean(raw)

@@ -61,8 +61,9 @@ class ShardWriter:
     them in order: ``{"sha256", "split", "records", "bytes", "tasks": [[task, records], ...]}``.
     """
 
-    def __init__(self, shards_dir: Path, split: str, shard_records: int = SHARD_RECORDS):
+    def __init__(self, shards_dir: Path, split: str, shard_records: int = SHARD_RECORDS, on_shard=None):
         self.dir, self.split, self.limit = Path(shards_dir), split, shard_records
+        self.on_shard = on_shard  # called with (path, entry) for each finished shard, e.g. to upload it now
         self.dir.mkdir(parents=True, exist_ok=True)
         self.entries: list[dict] = []
         self.records = 0
@@ -95,6 +96,8 @@ class ShardWriter:
             os.replace(self._temp, target)
         self.entries.append({"sha256": sha, "split": self.split, "records": self._count, "bytes": self._bytes,
                              "tasks": [[task, n] for task, n in self._tasks.items()]})  # fmt: skip
+        if self.on_shard is not None:
+            self.on_shard(target, self.entries[-1])
 
     def close(self) -> list[dict]:
         if self._handle is not None:
