@@ -41,7 +41,7 @@ def main_ingest(argv: list[str] | None = None) -> int:
         for spec in specs:
             ingest = ingest_incremental if spec.incremental else ingest_dataset
             result = ingest(spec, store, work_dir, cfg.storage.prefix)
-            summary = {"name": result.name, "digest": result.digest, "uri": result.uri, "created": result.created,
+            summary = {"name": result.name, "digest": result.digest, "uri": result.uri, "created": result.created, "skipped": result.skipped,
                        "counts": result.counts, "rejected": result.rejected, "tasks": result.tasks}  # fmt: skip
             print(json.dumps(summary), flush=True)
             if args.log_mlflow:
