@@ -64,6 +64,7 @@ bench: venv
 	$(BIN)/python -m bench.cl_quality
 	$(BIN)/python -m bench.cl_quality --name cl_quality_lr --methods attn-proj mlp-gate-up lora --set cit.optim.lr=0.01
 	$(BIN)/python -m bench.cl_quality --name cl_quality_diagnostics --methods blocks-only head-only embed-only attn-proj+head --seeds 0
+	$(BIN)/python -m bench.ingest_scaling
 	$(BIN)/python -m bench.report
 
 # A smoke run: the three scripts side by side (each starts its own services on its own ports), since
