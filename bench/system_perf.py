@@ -5,7 +5,7 @@
 Starts its own SeaweedFS + MLflow (perennial.services.LocalServices on free ports, in a temporary
 folder) and a Prefect test harness (a temporary local Prefect API server with sqlite), then:
 
-1. Orchestration overhead. The real flows/continual_retrain.py flow on configs/demo.yaml (--quick:
+1. Orchestration overhead. The real flows/continual_retrain.py flow on configs/tiny.yaml (--quick:
    the micro config of tests/test_pipeline.py with one task), in a fresh bucket and work folder, so every stage
    is computed (nothing comes from the content-digest caches of base model, DAP or datasets).
    Overhead = wall time of the flow call - the time spent inside the bodies of its Prefect tasks
@@ -204,7 +204,7 @@ def fresh_overrides(services, work_root: Path, label: str) -> list[str]:
 def demo_config(services, work_root: Path):
     from perennial.config import load_config
 
-    return load_config(ROOT / "configs" / "demo.yaml", fresh_overrides(services, work_root, "demo"))
+    return load_config(ROOT / "configs" / "tiny.yaml", fresh_overrides(services, work_root, "demo"))
 
 
 def micro_data() -> dict:
@@ -648,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
                             label, config = scaled_config(services, work, SCALING_TASKS[:1], 1, scaling_base(True))
                             name = "the micro config of tests/test_pipeline.py with one task"
                         else:
-                            label, config, name = "demo", demo_config(services, work), "configs/demo.yaml"
+                            label, config, name = "demo", demo_config(services, work), "configs/tiny.yaml"
                         done[label] = run_flow(config, label)
                         results["overhead"] = {**done[label], "config_name": name}
                         print(f"  wall {results['overhead']['wall_s']:.1f} s, overhead "

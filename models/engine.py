@@ -78,6 +78,48 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (x86 AVX512-BF16 or AMX, Arm BF16), read from /proc/cpuinfo.
+
+    Without it, autocast to bf16 on the CPU emulates the type and runs slower than fp32.
+    False where /proc/cpuinfo is absent (macOS, Windows): fp32 is then the safe choice.
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return any(flag in ("avx512_bf16", "amx_bf16", "bf16") for flag in flags)
+
+
+def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:
+    """The dtype the forward pass autocasts to, or None for plain fp32.
+
+    ``auto``: bf16 on CUDA and on CPUs with native bf16 (`cpu_has_native_bf16`), else fp32.
+    The weights, their gradients and the optimizer state stay fp32 either way (master weights):
+    autocast only runs the matmuls and attention in bf16. Raises ValueError for ``bf16`` on a
+    device type without bf16 autocast.
+    """
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"precision bf16 is not supported on device {device}; use precision=fp32")
+        return torch.bfloat16
+    if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()):
+        return torch.bfloat16
+    return None
+
+
+def precision_context(precision: Precision, device: torch.device):
+    """``torch.autocast`` for `autocast_dtype`, or a no-op context for fp32."""
+    dtype = autocast_dtype(precision, device)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
 def _distributed() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -325,8 +367,12 @@ def train(
     desc: str = "train",
     shuffle: bool = True,
     strategy: Strategy = "ddp",
+    precision: Precision = "auto",
 ) -> TrainResult:
     """Run optimizer steps up to ``cfg.max_steps`` (an OptimConfig); resume from a saved state if given.
+
+    ``precision`` (`autocast_dtype`): ``auto`` autocasts the forward pass to bf16 on CUDA and on
+    CPUs with native bf16, keeping fp32 master weights and optimizer state; ``fp32`` never does.
 
     ``strategy`` matters only under torch.distributed: "ddp" wraps the model, "fsdp" shards it
     in place (it stays sharded after training: export through `full_state_dict`). Under FSDP
@@ -360,7 +406,7 @@ def train(
         device_ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
         trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     want_attentions = any(plugin.needs_attentions for plugin in plugins)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _no_autocast()
+    autocast = precision_context(precision, device)
 
     tokens, started = 0, time.perf_counter()
     progress = tqdm(total=cfg.max_steps, initial=start_step, desc=desc, disable=rank != 0, leave=False)
@@ -437,10 +483,3 @@ def train(
         tokens = int(total.item())
     return TrainResult(steps=cfg.max_steps, losses=losses, tokens=tokens, seconds=seconds, resumed_from=start_step)
 
-
-class _no_autocast:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

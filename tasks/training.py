@@ -171,6 +171,7 @@ def run_stage(
         log_fn=log,
         desc=stage,
         shuffle=shuffle,
+        precision=cfg.precision,
     )
     for plugin in plugins:
         plugin.after_task(context)

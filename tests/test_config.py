@@ -6,16 +6,16 @@ from perennial.config import Config, ConfigError, build_config, load_config, par
 
 
 def test_demo_config_loads_and_overrides_apply():
-    cfg = load_config("configs/demo.yaml", ["cit.optim.lr=3e-4", "cit.tuning.method=attn-proj", "data.demo.tasks=[arithmetic]"])
+    cfg = load_config("configs/tiny.yaml", ["cit.optim.lr=3e-4", "cit.tuning.method=attn-proj", "data.demo.tasks=[arithmetic]"])
     assert cfg.cit.optim.lr == pytest.approx(3e-4)
     assert cfg.cit.tuning.method == "attn-proj"
     assert cfg.data.demo.tasks == ["arithmetic"]
 
 
 def test_digest_is_stable_and_sensitive():
-    a = load_config("configs/demo.yaml")
-    b = load_config("configs/demo.yaml")
-    c = load_config("configs/demo.yaml", ["seed=1"])
+    a = load_config("configs/tiny.yaml")
+    b = load_config("configs/tiny.yaml")
+    c = load_config("configs/tiny.yaml", ["seed=1"])
     assert a.digest() == b.digest() != c.digest()
 
 
@@ -31,7 +31,7 @@ def test_digest_is_stable_and_sensitive():
 )
 def test_bad_values_are_rejected_naming_the_key(override, key):
     with pytest.raises(ConfigError) as error:
-        load_config("configs/demo.yaml", [override])
+        load_config("configs/tiny.yaml", [override])
     assert key in str(error.value)
 
 
@@ -84,10 +84,10 @@ def test_env_references_resolve_with_defaults(monkeypatch, tmp_path):
 
 
 def test_heldout_general_tasks_are_validated():
-    cfg = load_config("configs/demo.yaml", ["data.demo.heldout_tasks=[uppercase]"])
+    cfg = load_config("configs/tiny.yaml", ["data.demo.heldout_tasks=[uppercase]"])
     assert cfg.data.demo.heldout_tasks == ["uppercase"]
     with pytest.raises(ConfigError, match="heldout_tasks"):
-        load_config("configs/demo.yaml", ["data.demo.heldout_tasks=[reverse]"])  # reverse is trained in demo.yaml
+        load_config("configs/tiny.yaml", ["data.demo.heldout_tasks=[reverse]"])  # reverse is trained in demo.yaml
     source = [{"uri": "x.jsonl"}]
     heldout = {"name": "probe", "shape": "alpaca", "role": "heldout", "sources": source}
     cfg = build_config({"data": {"source": "datasets", "datasets": [heldout]}})
@@ -97,22 +97,22 @@ def test_heldout_general_tasks_are_validated():
 
 
 def test_multi_process_stages_are_validated_before_any_work():
-    cfg = load_config("configs/demo.yaml", ["distributed.nproc_per_node=4", "distributed.strategy=fsdp"])
+    cfg = load_config("configs/tiny.yaml", ["distributed.nproc_per_node=4", "distributed.strategy=fsdp"])
     assert (cfg.distributed.nproc_per_node, cfg.distributed.strategy) == (4, "fsdp")
-    assert load_config("configs/demo.yaml").distributed.nproc_per_node == 1
+    assert load_config("configs/tiny.yaml").distributed.nproc_per_node == 1
     with pytest.raises(ConfigError, match=r"dap.optim.batch_size 16 must be divisible by distributed.nproc_per_node 3"):
-        load_config("configs/demo.yaml", ["distributed.nproc_per_node=3"])
+        load_config("configs/tiny.yaml", ["distributed.nproc_per_node=3"])
     with pytest.raises(ConfigError, match=r"cit.optim.batch_size 6 must be divisible"):
-        load_config("configs/demo.yaml", ["distributed.nproc_per_node=4", "cit.optim.batch_size=6"])
+        load_config("configs/tiny.yaml", ["distributed.nproc_per_node=4", "cit.optim.batch_size=6"])
     with pytest.raises(ConfigError, match=r"cit.methods \(CL plugins\) do not run in multi-process stages"):
-        load_config("configs/demo.yaml", ["distributed.nproc_per_node=2", "cit.methods=[{name: ewc}]"])
+        load_config("configs/tiny.yaml", ["distributed.nproc_per_node=2", "cit.methods=[{name: ewc}]"])
     with pytest.raises(ConfigError, match="distributed.strategy"):
-        load_config("configs/demo.yaml", ["distributed.strategy=zero3"])
+        load_config("configs/tiny.yaml", ["distributed.strategy=zero3"])
 
 
 def test_option_scoring_of_shapes_without_options_is_refused_at_config_time():
     with pytest.raises(ConfigError, match=r"eval.scoring='options' needs test records with options, and the demo tasks have none"):
-        load_config("configs/demo.yaml", ["eval.scoring=options"])
+        load_config("configs/tiny.yaml", ["eval.scoring=options"])
     source = [{"uri": "x.jsonl"}]
     datasets = [
         {"name": "general", "shape": "text", "role": "general", "sources": source},

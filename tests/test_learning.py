@@ -1,4 +1,4 @@
-"""Learning is real: on the embedded default config, each task is learned right after training on it.
+"""Learning is real: on configs/tiny.yaml (the real-model default: tests/test_real_model.py), each task is learned right after training on it.
 
 The margin is wide on purpose (measured at seeds 0, 1, 2: every task gains >= +0.8 over its stage-0 score),
 so a library version bump that nudges a few answers cannot flip it; a regression that stops a task
@@ -17,7 +17,7 @@ MARGIN = 0.3  # accuracy points above both chance and the stage-0 (before CIT) s
 
 def test_demo_model_learns_each_task_well_above_chance_and_its_before_score(services, prefect_harness, tmp_path):
     cfg = load_config(
-        "configs/demo.yaml",
+        "configs/tiny.yaml",
         [
             f"storage.endpoint_url={services.s3_endpoint}",
             "storage.bucket=learning-test",
