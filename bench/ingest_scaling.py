@@ -150,7 +150,7 @@ def child(job: dict) -> dict:
         spec = {"name": job["name"], "shape": "alpaca", "sources": [{"uri": job["uri"]}], "incremental": {"new_data": "append"}}
         result = ingest_incremental(spec, store, work, job["prefix"])
         out = {"counts": result.counts, "rejected": result.rejected, "created": result.created,
-               "work_dir_bytes": _dir_bytes(work)}  # fmt: skip
+               "work_dir_bytes": _dir_bytes(work / "datasets")}  # fmt: skip
     elif kind == "baseline":
         out = baseline(job["path"], work, store, job["prefix"], job.get("max_chars", 20000))
     else:
@@ -279,14 +279,21 @@ def measure(sizes: list[int], rss_sizes: list[int], tick: int, tmp: Path, before
     (tmp / f"data-{parent_size}.jsonl").unlink()
     uri = f"s3://{store.bucket}/feed/"
     incremental = {"parent_records": parent_size, "tick_records": tick}
-    incremental["first_tick"] = run_child({"kind": "tick", "name": "feed", "uri": uri, "work": str(tmp / "t0"), "prefix": prefix})
+    # each tick on a fresh worker (an empty work folder), as a scheduled job on a new pod would run it
+    versions = {"now": (ROOT, prefix)} | ({"before": (old, "old")} if old is not None else {})
+    for label, (cwd, where) in versions.items():
+        incremental[label] = {"first_tick": run_child({"kind": "tick", "name": "feed", "uri": uri, "work": str(tmp / f"{label}-t0"), "prefix": where}, cwd=cwd)}
     new = write_jsonl(tmp / "tick.jsonl", tick, seed=1, start=parent_size)
-    incremental["standalone"] = run_child({"kind": "perennial", "name": "alone", "path": str(new), "work": str(tmp / "alone"), "prefix": prefix})
+    for label, (cwd, where) in versions.items():
+        incremental[label]["standalone"] = run_child({"kind": "perennial", "name": "alone", "path": str(new), "work": str(tmp / f"{label}-alone"), "prefix": where}, cwd=cwd)
     store.put_file(new, "feed/part-1.jsonl")
-    incremental["tick"] = run_child({"kind": "tick", "name": "feed", "uri": uri, "work": str(tmp / "t1"), "prefix": prefix})
-    incremental["noop"] = run_child({"kind": "tick", "name": "feed", "uri": uri, "work": str(tmp / "t2"), "prefix": prefix})
-    for key in ("first_tick", "standalone", "tick", "noop"):
-        print(f"  {key}: wall {incremental[key]['wall_s']:.2f} s", flush=True)
+    for label, (cwd, where) in versions.items():
+        incremental[label]["tick"] = run_child({"kind": "tick", "name": "feed", "uri": uri, "work": str(tmp / f"{label}-t1"), "prefix": where}, cwd=cwd)
+        incremental[label]["noop"] = run_child({"kind": "tick", "name": "feed", "uri": uri, "work": str(tmp / f"{label}-t2"), "prefix": where}, cwd=cwd)
+        for key in ("first_tick", "standalone", "tick", "noop"):
+            print(f"  {label} {key}: wall {incremental[label][key]['wall_s']:.2f} s, peak RSS {_mb(incremental[label][key]['peak_rss_bytes'])}", flush=True)
+        for folder in ("t0", "t1", "t2", "alone"):
+            shutil.rmtree(tmp / f"{label}-{folder}", ignore_errors=True)
 
     rss = []
     for size in rss_sizes:
@@ -340,15 +347,29 @@ def markdown(report: dict) -> str:
               "every re-run was skipped on the source digest: " + ", ".join(
                   f"{row['records']:,}: {'skipped' if row['rerun'].get('skipped') else 'NOT skipped'}" for row in res["rows"]) + ".", ""]  # fmt: skip
     inc = res["incremental"]
-    tick, alone, noop = inc["tick"], inc["standalone"], inc["noop"]
+    now = inc["now"]
+    tick, alone, noop = now["tick"], now["standalone"], now["noop"]
+    labels = [("first_tick", f"first tick: the {inc['parent_records']:,}-record parent"),
+              ("tick", f"tick: {inc['tick_records']:,} new records on it"),
+              ("standalone", f"the same {inc['tick_records']:,} records ingested alone (snapshot)"),
+              ("noop", "no-op tick (nothing new)")]  # fmt: skip
+    headers = ["incremental (fresh worker each)", "Perennial wall", "Perennial RSS"] + (["before wall", "before RSS"] if "before" in inc else [])
+    body = []
+    for key, text in labels:
+        cells = [text, f"{now[key]['wall_s']:.2f} s", _mb(now[key]["peak_rss_bytes"])]
+        if "before" in inc:
+            cells += [f"{inc['before'][key]['wall_s']:.2f} s", _mb(inc["before"][key]["peak_rss_bytes"])]
+        body.append(cells)
+    before_noop = inc.get("before", {}).get("noop")
     lines += [
-        f"Incremental (`ingest_incremental`, each tick on a fresh worker with an empty work folder): a tick of "
-        f"{inc['tick_records']:,} new records on a {inc['parent_records']:,}-record parent took **{tick['wall_s']:.2f} s**, "
-        f"the same {inc['tick_records']:,} records ingested alone {alone['wall_s']:.2f} s "
-        f"(**{tick['wall_s'] / alone['wall_s']:.2f}×**; target ≤ 2×; peak RSS {_mb(tick['peak_rss_bytes'])} vs {_mb(alone['peak_rss_bytes'])}). "
-        f"A no-op tick took **{noop['wall_s']:.2f} s** (target < 2 s), left {noop['work_dir_bytes']:,} bytes in its work folder "
-        f"(downloaded no data) and reported read {noop['counts']['read']}, rejected {noop['rejected'] or 'none'}. "
-        f"The first tick (the {inc['parent_records']:,}-record parent) took {inc['first_tick']['wall_s']:.1f} s.",
+        table(headers, body),
+        "",
+        f"A tick of {inc['tick_records']:,} records on the {inc['parent_records']:,}-record parent costs "
+        f"**{tick['wall_s'] / alone['wall_s']:.2f}×** the same records ingested alone (target ≤ 2×). "
+        f"The no-op tick took **{noop['wall_s']:.2f} s** (target < 2 s), left {noop['work_dir_bytes']:,} bytes in its work "
+        f"folder (it downloaded no data) and reported read {noop['counts']['read']}, rejected {noop['rejected'] or 'none'}"
+        + (f"; before, it left {before_noop['work_dir_bytes'] / 1e6:,.0f} MB (the whole version) and reported rejected "
+           f"{sum(before_noop['rejected'].values()):,} (the previous run's)" if before_noop else "") + ".",
         "",
     ]
     rss = res["rss"]

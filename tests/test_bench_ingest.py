@@ -19,7 +19,7 @@ def test_ingest_scaling_smoke_run_measures_the_same_work_side_by_side(services, 
         assert (perennial["counts"]["train"], perennial["counts"]["test"]) == (baseline["counts"]["train"], baseline["counts"]["test"])
         assert perennial["counts"]["read"] == row["records"] and perennial["peak_rss_bytes"] > 10_000_000
         assert row["rerun"]["skipped"] and row["rerun"]["counts"]["read"] == 0
-    inc = results["incremental"]
+    inc = results["incremental"]["now"]
     assert inc["tick"]["created"] and inc["tick"]["counts"]["read"] == 150
     assert inc["tick"]["counts"]["accepted"] == inc["standalone"]["counts"]["accepted"] - inc["tick"]["rejected"].get("duplicate_previous", 0)
     noop = inc["noop"]
