@@ -133,6 +133,29 @@ def test_delta_weight_equals_forward_for_awkward_shapes(mora_type, in_features, 
     torch.testing.assert_close(x @ layer.get_delta_weight("default").T, expected, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mora_type", ["sharing", "rotation"])
+@pytest.mark.parametrize(
+    "in_features,out_features,r",
+    # SmolLM2's k_proj/v_proj (576 -> 192) and down_proj (1536 -> 576) at the default r, r̂ > d_out
+    # (r 64 on k_proj: r̂ 221), a toy d_out < d_in, and the other directions.
+    [(576, 192, 8), (1536, 576, 8), (576, 192, 64), (64, 16, 4), (576, 1536, 8), (192, 576, 8), (32, 32, 8)],
+)
+def test_every_input_feature_and_every_entry_of_m_reaches_the_update(mora_type, in_features, out_features, r):
+    """Non-square projections: no column of ΔW is zero (no input feature is ignored), no row is zero
+    (no output is left out), and every entry of M changes ΔW (none is trained for nothing).
+
+    Cutting the extra outputs (the reference) dropped whole chunks under rotation when d_out < d_in:
+    on 576 -> 192, 342 of the 576 input features never reached the update."""
+    torch.manual_seed(0)
+    rank = mora_rank(in_features, out_features, r)
+    matrix = torch.randn(rank, rank, requires_grad=True)
+    delta = mora_update(torch.eye(in_features), matrix, mora_type, out_features).T  # d_out x d_in
+    assert int((delta.abs().sum(0) == 0).sum()) == 0, "input features that never reach the update"
+    assert int((delta.abs().sum(1) == 0).sum()) == 0, "outputs the update never reaches"
+    (delta * torch.randn(out_features, in_features)).sum().backward()
+    assert int((matrix.grad == 0).sum()) == 0, "entries of M with no effect on the update"
+
+
 def test_rotation_gives_a_higher_rank_update_than_sharing():
     """Applying M per chunk (rotation) is not limited to rank r̂ the way a summed (shared) input is."""
     torch.manual_seed(0)

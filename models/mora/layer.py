@@ -6,7 +6,12 @@ The compress/decompress operators follow the reference implementation (kongds/Mo
 - "rotation" (its type 6): cut the input into r̂-sized chunks, rotate chunk j RoPE-style by angles
   j·θ, apply M to every chunk, concatenate the chunks and cut or repeat to d_out.
 When d_in is not a multiple of r̂ the input is extended by repeating its first features (as the
-reference does), and outputs are cut to / repeated up to d_out.
+reference does). The adapter's outputs (r̂ values for sharing, one r̂-block per chunk for rotation)
+become d_out values by `decompress`: repeated from the start when there are fewer (as the reference
+does), wrapped around and summed when there are more. The reference cuts the extra outputs off
+instead, which on a projection with d_out < d_in (k_proj / v_proj of a GQA model, 576 -> 192;
+down_proj) drops the outputs of whole chunks under rotation, so most input features (342 of 576)
+never reached the update, and with r̂ > d_out it leaves rows of M without any effect.
 
 Everything here is linear in x, so the merged weight is ΔW = operator(identity), exactly.
 """
@@ -42,6 +47,19 @@ def cyclic_resize(x: torch.Tensor, size: int) -> torch.Tensor:
     return x.index_select(-1, index)
 
 
+def decompress(y: torch.Tensor, size: int) -> torch.Tensor:
+    """The adapter's outputs as `size` values: repeated from the start when fewer, folded when more.
+
+    Folding sums y[..., i + k*size] over k (the last group zero-padded), so every output of M, and
+    through it every input feature, reaches the result; cutting (the reference) would drop them.
+    """
+    width = y.shape[-1]
+    if width <= size:
+        return cyclic_resize(y, size)
+    groups = -(-width // size)
+    return F.pad(y, (0, groups * size - width)).unflatten(-1, (groups, size)).sum(dim=-2)
+
+
 def rotate_chunks(chunks: torch.Tensor) -> torch.Tensor:
     """RoPE over chunks: chunk j (dim -2) is rotated by angles j·θ_k in planes (k, k + r̂/2).
 
@@ -70,7 +88,7 @@ def mora_update(x: torch.Tensor, matrix: torch.Tensor, mora_type: str, out_featu
         compressed = (rotate_chunks(chunks) @ matrix.T).flatten(-2)
     else:
         raise ValueError(f"unknown mora_type {mora_type!r}")
-    return cyclic_resize(compressed, out_features)
+    return decompress(compressed, out_features)
 
 
 class MoraLayer(BaseTunerLayer):
