@@ -1,5 +1,6 @@
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from models.cl.seekr import (
     SEEKRPlugin,
@@ -15,6 +16,7 @@ from tests.test_cl_common import (
     PAD,
     TASK2_STEPS,
     TRAIN,
+    VOCAB,
     context,
     model_after_task1,
     optim,
@@ -140,3 +142,34 @@ def test_seekr_keeps_attention_on_replayed_inputs_close_to_the_teacher():
     with_attention = attention_gap(model, plugin)
     assert with_attention < 0.2 * attention_gap(plain_after_task2(), plugin)
     assert with_attention < 0.2 * attention_gap(other, plugin)
+
+
+def test_grouped_query_attention_is_scored_and_distilled_per_query_head():
+    """4 query heads over 2 KV heads: eager attention returns one map per query head (K and V repeated
+    per group), so importance, selection, stored maps and the attention KL are per query head, and
+    the two query heads of one KV head are told apart. SmolLM2 (9 over 3): tests/test_real_model.py."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, pad_token_id=PAD, attn_implementation="eager",
+    ))
+    plugin = SEEKRPlugin(samples_per_task=8, replay_batch_size=4, layer_budget=2, head_budget=3)
+    plugin.before_task(context(model, 0))
+    train(model, TRAIN[0], optim(10), seed=0, pad_token_id=PAD, plugins=[plugin])
+    plugin.after_task(context(model, 0))
+    assert plugin.importance.shape == (2, 4) and bool((plugin.importance > 0).all())
+    grouped = plugin.importance.view(2, 2, 2)  # [layer, kv head, query head in its group]
+    assert bool((grouped[..., 0] != grouped[..., 1]).all())
+    assert len(plugin.selected) == 3 and all(0 <= head < 4 for _, head in plugin.selected)
+    maps = attention_maps(model, plugin.memory[:2])
+    for sample, sample_maps in zip(plugin.memory[:2], maps):
+        assert sample_maps.shape[:2] == (2, 4)
+        for (layer, head), stored in zip(sample["heads"], sample["attn"]):
+            torch.testing.assert_close(stored, sample_maps[layer, head])
+            assert not torch.allclose(stored, sample_maps[layer, head ^ 1], atol=1e-4)  # its KV-group sibling
+    picked = plugin.memory[:4]
+    student = model(**collate(picked, PAD), output_attentions=True)
+    assert plugin._attention_kl(student.attentions, picked).item() < 1e-6  # the model is the teacher
+    batch = collate(TRAIN[1][:4], PAD)
+    loss = plugin.extra_loss(model, batch, model(**batch, output_attentions=True))
+    assert torch.isfinite(loss) and loss.item() > 0

@@ -20,8 +20,10 @@ import torch
 from safetensors import safe_open
 
 from models.cl.base import TaskContext
+from models.cl.olora import lora_layers
 from models.cl.registry import build_plugins
 from models.cl.replay import ReplayBuffer, make_loss_fn, mix_examples
+from models.cl.seekr import attention_maps
 from models.data import collate, encode_instruction
 from models.engine import train
 from models.loading import load_causal_lm, load_model_and_tokenizer, save_model
@@ -171,8 +173,9 @@ TUNING_CASES = {
               EMBEDDINGS | weights_of(("down_proj",), [29]), True),
     "lora": (TuningConfig(method="lora", r=4), weights_of(ATTN + MLP), True),
     "mora": (TuningConfig(method="mora", r=4), weights_of(ATTN + MLP), True),
-    "osf": (TuningConfig(method="osf", target_modules=["k_proj", "v_proj", "up_proj"]),
-            weights_of(("k_proj", "v_proj", "up_proj")), True),
+    # OSF's SVD of every target costs ~18 s for all seven projections; k_proj (576 -> 192) and up_proj
+    # (576 -> 1536) cover both non-square cases of its gradient projection.
+    "osf": (TuningConfig(method="osf", target_modules=["k_proj", "up_proj"]), weights_of(("k_proj", "up_proj")), True),
     # An adapter on the head alone: the head gets its own copy, the export is saved untied.
     "lora-lm_head": (TuningConfig(method="lora", r=4, target_modules=["k_proj", "lm_head"]),
                      weights_of(("k_proj",)) | {"lm_head.weight"}, False),
@@ -189,10 +192,224 @@ def test_tuning_method_trains_exactly_its_weights_and_exports_the_trained_model(
     marker = ADAPTER_MARKERS.get(tuning.method)
     if marker:
         assert trainable and all(marker in name for name in trainable), sorted(trainable)[:3]
-    train_and_check_loss(model, encoded(tokenizer, "reverse"), 2, tokenizer.pad_token_id)
-    # Two steps: LoRA's A moves on the second (its gradient is zero while B is).
+    # LoRA's A moves on the second step (its gradient is zero while B is); one step moves the rest.
+    train_and_check_loss(model, encoded(tokenizer, "reverse"), 2 if tuning.method == "lora" else 1, tokenizer.pad_token_id)
     assert_exactly_these_moved(before, snapshot(model), trainable, case)
 
     changed = set(base_state) if export_changes is None else export_changes
     assert_export_is_the_trained_model(model, tokenizer, tmp_path / "export", probe, base_logits, base_state,
                                        changed, tied, case)
+
+
+# --- non-square projections: MoRA on k_proj / v_proj (576 -> 192) ------------------------------------
+
+
+@pytest.mark.parametrize("mora_type", ["sharing", "rotation"])
+def test_mora_on_the_non_square_kv_projections_trains_and_merges_exactly(mora_type, real, probe):
+    base, tokenizer = real
+    model = apply_tuning(copy.deepcopy(base), TuningConfig(method="mora", r=8, mora_type=mora_type, target_modules=["k_proj", "v_proj"]))
+    layer = model.base_model.model.model.layers[0].self_attn.k_proj
+    assert (layer.in_features, layer.out_features, layer.mora_M["default"].shape) == (576, 192, (78, 78))
+    before = snapshot(model)
+    train_and_check_loss(model, encoded(tokenizer, "reverse"), 2, tokenizer.pad_token_id)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert len(trainable) == 2 * LAYERS
+    assert_exactly_these_moved(before, snapshot(model), trainable, f"mora {mora_type}")
+
+    # Every input feature of the 576 reaches the trained update (cutting dropped 342 under rotation).
+    delta = layer.get_delta_weight("default")
+    assert delta.shape == (192, 576) and int((delta.abs().sum(0) == 0).sum()) == 0
+    x = torch.randn(3, 576, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(x @ delta.T, layer(x) - layer.base_layer(x), atol=1e-6, rtol=1e-5)
+
+    adapted = logits_of(model, probe)
+    merged = logits_of(merge_for_export(model), probe)
+    error = (merged - adapted).abs().max().item()
+    assert error <= 1e-5 * adapted.abs().max().item(), f"merged logits differ by {error:.2e}"
+
+
+# --- continual-learning methods, built from their configs as tasks/cit.py builds them --------------
+
+
+def task_context(model, tokenizer, index: int, task: str) -> TaskContext:
+    return TaskContext(task_index=index, task_name=task, model=model, tokenizer=tokenizer,
+                       train_examples=encoded(tokenizer, task), device=torch.device("cpu"), batch_size=BATCH,
+                       pad_token_id=tokenizer.pad_token_id)
+
+
+def recorded(plugin) -> list[float | None]:
+    """The plugin's extra loss at every micro-batch from now on (None where it adds nothing)."""
+    values: list[float | None] = []
+    extra_loss = plugin.extra_loss
+
+    def recording(model, batch, outputs):
+        value = extra_loss(model, batch, outputs)
+        values.append(None if value is None else value.detach().float().item())
+        return value
+
+    plugin.extra_loss = recording
+    return values
+
+
+def run_task(model, tokenizer, plugins, index: int, task: str, steps: int) -> TaskContext:
+    ctx = task_context(model, tokenizer, index, task)
+    for plugin in plugins:
+        plugin.before_task(ctx)
+    train_and_check_loss(model, ctx.train_examples, steps, tokenizer.pad_token_id, plugins=plugins, seed=index)
+    for plugin in plugins:
+        plugin.after_task(ctx)
+    return ctx
+
+
+def test_replay_loss_mid_buffer_trains_with_the_next_task(real, base_state):
+    base, tokenizer = real
+    model = apply_tuning(copy.deepcopy(base), TuningConfig(method="attn-proj"))
+    train_and_check_loss(model, encoded(tokenizer, "reverse"), 1, tokenizer.pad_token_id)
+    encode = lambda r: encode_instruction(tokenizer, r["prompt"], r["response"], MAX_LENGTH)  # noqa: E731
+    loss_fn = make_loss_fn(model, encode, tokenizer.pad_token_id)
+    losses = loss_fn(TASKS["reverse"])
+    assert len(losses) == len(WORDS) and all(math.isfinite(x) and x > 0 for x in losses)
+    buffer = ReplayBuffer()
+    buffer.add_task("reverse", TASKS["reverse"], budget=0.25, strategy="loss-mid", seed=0, loss_fn=loss_fn, quantile=0.2)
+    kept = buffer.records()
+    assert len(kept) == 2 and all(record in TASKS["reverse"] for record in kept)
+    ranked = sorted(losses)
+    assert all(ranked[0] < losses[TASKS["reverse"].index(r)] < ranked[-1] for r in kept)  # the easiest and hardest are left out
+
+    examples = mix_examples(encoded(tokenizer, "zorbish"), [encode(r) for r in kept], mode="concat", seed=0)
+    assert len(examples) == len(WORDS) + 2
+    train_and_check_loss(model, examples, 2, tokenizer.pad_token_id, seed=1)
+    assert_exactly_these_moved(base_state, model.state_dict(), weights_of(ATTN), "replay")
+
+
+def test_ewc_penalty_on_the_real_model(real, base_state):
+    base, tokenizer = real
+    model = apply_tuning(copy.deepcopy(base), TuningConfig(method="attn-proj"))
+    [ewc] = build_plugins([{"name": "ewc", "strength": 100.0, "fisher_samples": 2}], seed=0)
+    run_task(model, tokenizer, [ewc], 0, "reverse", 1)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert set(ewc.fisher) == set(ewc.anchor) == trainable and len(trainable) == 4 * LAYERS
+    assert all(torch.isfinite(f).all() and (f >= 0).all() for f in ewc.fisher.values())
+    assert sum(float(f.sum()) for f in ewc.fisher.values()) > 0
+    penalties = recorded(ewc)
+    run_task(model, tokenizer, [ewc], 1, "zorbish", 2)
+    # At the anchor the penalty is zero; once the weights leave it, it is positive.
+    assert penalties[0] == 0.0 and penalties[1] > 0 and math.isfinite(penalties[1]), penalties
+    assert_exactly_these_moved(base_state, model.state_dict(), weights_of(ATTN), "ewc")
+
+
+def test_lwf_distils_from_a_frozen_teacher_under_lora(real):
+    base, tokenizer = real
+    model = apply_tuning(copy.deepcopy(base), TuningConfig(method="lora", r=4))
+    before = snapshot(model)
+    [lwf] = build_plugins([{"name": "lwf", "weight": 1.0, "temperature": 2.0}], seed=0)
+    kl = recorded(lwf)
+    ctx = task_context(model, tokenizer, 0, "reverse")
+    lwf.before_task(ctx)
+    teacher = lwf.teacher
+    train_and_check_loss(model, ctx.train_examples, 2, tokenizer.pad_token_id, plugins=[lwf])
+    # Step 1: the student is the teacher (KL 0 up to rounding); step 2: it has moved away.
+    assert abs(kl[0]) < 1e-6 and kl[1] > 1e-6 and math.isfinite(kl[1]), kl
+    assert all(not p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(p, before[name]) for name, p in teacher.named_parameters())
+    lwf.after_task(ctx)
+    assert lwf.teacher is None
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert all(".lora_" in name for name in trainable)
+    assert_exactly_these_moved(before, snapshot(model), trainable, "lwf")
+
+
+def test_averaging_interpolates_exactly_the_trained_weights(real, base_state):
+    base, tokenizer = real
+    model = apply_tuning(copy.deepcopy(base), TuningConfig(method="mlp-gate-up"))
+    [averaging] = build_plugins([{"name": "averaging", "alpha": 0.5, "per_layer": {r"layers\.29\.": 0.8}}], seed=0)
+    ctx = task_context(model, tokenizer, 0, "reverse")
+    averaging.before_task(ctx)
+    train_and_check_loss(model, ctx.train_examples, 2, tokenizer.pad_token_id, plugins=[averaging])
+    trained = snapshot(model)
+    averaging.after_task(ctx)
+    expected = weights_of(("gate_proj", "up_proj"))
+    for name, parameter in model.named_parameters():
+        if name in expected:
+            alpha = 0.8 if ".layers.29." in name else 0.5
+            torch.testing.assert_close(parameter.detach(), alpha * base_state[name] + (1 - alpha) * trained[name], atol=1e-7, rtol=1e-6)
+    assert_exactly_these_moved(base_state, model.state_dict(), expected, "averaging")
+
+
+def test_olora_folds_each_task_and_keeps_later_subspaces_orthogonal(real, base_state, probe, base_logits, tmp_path):
+    base, tokenizer = real
+    model = apply_tuning(copy.deepcopy(base), TuningConfig(method="lora", r=4))
+    [olora] = build_plugins([{"name": "olora", "lambda_orth": 0.5}], seed=0)
+    ctx = task_context(model, tokenizer, 0, "reverse")
+    olora.before_task(ctx)
+    train_and_check_loss(model, ctx.train_examples, 2, tokenizer.pad_token_id, plugins=[olora])
+    adapted = logits_of(model, probe)
+    olora.after_task(ctx)
+    # The fold moves the update into the base weights: the model's function is unchanged.
+    error = (logits_of(model, probe) - adapted).abs().max().item()
+    assert error <= 1e-5 * adapted.abs().max().item(), f"folding changed the logits by {error:.2e}"
+    shapes = {name.rsplit(".", 1)[-1]: tuple(a.shape) for name, a in olora.old_a.items()}
+    assert len(olora.old_a) == 7 * LAYERS
+    assert shapes == {"q_proj": (4, 576), "k_proj": (4, 576), "v_proj": (4, 576), "o_proj": (4, 576),
+                      "gate_proj": (4, 576), "up_proj": (4, 576), "down_proj": (4, 1536)}
+    assert all(float(module.lora_B[adapter].weight.abs().max()) == 0 for _, module, adapter in lora_layers(model))
+
+    penalties = recorded(olora)
+    run_task(model, tokenizer, [olora], 1, "zorbish", 2)
+    assert all(p is not None and math.isfinite(p) and p > 0 for p in penalties), penalties
+    assert_export_is_the_trained_model(model, tokenizer, tmp_path / "export", probe, base_logits, base_state,
+                                       weights_of(ATTN + MLP), True, "olora")
+
+
+# --- grouped-query attention: SEEKR scores and distils query heads ------------------------------------
+
+
+def test_seekr_scores_selects_and_distils_query_heads_under_gqa(real, base_state):
+    """9 query heads share 3 KV heads. Attention maps are per query head (eager attention repeats K
+    and V per group), so importance, selection, the stored teacher maps and the attention KL are per
+    query head: heads of one KV group attend differently and are scored apart."""
+    base, tokenizer = real
+    config = base.config
+    groups = config.num_attention_heads // config.num_key_value_heads
+    model = apply_tuning(copy.deepcopy(base), TuningConfig(method="attn-proj"))
+    [seekr] = build_plugins([{"name": "seekr", "samples_per_task": 2, "replay_batch_size": 2,
+                              "layer_budget": 2, "head_budget": 4}], seed=0)
+    ctx = run_task(model, tokenizer, [seekr], 0, "reverse", 1)
+
+    assert seekr.importance.shape == (LAYERS, 9) and torch.isfinite(seekr.importance).all()
+    assert float(seekr.importance.sum()) > 0
+    # Scored per query head: within a KV group the three query heads get different scores.
+    grouped = seekr.importance.view(LAYERS, config.num_key_value_heads, groups)
+    assert (grouped.max(-1).values - grouped.min(-1).values > 0).float().mean() > 0.5
+    assert len(seekr.selected) == 4 and len({layer for layer, _ in seekr.selected}) <= 2
+    assert all(0 <= head < 9 for _, head in seekr.selected)
+
+    maps = attention_maps(model, seekr.memory)
+    for sample, sample_maps in zip(seekr.memory, maps):
+        length = len(sample["input_ids"])
+        assert sample_maps.shape == (LAYERS, 9, length, length)
+        assert sample["attn"].shape == (4, length, length)
+        torch.testing.assert_close(sample["attn"].sum(-1), torch.ones(4, length))  # attention rows
+        for (layer, head), stored in zip(sample["heads"], sample["attn"]):
+            torch.testing.assert_close(stored, sample_maps[layer, head], atol=1e-6, rtol=0)
+            sibling = (head // groups) * groups + (head + 1) % groups  # same KV head, another query head
+            assert (stored - sample_maps[layer, sibling]).abs().max() > 1e-3
+
+    # The model is the teacher right after the task: the attention KL on the stored heads is zero.
+    picked = seekr.memory[:2]
+    replay = collate(picked, tokenizer.pad_token_id)
+    with torch.no_grad():
+        student = model(**replay, output_attentions=True)
+    assert len(student.attentions) == LAYERS and student.attentions[0].shape[1] == 9
+    assert abs(seekr._attention_kl(student.attentions, picked).item()) < 1e-5
+
+    extra = recorded(seekr)
+    run_task(model, tokenizer, [seekr], 1, "zorbish", 2)
+    assert len(extra) == 2 and all(value is not None and math.isfinite(value) and value > 0 for value in extra), extra
+    with torch.no_grad():
+        student = model(**replay, output_attentions=True)
+    drift = seekr._attention_kl(student.attentions, picked).item()
+    assert math.isfinite(drift) and drift > 0
+    assert seekr.importance.shape == (LAYERS, 9) and len(seekr.memory) == 4
+    assert_exactly_these_moved(base_state, model.state_dict(), weights_of(ATTN), "seekr")
