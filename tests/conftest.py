@@ -60,3 +60,12 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct as a plain model folder, converted from its packaged GGUF once per session (~20 s)."""
+    from models.gguf import converted_dir
+
+    folder, _ = converted_dir("smollm2-135m-instruct", tmp_path_factory.mktemp("gguf"))
+    return folder
