@@ -20,14 +20,14 @@ SECTIONS = [
     ("engine_throughput", "python -m bench.engine_throughput", True),
     ("system_perf", "python -m bench.system_perf", True),
     ("cl_quality", "python -m bench.cl_quality", True),
-    # Ingestion beside plain Hugging Face `datasets`, incremental ticks, peak RSS to 10M records (about
-    # 25 minutes); its smoke run is `python -m bench.ingest_scaling --quick` (tests/test_bench_ingest.py).
-    ("ingest_scaling", "python -m bench.ingest_scaling", False),
     # The selective and PEFT methods barely learn at full fine-tuning's learning rate; this side run
     # asks whether a 5x higher one makes them learn (at this model size it does not).
     ("cl_quality_lr", "python -m bench.cl_quality --name cl_quality_lr --methods attn-proj mlp-gate-up lora --set cit.optim.lr=0.01", False),
     # Which weights the tiny model must move to learn these tasks at all (one seed; not a comparison).
     ("cl_quality_diagnostics", "python -m bench.cl_quality --name cl_quality_diagnostics --methods blocks-only head-only embed-only attn-proj+head --seeds 0", False),
+    # Ingestion beside plain Hugging Face `datasets`, incremental ticks, peak RSS to 10M records (about
+    # 20 minutes on 2 cores); its smoke run is `python -m bench.ingest_scaling --quick` (tests/test_bench_ingest.py).
+    ("ingest_scaling", "python -m bench.ingest_scaling", False),
 ]
 
 HEADER = """# Benchmarks
