@@ -123,3 +123,35 @@ def test_unchanged_snapshot_is_skipped_without_parsing(store, tmp_path, monkeypa
     # unchanged shards are shared, not uploaded twice: the first full train shards are the same objects
     assert changed.manifest["shards"][0] == first.manifest["shards"][0]
     assert store.exists(join_key("p", "datasets", "snap", "shards", first.manifest["shards"][0]["sha256"] + ".jsonl"))
+
+
+def test_leakage_is_reported_where_it_came_from_even_for_odd_object_keys(store, tmp_path):
+    # an S3 key may hold a tab or a newline: the staging side file must not split on them
+    key = "in/odd\tname\nhere/test.jsonl"
+    store.put_bytes(f"in/odd\tname\nhere/train.jsonl", b'{"text": "shared doc"}\n{"text": "only train"}\n')
+    store.put_bytes(key, b'{"text": "only test"}\n{"text": "shared doc"}\n')
+    spec = {"name": "odd", "shape": "text", "sources": [{"uri": f"s3://{store.bucket}/in/"}]}
+    result = ingest_dataset(spec, store, tmp_path / "w", "p")
+    assert result.rejected == {"leakage": 1} and result.counts["train"] == 2 and result.counts["test"] == 1
+    (entry,) = iter_jsonl(result.quarantine_path)
+    assert entry["source"] == store.uri(key) and entry["record"] == 2
+
+
+def test_a_version_from_before_shards_is_still_read_and_a_tick_on_it_says_what_to_do(store, tmp_path):
+    from perennial.ingest import IngestError
+
+    rows = [{"id": "a" * 64, "text": "old one", "split": "train"}, {"id": "b" * 64, "text": "old two", "split": "test"}]
+    folder = tmp_path / "legacy"
+    folder.mkdir()
+    (folder / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    prefix = join_key("p", "datasets", "old", "0123456789abcdef")
+    store.upload_dir(folder, prefix, meta={"name": "old", "kind": "text", "digest": "0123456789abcdef", "uri": store.uri(prefix)})
+    ref = DatasetRef(name="old", kind="text", digest="0123456789abcdef", uri=store.uri(prefix), data_file="data.jsonl")
+    assert read_records(store, ref, tmp_path / "cache") == rows
+    assert read_records(store, ref, tmp_path / "cache", split="test") == rows[1:]
+
+    store.put_json(join_key("p", "datasets", "old", "LATEST.json"), {"digest": "0123456789abcdef", "uri": store.uri(prefix)})
+    store.put_bytes("feed/new.jsonl", b'{"text": "new"}\n')
+    spec = {"name": "old", "shape": "text", "sources": [{"uri": f"s3://{store.bucket}/feed/"}], "incremental": {}}
+    with pytest.raises(IngestError, match="predates sharded versions; ingest the dataset once more"):
+        ingest_incremental(spec, store, tmp_path / "w", "p")

@@ -150,7 +150,7 @@ class _Builder:
         self.train = ShardWriter(shards_dir, "train", shard_records, on_shard)
         self.test = ShardWriter(shards_dir, "test", shard_records, on_shard)
         self.test_part = open(staging / "test.part", "w", encoding="utf-8")
-        self.test_where = open(staging / "test.where", "w", encoding="utf-8")  # "id\tindex\ttask\tsource" per test line
+        self.test_where = open(staging / "test.where", "w", encoding="utf-8")  # "id\tindex\ttask\t<source as JSON>" per test line
         self.quarantine = open(staging / QUARANTINE_FILE, "w", encoding="utf-8")
         self.rejected: Counter = Counter()
         self.first_rejection: tuple[RawRecord, str, str] | None = None
@@ -207,7 +207,8 @@ class _Builder:
                 self.train.write(canonical_line(rid, record, split), record.get("task"))
             else:
                 self.test_part.write(canonical_line(rid, record, split))
-                self.test_where.write(f"{rid}\t{raw.index}\t{record.get('task', '')}\t{raw.source}\n")
+                # the source as JSON: an S3 key may hold a tab or a newline, which would shift the columns or lines
+                self.test_where.write(f"{rid}\t{raw.index}\t{record.get('task', '')}\t{json.dumps(raw.source)}\n")
 
     def finish(self) -> list[dict]:
         """Close the train shards, write the test shards minus leakage; returns the new shards in order."""
@@ -218,6 +219,7 @@ class _Builder:
         with open(self.staging / "test.part", encoding="utf-8") as lines, open(self.staging / "test.where", encoding="utf-8") as where:
             for line, origin in zip(lines, where):
                 rid, index, task, source = origin.rstrip("\n").split("\t", 3)
+                source = json.loads(source)
                 key = compact_id(rid)
                 if self.index.in_train(key):
                     self.index.drop_test(key)
