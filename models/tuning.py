@@ -8,7 +8,8 @@ Tied word embeddings (``tie_word_embeddings``: the input embeddings and lm_head 
 full and regex train that one tensor, so a pattern naming either module trains both and the saved
 model stays tied. A peft adapter on either module changes only that module's output, so that
 module gets its own copy of the matrix first (`_untie_targeted_embeddings`) and the merged model
-is exactly the trained one.
+is exactly the trained one. Only a module the tuner actually wraps is untied: when it skips or
+refuses the tied modules, the tie is restored (`_retie`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import re
 import peft
 import torch
 from peft import LoraConfig, PeftConfig, PeftModel, TaskType, get_peft_model
-from peft.tuners.tuners_utils import check_target_module_exists
+from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 
 from models.mora import MoraConfig, choose_mora_type
 from perennial.config import TuningConfig
@@ -59,11 +60,23 @@ def apply_tuning(model: torch.nn.Module, tuning: TuningConfig) -> torch.nn.Modul
 
 
 def _wrap(model: torch.nn.Module, config: PeftConfig) -> PeftModel:
-    _untie_targeted_embeddings(model, config)
-    return get_peft_model(model, config)
+    untied = _untie_targeted_embeddings(model, config)
+    try:
+        wrapped = get_peft_model(model, config)
+    except Exception:
+        _retie(model, untied)  # a tuner that refuses a target (MoRA: an embedding) leaves the model as it was
+        raise
+    if untied is not None and not any(isinstance(model.get_submodule(name), BaseTunerLayer) for name in untied[1]):
+        # The tuner skipped every tied module it was pointed at (OSF passes over an nn.Embedding without
+        # a word): nothing trains them apart, so they stay one matrix and the export stays tied.
+        _retie(model, untied)
+    return wrapped
 
 
-def _untie_targeted_embeddings(model: torch.nn.Module, config: PeftConfig) -> None:
+_Untied = tuple[torch.nn.Parameter, list[str], list[torch.nn.Module]]  # shared matrix, tied module names, modules given a copy
+
+
+def _untie_targeted_embeddings(model: torch.nn.Module, config: PeftConfig) -> _Untied | None:
     """Give each module that shares the input embedding matrix its own copy, if `config` adapts any of them.
 
     Why: an adapter on lm_head (or on the input embeddings) changes only that module's output, so the
@@ -71,18 +84,32 @@ def _untie_targeted_embeddings(model: torch.nn.Module, config: PeftConfig) -> No
     and so move the other module as well (exported logits off by whole units). Untied, the merge is
     exact, and `tie_word_embeddings=False` makes the saved model load untied too: it holds one more
     vocab x hidden matrix. A model whose config does not tie its embeddings is left alone.
+    Returns what `_retie` needs to undo it, or None when nothing was untied.
     """
     if not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
-        return
+        return None
     embeddings = model.get_input_embeddings()
     shared = embeddings.weight
     tied = {name: module for name, module in model.named_modules() if getattr(module, "weight", None) is shared}
     if len(tied) < 2 or not any(check_target_module_exists(config, name) for name in tied):
-        return
+        return None
+    copied = []
     for module in tied.values():
         if module is not embeddings:
             module.weight = torch.nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
+            copied.append(module)
     model.config.tie_word_embeddings = False
+    return shared, list(tied), copied
+
+
+def _retie(model: torch.nn.Module, untied: _Untied | None) -> None:
+    """Undo `_untie_targeted_embeddings`: the modules share the original matrix again, and the config says so."""
+    if untied is None:
+        return
+    shared, _, copied = untied
+    for module in copied:
+        module.weight = shared
+    model.config.tie_word_embeddings = True
 
 
 def _osf_config(tuning: TuningConfig):

@@ -201,6 +201,20 @@ def test_tuning_method_trains_exactly_its_weights_and_exports_the_trained_model(
                                        changed, tied, case)
 
 
+
+def test_a_tuner_that_adapts_no_tied_module_keeps_the_model_tied(real):
+    """MoRA refuses the embedding (nn.Embedding) and OSF passes over it: neither may leave SmolLM2 untied."""
+    base, _ = real
+    model = copy.deepcopy(base)
+    with pytest.raises(TypeError, match="MoRA"):
+        apply_tuning(model, TuningConfig(method="mora", r=4, target_modules=["k_proj", "embed_tokens"]))
+    assert model.lm_head.weight is model.model.embed_tokens.weight and model.config.tie_word_embeddings
+    model = apply_tuning(copy.deepcopy(base), TuningConfig(method="osf", target_modules=["k_proj", "embed_tokens"]))
+    inner = model.base_model.model
+    assert inner.lm_head.weight is inner.model.embed_tokens.weight and inner.config.tie_word_embeddings
+    assert not any("embed_tokens" in name for name, p in model.named_parameters() if p.requires_grad)
+
+
 # --- non-square projections: MoRA on k_proj / v_proj (576 -> 192) ------------------------------------
 
 
