@@ -1,7 +1,14 @@
 """Ingestion of a corpus too big for one machine: Prefect task mapping over the input files.
 
-    result = ingest_distributed(spec, storage_cfg, work_dir, storage_prefix, workers=2)
-    result = ingest_distributed(..., task_runner=DaskTaskRunner(address="tcp://scheduler:8786"))  # prefect-dask
+    result = ingest_distributed(spec, storage_cfg, work_dir, storage_prefix)                 # 2 local processes
+    result = ingest_distributed(..., runner="dask", workers=4)                               # a local Dask cluster
+    result = ingest_distributed(..., runner="dask", address="tcp://scheduler:8786")          # an existing Dask cluster
+
+The same flow runs on every runner: ``process`` is Prefect's ProcessPoolTaskRunner (one machine),
+``dask`` is prefect-dask's DaskTaskRunner, whose tasks run on the workers of a Dask cluster
+(``dask scheduler`` on one host, ``dask worker tcp://...:8786`` on each), so the corpus spreads over
+as many machines as the cluster has. ``perennial ingest CONFIG --distributed dask --address ...``
+is the command line.
 
 Three steps (docs/ingestion.md, "Where one machine is not enough"):
 
@@ -15,13 +22,18 @@ Three steps (docs/ingestion.md, "Where one machine is not enough"):
    writes the manifest: every unit's train shards in input order, then every unit's test shards.
 
 The records, and their order, are those a single-machine ``ingest_dataset`` of the same spec keeps
-(shard boundaries differ, hence the digest); tests/test_ingest_distributed.py checks it.
+(shard boundaries differ, hence the digest); tests/test_ingest_distributed.py checks it on both
+runners. A worker reads S3 with the endpoint in the storage config it is sent and the credentials of
+its own environment (the variables the config names), never from the driver's memory; its scratch
+files go to ``work_dir`` with the process runner and to the worker host's temporary folder
+(``TMPDIR``) with Dask, whose workers do not share the driver's disk.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -29,7 +41,7 @@ from typing import Any
 
 from prefect import flow, task
 
-from perennial.config import IngestDatasetConfig, StorageConfig
+from perennial.config import ConfigError, IngestDatasetConfig, StorageConfig
 from perennial.ingest.core import (
     QUARANTINE_FILE,
     IngestResult,
@@ -74,12 +86,12 @@ def _unit_records(spec: IngestDatasetConfig, unit: dict, store: ObjectStore, rea
 
 
 @task(name="ingest-unit", retries=1)
-def build_unit(spec_json: dict, storage_json: dict, unit: dict, number: int, work_dir: str, storage_prefix: str,
+def build_unit(spec_json: dict, storage_json: dict, unit: dict, number: int, scratch_dir: str | None, storage_prefix: str,
                run_id: str, shard_records: int = SHARD_RECORDS) -> dict:  # fmt: skip
     """Step 1 on a worker: one unit -> candidate shards + index segment + quarantine, all in S3."""
     spec = IngestDatasetConfig.model_validate(spec_json)
     store = ObjectStore(StorageConfig.model_validate(storage_json))
-    work = Path(work_dir) / f"unit-{number}-{uuid.uuid4().hex[:6]}"  # workers may share a disk: never a folder
+    work = _scratch(scratch_dir) / f"unit-{number}-{uuid.uuid4().hex[:6]}"  # workers may share a disk: never a folder
     reader = SourceReader(store, work / "scratch")
     (work / "scratch").mkdir(parents=True)
     try:
@@ -103,8 +115,8 @@ def build_unit(spec_json: dict, storage_json: dict, unit: dict, number: int, wor
 
 
 @task(name="ingest-filter", retries=1)
-def filter_unit(spec_json: dict, storage_json: dict, built: dict, drops: list[list], work_dir: str, storage_prefix: str,
-                shard_records: int = SHARD_RECORDS) -> dict:  # fmt: skip
+def filter_unit(spec_json: dict, storage_json: dict, built: dict, drops: list[list], scratch_dir: str | None,
+                storage_prefix: str, shard_records: int = SHARD_RECORDS) -> dict:  # fmt: skip
     """Step 3 on a worker: the unit's shards without the records the reduce step dropped.
 
     ``drops`` holds [index key as hex (the id's first 32 hex digits), split, reason]; returns the
@@ -113,7 +125,7 @@ def filter_unit(spec_json: dict, storage_json: dict, built: dict, drops: list[li
     spec = IngestDatasetConfig.model_validate(spec_json)
     store = ObjectStore(StorageConfig.model_validate(storage_json))
     wanted = {(rid, split): reason for rid, split, reason in drops}
-    work = Path(work_dir) / f"filter-{built['number']}-{uuid.uuid4().hex[:6]}"
+    work = _scratch(scratch_dir) / f"filter-{built['number']}-{uuid.uuid4().hex[:6]}"
     shards_dir = _shards_dir(work, spec.name)
     shard_prefix = join_key(storage_prefix, "datasets", spec.name, "shards")
     writers = {split: ShardWriter(shards_dir, split, shard_records) for split in ("train", "test")}
@@ -141,6 +153,11 @@ def filter_unit(spec_json: dict, storage_json: dict, built: dict, drops: list[li
         return {"shards": shards, "quarantine": quarantine}
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _scratch(scratch_dir: str | None) -> Path:
+    """A worker's folder for its scratch files: the one it was given, else its host's temporary folder."""
+    return Path(scratch_dir) if scratch_dir else Path(tempfile.gettempdir()) / "perennial-ingest"
 
 
 def _task_of(line: str) -> str | None:
@@ -187,39 +204,92 @@ def reduce_indexes(store: ObjectStore, built: list[dict], staging: Path) -> dict
 
 
 @flow(name="ingest-distributed")
-def _distributed_flow(spec_json: dict, storage_json: dict, work_dir: str, storage_prefix: str, shard_records: int) -> dict:
+def _distributed_flow(spec_json: dict, storage_json: dict, work_dir: str, scratch_dir: str | None, storage_prefix: str,
+                      shard_records: int) -> dict:  # fmt: skip
     spec = IngestDatasetConfig.model_validate(spec_json)
     store = ObjectStore(StorageConfig.model_validate(storage_json))
     run_id = uuid.uuid4().hex[:12]
     units = plan_units(spec, store)
-    futures = [build_unit.submit(spec_json, storage_json, unit, number, work_dir, storage_prefix, run_id, shard_records)
+    futures = [build_unit.submit(spec_json, storage_json, unit, number, scratch_dir, storage_prefix, run_id, shard_records)
                for number, unit in enumerate(units)]  # fmt: skip
     built = [future.result() for future in futures]
     staging = Path(work_dir) / "datasets" / spec.name / f".staging-{run_id}"
     staging.mkdir(parents=True)
     drops = reduce_indexes(store, built, staging)
-    filtered = {item["number"]: filter_unit.submit(spec_json, storage_json, item, drops[item["number"]], work_dir, storage_prefix, shard_records)
+    filtered = {item["number"]: filter_unit.submit(spec_json, storage_json, item, drops[item["number"]], scratch_dir,
+                                                   storage_prefix, shard_records)
                 for item in built if drops[item["number"]]}  # fmt: skip
     final = {number: future.result() for number, future in filtered.items()}
     return {"run_id": run_id, "built": built, "final": final, "staging": str(staging)}
 
 
-def ingest_distributed(spec: IngestDatasetConfig | dict, storage: StorageConfig, work_dir: str | Path, storage_prefix: str, *,
-                       workers: int = 2, task_runner: Any = None, shard_records: int = SHARD_RECORDS) -> IngestResult:  # fmt: skip
-    """Ingest ``spec`` (a full snapshot) with Prefect tasks on ``workers`` local processes, or on
-    ``task_runner`` (any Prefect task runner, e.g. prefect-dask's DaskTaskRunner on a cluster).
+RUNNERS = ("process", "dask")
 
-    Needs a Prefect API (a server, or PREFECT_API_URL unset for an ephemeral one) and S3 that every
-    worker reaches with the same credentials (environment variables). Returns the committed
-    version; raises IngestError / EmptyDatasetError like ``ingest_dataset``.
+
+def make_task_runner(runner: str = "process", workers: int | None = None, address: str | None = None) -> Any:
+    """The Prefect task runner for ``runner``; raises ConfigError on a combination that cannot run.
+
+    process: ProcessPoolTaskRunner of ``workers`` (default 2) processes on this machine.
+    dask with ``address``: DaskTaskRunner on the existing cluster whose scheduler is there (its
+    workers are the cluster's; ``workers`` is refused). dask without: a LocalCluster of ``workers``
+    (default 2) single-threaded processes, closed when the flow ends.
     """
+    if runner not in RUNNERS:
+        raise ConfigError(f"distributed ingestion runner {runner!r}: use one of {list(RUNNERS)}")
+    if workers is not None and workers < 1:
+        raise ConfigError(f"distributed ingestion needs at least 1 worker, not {workers}")
+    if address and runner != "dask":
+        raise ConfigError(f"a scheduler address is for runner 'dask', not {runner!r}")
+    if address and workers is not None:
+        raise ConfigError("an existing Dask cluster has the workers it has: give an address or a number of workers, not both")
+    if runner == "process":
+        from prefect.task_runners import ProcessPoolTaskRunner
+
+        return ProcessPoolTaskRunner(max_workers=workers or 2)
+    from prefect_dask import DaskTaskRunner
+
+    if address:
+        _check_api_for_cluster(address)
+        return DaskTaskRunner(address=address)
+    # one thread per worker process: reading, validating and hashing records holds the GIL
+    return DaskTaskRunner(cluster_kwargs={"n_workers": workers or 2, "threads_per_worker": 1, "processes": True,
+                                          "dashboard_address": None})  # fmt: skip
+
+
+def _check_api_for_cluster(address: str) -> None:
+    """Workers on other hosts report their task runs to the flow's Prefect API: an ephemeral one
+    (PREFECT_API_URL unset) lives in this process's machine only, on a loopback address."""
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        raise ConfigError(f"the Dask cluster at {address} reports task runs to the Prefect API, and PREFECT_API_URL is unset "
+                          "(an ephemeral API that its workers cannot reach): set it to a Prefect server that every host reaches")  # fmt: skip
+
+
+def ingest_distributed(spec: IngestDatasetConfig | dict, storage: StorageConfig, work_dir: str | Path, storage_prefix: str, *,
+                       runner: str = "process", workers: int | None = None, address: str | None = None,
+                       task_runner: Any = None, shard_records: int = SHARD_RECORDS) -> IngestResult:  # fmt: skip
+    """Ingest ``spec`` (a full snapshot) with Prefect tasks on the runner that
+    ``make_task_runner(runner, workers, address)`` builds (default: 2 local processes), or on
+    ``task_runner`` (any Prefect task runner; unless it is a ProcessPoolTaskRunner, its workers put
+    their scratch files in their host's temporary folder).
+
+    Needs a Prefect API: a server (PREFECT_API_URL) that every worker reaches, which a Dask cluster
+    at ``address`` requires; with PREFECT_API_URL unset each worker process starts its own temporary
+    one. And S3 that every worker reaches at ``storage.endpoint_url`` with the credentials of its own
+    environment (the variables ``storage`` names). Returns the committed version; raises
+    IngestError / EmptyDatasetError like ``ingest_dataset``, ConfigError on a runner that cannot run.
+    """
+    spec = IngestDatasetConfig.model_validate(spec) if isinstance(spec, dict) else spec
+    work_dir = Path(work_dir)
+    if task_runner is None:
+        task_runner = make_task_runner(runner, workers, address)
     from prefect.task_runners import ProcessPoolTaskRunner
 
-    spec = IngestDatasetConfig.model_validate(spec) if isinstance(spec, dict) else spec
-    runner = task_runner or ProcessPoolTaskRunner(max_workers=workers)
-    work_dir = Path(work_dir)
-    out = _distributed_flow.with_options(task_runner=runner)(spec.model_dump(mode="json"), storage.model_dump(mode="json"),
-                                                             str(work_dir), storage_prefix, shard_records)  # fmt: skip
+    # local processes share this machine's disk; the workers of a Dask (or other) runner use their host's own
+    scratch_dir = str(work_dir) if isinstance(task_runner, ProcessPoolTaskRunner) else None
+    out = _distributed_flow.with_options(task_runner=task_runner)(spec.model_dump(mode="json"), storage.model_dump(mode="json"),
+                                                                  str(work_dir), scratch_dir, storage_prefix, shard_records)  # fmt: skip
     store = ObjectStore(storage)
     staging = Path(out["staging"])
     rejected: Counter = Counter()
