@@ -19,7 +19,7 @@ from bench.ingest_scaling import record, write_jsonl
 from perennial.config import ConfigError
 from perennial.ingest import ingest_dataset, iter_jsonl
 from perennial.ingest.cli import main_ingest
-from perennial.ingest.distributed import ingest_distributed, make_task_runner
+from perennial.ingest.distributed import RUNNERS, ingest_distributed, make_task_runner
 
 
 def _corpus(store, tmp_path) -> dict:
@@ -114,3 +114,6 @@ def test_runner_choices_that_cannot_run_are_refused(capsys, monkeypatch):
     config = str(Path(__file__).parents[1] / "configs" / "wikitext-ingest.yaml")
     assert main_ingest([config, "--workers", "2"]) == 2
     assert "--address and --workers are for --distributed" in capsys.readouterr().err
+    from perennial.ingest.cli import _parser
+
+    assert tuple(next(a for a in _parser()._actions if a.dest == "distributed").choices) == RUNNERS  # the CLI's list is the module's

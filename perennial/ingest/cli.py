@@ -14,7 +14,6 @@ from pathlib import Path
 
 from perennial.config import ConfigError, load_config
 from perennial.ingest.core import ingest_dataset
-from perennial.ingest.distributed import RUNNERS, ingest_distributed, make_task_runner
 from perennial.ingest.incremental import ingest_incremental
 from perennial.ingest.readers import IngestError
 from perennial.storage import ObjectStore, StorageError
@@ -30,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--only", action="append", default=[], metavar="NAME", help="ingest only this dataset (repeatable)")
     parser.add_argument("--log-mlflow", action="store_true", help="log each version as an input of an MLflow run")
     parser.add_argument(
-        "--distributed", choices=RUNNERS, metavar="RUNNER",
+        "--distributed", choices=("process", "dask"), metavar="RUNNER",  # perennial.ingest.distributed.RUNNERS (imports Prefect)
         help="build each snapshot with Prefect tasks, one per input file or S3 object, on several workers: process (local "
         "processes) or dask (a Dask cluster); refused for incremental datasets (docs/ingestion.md, 'Where one machine is not enough')",
     )  # fmt: skip
@@ -53,6 +52,8 @@ def main_ingest(argv: list[str] | None = None) -> int:
         if args.distributed is None and (args.address or args.workers is not None):
             raise ConfigError("--address and --workers are for --distributed")
         if args.distributed:
+            from perennial.ingest.distributed import ingest_distributed, make_task_runner
+
             make_task_runner(args.distributed, args.workers, args.address)  # refuses a runner that cannot run, before any work
             incremental = [spec.name for spec in specs if spec.incremental]
             if incremental:
