@@ -60,6 +60,7 @@ test-fast: venv
 # Benchmarks write bench/results/<name>.json + .md; bench.report assembles BENCHMARKS.md from them.
 bench: venv
 	$(BIN)/python -m bench.engine_throughput
+	$(BIN)/python -m bench.engine_throughput --model tiny
 	$(BIN)/python -m bench.system_perf
 	$(BIN)/python -m bench.cl_quality
 	$(BIN)/python -m bench.cl_quality --name cl_quality_lr --methods attn-proj mlp-gate-up lora --set cit.optim.lr=0.01

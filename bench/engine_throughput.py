@@ -1,8 +1,12 @@
 """Training throughput of Perennial's engine against a plain PyTorch loop and transformers.Trainer.
 
-    python -m bench.engine_throughput [--steps N] [--warmup W] [--rounds R] [--quick]
+    python -m bench.engine_throughput [--model smollm2|tiny] [--steps N] [--warmup W] [--rounds R] [--quick]
 
-All three train the demo-size tiny Llama (vocab 512, hidden 128, intermediate 352, 4 layers,
+--model smollm2 (the default; bench/engine_real.py): SmolLM2-135M-Instruct, the embedded default
+model, in bf16 autocast and in fp32, with the options that might close the gap to bf16's 2x
+ceiling, and peak memory per tuning method and per CL method.
+
+--model tiny: all three train the demo-size tiny Llama (vocab 512, hidden 128, intermediate 352, 4 layers,
 4 heads) from the same initial weights on the demo general corpus packed into 128-token
 blocks, 16 blocks a step, AdamW, the same number of steps. Each method records a timestamp
 after every optimizer step; tokens/s is measured from the end of warm-up step W to the last
@@ -43,12 +47,13 @@ import torch
 
 from bench.common import command, load_note, machine, machine_line, table
 from models.data import collate, pack_texts
-from models.engine import stream_indices, train
+from models.engine import cpu_has_native_bf16, precision_context, stream_indices, train
 from models.tiny import build_tiny_llama, train_tokenizer
 from perennial.config import DemoDataConfig, OptimConfig, TinyModelConfig, TuningConfig
 from perennial.demo_data import general_corpus
 
 RESULTS = Path(__file__).parent / "results" / "engine_throughput.json"
+RESULTS_TINY = Path(__file__).parent / "results" / "engine_throughput_tiny.json"
 BLOCK = 128
 BATCH = 16
 LR = 3e-3
@@ -200,7 +205,7 @@ def measure_rss(steps: int, threads: int, methods: list[str] = TUNING_METHODS) -
     rows = []
     for method in methods:
         done = subprocess.run(
-            [sys.executable, "-m", "bench.engine_throughput", "--rss-child", method, "--steps", str(steps),
+            [sys.executable, "-m", "bench.engine_throughput", "--model", "tiny", "--rss-child", method, "--steps", str(steps),
              "--threads", str(threads)],
             capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1],
         )
@@ -216,7 +221,7 @@ def markdown(report: dict) -> str:
     settings, median, ratios = report["settings"], {k: v["median"] for k, v in report["tokens_per_s"].items()}, report["ratios"]
     load = report["load_average_1min"]
     lines = [
-        "## Training engine",
+        "## Training engine: the tiny model",
         "",
         f"Command: `{report['command']}` (measured {report['measured_at']}).",
         "",
@@ -261,7 +266,14 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    which = argparse.ArgumentParser(add_help=False)
+    which.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
+    if which.parse_known_args(argv)[0].model == "smollm2":
+        from bench.engine_real import main as real_model_main
+
+        return real_model_main(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=["tiny"], required=True, help="tiny: the toy Llama (smollm2: bench/engine_real.py)")
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run (warm-up included)")
     parser.add_argument("--warmup", type=int, default=5, help="steps excluded from the timing")
     parser.add_argument("--rounds", type=int, default=3, help="rotated rounds of the three methods; median reported")
@@ -270,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: 8 steps, 2 warm-up, 1 round; memory of full and lora only, 2 steps")
     parser.add_argument("--no-rss", action="store_true", help="skip the per-tuning-method memory runs")
     parser.add_argument("--rss-child", choices=TUNING_METHODS, help=argparse.SUPPRESS)
-    parser.add_argument("--output", type=Path, default=RESULTS, help="the JSON report; the .md goes beside it")
+    parser.add_argument("--output", type=Path, default=RESULTS_TINY, help="the JSON report; the .md goes beside it")
     parser.add_argument("--render", action="store_true", help="only rewrite the .md from the existing --output JSON")
     args = parser.parse_args(argv)
     if args.render:

@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # (results name, command, whether `make bench-quick` smoke-tests it: the side runs use the same script)
 SECTIONS = [
     ("engine_throughput", "python -m bench.engine_throughput", True),
+    ("engine_throughput_tiny", "python -m bench.engine_throughput --model tiny", False),
     ("system_perf", "python -m bench.system_perf", True),
     ("cl_quality", "python -m bench.cl_quality", True),
     # The selective and PEFT methods barely learn at full fine-tuning's learning rate; this side run

@@ -2,6 +2,7 @@
 
     perennial services up|down|status      local SeaweedFS (S3) + MLflow, under .perennial/services
     perennial run CONFIG [key=value ...]   the continual-retrain flow (see configs/demo.yaml)
+    perennial ingest CONFIG [key=value ...] validate, deduplicate and version data.datasets (docs/ingestion.md)
     perennial review MODEL                 champion vs challenger: metrics, gates, lineage
     perennial promote MODEL VERSION        make VERSION the champion (--reason, --by)
     perennial rollback MODEL               give `champion` back to `previous-champion`
@@ -315,7 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     ingest = sub.add_parser("ingest", help="validate, version and upload the datasets of a config (no training)",
                             description="Ingest data.datasets of CONFIG: schema checks, quarantine, dedup, "
                             "hash splits, versioned JSONL + manifest in S3. See docs/ingestion.md.")
-    ingest.add_argument("args", nargs=argparse.REMAINDER, help="CONFIG [key=value ...] [--only NAME] [--log-mlflow]")
+    ingest.add_argument("args", nargs=argparse.REMAINDER, help="CONFIG [key=value ...] [--only NAME] [--log-mlflow] "
+                        "[--distributed process|dask [--address tcp://HOST:8786 | --workers N]] "
+                        "(`perennial ingest CONFIG --help` explains each)")
     ingest.set_defaults(func=cmd_ingest)
 
     export = sub.add_parser("export", help="write a committed checkpoint as a plain Hugging Face folder (for lm_eval)",

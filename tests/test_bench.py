@@ -89,9 +89,9 @@ def test_scaling_doubles_the_data_counts_and_keeps_training_steps(tmp_path):
     assert system_perf.train_records(config)["reverse"] == 400
 
 
-def test_engine_section_renders_from_the_committed_numbers():
-    report = json.loads((ROOT / "bench" / "results" / "engine_throughput.json").read_text())
+def test_tiny_engine_section_renders_from_the_committed_numbers():
+    report = json.loads((ROOT / "bench" / "results" / "engine_throughput_tiny.json").read_text())
     text = engine_throughput.markdown(report)
-    assert text.startswith("## Training engine")
+    assert text.startswith("## Training engine: the tiny model")
     assert f"| engine/plain | {report['ratios']['cpu']['engine/plain']:.3f} |" in text
     assert report["command"] in text

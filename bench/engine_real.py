@@ -1,0 +1,390 @@
+"""Training throughput and memory on the embedded default model, SmolLM2-135M-Instruct, on the CPU.
+
+    python -m bench.engine_throughput [--steps N] [--warmup W] [--rounds R] [--threads T] [--quick]
+
+(`python -m bench.engine_real` is the same.) Every run trains from the same converted weights on
+the demo general corpus packed into 96-token blocks, 8 blocks a step, AdamW at a constant rate;
+each records a timestamp after every optimizer step and tokens/s is taken at the median step
+after W warm-up steps. Side by side, in rotated order over R rounds:
+
+- full fine-tuning through the engine, a plain PyTorch loop and transformers.Trainer, each in
+  bf16 autocast (fp32 master weights) and in fp32: engine bf16 / engine fp32 is what
+  `precision: auto` buys on a CPU with native bf16; engine / plain and engine / Trainer in the
+  same precision show what the engine's bookkeeping costs;
+- attn-proj (the demo's CIT tuning) through the engine, bf16 and fp32;
+- what might close the gap to bf16's 2x matmul ceiling, each in the plain loop: bf16 weights
+  with fp32 master copies (no per-op casts), and `torch.compile` (inductor) under autocast.
+
+Then, one fresh subprocess each, the peak resident memory of a short engine run per tuning
+method and per CL method (a second task after a first, so EWC holds its Fisher and LwF and
+SEEKR their teacher): the Linux high-water mark above the resident size before the model is
+built.
+
+Results: bench/results/engine_throughput.json and .md (the `## Training engine` section of
+BENCHMARKS.md); `--render` rewrites the .md from the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from bench.common import command, load_note, machine, machine_line, table
+from bench.engine_throughput import _reset_peak_rss, _status_kib, stamp
+from models.data import collate, encode_instruction, pack_texts
+from models.engine import cpu_has_native_bf16, precision_context, stream_indices, train
+from models.gguf import converted_dir
+from models.loading import load_model_and_tokenizer
+from models.tuning import apply_tuning, count_parameters
+from perennial.config import OptimConfig, TuningConfig
+from perennial.demo_data import demo_tasks, general_corpus, task_records
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "engine_throughput.json"
+CACHE = ROOT / ".perennial" / "cache" / "gguf"
+MODEL = "smollm2-135m-instruct"
+BLOCK = 96
+BATCH = 8
+LR = 5e-5
+SEED = 0
+TUNING_METHODS = ["full", "lora", "mora", "attn-proj", "mlp-gate-up", "osf"]
+CL_METHODS = ["ewc", "lwf", "seekr", "olora", "averaging"]
+
+
+def setup():
+    folder, _ = converted_dir(MODEL, CACHE)
+    model, tokenizer = load_model_and_tokenizer(folder)
+    texts = general_corpus(600, 1234)
+    blocks = [block for block in pack_texts(tokenizer, texts, BLOCK) if len(block) == BLOCK]
+    return tokenizer, [{"input_ids": block} for block in blocks], model
+
+
+def optim_config(steps: int) -> OptimConfig:
+    return OptimConfig(lr=LR, batch_size=BATCH, max_steps=steps, warmup_steps=0, schedule="constant", max_length=BLOCK,
+                       log_every=10**6)
+
+
+def throughput(stamps: list[tuple[float, float]], warmup: int) -> dict[str, float]:
+    """Tokens/s at the median step after `warmup` steps: per wall-second (headline) and per CPU-second."""
+    after = stamps[warmup - 1 :]
+    wall = [b[0] - a[0] for a, b in zip(after, after[1:])]
+    cpu = [b[1] - a[1] for a, b in zip(after, after[1:])]
+    tokens = BATCH * BLOCK
+    return {"wall": tokens / statistics.median(wall), "cpu": tokens / statistics.median(cpu)}
+
+
+# --- the runs: (model, examples, pad id, steps) -> one timestamp per optimizer step --------------
+
+
+def engine(precision: str):
+    def run(model, examples, pad_token_id, steps):
+        stamps = []
+        train(model, examples, optim_config(steps), seed=SEED, pad_token_id=pad_token_id, device=torch.device("cpu"),
+              precision=precision, on_step_end=lambda step, _model: stamps.append(stamp()))
+        return stamps
+
+    return run
+
+
+def _batches(examples, steps):
+    data = torch.tensor([example["input_ids"] for example in examples])
+    order = torch.tensor(stream_indices(len(examples), SEED, 0, steps * BATCH)).view(steps, BATCH)
+    return [data[order[step]] for step in range(steps)]
+
+
+def plain(precision: str, compiled: bool = False):
+    """The least a loop can do: pre-stacked batches, forward (autocast for bf16), backward, AdamW step."""
+
+    def run(model, examples, pad_token_id, steps):
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+        model.train()
+        forward = torch.compile(model) if compiled else model
+        stamps = []
+        for ids in _batches(examples, steps):
+            with precision_context(precision, torch.device("cpu")):
+                loss = forward(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            stamps.append(stamp())
+        return stamps
+
+    return run
+
+
+def plain_bf16_weights(model, examples, pad_token_id, steps):
+    """bf16 weights and activations throughout (no autocast casts), AdamW on fp32 master copies."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    masters = [p.detach().float().clone().requires_grad_(True) for p in params]
+    model.to(torch.bfloat16).train()
+    optimizer = torch.optim.AdamW(masters, lr=LR)
+    stamps = []
+    for ids in _batches(examples, steps):
+        model(input_ids=ids, labels=ids).loss.backward()
+        for master, param in zip(masters, params):
+            master.grad = param.grad.float()
+            param.grad = None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for master, param in zip(masters, params):
+                param.copy_(master)
+        stamps.append(stamp())
+    return stamps
+
+
+def trainer(precision: str):
+    def run(model, examples, pad_token_id, steps):
+        from transformers import Trainer, TrainerCallback, TrainingArguments
+
+        class Stamps(TrainerCallback):
+            def __init__(self):
+                self.stamps = []
+
+            def on_step_end(self, args, state, control, **kwargs):
+                self.stamps.append(stamp())
+
+        dataset = [{key: value[0] for key, value in collate([example], pad_token_id).items()} for example in examples]
+        with tempfile.TemporaryDirectory() as output_dir:
+            args = TrainingArguments(
+                output_dir=output_dir, per_device_train_batch_size=BATCH, max_steps=steps, learning_rate=LR,
+                lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
+                bf16=precision == "bf16", eval_strategy="no", save_strategy="no", logging_strategy="no",
+                report_to="none", disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False,
+                use_cpu=True, seed=SEED,
+            )
+            callback = Stamps()
+            Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback]).train()
+        return callback.stamps
+
+    return run
+
+
+# name -> (tuning method, run); the first six are the rotated side-by-side comparison
+RUNS = {
+    "engine bf16": ("full", engine("bf16")),
+    "engine fp32": ("full", engine("fp32")),
+    "plain bf16": ("full", plain("bf16")),
+    "plain fp32": ("full", plain("fp32")),
+    "trainer bf16": ("full", trainer("bf16")),
+    "trainer fp32": ("full", trainer("fp32")),
+    "engine attn-proj bf16": ("attn-proj", engine("bf16")),
+    "engine attn-proj fp32": ("attn-proj", engine("fp32")),
+    "plain bf16 weights + fp32 master": ("full", plain_bf16_weights),
+    "plain bf16 + torch.compile": ("full", plain("bf16", compiled=True)),
+}
+ROTATED = list(RUNS)[:6]
+
+
+# --- peak memory, one subprocess each ------------------------------------------------------------
+
+
+def rss_child(kind: str, name: str, steps: int) -> None:
+    """A short engine run of one tuning method, or of one CL method's second task; prints a JSON line."""
+    from models.cl.base import TaskContext
+    from models.cl.registry import build_plugins
+
+    folder, _ = converted_dir(MODEL, CACHE)
+    reset = _reset_peak_rss()
+    baseline = _status_kib("VmRSS")
+    model, tokenizer = load_model_and_tokenizer(folder)
+    tuning = name if kind == "tuning" else ("lora" if name == "olora" else "full")
+    model = apply_tuning(model, TuningConfig(method=tuning))
+    trainable, total = count_parameters(model)
+    # EWC's Fisher from 8 examples, not its default 64: the memory it keeps (a Fisher and an anchor the size
+    # of the trained weights) does not depend on the count, the minutes of per-example backward passes do.
+    settings = {"name": name, **({"fisher_samples": 8} if name == "ewc" else {})}
+    plugins = build_plugins([settings], seed=SEED) if kind == "cl" else []
+    catalogue = demo_tasks(1234)
+    tasks = [[encode_instruction(tokenizer, r["prompt"], r["response"], 64)
+              for r in task_records(catalogue[task], 64, 4, 1234) if r["split"] == "train"] for task in ("zorbish", "arithmetic")]
+    optim = OptimConfig(lr=LR, batch_size=BATCH, max_steps=steps, warmup_steps=0, max_length=64, log_every=10**6)
+    for index, examples in enumerate(tasks if kind == "cl" else tasks[:1]):
+        if index == len(tasks) - 1 and reset:
+            _reset_peak_rss()  # the second task: the plugin now holds what it keeps from the first
+        context = TaskContext(task_index=index, task_name=f"task-{index}", model=model, tokenizer=tokenizer,
+                              train_examples=examples, device=torch.device("cpu"), batch_size=BATCH,
+                              pad_token_id=tokenizer.pad_token_id, work_dir=Path(tempfile.mkdtemp()))
+        for plugin in plugins:
+            plugin.before_task(context)
+        started = time.perf_counter()
+        result = train(model, examples, optim, seed=SEED, pad_token_id=tokenizer.pad_token_id, plugins=plugins, precision="auto")
+        seconds = time.perf_counter() - started
+        for plugin in plugins:
+            plugin.after_task(context)
+    print(json.dumps({
+        "kind": kind, "method": name, "tuning": tuning, "trainable_params": trainable, "total_params": total,
+        "rss_before_model_mib": round(baseline / 1024, 1),
+        "training_peak_above_baseline_mib": round((_status_kib("VmHWM") - baseline) / 1024, 1) if reset else None,
+        "steps": steps, "last_task_seconds": round(seconds, 1), "final_loss": result.losses[-1],
+    }))
+
+
+def measure_rss(steps: int, threads: int, quick: bool) -> list[dict]:
+    methods = [("tuning", m) for m in (["full", "attn-proj"] if quick else TUNING_METHODS)]
+    methods += [("cl", m) for m in (["lwf"] if quick else CL_METHODS)]
+    rows = []
+    for kind, name in methods:
+        done = subprocess.run(
+            [sys.executable, "-m", "bench.engine_real", "--rss-child", kind, name, "--steps", str(steps), "--threads", str(threads)],
+            capture_output=True, text=True, cwd=ROOT,
+        )
+        if done.returncode:
+            rows.append({"kind": kind, "method": name, "error": done.stderr.strip().splitlines()[-1]})
+        else:
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(f"memory {kind:6s} {name:12s} {rows[-1].get('training_peak_above_baseline_mib', rows[-1].get('error'))}", flush=True)
+    return rows
+
+
+# --- reporting -------------------------------------------------------------------------------------
+
+
+def ratios(median: dict[str, dict[str, float]]) -> dict[str, float]:
+    def ratio(a, b):
+        return median[a]["wall"] / median[b]["wall"] if a in median and b in median else None
+
+    return {
+        "engine bf16 / engine fp32 (full)": ratio("engine bf16", "engine fp32"),
+        "engine bf16 / engine fp32 (attn-proj)": ratio("engine attn-proj bf16", "engine attn-proj fp32"),
+        "engine / plain (bf16)": ratio("engine bf16", "plain bf16"),
+        "engine / plain (fp32)": ratio("engine fp32", "plain fp32"),
+        "engine / Trainer (bf16)": ratio("engine bf16", "trainer bf16"),
+        "engine / Trainer (fp32)": ratio("engine fp32", "trainer fp32"),
+        "plain bf16 weights + fp32 master / plain bf16 autocast": ratio("plain bf16 weights + fp32 master", "plain bf16"),
+        "plain bf16 + torch.compile / plain bf16 autocast": ratio("plain bf16 + torch.compile", "plain bf16"),
+    }
+
+
+TARGETS = {"engine bf16 / engine fp32 (full)": 1.5, "engine / Trainer (bf16)": 1.0, "engine / Trainer (fp32)": 1.0}
+
+
+def markdown(report: dict) -> str:
+    settings, median = report["settings"], {k: v["median"] for k, v in report["tokens_per_s"].items()}
+    load = report["load_average_1min"]
+    lines = [
+        "## Training engine",
+        "",
+        f"Command: `{report['command']}` (measured {report['measured_at']}).",
+        "",
+        f"Machine: {machine_line(report['machine'])} Native bf16 (AVX512-BF16 / AMX): "
+        f"{'yes' if report['native_bf16'] else 'no'}.",
+        load_note(load["before"], load["after"], report["machine"]["logical_cores"]),
+        "",
+        f"SmolLM2-135M-Instruct (the embedded default) on the demo general corpus, {settings['batch']} blocks of "
+        f"{settings['block']} tokens a step, AdamW at {settings['lr']}, {settings['steps']} steps of which the first "
+        f"{settings['warmup_steps_excluded']} are excluded, {settings['threads']} torch threads; the first six runs in "
+        f"rotated order over {settings['rounds']} rounds (median), the others once. bf16 = autocast with fp32 master "
+        "weights unless named otherwise.",
+        "",
+        "### Throughput (tokens/s at the median step)",
+        "",
+        table(["run", "tuning", "per wall-second (headline)", "per CPU-second"],
+              [[name, report["tokens_per_s"][name]["tuning"], f"{m['wall']:.0f}", f"{m['cpu']:.0f}"] for name, m in median.items()]),
+        "",
+        table(["ratio (wall)", "value", "target"],
+              [[key, "n/a" if value is None else f"{value:.2f}x",
+                "" if key not in TARGETS else (f">= {TARGETS[key]}x: " + ("met" if value and value >= TARGETS[key] else "NOT met"))]
+               for key, value in report["ratios"].items()]),
+    ]
+    rss = report.get("peak_rss") or []
+    if rss:
+        lines += [
+            "",
+            f"### Peak resident memory ({rss[0].get('steps', '?')} engine steps, bf16 autocast, one fresh process each)",
+            "",
+            "Above the process's resident size before the model is built; a CL method's row is its second task "
+            "(EWC holds the first task's Fisher, LwF and SEEKR a frozen teacher, averaging the previous weights). "
+            "Replay has no plugin state: its cost is the replayed examples, not a model-sized tensor.",
+            "",
+            table(["kind", "method", "tuning", "trainable params", "training peak above pre-model RSS (MiB)"],
+                  [[row["kind"], row["method"], row.get("tuning", ""), row.get("trainable_params", ""),
+                    row.get("error") or ("n/a" if row["training_peak_above_baseline_mib"] is None else f"{row['training_peak_above_baseline_mib']:.0f}")]
+                   for row in rss]),
+        ]
+    if report.get("reading"):
+        lines += ["", report["reading"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=["smollm2"], default="smollm2", help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per run (warm-up included)")
+    parser.add_argument("--warmup", type=int, default=2, help="steps excluded from the timing")
+    parser.add_argument("--rounds", type=int, default=2, help="rotated rounds of the six main runs; median reported")
+    parser.add_argument("--rss-steps", type=int, default=3, help="engine steps per memory run")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--runs", nargs="+", choices=list(RUNS), help="only these runs (default all)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 3 steps, 1 warm-up, 1 round, the engine runs and two memory rows")
+    parser.add_argument("--no-rss", action="store_true", help="skip the memory runs")
+    parser.add_argument("--rss-child", nargs=2, metavar=("KIND", "NAME"), help=argparse.SUPPRESS)
+    parser.add_argument("--output", type=Path, default=RESULTS, help="the JSON report; the .md goes beside it")
+    parser.add_argument("--render", action="store_true", help="only rewrite the .md from the existing --output JSON")
+    args = parser.parse_args(argv)
+    if args.render:
+        args.output.with_suffix(".md").write_text(markdown(json.loads(args.output.read_text())))
+        return 0
+    torch.set_num_threads(args.threads)
+    if args.rss_child:
+        rss_child(*args.rss_child, args.rss_steps)
+        return 0
+    names = args.runs or list(RUNS)
+    if args.quick:
+        args.steps, args.warmup, args.rounds, args.rss_steps = 3, 1, 1, 2
+        names = args.runs or ["engine bf16", "engine fp32"]
+    load_before = os.getloadavg()
+    tokenizer, examples, init = setup()
+    rotated = [name for name in ROTATED if name in names]
+    rest = [name for name in names if name not in rotated]
+    runs: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in names}
+    schedule = [(r, rotated[r % len(rotated):] + rotated[: r % len(rotated)]) for r in range(args.rounds)] if rotated else []
+    schedule.append((args.rounds - 1, rest))
+    for round_index, order in schedule:
+        for name in order:
+            tuning, run = RUNS[name]
+            model = apply_tuning(copy.deepcopy(init), TuningConfig(method=tuning))
+            stamps = run(model, examples, tokenizer.pad_token_id, args.steps)
+            assert len(stamps) == args.steps, f"{name} ran {len(stamps)} steps, not {args.steps}"
+            for clock, value in throughput(stamps, args.warmup).items():
+                runs[name][clock].append(value)
+            print(f"round {round_index + 1} {name:34s} wall {runs[name]['wall'][-1]:6.0f}  cpu {runs[name]['cpu'][-1]:6.0f} tokens/s",
+                  flush=True)
+            del model
+    median = {name: {clock: statistics.median(values) for clock, values in runs[name].items()} for name in names}
+    load_after = os.getloadavg()
+    rss = [] if args.no_rss else measure_rss(args.rss_steps, args.threads, args.quick)
+    report = {
+        "command": command("bench.engine_throughput", argv if argv is not None else sys.argv[1:]),
+        "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "native_bf16": cpu_has_native_bf16(),
+        "load_average_1min": {"before": load_before[0], "after": load_after[0]},
+        "settings": {"model": MODEL, "steps": args.steps, "warmup_steps_excluded": args.warmup, "rounds": args.rounds,
+                     "batch": BATCH, "block": BLOCK, "lr": LR, "threads": args.threads, "examples": len(examples),
+                     "trainer_optim": "adamw_torch", "attn_implementation": "eager"},
+        "tokens_per_s": {name: {"tuning": RUNS[name][0], "median": median[name], "runs": runs[name]} for name in names},
+        "ratios": ratios(median),
+        "peak_rss": rss,
+    }
+    print(markdown(report))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    args.output.with_suffix(".md").write_text(markdown(report))
+    print(f"wrote {args.output} and {args.output.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
