@@ -95,3 +95,14 @@ def test_tiny_engine_section_renders_from_the_committed_numbers():
     assert text.startswith("## Training engine: the tiny model")
     assert f"| engine/plain | {report['ratios']['cpu']['engine/plain']:.3f} |" in text
     assert report["command"] in text
+
+
+def test_real_model_engine_section_renders_from_the_committed_numbers():
+    from bench import engine_real
+
+    report = json.loads((ROOT / "bench" / "results" / "engine_throughput.json").read_text())
+    text = engine_real.markdown(report)
+    assert text.startswith("## Training engine\n") and report["command"] in text
+    bf16_over_fp32 = report["ratios"]["engine bf16 / engine fp32 (full)"]
+    assert f"| engine bf16 / engine fp32 (full) | {bf16_over_fp32:.2f}x |" in text
+    assert {row["method"] for row in report["peak_rss"]} >= {"full", "attn-proj", "ewc", "lwf", "seekr"}
