@@ -19,6 +19,8 @@ pytestmark = pytest.mark.integration
 
 MICRO = {
     "run_name": "micro",
+    # fp32 as configs/tiny.yaml: resume and multi-process tests compare runs in different processes bit for bit
+    "precision": "fp32",
     "data": {"demo": {"tasks": ["arithmetic", "fact_lookup", "reverse"], "heldout_tasks": ["word_count"],
                       "train_per_task": 48, "eval_per_task": 8,
                       "general_docs": 120, "domain_docs": 60, "general_eval_docs": 8}},
