@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import command, load_note, machine, machine_line, table
+from bench.common import command, load_note, machine, machine_line, table, write_results
 from bench.engine_throughput import _reset_peak_rss, _status_kib, stamp
 from models.data import collate, encode_instruction, pack_texts
 from models.engine import cpu_has_native_bf16, precision_context, stream_indices, train
@@ -378,11 +378,10 @@ def main(argv: list[str] | None = None) -> int:
         "ratios": ratios(median),
         "peak_rss": rss,
     }
-    print(markdown(report))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    args.output.with_suffix(".md").write_text(markdown(report))
-    print(f"wrote {args.output} and {args.output.with_suffix('.md')}")
+    text = markdown(report)
+    print(text)
+    json_path, md_path = write_results(args.output.stem, report, text, args.output.parent)
+    print(f"wrote {json_path} and {md_path}")
     return 0
 
 

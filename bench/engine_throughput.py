@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import command, load_note, machine, machine_line, table
+from bench.common import command, load_note, machine, machine_line, table, write_results
 from models.data import collate, pack_texts
 from models.engine import cpu_has_native_bf16, precision_context, stream_indices, train
 from models.tiny import build_tiny_llama, train_tokenizer
@@ -350,10 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         "ratios": ratios,
         "peak_rss_by_tuning": rss,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    args.output.with_suffix(".md").write_text(markdown(report))
-    print(f"wrote {args.output} and {args.output.with_suffix('.md')}")
+    json_path, md_path = write_results(args.output.stem, report, markdown(report), args.output.parent)
+    print(f"wrote {json_path} and {md_path}")
     return 0
 
 

@@ -119,25 +119,24 @@ def _fact_lookup(seed: int) -> Callable[[random.Random], list[tuple[str, str, st
     return build
 
 
-def _reverse(rng: random.Random) -> list[tuple[str, str, str]]:
+def _word_pairs(templates: list[str], answer: Callable[[str, str], str]) -> list[tuple[str, str, str]]:
+    """Every ordered pair of distinct WORDS under every template: (pair, prompt, answer(a, b))."""
     return [
-        (f"{a} {b}", template.format(w=f"{a} {b}"), f"{b} {a}")
+        (f"{a} {b}", template.format(w=f"{a} {b}"), answer(a, b))
         for a in WORDS
         for b in WORDS
         if a != b
-        for template in REVERSE_TEMPLATES
+        for template in templates
     ]
+
+
+def _reverse(rng: random.Random) -> list[tuple[str, str, str]]:
+    return _word_pairs(REVERSE_TEMPLATES, lambda a, b: f"{b} {a}")
 
 
 def _zorbish(rng: random.Random) -> list[tuple[str, str, str]]:
     """Two English words to Zorbish: every test pair is made of words seen in other training pairs."""
-    return [
-        (f"{a} {b}", template.format(w=f"{a} {b}"), f"{ZORBISH[a]} {ZORBISH[b]}")
-        for a in WORDS
-        for b in WORDS
-        if a != b
-        for template in ZORBISH_TEMPLATES
-    ]
+    return _word_pairs(ZORBISH_TEMPLATES, lambda a, b: f"{ZORBISH[a]} {ZORBISH[b]}")
 
 
 def _capitals(rng: random.Random) -> list[tuple[str, str, str]]:
