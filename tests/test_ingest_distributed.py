@@ -19,7 +19,7 @@ from bench.ingest_scaling import record, write_jsonl
 from perennial.config import ConfigError
 from perennial.ingest import ingest_dataset, iter_jsonl
 from perennial.ingest.cli import main_ingest
-from perennial.ingest.distributed import RUNNERS, ingest_distributed, make_task_runner
+from perennial.ingest.distributed import DASK_THREAD_VARIABLES, RUNNERS, _environ_restored, ingest_distributed, make_task_runner
 
 
 def _corpus(store, tmp_path) -> dict:
@@ -41,6 +41,9 @@ def test_two_workers_keep_what_one_machine_keeps(services, prefect_harness, stor
     with ExitStack() as stack:
         if runner == "dask":
             from distributed import Client, LocalCluster
+
+            # this test's own LocalCluster sets OMP_NUM_THREADS=1 (and more) in this process's environment
+            stack.enter_context(_environ_restored(DASK_THREAD_VARIABLES))
 
             # an existing cluster, as `dask scheduler` + `dask worker` make one; the workers' S3
             # credentials are their own environment's (inherited here), the endpoint the config's
@@ -78,8 +81,10 @@ def test_cli_ingests_on_a_dask_cluster_it_starts_and_closes(services, prefect_ha
     config = tmp_path / "ingest.yaml"
     config.write_text(json.dumps({"work_dir": str(tmp_path / "work"), "storage": {"endpoint_url": services.s3_endpoint, "bucket": store.bucket},
                                   "data": {"source": "datasets", "datasets": [spec]}}))  # fmt: skip
-    before = _spawned()
+    before, environ = _spawned(), {name: os.environ.get(name) for name in DASK_THREAD_VARIABLES}
     assert main_ingest([str(config), "--distributed", "dask", "--workers", "2"]) == 0
+    # the cluster's OMP_NUM_THREADS=1 etc. are not left behind for the driver's later subprocesses (torchrun)
+    assert {name: os.environ.get(name) for name in DASK_THREAD_VARIABLES} == environ
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     one = ingest_dataset(spec, store, tmp_path / "single", "p", shard_records=400)
     assert summary["counts"] == one.counts and summary["rejected"] == one.rejected and summary["name"] == "corpus"
