@@ -1,6 +1,8 @@
 """Process environment defaults: offline hubs and no telemetry, set before any library reads them."""
 
+import contextlib
 import os
+from typing import Iterable, Iterator
 
 OFFLINE_DEFAULTS = {
     "HF_HUB_OFFLINE": "1",
@@ -23,3 +25,17 @@ def apply_offline_defaults() -> None:
     """Set offline and no-telemetry variables unless the user already chose a value."""
     for key, value in OFFLINE_DEFAULTS.items():
         os.environ.setdefault(key, value)
+
+
+@contextlib.contextmanager
+def environ_restored(names: Iterable[str]) -> Iterator[None]:
+    """On exit, give each of ``names`` in os.environ back the value it had on entry (or remove it)."""
+    saved = {name: os.environ.get(name) for name in names}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

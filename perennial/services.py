@@ -264,18 +264,12 @@ class LocalServices:
 
     def _ensure_bucket(self, env: dict[str, str]) -> None:
         from perennial.config import StorageConfig
+        from perennial.env import environ_restored
         from perennial.storage import ObjectStore
 
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
+        with environ_restored(env):
+            os.environ.update(env)
             ObjectStore(StorageConfig(endpoint_url=self.s3_endpoint, bucket=self.bucket)).ensure_bucket()
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
 
     def _start_mlflow(self, env: dict[str, str], timeout: float) -> None:
         db = (self.root / "mlflow.db").resolve()

@@ -19,7 +19,8 @@ from bench.ingest_scaling import record, write_jsonl
 from perennial.config import ConfigError
 from perennial.ingest import ingest_dataset, iter_jsonl
 from perennial.ingest.cli import main_ingest
-from perennial.ingest.distributed import DASK_THREAD_VARIABLES, RUNNERS, _environ_restored, ingest_distributed, make_task_runner
+from perennial.env import environ_restored
+from perennial.ingest.distributed import DASK_THREAD_VARIABLES, RUNNERS, ingest_distributed, make_task_runner
 
 
 def _corpus(store, tmp_path) -> dict:
@@ -43,7 +44,7 @@ def test_two_workers_keep_what_one_machine_keeps(services, prefect_harness, stor
             from distributed import Client, LocalCluster
 
             # this test's own LocalCluster sets OMP_NUM_THREADS=1 (and more) in this process's environment
-            stack.enter_context(_environ_restored(DASK_THREAD_VARIABLES))
+            stack.enter_context(environ_restored(DASK_THREAD_VARIABLES))
 
             # an existing cluster, as `dask scheduler` + `dask worker` make one; the workers' S3
             # credentials are their own environment's (inherited here), the endpoint the config's

@@ -31,9 +31,7 @@ files go to ``work_dir`` with the process runner and to the worker host's tempor
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
 import tempfile
 import uuid
@@ -44,6 +42,7 @@ from typing import Any
 from prefect import flow, task
 
 from perennial.config import ConfigError, IngestDatasetConfig, StorageConfig
+from perennial.env import environ_restored
 from perennial.ingest.core import (
     QUARANTINE_FILE,
     IngestResult,
@@ -264,19 +263,6 @@ def make_task_runner(runner: str = "process", workers: int | None = None, addres
 DASK_THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_")
 
 
-@contextlib.contextmanager
-def _environ_restored(names: tuple[str, ...]):
-    saved = {name: os.environ.get(name) for name in names}
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 def _check_api_for_cluster(address: str) -> None:
     """Workers on other hosts report their task runs to the flow's Prefect API: an ephemeral one
     (PREFECT_API_URL unset) lives in this process's machine only, on a loopback address."""
@@ -309,7 +295,7 @@ def ingest_distributed(spec: IngestDatasetConfig | dict, storage: StorageConfig,
 
     # local processes share this machine's disk; the workers of a Dask (or other) runner use their host's own
     scratch_dir = str(work_dir) if isinstance(task_runner, ProcessPoolTaskRunner) else None
-    with _environ_restored(DASK_THREAD_VARIABLES):
+    with environ_restored(DASK_THREAD_VARIABLES):
         out = _distributed_flow.with_options(task_runner=task_runner)(spec.model_dump(mode="json"), storage.model_dump(mode="json"),
                                                                       str(work_dir), scratch_dir, storage_prefix, shard_records)  # fmt: skip
     store = ObjectStore(storage)
