@@ -47,7 +47,7 @@ import torch
 
 from bench.common import command, load_note, machine, machine_line, table, write_results
 from models.data import collate, pack_texts
-from models.engine import cpu_has_native_bf16, precision_context, stream_indices, train
+from models.engine import stream_indices, train
 from models.tiny import build_tiny_llama, train_tokenizer
 from perennial.config import DemoDataConfig, OptimConfig, TinyModelConfig, TuningConfig
 from perennial.demo_data import general_corpus
