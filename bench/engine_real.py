@@ -13,7 +13,12 @@ after W warm-up steps. Side by side, in rotated order over R rounds:
   same precision show what the engine's bookkeeping costs;
 - attn-proj (the demo's CIT tuning) through the engine, bf16 and fp32;
 - what might close the gap to bf16's 2x matmul ceiling, each in the plain loop: bf16 weights
-  with fp32 master copies (no per-op casts), and `torch.compile` (inductor) under autocast.
+  with fp32 master copies (no per-op casts), and `torch.compile` (inductor) under autocast;
+- transformers.Trainer in bf16 inside `models.allocator.freed_memory_kept`, the heap setting the
+  engine's loop runs under: what of the engine / Trainer ratio that setting explains.
+
+Each run is its own fresh process (the allocator starts from glibc's defaults every time, as a
+user's process would), and reports its minor page faults per step beside its tokens/s.
 
 Then, one fresh subprocess each, the peak resident memory of a short engine run per tuning
 method and per CL method (a second task after a first, so EWC holds its Fisher and LwF and
@@ -27,9 +32,10 @@ BENCHMARKS.md); `--render` rewrites the .md from the JSON.
 from __future__ import annotations
 
 import argparse
-import copy
+import contextlib
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -42,6 +48,7 @@ import torch
 
 from bench.common import command, load_note, machine, machine_line, table, write_results
 from bench.engine_throughput import _reset_peak_rss, _status_kib, stamp
+from models.allocator import freed_memory_kept
 from models.data import collate, encode_instruction, pack_texts
 from models.engine import cpu_has_native_bf16, precision_context, stream_indices, train
 from models.gguf import converted_dir
@@ -88,10 +95,10 @@ def throughput(stamps: list[tuple[float, float]], warmup: int) -> dict[str, floa
 
 
 def engine(precision: str):
-    def run(model, examples, pad_token_id, steps):
+    def run(model, examples, pad_token_id, steps, clock=stamp):
         stamps = []
         train(model, examples, optim_config(steps), seed=SEED, pad_token_id=pad_token_id, device=torch.device("cpu"),
-              precision=precision, on_step_end=lambda step, _model: stamps.append(stamp()))
+              precision=precision, on_step_end=lambda step, _model: stamps.append(clock()))
         return stamps
 
     return run
@@ -106,7 +113,7 @@ def _batches(examples, steps):
 def plain(precision: str, compiled: bool = False):
     """The least a loop can do: pre-stacked batches, forward (autocast for bf16), backward, AdamW step."""
 
-    def run(model, examples, pad_token_id, steps):
+    def run(model, examples, pad_token_id, steps, clock=stamp):
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
         model.train()
         forward = torch.compile(model) if compiled else model
@@ -117,13 +124,13 @@ def plain(precision: str, compiled: bool = False):
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            stamps.append(stamp())
+            stamps.append(clock())
         return stamps
 
     return run
 
 
-def plain_bf16_weights(model, examples, pad_token_id, steps):
+def plain_bf16_weights(model, examples, pad_token_id, steps, clock=stamp):
     """bf16 weights and activations throughout (no autocast casts), AdamW on fp32 master copies."""
     params = [p for p in model.parameters() if p.requires_grad]
     masters = [p.detach().float().clone().requires_grad_(True) for p in params]
@@ -140,12 +147,12 @@ def plain_bf16_weights(model, examples, pad_token_id, steps):
         with torch.no_grad():
             for master, param in zip(masters, params):
                 param.copy_(master)
-        stamps.append(stamp())
+        stamps.append(clock())
     return stamps
 
 
-def trainer(precision: str):
-    def run(model, examples, pad_token_id, steps):
+def trainer(precision: str, keep_freed_memory: bool = False):
+    def run(model, examples, pad_token_id, steps, clock=stamp):
         from transformers import Trainer, TrainerCallback, TrainingArguments
 
         class Stamps(TrainerCallback):
@@ -153,7 +160,7 @@ def trainer(precision: str):
                 self.stamps = []
 
             def on_step_end(self, args, state, control, **kwargs):
-                self.stamps.append(stamp())
+                self.stamps.append(clock())
 
         dataset = [{key: value[0] for key, value in collate([example], pad_token_id).items()} for example in examples]
         with tempfile.TemporaryDirectory() as output_dir:
@@ -165,7 +172,8 @@ def trainer(precision: str):
                 use_cpu=True, seed=SEED,
             )
             callback = Stamps()
-            Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback]).train()
+            with freed_memory_kept() if keep_freed_memory else contextlib.nullcontext():
+                Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback]).train()
         return callback.stamps
 
     return run
@@ -183,6 +191,7 @@ RUNS = {
     "engine attn-proj fp32": ("attn-proj", engine("fp32")),
     "plain bf16 weights + fp32 master": ("full", plain_bf16_weights),
     "plain bf16 + torch.compile": ("full", plain("bf16", compiled=True)),
+    "trainer bf16, freed memory kept": ("full", trainer("bf16", keep_freed_memory=True)),
 }
 ROTATED = list(RUNS)[:6]
 
@@ -231,6 +240,39 @@ def rss_child(kind: str, name: str, steps: int) -> None:
     }))
 
 
+# --- throughput, one subprocess per run ----------------------------------------------------------
+
+
+def run_child(name: str, steps: int, warmup: int) -> None:
+    """One throughput run in this (fresh) process; prints a JSON line: tokens/s and page faults per step."""
+    tokenizer, examples, model = setup()
+    tuning, run = RUNS[name]
+    model = apply_tuning(model, TuningConfig(method=tuning))
+    faults = []
+
+    def counted():
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
+        return stamp()
+
+    stamps = run(model, examples, tokenizer.pad_token_id, steps, counted)
+    if len(stamps) != steps:
+        raise RuntimeError(f"{name} ran {len(stamps)} steps, not {steps}")
+    after = faults[warmup - 1 :]
+    per_step = statistics.median(b - a for a, b in zip(after, after[1:]))
+    print(json.dumps({**throughput(stamps, warmup), "minor_faults_per_step": per_step}))
+
+
+def measure_run(name: str, steps: int, warmup: int, threads: int) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.engine_real", "--run-child", name, "--steps", str(steps), "--warmup", str(warmup),
+         "--threads", str(threads)],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    if done.returncode:
+        raise RuntimeError(f"run {name!r} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def measure_rss(steps: int, threads: int, quick: bool) -> list[dict]:
     methods = [("tuning", m) for m in (["full", "attn-proj"] if quick else TUNING_METHODS)]
     methods += [("cl", m) for m in (["lwf"] if quick else CL_METHODS)]
@@ -264,6 +306,7 @@ def ratios(median: dict[str, dict[str, float]]) -> dict[str, float]:
         "engine / Trainer (fp32)": ratio("engine fp32", "trainer fp32"),
         "plain bf16 weights + fp32 master / plain bf16 autocast": ratio("plain bf16 weights + fp32 master", "plain bf16"),
         "plain bf16 + torch.compile / plain bf16 autocast": ratio("plain bf16 + torch.compile", "plain bf16"),
+        "engine / Trainer with freed memory kept (bf16)": ratio("engine bf16", "trainer bf16, freed memory kept"),
     }
 
 
@@ -285,17 +328,19 @@ def markdown(report: dict) -> str:
         f"SmolLM2-135M-Instruct (the embedded default) on the demo general corpus, {settings['batch']} blocks of "
         f"{settings['block']} tokens a step, AdamW at {settings['lr']}, {settings['steps']} steps of which the first "
         f"{settings['warmup_steps_excluded']} are excluded, {settings['threads']} torch threads; the first six runs in "
-        f"rotated order over {settings['rounds']} rounds (median), the others once. bf16 = autocast with fp32 master "
-        "weights unless named otherwise.",
+        f"rotated order over {settings['rounds']} rounds (median), the others once, each run in a fresh process. bf16 = "
+        "autocast with fp32 master weights unless named otherwise. The engine's loop keeps freed heap memory for reuse "
+        "(models/allocator.py); the plain loop and Trainer run with glibc's defaults, as a user's process would.",
         "",
         "### Throughput (tokens/s at the median step)",
         "",
-        table(["run", "tuning", "per wall-second (headline)", "per CPU-second"],
-              [[name, report["tokens_per_s"][name]["tuning"], f"{m['wall']:.0f}", f"{m['cpu']:.0f}"] for name, m in median.items()]),
+        table(["run", "tuning", "per wall-second (headline)", "per CPU-second", "minor page faults per step"],
+              [[name, report["tokens_per_s"][name]["tuning"], f"{m['wall']:.0f}", f"{m['cpu']:.0f}",
+                f"{m['minor_faults_per_step']:,.0f}" if "minor_faults_per_step" in m else "n/a"] for name, m in median.items()]),
         "",
         table(["ratio (wall)", "value", "target"],
               [[key, "n/a" if value is None else f"{value:.2f}x",
-                "" if key not in TARGETS else (f">= {TARGETS[key]}x: " + ("met" if value and value >= TARGETS[key] else "NOT met"))]
+                "" if key not in TARGETS else (f">= {TARGETS[key]}x: " + ("not measured" if value is None else "met" if value >= TARGETS[key] else "NOT met"))]
                for key, value in report["ratios"].items()]),
     ]
     rss = report.get("peak_rss") or []
@@ -330,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 steps, 1 warm-up, 1 round, the engine runs and two memory rows")
     parser.add_argument("--no-rss", action="store_true", help="skip the memory runs")
     parser.add_argument("--rss-child", nargs=2, metavar=("KIND", "NAME"), help=argparse.SUPPRESS)
+    parser.add_argument("--run-child", choices=list(RUNS), help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, default=RESULTS, help="the JSON report; the .md goes beside it")
     parser.add_argument("--render", action="store_true", help="only rewrite the .md from the existing --output JSON")
     args = parser.parse_args(argv)
@@ -340,28 +386,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.rss_child:
         rss_child(*args.rss_child, args.rss_steps)
         return 0
+    if args.run_child:
+        run_child(args.run_child, args.steps, args.warmup)
+        return 0
     names = args.runs or list(RUNS)
     if args.quick:
         args.steps, args.warmup, args.rounds, args.rss_steps = 3, 1, 1, 2
         names = args.runs or ["engine bf16", "engine fp32"]
     load_before = os.getloadavg()
-    tokenizer, examples, init = setup()
     rotated = [name for name in ROTATED if name in names]
     rest = [name for name in names if name not in rotated]
-    runs: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in names}
+    runs: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": [], "minor_faults_per_step": []} for name in names}
     schedule = [(r, rotated[r % len(rotated):] + rotated[: r % len(rotated)]) for r in range(args.rounds)] if rotated else []
     schedule.append((args.rounds - 1, rest))
     for round_index, order in schedule:
         for name in order:
-            tuning, run = RUNS[name]
-            model = apply_tuning(copy.deepcopy(init), TuningConfig(method=tuning))
-            stamps = run(model, examples, tokenizer.pad_token_id, args.steps)
-            assert len(stamps) == args.steps, f"{name} ran {len(stamps)} steps, not {args.steps}"
-            for clock, value in throughput(stamps, args.warmup).items():
-                runs[name][clock].append(value)
-            print(f"round {round_index + 1} {name:34s} wall {runs[name]['wall'][-1]:6.0f}  cpu {runs[name]['cpu'][-1]:6.0f} tokens/s",
-                  flush=True)
-            del model
+            for key, value in measure_run(name, args.steps, args.warmup, args.threads).items():
+                runs[name][key].append(value)
+            print(f"round {round_index + 1} {name:34s} wall {runs[name]['wall'][-1]:6.0f}  cpu {runs[name]['cpu'][-1]:6.0f} tokens/s  "
+                  f"{runs[name]['minor_faults_per_step'][-1]:8.0f} page faults/step", flush=True)
     median = {name: {clock: statistics.median(values) for clock, values in runs[name].items()} for name in names}
     load_after = os.getloadavg()
     rss = [] if args.no_rss else measure_rss(args.rss_steps, args.threads, args.quick)
@@ -372,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         "native_bf16": cpu_has_native_bf16(),
         "load_average_1min": {"before": load_before[0], "after": load_after[0]},
         "settings": {"model": MODEL, "steps": args.steps, "warmup_steps_excluded": args.warmup, "rounds": args.rounds,
-                     "batch": BATCH, "block": BLOCK, "lr": LR, "threads": args.threads, "examples": len(examples),
+                     "batch": BATCH, "block": BLOCK, "lr": LR, "threads": args.threads, "process_per_run": True,
                      "trainer_optim": "adamw_torch", "attn_implementation": "eager"},
         "tokens_per_s": {name: {"tuning": RUNS[name][0], "median": median[name], "runs": runs[name]} for name in names},
         "ratios": ratios(median),
