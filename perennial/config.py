@@ -108,6 +108,10 @@ class IngestSourceConfig(Strict):
     txt_unit: Literal["line", "file"] = "line"
     skip_blank_lines: bool = Field(True, description="txt line mode: blank lines are separators, not records")
     limit: int | None = Field(None, ge=1, description="read at most this many records from this source")
+    skip: int = Field(
+        0, ge=0, description="records of this source passed over before reading (then `limit`): a slice of a file "
+        "disjoint from another dataset's, e.g. a tuning split next to a benchmark's records"
+    )
     hf_builder: Literal["json", "csv", "parquet", "text"] | None = Field(
         None, description="format=hf: the datasets builder for load_dataset; default from the file extension"
     )

@@ -275,3 +275,12 @@ def test_json_array_parser_matches_json_loads(values, chunk, indent):
 def test_json_array_parser_rejects_malformed_input(broken):
     with pytest.raises(ValueError):
         list(iter_json_array(io.StringIO(broken), chunk_size=2))
+
+
+def test_skip_and_limit_read_disjoint_slices_of_one_file(store, tmp_path):
+    path, _ = write_jsonl(tmp_path)
+    first = texts_of(ingest(text_spec(str(path), limit=3), store, tmp_path))
+    rest = texts_of(ingest(text_spec(str(path), skip=3, limit=2), store, tmp_path))
+    assert sorted(first) == sorted(EXPECTED[:3])
+    assert sorted(rest) == sorted(EXPECTED[3:5])  # the slice after the first one, and no more than limit
+    assert sorted(texts_of(ingest(text_spec(str(path), skip=4), store, tmp_path))) == sorted(EXPECTED[4:])

@@ -63,9 +63,9 @@ def plan_units(spec: IngestDatasetConfig, store: ObjectStore) -> list[dict]:
     units = []
     reader = SourceReader(store, Path("."))
     for number, src in enumerate(spec.sources):
-        if src.limit:
-            raise IngestError(f"dataset {spec.name!r}: `limit` counts across a source's files, which workers cannot share; "
-                              "drop it for distributed ingestion (or ingest a subset with ingest_dataset)")  # fmt: skip
+        if src.limit or src.skip:
+            raise IngestError(f"dataset {spec.name!r}: `limit` and `skip` count across a source's files, which workers cannot "
+                              "share; drop them for distributed ingestion (or ingest a subset with ingest_dataset)")  # fmt: skip
         if is_s3(src.uri):
             s3, objects = list_s3_source(src, store)
             if not objects:

@@ -129,7 +129,7 @@ def source_identity(sources: list[IngestSourceConfig], store: ObjectStore | None
                 if store is None:
                     return None
                 s3, objects = list_s3_source(src, store)
-                identity.append({"uri": src.uri, "objects": [[s3.uri(info.key), info.etag] for info in objects], "limit": src.limit})
+                identity.append({"uri": src.uri, "objects": [[s3.uri(info.key), info.etag] for info in objects], "limit": src.limit, "skip": src.skip})
                 continue
             files = reader._local_files(src)
         except IngestError:
@@ -153,7 +153,7 @@ class SourceReader:
         self.file_sha256: dict[Path, str] = {}  # hashed already (by source_identity): not hashed twice
 
     def read(self, src: IngestSourceConfig, objects: list[ObjectInfo] | None = None, s3: ObjectStore | None = None) -> Iterator[RawRecord]:
-        """All records of one source in a deterministic order, at most ``src.limit`` of them.
+        """All records of one source in a deterministic order: past the first ``src.skip``, at most ``src.limit``.
 
         For S3 sources, ``objects`` (with their store) restricts reading to those objects (incremental runs).
         """
@@ -167,7 +167,7 @@ class SourceReader:
             records = self._read_objects(src, s3, objects)
         else:
             records = self._read_local(src)
-        return islice(records, src.limit) if src.limit else records
+        return islice(records, src.skip, src.skip + src.limit if src.limit else None)
 
     # -- local --------------------------------------------------------------------------------
 
