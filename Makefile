@@ -62,9 +62,9 @@ bench: venv
 	$(BIN)/python -m bench.engine_throughput
 	$(BIN)/python -m bench.engine_throughput --model tiny
 	$(BIN)/python -m bench.system_perf
+	$(BIN)/python -m bench.cl_quality --sweep
 	$(BIN)/python -m bench.cl_quality
-	$(BIN)/python -m bench.cl_quality --name cl_quality_lr --methods attn-proj mlp-gate-up lora --set cit.optim.lr=0.01
-	$(BIN)/python -m bench.cl_quality --name cl_quality_diagnostics --methods blocks-only head-only embed-only attn-proj+head --seeds 0
+	$(BIN)/python -m bench.cl_quality --order agnews dbpedia amazon --methods full attn-proj lora replay-10% seekr-1% --seeds 0
 	$(BIN)/python -m bench.ingest_scaling
 	$(BIN)/python -m bench.report
 

@@ -1,37 +1,44 @@
 """Continual-learning quality on the standard CL benchmark: every method, several seeds, one table.
 
-    python -m bench.cl_quality [--methods full attn-proj ...] [--seeds 0 1 2] [--workers 2] [--quick]
-                               [--set KEY=VALUE ...] [--name cl_quality]
+    python -m bench.cl_quality --sweep                       # learning rates first
+    python -m bench.cl_quality [--methods full attn-proj ...] [--seeds 0 1 2] [--workers 1] [--quick]
+                               [--order agnews dbpedia amazon] [--set KEY=VALUE ...] [--name cl_quality]
 
 Each (method, seed) is one real run of the `continual-retrain` flow on configs/cl-benchmark.yaml
-(a tiny Llama pretrained on WikiText-2, DAP on review text, then dbpedia -> amazon -> agnews
-scored by option log-likelihood) with the method's overrides from
-configs/cl-benchmark-methods.yaml, against SeaweedFS and MLflow started here on free ports.
-The base model and the DAP model have their own fixed seeds (model.seed, dap.seed), so they are
-computed once (content-digest caches in S3) and every method and seed starts from the same
-weights: the seeds vary continual tuning only (data order, adapter initialisation, replay
+(SmolLM2-135M-Instruct, a short DAP on review text, then dbpedia -> amazon -> agnews scored by
+option log-likelihood through the chat template, SST-2 and BoolQA held out) with the method's
+overrides from configs/cl-benchmark-methods.yaml, against SeaweedFS and MLflow started here on
+free ports. The base model and the DAP model have their own fixed seeds (model.seed, dap.seed),
+so they are computed once (content-digest caches in S3) and every method and seed starts from the
+same weights: the seeds vary continual tuning only (data order, adapter initialisation, replay
 sampling). The services keep their data in --state-dir, so a second run of the benchmark reuses
 the cached base and DAP models.
 
-Reported per method, mean ± sample std over seeds: AP (final average accuracy), BWT, FWT, the
-largest per-task forgetting, and the WikiText-2 test perplexity before CIT and after the last
-task. The two published orderings it checks are stated with the numbers, whichever way they go.
+`--sweep` picks the learning rates: each tuning method at each of the file's rates trains the
+first task alone on records the benchmark never reads, and is scored on a validation split of
+them (never on a test set). Each method then uses its tuning method's rate (set in the file).
+`--order` runs another task order (results under their own name).
+
+Reported per method, mean ± sample std over seeds: R[i][i] - R[0][i] (learning over zero-shot)
+and R[i][i] - chance, AP (final average accuracy), BWT, FWT, the largest per-task forgetting,
+WikiText-2 test perplexity and each held-out task's zero-shot score before CIT and after the last
+task, and the cost: trainable parameters, CIT tokens, wall and CPU time, peak RSS (each run is a
+fresh worker process). The two published orderings it checks are stated with the numbers,
+whichever way they go, and each method's accuracy matrix is plotted in one figure grid.
 
 A killed or interrupted benchmark resumes: the next invocation with the same --state-dir
 collects the runs the last one finished (matched by config digest, see finished_runs) and runs
 only the rest; `--no-run` reports what is there without running anything.
 
-`--set` changes every run (for a side experiment such as a higher learning rate for the tuning
-methods that learn slowly); `--name` keeps its results apart from the main table.
-
-The methods file also lists diagnostics (blocks-only, head-only, embed-only, attn-proj+head)
-that run only when named, as in `make bench`.
+`--set` changes every run (for a side experiment); `--name` keeps its results apart from the main
+table. The methods file also lists diagnostics (blocks-only, head-only, embed-only,
+attn-proj+head) that run only when named.
 
 `--quick` is a smoke run (two methods, one seed, a few steps, 10 test records per task, empty services): it
 checks that the benchmark works, its numbers mean nothing.
 
-Results: bench/results/cl_quality.json (every run's matrix and metrics) and cl_quality.md
-(--output-dir moves them; `make bench-quick` uses bench/results/quick/).
+Results: bench/results/cl_quality.json (every run's matrix, metrics and cost), cl_quality.md and
+cl_quality_matrices.png (--output-dir moves them; `make bench-quick` uses bench/results/quick/).
 """
 
 from __future__ import annotations
@@ -69,51 +76,147 @@ def load_methods() -> tuple[dict[str, list[str]], dict[str, list[str]], list[int
     return overrides(spec["methods"]), overrides(spec.get("diagnostics")), list(spec["seeds"])
 
 
+def run_pairs(methods: list[str], seeds: list[int] | None) -> list[tuple[str, int]]:
+    """(method, seed) pairs to run: the given seeds for every method, else the file's seeds for every
+    method plus its extra seeds for the methods it names."""
+    if seeds is not None:
+        return [(method, seed) for seed in seeds for method in methods]
+    spec = yaml.safe_load(METHODS_FILE.read_text())
+    extra = spec.get("extra_seeds") or {"methods": [], "seeds": []}
+    pairs = [(method, seed) for seed in spec["seeds"] for method in methods]
+    return pairs + [(method, seed) for seed in extra["seeds"] for method in methods if method in extra["methods"]]
+
+
+def load_sweep() -> dict:
+    """The learning-rate sweep's settings (configs/cl-benchmark-methods.yaml, `sweep`)."""
+    return yaml.safe_load(METHODS_FILE.read_text())["sweep"]
+
+
+def tuning_of(overrides: list[str]) -> str:
+    """The tuning method a method's overrides select (the base config's is full fine-tuning)."""
+    chosen = [item.split("=", 1)[1] for item in overrides if item.startswith("cit.tuning.method=")]
+    return chosen[-1] if chosen else "full"
+
+
+def sweep_jobs(sweep: dict) -> dict[str, list[str]]:
+    """One job per (tuning method, learning rate): first task only, the sweep's step budget."""
+    return {
+        f"{tuning}@{lr:g}": [f"cit.tuning.method={tuning}", f"cit.optim.lr={lr:g}", f"cit.optim.max_steps={sweep['steps']}"]
+        for tuning, rates in sweep["rates"].items()
+        for lr in rates
+    }
+
+
+def bench_config(overrides: list[str], seed: int, variant: dict | None = None, where: list[str] = ()):
+    """The validated config of one benchmark run: the base config, a method's overrides, the seed and,
+    for a variant, another task order (``{"order": [...]}``) or the learning-rate sweep's data
+    (``{"sweep": settings}``: the first task alone, read from records the benchmark never uses, its
+    test split a validation split; no held-out tasks)."""
+    from perennial.config import load_config
+
+    cfg = load_config(str(BASE_CONFIG), [*overrides, f"seed={seed}", *where])
+    if not variant:
+        return cfg
+    datasets = cfg.data.datasets
+    tasks = [d for d in datasets if d.resolved_role == "task"]
+    text = [d for d in datasets if d.resolved_role in ("general", "domain")]
+    heldout = [d for d in datasets if d.resolved_role == "heldout"]
+    if variant.get("order"):
+        by_name = {task.name: task for task in tasks}
+        unknown = sorted(set(variant["order"]) - set(by_name))
+        if unknown or len(variant["order"]) != len(tasks):
+            raise ValueError(f"--order must list each task of {BASE_CONFIG.name} once: {sorted(by_name)}")
+        tasks = [by_name[name] for name in variant["order"]]
+    if variant.get("sweep"):
+        sweep = variant["sweep"]
+        first = tasks[0]
+        sources = [src.model_copy(update={"skip": sweep["skip"], "limit": sweep["records"], "split": "hash"}) for src in first.sources]
+        tasks = [first.model_copy(update={"sources": sources, "test_fraction": sweep["validation_fraction"]})]
+        heldout = []
+    data = cfg.data.model_copy(update={"datasets": [*text, *tasks, *heldout]})
+    return type(cfg).model_validate(cfg.model_copy(update={"data": data}).model_dump(mode="json"))
+
+
 # --- one run per (method, seed), in worker processes ----------------------------------------------
 
 
-def _init_worker(env: dict[str, str], prefect_home: str) -> None:
+def _init_worker(env: dict[str, str], prefect_home: str, threads: int) -> None:
     # Before prefect is imported: each worker gets its own Prefect home (its own temporary API
     # and sqlite file), so parallel workers never contend for one database.
     os.environ.update(env)
     os.environ["PREFECT_HOME"] = prefect_home + f"-{os.getpid()}"
     import torch
 
-    torch.set_num_threads(1)  # one core per worker: see bench/engine_throughput.py
+    torch.set_num_threads(threads)  # the cores shared out between workers: see bench/engine_throughput.py
 
 
-def run_one(method: str, seed: int, overrides: list[str]) -> dict:
+def run_one(method: str, seed: int, overrides: list[str], variant: dict | None = None) -> dict:
+    """One (method, seed) run of the flow in this fresh worker process, with what it cost."""
+    import resource
+
     from flows.continual_retrain import continual_retrain
-    from perennial.config import load_config
 
     # A work dir per worker: local caches are filled by one process at a time.
     work_dir = f"{os.environ['PERENNIAL_BENCH_WORK']}-{os.getpid()}"
-    cfg = load_config(str(BASE_CONFIG), [*overrides, f"seed={seed}", f"work_dir={work_dir}"])
+    cfg = bench_config(overrides, seed, variant, [f"work_dir={work_dir}"])
     started = time.perf_counter()
     summary = continual_retrain(config=cfg.model_dump(mode="json"))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cost = {
+        "wall_s": round(time.perf_counter() - started, 1),
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+        "peak_rss_mib": round(usage.ru_maxrss / 1024),  # Linux reports KiB; the process ran this run alone
+        "cit_tokens": _cit_tokens(summary["mlflow_run_id"]),
+    }
+    _log_cost(summary["mlflow_run_id"], cost)
     return {
         "method": method,
         "seed": seed,
         "overrides": overrides,
-        "wall_s": round(time.perf_counter() - started, 1),
+        **({"variant": variant} if variant else {}),
+        **cost,
         "tasks": summary["tasks"],
         "accuracy_matrix": summary["accuracy_matrix"],
         "metrics": summary["metrics"],
+        "general_tasks": summary["general_tasks"],
         "mlflow_run_id": summary["mlflow_run_id"],
     }
 
 
-def run_all(jobs: dict[str, list[str]], seeds: list[int], workers: int, env: dict[str, str], prefect_home: str,
-            serial_first: bool = True, skip: set[tuple[str, int]] = frozenset()) -> list[dict]:
+COST_KEYS = ("wall_s", "cpu_s", "peak_rss_mib", "cit_tokens")
+
+
+def _cit_tokens(parent_run_id: str) -> int:
+    """Tokens trained over the CIT stages: the sum of their child runs' train/tokens."""
+    import mlflow
+
+    children = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    return int(sum(run.data.metrics.get("train/tokens", 0) for run in children if run.info.run_name.startswith("cit-")))
+
+
+def _log_cost(parent_run_id: str, cost: dict) -> None:
+    """On the parent run, so an interrupted benchmark's finished runs keep their cost (finished_runs)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    for key, value in cost.items():
+        client.log_metric(parent_run_id, f"bench/{key}", value)
+
+
+def run_all(jobs: dict[str, list[str]], pairs: list[tuple[str, int]], workers: int, env: dict[str, str], prefect_home: str,
+            serial_first: bool = True, skip: set[tuple[str, int]] = frozenset(), variant: dict | None = None) -> list[dict]:
     """With serial_first, the first run builds the shared base and DAP models (configs fix model.seed and
-    dap.seed) alone and the rest reuse them; services whose caches already hold them need not wait."""
-    order = [(method, seed) for seed in seeds for method in jobs if (method, seed) not in skip]
-    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(env, prefect_home)) as pool:
+    dap.seed) alone and the rest reuse them; services whose caches already hold them need not wait.
+    Each run gets a fresh worker process (max_tasks_per_child=1), so its peak RSS is its own."""
+    order = [pair for pair in pairs if pair not in skip]
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(env, prefect_home, threads), max_tasks_per_child=1) as pool:
         results = []
-        if serial_first:
+        if serial_first and order:
             (method, seed), order = order[0], order[1:]
-            results.append(_report(pool.submit(run_one, method, seed, jobs[method]).result()))
-        futures = [pool.submit(run_one, method, seed, jobs[method]) for method, seed in order]
+            results.append(_report(pool.submit(run_one, method, seed, jobs[method], variant).result()))
+        futures = [pool.submit(run_one, method, seed, jobs[method], variant) for method, seed in order]
         results += [_report(future.result()) for future in as_completed(futures)]
     return results
 
@@ -122,7 +225,7 @@ def run_all(jobs: dict[str, list[str]], seeds: list[int], workers: int, env: dic
 WHERE_KEYS = ("work_dir", "storage.endpoint_url", "storage.bucket", "tracking.tracking_uri")
 
 
-def finished_runs(jobs: dict[str, list[str]], seeds: list[int]) -> list[dict]:
+def finished_runs(jobs: dict[str, list[str]], pairs: list[tuple[str, int]], variant: dict | None = None) -> list[dict]:
     """Runs an earlier (interrupted) invocation finished in these services, matched by config digest.
 
     Every parent run is tagged with the digest of its config; a (method, seed) matches when the
@@ -135,9 +238,7 @@ def finished_runs(jobs: dict[str, list[str]], seeds: list[int]) -> list[dict]:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from perennial.config import load_config
-
-    base = load_config(str(BASE_CONFIG))
+    base = bench_config([], 0)
     experiment = MlflowClient().get_experiment_by_name(base.tracking.experiment)
     if experiment is None:
         return []
@@ -146,18 +247,26 @@ def finished_runs(jobs: dict[str, list[str]], seeds: list[int]) -> list[dict]:
                                   output_format="list"):
         params, digest = run.data.params, run.data.tags.get("config_digest")
         seed = int(params.get("seed", -1))
-        if seed not in seeds or not all(key in params for key in WHERE_KEYS):
+        if not all(key in params for key in WHERE_KEYS):
             continue
         where = [f"{key}={params[key]}" for key in WHERE_KEYS]
         for method, overrides in jobs.items():
-            if (method, seed) in found or load_config(str(BASE_CONFIG), [*overrides, f"seed={seed}", *where]).digest() != digest:
+            if (method, seed) not in pairs or (method, seed) in found or bench_config(overrides, seed, variant, where).digest() != digest:
                 continue
             matrix = json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/report/accuracy_matrix.json"))
+            try:
+                general = json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/report/general_tasks.json"))["summary"]
+            except Exception:  # noqa: BLE001 - a run without held-out tasks (the sweep) has no such file
+                general = {}
+            metrics = run.data.metrics
             found[method, seed] = {
                 "method": method, "seed": seed, "overrides": overrides, "collected": True,
-                "wall_s": round((run.info.end_time - run.info.start_time) / 1000, 1),
-                "tasks": matrix["tasks"], "accuracy_matrix": matrix["rows"], "metrics": run.data.metrics,
-                "mlflow_run_id": run.info.run_id,
+                **({"variant": variant} if variant else {}),
+                "wall_s": metrics.get("bench/wall_s", round((run.info.end_time - run.info.start_time) / 1000, 1)),
+                **{key: metrics[f"bench/{key}"] for key in COST_KEYS if f"bench/{key}" in metrics and key != "wall_s"},
+                "tasks": matrix["tasks"], "accuracy_matrix": matrix["rows"],
+                "metrics": {key: value for key, value in metrics.items() if not key.startswith("bench/")},
+                "general_tasks": general, "mlflow_run_id": run.info.run_id,
             }
     return list(found.values())
 
@@ -187,6 +296,12 @@ def learned_over_chance(run: dict, chance: dict[str, float]) -> float:
     return statistics.fmean(matrix[i + 1][i] - chance[task] for i, task in enumerate(run["tasks"]))
 
 
+def learned_over_zero_shot(run: dict) -> float:
+    """Mean over tasks of R[i][i] - R[0][i]: what training on a task added to the base model's zero-shot score."""
+    matrix = run["accuracy_matrix"]
+    return statistics.fmean(matrix[i + 1][i] - matrix[0][i] for i in range(len(run["tasks"])))
+
+
 def aggregate(results: list[dict], methods: list[str], chance: dict[str, float] | None = None) -> dict[str, dict]:
     table_rows = {}
     for method in methods:
@@ -194,6 +309,13 @@ def aggregate(results: list[dict], methods: list[str], chance: dict[str, float] 
         if not runs:
             continue
         row = {key: mean_std([r["metrics"][key] for r in runs]) for key, _ in COLUMNS}
+        row["learned_zero_shot"] = mean_std([learned_over_zero_shot(r) for r in runs])
+        general_names = [name for name in runs[0].get("general_tasks") or {} if all(name in (r.get("general_tasks") or {}) for r in runs)]
+        row["general_tasks"] = {
+            name: {stage: mean_std([r["general_tasks"][name][stage] for r in runs]) for stage in ("base", "final", "delta")}
+            for name in general_names
+        }
+        row["cost"] = {key: statistics.fmean(r[key] for r in runs) for key in COST_KEYS if all(key in r for r in runs)}
         # Perplexity moves over orders of magnitude when a method forgets: average it in log space.
         row["log_ppl_ratio"] = mean_std([math.log(r["metrics"]["general_ppl_final"] / r["metrics"]["general_ppl_base"]) for r in runs])
         row["ppl_base"] = mean_std([r["metrics"]["general_ppl_base"] for r in runs])
@@ -258,8 +380,11 @@ def markdown(report: dict) -> str:
         + "). "
         f"{report['load']} Machine: {machine_line(report['machine'])}",
         "",
-        f"A tiny Llama ({report['model']}) pretrained on WikiText-2, DAP on yelp review text, then "
-        f"{' -> '.join(tasks)} as instruction tasks scored by option log-likelihood (chance: {report['chance']}). "
+        f"Base model: {report['model']}; a short DAP on yelp review text, then {' -> '.join(tasks)} as instruction tasks "
+        f"scored by option log-likelihood through the chat template (chance: {report['chance']}). Held-out general "
+        "ability, never trained: WikiText-2 perplexity and the held-out tasks' zero-shot scores, before CIT -> after "
+        "the last task (change). R[i][i] - R[0][i]: what training on a task added to its zero-shot score, the mean over "
+        f"tasks; the accuracy matrix of each method is plotted in `bench/results/{report.get('figure', name + '_matrices.png')}`. "
         f"Every method has the same budget ({report['budget']}); seeds {report['seeds']} (the seeds column counts the runs "
         "behind each row); mean ± sample std over seeds. "
         "AP = mean of the last row of R; BWT and FWT as in docs/metrics.md; max forgetting = the largest drop of a task "
@@ -271,13 +396,34 @@ def markdown(report: dict) -> str:
     diagnostics = [f"{method} = `{' '.join(known_diagnostics[method])}`" for method in rows if method in known_diagnostics]
     if diagnostics:
         body += ["Diagnostics, not methods (configs/cl-benchmark-methods.yaml): " + "; ".join(diagnostics) + ".", ""]
-    headers = ["method", "seeds", "R[i][i] - chance", *(title for _, title in COLUMNS), "WikiText-2 ppl", *(f"final {task}" for task in tasks)]
+    general_names = sorted({name for row in rows.values() for name in row.get("general_tasks", {})})
+    headers = ["method", "seeds", "R[i][i] - R[0][i]", "R[i][i] - chance", *(title for _, title in COLUMNS), "WikiText-2 ppl",
+               *(f"{name} (held out)" for name in general_names), *(f"final {task}" for task in tasks)]
     table_rows = []
     for method, row in rows.items():
-        ppl = f"{row['ppl_base']['mean']:.0f} -> {row['ppl_base']['mean'] * math.exp(row['log_ppl_ratio']['mean']):.0f}"
-        table_rows.append([method, str(row["ap"]["n"]), _fmt(row["learned"], True), *(_fmt(row[key], key in ("bwt", "fwt")) for key, _ in COLUMNS), ppl,
+        ppl = f"{row['ppl_base']['mean']:.1f} -> {row['ppl_base']['mean'] * math.exp(row['log_ppl_ratio']['mean']):.1f}"
+        general = [_general_cell(row.get("general_tasks", {}).get(name)) for name in general_names]
+        learned_zero_shot = _fmt(row["learned_zero_shot"], True) if "learned_zero_shot" in row else "n/a"
+        table_rows.append([method, str(row["ap"]["n"]), learned_zero_shot, _fmt(row["learned"], True),
+                           *(_fmt(row[key], key in ("bwt", "fwt")) for key, _ in COLUMNS), ppl, *general,
                            *(f"{value:.3f}" for value in row["final_row"])])
     body += [table(headers, table_rows), ""]
+    costs = {method: row["cost"] for method, row in rows.items() if row.get("cost")}
+    if costs:
+        body += [
+            "Cost per run (mean over seeds): trainable parameters of the CIT tuning, tokens trained over the CIT stages, "
+            "wall and CPU time of the whole run (DAP and base model from the cache, evaluation included), and the run's "
+            "peak resident memory (each run in a fresh process). Wall times are with the other work of the machine "
+            "at the time; CPU time is the steadier measure.",
+            "",
+            table(["method", "trainable params", "CIT tokens", "wall (min)", "CPU (min)", "peak RSS (GiB)", "AP per CPU-hour"],
+                  [[method, _count(report.get("trainable_params", {}).get(method)), _count(cost.get("cit_tokens")),
+                    _minutes(cost.get("wall_s")), _minutes(cost.get("cpu_s")),
+                    "n/a" if cost.get("peak_rss_mib") is None else f"{cost['peak_rss_mib'] / 1024:.2f}",
+                    "n/a" if not cost.get("cpu_s") else f"{rows[method]['ap']['mean'] / (cost['cpu_s'] / 3600):.2f}"]
+                   for method, cost in costs.items()]),
+            "",
+        ]
     best = max(row["learned"]["mean"] for row in rows.values())
     if best < LEARNED_ENOUGH:
         body += [
@@ -302,49 +448,125 @@ def markdown(report: dict) -> str:
     return "\n".join(body) + "\n"
 
 
+def _general_cell(stat: dict | None) -> str:
+    if stat is None:
+        return "n/a"
+    return f"{stat['base']['mean']:.2f} -> {stat['final']['mean']:.2f} ({stat['delta']['mean']:+.2f})"
+
+
+def _count(value) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value / 1e6:.1f}M" if value >= 1e6 else f"{value / 1e3:.0f}k"
+
+
+def _minutes(seconds) -> str:
+    return "n/a" if seconds is None else f"{seconds / 60:.1f}"
+
+
+# --- the learning-rate sweep ------------------------------------------------------------------------
+
+
+def sweep_table(results: list[dict], sweep: dict) -> dict:
+    """Validation accuracy (R[1][0]: the first task's held-out records after training on them) per
+    tuning method and rate, and the chosen rate: the best, the lower one on a tie."""
+    table_rows, chosen = {}, {}
+    for tuning, rates in sweep["rates"].items():
+        scores = {}
+        for lr in rates:
+            runs = [r for r in results if r["method"] == f"{tuning}@{lr:g}"]
+            if runs:
+                scores[f"{lr:g}"] = {
+                    "validation": statistics.fmean(r["accuracy_matrix"][1][0] for r in runs),
+                    "zero_shot": statistics.fmean(r["accuracy_matrix"][0][0] for r in runs),
+                }
+        if scores:
+            table_rows[tuning] = scores
+            chosen[tuning] = max(sorted(scores, key=float), key=lambda lr: scores[lr]["validation"])
+    return {"scores": table_rows, "chosen": chosen}
+
+
+def sweep_markdown(report: dict) -> str:
+    sweep, result = report["sweep"], report["sweep_result"]
+    rates = sorted({lr for scores in result["scores"].values() for lr in scores}, key=float)
+    rows = [[tuning, f"{next(iter(scores.values()))['zero_shot']:.3f}",
+             *(f"**{scores[lr]['validation']:.3f}**" if lr == result["chosen"][tuning] else
+               (f"{scores[lr]['validation']:.3f}" if lr in scores else "") for lr in rates)]
+            for tuning, scores in result["scores"].items()]
+    return "\n".join([
+        "### Learning-rate sweep",
+        "",
+        f"Command: `{report['command']}` ({report['wall_minutes']:.0f} min). {report['load']}",
+        "",
+        f"Each tuning method at each rate trains the first task ({report['tasks'][0]}) alone for {sweep['steps']} steps on "
+        f"records {sweep['skip']}..{sweep['skip'] + sweep['records']} of its file, which the benchmark never reads, and is "
+        f"scored on the {sweep['validation_fraction']:.0%} of them split off by hash: the benchmark's test records are never "
+        "seen. Validation accuracy after training (zero-shot before it); the chosen rate in bold. A CL method uses its "
+        "tuning method's rate (on the first task alone replay, EWC and SEEKR have nothing to keep yet).",
+        "",
+        table(["tuning", "zero-shot", *(f"lr {lr}" for lr in rates)], rows),
+        "",
+    ]) + "\n"
+
+
 # --- main ------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Methods and seeds default to configs/cl-benchmark-methods.yaml.")
+                                     epilog="Methods, seeds and the sweep's rates come from configs/cl-benchmark-methods.yaml.")
     compared, diagnostics, default_seeds = load_methods()
     all_methods = {**compared, **diagnostics}
     parser.add_argument("--methods", nargs="+", choices=list(all_methods),
                         help="methods to run (default: every compared one; the diagnostics run only when named)")
-    parser.add_argument("--seeds", nargs="+", type=int, help=f"seeds (default: {default_seeds})")
-    parser.add_argument("--workers", type=int, default=2, help="runs in parallel, one torch thread each (default 2)")
+    parser.add_argument("--seeds", nargs="+", type=int,
+                        help=f"seeds of every method (default: {default_seeds}, plus the file's extra_seeds for the methods it names)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="runs in parallel, the cores shared out between them (default 1: one run on every core)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 methods, 1 seed, a few steps, 10 test records per task")
-    parser.add_argument("--render", action="store_true", help="only rewrite the .md from the existing JSON in --output-dir")
+    parser.add_argument("--sweep", action="store_true",
+                        help="the learning-rate sweep: each tuning method at each of its rates on the first task alone, "
+                        "scored on records the benchmark never uses (results: <name>_sweep)")
+    parser.add_argument("--order", nargs="+", metavar="TASK", help="another task order, e.g. agnews dbpedia amazon")
+    parser.add_argument("--render", action="store_true", help="only rewrite the .md (and figure) from the existing JSON in --output-dir")
     parser.add_argument("--state-dir", type=Path, default=ROOT / ".perennial" / "bench" / "cl_quality",
                         help="S3 and MLflow data of the benchmark's own services (kept between runs; --quick starts from an empty one)")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="overrides for every run, after the method's own (e.g. cit.optim.lr=0.01)")
     parser.add_argument("--no-run", action="store_true",
                         help="run nothing: report the runs an earlier invocation finished in --state-dir")
-    parser.add_argument("--name", default=DEFAULT_NAME, help="results file stem under --output-dir (default cl_quality)")
-    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR, help="where <name>.json and .md go")
+    parser.add_argument("--name", default=None,
+                        help="results file stem under --output-dir (default cl_quality, cl_quality_sweep or cl_quality_order-...)")
+    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR, help="where <name>.json, .md and the figure go")
     args = parser.parse_args(argv)
+    sweep = load_sweep()
+    variant = {"sweep": sweep} if args.sweep else ({"order": args.order} if args.order else None)
+    name = args.name or (f"{DEFAULT_NAME}_sweep" if args.sweep else f"{DEFAULT_NAME}_order-{'-'.join(args.order)}" if args.order else DEFAULT_NAME)
 
     if args.render:
         import json
 
-        report = json.loads((args.output_dir / f"{args.name}.json").read_text())
-        report["name"] = args.name
-        methods = list(report["methods"])
-        report["methods"] = aggregate(report["runs"], methods, report["chance"])
-        report["orderings"] = orderings(report["methods"])
-        write_results(args.name, report, markdown(report), args.output_dir)
-        print(markdown(report))
+        report = json.loads((args.output_dir / f"{name}.json").read_text())
+        report["name"] = name
+        write_report(report, args.output_dir)
         return 0
     if not (ROOT.parent / "shared" / "datasets").exists() and "PERENNIAL_DATASETS" not in os.environ:
         parser.error("the benchmark reads ../shared/datasets (or $PERENNIAL_DATASETS), which is not there")
-    methods = args.methods or (QUICK_METHODS if args.quick else list(compared))
-    seeds = args.seeds or (default_seeds[:1] if args.quick else default_seeds)
-    jobs = {method: all_methods[method] + (QUICK_OVERRIDES if args.quick else []) + args.set for method in methods}
+    if args.sweep:
+        if args.methods or args.order:
+            parser.error("--sweep runs every tuning method of the sweep's rates on the first task; drop --methods / --order")
+        jobs = sweep_jobs(sweep)
+        methods = list(jobs)
+        pairs = run_pairs(methods, args.seeds or default_seeds[:1])
+    else:
+        methods = args.methods or (QUICK_METHODS if args.quick else list(compared))
+        pairs = run_pairs(methods, args.seeds or (default_seeds[:1] if args.quick else None))
+        jobs = {method: all_methods[method] for method in methods}
+    seeds = sorted({seed for _, seed in pairs})
+    jobs = {method: overrides + (QUICK_OVERRIDES if args.quick else []) + args.set for method, overrides in jobs.items()}
+    cfg = bench_config(args.set, seeds[0], variant)  # refuses a bad --order before any service starts
 
-    from perennial.config import load_config
     from perennial.services import LocalServices
 
     started = time.perf_counter()
@@ -360,15 +582,14 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.update(env)
             from perennial.storage import ObjectStore
 
-            cfg = load_config(str(BASE_CONFIG), args.set)
-            ObjectStore(cfg.storage).ensure_bucket()
-            results = finished_runs(jobs, seeds) if warm else []
+            ObjectStore(bench_config(args.set, seeds[0]).storage).ensure_bucket()
+            results = finished_runs(jobs, pairs, variant) if warm else []
             done = {(r["method"], r["seed"]) for r in results}
             for result in results:
                 print(f"[{result['method']} seed {result['seed']}] finished earlier in {state}: collected", flush=True)
-            if len(done) < len(jobs) * len(seeds) and not args.no_run:
-                results += run_all(jobs, seeds, args.workers, {**env, "PERENNIAL_BENCH_WORK": str(Path(tmp) / "work")},
-                                   str(Path(tmp) / "prefect"), serial_first=not warm, skip=done)
+            if len(done) < len(pairs) and not args.no_run:
+                results += run_all(jobs, pairs, args.workers, {**env, "PERENNIAL_BENCH_WORK": str(Path(tmp) / "work")},
+                                   str(Path(tmp) / "prefect"), serial_first=not warm, skip=done, variant=variant)
             if not results:
                 parser.error(f"no finished runs in {state} to report")
         finally:
@@ -376,31 +597,86 @@ def main(argv: list[str] | None = None) -> int:
 
     tasks = results[0]["tasks"]
     chance = {task: round(1 / len(_labels(cfg, task)), 3) for task in tasks}
-    rows = aggregate(results, methods, chance)
     report = {
-        "name": args.name,
+        "name": name,
         "command": command("bench.cl_quality", argv),
         "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {**machine(), "torch_threads": 1},  # per worker (_init_worker)
+        "machine": {**machine(), "torch_threads": max(1, (os.cpu_count() or 1) // args.workers)},  # per worker
         "load": load_note(load_before, os.getloadavg()[0]),
         "workers": args.workers,
         "wall_minutes": (time.perf_counter() - started) / 60,
         "quick": args.quick,
         "set": args.set,
+        "variant": variant,
         "collected_runs": sum(bool(r.get("collected")) for r in results),
         "seeds": seeds,
         "tasks": tasks,
         "chance": chance,
         "model": _model_line(cfg),
         "budget": _budget_line(cfg, args.quick),
-        "methods": rows,
-        "orderings": orderings(rows),
+        "method_order": methods,
+        "trainable_params": trainable_params({method: jobs[method] for method in methods}, args.set),
         "runs": sorted(results, key=lambda r: (methods.index(r["method"]), r["seed"])),
     }
-    json_path, md_path = write_results(args.name, report, markdown(report), args.output_dir)
-    print(markdown(report))
-    print(f"wrote {json_path} and {md_path}")
+    write_report(report, args.output_dir)
     return 0
+
+
+def write_report(report: dict, output_dir: Path) -> None:
+    """Aggregate the runs and write <name>.json, .md and (for the method table) the accuracy-matrix grid."""
+    name, results = report["name"], report["runs"]
+    if (report.get("variant") or {}).get("sweep"):
+        report["sweep"] = report["variant"]["sweep"]
+        report["sweep_result"] = sweep_table(results, report["sweep"])
+        text = sweep_markdown(report)
+    else:
+        methods = report.get("method_order") or list(dict.fromkeys(r["method"] for r in results))
+        report["methods"] = aggregate(results, methods, report["chance"])
+        report["orderings"] = orderings(report["methods"])
+        figure = output_dir / f"{name}_matrices.png"
+        plot_matrices(results, methods, figure)
+        report["figure"] = figure.name
+        text = markdown(report)
+    json_path, md_path = write_results(name, report, text, output_dir)
+    print(text)
+    print(f"wrote {json_path} and {md_path}")
+
+
+def plot_matrices(results: list[dict], methods: list[str], path: Path) -> Path:
+    """The accuracy matrix of each method (its first seed's run), one grid."""
+    from perennial.cl_metrics import AccuracyMatrix
+    from perennial.reports import plot_accuracy_matrix_grid
+
+    first = {}
+    for run in sorted(results, key=lambda r: r["seed"]):
+        first.setdefault(run["method"], run)
+    matrices = {f"{method} (seed {first[method]['seed']})": AccuracyMatrix(tasks=first[method]["tasks"], rows=first[method]["accuracy_matrix"])
+                for method in methods if method in first}
+    return plot_accuracy_matrix_grid(matrices, path)
+
+
+def trainable_params(jobs: dict[str, list[str]], extra: list[str]) -> dict[str, int]:
+    """Trainable parameters of each method's CIT tuning on the base model (one model build per tuning config)."""
+    from models.gguf import converted_dir
+    from models.loading import load_model_and_tokenizer
+    from models.tuning import apply_tuning, count_parameters
+
+    model_cfg = bench_config([], 0).model
+    counts, by_tuning = {}, {}
+    for method, overrides in jobs.items():
+        tuning = bench_config([*overrides, *extra], 0).cit.tuning
+        key = tuning.model_dump_json()
+        if key not in by_tuning:
+            try:
+                if model_cfg.source != "gguf":
+                    raise ValueError(f"counted for model.source gguf only, not {model_cfg.source!r}")
+                folder, _ = converted_dir(model_cfg.gguf_file, ROOT / ".perennial" / "cache" / "gguf")
+                by_tuning[key] = count_parameters(apply_tuning(load_model_and_tokenizer(folder)[0], tuning))[0]
+            except Exception as error:  # noqa: BLE001 - a count is a column of the report, not a reason to lose the runs
+                print(f"trainable parameters of {method}: not counted ({error})", flush=True)
+                by_tuning[key] = None
+        counts[method] = by_tuning[key]
+    return counts
 
 
 def _labels(cfg, task: str) -> list:
@@ -411,8 +687,12 @@ def _labels(cfg, task: str) -> list:
 
 
 def _model_line(cfg) -> str:
-    tiny = cfg.model.tiny
-    return f"vocab {tiny.vocab_size}, hidden {tiny.hidden_size}, {tiny.num_hidden_layers} layers, {tiny.num_attention_heads} heads"
+    if cfg.model.source == "gguf":
+        return f"{cfg.model.gguf_file} (GGUF, converted once by models/gguf.py), precision {cfg.precision}"
+    if cfg.model.source == "tiny":
+        tiny = cfg.model.tiny
+        return f"tiny Llama: vocab {tiny.vocab_size}, hidden {tiny.hidden_size}, {tiny.num_hidden_layers} layers, {tiny.num_attention_heads} heads"
+    return f"{cfg.model.source} {getattr(cfg.model, 'name_or_path', '')}"
 
 
 def _budget_line(cfg, quick: bool) -> str:

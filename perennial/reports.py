@@ -30,8 +30,31 @@ def _save(fig, path: str | Path) -> Path:
 
 def plot_accuracy_matrix(matrix: AccuracyMatrix, path: str | Path) -> Path:
     """Heatmap of R (stages down, tasks across), each cell annotated with its score."""
-    values = _as_array(matrix)
     fig, ax = plt.subplots(figsize=(1.2 * matrix.num_tasks + 3, 0.6 * len(matrix.rows) + 2))
+    image = _draw_accuracy_matrix(ax, matrix, "Accuracy matrix R[i][j]")
+    fig.colorbar(image, ax=ax, label="score")
+    return _save(fig, path)
+
+
+def plot_accuracy_matrix_grid(matrices: dict[str, AccuracyMatrix], path: str | Path, columns: int = 4) -> Path:
+    """One accuracy-matrix heatmap per name (e.g. per CL method), on one shared 0..1 colour scale."""
+    if not matrices:
+        raise ValueError("plot_accuracy_matrix_grid needs at least one matrix")
+    columns = min(columns, len(matrices))
+    rows = math.ceil(len(matrices) / columns)
+    first = next(iter(matrices.values()))
+    fig, axes = plt.subplots(rows, columns, squeeze=False,
+                             figsize=(columns * (1.1 * first.num_tasks + 2.2), rows * (0.55 * len(first.rows) + 1.8)))
+    for ax, (name, matrix) in zip(axes.flat, matrices.items()):
+        image = _draw_accuracy_matrix(ax, matrix, name)
+    for ax in list(axes.flat)[len(matrices):]:
+        ax.axis("off")
+    fig.colorbar(image, ax=axes, label="score", shrink=0.6)
+    return _save(fig, path)
+
+
+def _draw_accuracy_matrix(ax, matrix: AccuracyMatrix, title: str):
+    values = _as_array(matrix)
     image = ax.imshow(values, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
     ax.set_xticks(range(matrix.num_tasks), matrix.tasks, rotation=30, ha="right")
     ax.set_yticks(range(len(matrix.rows)), matrix.stage_labels())
@@ -42,9 +65,8 @@ def plot_accuracy_matrix(matrix: AccuracyMatrix, path: str | Path) -> Path:
             if not math.isnan(value):
                 # Dark text on the bright end of viridis, light text elsewhere.
                 ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="black" if value > 0.6 else "white")
-    fig.colorbar(image, ax=ax, label="score")
-    ax.set_title("Accuracy matrix R[i][j]")
-    return _save(fig, path)
+    ax.set_title(title)
+    return image
 
 
 def plot_task_curves(matrix: AccuracyMatrix, path: str | Path, general: list[dict[str, float]] | None = None) -> Path:

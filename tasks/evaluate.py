@@ -8,7 +8,7 @@ import torch
 from pydantic import BaseModel
 from safetensors.torch import load_file, save_file
 
-from models.engine import resolve_device, set_seed
+from models.engine import precision_context, resolve_device, set_seed
 from models.evaluation import next_token_distributions, output_drift, perplexity, score_task
 from models.loading import load_model_and_tokenizer
 from tasks.ingest import DataBundle, read_records
@@ -59,8 +59,12 @@ def evaluate_stage(run: RunContext, model_uri: str, data: DataBundle, stage_inde
             details[ref.name] = {k: v for k, v in scored.items() if isinstance(v, (int, float))}
         return scores, details
 
-    scores, details = score_all(data.tasks)
-    general_scores, general_details = score_all(data.heldout)
+    # Scoring in the training precision (bf16 autocast where `precision: auto` trains in it) halves its
+    # time on such a CPU; perplexity and the drift distributions stay fp32, they are cheap and compared
+    # across stages to small fractions.
+    with precision_context(cfg.precision, resolve_device(cfg.device)):
+        scores, details = score_all(data.tasks)
+        general_scores, general_details = score_all(data.heldout)
 
     general_test = read_records(store, data.general, cache, split="test")
     texts = [record["text"] for record in general_test[: cfg.eval.general_max_docs]]

@@ -71,7 +71,8 @@ def commit_output(
         tracker = open_tracker(cfg, spool_dir=run.work_dir / stage)
         tracker.log_metrics(
             mlflow_run_id,
-            {"train/final_loss": result.losses[-1], "train/tokens_per_second": result.tokens_per_second, "train/resumed_from": result.resumed_from},
+            {"train/final_loss": result.losses[-1], "train/tokens_per_second": result.tokens_per_second, "train/tokens": result.tokens,
+             "train/resumed_from": result.resumed_from},
             result.steps,
         )
         tracker.set_tags(mlflow_run_id, {"checkpoint_uri": manifest["uri"], "checkpoint_digest": manifest["digest"]})

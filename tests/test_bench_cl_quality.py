@@ -5,12 +5,16 @@ import math
 
 import pytest
 
+from pathlib import Path
+
 from bench.cl_quality import aggregate, load_methods, orderings
 from bench.report import assemble
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def run(method, seed, ap, bwt, ppl_final, final_row=(0.5, 0.5)):
-    return {"method": method, "seed": seed, "tasks": ["a", "b"], "accuracy_matrix": [[0.0, 0.0], list(final_row)],
+    return {"method": method, "seed": seed, "tasks": ["a", "b"], "accuracy_matrix": [[0.0, 0.0], [final_row[0], 0.0], list(final_row)],
             "metrics": {"ap": ap, "bwt": bwt, "fwt": 0.0, "forgetting_max": -bwt, "general_ppl_base": 10.0,
                         "general_ppl_final": ppl_final}}
 
@@ -40,10 +44,54 @@ def test_orderings_report_whichever_way_they_go():
     assert "**does not hold**" in orderings(far)[0]
 
 
-def test_every_issue_method_is_configured_with_three_seeds():
-    methods, _, seeds = load_methods()
+def test_every_issue_method_runs_and_the_five_compared_ones_with_three_seeds():
+    from bench.cl_quality import run_pairs
+
+    methods, _, _ = load_methods()
     assert set(methods) == {"full", "attn-proj", "mlp-gate-up", "lora", "mora", "replay-1%", "replay-10%", "ewc", "lwf", "seekr-1%", "olora"}
-    assert len(seeds) == 3
+    pairs = run_pairs(list(methods), None)
+    seeds = {method: sorted(seed for m, seed in pairs if m == method) for method in methods}
+    assert all(seeds[method] == [0, 1, 2] for method in ("full", "attn-proj", "lora", "replay-10%", "seekr-1%"))
+    assert all(len(seeds[method]) >= 1 for method in methods)
+    assert run_pairs(["full", "ewc"], [3]) == [("full", 3), ("ewc", 3)]  # --seeds: those seeds for every method
+
+
+def test_variants_reorder_the_tasks_or_keep_only_the_first_on_unused_records():
+    from bench.cl_quality import bench_config, load_sweep
+
+    base = bench_config([], 0)
+    roles = lambda cfg: [(d.name, d.resolved_role) for d in cfg.data.datasets]  # noqa: E731
+    assert [name for name, role in roles(base) if role == "task"] == ["dbpedia", "amazon", "agnews"]
+    assert {name for name, role in roles(base) if role == "heldout"} == {"sst2", "boolqa"}
+    ordered = bench_config([], 0, {"order": ["agnews", "dbpedia", "amazon"]})
+    assert [name for name, role in roles(ordered) if role == "task"] == ["agnews", "dbpedia", "amazon"]
+    assert ordered.digest() != base.digest()
+    with pytest.raises(ValueError, match="each task"):
+        bench_config([], 0, {"order": ["agnews", "dbpedia"]})
+
+    sweep = load_sweep()
+    swept = bench_config([], 0, {"sweep": sweep})
+    assert [role for _, role in roles(swept)].count("heldout") == 0
+    [task] = [d for d in swept.data.datasets if d.resolved_role == "task"]
+    [benchmark_source] = next(d for d in base.data.datasets if d.name == "dbpedia").sources
+    [source] = task.sources
+    # the sweep reads past every record the benchmark reads (its first `limit`), from the same file
+    assert task.name == "dbpedia" and source.uri == benchmark_source.uri
+    assert source.skip >= benchmark_source.skip + benchmark_source.limit
+    assert (source.limit, task.test_fraction) == (sweep["records"], sweep["validation_fraction"])
+
+
+def test_sweep_picks_each_tuning_methods_best_rate_and_the_lower_on_a_tie():
+    from bench.cl_quality import sweep_jobs, sweep_table
+
+    sweep = {"steps": 5, "rates": {"full": [1e-5, 3e-5], "lora": [1e-3, 3e-3]}}
+    jobs = sweep_jobs(sweep)
+    assert jobs["lora@0.003"] == ["cit.tuning.method=lora", "cit.optim.lr=0.003", "cit.optim.max_steps=5"]
+    runs = [{"method": method, "accuracy_matrix": [[0.1], [score]]}
+            for method, score in {"full@1e-05": 0.5, "full@3e-05": 0.7, "lora@0.001": 0.6, "lora@0.003": 0.6}.items()]
+    result = sweep_table(runs, sweep)
+    assert result["chosen"] == {"full": "3e-05", "lora": "0.001"}
+    assert result["scores"]["full"]["1e-05"] == {"validation": 0.5, "zero_shot": 0.1}
 
 
 def test_report_assembles_sections_and_names_the_missing(tmp_path):
@@ -52,8 +100,8 @@ def test_report_assembles_sections_and_names_the_missing(tmp_path):
     assert text.startswith("# Benchmarks")
     assert "## Continual-learning quality" in text
     assert "python -m bench.engine_throughput` has not been run yet" in text
-    assert "cl_quality_lr" in text  # a side run is missing from a full report
-    assert "cl_quality_lr" not in assemble(tmp_path, quick=True)  # and is no part of the smoke run
+    assert "cl_quality_sweep" in text  # a side run is missing from a full report
+    assert "cl_quality_sweep" not in assemble(tmp_path, quick=True)  # and is no part of the smoke run
 
 
 def test_make_bench_runs_every_section_the_report_assembles():
@@ -133,7 +181,8 @@ def test_side_run_renders_under_its_own_name(tmp_path):
     assert text.startswith("## Continual-learning quality: diag\n")
     assert "Diagnostics, not methods (configs/cl-benchmark-methods.yaml): head-only = `cit.tuning.method=regex" in text
     assert "no method in this table learns the tasks" in text
-    assert "| head-only | 1 | +0.015 | 0.600 | -0.100 |" in text  # one seed: no ± 0.000 that looks like a spread
+    assert "| head-only | 1 | +0.015 | +0.015 | 0.600 | -0.100 |" in text  # one seed: no ± 0.000 that looks like a spread
+    assert (tmp_path / "diag_matrices.png").stat().st_size > 1000  # the accuracy-matrix grid
 
 
 def test_finished_runs_are_collected_by_config_digest(tmp_path, monkeypatch):
@@ -161,7 +210,7 @@ def test_finished_runs_are_collected_by_config_digest(tmp_path, monkeypatch):
     finished(["cit.tuning.method=lora", "seed=1"], 0.4)
     finished(["cit.tuning.method=lora", "seed=1", "cit.optim.max_steps=7"], 0.9)  # other sizes: not this benchmark
     finished(["seed=5"], 0.3)  # a seed not asked for
-    [run] = finished_runs(jobs, [0, 1])
+    [run] = finished_runs(jobs, [(method, seed) for seed in (0, 1) for method in jobs])
     assert (run["method"], run["seed"], run["metrics"]["ap"], run["accuracy_matrix"]) == ("lora", 1, 0.4, [[0.1], [0.4]])
 
 
@@ -177,4 +226,4 @@ def test_methods_that_did_not_learn_are_named_beside_the_table(tmp_path):
               "orderings": [], "runs": [learned, flat]}
     text = markdown(report)
     assert "**lora: right after training on a task, within +0.05 of chance**" in text
-    assert "| full | 1 | +0.400 |" in text
+    assert "| full | 1 | +0.400 | +0.400 |" in text
