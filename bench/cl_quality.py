@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -169,6 +170,12 @@ def run_one(method: str, seed: int, overrides: list[str], variant: dict | None =
         "cit_tokens": _cit_tokens(summary["mlflow_run_id"]),
     }
     _log_cost(summary["mlflow_run_id"], cost)
+    # The numbers are in MLflow; the run's models and checkpoints (0.5 GB per stage for a full model) are
+    # not needed again, and 30 runs of them would fill the disk: drop them and this worker's local copies.
+    from perennial.storage import ObjectStore
+
+    ObjectStore(cfg.storage).delete_prefix(summary["s3_prefix"].split("/", 3)[3])
+    shutil.rmtree(work_dir, ignore_errors=True)
     return {
         "method": method,
         "seed": seed,
