@@ -211,13 +211,13 @@ def _log_cost(parent_run_id: str, cost: dict) -> None:
         client.log_metric(parent_run_id, f"bench/{key}", value)
 
 
-def run_all(jobs: dict[str, list[str]], pairs: list[tuple[str, int]], workers: int, env: dict[str, str], prefect_home: str,
-            serial_first: bool = True, skip: set[tuple[str, int]] = frozenset(), variant: dict | None = None) -> list[dict]:
+def run_all(jobs: dict[str, list[str]], pairs: list[tuple[str, int]], workers: int, threads: int, env: dict[str, str],
+            prefect_home: str, serial_first: bool = True, skip: set[tuple[str, int]] = frozenset(),
+            variant: dict | None = None) -> list[dict]:
     """With serial_first, the first run builds the shared base and DAP models (configs fix model.seed and
     dap.seed) alone and the rest reuse them; services whose caches already hold them need not wait.
     Each run gets a fresh worker process (max_tasks_per_child=1), so its peak RSS is its own."""
     order = [pair for pair in pairs if pair not in skip]
-    threads = max(1, (os.cpu_count() or 1) // workers)
     with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(env, prefect_home, threads), max_tasks_per_child=1) as pool:
         results = []
         if serial_first and order:
@@ -531,6 +531,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"seeds of every method (default: {default_seeds}, plus the file's extra_seeds for the methods it names)")
     parser.add_argument("--workers", type=int, default=1,
                         help="runs in parallel, the cores shared out between them (default 1: one run on every core)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per worker (default: the cores shared out between workers). On a machine "
+                        "other work also uses, 1 avoids OpenMP threads waiting on each other while the OS runs someone else")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 methods, 1 seed, a few steps, 10 test records per task")
     parser.add_argument("--sweep", action="store_true",
                         help="the learning-rate sweep: each tuning method at each of its rates on the first task alone, "
@@ -573,6 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = sorted({seed for _, seed in pairs})
     jobs = {method: overrides + (QUICK_OVERRIDES if args.quick else []) + args.set for method, overrides in jobs.items()}
     cfg = bench_config(args.set, seeds[0], variant)  # refuses a bad --order before any service starts
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
 
     from perennial.services import LocalServices
 
@@ -595,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
             for result in results:
                 print(f"[{result['method']} seed {result['seed']}] finished earlier in {state}: collected", flush=True)
             if len(done) < len(pairs) and not args.no_run:
-                results += run_all(jobs, pairs, args.workers, {**env, "PERENNIAL_BENCH_WORK": str(Path(tmp) / "work")},
+                results += run_all(jobs, pairs, args.workers, threads, {**env, "PERENNIAL_BENCH_WORK": str(Path(tmp) / "work")},
                                    str(Path(tmp) / "prefect"), serial_first=not warm, skip=done, variant=variant)
             if not results:
                 parser.error(f"no finished runs in {state} to report")
@@ -608,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
         "name": name,
         "command": command("bench.cl_quality", argv),
         "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {**machine(), "torch_threads": max(1, (os.cpu_count() or 1) // args.workers)},  # per worker
+        "machine": {**machine(), "torch_threads": threads},  # per worker
         "load": load_note(load_before, os.getloadavg()[0]),
         "workers": args.workers,
         "wall_minutes": (time.perf_counter() - started) / 60,
