@@ -280,9 +280,10 @@ def finished_runs(jobs: dict[str, list[str]], pairs: list[tuple[str, int]], vari
 
 def _report(result: dict) -> dict:
     metrics = result["metrics"]
-    print(f"[{result['method']} seed {result['seed']}] ap={metrics['ap']:.3f} bwt={metrics['bwt']:+.3f} "
-          f"fwt={metrics['fwt']:+.3f} ppl {metrics['general_ppl_base']:.1f} -> {metrics['general_ppl_final']:.1f} "
-          f"({result['wall_s']:.0f} s)", flush=True)
+    # BWT and FWT are undefined with one task (the sweep), so absent from the metrics
+    shown = " ".join(f"{key}={metrics[key]:+.3f}" for key in ("ap", "bwt", "fwt") if key in metrics)
+    print(f"[{result['method']} seed {result['seed']}] {shown} ppl {metrics['general_ppl_base']:.1f} -> "
+          f"{metrics['general_ppl_final']:.1f} ({result['wall_s']:.0f} s)", flush=True)
     return result
 
 
