@@ -542,7 +542,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--order", nargs="+", metavar="TASK", help="another task order, e.g. agnews dbpedia amazon")
     parser.add_argument("--render", action="store_true", help="only rewrite the .md (and figure) from the existing JSON in --output-dir")
     parser.add_argument("--state-dir", type=Path, default=ROOT / ".perennial" / "bench" / "cl_quality",
-                        help="S3 and MLflow data of the benchmark's own services (kept between runs; --quick starts from an empty one)")
+                        help="S3 and MLflow data of the benchmark's own services, in a folder per results name (kept between "
+                        "runs; --quick starts from an empty one)")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="overrides for every run, after the method's own (e.g. cit.optim.lr=0.01)")
     parser.add_argument("--no-run", action="store_true",
@@ -585,7 +586,8 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="perennial-clq-") as tmp:
         # A smoke run starts cold: in a kept state dir its runs would be collected, or replayed from S3.
-        state = Path(tmp) / "state" if args.quick else args.state_dir / "full"
+        # One state per results name: the sweep, the main table and the second order can run side by side.
+        state = Path(tmp) / "state" if args.quick else args.state_dir / name
         warm = state.exists()  # an earlier benchmark run left the base and DAP models in its caches
         services = LocalServices.on_free_ports(state)
         env = services.up()
