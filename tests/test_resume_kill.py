@@ -34,7 +34,7 @@ def test_kill_9_mid_stage_then_rerun_matches_uninterrupted_run(services, prefect
     for endpoint in ("PERENNIAL_S3_ENDPOINT", "PERENNIAL_BUCKET", "MLFLOW_TRACKING_URI"):
         env.pop(endpoint, None)  # the YAML names this test's services; the env defaults would override it
     log = open(tmp_path / "child.log", "wb")
-    child = subprocess.Popen([sys.executable, "-m", "perennial.cli", "run", str(config_file)], env=env,
+    child = subprocess.Popen([sys.executable, "-m", "app.cli", "run", str(config_file)], env=env,
                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     store = ObjectStore(StorageConfig(endpoint_url=services.s3_endpoint, bucket=bucket))
     marker = "/stages/cit-02-fact_lookup/checkpoints/step-00000010/MANIFEST.json"
