@@ -19,7 +19,6 @@ import shutil
 from pathlib import Path
 from typing import Callable, Literal
 
-import torch
 import torch.distributed as dist
 from pydantic import BaseModel
 
