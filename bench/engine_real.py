@@ -222,9 +222,8 @@ def rss_child(kind: str, name: str, steps: int) -> None:
     for index, examples in enumerate(tasks if kind == "cl" else tasks[:1]):
         if index == len(tasks) - 1 and reset:
             _reset_peak_rss()  # the second task: the plugin now holds what it keeps from the first
-        context = TaskContext(task_index=index, task_name=f"task-{index}", model=model, tokenizer=tokenizer,
-                              train_examples=examples, device=torch.device("cpu"), batch_size=BATCH,
-                              pad_token_id=tokenizer.pad_token_id, work_dir=Path(tempfile.mkdtemp()))
+        context = TaskContext(task_index=index, task_name=f"task-{index}", model=model, train_examples=examples,
+                              pad_token_id=tokenizer.pad_token_id)
         for plugin in plugins:
             plugin.before_task(context)
         started = time.perf_counter()

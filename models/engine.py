@@ -26,7 +26,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
@@ -344,7 +344,6 @@ class TrainResult:
     tokens: int = 0
     seconds: float = 0.0
     resumed_from: int = 0
-    metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def tokens_per_second(self) -> float:
@@ -392,8 +391,6 @@ def train(
         raise ValueError(f"batch_size {micro} must be divisible by the number of processes {world}")
     per_rank = micro // world
     fsdp = world > 1 and strategy == "fsdp"
-    if fsdp and plugins:
-        raise ValueError("CL plugins (cit.methods) do not run under FSDP: they read whole parameters; use strategy ddp")
 
     if fsdp:
         # Before the optimizer (it must hold the shards) and before moving: a model loaded on the

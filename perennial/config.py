@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -326,22 +326,29 @@ class DAPConfig(Strict):
     tuning: TuningConfig = Field(default_factory=TuningConfig)
 
 
+ReplayStrategy = Literal["uniform", "reservoir", "loss-mid", "balanced"]
+ReplayMixing = Literal["interleave", "concat", "epoch"]
+
+
+def _budget_shape(budget: float) -> float:
+    if budget > 1 and budget != int(budget):
+        raise ValueError("must be a fraction in (0, 1] or a whole count of examples (e.g. 0.1 or 50)")
+    return budget
+
+
+# The one definition of a valid replay budget (models/cl/replay.py validates with it too).
+ReplayBudget = Annotated[float, Field(gt=0), AfterValidator(_budget_shape)]
+
+
 class ReplayConfig(Strict):
     enabled: bool = True
-    strategy: Literal["uniform", "reservoir", "loss-mid", "balanced"] = "uniform"
-    budget: float = Field(0.1, gt=0, description="per-task budget: a fraction in (0, 1] or a count (> 1)")
-    mixing: Literal["interleave", "concat", "epoch"] = "concat"
+    strategy: ReplayStrategy = "uniform"
+    budget: ReplayBudget = Field(0.1, description="per-task budget: a fraction in (0, 1] or a count (> 1)")
+    mixing: ReplayMixing = "concat"
     loss_quantile: float = Field(
         0.1, ge=0, lt=0.5, description="loss-mid: share of easiest and of hardest examples left out"
     )
     label_key: str = Field("response", min_length=1, description="balanced: the record field whose values are balanced")
-
-    @field_validator("budget")
-    @classmethod
-    def _budget_shape(cls, budget: float) -> float:
-        if budget > 1 and budget != int(budget):
-            raise ValueError("must be a fraction in (0, 1] or a whole count of examples (e.g. 0.1 or 50)")
-        return budget
 
 
 class EWCConfig(Strict):
@@ -488,16 +495,30 @@ class Config(Strict):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
+    def stage_seed(self, stage: Literal["pretrain", "dap", "cit"]) -> int:
+        """The seed a stage trains under: model.seed / dap.seed when set, else the run's seed.
+
+        A CIT task adds its index (`task_seed`)."""
+        own = {"pretrain": self.model.seed, "dap": self.dap.seed, "cit": None}[stage]
+        return own if own is not None else self.seed
+
     @model_validator(mode="after")
     def _distributed_fits(self) -> "Config":
+        """The one place that checks what runs in several processes (docs/methods.md has the table)."""
         processes = self.distributed.nproc_per_node
         if processes == 1:
             return self
-        if self.cit.methods:
+        if self.distributed.strategy == "fsdp" and self.cit.methods:
+            names = sorted({method.name for method in self.cit.methods})
             raise ValueError(
-                "cit.methods (CL plugins) do not run in multi-process stages yet; use distributed.nproc_per_node=1"
+                f"cit.methods {names} do not run under distributed.strategy=fsdp: they read or write whole parameters "
+                "(anchors, Fisher, teacher copies, LoRA A matrices), which FSDP2 shards across the ranks; use "
+                "distributed.strategy=ddp (replay, a data-only method, runs under both)"
             )
-        for key, optim in (("dap.optim", self.dap.optim), ("cit.optim", self.cit.optim)):
+        optims = [("dap.optim", self.dap.optim), ("cit.optim", self.cit.optim)]
+        if self.model.source == "tiny":
+            optims.append(("model.pretrain", self.model.pretrain))
+        for key, optim in optims:
             if optim.batch_size % processes:
                 raise ValueError(
                     f"{key}.batch_size {optim.batch_size} must be divisible by distributed.nproc_per_node {processes} "
@@ -550,6 +571,14 @@ LOCATION_KEYS = (
     "storage.max_attempts",
     "tracking.tracking_uri",
 )
+
+
+def task_seed(seed: int, task_index: int) -> int:
+    """The seed of the CL task at 0-based ``task_index`` of a sequence run under ``seed``.
+
+    Each task draws its own fresh adapter and its plugins' samples from it (O-LoRA needs a new
+    subspace per task); every rank of a stage derives the same value."""
+    return seed + task_index
 
 
 def canonical_json(data: Any) -> str:

@@ -12,7 +12,7 @@ from models.engine import precision_context, resolve_device, set_seed
 from models.evaluation import next_token_distributions, output_drift, perplexity, score_task
 from models.loading import load_model_and_tokenizer
 from tasks.ingest import DataBundle, read_records
-from tasks.runtime import RunContext, fetch_dir, open_store, open_tracker
+from tasks.runtime import RunContext, fetch_dir
 
 
 class StageEval(BaseModel):
@@ -34,13 +34,13 @@ def probe_prompts(general_test: list[dict], count: int) -> list[str]:
 
 def evaluate_stage(run: RunContext, model_uri: str, data: DataBundle, stage_index: int, stage: str) -> StageEval:
     cfg = run.config
-    store = open_store(cfg)
+    store = run.store
     result_key = f"{run.prefix}/eval/stage-{stage_index:02d}.json"
     if store.exists(result_key):
         return StageEval.model_validate(store.get_json(result_key))
 
     set_seed(cfg.seed)
-    cache = cfg.work_dir / "cache"
+    cache = run.services.cache_dir
     model, tokenizer = load_model_and_tokenizer(
         fetch_dir(store, model_uri, cache), attn_implementation=cfg.model.attn_implementation, device=resolve_device(cfg.device)
     )
@@ -87,7 +87,7 @@ def evaluate_stage(run: RunContext, model_uri: str, data: DataBundle, stage_inde
         stage_index=stage_index, stage=stage, scores=scores, details=details,
         general_scores=general_scores, general_details=general_details, general_ppl=ppl, drift=drift,
     )
-    tracker = open_tracker(cfg)
+    tracker = run.tracker
     metrics = {f"eval/{name}": score for name, score in scores.items()}
     metrics.update({f"eval_general/{name}": score for name, score in general_scores.items()})
     metrics["eval/general_ppl"] = ppl

@@ -19,7 +19,7 @@ from perennial.ingest import (
     log_dataset_to_mlflow,
 )
 from perennial.storage import ObjectStore
-from tasks.runtime import RunContext, open_store, open_tracker
+from tasks.runtime import RunContext
 
 
 class DatasetRef(BaseModel):
@@ -62,10 +62,10 @@ def ingest(run: RunContext, training: bool = True) -> DataBundle:
     ConfigError when the datasets' roles do not form a run, and what check_usable raises.
     """
     cfg = run.config
-    store = open_store(cfg)
+    store = run.store
     work = run.work_dir / "ingest"
     results = _demo_results(run, store, work) if cfg.data.source == "demo" else _dataset_results(run, store, work)
-    tracker = open_tracker(cfg)
+    tracker = run.tracker
     for result, _ in results:
         log_dataset_to_mlflow(result, context=result.name, run_id=run.parent_run_id, client=tracker.client)
     refs = {result.name: _ref(result, chance) for result, chance in results}

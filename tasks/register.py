@@ -17,7 +17,7 @@ from perennial.reports import markdown_summary, plot_accuracy_matrix, plot_drift
 from perennial.tracking import UI_WORKFLOW, runs_table_link
 from tasks.evaluate import StageEval
 from tasks.ingest import DataBundle
-from tasks.runtime import RunContext, fetch_dir, open_store, open_tracker
+from tasks.runtime import RunContext, fetch_dir
 
 
 HEATMAP = "report/accuracy_matrix.png"
@@ -68,7 +68,7 @@ def report(run: RunContext, data: DataBundle, evaluations: list[StageEval]) -> R
     drift = [evaluation.drift for evaluation in evaluations]
     markdown = markdown_summary(matrix, metrics, drift=drift, general=general)
 
-    tracker = open_tracker(run.config)
+    tracker = run.tracker
     tracker.log_metrics(run.parent_run_id, {k: v for k, v in metrics.items() if v is not None}, step=len(evaluations) - 1)
     out = run.work_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -136,15 +136,14 @@ def register(run: RunContext, model_uri: str, data: DataBundle, summary: Report)
     registry's promotion lock past its timeout.
     """
     cfg = run.config
-    store = open_store(cfg)
-    tracker = open_tracker(cfg)
+    store, tracker = run.store, run.tracker
     client: MlflowClient = tracker.client
     name = cfg.tracking.registered_model
     parent = client.get_run(run.parent_run_id)
     source = f"{parent.info.artifact_uri}/model"
     # The version is created after its files are logged: if it exists, they are there.
     if registry.version_of_run(client, name, run.parent_run_id) is None:
-        local = fetch_dir(store, model_uri, cfg.work_dir / "cache")
+        local = fetch_dir(store, model_uri, run.services.cache_dir)
         cfg.work_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="mlflow-model-", dir=cfg.work_dir) as scratch:
             folder = save_mlflow_model(local, Path(scratch) / "model", summary.markdown)

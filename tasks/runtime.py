@@ -10,10 +10,11 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from pydantic import BaseModel
+from pydantic import BaseModel, PrivateAttr
 
 from perennial.config import LOCATION_KEYS, Config, ConfigError
 from perennial.storage import ObjectStore, join_key, key_component
@@ -30,13 +31,52 @@ ERROR_TAG_CHARS = 5000
 OUTPUTS_DIGEST_TAG = "perennial.outputs_digest"
 
 
+@dataclass(frozen=True)
+class Services:
+    """The run's open connections and local cache, opened once per process (`Services.open`)."""
+
+    store: ObjectStore
+    tracker: Tracker  # without a spool: a stage's own metrics go through `stage_tracker`
+    cache_dir: Path  # downloads keyed by manifest digest (fetch_dir), shared by every run of this work_dir
+    config: Config
+
+    @classmethod
+    def open(cls, config: Config) -> "Services":
+        return cls(ObjectStore(config.storage), open_tracker(config), Path(config.work_dir) / "cache", config)
+
+    def stage_tracker(self, spool_dir: Path) -> Tracker:
+        """A tracker whose unsent metrics survive the process in ``spool_dir`` (one stage's)."""
+        return open_tracker(self.config, spool_dir=spool_dir)
+
+
 class RunContext(BaseModel):
-    """Passed between tasks: plain values only (paths and URIs, never models)."""
+    """Passed between tasks: plain values (paths and URIs, never models); `services` is opened on
+    first use in each process and never serialized."""
 
     config: Config
     run_key: str
     parent_run_id: str
     experiment_id: str = "0"
+    _services: Services | None = PrivateAttr(default=None)
+
+    @property
+    def services(self) -> Services:
+        if self._services is None:
+            self._services = Services.open(self.config)
+        return self._services
+
+    @property
+    def store(self) -> ObjectStore:
+        return self.services.store
+
+    @property
+    def tracker(self) -> Tracker:
+        return self.services.tracker
+
+    def __getstate__(self) -> dict:
+        # A pickled context (a Dask worker, Prefect's cache key) carries values, not connections.
+        state = super().__getstate__()
+        return {**state, "__pydantic_private__": {"_services": None}}
 
     @property
     def prefix(self) -> str:
@@ -50,10 +90,6 @@ class RunContext(BaseModel):
         path = Path(self.config.work_dir) / self.run_key
         path.mkdir(parents=True, exist_ok=True)
         return path
-
-
-def open_store(config: Config) -> ObjectStore:
-    return ObjectStore(config.storage)
 
 
 def secret_values(config: Config) -> list[str]:
@@ -98,10 +134,10 @@ def start_run(config: Config, run_key: str | None = None) -> RunContext:
     from perennial.tracking import check_tracking_server
 
     check_tracking_server(config.tracking.tracking_uri)
-    store = open_store(config)
-    store.check()
+    services = Services.open(config)
+    services.store.check()
     run_key = key_component(_expand_run_key(run_key) or f"{config.run_name}-{config.digest()[:12]}")
-    tracker = open_tracker(config)
+    tracker = services.tracker
     parent = tracker.find_run(RUN_KEY_TAG, run_key)
     earlier_tags: dict[str, str] = {}
     if parent is None:
@@ -117,6 +153,7 @@ def start_run(config: Config, run_key: str | None = None) -> RunContext:
         if ERROR_TAG in earlier.tags:  # an earlier attempt's error is not this one's
             tracker.client.delete_tag(parent, ERROR_TAG)
     context = RunContext(config=config, run_key=run_key, parent_run_id=parent, experiment_id=tracker.experiment_id())
+    context._services = services  # the run's connections, opened once here
     # For `perennial status`: where the run's files are, and the Prefect flow run to join it with
     # (on a resume, the flow run that resumed it).
     tracker.set_tags(parent, {S3_PREFIX_TAG: f"s3://{config.storage.bucket}/{context.prefix}", **_flow_run_tags(earlier_tags)})
@@ -172,7 +209,7 @@ def _expand_run_key(run_key: str | None) -> str | None:
 
 
 def finish_run(run: RunContext, status: str = "FINISHED") -> None:
-    open_tracker(run.config).finish(run.parent_run_id, status)
+    run.tracker.finish(run.parent_run_id, status)
 
 
 @contextmanager
@@ -193,7 +230,7 @@ def _mark_failed(run: RunContext, error: BaseException) -> None:
     if not server_healthy(uri):
         log.warning("MLflow at %s does not answer; run %s stays RUNNING", uri, run.parent_run_id)
         return
-    tracker = open_tracker(run.config)
+    tracker = run.tracker
     try:
         tracker.set_tags(run.parent_run_id, {ERROR_TAG: f"{type(error).__name__}: {error}"[:ERROR_TAG_CHARS]})
         tracker.client.set_terminated(run.parent_run_id, status="FAILED" if isinstance(error, Exception) else "KILLED")

@@ -74,9 +74,8 @@ def task_loss(model, examples: list[dict]) -> float:
 
 
 def context(model, task: int, examples: list[dict] | None = None) -> TaskContext:
-    return TaskContext(task_index=task, task_name=f"task-{task}", model=model, tokenizer=None,
-                       train_examples=TRAIN[task] if examples is None else examples, device=torch.device("cpu"),
-                       batch_size=16, pad_token_id=PAD)
+    return TaskContext(task_index=task, task_name=f"task-{task}", model=model,
+                       train_examples=TRAIN[task] if examples is None else examples, pad_token_id=PAD)
 
 
 def run_task(model, task: int, plugins=(), steps: int | None = None, lr: float = 1e-2, after: bool = True):

@@ -1,7 +1,7 @@
 import subprocess
 import sys
 
-from perennial.cli import main
+from app.cli import main
 
 
 def test_help_explains_commands(capsys):
@@ -21,5 +21,5 @@ def test_bad_override_fails_before_any_work(capsys):
 
 
 def test_console_script_is_installed():
-    result = subprocess.run([sys.executable, "-m", "perennial.cli", "services", "--help"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "app.cli", "services", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "up" in result.stdout

@@ -104,8 +104,25 @@ def test_multi_process_stages_are_validated_before_any_work():
         load_config("configs/tiny.yaml", ["distributed.nproc_per_node=3"])
     with pytest.raises(ConfigError, match=r"cit.optim.batch_size 6 must be divisible"):
         load_config("configs/tiny.yaml", ["distributed.nproc_per_node=4", "cit.optim.batch_size=6"])
-    with pytest.raises(ConfigError, match=r"cit.methods \(CL plugins\) do not run in multi-process stages"):
-        load_config("configs/tiny.yaml", ["distributed.nproc_per_node=2", "cit.methods=[{name: ewc}]"])
+    with pytest.raises(ConfigError, match=r"model.pretrain.batch_size 16 must be divisible by distributed.nproc_per_node 3"):
+        load_config("configs/tiny.yaml", ["distributed.nproc_per_node=3", "dap.optim.batch_size=6", "cit.optim.batch_size=6"])
+
+
+# docs/methods.md, "Several processes": every method runs under DDP; under FSDP2 only replay does.
+@pytest.mark.parametrize("method", ["ewc", "lwf", "averaging", "seekr", "olora"])
+def test_plugin_methods_are_refused_under_fsdp_and_accepted_under_ddp(method):
+    ddp = load_config("configs/tiny.yaml", ["distributed.nproc_per_node=2", f"cit.methods=[{{name: {method}}}]"])
+    assert [m.name for m in ddp.cit.methods] == [method] and ddp.distributed.strategy == "ddp"
+    with pytest.raises(ConfigError, match=rf"cit.methods \['{method}'\] do not run under distributed.strategy=fsdp"):
+        load_config("configs/tiny.yaml", ["distributed.nproc_per_node=2", "distributed.strategy=fsdp",
+                                          f"cit.methods=[{{name: {method}}}]"])
+    # One process has no shards: the same config is fine there.
+    assert load_config("configs/tiny.yaml", ["distributed.strategy=fsdp", f"cit.methods=[{{name: {method}}}]"]).cit.methods
+
+
+def test_replay_runs_under_fsdp():
+    cfg = load_config("configs/tiny.yaml", ["distributed.nproc_per_node=2", "distributed.strategy=fsdp", "cit.replay.enabled=true"])
+    assert cfg.cit.replay.enabled and not cfg.cit.methods
     with pytest.raises(ConfigError, match="distributed.strategy"):
         load_config("configs/tiny.yaml", ["distributed.strategy=zero3"])
 

@@ -156,7 +156,7 @@ def test_manual_retrain_deployment_runs_on_a_process_worker(services, prefect_ap
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
-    from perennial.cli import ensure_work_pools, main
+    from app.cli import ensure_work_pools, main
     from tests.test_pipeline import micro_config
 
     # A micro retrain (two tasks, a few steps per stage) given as a config file plus overrides,

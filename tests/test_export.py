@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from models.loading import save_model
 from models.tiny import train_tokenizer
 from perennial import demo_data
-from perennial.cli import main
+from app.cli import main
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from perennial.config import OptimConfig, StorageConfig, build_config
 from perennial.services import LocalServices, free_ports
 from perennial.storage import MANIFEST_NAME, ObjectStore, StorageError, sha256_file
 from perennial.tracking import Tracker, TrackingError
-from tasks.training import latest_checkpoint
+from tasks.stage import latest_checkpoint
 from tests.test_engine import examples, tiny_model
 from tests.test_pipeline import micro_config
 
@@ -273,7 +273,7 @@ def test_disk_full_while_checkpointing_is_a_clear_error_and_keeps_the_committed_
     store = fault_store(fault_services)
     checkpoints = "runs/r1/stages/cit-01-a/checkpoints"
 
-    def commit(step: int, state_dir: Path) -> None:  # what tasks/training.py run_stage does with a checkpoint
+    def commit(step: int, state_dir: Path) -> None:  # what tasks/stage.py checkpoint_committer does with a checkpoint
         store.upload_dir(state_dir, f"{checkpoints}/{state_dir.name}", meta={"step": step})
         shutil.rmtree(state_dir)
         fill(small_disk)

@@ -1,111 +1,162 @@
-"""A stage with distributed.nproc_per_node=2 runs under a real torchrun subprocess (2 gloo ranks on
-the CPU, FSDP, LoRA) against real SeaweedFS and MLflow, and commits what the same stage trained
-in-process commits.
+"""A stage spec run under a real torchrun subprocess (2 gloo ranks on the CPU) against real SeaweedFS
+and MLflow commits what the same spec run in-process commits: plain training under FSDP2 with
+LoRA, and every CL method (replay, EWC, LwF, SEEKR, O-LoRA, averaging) under DDP.
 
-The examples are packed blocks of one length, so every rank supervises the same number of
-tokens and the sharded run follows the single-process one up to float summation order
+Every example has the same length and the same number of supervised tokens (digit strings: the
+tiny tokenizer splits digits one by one), so every rank supervises the same number of tokens and
+the 2-rank run follows the single-process one up to float summation order
 (tests/test_distributed.py explains why that matters).
 """
 
 import json
+import random
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from models.data import pack_texts
 from models.loading import load_model_and_tokenizer, save_model
 from models.tiny import build_tiny_llama, train_tokenizer
 from perennial import demo_data
 from perennial.config import OptimConfig, TuningConfig
-from tasks.launch import StageLaunchError
-from tasks.runtime import RunContext, fetch_dir, open_store, start_run
-from tasks.training import latest_checkpoint, run_stage
+from perennial.ingest import ingest_records
+from tasks.ingest import _ref
+from tasks.launch import StageLaunchError, run_stage
+from tasks.runtime import Services, fetch_dir
+from tasks.stage import BUFFER_FILE, StageData, StageSpec, latest_checkpoint
 from tests.test_pipeline import micro_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("single_torch_thread")]
 
-OPTIM = OptimConfig(lr=3e-3, max_steps=4, batch_size=4, warmup_steps=1, checkpoint_every=2, log_every=1)
-TUNING = TuningConfig(method="lora", r=4, alpha=8)
-TEXTS = demo_data.general_corpus(40, 3)
+OPTIM = OptimConfig(lr=3e-3, max_steps=4, batch_size=4, warmup_steps=1, checkpoint_every=2, log_every=1, max_length=32)
+LORA = TuningConfig(method="lora", r=4, alpha=8)
+FULL = TuningConfig(method="full")
 
 
-def packed(tokenizer):
-    return [{"input_ids": block} for block in pack_texts(tokenizer, TEXTS, 32)]
+def digit_records(seed: int, count: int = 24) -> list[dict]:
+    """Instruction records of 8 prompt digits and 3 response digits: all the same token length."""
+    rng = random.Random(seed)
+    return [{"prompt": "".join(rng.choice("0123456789") for _ in range(8)),
+             "response": "".join(rng.choice("0123456789") for _ in range(3)), "split": "train"} for _ in range(count)]
 
 
 @pytest.fixture
-def launched_run(services, store, tmp_path):
-    cfg = micro_config(services, tmp_path, distributed={"nproc_per_node": 2, "strategy": "fsdp"})
+def stage_inputs(services, store, tmp_path):
+    """(services, untrained tiny base model URI, two task datasets, a replay buffer URI holding task 1's records)."""
+    cfg = micro_config(services, tmp_path)
     cfg.storage.bucket = store.bucket
-    tokenizer = train_tokenizer(TEXTS, cfg.model.tiny.vocab_size)
+    tokenizer = train_tokenizer(demo_data.general_corpus(40, 3), cfg.model.tiny.vocab_size)
     torch.manual_seed(0)
     base = save_model(build_tiny_llama(tokenizer, cfg.model.tiny), tokenizer, tmp_path / "base")
     base_uri = store.upload_dir(base, "perennial/base-models/launch-test")["uri"]
-    return start_run(cfg), base_uri
+    tasks = [_ref(ingest_records(f"digits-{i}", "instruction", digit_records(i), store, tmp_path / f"ingest-{i}", "perennial",
+                                 task=f"digits-{i}")) for i in (1, 2)]
+    buffer = tmp_path / "buffer"
+    buffer.mkdir()
+    (buffer / BUFFER_FILE).write_text("".join(json.dumps({"task": "digits-1", "record": r}) + "\n" for r in digit_records(1)[:8]))
+    replay_uri = store.upload_dir(buffer, "perennial/replay-test")["uri"]
+    return Services.open(cfg), base_uri, tasks, replay_uri
 
 
-def load_committed(run: RunContext, uri: str, tmp_path):
-    model, _ = load_model_and_tokenizer(fetch_dir(open_store(run.config), uri, tmp_path / "fetched"))
+def spec(services: Services, name: str, input_uri: str, dataset, *, processes: int = 1, strategy: str = "ddp", **fields) -> StageSpec:
+    fields.setdefault("optim", OPTIM)
+    fields.setdefault("tuning", LORA)
+    return StageSpec(
+        name=name, stage_root=f"perennial/stages/{name}", work_dir=services.cache_dir.parent / name, input_model_uri=input_uri,
+        data=fields.pop("data", StageData(encoding="instruction", datasets=[dataset])), seed=11, config_digest="test",
+        device="cpu", precision="fp32", processes=processes, strategy=strategy, **fields,
+    )
+
+
+def committed_state(services: Services, uri: str) -> dict[str, torch.Tensor]:
+    model, _ = load_model_and_tokenizer(fetch_dir(services.store, uri, services.cache_dir))
     return model.state_dict()
 
 
-def test_two_process_stage_commits_what_the_in_process_stage_commits(launched_run, services, tmp_path, capfd):
-    run, base_uri = launched_run
-    client = MlflowClient(services.mlflow_uri)
-    child = client.create_run(run.experiment_id, run_name="launched").info.run_id
+def training_history(services: Services, uri: str) -> dict:
+    return json.loads(services.store.get_bytes(uri.removeprefix(f"s3://{services.store.bucket}/") + "/training.json"))
 
-    launched_uri = run_stage(run, "launched", base_uri, packed, OPTIM, TUNING, mlflow_run_id=child)
+
+def assert_same_training(services: Services, launched_uri: str, single_uri: str) -> None:
+    launched, single = committed_state(services, launched_uri), committed_state(services, single_uri)
+    assert launched.keys() == single.keys()
+    for name, expected in single.items():
+        torch.testing.assert_close(launched[name], expected, rtol=1e-4, atol=2e-5, msg=name)
+    history, reference = training_history(services, launched_uri), training_history(services, single_uri)
+    assert history["steps"] == OPTIM.max_steps and history["losses"] == pytest.approx(reference["losses"], rel=1e-4)
+
+
+def test_two_process_fsdp_stage_commits_what_the_in_process_stage_commits(stage_inputs, services, tmp_path, capfd):
+    ctx, base_uri, (task, _), _ = stage_inputs
+    client = MlflowClient(services.mlflow_uri)
+    child = client.create_run(ctx.tracker.experiment_id(), run_name="launched").info.run_id
+
+    launched = spec(ctx, "launched", base_uri, task, processes=2, strategy="fsdp", mlflow_run_id=child)
+    launched_uri = run_stage(launched, ctx)
     streamed = capfd.readouterr().out  # the ranks' output, passed on line by line
     assert "launched: rank 0/2, fsdp on cpu" in streamed and "launched: rank 1/2, fsdp on cpu" in streamed
-
-    store = open_store(run.config)
-    assert launched_uri == store.uri(f"{run.stage_prefix('launched')}/model")
-    assert store.read_manifest(f"{run.stage_prefix('launched')}/model") is not None
+    assert launched_uri == ctx.store.uri(launched.output_prefix)
     # Rank 0 committed the mid-stage checkpoint, gathered: whole LoRA tensors, nothing frozen.
-    checkpoint = latest_checkpoint(store, f"{run.stage_prefix('launched')}/checkpoints")
+    checkpoint = latest_checkpoint(ctx.store, launched.checkpoints_prefix)
     assert checkpoint is not None and checkpoint.endswith("step-00000002")
-    files = store.download_dir(checkpoint, tmp_path / "checkpoint")["files"]
+    files = ctx.store.download_dir(checkpoint, tmp_path / "checkpoint")["files"]
     assert {"trainable.safetensors", "optimizer.safetensors", "state.json"} <= set(files)
     assert all("lora_" in name for name in load_file(tmp_path / "checkpoint" / "trainable.safetensors"))
 
-    in_process = RunContext(config=run.config.model_copy(update={"distributed": run.config.distributed.model_copy(
-        update={"nproc_per_node": 1})}), run_key=run.run_key, parent_run_id=run.parent_run_id)
-    single_uri = run_stage(in_process, "in-process", base_uri, packed, OPTIM, TUNING)
+    single_uri = run_stage(spec(ctx, "in-process", base_uri, task), ctx)
+    assert_same_training(ctx, launched_uri, single_uri)
 
-    launched, single = load_committed(run, launched_uri, tmp_path), load_committed(run, single_uri, tmp_path)
-    assert launched.keys() == single.keys()  # LoRA merged away on export in both
-    for name, expected in single.items():
-        torch.testing.assert_close(launched[name], expected, rtol=1e-4, atol=2e-5, msg=name)
-    history = json.loads(store.get_bytes(f"{run.stage_prefix('launched')}/model/training.json"))
-    reference = json.loads(store.get_bytes(f"{run.stage_prefix('in-process')}/model/training.json"))
-    assert history["steps"] == OPTIM.max_steps and history["losses"] == pytest.approx(reference["losses"], rel=1e-4)
-
-    # Rank 0 logged every step to the stage's MLflow run; the task's side added the final metrics.
+    # Rank 0 logged every step and the final metrics to the stage's MLflow run.
     losses = client.get_metric_history(child, "train/loss")
     assert sorted(metric.step for metric in losses) == [1, 2, 3, 4]
-    assert [m.value for m in sorted(losses, key=lambda m: m.step)] == pytest.approx(history["losses"])
+    assert [m.value for m in sorted(losses, key=lambda m: m.step)] == pytest.approx(training_history(ctx, launched_uri)["losses"])
     assert client.get_run(child).data.tags["checkpoint_uri"] == launched_uri
 
     # A rerun finds the committed output and launches nothing.
     capfd.readouterr()
-    assert run_stage(run, "launched", base_uri, packed, OPTIM, TUNING) == launched_uri
+    assert run_stage(launched, ctx) == launched_uri
     assert "rank 0/2" not in capfd.readouterr().out
 
 
-def test_failed_ranks_fail_the_stage_with_their_output_and_commit_nothing(launched_run):
-    run, base_uri = launched_run
-
-    def beyond_the_vocabulary(tokenizer):  # a data bug that only the ranks' forward pass meets
-        return [{"input_ids": [len(tokenizer) + 50] * 16} for _ in range(8)]
-
+def test_failed_ranks_fail_the_stage_with_their_output_and_commit_nothing(stage_inputs):
+    ctx, base_uri, (task, _), _ = stage_inputs
+    nothing_trainable = TuningConfig(method="regex", trainable_regex=["no-such-parameter"])  # only the ranks find out
+    broken = spec(ctx, "broken", base_uri, task, processes=2, strategy="fsdp", tuning=nothing_trainable)
     with pytest.raises(StageLaunchError) as failed:
-        run_stage(run, "broken", base_uri, beyond_the_vocabulary, OPTIM, TUNING)
+        run_stage(broken, ctx)
     headline, _, rest = str(failed.value).partition("\n")
     # The root cause leads, taken from a rank's traceback (not only torchrun's "ChildFailedError").
     assert headline.startswith("broken: training under torchrun (2 processes, fsdp) failed with exit code 1: [rank")
-    assert headline.endswith("IndexError: index out of range in self")
+    assert "ValueError: tuning.method='regex' matched no parameters" in headline
     assert "Nothing was committed" in rest and "Traceback" in rest  # then the last output lines
-    store = open_store(run.config)
-    assert store.read_manifest(f"{run.stage_prefix('broken')}/model") is None
+    assert ctx.store.read_manifest(broken.output_prefix) is None
+
+
+# Full tuning where a method anchors or averages the weights a task changes; O-LoRA needs LoRA.
+METHODS = {
+    "replay": ([], LORA),
+    "ewc": ([{"name": "ewc", "strength": 1000.0, "fisher_samples": 8}], FULL),
+    "lwf": ([{"name": "lwf", "weight": 1.0}], FULL),
+    "averaging": ([{"name": "averaging", "alpha": 0.5}], FULL),
+    "seekr": ([{"name": "seekr", "samples_per_task": 8, "layer_budget": 1, "head_budget": 2, "replay_batch_size": 2}], FULL),
+    "olora": ([{"name": "olora", "lambda_orth": 1.0, "lambda_l2": 0.01}], LORA),
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_each_cl_method_under_two_ddp_ranks_matches_one_process(stage_inputs, method):
+    """Task 1 in-process, then task 2 from its output and plugin state: 2 DDP ranks vs one process."""
+    ctx, base_uri, (task1, task2), replay_uri = stage_inputs
+    methods, tuning = METHODS[method]
+    first_uri = run_stage(spec(ctx, f"{method}-task1", base_uri, task1, methods=methods, tuning=tuning), ctx)
+    data = StageData(encoding="instruction", datasets=[task2], replay_uri=replay_uri if method == "replay" else None)
+    second = dict(data=data, methods=methods, tuning=tuning, task_index=1, plugin_state_uri=first_uri if methods else None)
+    launched_uri = run_stage(spec(ctx, f"{method}-task2-ddp", first_uri, task2, processes=2, **second), ctx)
+    single_uri = run_stage(spec(ctx, f"{method}-task2", first_uri, task2, **second), ctx)
+    assert_same_training(ctx, launched_uri, single_uri)
+    # The method acted: without it task 2 trains to other weights (far beyond the tolerance above).
+    plain = dict(second, methods=[], plugin_state_uri=None, data=StageData(encoding="instruction", datasets=[task2]))
+    plain_uri = run_stage(spec(ctx, f"{method}-task2-plain", first_uri, task2, **plain), ctx)
+    single, without = committed_state(ctx, single_uri), committed_state(ctx, plain_uri)
+    assert max((single[name] - without[name]).abs().max().item() for name in single) > 1e-3

@@ -18,7 +18,7 @@ from models.evaluation import choose_options, score_task
 from models.loading import load_model_and_tokenizer, save_model
 from models.tiny import build_tiny_llama, train_tokenizer
 from perennial import demo_data
-from perennial.cli import main
+from app.cli import main
 from perennial.config import TinyModelConfig
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")

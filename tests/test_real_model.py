@@ -248,8 +248,7 @@ def test_mora_on_the_non_square_kv_projections_trains_and_merges_exactly(mora_ty
 
 
 def task_context(model, tokenizer, index: int, task: str) -> TaskContext:
-    return TaskContext(task_index=index, task_name=task, model=model, tokenizer=tokenizer,
-                       train_examples=encoded(tokenizer, task), device=torch.device("cpu"), batch_size=BATCH,
+    return TaskContext(task_index=index, task_name=task, model=model, train_examples=encoded(tokenizer, task),
                        pad_token_id=tokenizer.pad_token_id)
 
 

@@ -14,7 +14,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from perennial import registry
-from perennial.cli import main
+from app.cli import main
 from perennial.config import GatesConfig, build_config
 
 GATES = GatesConfig(min_target_score=0.5, min_bwt=-0.1, max_task_drop=0.05, min_chance_margin=0.1, max_general_ppl_ratio=1.2,

@@ -6,7 +6,7 @@ import uuid
 
 from mlflow.tracking import MlflowClient
 
-from perennial.cli import main
+from app.cli import main
 
 
 def first_champion(client: MlflowClient) -> str:

@@ -13,7 +13,7 @@ import yaml
 from flows.continual_retrain import continual_retrain
 from perennial.config import StorageConfig
 from perennial.storage import ObjectStore
-from tests.test_pipeline import micro_config
+from tests.test_pipeline import MICRO, micro_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -34,7 +34,7 @@ def test_kill_9_mid_stage_then_rerun_matches_uninterrupted_run(services, prefect
     for endpoint in ("PERENNIAL_S3_ENDPOINT", "PERENNIAL_BUCKET", "MLFLOW_TRACKING_URI"):
         env.pop(endpoint, None)  # the YAML names this test's services; the env defaults would override it
     log = open(tmp_path / "child.log", "wb")
-    child = subprocess.Popen([sys.executable, "-m", "perennial.cli", "run", str(config_file)], env=env,
+    child = subprocess.Popen([sys.executable, "-m", "app.cli", "run", str(config_file)], env=env,
                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     store = ObjectStore(StorageConfig(endpoint_url=services.s3_endpoint, bucket=bucket))
     marker = "/stages/cit-02-fact_lookup/checkpoints/step-00000010/MANIFEST.json"
@@ -87,3 +87,71 @@ def test_kill_9_mid_stage_then_rerun_matches_uninterrupted_run(services, prefect
     assert "cit-02-fact_lookup=FINISHED (+1 superseded)" in report, report
     assert "CRASHED    flow run 'killed-attempt' superseded: resumed by flow run 'resuming'" in report, report
     assert "with no MLflow run" not in report, report
+
+
+PRETRAIN_ONLY = """
+import sys
+
+import yaml
+
+from perennial.config import build_config
+from tasks.base_model import prepare_base_model
+from tasks.ingest import ingest
+from tasks.runtime import start_run
+
+run = start_run(build_config(yaml.safe_load(open(sys.argv[1]))))
+print(prepare_base_model(run, ingest(run).general))
+"""
+
+
+def test_kill_9_mid_pretraining_then_rerun_matches_uninterrupted_pretraining(services, tmp_path):
+    """Base pretraining is a stage like DAP and CIT: checkpointed, and resumed bit for bit on the CPU (fp32)."""
+    from tasks.base_model import prepare_base_model
+    from tasks.ingest import ingest
+    from tasks.runtime import start_run
+
+    long_pretrain = {"model": {**MICRO["model"], "pretrain": {"max_steps": 400, "batch_size": 8, "warmup_steps": 2,
+                                                              "max_length": 64, "checkpoint_every": 10}}}
+
+    def pretrain_config(name: str):
+        cfg = micro_config(services, tmp_path / name, run_name=name, **long_pretrain)
+        return cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"bucket": f"pretrain-{name}"})})
+
+    reference_run = start_run(pretrain_config("reference"))
+    reference_uri = prepare_base_model(reference_run, ingest(reference_run).general)
+
+    killed_cfg = pretrain_config("killed")
+    config_file = tmp_path / "killed.yaml"
+    config_file.write_text(yaml.safe_dump(killed_cfg.model_dump(mode="json")))
+    env = {key: value for key, value in os.environ.items() if key not in ("PERENNIAL_S3_ENDPOINT", "PERENNIAL_BUCKET", "MLFLOW_TRACKING_URI")}
+    log = open(tmp_path / "child.log", "wb")
+    child = subprocess.Popen([sys.executable, "-c", PRETRAIN_ONLY, str(config_file)], env=env, stdout=log,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+    store = ObjectStore(killed_cfg.storage)
+    store.ensure_bucket()  # polled before the child gets to create it
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and child.poll() is None:
+            if any(info.key.endswith("/checkpoints/step-00000010/MANIFEST.json") for info in store.list("perennial/base-models/")):
+                break
+            time.sleep(0.05)
+        assert child.poll() is None, "pretraining ended before it could be killed:\n" + (tmp_path / "child.log").read_text()[-3000:]
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+    assert not [info.key for info in store.list("perennial/base-models/") if info.key.endswith("/model/MANIFEST.json")]
+
+    killed_run = start_run(killed_cfg)
+    resumed_uri = prepare_base_model(killed_run, ingest(killed_run).general)
+    reference_store = ObjectStore(reference_run.config.storage)
+    resumed = json.loads(store.get_bytes(resumed_uri.removeprefix("s3://pretrain-killed/") + "/training.json"))
+    reference = json.loads(reference_store.get_bytes(reference_uri.removeprefix("s3://pretrain-reference/") + "/training.json"))
+    assert resumed["resumed_from"] >= 10 and reference["resumed_from"] == 0
+    assert resumed["losses"] == reference["losses"]  # bit for bit: no repeated or skipped steps
+    weights = {name: entry["sha256"] for name, entry in store.read_manifest(resumed_uri.removeprefix("s3://pretrain-killed/"))["files"].items()
+               if name.endswith(".safetensors")}
+    reference_weights = {name: entry["sha256"] for name, entry in reference_store.read_manifest(
+        reference_uri.removeprefix("s3://pretrain-reference/"))["files"].items() if name.endswith(".safetensors")}
+    assert weights and weights == reference_weights

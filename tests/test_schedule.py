@@ -70,7 +70,7 @@ def test_scheduler_creates_nightly_runs_and_a_worker_executes_one(services, sche
     from prefect.client.schemas.actions import DeploymentUpdate
     from prefect.client.schemas.schedules import IntervalSchedule
 
-    from perennial.cli import ensure_work_pools, main
+    from app.cli import ensure_work_pools, main
 
     monkeypatch.chdir(ROOT)  # `make deploy` runs from the project root
     assert ensure_work_pools(PREFECT_YAML) == ["perennial-process"]

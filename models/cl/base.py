@@ -16,7 +16,6 @@ tensors go to safetensors, everything else to JSON.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,16 +23,13 @@ import torch
 
 @dataclass
 class TaskContext:
+    """What a plugin's task hooks see of the CL task being trained; the same on every rank."""
+
     task_index: int  # 0-based position in the CIT sequence
     task_name: str
-    model: torch.nn.Module  # the model being trained (a PeftModel under lora/mora)
-    tokenizer: Any
+    model: torch.nn.Module  # the model being trained (a PeftModel under lora/mora), never the DDP wrapper
     train_examples: list[dict]  # encoded {"input_ids", "labels"} of the current task
-    device: torch.device
-    batch_size: int = 8
     pad_token_id: int = 0
-    replay_examples: list[dict] = field(default_factory=list)  # encoded replay examples for this task
-    work_dir: Path | None = None
 
 
 @dataclass

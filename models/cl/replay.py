@@ -10,9 +10,9 @@ Samplers (one per ReplayConfig.strategy), each choosing `budget_count(n, budget)
 - ``loss-mid``:  drop the easiest and the hardest `quantile` of the records by the current model's
                  per-example loss, sample uniformly from the middle (neither trivial nor noise).
 - ``balanced``:  equal numbers per label (the response by default), so a skewed task keeps its
-                 minority answers; `ReplayBuffer.draw` balances across tasks the same way.
+                 minority answers.
 
-Mixing replay into the next task (ReplayConfig.mixing), see `replay_phases`:
+Mixing replay into the next task (ReplayConfig.mixing), see `mix_examples`:
 - ``concat``:     current + replay as one training set.
 - ``interleave``: replay spread evenly through the current examples (a deterministic order).
 - ``epoch``:      the replay examples as a separate training phase after the task.
@@ -28,10 +28,14 @@ import math
 import random
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, get_args
 
-STRATEGIES = ("uniform", "reservoir", "loss-mid", "balanced")
-MIXING_MODES = ("interleave", "concat", "epoch")
+from pydantic import TypeAdapter
+
+from perennial.config import ReplayBudget, ReplayStrategy
+
+STRATEGIES = get_args(ReplayStrategy)
+_valid_budget = TypeAdapter(ReplayBudget).validate_python
 
 # A function from a batch of records to one loss per record (lower = easier for the current model).
 LossFn = Callable[[Sequence[dict]], Sequence[float]]
@@ -46,16 +50,14 @@ def budget_count(num_records: int, budget: float) -> int:
     """How many of a task's records a budget keeps.
 
     A budget in (0, 1] is a fraction: round_half_up(budget * n), at least 1 when n > 0.
-    A budget > 1 is a whole count: min(budget, n).
+    A budget > 1 is a whole count: min(budget, n). Raises ValueError for a budget
+    perennial.config.ReplayBudget refuses (<= 0, or a fraction above 1).
     """
-    if budget <= 0:
-        raise ValueError(f"replay budget must be > 0, got {budget}")
+    budget = _valid_budget(budget)
     if num_records == 0:
         return 0
     if budget <= 1:
         return max(1, min(num_records, round_half_up(budget * num_records)))
-    if budget != int(budget):
-        raise ValueError(f"a replay budget > 1 is a count of examples and must be whole, got {budget}")
     return min(int(budget), num_records)
 
 
@@ -267,31 +269,17 @@ def interleave(current: Sequence[dict], replay: Sequence[dict], seed: int = 0) -
     return mixed
 
 
-def replay_phases(current: Sequence[dict], replay: Sequence[dict], mode: str, seed: int = 0) -> list[list[dict]]:
-    """The training phases of one task, in order: one phase for concat/interleave, two for epoch.
-
-    epoch: [current, replay], i.e. the task trains on its own data, then on the replay examples as
-    a separate phase. Empty phases are left out.
-    """
-    if mode not in MIXING_MODES:
-        raise ValueError(f"unknown replay mixing {mode!r}; choose one of {MIXING_MODES}")
-    if mode == "epoch":
-        return [list(phase) for phase in (current, replay) if phase]
-    return [mix_examples(current, replay, mode, seed)]
-
-
 def mix_examples(current: Sequence[dict], replay: Sequence[dict], mode: str = "concat", seed: int = 0) -> list[dict]:
     """One training set from the current task and the replay examples (concat or interleave).
 
-    mode='epoch' is refused here because it is two phases, not one set: use `replay_phases`.
+    mode='epoch' is refused here: it is two phases, not one set (tasks/cit.py trains the replay
+    examples as a stage of their own).
     """
     if mode == "concat":
         return concat(current, replay)
     if mode == "interleave":
         return interleave(current, replay, seed)
-    if mode == "epoch":
-        raise ValueError("replay mixing 'epoch' trains replay as a separate phase; use replay_phases() and train each phase")
-    raise ValueError(f"unknown replay mixing {mode!r}; choose one of {MIXING_MODES}")
+    raise ValueError(f"replay mixing {mode!r} is not one training set; concat and interleave are")
 
 
 def mix_general(domain_texts: Sequence[str], general_texts: Sequence[str], fraction: float, seed: int = 0) -> list[str]:
@@ -364,12 +352,6 @@ class ReplayBuffer:
 
     def __len__(self) -> int:
         return sum(len(records) for records in self.tasks.values())
-
-    def draw(self, n: int, seed: int = 0) -> list[dict]:
-        """`n` records (or all, if fewer are held), split as equally as possible across tasks."""
-        quota = _spread({task: len(records) for task, records in self.tasks.items()}, n, seed)
-        rng = random.Random(seed + 1)
-        return [record for task, records in self.tasks.items() for record in rng.sample(records, quota[task])]
 
     def to_jsonl(self, path: str | Path) -> None:
         with open(path, "w") as handle:

@@ -24,7 +24,6 @@ from perennial.ingest.incremental import ingest_incremental, read_watermark
 from perennial.ingest.readers import IngestError, iter_json_array
 from perennial.ingest.records import REASONS, record_id
 from perennial.ingest.shards import SHARD_RECORDS, version_digest
-from perennial.ingest.tokencache import tokenize_cached, tokenizer_digest
 from perennial.ingest.tracking import log_dataset_to_mlflow
 
 __all__ = [
@@ -48,6 +47,4 @@ __all__ = [
     "record_id",
     "SHARD_RECORDS",
     "version_digest",
-    "tokenize_cached",
-    "tokenizer_digest",
 ]

@@ -1,0 +1,1 @@
+"""The application layer: the `perennial` command, above flows/ (the only package that imports flows)."""
