@@ -36,7 +36,7 @@ def load_services_env(path: Path = SERVICES_ENV) -> None:
 
 
 def cmd_services(args: argparse.Namespace) -> int:
-    from perennial.services import LocalServices
+    from app.services import LocalServices
 
     if args.s3_port:
         os.environ["PERENNIAL_S3_PORT"] = str(args.s3_port)
@@ -180,7 +180,7 @@ def cmd_unpromote(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from perennial.status import status_report
+    from app.status import status_report
 
     client, uri = _tracking_client(args)
     prefect_url = args.prefect_api_url

@@ -580,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = bench_config(args.set, seeds[0], variant)  # refuses a bad --order before any service starts
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
 
-    from perennial.services import LocalServices
+    from app.services import LocalServices
 
     started = time.perf_counter()
     load_before = os.getloadavg()[0]

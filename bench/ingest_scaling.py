@@ -3,7 +3,7 @@ ticks, and peak RSS up to 10M records.
 
     python -m bench.ingest_scaling [--quick] [--sizes 10000 100000 1000000] [--rss-sizes 100000 1000000 10000000]
 
-Starts its own SeaweedFS (perennial.services.LocalServices on free ports, in a temporary folder).
+Starts its own SeaweedFS (app.services.LocalServices on free ports, in a temporary folder).
 Writes bench/results/ingest_scaling.json and .md (assembled into BENCHMARKS.md by bench.report).
 
 Synthetic alpaca-style records, generated on the fly:

@@ -2,7 +2,7 @@
 
     python -m bench.system_perf [--quick] [--sections overhead,s3,scaling] [--threads 1]
 
-Starts its own SeaweedFS + MLflow (perennial.services.LocalServices on free ports, in a temporary
+Starts its own SeaweedFS + MLflow (app.services.LocalServices on free ports, in a temporary
 folder) and a Prefect test harness (a temporary local Prefect API server with sqlite), then:
 
 1. Orchestration overhead. The real flows/continual_retrain.py flow on configs/tiny.yaml (--quick:
@@ -579,7 +579,7 @@ def markdown(report: dict) -> str:
 
 @contextlib.contextmanager
 def local_services(root: Path):
-    from perennial.services import LocalServices
+    from app.services import LocalServices
 
     services = LocalServices.on_free_ports(root)
     env = services.up(timeout=180)

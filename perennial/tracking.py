@@ -24,6 +24,13 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 PARENT_TAG = "mlflow.parentRunId"
+# A retrain's parent run carries these, for `perennial status` (app/status.py) and resumes (tasks/runtime.py).
+FLOW_RUN_ID_TAG = "prefect.flow_run_id"
+FLOW_RUN_NAME_TAG = "prefect.flow_run_name"
+# Every flow run that worked on a parent run, oldest first (a killed attempt, then the one that resumed it).
+FLOW_RUNS_TAG = "perennial.flow_run_ids"
+S3_PREFIX_TAG = "perennial.s3_prefix"
+RUN_KEY_TAG = "perennial.run_key"
 # On a stage attempt whose process died: the id of the attempt that took over (Tracker.start_stage_run).
 SUPERSEDED_BY_TAG = "perennial.superseded_by"
 # The MLflow 3 UI's kind of an experiment; one without it is inferred to be GenAI.
@@ -222,3 +229,8 @@ class Tracker:
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.flush(attempts=10)  # waits up to ~65 s for a restarting server, then fails the stage
         self.client.set_terminated(run_id, status=status)
+
+
+def flow_run_history(tags: dict[str, str]) -> list[str]:
+    """The flow run ids of a parent run's FLOW_RUNS_TAG, oldest first."""
+    return [run_id for run_id in tags.get(FLOW_RUNS_TAG, "").split(",") if run_id]

@@ -18,7 +18,7 @@ from pydantic import BaseModel, PrivateAttr
 
 from perennial.config import LOCATION_KEYS, Config, ConfigError
 from perennial.storage import ObjectStore, join_key, key_component
-from perennial.status import FLOW_RUN_ID_TAG, FLOW_RUN_NAME_TAG, FLOW_RUNS_TAG, RUN_KEY_TAG, S3_PREFIX_TAG, flow_run_history
+from perennial.tracking import FLOW_RUN_ID_TAG, FLOW_RUN_NAME_TAG, FLOW_RUNS_TAG, RUN_KEY_TAG, S3_PREFIX_TAG, flow_run_history
 from perennial.tracking import Tracker, server_healthy
 
 log = logging.getLogger(__name__)

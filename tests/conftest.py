@@ -10,7 +10,7 @@ import pytest
 
 import perennial  # noqa: F401  (applies offline / no-telemetry defaults before other imports)
 from perennial.config import StorageConfig
-from perennial.services import LocalServices
+from app.services import LocalServices
 from perennial.storage import ObjectStore
 
 

@@ -19,7 +19,7 @@ from models.loading import ModelLoadError
 from perennial import demo_data
 from perennial.config import ConfigError, StorageConfig, build_config
 from perennial.ingest import IngestError
-from perennial.status import FLOW_RUN_ID_TAG, S3_PREFIX_TAG
+from app.status import FLOW_RUN_ID_TAG, S3_PREFIX_TAG
 from perennial.storage import ObjectStore, StorageError
 from tasks.ingest import ingest
 from tasks.runtime import ERROR_TAG, failed_on_error, start_run

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from perennial.config import load_config
-from perennial.services import free_ports
+from app.services import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT_YAML = ROOT / "deployments" / "prefect.yaml"

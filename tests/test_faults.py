@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from models.atomic import DiskFullError
 from models.engine import load_state, save_state, train
 from perennial.config import OptimConfig, StorageConfig, build_config
-from perennial.services import LocalServices, free_ports
+from app.services import LocalServices, free_ports
 from perennial.storage import MANIFEST_NAME, ObjectStore, StorageError, sha256_file
 from perennial.tracking import Tracker, TrackingError
 from tasks.stage import latest_checkpoint

@@ -321,7 +321,7 @@ def test_chance_of_a_classification_dataset_is_one_over_its_labels(services, tmp
 
 
 def test_status_without_prefect_still_lists_retrains_with_stages_and_links(services, capsys):
-    from perennial.services import free_ports
+    from app.services import free_ports
 
     client = MlflowClient(services.mlflow_uri)
     experiment_id = client.create_experiment(f"status-{uuid.uuid4().hex[:8]}")

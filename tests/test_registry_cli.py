@@ -65,7 +65,7 @@ def test_unpromote_refuses_when_rollback_can_restore_a_previous_champion(service
 
 
 def test_commands_against_an_unreachable_tracking_server_say_how_to_start_it(capsys):
-    from perennial.services import free_ports
+    from app.services import free_ports
 
     (port,) = free_ports(1)
     for command in (["review", "some-model"], ["promote", "some-model", "2"], ["status"]):

@@ -66,7 +66,7 @@ def test_kill_9_mid_stage_then_rerun_matches_uninterrupted_run(services, prefect
     # and both flow runs are recorded on the parent, so `perennial status` labels the killed one as superseded.
     from mlflow.tracking import MlflowClient
 
-    from perennial.status import FLOW_RUN_ID_TAG, FLOW_RUNS_TAG, FlowRunInfo, PrefectSide, mlflow_side, render
+    from app.status import FLOW_RUN_ID_TAG, FLOW_RUNS_TAG, FlowRunInfo, PrefectSide, mlflow_side, render
     from perennial.tracking import SUPERSEDED_BY_TAG
 
     client = MlflowClient(services.mlflow_uri)

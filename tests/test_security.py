@@ -319,7 +319,7 @@ def test_caller_aws_keys_are_not_accepted_by_the_s3_server(tmp_path, monkeypatch
     from botocore.config import Config as BotoConfig
     from botocore.exceptions import ClientError
 
-    from perennial.services import LocalServices
+    from app.services import LocalServices
 
     stray = {"AWS_ACCESS_KEY_ID": "stray-" + uuid.uuid4().hex[:8], "AWS_SECRET_ACCESS_KEY": uuid.uuid4().hex}
     for key, value in stray.items():

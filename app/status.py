@@ -14,13 +14,16 @@ import urllib.request
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-FLOW_RUN_ID_TAG = "prefect.flow_run_id"
-FLOW_RUN_NAME_TAG = "prefect.flow_run_name"
-# Every flow run that worked on a parent run, oldest first (a killed attempt, then the one that resumed it).
-FLOW_RUNS_TAG = "perennial.flow_run_ids"
-S3_PREFIX_TAG = "perennial.s3_prefix"
-RUN_KEY_TAG = "perennial.run_key"
-PARENT_TAG = "mlflow.parentRunId"
+from perennial.tracking import (
+    FLOW_RUN_ID_TAG,
+    FLOW_RUN_NAME_TAG,
+    FLOW_RUNS_TAG,
+    PARENT_TAG,
+    RUN_KEY_TAG,
+    S3_PREFIX_TAG,
+    flow_run_history,
+)
+
 RETRAIN_FLOW = "continual-retrain"
 
 
@@ -146,11 +149,6 @@ def _s3_prefix(run) -> str:
 
 def _stage_name(run) -> str:
     return run.data.tags.get("stage", run.data.tags.get("mlflow.runName", "?"))
-
-
-def flow_run_history(tags: dict[str, str]) -> list[str]:
-    """The flow run ids of a parent run's FLOW_RUNS_TAG, oldest first."""
-    return [run_id for run_id in tags.get(FLOW_RUNS_TAG, "").split(",") if run_id]
 
 
 def _flow_run_ids(run) -> list[str]:
