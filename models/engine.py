@@ -48,6 +48,7 @@ from models.allocator import keeping_freed_memory
 from models.atomic import atomic_dir
 from models.cl.base import CLPlugin, PluginState
 from models.data import collate
+from perennial.config import stream_seed
 
 StepHook = Callable[[int, torch.nn.Module], None]
 LogFn = Callable[[dict[str, float], int], None]
@@ -164,7 +165,7 @@ def _epoch_permutation(num_examples: int, seed: int, epoch: int) -> torch.Tensor
 
     Callers only read it (the cache hands every caller the same tensor).
     """
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    generator = torch.Generator().manual_seed(stream_seed(seed, epoch))
     return torch.randperm(num_examples, generator=generator)
 
 

@@ -581,6 +581,13 @@ def task_seed(seed: int, task_index: int) -> int:
     return seed + task_index
 
 
+def stream_seed(seed: int, index: int) -> int:
+    """The seed of the ``index``-th independent random stream under ``seed``: an epoch's data order
+    (models/engine.py), a replay reservoir's draw, a CL plugin's per-task sample. The multiplier keeps
+    the streams of neighbouring seeds apart, which ``seed + index`` (`task_seed`) would overlap."""
+    return seed * 1_000_003 + index
+
+
 def canonical_json(data: Any) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
 

@@ -24,6 +24,7 @@ import torch
 
 from models.cl.base import CLPlugin, PluginState, TaskContext
 from models.data import collate
+from perennial.config import task_seed
 
 
 class EWCPlugin(CLPlugin):
@@ -64,7 +65,7 @@ class EWCPlugin(CLPlugin):
 
     def after_task(self, ctx: TaskContext) -> None:
         new_fisher = diagonal_fisher(
-            ctx.model, ctx.train_examples, self.fisher_samples, ctx.pad_token_id, seed=self.seed + ctx.task_index
+            ctx.model, ctx.train_examples, self.fisher_samples, ctx.pad_token_id, seed=task_seed(self.seed, ctx.task_index)
         )
         for name, value in new_fisher.items():
             old = self.fisher.get(name)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from models.cl.base import CLPlugin, PluginState, TaskContext
+from perennial.config import stream_seed
 
 NOT_LORA = "O-LoRA needs a peft LoRA model (cit.tuning.method: lora); the model has no LoRA layers"
 
@@ -95,7 +96,7 @@ class OLoRAPlugin(CLPlugin):
             raise ValueError(NOT_LORA)
         # Seeded so a rerun re-initialises the next adapter identically; the global RNG is untouched.
         with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(self.seed * 1_000_003 + ctx.task_index)
+            torch.manual_seed(stream_seed(self.seed, ctx.task_index))
             for name, module, adapter in layers:
                 a = module.lora_A[adapter].weight.detach().float().cpu()
                 self.old_a[name] = a.clone() if name not in self.old_a else torch.cat([self.old_a[name], a])

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, get_args
 
 from pydantic import TypeAdapter
 
-from perennial.config import ReplayBudget, ReplayStrategy
+from perennial.config import ReplayBudget, ReplayStrategy, stream_seed
 
 STRATEGIES = get_args(ReplayStrategy)
 _valid_budget = TypeAdapter(ReplayBudget).validate_python
@@ -87,7 +87,7 @@ class Reservoir:
         self.items: list[Any] = []
 
     def _draw(self, index: int) -> int:
-        return random.Random(self.seed * 1_000_003 + index).randrange(index + 1)
+        return random.Random(stream_seed(self.seed, index)).randrange(index + 1)
 
     def add(self, item: Any) -> None:
         if len(self.items) < self.capacity:

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from models.cl.base import CLPlugin, PluginState, TaskContext
 from models.data import IGNORE_INDEX, collate
 from models.engine import stream_indices
+from perennial.config import stream_seed
 
 NO_ATTENTIONS = (
     "SEEKR needs attention weights, but the model returned none: load it with attn_implementation='eager' "
@@ -88,7 +89,7 @@ class SEEKRPlugin(CLPlugin):
 
     def before_task(self, ctx: TaskContext) -> None:
         self._pad_token_id = ctx.pad_token_id
-        rng = random.Random(self.seed * 1_000_003 + ctx.task_index)
+        rng = random.Random(stream_seed(self.seed, ctx.task_index))
         count = min(self.samples_per_task, len(ctx.train_examples))
         chosen = sorted(rng.sample(range(len(ctx.train_examples)), count))
         self._probe = [
