@@ -57,7 +57,7 @@ NAME = "system_perf"
 OVERHEAD_TARGET_PCT = 5.0
 # Stages whose bodies are the pipeline's compute; the other tasks (preflight, report, register,
 # finish) are bookkeeping against MLflow that would exist without Prefect too.
-COMPUTE_TASKS = {"ingest", "base-model", "dap", "cit-task", "evaluate"}
+COMPUTE_TASKS = {"ingest", "base-model", "dap", "cit", "evaluate"}
 # reverse first: with 720 distinct examples it is the one demo task whose training set x4 does not run out.
 SCALING_TASKS = ["reverse", "arithmetic", "fact_lookup", "uppercase"]
 DATA_COUNTS = ("train_per_task", "eval_per_task", "general_docs", "domain_docs", "general_eval_docs")
@@ -175,7 +175,7 @@ def stage_times(records: list[dict]) -> dict:
     by_task: dict[str, list[float]] = {}
     for record in records:
         by_task.setdefault(record["task"], []).append(record["seconds"])
-    cit, evaluate = by_task.get("cit-task", []), by_task.get("evaluate", [])
+    cit, evaluate = by_task.get("cit", []), by_task.get("evaluate", [])
     return {
         "ingest": sum(by_task.get("ingest", [])),
         "base": sum(by_task.get("base-model", [])),

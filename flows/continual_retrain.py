@@ -8,15 +8,15 @@ from perennial.config import Config, load_config
 from perennial.locks import lineage_lock
 from tasks.runtime import failed_on_error
 from tasks.wrappers import (
-    base_model_task,
-    cit_task,
-    dap_task,
-    evaluate_task,
-    finish_task,
-    ingest_task,
-    register_task,
-    report_task,
-    start_run_task,
+    base_model_stage,
+    cit_stage,
+    dap_stage,
+    evaluation_stage,
+    finish_stage,
+    ingest_stage,
+    preflight_stage,
+    register_stage,
+    report_stage,
 )
 
 
@@ -24,23 +24,23 @@ from tasks.wrappers import (
 def continual_retrain(config_path: str | None = None, overrides: list[str] | None = None, config: dict | None = None, run_key: str | None = None) -> dict:
     cfg = Config.model_validate(config) if config is not None else load_config(config_path, overrides)
     with lineage_lock(cfg.tracking.registered_model):  # one retrain per model lineage at a time
-        run = start_run_task(cfg, run_key)
+        run = preflight_stage(cfg, run_key)
         with failed_on_error(run):
-            data = ingest_task(run)
-            model = base_model_task(run, data.general)
+            data = ingest_stage(run)
+            model = base_model_stage(run, data.general)
             if cfg.dap.enabled and data.domain is not None:
-                model = dap_task(run, model, data)
-            evaluations = [evaluate_task(run, model, data, 0, "before-cit")]
+                model = dap_stage(run, model, data)
+            evaluations = [evaluation_stage(run, model, data, 0, "before-cit")]
             step = None
             checkpoints = {"start": model}
             for index in range(len(data.tasks)):
-                step = cit_task(run, model, data, index, step)
+                step = cit_stage(run, model, data, index, step)
                 model = step.model_uri
                 checkpoints[step.stage] = model
-                evaluations.append(evaluate_task(run, model, data, index + 1, step.stage))
-            summary = report_task(run, data, evaluations)
-            registered = register_task(run, model, data, summary) if cfg.registry.enabled else None
-            finish_task(run)
+                evaluations.append(evaluation_stage(run, model, data, index + 1, step.stage))
+            summary = report_stage(run, data, evaluations)
+            registered = register_stage(run, model, data, summary) if cfg.registry.enabled else None
+            finish_stage(run)
         return {
             "run_key": run.run_key,
             "mlflow_run_id": run.parent_run_id,

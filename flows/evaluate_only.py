@@ -17,7 +17,7 @@ from prefect import flow
 from perennial.config import Config, load_config
 from perennial.registry import resolve_checkpoint_uri
 from tasks.runtime import failed_on_error
-from tasks.wrappers import evaluate_task, finish_task, ingest_task, report_task, start_run_task
+from tasks.wrappers import evaluation_stage, finish_stage, ingest_stage, preflight_stage, report_stage
 
 
 @flow(name="evaluate-only", log_prints=True)
@@ -33,14 +33,14 @@ def evaluate_only(
     # Its own run key: the retrain's key (run_name + config digest) would find the retrain's run
     # and its cached stage-0 evaluation. The same model and config evaluated twice is a cached no-op.
     digest = hashlib.sha256(f"{checkpoint}|{cfg.digest()}".encode()).hexdigest()[:12]
-    run = start_run_task(cfg, run_key or f"{cfg.run_name}-eval-{digest}")
+    run = preflight_stage(cfg, run_key or f"{cfg.run_name}-eval-{digest}")
     with failed_on_error(run):
-        data = ingest_task(run, training=False)
+        data = ingest_stage(run, training=False)
         # Stage 0 is the only stage, so output drift is measured against the model itself (zero);
         # scores and general perplexity are what this flow is for.
-        evaluation = evaluate_task(run, checkpoint, data, 0, "evaluate-only")
-        summary = report_task(run, data, [evaluation])
-        finish_task(run)
+        evaluation = evaluation_stage(run, checkpoint, data, 0, "evaluate-only")
+        summary = report_stage(run, data, [evaluation])
+        finish_stage(run)
     scores = {**evaluation.scores, **evaluation.general_scores}
     print(f"{model_uri} -> {checkpoint}: " + ", ".join(f"{task}={score:.3f}" for task, score in scores.items())
           + f", general_ppl={evaluation.general_ppl:.3f}")

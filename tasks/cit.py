@@ -41,7 +41,7 @@ def _sampling_options(run: RunContext, model_uri: str) -> dict:
     return options
 
 
-def train_task(run: RunContext, model_uri: str, data: DataBundle, index: int, previous: CITStep | None) -> CITStep:
+def train_cit_stage(run: RunContext, model_uri: str, data: DataBundle, index: int, previous: CITStep | None) -> CITStep:
     """Train CL task ``index`` from ``model_uri``: one stage (two with `epoch` replay mixing), then the next replay buffer."""
     cfg = run.config
     check_requirements(cfg.cit.methods, cfg.cit.tuning.method, cfg.model.attn_implementation)

@@ -1,4 +1,7 @@
-"""Thin Prefect task wrappers around the plain functions (retries for transient service errors)."""
+"""Thin Prefect task wrappers around the plain functions (retries for transient service errors).
+
+Each is a pipeline *stage* (named ``*_stage``): in Perennial "task" means a continual-learning task,
+so the Prefect task objects are not called tasks here. Prefect's UI shows their ``name``."""
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
@@ -8,7 +11,7 @@ from models.loading import ModelLoadError
 from perennial.config import ConfigError
 from perennial.ingest import IngestError
 from tasks.base_model import prepare_base_model
-from tasks.cit import train_task
+from tasks.cit import train_cit_stage
 from tasks.dap import train_dap
 from tasks.evaluate import evaluate_stage
 from tasks.ingest import ingest
@@ -27,16 +30,16 @@ def retryable(task, task_run, state) -> bool:
 
 RETRY = {"retries": 2, "retry_delay_seconds": [2, 10], "retry_condition_fn": retryable}
 
-start_run_task = task(start_run, name="preflight")
-ingest_task = task(ingest, name="ingest", **RETRY)
-base_model_task = task(prepare_base_model, name="base-model", **RETRY)
-dap_task = task(train_dap, name="dap", **RETRY)
-cit_task = task(train_task, name="cit-task", task_run_name="cit-{index}", **RETRY)
-evaluate_task = task(evaluate_stage, name="evaluate", task_run_name="evaluate-{stage}", **RETRY)
+preflight_stage = task(start_run, name="preflight")
+ingest_stage = task(ingest, name="ingest", **RETRY)
+base_model_stage = task(prepare_base_model, name="base-model", **RETRY)
+dap_stage = task(train_dap, name="dap", **RETRY)
+cit_stage = task(train_cit_stage, name="cit", task_run_name="cit-{index}", **RETRY)
+evaluation_stage = task(evaluate_stage, name="evaluate", task_run_name="evaluate-{stage}", **RETRY)
 
 
 @task(name="report", **RETRY)
-def report_task(run, data, evaluations):
+def report_stage(run, data, evaluations):
     """The report, plus the same table as a Prefect markdown artifact linking to the MLflow run."""
     summary = report(run, data, evaluations)
     link = f"{run.config.tracking.tracking_uri.rstrip('/')}/#/experiments/{run.experiment_id}/runs/{run.parent_run_id}"
@@ -48,5 +51,5 @@ def report_task(run, data, evaluations):
     return summary
 
 
-register_task = task(register, name="register", **RETRY)
-finish_task = task(finish_run, name="finish")
+register_stage = task(register, name="register", **RETRY)
+finish_stage = task(finish_run, name="finish")
