@@ -48,12 +48,12 @@ from models.allocator import keeping_freed_memory
 from models.atomic import atomic_dir
 from models.cl.base import CLPlugin, PluginState
 from models.data import collate
-from perennial.config import stream_seed
+from perennial.config import DistributedStrategy, stream_seed
 
 StepHook = Callable[[int, torch.nn.Module], None]
 LogFn = Callable[[dict[str, float], int], None]
 CheckpointFn = Callable[[int, Path], None]
-Strategy = Literal["ddp", "fsdp"]
+Strategy = DistributedStrategy
 
 
 class NonFiniteLossError(FloatingPointError):

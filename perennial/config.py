@@ -327,6 +327,8 @@ class DAPConfig(Strict):
 
 
 ReplayStrategy = Literal["uniform", "reservoir", "loss-mid", "balanced"]
+# How a stage runs on several processes (docs/training.md): DDP replicates the model, FSDP2 shards it.
+DistributedStrategy = Literal["ddp", "fsdp"]
 ReplayMixing = Literal["interleave", "concat", "epoch"]
 
 
@@ -469,7 +471,7 @@ class DistributedConfig(Strict):
     nproc_per_node: int = Field(
         1, ge=1, description="processes per stage, one per GPU (gloo processes on a CPU); > 1: the stage runs under torchrun"
     )
-    strategy: Literal["ddp", "fsdp"] = Field(
+    strategy: DistributedStrategy = Field(
         "ddp", description="ddp: each process holds the whole model; fsdp: weights, gradients and optimizer state sharded (FSDP2)"
     )
 

@@ -29,7 +29,7 @@ from models.data import encode_instruction, pack_texts
 from models.engine import TrainResult, full_state_dict, is_sharded, load_plugin_states, resolve_device, save_plugin_states, set_seed, train
 from models.loading import load_causal_lm, load_model_and_tokenizer, save_model
 from models.tuning import apply_tuning, merge_for_export
-from perennial.config import CLMethodConfig, OptimConfig, TuningConfig, task_seed
+from perennial.config import CLMethodConfig, DistributedStrategy, OptimConfig, TuningConfig, task_seed
 from perennial.storage import MANIFEST_NAME, ObjectStore
 from tasks.ingest import DatasetRef, read_records
 from tasks.runtime import RunContext, Services, committed_uri, fetch_dir
@@ -76,7 +76,7 @@ class StageSpec(BaseModel):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     attn_implementation: Literal["eager", "sdpa"] = "eager"
     processes: int = 1
-    strategy: Literal["ddp", "fsdp"] = "ddp"
+    strategy: DistributedStrategy = "ddp"
 
     @property
     def output_prefix(self) -> str:
