@@ -55,7 +55,9 @@ def cmd_services(args: argparse.Namespace) -> int:
         report = services.status()
         for name, state in report.items():
             print(f"{name:10s} {'up' if state['ready'] else 'down':5s} pid={state['pid']} {state['url']}")
-        return 0 if all(state["ready"] for state in report.values()) else 3
+        seaweedfs = report["seaweedfs"]
+        print(f"disk       {'ok' if seaweedfs['writable'] else 'FULL':5s} {seaweedfs['disk']}")
+        return 0 if all(state["ready"] for state in report.values()) and seaweedfs["writable"] else 3
     return 0
 
 

@@ -25,6 +25,11 @@ from pathlib import Path
 
 HOST = "127.0.0.1"
 VOLUME_SLOTS = 1000
+# SeaweedFS marks every volume read-only when its disk has under 1% free (`weed volume -minFreeSpace`, which
+# `weed mini` does not expose); S3 writes then fail with InternalError. We refuse to start below this floor
+# plus room for a run's writes, so the user reads "free disk space" instead of a retried InternalError.
+SEAWEEDFS_MIN_FREE_FRACTION = 0.01
+WRITE_ROOM_BYTES = 1 << 30
 # SeaweedFS `weed mini` opens these besides S3; each gets an explicit port so instances never collide.
 _WEED_PORT_FLAGS = (
     "master.port",
@@ -42,6 +47,41 @@ _WEED_PORT_FLAGS = (
 
 class ServiceError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class DiskHeadroom:
+    """Free space on the disk holding SeaweedFS's data, against the floor below which it refuses writes.
+
+    Attributes are bytes. ``writable`` is False once ``free`` is under ``floor``: SeaweedFS then makes every
+    volume read-only and each S3 PUT answers InternalError.
+    """
+
+    free: int
+    floor: int
+
+    @classmethod
+    def of(cls, path: Path) -> "DiskHeadroom":
+        usage = shutil.disk_usage(path)
+        return cls(free=usage.free, floor=int(usage.total * SEAWEEDFS_MIN_FREE_FRACTION))
+
+    @property
+    def writable(self) -> bool:
+        return self.free > self.floor
+
+    def describe(self) -> str:
+        gib = 1 << 30
+        return f"{self.free / gib:.1f} GiB free, SeaweedFS refuses writes under {self.floor / gib:.1f} GiB free"
+
+    def refuse_if_short(self, path: Path, room: int = WRITE_ROOM_BYTES) -> None:
+        """Raise ServiceError when fewer than ``room`` bytes are writable above the floor."""
+        if self.free - self.floor < room:
+            raise ServiceError(
+                f"not enough disk for SeaweedFS at {path}: {self.describe()} (1% of the disk), and a run needs "
+                f"at least {room / (1 << 30):.1f} GiB above that. Every S3 write would fail with InternalError. "
+                "Free disk space (`df -h`; old runs under .perennial/work, pytest's /tmp/pytest-of-*) "
+                "or point PERENNIAL_SERVICES_DIR at a disk with more free space, then start the services again."
+            )
 
 
 def free_ports(count: int) -> list[int]:
@@ -230,6 +270,7 @@ class LocalServices:
         s3_config.chmod(0o600)
         data = self.root / "seaweedfs"
         data.mkdir(exist_ok=True)
+        DiskHeadroom.of(data).refuse_if_short(data)
         argv = [
             _tool("weed"),
             "mini",
@@ -336,4 +377,7 @@ class LocalServices:
             pidfile = self._pidfile(name)
             pid = int(pidfile.read_text()) if pidfile.exists() else None
             report[name] = {"pid": pid, "running": bool(pid and _pid_alive(pid)), "ready": ready(), "url": url}
+        headroom = DiskHeadroom.of(self.root if self.root.exists() else Path.cwd())
+        report["seaweedfs"]["disk"] = headroom.describe()
+        report["seaweedfs"]["writable"] = headroom.writable
         return report

@@ -145,9 +145,12 @@ class ObjectStore:
             if attempt < attempts:
                 time.sleep(delay)
                 delay = min(delay * 2, 8.0)
+        hint = "Is the server up? (`perennial services status`)"
+        if "InternalError" in str(last):
+            # What SeaweedFS answers every PUT once its disk is under 1% free and its volumes turn read-only.
+            hint = "If the disk is nearly full (`df -h`), SeaweedFS has made its volumes read-only: free space. " + hint
         raise StorageError(
-            f"S3 {what} failed after {attempts} attempts against {self.cfg.endpoint_url}: {last}. "
-            "Is the server up? (`perennial services status`)"
+            f"S3 {what} failed after {attempts} attempts against {self.cfg.endpoint_url}: {last}. {hint}"
         ) from last
 
     def check(self) -> None:

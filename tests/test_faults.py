@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from models.atomic import DiskFullError
 from models.engine import load_state, save_state, train
 from perennial.config import OptimConfig, StorageConfig, build_config
-from app.services import LocalServices, free_ports
+from app.services import LocalServices, ServiceError, free_ports
 from perennial.storage import MANIFEST_NAME, ObjectStore, StorageError, sha256_file
 from perennial.tracking import Tracker, TrackingError
 from tasks.stage import latest_checkpoint
@@ -316,3 +316,18 @@ def test_disk_full_never_replaces_a_complete_local_checkpoint(small_disk):
     fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
     step, losses = load_state(target, fresh, fresh_optimizer, torch.optim.lr_scheduler.LambdaLR(fresh_optimizer, lambda s: 1.0))
     assert (step, losses) == (4, [1.0, 0.9, 0.8, 0.7])
+
+
+def test_services_refuse_to_start_on_a_disk_too_full_for_seaweedfs_writes(small_disk):
+    # SeaweedFS turns every volume read-only under 1% free disk, and each S3 PUT then answers InternalError,
+    # which the store retries in vain: a CI run on a nearly full disk failed 15 tests that way.
+    local = LocalServices.on_free_ports(small_disk / "services")
+    with pytest.raises(ServiceError) as raised:
+        local.up(timeout=30)
+    message = str(raised.value)
+    assert "not enough disk for SeaweedFS" in message and "Free disk space" in message and "GiB free" in message
+    assert not (small_disk / "services" / "seaweedfs.pid").exists()  # refused before starting anything
+    report = local.status()
+    assert report["seaweedfs"]["writable"] is True and "GiB free" in report["seaweedfs"]["disk"]
+    fill(small_disk)
+    assert local.status()["seaweedfs"]["writable"] is False
