@@ -351,6 +351,16 @@ def orderings(rows: dict[str, dict]) -> list[str]:
         beyond_noise = abs(attn["bwt"]["mean"] - full["bwt"]["mean"]) > attn["bwt"]["std"] + full["bwt"]["std"]
         kept_general = attn["log_ppl_ratio"]["mean"] < full["log_ppl_ratio"]["mean"]
         learning = ""
+        held_out = ""
+        names = sorted(set(attn.get("general_tasks", {})) & set(full.get("general_tasks", {})))
+        if names:
+            # The seed paper's held-out measure: the general tasks' accuracy change, never trained on.
+            def mean_delta(row: dict) -> float:
+                return statistics.fmean(row["general_tasks"][name]["delta"]["mean"] for name in names)
+
+            kept_tasks = mean_delta(attn) > mean_delta(full)
+            held_out = (f"; held-out tasks ({', '.join(names)}) mean change {mean_delta(attn):+.3f} vs {mean_delta(full):+.3f} -> "
+                        f"**{'holds' if kept_tasks else 'does not hold'}**")
         if "learned" in attn and "learned" in full:
             learning = f"R[i][i] - chance {_fmt(attn['learned'], True)} vs {_fmt(full['learned'], True)}, "
         lines.append(
@@ -358,7 +368,8 @@ def orderings(rows: dict[str, dict]) -> list[str]:
             f"{_fmt(full['bwt'], True)} (full) -> **{'holds' if held else 'does not hold'}** on task forgetting "
             f"({'beyond' if beyond_noise else 'within'} the summed seed std); "
             f"WikiText-2 perplexity x{math.exp(attn['log_ppl_ratio']['mean']):.2f} vs x{math.exp(full['log_ppl_ratio']['mean']):.2f} -> "
-            f"**{'holds' if kept_general else 'does not hold'}** on general ability. Target-task learning: {learning}AP "
+            f"**{'holds' if kept_general else 'does not hold'}** on general ability{held_out}. Target-task learning: "
+            f"R[i][i] - R[0][i] {_fmt(attn['learned_zero_shot'], True)} vs {_fmt(full['learned_zero_shot'], True)}, {learning}AP "
             f"{_fmt(attn['ap'])} vs {_fmt(full['ap'])}."
         )
     if {"seekr-1%", "replay-10%"} <= set(rows):

@@ -40,6 +40,16 @@ def test_orderings_report_whichever_way_they_go():
     noisy = aggregate([run("full", s, 0.5, bwt, 500.0) for s, bwt in enumerate((-0.3, -0.1))]
                       + [run("attn-proj", s, 0.45, bwt, 20.0) for s, bwt in enumerate((-0.25, -0.05))], ["full", "attn-proj"])
     assert "(within the summed seed std)" in orderings(noisy)[0]
+    # the seed paper's held-out measure: the general tasks' accuracy change beside the perplexity
+    def held_out(result, delta):
+        return {**result, "general_tasks": {"sst2": {"base": 0.8, "final": 0.8 + delta, "delta": delta}}}
+
+    tasks_kept = aggregate([held_out(run("full", 0, 0.5, -0.3, 500.0), -0.2), held_out(run("attn-proj", 0, 0.45, -0.05, 20.0), -0.01)],
+                           ["full", "attn-proj"])
+    assert "held-out tasks (sst2) mean change -0.010 vs -0.200 -> **holds**" in orderings(tasks_kept)[0]
+    tasks_lost = aggregate([held_out(run("full", 0, 0.5, -0.3, 500.0), 0.0), held_out(run("attn-proj", 0, 0.45, -0.05, 20.0), -0.1)],
+                           ["full", "attn-proj"])
+    assert "mean change -0.100 vs +0.000 -> **does not hold**" in orderings(tasks_lost)[0]
     far = aggregate([run("seekr-1%", 0, 0.2, -0.4, 50.0), run("replay-10%", 0, 0.5, -0.05, 20.0)], ["seekr-1%", "replay-10%"])
     assert "**does not hold**" in orderings(far)[0]
 
