@@ -525,7 +525,19 @@ def sweep_markdown(report: dict) -> str:
         "",
         table(["tuning", "zero-shot", *(f"lr {lr}" for lr in rates)], rows),
         "",
+        *_edge_notes(result),
     ]) + "\n"
+
+
+def _edge_notes(result: dict) -> list[str]:
+    """Say where a chosen rate is the highest or lowest tried: the best rate may then lie outside the grid."""
+    notes = []
+    for tuning, scores in result["scores"].items():
+        tried = sorted(scores, key=float)
+        if len(tried) > 1 and result["chosen"][tuning] in (tried[0], tried[-1]):
+            side = "highest" if result["chosen"][tuning] == tried[-1] else "lowest"
+            notes.append(f"- {tuning}: the chosen rate {result['chosen'][tuning]} is the {side} one tried, so the best may lie beyond it.")
+    return [*notes, ""] if notes else []
 
 
 # --- main ------------------------------------------------------------------------------------------

@@ -102,6 +102,15 @@ def test_sweep_picks_each_tuning_methods_best_rate_and_the_lower_on_a_tie():
     result = sweep_table(runs, sweep)
     assert result["chosen"] == {"full": "3e-05", "lora": "0.001"}
     assert result["scores"]["full"]["1e-05"] == {"validation": 0.5, "zero_shot": 0.1}
+    # full's pick is the highest rate tried, lora's the lowest: the report says the best may lie beyond
+    from bench.cl_quality import _edge_notes
+
+    notes = _edge_notes(result)
+    assert "- full: the chosen rate 3e-05 is the highest one tried, so the best may lie beyond it." in notes
+    assert any(note.startswith("- lora: the chosen rate 0.001 is the lowest") for note in notes)
+    inside = sweep_table([*runs, {"method": "full@0.0001", "accuracy_matrix": [[0.1], [0.6]]}],
+                         {**sweep, "rates": {"full": [1e-5, 3e-5, 1e-4]}})
+    assert _edge_notes(inside) == []
 
 
 def test_report_assembles_sections_and_names_the_missing(tmp_path):
