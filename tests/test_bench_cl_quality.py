@@ -66,6 +66,17 @@ def test_every_issue_method_runs_and_the_five_compared_ones_with_three_seeds():
     assert run_pairs(["full", "ewc"], [3]) == [("full", 3), ("ewc", 3)]  # --seeds: those seeds for every method
 
 
+def test_every_method_uses_its_tuning_methods_swept_rate():
+    from bench.cl_quality import bench_config, tuning_of
+
+    compared, _, _ = load_methods()
+    results = json.loads((ROOT / "bench" / "results" / "cl_quality_sweep.json").read_text())
+    chosen = results["sweep_result"]["chosen"]
+    for method, overrides in compared.items():
+        tuning = tuning_of(overrides)
+        assert bench_config(overrides, 0).cit.optim.lr == pytest.approx(float(chosen[tuning])), method
+
+
 def test_variants_reorder_the_tasks_or_keep_only_the_first_on_unused_records():
     from bench.cl_quality import bench_config, load_sweep
 
