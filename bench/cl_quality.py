@@ -515,18 +515,30 @@ def sweep_markdown(report: dict) -> str:
     return "\n".join([
         "### Learning-rate sweep",
         "",
-        f"Command: `{report['command']}` ({report['wall_minutes']:.0f} min). {report['load']}",
+        f"Command: `{report['command']}` ({_runs_line(report)}). {report['load']}",
         "",
         f"Each tuning method at each rate trains the first task ({report['tasks'][0]}) alone for {sweep['steps']} steps on "
         f"records {sweep['skip']}..{sweep['skip'] + sweep['records']} of its file, which the benchmark never reads, and is "
         f"scored on the {sweep['validation_fraction']:.0%} of them split off by hash: the benchmark's test records are never "
         "seen. Validation accuracy after training (zero-shot before it); the chosen rate in bold. A CL method uses its "
-        "tuning method's rate (on the first task alone replay, EWC and SEEKR have nothing to keep yet).",
+        "tuning method's rate (on the first task alone replay, EWC and SEEKR have nothing to keep yet). The validation "
+        f"split holds about {sweep['records'] * sweep['validation_fraction']:.0f} records, so a difference of 0.01 is about "
+        "one record: rates within 0.02 of each other are a tie within noise.",
         "",
         table(["tuning", "zero-shot", *(f"lr {lr}" for lr in rates)], rows),
         "",
         *_edge_notes(result),
     ]) + "\n"
+
+
+def _runs_line(report: dict) -> str:
+    """How long the runs took: an invocation's wall time leaves out the runs it collected from earlier ones."""
+    walls = [run["wall_s"] for run in report["runs"] if run.get("wall_s")]
+    line = f"{len(report['runs'])} runs, median {statistics.median(walls) / 60:.1f} min each" if walls else f"{len(report['runs'])} runs"
+    if report.get("collected_runs"):
+        line += (f"; this invocation {report['wall_minutes']:.0f} min, {report['collected_runs']} runs collected from earlier "
+                 "invocations (their wall times, in the JSON, include time paused or under other load)")
+    return line
 
 
 def _edge_notes(result: dict) -> list[str]:
