@@ -35,11 +35,14 @@ def test_orderings_report_whichever_way_they_go():
     assert line.count("**holds**") == 2
     lost = aggregate([run("full", 0, 0.5, -0.05, 20.0), run("attn-proj", 0, 0.45, -0.3, 500.0)], ["full", "attn-proj"])
     assert orderings(lost)[0].count("**does not hold**") == 2
-    # one seed each, no spread: any gap is beyond it; with spread, a small gap is called within it
-    assert "(beyond the summed seed std)" in line
+    # one seed each, no spread: the test sets' resolution is the margin, so a 0.002 gap is no result
+    assert "(margin 0.030)" in line
+    tie = aggregate([run("full", 0, 0.5, -0.148, 30.0), run("attn-proj", 0, 0.5, -0.146, 31.0)], ["full", "attn-proj"])
+    assert orderings(tie)[0].count("**too close to call**") == 2  # BWT and perplexity both within their margins
+    # with spread, a gap smaller than the summed seed std is too close to call as well
     noisy = aggregate([run("full", s, 0.5, bwt, 500.0) for s, bwt in enumerate((-0.3, -0.1))]
                       + [run("attn-proj", s, 0.45, bwt, 20.0) for s, bwt in enumerate((-0.25, -0.05))], ["full", "attn-proj"])
-    assert "(within the summed seed std)" in orderings(noisy)[0]
+    assert "-> **too close to call** on task forgetting (margin 0.283)" in orderings(noisy)[0]
     # the seed paper's held-out measure: the general tasks' accuracy change beside the perplexity
     def held_out(result, delta):
         return {**result, "general_tasks": {"sst2": {"base": 0.8, "final": 0.8 + delta, "delta": delta}}}
