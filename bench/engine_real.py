@@ -32,14 +32,12 @@ BENCHMARKS.md); `--render` rewrites the .md from the JSON.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -47,10 +45,10 @@ from pathlib import Path
 import torch
 
 from bench.common import command, load_note, machine, machine_line, table, write_results
-from bench.engine_throughput import _reset_peak_rss, _status_kib, stamp
-from models.allocator import freed_memory_kept
-from models.data import collate, encode_instruction, pack_texts
-from models.engine import cpu_has_native_bf16, precision_context, stream_indices, train
+from bench.loops import (LoopSettings, engine_loop, plain_bf16_weights_loop, plain_loop, reset_peak_rss, stamp, status_kib,
+                         throughput, trainer_loop)
+from models.data import encode_instruction, pack_texts
+from models.engine import cpu_has_native_bf16, train
 from models.gguf import converted_dir
 from models.loading import load_model_and_tokenizer
 from models.tuning import apply_tuning, count_parameters
@@ -77,121 +75,22 @@ def setup():
     return tokenizer, [{"input_ids": block} for block in blocks], model
 
 
-def optim_config(steps: int) -> OptimConfig:
-    return OptimConfig(lr=LR, batch_size=BATCH, max_steps=steps, warmup_steps=0, schedule="constant", max_length=BLOCK,
-                       log_every=10**6)
-
-
-def throughput(stamps: list[tuple[float, float]], warmup: int) -> dict[str, float]:
-    """Tokens/s at the median step after `warmup` steps: per wall-second (headline) and per CPU-second."""
-    after = stamps[warmup - 1 :]
-    wall = [b[0] - a[0] for a, b in zip(after, after[1:])]
-    cpu = [b[1] - a[1] for a, b in zip(after, after[1:])]
-    tokens = BATCH * BLOCK
-    return {"wall": tokens / statistics.median(wall), "cpu": tokens / statistics.median(cpu)}
-
-
-# --- the runs: (model, examples, pad id, steps) -> one timestamp per optimizer step --------------
-
-
-def engine(precision: str):
-    def run(model, examples, pad_token_id, steps, clock=stamp):
-        stamps = []
-        train(model, examples, optim_config(steps), seed=SEED, pad_token_id=pad_token_id, device=torch.device("cpu"),
-              precision=precision, on_step_end=lambda step, _model: stamps.append(clock()))
-        return stamps
-
-    return run
-
-
-def _batches(examples, steps):
-    data = torch.tensor([example["input_ids"] for example in examples])
-    order = torch.tensor(stream_indices(len(examples), SEED, 0, steps * BATCH)).view(steps, BATCH)
-    return [data[order[step]] for step in range(steps)]
-
-
-def plain(precision: str, compiled: bool = False):
-    """The least a loop can do: pre-stacked batches, forward (autocast for bf16), backward, AdamW step."""
-
-    def run(model, examples, pad_token_id, steps, clock=stamp):
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
-        model.train()
-        forward = torch.compile(model) if compiled else model
-        stamps = []
-        for ids in _batches(examples, steps):
-            with precision_context(precision, torch.device("cpu")):
-                loss = forward(input_ids=ids, labels=ids).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            stamps.append(clock())
-        return stamps
-
-    return run
-
-
-def plain_bf16_weights(model, examples, pad_token_id, steps, clock=stamp):
-    """bf16 weights and activations throughout (no autocast casts), AdamW on fp32 master copies."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    masters = [p.detach().float().clone().requires_grad_(True) for p in params]
-    model.to(torch.bfloat16).train()
-    optimizer = torch.optim.AdamW(masters, lr=LR)
-    stamps = []
-    for ids in _batches(examples, steps):
-        model(input_ids=ids, labels=ids).loss.backward()
-        for master, param in zip(masters, params):
-            master.grad = param.grad.float()
-            param.grad = None
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for master, param in zip(masters, params):
-                param.copy_(master)
-        stamps.append(clock())
-    return stamps
-
-
-def trainer(precision: str, keep_freed_memory: bool = False):
-    def run(model, examples, pad_token_id, steps, clock=stamp):
-        from transformers import Trainer, TrainerCallback, TrainingArguments
-
-        class Stamps(TrainerCallback):
-            def __init__(self):
-                self.stamps = []
-
-            def on_step_end(self, args, state, control, **kwargs):
-                self.stamps.append(clock())
-
-        dataset = [{key: value[0] for key, value in collate([example], pad_token_id).items()} for example in examples]
-        with tempfile.TemporaryDirectory() as output_dir:
-            args = TrainingArguments(
-                output_dir=output_dir, per_device_train_batch_size=BATCH, max_steps=steps, learning_rate=LR,
-                lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
-                bf16=precision == "bf16", eval_strategy="no", save_strategy="no", logging_strategy="no",
-                report_to="none", disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False,
-                use_cpu=True, seed=SEED,
-            )
-            callback = Stamps()
-            with freed_memory_kept() if keep_freed_memory else contextlib.nullcontext():
-                Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback]).train()
-        return callback.stamps
-
-    return run
+SETTINGS = LoopSettings(batch=BATCH, block=BLOCK, lr=LR, seed=SEED)
 
 
 # name -> (tuning method, run); the first six are the rotated side-by-side comparison
 RUNS = {
-    "engine bf16": ("full", engine("bf16")),
-    "engine fp32": ("full", engine("fp32")),
-    "plain bf16": ("full", plain("bf16")),
-    "plain fp32": ("full", plain("fp32")),
-    "trainer bf16": ("full", trainer("bf16")),
-    "trainer fp32": ("full", trainer("fp32")),
-    "engine attn-proj bf16": ("attn-proj", engine("bf16")),
-    "engine attn-proj fp32": ("attn-proj", engine("fp32")),
-    "plain bf16 weights + fp32 master": ("full", plain_bf16_weights),
-    "plain bf16 + torch.compile": ("full", plain("bf16", compiled=True)),
-    "trainer bf16, freed memory kept": ("full", trainer("bf16", keep_freed_memory=True)),
+    "engine bf16": ("full", engine_loop(SETTINGS, "bf16")),
+    "engine fp32": ("full", engine_loop(SETTINGS, "fp32")),
+    "plain bf16": ("full", plain_loop(SETTINGS, "bf16")),
+    "plain fp32": ("full", plain_loop(SETTINGS, "fp32")),
+    "trainer bf16": ("full", trainer_loop(SETTINGS, "bf16")),
+    "trainer fp32": ("full", trainer_loop(SETTINGS, "fp32")),
+    "engine attn-proj bf16": ("attn-proj", engine_loop(SETTINGS, "bf16")),
+    "engine attn-proj fp32": ("attn-proj", engine_loop(SETTINGS, "fp32")),
+    "plain bf16 weights + fp32 master": ("full", plain_bf16_weights_loop(SETTINGS)),
+    "plain bf16 + torch.compile": ("full", plain_loop(SETTINGS, "bf16", compiled=True)),
+    "trainer bf16, freed memory kept": ("full", trainer_loop(SETTINGS, "bf16", keep_freed_memory=True)),
 }
 ROTATED = list(RUNS)[:6]
 
@@ -205,8 +104,8 @@ def rss_child(kind: str, name: str, steps: int) -> None:
     from models.cl.registry import build_plugins
 
     folder, _ = converted_dir(MODEL, CACHE)
-    reset = _reset_peak_rss()
-    baseline = _status_kib("VmRSS")
+    reset = reset_peak_rss()
+    baseline = status_kib("VmRSS")
     model, tokenizer = load_model_and_tokenizer(folder)
     tuning = name if kind == "tuning" else ("lora" if name == "olora" else "full")
     model = apply_tuning(model, TuningConfig(method=tuning))
@@ -221,7 +120,7 @@ def rss_child(kind: str, name: str, steps: int) -> None:
     optim = OptimConfig(lr=LR, batch_size=BATCH, max_steps=steps, warmup_steps=0, max_length=64, log_every=10**6)
     for index, examples in enumerate(tasks if kind == "cl" else tasks[:1]):
         if index == len(tasks) - 1 and reset:
-            _reset_peak_rss()  # the second task: the plugin now holds what it keeps from the first
+            reset_peak_rss()  # the second task: the plugin now holds what it keeps from the first
         context = TaskContext(task_index=index, task_name=f"task-{index}", model=model, train_examples=examples,
                               pad_token_id=tokenizer.pad_token_id)
         for plugin in plugins:
@@ -234,7 +133,7 @@ def rss_child(kind: str, name: str, steps: int) -> None:
     print(json.dumps({
         "kind": kind, "method": name, "tuning": tuning, "trainable_params": trainable, "total_params": total,
         "rss_before_model_mib": round(baseline / 1024, 1),
-        "training_peak_above_baseline_mib": round((_status_kib("VmHWM") - baseline) / 1024, 1) if reset else None,
+        "training_peak_above_baseline_mib": round((status_kib("VmHWM") - baseline) / 1024, 1) if reset else None,
         "steps": steps, "last_task_seconds": round(seconds, 1), "final_loss": result.losses[-1],
     }))
 
@@ -258,7 +157,7 @@ def run_child(name: str, steps: int, warmup: int) -> None:
         raise RuntimeError(f"{name} ran {len(stamps)} steps, not {steps}")
     after = faults[warmup - 1 :]
     per_step = statistics.median(b - a for a, b in zip(after, after[1:]))
-    print(json.dumps({**throughput(stamps, warmup), "minor_faults_per_step": per_step}))
+    print(json.dumps({**throughput(stamps, warmup, SETTINGS), "minor_faults_per_step": per_step}))
 
 
 def measure_run(name: str, steps: int, warmup: int, threads: int) -> dict:
@@ -395,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     rotated = [name for name in ROTATED if name in names]
     rest = [name for name in names if name not in rotated]
-    runs: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": [], "minor_faults_per_step": []} for name in names}
+    runs: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": [], "wall_window": [], "minor_faults_per_step": []} for name in names}
     schedule = [(r, rotated[r % len(rotated):] + rotated[: r % len(rotated)]) for r in range(args.rounds)] if rotated else []
     schedule.append((args.rounds - 1, rest))
     for round_index, order in schedule:

@@ -38,18 +38,17 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from bench.common import command, load_note, machine, machine_line, table, write_results
-from models.data import collate, pack_texts
-from models.engine import stream_indices, train
+from bench.loops import LoopSettings, engine_loop, plain_loop, reset_peak_rss, status_kib, throughput, trainer_loop
+from models.data import pack_texts
+from models.engine import train
 from models.tiny import build_tiny_llama, train_tokenizer
-from perennial.config import DemoDataConfig, OptimConfig, TinyModelConfig, TuningConfig
+from perennial.config import DemoDataConfig, TinyModelConfig, TuningConfig
 from perennial.demo_data import general_corpus
 
 RESULTS = Path(__file__).parent / "results" / "engine_throughput.json"
@@ -77,87 +76,9 @@ def demo_setup():
     return tokenizer, [{"input_ids": block} for block in blocks], model
 
 
-def optim_config(steps: int) -> OptimConfig:
-    # No warm-up in the schedule and a constant rate: the baselines have no schedule either.
-    return OptimConfig(lr=LR, batch_size=BATCH, max_steps=steps, warmup_steps=0, schedule="constant",
-                       max_length=BLOCK, log_every=10**6)
-
-
-def stamp() -> tuple[float, float]:
-    """(wall clock, this process's CPU time), taken after every optimizer step."""
-    return time.perf_counter(), time.process_time()
-
-
-def throughput(stamps: list[tuple[float, float]], warmup: int) -> dict[str, float]:
-    """Tokens/s after `warmup` steps, three ways.
-
-    cpu: tokens per CPU-second of the training process at the median step. With one thread this
-      is what an idle core would give, and other processes taking the core do not change it:
-      the headline on a shared machine.
-    wall: tokens per wall-clock second at the median step (a stalled step does not move a median).
-    wall_window: tokens over the whole wall-clock window, stalls included.
-    """
-    after = stamps[warmup - 1 :]
-    wall = [b[0] - a[0] for a, b in zip(after, after[1:])]
-    cpu = [b[1] - a[1] for a, b in zip(after, after[1:])]
-    tokens = BATCH * BLOCK
-    return {"cpu": tokens / statistics.median(cpu), "wall": tokens / statistics.median(wall),
-            "wall_window": tokens * len(wall) / sum(wall)}
-
-
-# --- the three methods, each returning one timestamp per optimizer step ------------------------
-
-
-def run_engine(model, examples, pad_token_id: int, steps: int) -> list[tuple[float, float]]:
-    stamps: list[tuple[float, float]] = []
-    train(model, examples, optim_config(steps), seed=SEED, pad_token_id=pad_token_id,
-          device=torch.device("cpu"), on_step_end=lambda step, _model: stamps.append(stamp()))
-    return stamps
-
-
-def run_plain(model, examples, pad_token_id: int, steps: int) -> list[tuple[float, float]]:
-    """The least a loop can do: the same batches (pre-stacked), forward, backward, AdamW step."""
-    data = torch.tensor([example["input_ids"] for example in examples])
-    order = torch.tensor(stream_indices(len(examples), SEED, 0, steps * BATCH)).view(steps, BATCH)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
-    model.train()
-    stamps = []
-    for step in range(steps):
-        ids = data[order[step]]
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        stamps.append(stamp())
-    return stamps
-
-
-def run_trainer(model, examples, pad_token_id: int, steps: int) -> list[tuple[float, float]]:
-    from transformers import Trainer, TrainerCallback, TrainingArguments
-
-    class Stamps(TrainerCallback):
-        def __init__(self):
-            self.stamps: list[tuple[float, float]] = []
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.stamps.append(stamp())
-
-    rows = [collate([example], pad_token_id) for example in examples]
-    dataset = [{key: value[0] for key, value in row.items()} for row in rows]
-    with tempfile.TemporaryDirectory() as output_dir:
-        args = TrainingArguments(
-            output_dir=output_dir, per_device_train_batch_size=BATCH, max_steps=steps, learning_rate=LR,
-            lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-            optim="adamw_torch",  # the engine's optimizer; Trainer's default is the fused variant
-            eval_strategy="no", save_strategy="no", logging_strategy="no", report_to="none",
-            disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False, use_cpu=True, seed=SEED,
-        )
-        callback = Stamps()
-        Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback]).train()
-    return callback.stamps
-
-
-METHODS = {"engine": run_engine, "plain": run_plain, "trainer": run_trainer}
+SETTINGS = LoopSettings(batch=BATCH, block=BLOCK, lr=LR, seed=SEED)
+# fp32 throughout: the tiny model's comparison is of the loops, not of precisions
+METHODS = {"engine": engine_loop(SETTINGS), "plain": plain_loop(SETTINGS), "trainer": trainer_loop(SETTINGS)}
 
 
 # --- peak memory per tuning method (one subprocess each) ------------------------------------------
@@ -169,36 +90,20 @@ def rss_child(method: str, steps: int) -> None:
 
     tokenizer, examples, model = demo_setup()
     del model  # built again below, after the baseline, so its weights count as training memory
-    reset = _reset_peak_rss()
-    baseline = _status_kib("VmRSS")
+    reset = reset_peak_rss()
+    baseline = status_kib("VmRSS")
     torch.manual_seed(SEED)
     model = apply_tuning(build_tiny_llama(tokenizer, TinyModelConfig()), TuningConfig(method=method))
     trainable, total = count_parameters(model)
-    result = train(model, examples, optim_config(steps), seed=SEED, pad_token_id=tokenizer.pad_token_id,
+    result = train(model, examples, SETTINGS.optim_config(steps), seed=SEED, pad_token_id=tokenizer.pad_token_id,
                    device=torch.device("cpu"))
     lifetime_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     print(json.dumps({
         "method": method, "trainable_params": trainable, "total_params": total,
         "ru_maxrss_mib": round(lifetime_peak / 1024, 1), "rss_before_model_mib": round(baseline / 1024, 1),
-        "training_peak_above_baseline_mib": round((_status_kib("VmHWM") - baseline) / 1024, 1) if reset else None,
+        "training_peak_above_baseline_mib": round((status_kib("VmHWM") - baseline) / 1024, 1) if reset else None,
         "tokens_per_s_whole_run": round(result.tokens_per_second, 1), "steps": steps,
     }))
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's resident high-water mark (Linux >= 4.0), so VmHWM covers training only."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
 
 
 def measure_rss(steps: int, threads: int, methods: list[str] = TUNING_METHODS) -> list[dict]:
@@ -308,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             model = copy.deepcopy(init)  # the same initial weights for every run
             stamps = METHODS[name](model, examples, tokenizer.pad_token_id, args.steps)
             assert len(stamps) == args.steps, f"{name} ran {len(stamps)} steps, not {args.steps}"
-            for clock, value in throughput(stamps, args.warmup).items():
+            for clock, value in throughput(stamps, args.warmup, SETTINGS).items():
                 runs[name][clock].append(value)
             print(f"round {round_index + 1}/{args.rounds} {name:8s} cpu {runs[name]['cpu'][-1]:7.0f}  "
                   f"wall {runs[name]['wall'][-1]:7.0f} tokens/s", flush=True)
