@@ -364,34 +364,10 @@ def verdict(advantage: float, noise: float) -> str:
 def orderings(rows: dict[str, dict]) -> list[str]:
     """The published claims, checked on these numbers (means over seeds; std and test-set resolution say how sure)."""
     lines = []
-    if {"full", "attn-proj"} <= set(rows):
-        full, attn = rows["full"], rows["attn-proj"]
-        bwt_noise = max(ACCURACY_RESOLUTION, attn["bwt"]["std"] + full["bwt"]["std"])
-        forgetting = verdict(attn["bwt"]["mean"] - full["bwt"]["mean"], bwt_noise)
-        ppl_noise = max(PPL_LOG_RESOLUTION, attn["log_ppl_ratio"]["std"] + full["log_ppl_ratio"]["std"])
-        general = verdict(full["log_ppl_ratio"]["mean"] - attn["log_ppl_ratio"]["mean"], ppl_noise)
-        learning = ""
-        held_out = ""
-        names = sorted(set(attn.get("general_tasks", {})) & set(full.get("general_tasks", {})))
-        if names:
-            # The seed paper's held-out measure: the general tasks' accuracy change, never trained on.
-            def mean_delta(row: dict) -> float:
-                return statistics.fmean(row["general_tasks"][name]["delta"]["mean"] for name in names)
-
-            held_out = (f"; held-out tasks ({', '.join(names)}) mean change {mean_delta(attn):+.3f} vs {mean_delta(full):+.3f} -> "
-                        f"**{verdict(mean_delta(attn) - mean_delta(full), ACCURACY_RESOLUTION)}**")
-        if "learned" in attn and "learned" in full:
-            learning = f"R[i][i] - chance {_fmt(attn['learned'], True)} vs {_fmt(full['learned'], True)}, "
-        # A method that learns nothing forgets nothing: the verdicts only count beside the learning column.
-        lines.append(
-            f"- Selective attention tuning forgets less than full fine-tuning: BWT {_fmt(attn['bwt'], True)} (attn-proj) vs "
-            f"{_fmt(full['bwt'], True)} (full) -> **{forgetting}** on task forgetting (margin {bwt_noise:.3f}); "
-            f"WikiText-2 perplexity x{math.exp(attn['log_ppl_ratio']['mean']):.2f} vs x{math.exp(full['log_ppl_ratio']['mean']):.2f} -> "
-            f"**{general}** on general ability{held_out}. Target-task learning: "
-            f"R[i][i] - R[0][i] {_fmt(attn['learned_zero_shot'], True)} vs {_fmt(full['learned_zero_shot'], True)}, {learning}AP "
-            f"{_fmt(attn['ap'])} vs {_fmt(full['ap'])}. Margins: the larger of the summed seed std and the test sets' "
-            f"resolution ({ACCURACY_RESOLUTION} accuracy, {math.exp(PPL_LOG_RESOLUTION) - 1:.0%} perplexity)."
-        )
+    # The seed paper's two selective tunings: attention q/k/v/o, or MLP gate and up with down frozen.
+    for method, claim in (("attn-proj", "Selective attention tuning"), ("mlp-gate-up", "Tuning only MLP gate and up (down frozen)")):
+        if {"full", method} <= set(rows):
+            lines.append(_selective_line(rows["full"], rows[method], method, claim))
     if {"seekr-1%", "replay-10%"} <= set(rows):
         seekr, replay = rows["seekr-1%"], rows["replay-10%"]
         gap = seekr["ap"]["mean"] - replay["ap"]["mean"]
@@ -406,6 +382,35 @@ def orderings(rows: dict[str, dict]) -> list[str]:
     return lines
 
 
+def _selective_line(full: dict, selective: dict, method: str, claim: str) -> str:
+    """One selective tuning (a table row) against full fine-tuning: task forgetting and general ability, each with
+    its verdict, and the target-task learning beside them (a method that learns nothing forgets nothing)."""
+    bwt_noise = max(ACCURACY_RESOLUTION, selective["bwt"]["std"] + full["bwt"]["std"])
+    forgetting = verdict(selective["bwt"]["mean"] - full["bwt"]["mean"], bwt_noise)
+    ppl_noise = max(PPL_LOG_RESOLUTION, selective["log_ppl_ratio"]["std"] + full["log_ppl_ratio"]["std"])
+    general = verdict(full["log_ppl_ratio"]["mean"] - selective["log_ppl_ratio"]["mean"], ppl_noise)
+    learning = ""
+    held_out = ""
+    names = sorted(set(selective.get("general_tasks", {})) & set(full.get("general_tasks", {})))
+    if names:
+        # The seed paper's held-out measure: the general tasks' accuracy change, never trained on.
+        def mean_delta(row: dict) -> float:
+            return statistics.fmean(row["general_tasks"][name]["delta"]["mean"] for name in names)
+
+        held_out = (f"; held-out tasks ({', '.join(names)}) mean change {mean_delta(selective):+.3f} vs {mean_delta(full):+.3f} -> "
+                    f"**{verdict(mean_delta(selective) - mean_delta(full), ACCURACY_RESOLUTION)}**")
+    if "learned" in selective and "learned" in full:
+        learning = f"R[i][i] - chance {_fmt(selective['learned'], True)} vs {_fmt(full['learned'], True)}, "
+    return (
+        f"- {claim} forgets less than full fine-tuning: BWT {_fmt(selective['bwt'], True)} ({method}) vs "
+        f"{_fmt(full['bwt'], True)} (full) -> **{forgetting}** on task forgetting (margin {bwt_noise:.3f}); "
+        f"WikiText-2 perplexity x{math.exp(selective['log_ppl_ratio']['mean']):.2f} vs x{math.exp(full['log_ppl_ratio']['mean']):.2f} -> "
+        f"**{general}** on general ability{held_out}. Target-task learning: "
+        f"R[i][i] - R[0][i] {_fmt(selective['learned_zero_shot'], True)} vs {_fmt(full['learned_zero_shot'], True)}, {learning}AP "
+        f"{_fmt(selective['ap'])} vs {_fmt(full['ap'])}. Margins: the larger of the summed seed std and the test sets' "
+        f"resolution ({ACCURACY_RESOLUTION} accuracy, {math.exp(PPL_LOG_RESOLUTION) - 1:.0%} perplexity)."
+    )
+
 def markdown(report: dict) -> str:
     rows = report["methods"]
     tasks = report["tasks"]
@@ -415,10 +420,12 @@ def markdown(report: dict) -> str:
         "## Continual-learning quality" + (f": {name}" if name != DEFAULT_NAME else "") + (f" with {', '.join(extra)}" if extra else ""),
         "",
         f"Command: `{report['command']}` ({report['wall_minutes']:.0f} min with {report['workers']} workers"
-        + (f"; {report['collected_runs']} of {len(report['runs'])} runs were finished by an earlier, interrupted invocation "
-           "and collected from its MLflow, their wall times are in the JSON" if report.get("collected_runs") else "")
+        + (f"; {report['collected_runs']} of {len(report['runs'])} runs were finished by earlier invocations "
+           "and collected from their MLflow, their wall times are in the cost table" if report.get("collected_runs") else "")
+        + (f"; the runs' summed wall time is {report['runs_wall_minutes'] / 60:.1f} h" if report.get("runs_wall_minutes") else "")
         + "). "
-        f"{report['load']} Machine: {machine_line(report['machine'])}",
+        + ("At this report (the runs' own load was not recorded): " if report.get("collected_runs") == len(report["runs"]) else "")
+        + f"{report['load']} Machine: {machine_line(report['machine'])}",
         "",
         f"Base model: {report['model']}; a short DAP on yelp review text, then {' -> '.join(tasks)} as instruction tasks "
         f"scored by option log-likelihood through the chat template (chance: {report['chance']}). Held-out general "
@@ -683,7 +690,8 @@ def main(argv: list[str] | None = None) -> int:
         "set": args.set,
         "variant": variant,
         "collected_runs": sum(bool(r.get("collected")) for r in results),
-        "seeds": seeds,
+        "seeds": sorted({r["seed"] for r in results}),  # the seeds behind the table, not the ones asked for
+        "runs_wall_minutes": sum(r.get("wall_s", 0.0) for r in results) / 60,
         "tasks": tasks,
         "chance": chance,
         "model": _model_line(cfg),

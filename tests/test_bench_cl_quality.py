@@ -53,6 +53,13 @@ def test_orderings_report_whichever_way_they_go():
     tasks_lost = aggregate([held_out(run("full", 0, 0.5, -0.3, 500.0), 0.0), held_out(run("attn-proj", 0, 0.45, -0.05, 20.0), -0.1)],
                            ["full", "attn-proj"])
     assert "mean change -0.100 vs +0.000 -> **does not hold**" in orderings(tasks_lost)[0]
+    # the seed paper's other selective tuning, MLP gate and up with down frozen, is checked on its own line
+    both = aggregate([run("full", 0, 0.5, -0.3, 500.0), run("attn-proj", 0, 0.45, -0.29, 520.0), run("mlp-gate-up", 0, 0.5, -0.1, 20.0)],
+                     ["full", "attn-proj", "mlp-gate-up"])
+    attn_line, mlp_line = orderings(both)
+    assert attn_line.startswith("- Selective attention tuning") and "-> **too close to call** on task forgetting" in attn_line
+    assert mlp_line.startswith("- Tuning only MLP gate and up (down frozen) forgets less") and "(mlp-gate-up)" in mlp_line
+    assert mlp_line.count("**holds**") == 2
     far = aggregate([run("seekr-1%", 0, 0.2, -0.4, 50.0), run("replay-10%", 0, 0.5, -0.05, 20.0)], ["seekr-1%", "replay-10%"])
     assert "**does not hold**" in orderings(far)[0]
 
@@ -216,6 +223,15 @@ def test_side_run_renders_under_its_own_name(tmp_path):
     assert "no method in this table learns the tasks" in text
     assert "| head-only | 1 | +0.015 | +0.015 | 0.600 | -0.100 |" in text  # one seed: no ± 0.000 that looks like a spread
     assert (tmp_path / "diag_matrices.png").stat().st_size > 1000  # the accuracy-matrix grid
+
+    # a report of runs earlier invocations finished says so, with their summed time, and that the load is today's
+    report.update(collected_runs=1, runs_wall_minutes=90.0, load="Measured on a mostly idle machine.",
+                  runs=[{**report["runs"][0], "collected": True}])
+    (tmp_path / "collected.json").write_text(json.dumps(report))
+    assert main(["--render", "--name", "collected", "--output-dir", str(tmp_path)]) == 0
+    text = (tmp_path / "collected.md").read_text()
+    assert "1 of 1 runs were finished by earlier invocations" in text and "summed wall time is 1.5 h" in text
+    assert "At this report (the runs' own load was not recorded): Measured on a mostly idle machine." in text
 
 
 def test_finished_runs_are_collected_by_config_digest(tmp_path, monkeypatch):
