@@ -43,10 +43,14 @@ def plot_accuracy_matrix_grid(matrices: dict[str, AccuracyMatrix], path: str | P
     columns = min(columns, len(matrices))
     rows = math.ceil(len(matrices) / columns)
     first = next(iter(matrices.values()))
-    fig, axes = plt.subplots(rows, columns, squeeze=False,
+    # Constrained layout keeps each panel's tick labels and title clear of its neighbours'.
+    fig, axes = plt.subplots(rows, columns, squeeze=False, layout="constrained",
                              figsize=(columns * (1.1 * first.num_tasks + 2.2), rows * (0.55 * len(first.rows) + 1.8)))
-    for ax, (name, matrix) in zip(axes.flat, matrices.items()):
+    for index, (ax, (name, matrix)) in enumerate(zip(axes.flat, matrices.items())):
         image = _draw_accuracy_matrix(ax, matrix, name)
+        if index % columns and matrix.stage_labels() == first.stage_labels():
+            ax.set_ylabel("")  # the row labels are the first column's: say them once
+            ax.tick_params(labelleft=False)
     for ax in list(axes.flat)[len(matrices):]:
         ax.axis("off")
     fig.colorbar(image, ax=axes, label="score", shrink=0.6)
