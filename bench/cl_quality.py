@@ -397,8 +397,11 @@ def _selective_line(full: dict, selective: dict, method: str, claim: str) -> str
         def mean_delta(row: dict) -> float:
             return statistics.fmean(row["general_tasks"][name]["delta"]["mean"] for name in names)
 
+        # The same margin rule as BWT's: the seed spread of the two rows where there is one, else the resolution.
+        held_noise = max(ACCURACY_RESOLUTION, statistics.fmean(
+            selective["general_tasks"][name]["delta"]["std"] + full["general_tasks"][name]["delta"]["std"] for name in names))
         held_out = (f"; held-out tasks ({', '.join(names)}) mean change {mean_delta(selective):+.3f} vs {mean_delta(full):+.3f} -> "
-                    f"**{verdict(mean_delta(selective) - mean_delta(full), ACCURACY_RESOLUTION)}**")
+                    f"**{verdict(mean_delta(selective) - mean_delta(full), held_noise)}**")
     if "learned" in selective and "learned" in full:
         learning = f"R[i][i] - chance {_fmt(selective['learned'], True)} vs {_fmt(full['learned'], True)}, "
     return (
@@ -410,6 +413,7 @@ def _selective_line(full: dict, selective: dict, method: str, claim: str) -> str
         f"{_fmt(selective['ap'])} vs {_fmt(full['ap'])}. Margins: the larger of the summed seed std and the test sets' "
         f"resolution ({ACCURACY_RESOLUTION} accuracy, {math.exp(PPL_LOG_RESOLUTION) - 1:.0%} perplexity)."
     )
+
 
 def markdown(report: dict) -> str:
     rows = report["methods"]
