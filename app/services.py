@@ -9,9 +9,11 @@ clients need no S3 credentials of their own.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
+import threading
 import shutil
 import signal
 import socket
@@ -22,6 +24,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 HOST = "127.0.0.1"
 VOLUME_SLOTS = 1000
@@ -381,3 +384,47 @@ class LocalServices:
         report["seaweedfs"]["disk"] = headroom.describe()
         report["seaweedfs"]["writable"] = headroom.writable
         return report
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Inside the block, SIGTERM raises KeyboardInterrupt, as Ctrl-C does.
+
+    `kill PID`, a scheduler's stop or a CI timeout sends SIGTERM, whose default action ends the
+    process at once: no `finally` runs, so services it started stay up and its MLflow run stays
+    RUNNING. As an exception it unwinds like Ctrl-C. Only the main thread can set a handler; elsewhere
+    this does nothing. The previous handler comes back on leaving.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def running_services(root: Path, bucket: str = "perennial", timeout: float = 180.0) -> Iterator[LocalServices]:
+    """SeaweedFS + MLflow on free ports for the life of the block, their client variables in os.environ.
+
+    On leaving, also by Ctrl-C or SIGTERM (`sigterm_as_interrupt`), the services are stopped and
+    os.environ is restored. For benchmarks and scripts; `perennial services up` keeps them running instead.
+    Raises ServiceError when a service does not become ready within `timeout` seconds.
+    """
+    from perennial.env import environ_restored
+
+    services = LocalServices.on_free_ports(root, bucket=bucket)
+    with sigterm_as_interrupt():
+        try:
+            env = services.up(timeout=timeout)
+            with environ_restored(env):
+                os.environ.update(env)
+                yield services
+        finally:
+            services.down()

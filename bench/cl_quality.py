@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import multiprocessing
 import os
 import shutil
 import statistics
@@ -155,13 +156,15 @@ def run_one(method: str, seed: int, overrides: list[str], variant: dict | None =
     """One (method, seed) run of the flow in this fresh worker process, with what it cost."""
     import resource
 
+    from app.services import sigterm_as_interrupt
     from flows.continual_retrain import continual_retrain
 
     # A work dir per worker: local caches are filled by one process at a time.
     work_dir = f"{os.environ['PERENNIAL_BENCH_WORK']}-{os.getpid()}"
     cfg = bench_config(overrides, seed, variant, [f"work_dir={work_dir}"])
     started = time.perf_counter()
-    summary = continual_retrain(config=cfg.model_dump(mode="json"))
+    with sigterm_as_interrupt():
+        summary = continual_retrain(config=cfg.model_dump(mode="json"))
     usage = resource.getrusage(resource.RUSAGE_SELF)
     cost = {
         "wall_s": round(time.perf_counter() - started, 1),
@@ -220,11 +223,24 @@ def run_all(jobs: dict[str, list[str]], pairs: list[tuple[str, int]], workers: i
     order = [pair for pair in pairs if pair not in skip]
     with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(env, prefect_home, threads), max_tasks_per_child=1) as pool:
         results = []
-        if serial_first and order:
-            (method, seed), order = order[0], order[1:]
-            results.append(_report(pool.submit(run_one, method, seed, jobs[method], variant).result()))
-        futures = [pool.submit(run_one, method, seed, jobs[method], variant) for method, seed in order]
-        results += [_report(future.result()) for future in as_completed(futures)]
+        try:
+            if serial_first and order:
+                (method, seed), order = order[0], order[1:]
+                results.append(_report(pool.submit(run_one, method, seed, jobs[method], variant).result()))
+            futures = [pool.submit(run_one, method, seed, jobs[method], variant) for method, seed in order]
+            results += [_report(future.result()) for future in as_completed(futures)]
+        except KeyboardInterrupt:
+            # Leaving the pool would wait for every queued run. Interrupt the running ones instead: run_one
+            # takes SIGTERM as Ctrl-C, so each flow marks its runs failed while the services are still up.
+            pool.shutdown(wait=False, cancel_futures=True)
+            workers_left = multiprocessing.active_children()
+            for worker in workers_left:
+                worker.terminate()
+            for worker in workers_left:
+                worker.join(timeout=60)
+                if worker.is_alive():
+                    worker.kill()
+            raise
     return results
 
 
@@ -651,7 +667,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = bench_config(args.set, seeds[0], variant)  # refuses a bad --order before any service starts
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
 
-    from app.services import LocalServices
+    from app.services import running_services
 
     started = time.perf_counter()
     load_before = os.getloadavg()[0]
@@ -660,25 +676,17 @@ def main(argv: list[str] | None = None) -> int:
         # One state per results name: the sweep, the main table and the second order can run side by side.
         state = Path(tmp) / "state" if args.quick else args.state_dir / name
         warm = state.exists()  # an earlier benchmark run left the base and DAP models in its caches
-        services = LocalServices.on_free_ports(state)
-        env = services.up()
-        env["PERENNIAL_BUCKET"] = "cl-quality"
-        try:
-            os.environ.update(env)
-            from perennial.storage import ObjectStore
-
-            ObjectStore(bench_config(args.set, seeds[0]).storage).ensure_bucket()
+        with running_services(state, bucket="cl-quality") as services:
             results = finished_runs(jobs, pairs, variant) if warm else []
             done = {(r["method"], r["seed"]) for r in results}
             for result in results:
                 print(f"[{result['method']} seed {result['seed']}] finished earlier in {state}: collected", flush=True)
             if len(done) < len(pairs) and not args.no_run:
-                results += run_all(jobs, pairs, args.workers, threads, {**env, "PERENNIAL_BENCH_WORK": str(Path(tmp) / "work")},
-                                   str(Path(tmp) / "prefect"), serial_first=not warm, skip=done, variant=variant)
+                env = {**services.client_env(), "PERENNIAL_BENCH_WORK": str(Path(tmp) / "work")}
+                results += run_all(jobs, pairs, args.workers, threads, env, str(Path(tmp) / "prefect"),
+                                   serial_first=not warm, skip=done, variant=variant)
             if not results:
                 parser.error(f"no finished runs in {state} to report")
-        finally:
-            services.down()
 
     tasks = results[0]["tasks"]
     chance = {task: round(1 / len(_labels(cfg, task)), 3) for task in tasks}

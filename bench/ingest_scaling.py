@@ -417,9 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     started, load_before = time.perf_counter(), os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="perennial-ingest-bench-") as tmp:
         tmp = Path(tmp)
-        from bench.system_perf import local_services
+        from app.services import running_services
 
-        with local_services(tmp / "services"):
+        with running_services(tmp / "services"):
             os.environ["BENCH_BUCKET"] = f"ingest-{uuid.uuid4().hex[:8]}"
             results = measure(sizes, rss_sizes, tick, tmp, before=not args.no_before)
     report = {

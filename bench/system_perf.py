@@ -36,7 +36,6 @@ Results: bench/results/system_perf.json (every number) and bench/results/system_
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import os
@@ -577,25 +576,6 @@ def markdown(report: dict) -> str:
 # --- main ----------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def local_services(root: Path):
-    from app.services import LocalServices
-
-    services = LocalServices.on_free_ports(root)
-    env = services.up(timeout=180)
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    try:
-        yield services
-    finally:
-        services.down()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -621,12 +601,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from app.services import running_services
+
     torch.set_num_threads(args.threads)
     started, load_before = time.perf_counter(), os.getloadavg()[0]
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="perennial-bench-") as tmp:
         tmp = Path(tmp)
-        with local_services(tmp / "services") as services:
+        with running_services(tmp / "services") as services:
             if "s3" in sections:
                 print("== S3 checkpoint throughput", flush=True)
                 sweep = [] if args.quick else [

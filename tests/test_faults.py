@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -24,7 +26,7 @@ from mlflow.tracking import MlflowClient
 from models.atomic import DiskFullError
 from models.engine import load_state, save_state, train
 from perennial.config import OptimConfig, StorageConfig, build_config
-from app.services import LocalServices, ServiceError, free_ports
+from app.services import LocalServices, ServiceError, _pid_alive, free_ports, sigterm_as_interrupt
 from perennial.storage import MANIFEST_NAME, ObjectStore, StorageError, sha256_file
 from perennial.tracking import Tracker, TrackingError
 from tasks.stage import latest_checkpoint
@@ -331,3 +333,39 @@ def test_services_refuse_to_start_on_a_disk_too_full_for_seaweedfs_writes(small_
     assert report["seaweedfs"]["writable"] is True and "GiB free" in report["seaweedfs"]["disk"]
     fill(small_disk)
     assert local.status()["seaweedfs"]["writable"] is False
+
+
+def test_sigterm_unwinds_like_ctrl_c_and_the_handler_is_restored():
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        with sigterm_as_interrupt():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler runs between bytecodes, well before this ends
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+HOLD_SERVICES = """
+import sys, time
+from pathlib import Path
+from app.services import running_services
+with running_services(Path(sys.argv[1]), timeout=120):
+    print("ready", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_process_stopped_by_sigterm_stops_the_services_it_started(tmp_path):
+    # `kill`, a scheduler or a CI timeout sends SIGTERM. Its default action skipped every `finally`, so a
+    # benchmark stopped that way left its SeaweedFS and MLflow running until someone killed them by hand.
+    root = tmp_path / "services"
+    child = subprocess.Popen([sys.executable, "-c", HOLD_SERVICES, str(root)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        pids = {name: int((root / f"{name}.pid").read_text()) for name in ("seaweedfs", "mlflow")}
+        assert all(_pid_alive(pid) for pid in pids.values())
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=60) != 0  # a stop by signal is not a success
+    finally:
+        child.kill()
+    assert not any(_pid_alive(pid) for pid in pids.values()), pids
+    assert not (root / "seaweedfs.pid").exists() and not (root / "mlflow.pid").exists()
