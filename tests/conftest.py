@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import uuid
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import pytest
 
 import perennial  # noqa: F401  (applies offline / no-telemetry defaults before other imports)
 from perennial.config import StorageConfig
-from app.services import LocalServices
+from app.services import LocalServices, running_services
 from perennial.storage import ObjectStore
 
 
@@ -30,18 +29,12 @@ def single_torch_thread():
 
 @pytest.fixture(scope="session")
 def services(tmp_path_factory) -> LocalServices:
-    """Real SeaweedFS (S3) and MLflow (sqlite + S3 artifacts) for the whole session."""
-    local = LocalServices.on_free_ports(tmp_path_factory.mktemp("services"))
-    env = local.up(timeout=120)
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    yield local
-    local.down()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    """Real SeaweedFS (S3) and MLflow (sqlite + S3 artifacts) for the whole session.
+
+    A session stopped by SIGTERM (`timeout`, a CI limit) unwinds as on Ctrl-C and stops them too.
+    """
+    with running_services(tmp_path_factory.mktemp("services"), timeout=120) as local:
+        yield local
 
 
 @pytest.fixture
