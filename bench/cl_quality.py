@@ -364,6 +364,12 @@ ACCURACY_RESOLUTION = 0.03
 PPL_LOG_RESOLUTION = 0.05
 
 
+def _seeds(row: dict) -> str:
+    """How many seeds a row's means are over: a 1-seed row beside a 3-seed one has no spread of its own."""
+    n = row["ap"]["n"]
+    return f"{n} seed{'s' if n != 1 else ''}"
+
+
 def verdict(advantage: float, noise: float) -> str:
     """How a published claim came out: `advantage` is the measured difference signed so that > 0 agrees with it.
 
@@ -391,7 +397,8 @@ def orderings(rows: dict[str, dict]) -> list[str]:
         # "Comes close" is one-sided: SEEKR ahead, or behind by no more than the noise.
         close = gap >= -max(spread, ACCURACY_RESOLUTION)
         lines.append(
-            f"- SEEKR at 1% replay comes close to replay at 10%: AP {_fmt(seekr['ap'])} vs {_fmt(replay['ap'])} "
+            f"- SEEKR at 1% replay comes close to replay at 10%: AP {_fmt(seekr['ap'])} ({_seeds(seekr)}) vs "
+            f"{_fmt(replay['ap'])} ({_seeds(replay)}) "
             f"(gap {gap:+.3f}, seed std up to {spread:.3f}); BWT {_fmt(seekr['bwt'], True)} vs {_fmt(replay['bwt'], True)} -> "
             f"**{'holds' if close else 'does not hold'}** at this scale."
         )
@@ -421,8 +428,8 @@ def _selective_line(full: dict, selective: dict, method: str, claim: str) -> str
     if "learned" in selective and "learned" in full:
         learning = f"R[i][i] - chance {_fmt(selective['learned'], True)} vs {_fmt(full['learned'], True)}, "
     return (
-        f"- {claim} forgets less than full fine-tuning: BWT {_fmt(selective['bwt'], True)} ({method}) vs "
-        f"{_fmt(full['bwt'], True)} (full) -> **{forgetting}** on task forgetting (margin {bwt_noise:.3f}); "
+        f"- {claim} forgets less than full fine-tuning: BWT {_fmt(selective['bwt'], True)} ({method}, {_seeds(selective)}) vs "
+        f"{_fmt(full['bwt'], True)} (full, {_seeds(full)}) -> **{forgetting}** on task forgetting (margin {bwt_noise:.3f}); "
         f"WikiText-2 perplexity x{math.exp(selective['log_ppl_ratio']['mean']):.2f} vs x{math.exp(full['log_ppl_ratio']['mean']):.2f} -> "
         f"**{general}** on general ability{held_out}. Target-task learning: "
         f"R[i][i] - R[0][i] {_fmt(selective['learned_zero_shot'], True)} vs {_fmt(full['learned_zero_shot'], True)}, {learning}AP "

@@ -43,6 +43,7 @@ def test_orderings_report_whichever_way_they_go():
     noisy = aggregate([run("full", s, 0.5, bwt, 500.0) for s, bwt in enumerate((-0.3, -0.1))]
                       + [run("attn-proj", s, 0.45, bwt, 20.0) for s, bwt in enumerate((-0.25, -0.05))], ["full", "attn-proj"])
     assert "-> **too close to call** on task forgetting (margin 0.283)" in orderings(noisy)[0]
+    assert "(attn-proj, 2 seeds) vs -0.200 ± 0.141 (full, 2 seeds)" in orderings(noisy)[0]  # each row says what it averages
     # the seed paper's held-out measure: the general tasks' accuracy change beside the perplexity
     def held_out(result, delta):
         return {**result, "general_tasks": {"sst2": {"base": 0.8, "final": 0.8 + delta, "delta": delta}}}
@@ -58,7 +59,7 @@ def test_orderings_report_whichever_way_they_go():
                      ["full", "attn-proj", "mlp-gate-up"])
     attn_line, mlp_line = orderings(both)
     assert attn_line.startswith("- Selective attention tuning") and "-> **too close to call** on task forgetting" in attn_line
-    assert mlp_line.startswith("- Tuning only MLP gate and up (down frozen) forgets less") and "(mlp-gate-up)" in mlp_line
+    assert mlp_line.startswith("- Tuning only MLP gate and up (down frozen) forgets less") and "(mlp-gate-up, 1 seed)" in mlp_line
     assert mlp_line.count("**holds**") == 2
     far = aggregate([run("seekr-1%", 0, 0.2, -0.4, 50.0), run("replay-10%", 0, 0.5, -0.05, 20.0)], ["seekr-1%", "replay-10%"])
     assert "**does not hold**" in orderings(far)[0]
