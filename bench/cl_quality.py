@@ -28,7 +28,12 @@ whichever way they go, and each method's accuracy matrix is plotted in one figur
 
 A killed or interrupted benchmark resumes: the next invocation with the same --state-dir
 collects the runs the last one finished (matched by config digest, see finished_runs) and runs
-only the rest; `--no-run` reports what is there without running anything.
+only the rest; `--no-run` reports what is there without running anything. Across machines and
+sessions, where the state dir is gone (a fresh clone), the published results resume it: the runs
+<name>.json records with this invocation's recipe count as done (see published_runs), and the
+report keeps them beside the new ones, so `--seeds 1 2` adds to a seed-0 table instead of
+replacing it. `--runs-from FILE` adds the runs of another results file (another machine's, or a
+run that was never committed). To start a table over, delete <name>.json or use another --output-dir.
 
 `--set` changes every run (for a side experiment); `--name` keeps its results apart from the main
 table. The methods file also lists diagnostics (blocks-only, head-only, embed-only,
@@ -294,6 +299,31 @@ def finished_runs(jobs: dict[str, list[str]], pairs: list[tuple[str, int]], vari
     return list(found.values())
 
 
+def published_runs(paths: list[Path], recipes: dict[str, list[str]], variant: dict | None, model: str, budget: str) -> list[dict]:
+    """The runs that results files (<name>.json of earlier invocations) record with this invocation's recipe.
+
+    A file counts when its model line, budget line and variant (task order, sweep) are this
+    invocation's; a run in it counts when its method is one of ``recipes`` with the same overrides.
+    What a run computes is fixed by these and the code: a change of method, rate, budget or order
+    reruns, a change of code defaults alone does not (delete the file to start over). The first
+    file's run of a (method, seed) wins; each run is marked collected. Missing files give nothing.
+    """
+    import json
+
+    found: dict[tuple[str, int], dict] = {}
+    for path in paths:
+        if not path.exists():
+            continue
+        report = json.loads(path.read_text())
+        if (report.get("model"), report.get("budget"), report.get("variant")) != (model, budget, variant):
+            print(f"{path}: another model, budget or task order than this invocation's, its runs are not used", flush=True)
+            continue
+        for run in report["runs"]:
+            if recipes.get(run["method"]) == run["overrides"]:
+                found.setdefault((run["method"], run["seed"]), {**run, "collected": True})
+    return list(found.values())
+
+
 def _report(result: dict) -> dict:
     metrics = result["metrics"]
     # BWT and FWT are undefined with one task (the sweep), so absent from the metrics
@@ -446,9 +476,11 @@ def markdown(report: dict) -> str:
     body = [
         "## Continual-learning quality" + (f": {name}" if name != DEFAULT_NAME else "") + (f" with {', '.join(extra)}" if extra else ""),
         "",
-        f"Command: `{report['command']}` ({report['wall_minutes']:.0f} min with {report['workers']} workers"
+        f"Command: `{report['command']}`"
+        + (f" (every run from scratch: `{report['rerun_command']}`)" if report.get("rerun_command") not in (None, report["command"]) else "")
+        + f" ({report['wall_minutes']:.0f} min with {report['workers']} workers"
         + (f"; {report['collected_runs']} of {len(report['runs'])} runs were finished by earlier invocations "
-           "and collected from their MLflow, their wall times are in the cost table" if report.get("collected_runs") else "")
+           "and collected from their MLflow or results, their wall times are in the cost table" if report.get("collected_runs") else "")
         + (f"; the runs' summed wall time is {report['runs_wall_minutes'] / 60:.1f} h" if report.get("runs_wall_minutes") else "")
         + "). "
         + ("At this report (the runs' own load was not recorded): " if report.get("collected_runs") == len(report["runs"]) else "")
@@ -642,6 +674,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="overrides for every run, after the method's own (e.g. cit.optim.lr=0.01)")
     parser.add_argument("--no-run", action="store_true",
                         help="run nothing: report the runs an earlier invocation finished in --state-dir")
+    parser.add_argument("--runs-from", nargs="+", type=Path, default=[], metavar="FILE",
+                        help="results JSONs of other invocations (another machine's, an uncommitted run) whose runs with "
+                        "this invocation's recipe count as done, as <name>.json's own do")
     parser.add_argument("--name", default=None,
                         help="results file stem under --output-dir (default cl_quality, cl_quality_sweep or cl_quality_order-...)")
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR, help="where <name>.json, .md and the figure go")
@@ -662,16 +697,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.sweep:
         if args.methods or args.order:
             parser.error("--sweep runs every tuning method of the sweep's rates on the first task; drop --methods / --order")
-        jobs = sweep_jobs(sweep)
-        methods = list(jobs)
+        recipes = sweep_jobs(sweep)
+        methods = list(recipes)
         pairs = run_pairs(methods, args.seeds or default_seeds[:1])
     else:
+        recipes = all_methods
         methods = args.methods or (QUICK_METHODS if args.quick else list(compared))
         pairs = run_pairs(methods, args.seeds or (default_seeds[:1] if args.quick else None))
-        jobs = {method: all_methods[method] for method in methods}
     seeds = sorted({seed for _, seed in pairs})
-    jobs = {method: overrides + (QUICK_OVERRIDES if args.quick else []) + args.set for method, overrides in jobs.items()}
+    recipes = {method: overrides + (QUICK_OVERRIDES if args.quick else []) + args.set for method, overrides in recipes.items()}
+    jobs = {method: recipes[method] for method in methods}
     cfg = bench_config(args.set, seeds[0], variant)  # refuses a bad --order before any service starts
+    # A smoke run reports only itself; otherwise the table keeps every published run of this recipe.
+    published = [] if args.quick else published_runs([args.output_dir / f"{name}.json", *args.runs_from], recipes, variant,
+                                                     _model_line(cfg), _budget_line(cfg, args.quick))
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
 
     from app.services import running_services
@@ -688,18 +727,30 @@ def main(argv: list[str] | None = None) -> int:
             done = {(r["method"], r["seed"]) for r in results}
             for result in results:
                 print(f"[{result['method']} seed {result['seed']}] finished earlier in {state}: collected", flush=True)
-            if len(done) < len(pairs) and not args.no_run:
+            results += [run for run in published if (run["method"], run["seed"]) not in done]
+            done = {(r["method"], r["seed"]) for r in results}
+            if not set(pairs) <= done and not args.no_run:
                 env = {**services.client_env(), "PERENNIAL_BENCH_WORK": str(Path(tmp) / "work")}
                 results += run_all(jobs, pairs, args.workers, threads, env, str(Path(tmp) / "prefect"),
                                    serial_first=not warm, skip=done, variant=variant)
             if not results:
-                parser.error(f"no finished runs in {state} to report")
+                parser.error(f"no finished runs in {state} or the published results to report")
+    # The table's methods: those asked for and those of the published runs it keeps, in the methods file's order.
+    methods = [method for method in recipes if method in methods or any(r["method"] == method for r in results)]
 
+    # The command that makes every run of the table from scratch, where one does: the table may keep
+    # published runs beyond those asked for.
+    table_pairs = {(r["method"], r["seed"]) for r in results}
+    no_resume = ("--no-run", "--runs-from")
+    rerun_command = (command("bench.cl_quality", _rerun_argv(argv, no_resume)) if table_pairs == set(pairs)
+                     else command("bench.cl_quality", _rerun_argv(argv, (*no_resume, "--methods", "--seeds")))
+                     if not args.sweep and table_pairs == set(run_pairs(list(compared), None)) else None)
     tasks = results[0]["tasks"]
     chance = {task: round(1 / len(_labels(cfg, task)), 3) for task in tasks}
     report = {
         "name": name,
         "command": command("bench.cl_quality", argv),
+        "rerun_command": rerun_command,
         "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {**machine(), "torch_threads": threads},  # per worker
         "load": load_note(load_before, os.getloadavg()[0]),
@@ -716,12 +767,23 @@ def main(argv: list[str] | None = None) -> int:
         "model": _model_line(cfg),
         "budget": _budget_line(cfg, args.quick),
         "method_order": methods,
-        "trainable_params": trainable_params({method: jobs[method] for method in methods}, args.set),
-        "learning_rates": {method: bench_config([*jobs[method], *args.set], 0).cit.optim.lr for method in methods},
+        "trainable_params": trainable_params({method: recipes[method] for method in methods}, args.set),
+        "learning_rates": {method: bench_config([*recipes[method], *args.set], 0).cit.optim.lr for method in methods},
         "runs": sorted(results, key=lambda r: (methods.index(r["method"]), r["seed"])),
     }
     write_report(report, args.output_dir)
     return 0
+
+
+def _rerun_argv(argv: list[str], drop: tuple[str, ...]) -> list[str]:
+    """argv without the options in ``drop`` and their values."""
+    kept, skipping = [], False
+    for arg in argv:
+        if arg.startswith("--"):
+            skipping = arg in drop
+        if not skipping:
+            kept.append(arg)
+    return kept
 
 
 def write_report(report: dict, output_dir: Path) -> None:

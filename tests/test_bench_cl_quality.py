@@ -277,3 +277,68 @@ def test_methods_that_did_not_learn_are_named_beside_the_table(tmp_path):
     text = markdown(report)
     assert "**lora: right after training on a task, within +0.05 of chance**" in text
     assert "| full | 1 | +0.400 | +0.400 |" in text
+
+
+def _results_file(path, runs, model="m", budget="b", variant=None):
+    path.write_text(json.dumps({"model": model, "budget": budget, "variant": variant, "runs": runs}))
+    return path
+
+
+def test_published_runs_count_only_with_this_invocations_recipe(tmp_path):
+    """A fresh clone resumes from the committed results: a run counts when its method's overrides, the
+    model, the budget and the task order are this invocation's, and the first file's run of a pair wins."""
+    from bench.cl_quality import published_runs
+
+    recipes = {"full": [], "lora": ["cit.tuning.method=lora", "cit.optim.lr=3.0e-3"]}
+    lora = {**run("lora", 0, 0.5, -0.2, 30.0), "overrides": recipes["lora"]}
+    first = _results_file(tmp_path / "a.json", [
+        {**run("full", 0, 0.6, -0.1, 30.0), "overrides": []},
+        lora,
+        {**run("lora", 1, 0.5, -0.2, 30.0), "overrides": ["cit.tuning.method=lora", "cit.optim.lr=1.0e-2"]},  # another rate
+        {**run("ewc", 0, 0.5, -0.2, 30.0), "overrides": ["cit.methods=[{name: ewc}]"]},  # not a method of this invocation
+    ])
+    second = _results_file(tmp_path / "b.json", [{**run("full", 0, 0.1, -0.9, 30.0), "overrides": []},
+                                                 {**run("full", 2, 0.7, -0.1, 30.0), "overrides": []}])
+    other_budget = _results_file(tmp_path / "c.json", [{**run("full", 3, 0.7, -0.1, 30.0), "overrides": []}], budget="b2")
+    other_order = _results_file(tmp_path / "d.json", [{**run("full", 4, 0.7, -0.1, 30.0), "overrides": []}],
+                                variant={"order": ["b", "a"]})
+
+    found = published_runs([first, second, other_budget, other_order, tmp_path / "missing.json"], recipes, None, "m", "b")
+    assert sorted((r["method"], r["seed"], r["metrics"]["ap"]) for r in found) == [("full", 0, 0.6), ("full", 2, 0.7), ("lora", 0, 0.5)]
+    assert all(r["collected"] for r in found)
+    assert published_runs([other_order], recipes, {"order": ["b", "a"]}, "m", "b")[0]["seed"] == 4
+
+
+def test_a_run_of_more_seeds_adds_to_the_published_table(tmp_path, monkeypatch):
+    """`--seeds 1` after a seed-0 table keeps seed 0 beside seed 1 (it used to replace the table), and a
+    fresh state dir with the published runs reruns nothing (--no-run reports; real services start)."""
+    import bench.cl_quality as clq
+
+    monkeypatch.setattr(clq, "trainable_params", lambda jobs, extra: dict.fromkeys(jobs))  # loads the 135M model
+    cfg = clq.bench_config([], 0)
+    model, budget = clq._model_line(cfg), clq._budget_line(cfg, False)
+    matrix = [[0.1, 0.2, 0.3], [0.9, 0.2, 0.3], [0.5, 0.9, 0.3], [0.5, 0.5, 0.9]]
+
+    def result(method, seed, ap):
+        base = run(method, seed, ap, -0.2, 40.0)
+        return {**base, "overrides": clq.load_methods()[0][method], "tasks": ["dbpedia", "amazon", "agnews"], "accuracy_matrix": matrix,
+                "metrics": {**base["metrics"], "fwt": 0.1, "forgetting_max": 0.4}, "wall_s": 60.0}
+
+    _results_file(tmp_path / "cl_quality.json", [result("full", 0, 0.6), result("lora", 0, 0.5)], model, budget)
+    _results_file(tmp_path / "elsewhere.json", [result("full", 1, 0.7)], model, budget)
+    argv = ["--no-run", "--methods", "full", "--seeds", "0", "1", "--runs-from", str(tmp_path / "elsewhere.json"),
+            "--output-dir", str(tmp_path), "--state-dir", str(tmp_path / "state")]
+    assert clq.main(argv) == 0
+    report = json.loads((tmp_path / "cl_quality.json").read_text())
+    assert sorted((r["method"], r["seed"]) for r in report["runs"]) == [("full", 0), ("full", 1), ("lora", 0)]
+    assert report["seeds"] == [0, 1] and report["collected_runs"] == 3 and list(report["methods"]) == ["full", "lora"]
+    assert report["methods"]["full"]["ap"]["n"] == 2 and math.isclose(report["methods"]["full"]["ap"]["mean"], 0.65)
+    assert report["rerun_command"] is None  # the kept lora run is not one of the pairs asked for, nor is the table the default set
+
+
+def test_the_report_names_the_command_that_reruns_its_table():
+    from bench.cl_quality import _rerun_argv
+
+    argv = ["--no-run", "--threads", "2", "--runs-from", "a.json", "b.json", "--methods", "full", "lora", "--seeds", "1"]
+    assert _rerun_argv(argv, ("--no-run", "--runs-from")) == ["--threads", "2", "--methods", "full", "lora", "--seeds", "1"]
+    assert _rerun_argv(argv, ("--no-run", "--runs-from", "--methods", "--seeds")) == ["--threads", "2"]
