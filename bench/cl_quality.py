@@ -29,11 +29,12 @@ whichever way they go, and each method's accuracy matrix is plotted in one figur
 A killed or interrupted benchmark resumes: the next invocation with the same --state-dir
 collects the runs the last one finished (matched by config digest, see finished_runs) and runs
 only the rest; `--no-run` reports what is there without running anything. Across machines and
-sessions, where the state dir is gone (a fresh clone), the published results resume it: the runs
-<name>.json records with this invocation's recipe count as done (see published_runs), and the
-report keeps them beside the new ones, so `--seeds 1 2` adds to a seed-0 table instead of
-replacing it. `--runs-from FILE` adds the runs of another results file (another machine's, or a
-run that was never committed). To start a table over, delete <name>.json or use another --output-dir.
+sessions, where the state dir is gone (a fresh clone), `--keep-published` resumes from the
+published results: the runs <name>.json records with this invocation's recipe count as done (see
+published_runs), and the report keeps them beside the new ones, so `--keep-published --seeds 1 2`
+adds to a seed-0 table instead of replacing it. `--runs-from FILE` adds the runs of another results
+file (another machine's, or a run that was never committed). Without them a benchmark measures
+every run it reports on this machine (`make bench`), and says which published runs it leaves out.
 
 `--set` changes every run (for a side experiment); `--name` keeps its results apart from the main
 table. The methods file also lists diagnostics (blocks-only, head-only, embed-only,
@@ -674,9 +675,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="overrides for every run, after the method's own (e.g. cit.optim.lr=0.01)")
     parser.add_argument("--no-run", action="store_true",
                         help="run nothing: report the runs an earlier invocation finished in --state-dir")
+    parser.add_argument("--keep-published", action="store_true",
+                        help="count the runs <name>.json already records with this recipe as done and keep them in the "
+                        "report beside the new ones (resumes across machines and sessions; default: report only this "
+                        "invocation's runs)")
     parser.add_argument("--runs-from", nargs="+", type=Path, default=[], metavar="FILE",
                         help="results JSONs of other invocations (another machine's, an uncommitted run) whose runs with "
-                        "this invocation's recipe count as done, as <name>.json's own do")
+                        "this invocation's recipe count as done and are kept in the report, as with --keep-published")
     parser.add_argument("--name", default=None,
                         help="results file stem under --output-dir (default cl_quality, cl_quality_sweep or cl_quality_order-...)")
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR, help="where <name>.json, .md and the figure go")
@@ -708,9 +713,16 @@ def main(argv: list[str] | None = None) -> int:
     recipes = {method: overrides + (QUICK_OVERRIDES if args.quick else []) + args.set for method, overrides in recipes.items()}
     jobs = {method: recipes[method] for method in methods}
     cfg = bench_config(args.set, seeds[0], variant)  # refuses a bad --order before any service starts
-    # A smoke run reports only itself; otherwise the table keeps every published run of this recipe.
-    published = [] if args.quick else published_runs([args.output_dir / f"{name}.json", *args.runs_from], recipes, variant,
-                                                     _model_line(cfg), _budget_line(cfg, args.quick))
+    published_file = args.output_dir / f"{name}.json"
+    sources = [*([published_file] if args.keep_published else []), *args.runs_from]
+    model_line, budget_line = _model_line(cfg), _budget_line(cfg, args.quick)
+    published = published_runs(sources, recipes, variant, model_line, budget_line)
+    if not args.keep_published and not args.quick:
+        left_out = sorted({(r["method"], r["seed"]) for r in published_runs([published_file], recipes, variant, model_line, budget_line)}
+                          - set(pairs) - {(r["method"], r["seed"]) for r in published})
+        if left_out:
+            print(f"{published_file} holds {len(left_out)} runs of this recipe that this report leaves out "
+                  f"({', '.join(f'{method} seed {seed}' for method, seed in left_out)}); --keep-published keeps them", flush=True)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
 
     from app.services import running_services
@@ -741,7 +753,7 @@ def main(argv: list[str] | None = None) -> int:
     # The command that makes every run of the table from scratch, where one does: the table may keep
     # published runs beyond those asked for.
     table_pairs = {(r["method"], r["seed"]) for r in results}
-    no_resume = ("--no-run", "--runs-from")
+    no_resume = ("--no-run", "--keep-published", "--runs-from")
     rerun_command = (command("bench.cl_quality", _rerun_argv(argv, no_resume)) if table_pairs == set(pairs)
                      else command("bench.cl_quality", _rerun_argv(argv, (*no_resume, "--methods", "--seeds")))
                      if not args.sweep and table_pairs == set(run_pairs(list(compared), None)) else None)

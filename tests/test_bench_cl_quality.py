@@ -309,9 +309,10 @@ def test_published_runs_count_only_with_this_invocations_recipe(tmp_path):
     assert published_runs([other_order], recipes, {"order": ["b", "a"]}, "m", "b")[0]["seed"] == 4
 
 
-def test_a_run_of_more_seeds_adds_to_the_published_table(tmp_path, monkeypatch):
-    """`--seeds 1` after a seed-0 table keeps seed 0 beside seed 1 (it used to replace the table), and a
-    fresh state dir with the published runs reruns nothing (--no-run reports; real services start)."""
+def test_a_run_of_more_seeds_adds_to_the_published_table(tmp_path, monkeypatch, capsys):
+    """`--keep-published --seeds 1` after a seed-0 table keeps seed 0 beside seed 1, and a fresh state dir
+    with the published runs reruns nothing (--no-run reports; real services start). Without the flag the
+    report is this invocation's runs alone, and it names the published runs it leaves out."""
     import bench.cl_quality as clq
 
     monkeypatch.setattr(clq, "trainable_params", lambda jobs, extra: dict.fromkeys(jobs))  # loads the 135M model
@@ -326,8 +327,8 @@ def test_a_run_of_more_seeds_adds_to_the_published_table(tmp_path, monkeypatch):
 
     _results_file(tmp_path / "cl_quality.json", [result("full", 0, 0.6), result("lora", 0, 0.5)], model, budget)
     _results_file(tmp_path / "elsewhere.json", [result("full", 1, 0.7)], model, budget)
-    argv = ["--no-run", "--methods", "full", "--seeds", "0", "1", "--runs-from", str(tmp_path / "elsewhere.json"),
-            "--output-dir", str(tmp_path), "--state-dir", str(tmp_path / "state")]
+    where = ["--output-dir", str(tmp_path), "--state-dir", str(tmp_path / "state")]
+    argv = ["--no-run", "--keep-published", "--methods", "full", "--seeds", "0", "1", "--runs-from", str(tmp_path / "elsewhere.json"), *where]
     assert clq.main(argv) == 0
     report = json.loads((tmp_path / "cl_quality.json").read_text())
     assert sorted((r["method"], r["seed"]) for r in report["runs"]) == [("full", 0), ("full", 1), ("lora", 0)]
@@ -335,10 +336,17 @@ def test_a_run_of_more_seeds_adds_to_the_published_table(tmp_path, monkeypatch):
     assert report["methods"]["full"]["ap"]["n"] == 2 and math.isclose(report["methods"]["full"]["ap"]["mean"], 0.65)
     assert report["rerun_command"] is None  # the kept lora run is not one of the pairs asked for, nor is the table the default set
 
+    capsys.readouterr()
+    assert clq.main(["--no-run", "--methods", "full", "--seeds", "1", "--runs-from", str(tmp_path / "elsewhere.json"), *where]) == 0
+    assert "holds 2 runs of this recipe that this report leaves out (full seed 0, lora seed 0); --keep-published keeps them" in capsys.readouterr().out
+    report = json.loads((tmp_path / "cl_quality.json").read_text())
+    assert [(r["method"], r["seed"]) for r in report["runs"]] == [("full", 1)]
+    assert report["rerun_command"] == "python -m bench.cl_quality --methods full --seeds 1 --output-dir {0} --state-dir {0}/state".format(tmp_path)
+
 
 def test_the_report_names_the_command_that_reruns_its_table():
     from bench.cl_quality import _rerun_argv
 
-    argv = ["--no-run", "--threads", "2", "--runs-from", "a.json", "b.json", "--methods", "full", "lora", "--seeds", "1"]
-    assert _rerun_argv(argv, ("--no-run", "--runs-from")) == ["--threads", "2", "--methods", "full", "lora", "--seeds", "1"]
-    assert _rerun_argv(argv, ("--no-run", "--runs-from", "--methods", "--seeds")) == ["--threads", "2"]
+    argv = ["--no-run", "--threads", "2", "--keep-published", "--runs-from", "a.json", "b.json", "--methods", "full", "lora", "--seeds", "1"]
+    assert _rerun_argv(argv, ("--no-run", "--keep-published", "--runs-from")) == ["--threads", "2", "--methods", "full", "lora", "--seeds", "1"]
+    assert _rerun_argv(argv, ("--no-run", "--keep-published", "--runs-from", "--methods", "--seeds")) == ["--threads", "2"]
