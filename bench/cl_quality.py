@@ -50,6 +50,7 @@ cl_quality_matrices.png (--output-dir moves them; `make bench-quick` uses bench/
 from __future__ import annotations
 
 import argparse
+import collections
 import math
 import multiprocessing
 import os
@@ -190,6 +191,8 @@ def run_one(method: str, seed: int, overrides: list[str], variant: dict | None =
         "seed": seed,
         "overrides": overrides,
         **({"variant": variant} if variant else {}),
+        "precision": run_precision(cfg),
+        "machine": machine(),  # this worker's: runs collected into one table may come from several machines
         **cost,
         "tasks": summary["tasks"],
         "accuracy_matrix": summary["accuracy_matrix"],
@@ -291,6 +294,8 @@ def finished_runs(jobs: dict[str, list[str]], pairs: list[tuple[str, int]], vari
             found[method, seed] = {
                 "method": method, "seed": seed, "overrides": overrides, "collected": True,
                 **({"variant": variant} if variant else {}),
+                # the state dir is this machine's: its runs trained here
+                "precision": run_precision(base), "machine": machine(),
                 "wall_s": metrics.get("bench/wall_s", round((run.info.end_time - run.info.start_time) / 1000, 1)),
                 **{key: metrics[f"bench/{key}"] for key in COST_KEYS if f"bench/{key}" in metrics and key != "wall_s"},
                 "tasks": matrix["tasks"], "accuracy_matrix": matrix["rows"],
@@ -300,14 +305,17 @@ def finished_runs(jobs: dict[str, list[str]], pairs: list[tuple[str, int]], vari
     return list(found.values())
 
 
-def published_runs(paths: list[Path], recipes: dict[str, list[str]], variant: dict | None, model: str, budget: str) -> list[dict]:
+def published_runs(paths: list[Path], recipes: dict[str, list[str]], variant: dict | None, model: str, budget: str,
+                   precision: str) -> list[dict]:
     """The runs that results files (<name>.json of earlier invocations) record with this invocation's recipe.
 
     A file counts when its model line, budget line and variant (task order, sweep) are this
-    invocation's; a run in it counts when its method is one of ``recipes`` with the same overrides.
-    What a run computes is fixed by these and the code: a change of method, rate, budget or order
-    reruns, a change of code defaults alone does not (delete the file to start over). The first
-    file's run of a (method, seed) wins; each run is marked collected. Missing files give nothing.
+    invocation's; a run in it counts when its method is one of ``recipes`` with the same overrides
+    and it trained in ``precision`` (`run_precision` here: a bf16 machine's runs never join an fp32
+    machine's). What a run computes is fixed by these and the code: a change of method, rate,
+    budget or order reruns, a change of code defaults alone does not (delete the file to start
+    over). The first file's run of a (method, seed) wins; each run is marked collected. Missing
+    files give nothing.
     """
     import json
 
@@ -319,9 +327,17 @@ def published_runs(paths: list[Path], recipes: dict[str, list[str]], variant: di
         if (report.get("model"), report.get("budget"), report.get("variant")) != (model, budget, variant):
             print(f"{path}: another model, budget or task order than this invocation's, its runs are not used", flush=True)
             continue
+        other_precision = 0
         for run in report["runs"]:
-            if recipes.get(run["method"]) == run["overrides"]:
-                found.setdefault((run["method"], run["seed"]), {**run, "collected": True})
+            if recipes.get(run["method"]) != run["overrides"]:
+                continue
+            if run.get("precision") != precision:
+                other_precision += 1
+                continue
+            found.setdefault((run["method"], run["seed"]), {**run, "collected": True})
+        if other_precision:
+            print(f"{path}: {other_precision} runs of this recipe trained in another precision than {precision} (this machine's), "
+                  "not used", flush=True)
     return list(found.values())
 
 
@@ -485,9 +501,9 @@ def markdown(report: dict) -> str:
         + (f"; the runs' summed wall time is {report['runs_wall_minutes'] / 60:.1f} h" if report.get("runs_wall_minutes") else "")
         + "). "
         + ("At this report (the runs' own load was not recorded): " if report.get("collected_runs") == len(report["runs"]) else "")
-        + f"{report['load']} Machine: {machine_line(report['machine'])}",
+        + f"{report['load']} {_machines_line(report)}",
         "",
-        f"Base model: {report['model']}; a short DAP on yelp review text, then {' -> '.join(tasks)} as instruction tasks "
+        f"Base model: {report['model']}{_precisions(report['runs'])}; a short DAP on yelp review text, then {' -> '.join(tasks)} as instruction tasks "
         f"scored by option log-likelihood through the chat template (chance: {report['chance']}). Held-out general "
         "ability, never trained: WikiText-2 perplexity and the held-out tasks' zero-shot scores, before CIT -> after "
         "the last task (change). R[i][i] - R[0][i]: what training on a task added to its zero-shot score, the mean over "
@@ -623,6 +639,19 @@ def sweep_markdown(report: dict) -> str:
     ]) + "\n"
 
 
+def _machines_line(report: dict) -> str:
+    """The machines the runs trained on (each run records its own; older ones only the report's)."""
+    lines = [machine_line(run.get("machine") or report["machine"]) for run in report["runs"]]
+    if len(set(lines)) == 1:
+        return f"Machine: {lines[0]}"
+    return "Machines: " + "; ".join(f"{count} runs on {line}" for line, count in collections.Counter(lines).items())
+
+
+def _precisions(runs: list[dict]) -> str:
+    counts = collections.Counter(run.get("precision", "not recorded") for run in runs)
+    return " (" + ", ".join(f"{name} in {count} of {len(runs)} runs" for name, count in counts.items()) + ")"
+
+
 def _runs_line(report: dict) -> str:
     """How long the runs took: an invocation's wall time leaves out the runs it collected from earlier ones."""
     walls = [run["wall_s"] for run in report["runs"] if run.get("wall_s")]
@@ -715,10 +744,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = bench_config(args.set, seeds[0], variant)  # refuses a bad --order before any service starts
     published_file = args.output_dir / f"{name}.json"
     sources = [*([published_file] if args.keep_published else []), *args.runs_from]
-    model_line, budget_line = _model_line(cfg), _budget_line(cfg, args.quick)
-    published = published_runs(sources, recipes, variant, model_line, budget_line)
+    recipe = (variant, _model_line(cfg), _budget_line(cfg, args.quick), run_precision(cfg))
+    published = published_runs(sources, recipes, *recipe)
     if not args.keep_published and not args.quick:
-        left_out = sorted({(r["method"], r["seed"]) for r in published_runs([published_file], recipes, variant, model_line, budget_line)}
+        left_out = sorted({(r["method"], r["seed"]) for r in published_runs([published_file], recipes, *recipe)}
                           - set(pairs) - {(r["method"], r["seed"]) for r in published})
         if left_out:
             print(f"{published_file} holds {len(left_out)} runs of this recipe that this report leaves out "
@@ -869,6 +898,17 @@ def _model_line(cfg) -> str:
         tiny = cfg.model.tiny
         return f"tiny Llama: vocab {tiny.vocab_size}, hidden {tiny.hidden_size}, {tiny.num_hidden_layers} layers, {tiny.num_attention_heads} heads"
     return f"{cfg.model.source} {getattr(cfg.model, 'name_or_path', '')}"
+
+
+def run_precision(cfg) -> str:
+    """What the config's precision trains in on this machine: ``auto`` is bf16 autocast only on CPUs with
+    native bf16 (models/engine.py). Runs in bf16 and in fp32 differ, so each run records it and a table
+    never mixes published runs of the other (published_runs)."""
+    import torch
+
+    from models.engine import autocast_dtype, resolve_device
+
+    return "bf16 autocast" if autocast_dtype(cfg.precision, resolve_device(cfg.device)) == torch.bfloat16 else "fp32"
 
 
 def _budget_line(cfg, quick: bool) -> str:

@@ -37,8 +37,12 @@ def machine(packages: tuple[str, ...] = ("torch", "transformers")) -> dict:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
+    from models.engine import cpu_has_native_bf16
+
     return {
         "cpu_model": cpu, "logical_cores": os.cpu_count(), "memory_gib": memory_gib,
+        # "AMD EPYC" names CPUs with and without AVX512-BF16, and bf16 autocast is ~3x fp32 only with it
+        "native_bf16": cpu_has_native_bf16(),
         "torch_threads": torch.get_num_threads(), **versions, "python": platform.python_version(),
         "platform": platform.platform(),
     }
@@ -59,11 +63,12 @@ def load_note(before: float, after: float, cores: int | None = None) -> str:
 def machine_line(info: dict) -> str:
     versions = ", ".join(f"{name} {info[name]}" for name in info if name not in _MACHINE_KEYS and info[name])
     memory = f", {info['memory_gib']} GiB RAM" if info.get("memory_gib") else ""
-    return (f"{info['cpu_model']}, {info['logical_cores']} logical cores{memory}; {info['platform']}; "
+    bf16 = {True: ", native bf16", False: ", no native bf16"}.get(info.get("native_bf16"), "")  # older results lack the key
+    return (f"{info['cpu_model']}, {info['logical_cores']} logical cores{memory}{bf16}; {info['platform']}; "
             f"Python {info['python']}, {versions}; torch threads {info['torch_threads']}.")
 
 
-_MACHINE_KEYS = {"cpu_model", "logical_cores", "memory_gib", "torch_threads", "python", "platform"}
+_MACHINE_KEYS = {"cpu_model", "logical_cores", "memory_gib", "native_bf16", "torch_threads", "python", "platform"}
 
 
 def table(headers: list[str], rows: list[list]) -> str:

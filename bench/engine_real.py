@@ -48,7 +48,7 @@ from bench.common import command, load_note, machine, machine_line, table, write
 from bench.loops import (LoopSettings, engine_loop, plain_bf16_weights_loop, plain_loop, reset_peak_rss, stamp, status_kib,
                          throughput, trainer_loop)
 from models.data import encode_instruction, pack_texts
-from models.engine import cpu_has_native_bf16, train
+from models.engine import train
 from models.gguf import converted_dir
 from models.loading import load_model_and_tokenizer
 from models.tuning import apply_tuning, count_parameters
@@ -219,8 +219,7 @@ def markdown(report: dict) -> str:
         "",
         f"Command: `{report['command']}` (measured {report['measured_at']}).",
         "",
-        f"Machine: {machine_line(report['machine'])} Native bf16 (AVX512-BF16 / AMX): "
-        f"{'yes' if report['native_bf16'] else 'no'}.",
+        f"Machine: {machine_line(report['machine'])}",
         load_note(load["before"], load["after"], report["machine"]["logical_cores"]),
         "",
         f"SmolLM2-135M-Instruct (the embedded default) on the demo general corpus, {settings['batch']} blocks of "
@@ -310,7 +309,6 @@ def main(argv: list[str] | None = None) -> int:
         "command": command("bench.engine_throughput", argv if argv is not None else sys.argv[1:]),
         "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
-        "native_bf16": cpu_has_native_bf16(),
         "load_average_1min": {"before": load_before[0], "after": load_after[0]},
         "settings": {"model": MODEL, "steps": args.steps, "warmup_steps_excluded": args.warmup, "rounds": args.rounds,
                      "batch": BATCH, "block": BLOCK, "lr": LR, "threads": args.threads, "process_per_run": True,

@@ -279,14 +279,16 @@ def test_methods_that_did_not_learn_are_named_beside_the_table(tmp_path):
     assert "| full | 1 | +0.400 | +0.400 |" in text
 
 
-def _results_file(path, runs, model="m", budget="b", variant=None):
-    path.write_text(json.dumps({"model": model, "budget": budget, "variant": variant, "runs": runs}))
+def _results_file(path, runs, model="m", budget="b", variant=None, precision="bf16 autocast"):
+    path.write_text(json.dumps({"model": model, "budget": budget, "variant": variant,
+                                "runs": [{"precision": precision, **r} for r in runs]}))
     return path
 
 
 def test_published_runs_count_only_with_this_invocations_recipe(tmp_path):
     """A fresh clone resumes from the committed results: a run counts when its method's overrides, the
-    model, the budget and the task order are this invocation's, and the first file's run of a pair wins."""
+    model, the budget, the task order and the precision it trained in are this invocation's, and the
+    first file's run of a pair wins."""
     from bench.cl_quality import published_runs
 
     recipes = {"full": [], "lora": ["cit.tuning.method=lora", "cit.optim.lr=3.0e-3"]}
@@ -302,11 +304,15 @@ def test_published_runs_count_only_with_this_invocations_recipe(tmp_path):
     other_budget = _results_file(tmp_path / "c.json", [{**run("full", 3, 0.7, -0.1, 30.0), "overrides": []}], budget="b2")
     other_order = _results_file(tmp_path / "d.json", [{**run("full", 4, 0.7, -0.1, 30.0), "overrides": []}],
                                 variant={"order": ["b", "a"]})
+    # `precision: auto` trains in fp32 on a CPU without native bf16: those runs never join bf16 ones
+    fp32 = _results_file(tmp_path / "e.json", [{**run("full", 5, 0.7, -0.1, 30.0), "overrides": []}], precision="fp32")
 
-    found = published_runs([first, second, other_budget, other_order, tmp_path / "missing.json"], recipes, None, "m", "b")
+    found = published_runs([first, second, other_budget, other_order, fp32, tmp_path / "missing.json"], recipes, None, "m", "b",
+                           "bf16 autocast")
     assert sorted((r["method"], r["seed"], r["metrics"]["ap"]) for r in found) == [("full", 0, 0.6), ("full", 2, 0.7), ("lora", 0, 0.5)]
     assert all(r["collected"] for r in found)
-    assert published_runs([other_order], recipes, {"order": ["b", "a"]}, "m", "b")[0]["seed"] == 4
+    assert published_runs([other_order], recipes, {"order": ["b", "a"]}, "m", "b", "bf16 autocast")[0]["seed"] == 4
+    assert published_runs([fp32], recipes, None, "m", "b", "fp32")[0]["seed"] == 5
 
 
 def test_a_run_of_more_seeds_adds_to_the_published_table(tmp_path, monkeypatch, capsys):
@@ -325,8 +331,9 @@ def test_a_run_of_more_seeds_adds_to_the_published_table(tmp_path, monkeypatch, 
         return {**base, "overrides": clq.load_methods()[0][method], "tasks": ["dbpedia", "amazon", "agnews"], "accuracy_matrix": matrix,
                 "metrics": {**base["metrics"], "fwt": 0.1, "forgetting_max": 0.4}, "wall_s": 60.0}
 
-    _results_file(tmp_path / "cl_quality.json", [result("full", 0, 0.6), result("lora", 0, 0.5)], model, budget)
-    _results_file(tmp_path / "elsewhere.json", [result("full", 1, 0.7)], model, budget)
+    here = clq.run_precision(cfg)
+    _results_file(tmp_path / "cl_quality.json", [result("full", 0, 0.6), result("lora", 0, 0.5)], model, budget, precision=here)
+    _results_file(tmp_path / "elsewhere.json", [result("full", 1, 0.7)], model, budget, precision=here)
     where = ["--output-dir", str(tmp_path), "--state-dir", str(tmp_path / "state")]
     argv = ["--no-run", "--keep-published", "--methods", "full", "--seeds", "0", "1", "--runs-from", str(tmp_path / "elsewhere.json"), *where]
     assert clq.main(argv) == 0
@@ -335,6 +342,7 @@ def test_a_run_of_more_seeds_adds_to_the_published_table(tmp_path, monkeypatch, 
     assert report["seeds"] == [0, 1] and report["collected_runs"] == 3 and list(report["methods"]) == ["full", "lora"]
     assert report["methods"]["full"]["ap"]["n"] == 2 and math.isclose(report["methods"]["full"]["ap"]["mean"], 0.65)
     assert report["rerun_command"] is None  # the kept lora run is not one of the pairs asked for, nor is the table the default set
+    assert f"precision auto ({here} in 3 of 3 runs)" in (tmp_path / "cl_quality.md").read_text()
 
     capsys.readouterr()
     assert clq.main(["--no-run", "--methods", "full", "--seeds", "1", "--runs-from", str(tmp_path / "elsewhere.json"), *where]) == 0
@@ -350,3 +358,21 @@ def test_the_report_names_the_command_that_reruns_its_table():
     argv = ["--no-run", "--threads", "2", "--keep-published", "--runs-from", "a.json", "b.json", "--methods", "full", "lora", "--seeds", "1"]
     assert _rerun_argv(argv, ("--no-run", "--keep-published", "--runs-from")) == ["--threads", "2", "--methods", "full", "lora", "--seeds", "1"]
     assert _rerun_argv(argv, ("--no-run", "--keep-published", "--runs-from", "--methods", "--seeds")) == ["--threads", "2"]
+
+
+def test_each_run_records_the_precision_auto_trained_in_and_its_machine(monkeypatch):
+    """`precision: auto` is bf16 autocast only on CPUs with native bf16: on others the same config
+    trains in fp32, about 3x slower and with other numbers, so the report names it per run."""
+    from bench import cl_quality as clq
+    from bench.common import machine_line
+    from models import engine
+
+    cfg = clq.bench_config([], 0)
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: True)
+    assert clq.run_precision(cfg) == "bf16 autocast" and ", native bf16;" in machine_line({**clq.machine(), "native_bf16": True})
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)
+    assert clq.run_precision(cfg) == "fp32" and clq.run_precision(clq.bench_config(["precision=bf16"], 0)) == "bf16 autocast"
+    runs = [{"precision": "bf16 autocast", "machine": {**clq.machine(), "native_bf16": True}},
+            {"precision": "fp32", "machine": {**clq.machine(), "native_bf16": False}}]
+    assert clq._precisions(runs) == " (bf16 autocast in 1 of 2 runs, fp32 in 1 of 2 runs)"
+    assert clq._machines_line({"runs": runs, "machine": {}}).count("1 runs on") == 2
