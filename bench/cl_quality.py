@@ -71,6 +71,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BASE_CONFIG = ROOT / "configs" / "cl-benchmark.yaml"
 METHODS_FILE = ROOT / "configs" / "cl-benchmark-methods.yaml"
 DEFAULT_NAME = "cl_quality"
+BUCKET = "cl-quality"  # of the benchmark's own services
 QUICK_METHODS = ["full", "attn-proj"]
 QUICK_OVERRIDES = [
     "model.pretrain.max_steps=8", "dap.optim.max_steps=2", "cit.optim.max_steps=4", "eval.general_max_docs=8",
@@ -179,7 +180,8 @@ def run_one(method: str, seed: int, overrides: list[str], variant: dict | None =
         "peak_rss_mib": round(usage.ru_maxrss / 1024),  # Linux reports KiB; the process ran this run alone
         "cit_tokens": _cit_tokens(summary["mlflow_run_id"]),
     }
-    _log_cost(summary["mlflow_run_id"], cost)
+    precision, machine_info = run_precision(cfg), machine()  # this worker's: a table may collect runs of several machines
+    _log_cost(summary["mlflow_run_id"], cost, precision, machine_info)
     # The numbers are in MLflow; the run's models and checkpoints (0.5 GB per stage for a full model) are
     # not needed again, and 30 runs of them would fill the disk: drop them and this worker's local copies.
     from perennial.storage import ObjectStore
@@ -191,8 +193,9 @@ def run_one(method: str, seed: int, overrides: list[str], variant: dict | None =
         "seed": seed,
         "overrides": overrides,
         **({"variant": variant} if variant else {}),
-        "precision": run_precision(cfg),
-        "machine": machine(),  # this worker's: runs collected into one table may come from several machines
+        "recipe_digest": recipe_digest(overrides, seed, variant),
+        "precision": precision,
+        "machine": machine_info,
         **cost,
         "tasks": summary["tasks"],
         "accuracy_matrix": summary["accuracy_matrix"],
@@ -214,13 +217,18 @@ def _cit_tokens(parent_run_id: str) -> int:
     return int(sum(run.data.metrics.get("train/tokens", 0) for run in children if run.info.run_name.startswith("cit-")))
 
 
-def _log_cost(parent_run_id: str, cost: dict) -> None:
-    """On the parent run, so an interrupted benchmark's finished runs keep their cost (finished_runs)."""
+def _log_cost(parent_run_id: str, cost: dict, precision: str, machine_info: dict) -> None:
+    """On the parent run, so an interrupted benchmark's finished runs keep their cost, precision and
+    machine (finished_runs)."""
+    import json
+
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
     for key, value in cost.items():
         client.log_metric(parent_run_id, f"bench/{key}", value)
+    client.set_tag(parent_run_id, "bench.precision", precision)
+    client.set_tag(parent_run_id, "bench.machine", json.dumps(machine_info))
 
 
 def run_all(jobs: dict[str, list[str]], pairs: list[tuple[str, int]], workers: int, threads: int, env: dict[str, str],
@@ -290,12 +298,14 @@ def finished_runs(jobs: dict[str, list[str]], pairs: list[tuple[str, int]], vari
                 general = json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/report/general_tasks.json"))["summary"]
             except Exception:  # noqa: BLE001 - a run without held-out tasks (the sweep) has no such file
                 general = {}
-            metrics = run.data.metrics
+            metrics, tags = run.data.metrics, run.data.tags
             found[method, seed] = {
                 "method": method, "seed": seed, "overrides": overrides, "collected": True,
                 **({"variant": variant} if variant else {}),
-                # the state dir is this machine's: its runs trained here
-                "precision": run_precision(base), "machine": machine(),
+                "recipe_digest": recipe_digest(overrides, seed, variant),
+                # What _log_cost recorded; a run from before that resolves here, where its state dir is.
+                "precision": tags.get("bench.precision") or run_precision(bench_config(overrides, seed, variant, where)),
+                "machine": json.loads(tags["bench.machine"]) if "bench.machine" in tags else machine(),
                 "wall_s": metrics.get("bench/wall_s", round((run.info.end_time - run.info.start_time) / 1000, 1)),
                 **{key: metrics[f"bench/{key}"] for key in COST_KEYS if f"bench/{key}" in metrics and key != "wall_s"},
                 "tasks": matrix["tasks"], "accuracy_matrix": matrix["rows"],
@@ -305,17 +315,24 @@ def finished_runs(jobs: dict[str, list[str]], pairs: list[tuple[str, int]], vari
     return list(found.values())
 
 
+def recipe_digest(overrides: list[str], seed: int, variant: dict | None) -> str:
+    """What a (method, seed) run computes, wherever it ran: the outputs digest of its config (perennial/config.py,
+    without the service and scratch locations), with the benchmark's bucket. Dataset paths are relative, so a
+    fresh clone beside the same ../shared computes the same digest."""
+    return bench_config(overrides, seed, variant, [f"storage.bucket={BUCKET}"]).outputs_digest()
+
+
 def published_runs(paths: list[Path], recipes: dict[str, list[str]], variant: dict | None, model: str, budget: str,
-                   precision: str) -> list[dict]:
+                   precision: str, say: bool = True) -> list[dict]:
     """The runs that results files (<name>.json of earlier invocations) record with this invocation's recipe.
 
     A file counts when its model line, budget line and variant (task order, sweep) are this
-    invocation's; a run in it counts when its method is one of ``recipes`` with the same overrides
-    and it trained in ``precision`` (`run_precision` here: a bf16 machine's runs never join an fp32
-    machine's). What a run computes is fixed by these and the code: a change of method, rate,
-    budget or order reruns, a change of code defaults alone does not (delete the file to start
-    over). The first file's run of a (method, seed) wins; each run is marked collected. Missing
-    files give nothing.
+    invocation's. A run in it counts when its method is one of ``recipes`` with the same overrides,
+    its `recipe_digest` is this invocation's (every config key: data, DAP, evaluation sizes; runs
+    recorded before the digest are matched on the rest alone), and it trained in ``precision``
+    (`run_precision` here: a bf16 machine's runs never join an fp32 machine's). A change of code
+    alone is not seen. The first file's run of a (method, seed) wins; each run is marked collected.
+    A missing file gives nothing; ``say`` prints why a file's or a run's results are not used.
     """
     import json
 
@@ -325,19 +342,22 @@ def published_runs(paths: list[Path], recipes: dict[str, list[str]], variant: di
             continue
         report = json.loads(path.read_text())
         if (report.get("model"), report.get("budget"), report.get("variant")) != (model, budget, variant):
-            print(f"{path}: another model, budget or task order than this invocation's, its runs are not used", flush=True)
+            if say:
+                print(f"{path}: another model, budget or task order than this invocation's, its runs are not used", flush=True)
             continue
-        other_precision = 0
+        refused: collections.Counter = collections.Counter()
         for run in report["runs"]:
-            if recipes.get(run["method"]) != run["overrides"]:
+            method, seed = run["method"], run["seed"]
+            if recipes.get(method) != run["overrides"]:
                 continue
-            if run.get("precision") != precision:
-                other_precision += 1
-                continue
-            found.setdefault((run["method"], run["seed"]), {**run, "collected": True})
-        if other_precision:
-            print(f"{path}: {other_precision} runs of this recipe trained in another precision than {precision} (this machine's), "
-                  "not used", flush=True)
+            if "recipe_digest" in run and run["recipe_digest"] != recipe_digest(recipes[method], seed, variant):
+                refused["another config (its digest differs)"] += 1
+            elif run.get("precision") != precision:
+                refused[f"trained in {run['precision']}, not {precision} as here" if run.get("precision") else "precision not recorded"] += 1
+            else:
+                found.setdefault((method, seed), {**run, "collected": True})
+        if say and refused:
+            print(f"{path}: runs of this recipe not used: " + "; ".join(f"{count} {why}" for why, count in refused.items()), flush=True)
     return list(found.values())
 
 
@@ -623,7 +643,8 @@ def sweep_markdown(report: dict) -> str:
     return "\n".join([
         "### Learning-rate sweep",
         "",
-        f"Command: `{report['command']}` ({_runs_line(report)}). {report['load']}",
+        f"Command: `{report['command']}` ({_runs_line(report)}). {report['load']} {_machines_line(report)} "
+        f"Precision {_precisions(report['runs']).strip(' ()')}.",
         "",
         f"Each tuning method at each rate trains the first task ({report['tasks'][0]}) alone for {sweep['steps']} steps on "
         f"records {sweep['skip']}..{sweep['skip'] + sweep['records']} of its file, which the benchmark never reads, and is "
@@ -640,11 +661,16 @@ def sweep_markdown(report: dict) -> str:
 
 
 def _machines_line(report: dict) -> str:
-    """The machines the runs trained on (each run records its own; older ones only the report's)."""
-    lines = [machine_line(run.get("machine") or report["machine"]) for run in report["runs"]]
+    """The machines the runs trained on (each run records its own; older ones only the report's), and
+    their torch threads."""
+    machines = [run.get("machine") or report["machine"] for run in report["runs"]]
+    lines = [machine_line({key: value for key, value in info.items() if key != "torch_threads"}) for info in machines]
+    threads = "/".join(str(n) for n in sorted({info.get("torch_threads") for info in machines} - {None}))
+    threads = f" Torch threads per run: {threads}." if threads else ""
     if len(set(lines)) == 1:
-        return f"Machine: {lines[0]}"
-    return "Machines: " + "; ".join(f"{count} runs on {line}" for line, count in collections.Counter(lines).items())
+        return f"Machine: {lines[0]}{threads}"
+    counted = collections.Counter(lines).items()
+    return "Machines: " + "; ".join(f"{count} run{'s' if count > 1 else ''} on {line}" for line, count in counted) + threads
 
 
 def _precisions(runs: list[dict]) -> str:
@@ -678,7 +704,9 @@ def _edge_notes(result: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # allow_abbrev off: _rerun_argv drops options by their full names
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False,
                                      epilog="Methods, seeds and the sweep's rates come from configs/cl-benchmark-methods.yaml.")
     compared, diagnostics, default_seeds = load_methods()
     all_methods = {**compared, **diagnostics}
@@ -703,7 +731,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="overrides for every run, after the method's own (e.g. cit.optim.lr=0.01)")
     parser.add_argument("--no-run", action="store_true",
-                        help="run nothing: report the runs an earlier invocation finished in --state-dir")
+                        help="run nothing: report the runs an earlier invocation finished in --state-dir (and, with "
+                        "--keep-published or --runs-from, the published ones)")
     parser.add_argument("--keep-published", action="store_true",
                         help="count the runs <name>.json already records with this recipe as done and keep them in the "
                         "report beside the new ones (resumes across machines and sessions; default: report only this "
@@ -745,9 +774,12 @@ def main(argv: list[str] | None = None) -> int:
     published_file = args.output_dir / f"{name}.json"
     sources = [*([published_file] if args.keep_published else []), *args.runs_from]
     recipe = (variant, _model_line(cfg), _budget_line(cfg, args.quick), run_precision(cfg))
+    missing = [str(path) for path in args.runs_from if not path.exists()]
+    if missing:
+        parser.error(f"--runs-from: no such file: {', '.join(missing)}")
     published = published_runs(sources, recipes, *recipe)
     if not args.keep_published and not args.quick:
-        left_out = sorted({(r["method"], r["seed"]) for r in published_runs([published_file], recipes, *recipe)}
+        left_out = sorted({(r["method"], r["seed"]) for r in published_runs([published_file], recipes, *recipe, say=False)}
                           - set(pairs) - {(r["method"], r["seed"]) for r in published})
         if left_out:
             print(f"{published_file} holds {len(left_out)} runs of this recipe that this report leaves out "
@@ -763,7 +795,7 @@ def main(argv: list[str] | None = None) -> int:
         # One state per results name: the sweep, the main table and the second order can run side by side.
         state = Path(tmp) / "state" if args.quick else args.state_dir / name
         warm = state.exists()  # an earlier benchmark run left the base and DAP models in its caches
-        with running_services(state, bucket="cl-quality") as services:
+        with running_services(state, bucket=BUCKET) as services:
             results = finished_runs(jobs, pairs, variant) if warm else []
             done = {(r["method"], r["seed"]) for r in results}
             for result in results:
@@ -821,7 +853,7 @@ def _rerun_argv(argv: list[str], drop: tuple[str, ...]) -> list[str]:
     kept, skipping = [], False
     for arg in argv:
         if arg.startswith("--"):
-            skipping = arg in drop
+            skipping = arg.split("=", 1)[0] in drop
         if not skipping:
             kept.append(arg)
     return kept

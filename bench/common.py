@@ -64,8 +64,9 @@ def machine_line(info: dict) -> str:
     versions = ", ".join(f"{name} {info[name]}" for name in info if name not in _MACHINE_KEYS and info[name])
     memory = f", {info['memory_gib']} GiB RAM" if info.get("memory_gib") else ""
     bf16 = {True: ", native bf16", False: ", no native bf16"}.get(info.get("native_bf16"), "")  # older results lack the key
+    threads = f"; torch threads {info['torch_threads']}" if "torch_threads" in info else ""
     return (f"{info['cpu_model']}, {info['logical_cores']} logical cores{memory}{bf16}; {info['platform']}; "
-            f"Python {info['python']}, {versions}; torch threads {info['torch_threads']}.")
+            f"Python {info['python']}, {versions}{threads}.")
 
 
 _MACHINE_KEYS = {"cpu_model", "logical_cores", "memory_gib", "native_bf16", "torch_threads", "python", "platform"}

@@ -289,7 +289,7 @@ def test_published_runs_count_only_with_this_invocations_recipe(tmp_path):
     """A fresh clone resumes from the committed results: a run counts when its method's overrides, the
     model, the budget, the task order and the precision it trained in are this invocation's, and the
     first file's run of a pair wins."""
-    from bench.cl_quality import published_runs
+    from bench.cl_quality import published_runs, recipe_digest
 
     recipes = {"full": [], "lora": ["cit.tuning.method=lora", "cit.optim.lr=3.0e-3"]}
     lora = {**run("lora", 0, 0.5, -0.2, 30.0), "overrides": recipes["lora"]}
@@ -300,7 +300,10 @@ def test_published_runs_count_only_with_this_invocations_recipe(tmp_path):
         {**run("ewc", 0, 0.5, -0.2, 30.0), "overrides": ["cit.methods=[{name: ewc}]"]},  # not a method of this invocation
     ])
     second = _results_file(tmp_path / "b.json", [{**run("full", 0, 0.1, -0.9, 30.0), "overrides": []},
-                                                 {**run("full", 2, 0.7, -0.1, 30.0), "overrides": []}])
+                                                 {**run("full", 2, 0.7, -0.1, 30.0), "overrides": []},
+                                                 # a config key the overrides do not show changed since (e.g. the DAP steps)
+                                                 {**run("full", 6, 0.7, -0.1, 30.0), "overrides": [], "recipe_digest": "0" * 64},
+                                                 {**run("full", 7, 0.7, -0.1, 30.0), "overrides": [], "recipe_digest": recipe_digest([], 7, None)}])
     other_budget = _results_file(tmp_path / "c.json", [{**run("full", 3, 0.7, -0.1, 30.0), "overrides": []}], budget="b2")
     other_order = _results_file(tmp_path / "d.json", [{**run("full", 4, 0.7, -0.1, 30.0), "overrides": []}],
                                 variant={"order": ["b", "a"]})
@@ -309,33 +312,43 @@ def test_published_runs_count_only_with_this_invocations_recipe(tmp_path):
 
     found = published_runs([first, second, other_budget, other_order, fp32, tmp_path / "missing.json"], recipes, None, "m", "b",
                            "bf16 autocast")
-    assert sorted((r["method"], r["seed"], r["metrics"]["ap"]) for r in found) == [("full", 0, 0.6), ("full", 2, 0.7), ("lora", 0, 0.5)]
+    assert sorted((r["method"], r["seed"], r["metrics"]["ap"]) for r in found) == [("full", 0, 0.6), ("full", 2, 0.7), ("full", 7, 0.7),
+                                                                                 ("lora", 0, 0.5)]
     assert all(r["collected"] for r in found)
     assert published_runs([other_order], recipes, {"order": ["b", "a"]}, "m", "b", "bf16 autocast")[0]["seed"] == 4
     assert published_runs([fp32], recipes, None, "m", "b", "fp32")[0]["seed"] == 5
 
 
+@pytest.mark.integration
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[2] / "shared" / "datasets").is_dir(), reason="../shared/datasets is not available")
 def test_a_run_of_more_seeds_adds_to_the_published_table(tmp_path, monkeypatch, capsys):
     """`--keep-published --seeds 1` after a seed-0 table keeps seed 0 beside seed 1, and a fresh state dir
-    with the published runs reruns nothing (--no-run reports; real services start). Without the flag the
-    report is this invocation's runs alone, and it names the published runs it leaves out."""
+    with the published runs reruns nothing (real services start). Without the flag the report is this
+    invocation's runs alone, and it names the published runs it leaves out."""
     import bench.cl_quality as clq
 
     monkeypatch.setattr(clq, "trainable_params", lambda jobs, extra: dict.fromkeys(jobs))  # loads the 135M model
+
+    def run_all(*args, **kwargs):
+        raise AssertionError("every asked run is published: nothing may run")
+
+    monkeypatch.setattr(clq, "run_all", run_all)
     cfg = clq.bench_config([], 0)
     model, budget = clq._model_line(cfg), clq._budget_line(cfg, False)
     matrix = [[0.1, 0.2, 0.3], [0.9, 0.2, 0.3], [0.5, 0.9, 0.3], [0.5, 0.5, 0.9]]
 
     def result(method, seed, ap):
         base = run(method, seed, ap, -0.2, 40.0)
-        return {**base, "overrides": clq.load_methods()[0][method], "tasks": ["dbpedia", "amazon", "agnews"], "accuracy_matrix": matrix,
+        overrides = clq.load_methods()[0][method]
+        return {**base, "overrides": overrides, "recipe_digest": clq.recipe_digest(overrides, seed, None),
+                "tasks": ["dbpedia", "amazon", "agnews"], "accuracy_matrix": matrix,
                 "metrics": {**base["metrics"], "fwt": 0.1, "forgetting_max": 0.4}, "wall_s": 60.0}
 
     here = clq.run_precision(cfg)
     _results_file(tmp_path / "cl_quality.json", [result("full", 0, 0.6), result("lora", 0, 0.5)], model, budget, precision=here)
     _results_file(tmp_path / "elsewhere.json", [result("full", 1, 0.7)], model, budget, precision=here)
     where = ["--output-dir", str(tmp_path), "--state-dir", str(tmp_path / "state")]
-    argv = ["--no-run", "--keep-published", "--methods", "full", "--seeds", "0", "1", "--runs-from", str(tmp_path / "elsewhere.json"), *where]
+    argv = ["--keep-published", "--methods", "full", "--seeds", "0", "1", "--runs-from", str(tmp_path / "elsewhere.json"), *where]
     assert clq.main(argv) == 0
     report = json.loads((tmp_path / "cl_quality.json").read_text())
     assert sorted((r["method"], r["seed"]) for r in report["runs"]) == [("full", 0), ("full", 1), ("lora", 0)]
@@ -369,10 +382,12 @@ def test_each_run_records_the_precision_auto_trained_in_and_its_machine(monkeypa
 
     cfg = clq.bench_config([], 0)
     monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: True)
-    assert clq.run_precision(cfg) == "bf16 autocast" and ", native bf16;" in machine_line({**clq.machine(), "native_bf16": True})
+    assert clq.run_precision(cfg) == "bf16 autocast" and clq.machine()["native_bf16"] is True
+    assert ", native bf16;" in machine_line(clq.machine())
     monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)
+    assert clq.machine()["native_bf16"] is False
     assert clq.run_precision(cfg) == "fp32" and clq.run_precision(clq.bench_config(["precision=bf16"], 0)) == "bf16 autocast"
     runs = [{"precision": "bf16 autocast", "machine": {**clq.machine(), "native_bf16": True}},
             {"precision": "fp32", "machine": {**clq.machine(), "native_bf16": False}}]
     assert clq._precisions(runs) == " (bf16 autocast in 1 of 2 runs, fp32 in 1 of 2 runs)"
-    assert clq._machines_line({"runs": runs, "machine": {}}).count("1 runs on") == 2
+    assert clq._machines_line({"runs": runs, "machine": {}}).count("1 run on") == 2
