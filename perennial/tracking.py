@@ -13,17 +13,26 @@ then fails the stage, and the retried stage's tracker reads the spool back and s
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+log = logging.getLogger(__name__)
+
 PARENT_TAG = "mlflow.parentRunId"
+# On a run that ended FAILED or KILLED (a retrain's parent run, a stage's run): the error, "Type: message",
+# cut to fit MLflow's tag value limit (Tracker.end_failed).
+ERROR_TAG = "perennial.error"
+ERROR_TAG_CHARS = 5000
 # A retrain's parent run carries these, for `perennial status` (app/status.py) and resumes (tasks/runtime.py).
 FLOW_RUN_ID_TAG = "prefect.flow_run_id"
 FLOW_RUN_NAME_TAG = "prefect.flow_run_name"
@@ -144,6 +153,37 @@ class Tracker:
             self.client.set_tag(attempt.info.run_id, SUPERSEDED_BY_TAG, run_id)
             self.client.set_terminated(attempt.info.run_id, status="KILLED")
         return run_id
+
+    @contextmanager
+    def stage_run(self, name: str, parent_id: str, tags: dict[str, str] | None = None) -> Iterator[str]:
+        """One attempt at a stage (`start_stage_run`), ended with the body: FINISHED when it returns,
+        FAILED when it raises, KILLED on an interrupt (Ctrl-C, SIGTERM), so a stage that fails shows
+        failed in MLflow at once instead of RUNNING until a resume supersedes it. Yields the run id."""
+        run_id = self.start_stage_run(name, parent_id, tags)
+        try:
+            yield run_id
+        except BaseException as error:
+            self.end_failed(run_id, error)
+            raise
+        self.finish(run_id)
+
+    def end_failed(self, run_id: str, error: BaseException) -> bool:
+        """End ``run_id`` FAILED (KILLED when ``error`` is an interrupt) with the error in ERROR_TAG.
+
+        Never raises, and returns whether the run was marked: the caller is about to raise the run's
+        own error, which matters more. When MLflow is what failed, its client would retry for
+        minutes, so an unreachable server leaves the run RUNNING (a resume supersedes it).
+        """
+        if not server_healthy(self.uri):
+            log.warning("MLflow at %s does not answer; run %s stays RUNNING", self.uri, run_id)
+            return False
+        try:
+            self.set_tags(run_id, {ERROR_TAG: f"{type(error).__name__}: {error}"[:ERROR_TAG_CHARS]})
+            self.client.set_terminated(run_id, status="FAILED" if isinstance(error, Exception) else "KILLED")
+        except Exception as mark_error:  # noqa: BLE001 - see above: never hide the run's error behind this one
+            log.warning("could not mark MLflow run %s failed: %s", run_id, mark_error)
+            return False
+        return True
 
     def find_run(self, tag: str, value: str, status: str | None = None) -> str | None:
         query = f"tags.`{tag}` = '{value}'" + (f" and attributes.status = '{status}'" if status else "")

@@ -66,15 +66,13 @@ def _pretrain_tiny(run: RunContext, general: DatasetRef, prefix: str) -> str:
         local = save_model(model, tokenizer, run.work_dir / "base-model-init")
         init_uri = run.store.upload_dir(local, init_prefix, meta={"stage": "init", "source": "tiny"})["uri"]
         shutil.rmtree(local, ignore_errors=True)
-    child = run.tracker.start_stage_run(PRETRAIN_STAGE, run.parent_run_id)
-    spec = stage_spec(
-        run, PRETRAIN_STAGE, stage_root=prefix, input_model_uri=init_uri,
-        data=StageData(encoding="packed", datasets=[general]), optim=cfg.model.pretrain,
-        tuning=TuningConfig(method="full"), seed=seed, mlflow_run_id=child,
-    )
-    uri = run_stage(spec, run.services)
-    run.tracker.finish(child)
-    return uri
+    with run.tracker.stage_run(PRETRAIN_STAGE, run.parent_run_id) as child:
+        spec = stage_spec(
+            run, PRETRAIN_STAGE, stage_root=prefix, input_model_uri=init_uri,
+            data=StageData(encoding="packed", datasets=[general]), optim=cfg.model.pretrain,
+            tuning=TuningConfig(method="full"), seed=seed, mlflow_run_id=child,
+        )
+        return run_stage(spec, run.services)
 
 
 def _copy_base_model(run: RunContext, prefix: str, key: str) -> str:

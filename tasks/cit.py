@@ -52,30 +52,29 @@ def train_cit_stage(run: RunContext, model_uri: str, data: DataBundle, index: in
     replay_uri = previous.replay_uri if previous and replay.enabled and len(buffer) else None
     separate_replay_phase = replay.mixing == "epoch" and replay_uri is not None
     tracker = run.tracker
-    child = tracker.start_stage_run(stage, run.parent_run_id, tags={"stage": stage, "task": task.name})
-    tracker.log_params(child, {"task": task.name, "train_records": task.counts.get("train"), "replay_records": len(buffer) if replay_uri else 0,
-                               "dataset_digest": task.digest})
-    spec = stage_spec(
-        run, stage, input_model_uri=model_uri,
-        data=StageData(encoding="instruction", datasets=[task], replay_uri=None if separate_replay_phase else replay_uri,
-                       replay_mixing="concat" if replay.mixing == "epoch" else replay.mixing),
-        optim=cfg.cit.optim, tuning=cfg.cit.tuning, methods=cfg.cit.methods,
-        plugin_state_uri=previous.model_uri if previous and cfg.cit.methods else None,
-        seed=cfg.stage_seed("cit"), task_index=index, mlflow_run_id=child,
-    )
-    model_out = run_stage(spec, run.services)
-    if separate_replay_phase:
-        # `epoch` mixing: one pass over the replay examples after the task, as its own committed stage.
-        epoch = cfg.cit.optim.model_copy(
-            update={"max_steps": math.ceil(len(buffer) / cfg.cit.optim.batch_size), "warmup_steps": 0, "checkpoint_every": 0}
+    with tracker.stage_run(stage, run.parent_run_id, tags={"stage": stage, "task": task.name}) as child:
+        tracker.log_params(child, {"task": task.name, "train_records": task.counts.get("train"),
+                                   "replay_records": len(buffer) if replay_uri else 0, "dataset_digest": task.digest})
+        spec = stage_spec(
+            run, stage, input_model_uri=model_uri,
+            data=StageData(encoding="instruction", datasets=[task], replay_uri=None if separate_replay_phase else replay_uri,
+                           replay_mixing="concat" if replay.mixing == "epoch" else replay.mixing),
+            optim=cfg.cit.optim, tuning=cfg.cit.tuning, methods=cfg.cit.methods,
+            plugin_state_uri=previous.model_uri if previous and cfg.cit.methods else None,
+            seed=cfg.stage_seed("cit"), task_index=index, mlflow_run_id=child,
         )
-        replay_spec = stage_spec(
-            run, f"{stage}-replay", input_model_uri=model_out,
-            data=StageData(encoding="instruction", replay_uri=replay_uri, replay_mixing="only"),
-            optim=epoch, tuning=cfg.cit.tuning, seed=cfg.stage_seed("cit"), task_index=index, mlflow_run_id=child,
-        )
-        model_out = run_stage(replay_spec, run.services)
-    tracker.finish(child)
+        model_out = run_stage(spec, run.services)
+        if separate_replay_phase:
+            # `epoch` mixing: one pass over the replay examples after the task, as its own committed stage.
+            epoch = cfg.cit.optim.model_copy(
+                update={"max_steps": math.ceil(len(buffer) / cfg.cit.optim.batch_size), "warmup_steps": 0, "checkpoint_every": 0}
+            )
+            replay_spec = stage_spec(
+                run, f"{stage}-replay", input_model_uri=model_out,
+                data=StageData(encoding="instruction", replay_uri=replay_uri, replay_mixing="only"),
+                optim=epoch, tuning=cfg.cit.tuning, seed=cfg.stage_seed("cit"), task_index=index, mlflow_run_id=child,
+            )
+            model_out = run_stage(replay_spec, run.services)
 
     next_replay_uri = None
     if replay.enabled:

@@ -19,14 +19,10 @@ from pydantic import BaseModel, PrivateAttr
 from perennial.config import LOCATION_KEYS, Config, ConfigError
 from perennial.storage import ObjectStore, join_key, key_component
 from perennial.tracking import FLOW_RUN_ID_TAG, FLOW_RUN_NAME_TAG, FLOW_RUNS_TAG, RUN_KEY_TAG, S3_PREFIX_TAG, flow_run_history
-from perennial.tracking import Tracker, server_healthy
+from perennial.tracking import ERROR_TAG, Tracker
 
 log = logging.getLogger(__name__)
 
-# The parent run's tag holding the error of a failed retrain ("ValueError: ..."), cut to fit
-# MLflow's tag value limit.
-ERROR_TAG = "perennial.error"
-ERROR_TAG_CHARS = 5000
 # The parent run's tag holding Config.outputs_digest(): a run key is resumed only by a config with the same.
 OUTPUTS_DIGEST_TAG = "perennial.outputs_digest"
 
@@ -224,18 +220,7 @@ def failed_on_error(run: RunContext) -> Iterator[None]:
 
 
 def _mark_failed(run: RunContext, error: BaseException) -> None:
-    uri = run.config.tracking.tracking_uri
-    # When MLflow itself is what failed, its client would retry for minutes before giving up, and
-    # the run's own error matters more than its status: say so and let that error through.
-    if not server_healthy(uri):
-        log.warning("MLflow at %s does not answer; run %s stays RUNNING", uri, run.parent_run_id)
-        return
-    tracker = run.tracker
-    try:
-        tracker.set_tags(run.parent_run_id, {ERROR_TAG: f"{type(error).__name__}: {error}"[:ERROR_TAG_CHARS]})
-        tracker.client.set_terminated(run.parent_run_id, status="FAILED" if isinstance(error, Exception) else "KILLED")
-    except Exception as mark_error:  # same reason: never hide the run's error behind this one
-        log.warning("could not mark MLflow run %s failed: %s", run.parent_run_id, mark_error)
+    run.tracker.end_failed(run.parent_run_id, error)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

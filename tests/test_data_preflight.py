@@ -149,6 +149,25 @@ def test_an_error_ends_the_parent_run_failed_and_a_rerun_clears_it(services, tmp
     assert client.get_run(run.parent_run_id).info.status == "KILLED"
 
 
+def test_a_stage_that_raises_ends_its_stage_run_failed_and_an_interrupted_one_killed(services, tmp_path):
+    """Before, a stage that raised (a non-finite loss, a data error, SIGTERM) left its stage run RUNNING
+    under a FAILED or KILLED parent until a resume superseded it."""
+    client = MlflowClient(services.mlflow_uri)
+    run = start_run(datasets_config(services, tmp_path, []))
+    tracker = run.tracker
+    with tracker.stage_run("cit-01-a", run.parent_run_id) as done:
+        pass
+    with pytest.raises(NonFiniteLossError), tracker.stage_run("cit-02-b", run.parent_run_id) as failed:
+        raise NonFiniteLossError("cit-02-b: non-finite training loss nan at step 3 of 6")
+    with pytest.raises(KeyboardInterrupt), tracker.stage_run("cit-03-c", run.parent_run_id) as interrupted:
+        raise KeyboardInterrupt("signal SIGTERM")
+    assert client.get_run(done).info.status == "FINISHED" and ERROR_TAG not in client.get_run(done).data.tags
+    assert (client.get_run(failed).info.status, client.get_run(failed).data.tags[ERROR_TAG]) == (
+        "FAILED", "NonFiniteLossError: cit-02-b: non-finite training loss nan at step 3 of 6")
+    assert (client.get_run(interrupted).info.status, client.get_run(interrupted).data.tags[ERROR_TAG]) == (
+        "KILLED", "KeyboardInterrupt: signal SIGTERM")
+
+
 def test_retries_skip_config_and_data_errors_and_keep_transient_ones(prefect_harness):
     calls = {"bad data": 0, "bad config": 0, "bad model": 0, "nan loss": 0, "S3 hiccup": 0}
 
