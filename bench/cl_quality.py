@@ -773,13 +773,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg = bench_config(args.set, seeds[0], variant)  # refuses a bad --order before any service starts
     published_file = args.output_dir / f"{name}.json"
     sources = [*([published_file] if args.keep_published else []), *args.runs_from]
-    recipe = (variant, _model_line(cfg), _budget_line(cfg, args.quick), run_precision(cfg))
+    match_on = (variant, _model_line(cfg), _budget_line(cfg, args.quick), run_precision(cfg))  # what published_runs compares
     missing = [str(path) for path in args.runs_from if not path.exists()]
     if missing:
         parser.error(f"--runs-from: no such file: {', '.join(missing)}")
-    published = published_runs(sources, recipes, *recipe)
+    published = published_runs(sources, recipes, *match_on)
     if not args.keep_published and not args.quick:
-        left_out = sorted({(r["method"], r["seed"]) for r in published_runs([published_file], recipes, *recipe, say=False)}
+        left_out = sorted({(r["method"], r["seed"]) for r in published_runs([published_file], recipes, *match_on, say=False)}
                           - set(pairs) - {(r["method"], r["seed"]) for r in published})
         if left_out:
             print(f"{published_file} holds {len(left_out)} runs of this recipe that this report leaves out "
