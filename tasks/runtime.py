@@ -215,12 +215,8 @@ def failed_on_error(run: RunContext) -> Iterator[None]:
     try:
         yield
     except BaseException as error:
-        _mark_failed(run, error)
+        run.tracker.end_failed(run.parent_run_id, error)
         raise
-
-
-def _mark_failed(run: RunContext, error: BaseException) -> None:
-    run.tracker.end_failed(run.parent_run_id, error)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
