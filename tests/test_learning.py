@@ -35,10 +35,12 @@ def test_tiny_model_learns_each_task_well_above_chance_and_its_before_score(serv
         assert just_trained >= before + MARGIN, (task, matrix)
 
 
-def test_default_model_learns_each_demo_task_it_cannot_do_before(smollm2_dir):
+def test_default_model_learns_a_demo_task_it_cannot_do_before(smollm2_dir):
     """configs/demo.yaml's CIT (tuning, learning rate, steps, batch, length) on SmolLM2-135M-Instruct, without the
-    services: each task it scores ~0 on before training ends >= +0.3 right after training on it (measured: 0.0 -> 1.0
-    on both, in a sequence, with attn-proj at 3e-4 for 40 steps). fact_lookup also needs DAP: `make run` shows it."""
+    services: zorbish, which it scores 0.0 on before training, ends >= +0.3 right after training on it (measured:
+    0.0 -> 1.0 with attn-proj at 3e-4 for 40 steps; arithmetic did the same). One task, the made-up language no
+    pretraining teaches, because on a CPU without native bf16 each task costs ~110 s. fact_lookup also needs DAP:
+    `make run` shows it."""
     from models.data import encode_instruction
     from models.engine import train
     from models.evaluation import score_task
@@ -50,18 +52,16 @@ def test_default_model_learns_each_demo_task_it_cannot_do_before(smollm2_dir):
     optim, demo = cfg.cit.optim, cfg.data.demo
     model, tokenizer = load_model_and_tokenizer(smollm2_dir)
     model = apply_tuning(model, cfg.cit.tuning)
-    catalogue = demo_tasks(demo.seed)
-    records = {name: task_records(catalogue[name], demo.train_per_task, demo.eval_per_task, demo.seed)
-               for name in ("arithmetic", "zorbish")}
-    tests = {name: [r for r in rows if r["split"] == "test"][:20] for name, rows in records.items()}
+    task = demo_tasks(demo.seed)["zorbish"]
+    rows = task_records(task, demo.train_per_task, demo.eval_per_task, demo.seed)
+    tests = [r for r in rows if r["split"] == "test"][:20]
 
-    def accuracy(name: str) -> float:
-        return score_task(model, tokenizer, tests[name], scoring="generate", max_new_tokens=cfg.eval.max_new_tokens,
+    def accuracy() -> float:
+        return score_task(model, tokenizer, tests, scoring="generate", max_new_tokens=cfg.eval.max_new_tokens,
                           batch_size=20, max_length=optim.max_length)["accuracy"]
 
-    for name, rows in records.items():
-        before = accuracy(name)
-        examples = [encode_instruction(tokenizer, r["prompt"], r["response"], optim.max_length) for r in rows if r["split"] == "train"]
-        train(model, examples, optim, seed=cfg.seed, pad_token_id=tokenizer.pad_token_id, precision=cfg.precision)
-        after = accuracy(name)
-        assert after >= before + MARGIN and after >= catalogue[name].chance + MARGIN, (name, before, after)
+    before = accuracy()
+    examples = [encode_instruction(tokenizer, r["prompt"], r["response"], optim.max_length) for r in rows if r["split"] == "train"]
+    train(model, examples, optim, seed=cfg.seed, pad_token_id=tokenizer.pad_token_id, precision=cfg.precision)
+    after = accuracy()
+    assert after >= before + MARGIN and after >= task.chance + MARGIN, (before, after)
