@@ -30,7 +30,7 @@ from models.loading import load_causal_lm, load_model_and_tokenizer, save_model
 from models.tuning import apply_tuning, merge_for_export
 from perennial.config import OptimConfig, TuningConfig
 
-pytestmark = pytest.mark.slow  # two threads: the real model trains 1.3x faster than on one (2-core CPU, fp32)
+pytestmark = pytest.mark.slow  # no single_torch_thread: run alone, the real model trains 1.3x faster on two threads (fp32)
 
 MAX_LENGTH = 32
 BATCH = 2
@@ -389,7 +389,7 @@ def test_seekr_scores_selects_and_distils_query_heads_under_gqa(real, base_state
     model = apply_tuning(copy.deepcopy(base), TuningConfig(method="attn-proj"))
     [seekr] = build_plugins([{"name": "seekr", "samples_per_task": 2, "replay_batch_size": 2,
                               "layer_budget": 2, "head_budget": 4}], seed=0)
-    ctx = run_task(model, tokenizer, [seekr], 0, "reverse", 1)
+    run_task(model, tokenizer, [seekr], 0, "reverse", 1)
 
     assert seekr.importance.shape == (LAYERS, 9) and torch.isfinite(seekr.importance).all()
     assert float(seekr.importance.sum()) > 0
