@@ -219,8 +219,7 @@ def markdown(report: dict) -> str:
         "",
         f"Command: `{report['command']}` (measured {report['measured_at']}).",
         "",
-        # results written before machine() recorded native bf16 kept it at the top level
-        f"Machine: {machine_line({'native_bf16': report.get('native_bf16'), **report['machine']})}",
+        f"Machine: {machine_line(report['machine'])}",
         load_note(load["before"], load["after"], report["machine"]["logical_cores"]),
         "",
         f"SmolLM2-135M-Instruct (the embedded default) on the demo general corpus, {settings['batch']} blocks of "

@@ -40,7 +40,7 @@ FLOW_RUN_NAME_TAG = "prefect.flow_run_name"
 FLOW_RUNS_TAG = "perennial.flow_run_ids"
 S3_PREFIX_TAG = "perennial.s3_prefix"
 RUN_KEY_TAG = "perennial.run_key"
-# On a stage attempt whose process died: the id of the attempt that took over (Tracker.start_stage_run).
+# On a stage attempt whose process died: the id of the attempt that took over (Tracker._start_stage_run).
 SUPERSEDED_BY_TAG = "perennial.superseded_by"
 # The MLflow 3 UI's kind of an experiment; one without it is inferred to be GenAI.
 # "custom_model_development" is the UI's "Machine learning" kind.
@@ -139,8 +139,8 @@ class Tracker:
         run = self.client.create_run(self.experiment_id(), run_name=name, tags={k: _mask(v, self.secrets) for k, v in all_tags.items()})
         return run.info.run_id
 
-    def start_stage_run(self, name: str, parent_id: str, tags: dict[str, str] | None = None) -> str:
-        """The run of one attempt at a stage, under its parent run.
+    def _start_stage_run(self, name: str, parent_id: str, tags: dict[str, str] | None = None) -> str:
+        """The run of one attempt at a stage, under its parent run (stages open it with `stage_run`).
 
         Earlier attempts at the same stage under the same parent that are still RUNNING belong to a
         process that was killed (or a retry's failed predecessor): they end KILLED, tagged
@@ -156,10 +156,10 @@ class Tracker:
 
     @contextmanager
     def stage_run(self, name: str, parent_id: str, tags: dict[str, str] | None = None) -> Iterator[str]:
-        """One attempt at a stage (`start_stage_run`), ended with the body: FINISHED when it returns,
+        """One attempt at a stage (`_start_stage_run`), ended with the body: FINISHED when it returns,
         FAILED when it raises, KILLED on an interrupt (Ctrl-C, SIGTERM), so a stage that fails shows
         failed in MLflow at once instead of RUNNING until a resume supersedes it. Yields the run id."""
-        run_id = self.start_stage_run(name, parent_id, tags)
+        run_id = self._start_stage_run(name, parent_id, tags)
         try:
             yield run_id
         except BaseException as error:
@@ -167,23 +167,21 @@ class Tracker:
             raise
         self.finish(run_id)
 
-    def end_failed(self, run_id: str, error: BaseException) -> bool:
+    def end_failed(self, run_id: str, error: BaseException) -> None:
         """End ``run_id`` FAILED (KILLED when ``error`` is an interrupt) with the error in ERROR_TAG.
 
-        Never raises, and returns whether the run was marked: the caller is about to raise the run's
-        own error, which matters more. When MLflow is what failed, its client would retry for
-        minutes, so an unreachable server leaves the run RUNNING (a resume supersedes it).
+        Never raises: the caller is about to raise the run's own error, which matters more. When MLflow
+        is what failed, its client would retry for minutes, so an unreachable server leaves the run
+        RUNNING (a resume supersedes it).
         """
         if not server_healthy(self.uri):
             log.warning("MLflow at %s does not answer; run %s stays RUNNING", self.uri, run_id)
-            return False
+            return
         try:
             self.set_tags(run_id, {ERROR_TAG: f"{type(error).__name__}: {error}"[:ERROR_TAG_CHARS]})
             self.client.set_terminated(run_id, status="FAILED" if isinstance(error, Exception) else "KILLED")
         except Exception as mark_error:  # noqa: BLE001 - see above: never hide the run's error behind this one
             log.warning("could not mark MLflow run %s failed: %s", run_id, mark_error)
-            return False
-        return True
 
     def find_run(self, tag: str, value: str, status: str | None = None) -> str | None:
         query = f"tags.`{tag}` = '{value}'" + (f" and attributes.status = '{status}'" if status else "")
