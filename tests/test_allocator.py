@@ -32,22 +32,25 @@ class _Mallinfo2(ctypes.Structure):
                 ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
-def _mmapped_bytes() -> int:
-    """glibc's bytes in mmapped blocks (mallinfo2().hblkhd)."""
+def _mallinfo2() -> _Mallinfo2:
     mallinfo2 = allocator._libc().mallinfo2
     mallinfo2.restype = _Mallinfo2
-    return mallinfo2().hblkhd
+    return mallinfo2()
 
 
-_largest_so_far = [256 * 2**20]
+def _mmapped_bytes() -> int:
+    """glibc's bytes in mmapped blocks (mallinfo2().hblkhd)."""
+    return _mallinfo2().hblkhd
 
 
 def _new_large_block_is_mmapped() -> bool:
-    """Whether glibc serves a new block with its own mapping. The block is larger than all the earlier
-    checks' blocks together, so no free heap chunk they left can hold it and glibc must ask the OS
-    (mmap, or grow the heap). It is never touched: it costs address space, not memory."""
-    size = 2 * _largest_so_far[0]
-    _largest_so_far[0] = size
+    """Whether glibc serves a new block with its own mapping. The block is larger than all the free heap
+    memory together (mallinfo2().fordblks), so no free chunk can hold it and glibc must ask the OS (mmap,
+    or grow the heap). Free heap counts because glibc serves a large request from a free chunk before it
+    maps: earlier checks' blocks, freed inside `freed_memory_kept`, and a model trained inside it earlier
+    in the same process (an xdist worker) leave them. It is never touched: it costs address space, not
+    memory."""
+    size = _mallinfo2().fordblks + 512 * 2**20
     before = _mmapped_bytes()
     block = torch.empty(size, dtype=torch.uint8)
     mapped = _mmapped_bytes() - before >= size
