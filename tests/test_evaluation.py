@@ -247,6 +247,8 @@ def test_drift_rises_after_narrow_digit_finetuning(base, tok, sounds_model):
     assert sum(t.isdigit() for t in top) >= 3
 
 
+# transformers 5.24 deprecates `past_key_values` for `cache` and removes it in 5.40: scoring must not lean on it.
+@pytest.mark.filterwarnings("error::FutureWarning")
 def test_shared_prompt_option_scores_equal_full_sequence_scores(base, tok):
     # Prompts of different lengths (left padding) and different option counts in one batch.
     groups = [("What does a cat say?", ["meow", "woof", "moo"]), ("Say it", ["quack", "oink"]),
