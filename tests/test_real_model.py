@@ -367,7 +367,7 @@ def test_olora_folds_each_task_and_keeps_later_subspaces_orthogonal(real, base_s
     assert len(olora.old_a) == 7 * LAYERS
     assert shapes == {"q_proj": (4, 576), "k_proj": (4, 576), "v_proj": (4, 576), "o_proj": (4, 576),
                       "gate_proj": (4, 576), "up_proj": (4, 576), "down_proj": (4, 1536)}
-    assert all(float(module.lora_B[adapter].weight.abs().max()) == 0 for _, module, adapter in lora_layers(model))
+    assert not any(module.lora_B[adapter].weight.detach().any() for _, module, adapter in lora_layers(model))  # the fold resets B for the next task
 
     penalties = recorded(olora)
     run_task(model, tokenizer, [olora], 1, "zorbish", 2)
