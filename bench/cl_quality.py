@@ -28,7 +28,9 @@ whichever way they go, and each method's accuracy matrix is plotted in one figur
 
 A killed or interrupted benchmark resumes: the next invocation with the same --state-dir
 collects the runs the last one finished (matched by config digest, see finished_runs) and runs
-only the rest; `--no-run` reports what is there without running anything. Across machines and
+only the rest; a run it left unfinished resumes from its last committed stage (CIT task), under a
+run key that follows the run's recipe, and its reported wall and CPU time sum the attempts (run_one).
+`--no-run` reports what is there without running anything. Across machines and
 sessions, where the state dir is gone (a fresh clone), `--keep-published` resumes from the
 published results: the runs <name>.json records with this invocation's recipe count as done (see
 published_runs), and the report keeps them beside the new ones, so `--keep-published --seeds 1 2`
@@ -170,16 +172,27 @@ def run_one(method: str, seed: int, overrides: list[str], variant: dict | None =
     # A work dir per worker: local caches are filled by one process at a time.
     work_dir = f"{os.environ['PERENNIAL_BENCH_WORK']}-{os.getpid()}"
     cfg = bench_config(overrides, seed, variant, [f"work_dir={work_dir}"])
+    # The run key follows what the run computes, not where (ports and folders change per invocation):
+    # a run a killed benchmark left unfinished resumes from its last committed stage in the next
+    # invocation on the same --state-dir, instead of starting over under a new key.
+    run_key = f"{cfg.run_name}-{recipe_digest(overrides, seed, variant)[:16]}"
     started = time.perf_counter()
-    with sigterm_as_interrupt():
-        summary = continual_retrain(config=cfg.model_dump(mode="json"))
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    cost = {
-        "wall_s": round(time.perf_counter() - started, 1),
-        "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
-        "peak_rss_mib": round(usage.ru_maxrss / 1024),  # Linux reports KiB; the process ran this run alone
-        "cit_tokens": _cit_tokens(summary["mlflow_run_id"]),
-    }
+
+    def usage() -> dict:
+        rusage = resource.getrusage(resource.RUSAGE_SELF)
+        return {
+            "wall_s": round(time.perf_counter() - started, 1),
+            "cpu_s": round(rusage.ru_utime + rusage.ru_stime, 1),
+            "peak_rss_mib": round(rusage.ru_maxrss / 1024),  # Linux reports KiB; the process ran this run alone
+        }
+
+    try:
+        with sigterm_as_interrupt():
+            summary = continual_retrain(config=cfg.model_dump(mode="json"), run_key=run_key)
+    except BaseException:
+        _log_attempt(run_key, usage())
+        raise
+    cost = {**with_earlier_attempts(summary["mlflow_run_id"], usage()), "cit_tokens": _cit_tokens(summary["mlflow_run_id"])}
     precision, machine_info = run_precision(cfg), machine()  # this worker's: a table may collect runs of several machines
     _log_cost(summary["mlflow_run_id"], cost, precision, machine_info)
     # The numbers are in MLflow; the run's models and checkpoints (0.5 GB per stage for a full model) are
@@ -205,7 +218,47 @@ def run_one(method: str, seed: int, overrides: list[str], variant: dict | None =
     }
 
 
-COST_KEYS = ("wall_s", "cpu_s", "peak_rss_mib", "cit_tokens")
+COST_KEYS = ("wall_s", "cpu_s", "peak_rss_mib", "cit_tokens", "attempts")
+ATTEMPT_KEYS = ("wall_s", "cpu_s", "peak_rss_mib")  # what an interrupted attempt records (bench/attempt_<key>)
+
+
+def _log_attempt(run_key: str, cost: dict) -> None:
+    """Record an interrupted attempt's cost on its parent run, for the attempt that finishes the run.
+
+    Never raises: the caller is about to re-raise the interrupt. Nothing is recorded when the attempt
+    stopped before its parent run existed (it then computed nothing a resume reuses either).
+    """
+    from mlflow.tracking import MlflowClient
+
+    from perennial.tracking import RUN_KEY_TAG
+
+    try:
+        client = MlflowClient()
+        found = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                   filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'", max_results=1)
+        if not found:
+            return
+        run_id = found[0].info.run_id
+        attempt = len(client.get_metric_history(run_id, "bench/attempt_wall_s"))
+        for key in ATTEMPT_KEYS:
+            client.log_metric(run_id, f"bench/attempt_{key}", cost[key], step=attempt)
+    except Exception as error:  # noqa: BLE001 - see above
+        print(f"could not record the interrupted attempt's cost of {run_key}: {error}", flush=True)
+
+
+def with_earlier_attempts(parent_run_id: str, cost: dict) -> dict:
+    """The run's cost over every attempt at it: this one's plus the interrupted ones `_log_attempt`
+    recorded (wall and CPU seconds summed, peak RSS the largest), and how many attempts there were."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    earlier = {key: [m.value for m in client.get_metric_history(parent_run_id, f"bench/attempt_{key}")] for key in ATTEMPT_KEYS}
+    return {
+        "wall_s": round(cost["wall_s"] + sum(earlier["wall_s"]), 1),
+        "cpu_s": round(cost["cpu_s"] + sum(earlier["cpu_s"]), 1),
+        "peak_rss_mib": max([cost["peak_rss_mib"], *earlier["peak_rss_mib"]]),
+        "attempts": 1 + len(earlier["wall_s"]),
+    }
 
 
 def _cit_tokens(parent_run_id: str) -> int:
@@ -682,6 +735,10 @@ def _runs_line(report: dict) -> str:
     """How long the runs took: an invocation's wall time leaves out the runs it collected from earlier ones."""
     walls = [run["wall_s"] for run in report["runs"] if run.get("wall_s")]
     line = f"{len(report['runs'])} runs, median {statistics.median(walls) / 60:.1f} min each" if walls else f"{len(report['runs'])} runs"
+    resumed = [f"{run['method']} seed {run['seed']} ({run['attempts']})" for run in report["runs"] if run.get("attempts", 1) > 1]
+    if resumed:
+        line += (f"; {len(resumed)} resumed after an interruption, their wall and CPU time summed over the attempts: "
+                 + ", ".join(resumed))
     if report.get("collected_runs"):
         line += (f"; this invocation {report['wall_minutes']:.0f} min, {report['collected_runs']} runs collected from earlier "
                  "invocations (their wall times, in the JSON, include time paused or under other load)")

@@ -391,3 +391,51 @@ def test_each_run_records_the_precision_auto_trained_in_and_its_machine(monkeypa
             {"precision": "fp32", "machine": {**clq.machine(), "native_bf16": False}}]
     assert clq._precisions(runs) == " (bf16 autocast in 1 of 2 runs, fp32 in 1 of 2 runs)"
     assert clq._machines_line({"runs": runs, "machine": {}}).count("1 run on") == 2
+
+
+def test_an_interrupted_run_resumes_under_its_key_and_its_cost_sums_the_attempts(tmp_path, monkeypatch):
+    """A benchmark killed mid-run resumes that run in the next invocation: the run key follows what the run
+    computes, not its work dir or ports, so the flow finds its parent run and committed stages again; the
+    interrupted attempt's wall time is recorded on the parent run and summed into the finished run's cost."""
+    import time
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    import flows.continual_retrain
+    from bench import cl_quality as clq
+    from perennial.storage import ObjectStore
+    from perennial.tracking import RUN_KEY_TAG
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setattr(ObjectStore, "delete_prefix", lambda self, prefix: None)  # the run's files: none here
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "unused")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "unused")
+    experiment = mlflow.create_experiment("bench", artifact_location=str(tmp_path / "art"))
+    keys, parents = [], {}
+
+    def flow(config, run_key):  # the flow's preflight: one parent run per key, reused on a resume
+        keys.append(run_key)
+        if run_key not in parents:
+            parents[run_key] = MlflowClient().create_run(experiment, tags={RUN_KEY_TAG: run_key}).info.run_id
+        if len(keys) == 1:
+            time.sleep(0.5)
+            raise KeyboardInterrupt("signal SIGTERM")
+        return {"mlflow_run_id": parents[run_key], "s3_prefix": "s3://cl-quality/runs/x", "tasks": ["a"],
+                "accuracy_matrix": [[0.1], [0.9]], "metrics": {}, "general_tasks": {}}
+
+    monkeypatch.setattr(flows.continual_retrain, "continual_retrain", flow)
+    overrides = ["cit.tuning.method=lora"]
+    monkeypatch.setenv("PERENNIAL_BENCH_WORK", str(tmp_path / "first-invocation"))
+    with pytest.raises(KeyboardInterrupt):
+        clq.run_one("lora", 0, overrides)
+    monkeypatch.setenv("PERENNIAL_BENCH_WORK", str(tmp_path / "second-invocation"))
+    result = clq.run_one("lora", 0, overrides)
+
+    assert keys[0] == keys[1] != f"cl-benchmark-{clq.recipe_digest([], 0, None)[:16]}"  # one key per recipe, full has another
+    [recorded] = MlflowClient().get_metric_history(parents[keys[0]], "bench/attempt_wall_s")
+    assert recorded.value >= 0.5
+    assert result["attempts"] == 2 and result["wall_s"] >= recorded.value
+    assert MlflowClient().get_run(parents[keys[0]]).data.metrics["bench/attempts"] == 2  # what finished_runs collects
+    line = clq._runs_line({"runs": [result, {**result, "method": "full", "attempts": 1}]})
+    assert "1 resumed after an interruption, their wall and CPU time summed over the attempts: lora seed 0 (2)" in line
