@@ -64,10 +64,14 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from bench.common import RESULTS_DIR, command, load_note, machine, machine_line, table, write_results
+
+if TYPE_CHECKING:
+    from perennial.config import TrackingConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_CONFIG = ROOT / "configs" / "cl-benchmark.yaml"
@@ -190,7 +194,7 @@ def run_one(method: str, seed: int, overrides: list[str], variant: dict | None =
         with sigterm_as_interrupt():
             summary = continual_retrain(config=cfg.model_dump(mode="json"), run_key=run_key)
     except BaseException:
-        _log_attempt(run_key, usage())
+        _log_attempt(cfg.tracking, run_key, usage())
         raise
     cost = {**with_earlier_attempts(summary["mlflow_run_id"], usage()), "cit_tokens": _cit_tokens(summary["mlflow_run_id"])}
     precision, machine_info = run_precision(cfg), machine()  # this worker's: a table may collect runs of several machines
@@ -219,29 +223,26 @@ def run_one(method: str, seed: int, overrides: list[str], variant: dict | None =
 
 
 COST_KEYS = ("wall_s", "cpu_s", "peak_rss_mib", "cit_tokens", "attempts")
+COUNT_KEYS = ("peak_rss_mib", "cit_tokens", "attempts")
 ATTEMPT_KEYS = ("wall_s", "cpu_s", "peak_rss_mib")  # what an interrupted attempt records (bench/attempt_<key>)
 
 
-def _log_attempt(run_key: str, cost: dict) -> None:
+def _log_attempt(tracking: TrackingConfig, run_key: str, cost: dict) -> None:
     """Record an interrupted attempt's cost on its parent run, for the attempt that finishes the run.
 
     Never raises: the caller is about to re-raise the interrupt. Nothing is recorded when the attempt
     stopped before its parent run existed (it then computed nothing a resume reuses either).
     """
-    from mlflow.tracking import MlflowClient
-
-    from perennial.tracking import RUN_KEY_TAG
+    from perennial.tracking import RUN_KEY_TAG, Tracker
 
     try:
-        client = MlflowClient()
-        found = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                                   filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'", max_results=1)
-        if not found:
+        tracker = Tracker(tracking.tracking_uri, tracking.experiment)
+        run_id = tracker.find_run(RUN_KEY_TAG, run_key)  # the flow's preflight looks its parent run up the same way
+        if run_id is None:
             return
-        run_id = found[0].info.run_id
-        attempt = len(client.get_metric_history(run_id, "bench/attempt_wall_s"))
+        attempt = len(tracker.client.get_metric_history(run_id, "bench/attempt_wall_s"))
         for key in ATTEMPT_KEYS:
-            client.log_metric(run_id, f"bench/attempt_{key}", cost[key], step=attempt)
+            tracker.client.log_metric(run_id, f"bench/attempt_{key}", cost[key], step=attempt)
     except Exception as error:  # noqa: BLE001 - see above
         print(f"could not record the interrupted attempt's cost of {run_key}: {error}", flush=True)
 
@@ -360,7 +361,9 @@ def finished_runs(jobs: dict[str, list[str]], pairs: list[tuple[str, int]], vari
                 "precision": tags.get("bench.precision") or run_precision(bench_config(overrides, seed, variant, where)),
                 "machine": json.loads(tags["bench.machine"]) if "bench.machine" in tags else machine(),
                 "wall_s": metrics.get("bench/wall_s", round((run.info.end_time - run.info.start_time) / 1000, 1)),
-                **{key: metrics[f"bench/{key}"] for key in COST_KEYS if f"bench/{key}" in metrics and key != "wall_s"},
+                # MLflow keeps every metric as a float: the counts come back as ints, as run_one returned them.
+                **{key: int(value) if key in COUNT_KEYS else value
+                   for key in COST_KEYS if key != "wall_s" and (value := metrics.get(f"bench/{key}")) is not None},
                 "tasks": matrix["tasks"], "accuracy_matrix": matrix["rows"],
                 "metrics": {key: value for key, value in metrics.items() if not key.startswith("bench/")},
                 "general_tasks": general, "mlflow_run_id": run.info.run_id,
@@ -572,6 +575,7 @@ def markdown(report: dict) -> str:
         + (f"; {report['collected_runs']} of {len(report['runs'])} runs were finished by earlier invocations "
            "and collected from their MLflow or results, their wall times are in the cost table" if report.get("collected_runs") else "")
         + (f"; the runs' summed wall time is {report['runs_wall_minutes'] / 60:.1f} h" if report.get("runs_wall_minutes") else "")
+        + _resumed(report["runs"])
         + "). "
         + ("At this report (the runs' own load was not recorded): " if report.get("collected_runs") == len(report["runs"]) else "")
         + f"{report['load']} {_machines_line(report)}",
@@ -731,14 +735,18 @@ def _precisions(runs: list[dict]) -> str:
     return " (" + ", ".join(f"{name} in {count} of {len(runs)} runs" for name, count in counts.items()) + ")"
 
 
+def _resumed(runs: list[dict]) -> str:
+    """"; N resumed after an interruption ...": the runs whose cost sums attempts (run_one), or ""."""
+    resumed = [f"{run['method']} seed {run['seed']} ({run['attempts']})" for run in runs if run.get("attempts", 1) > 1]
+    return (f"; {len(resumed)} resumed after an interruption, their wall and CPU time summed over the attempts: "
+            + ", ".join(resumed)) if resumed else ""
+
+
 def _runs_line(report: dict) -> str:
     """How long the runs took: an invocation's wall time leaves out the runs it collected from earlier ones."""
     walls = [run["wall_s"] for run in report["runs"] if run.get("wall_s")]
     line = f"{len(report['runs'])} runs, median {statistics.median(walls) / 60:.1f} min each" if walls else f"{len(report['runs'])} runs"
-    resumed = [f"{run['method']} seed {run['seed']} ({run['attempts']})" for run in report["runs"] if run.get("attempts", 1) > 1]
-    if resumed:
-        line += (f"; {len(resumed)} resumed after an interruption, their wall and CPU time summed over the attempts: "
-                 + ", ".join(resumed))
+    line += _resumed(report["runs"])
     if report.get("collected_runs"):
         line += (f"; this invocation {report['wall_minutes']:.0f} min, {report['collected_runs']} runs collected from earlier "
                  "invocations (their wall times, in the JSON, include time paused or under other load)")

@@ -1,4 +1,5 @@
-"""The embedded default model: a BPE tokenizer trained on the general corpus and a tiny Llama."""
+"""The ~1M-parameter toy model (model.source=tiny, configs/tiny.yaml): a BPE tokenizer trained on the general
+corpus and a tiny Llama, for tests and quick experiments. The embedded default is SmolLM2 (configs/demo.yaml)."""
 
 from __future__ import annotations
 

@@ -57,7 +57,7 @@ DemoTaskName = Literal["arithmetic", "fact_lookup", "reverse", "uppercase", "wor
 
 
 class DemoDataConfig(Strict):
-    """Generated data for the embedded default: checkable tasks and two text corpora."""
+    """Generated data of the demo configs (configs/demo.yaml, configs/tiny.yaml): checkable tasks and two text corpora."""
 
     tasks: list[DemoTaskName] = Field(
         default_factory=lambda: ["arithmetic", "fact_lookup", "reverse"], min_length=1
@@ -226,7 +226,7 @@ class DataConfig(Strict):
 
 
 class TinyModelConfig(Strict):
-    """The embedded default: a small Llama built locally with a BPE tokenizer trained on the general corpus."""
+    """The ~1M-parameter toy (configs/tiny.yaml): a small Llama built locally with a BPE tokenizer trained on the general corpus."""
 
     vocab_size: int = Field(512, ge=64)
     hidden_size: int = Field(128, ge=8)

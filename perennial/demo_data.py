@@ -1,4 +1,4 @@
-"""Generated data for the embedded default: two text corpora and instruction tasks checkable exactly.
+"""Generated data of the demo configs (demo.yaml, tiny.yaml): two text corpora and instruction tasks checkable exactly.
 
 The domain corpus describes a fictional world (creatures with colours and home towns); the
 `fact_lookup` task asks about the same facts, so domain-adaptive pretraining has something to

@@ -254,7 +254,7 @@ def test_finished_runs_are_collected_by_config_digest(tmp_path, monkeypatch):
         cfg = load_config(str(BASE_CONFIG), [*overrides, *where])
         with mlflow.start_run(experiment_id=experiment, run_name="cl-benchmark", tags={"config_digest": cfg.digest()}):
             mlflow.log_params({k: v for k, v in _flatten(cfg.model_dump(mode="json")).items() if k in (*WHERE_KEYS, "seed")})
-            mlflow.log_metric("ap", ap)
+            mlflow.log_metrics({"ap": ap, "bench/attempts": 2})
             mlflow.log_dict({"tasks": ["a"], "rows": [[0.1], [ap]]}, "report/accuracy_matrix.json")
 
     finished(["cit.tuning.method=lora", "seed=1"], 0.4)
@@ -262,6 +262,7 @@ def test_finished_runs_are_collected_by_config_digest(tmp_path, monkeypatch):
     finished(["seed=5"], 0.3)  # a seed not asked for
     [run] = finished_runs(jobs, [(method, seed) for seed in (0, 1) for method in jobs])
     assert (run["method"], run["seed"], run["metrics"]["ap"], run["accuracy_matrix"]) == ("lora", 1, 0.4, [[0.1], [0.4]])
+    assert repr(run["attempts"]) == "2"  # a count, though MLflow stores it as a float
 
 
 def test_methods_that_did_not_learn_are_named_beside_the_table(tmp_path):
@@ -269,7 +270,7 @@ def test_methods_that_did_not_learn_are_named_beside_the_table(tmp_path):
     from bench.common import machine
 
     learned = {**run("full", 0, 0.6, -0.3, 500.0), "accuracy_matrix": [[0.5, 0.5], [0.9, 0.5], [0.6, 0.9]]}
-    flat = {**run("lora", 0, 0.5, 0.0, 20.0), "accuracy_matrix": [[0.5, 0.5], [0.5, 0.5], [0.5, 0.52]]}
+    flat = {**run("lora", 0, 0.5, 0.0, 20.0), "accuracy_matrix": [[0.5, 0.5], [0.5, 0.5], [0.5, 0.52]], "attempts": 2}
     rows = aggregate([learned, flat], ["full", "lora"], {"a": 0.5, "b": 0.5})
     report = {"command": "c", "wall_minutes": 1.0, "workers": 1, "load": "", "machine": machine(), "model": "m", "budget": "b",
               "seeds": [0], "tasks": ["a", "b"], "chance": {"a": 0.5, "b": 0.5}, "quick": False, "methods": rows,
@@ -277,6 +278,7 @@ def test_methods_that_did_not_learn_are_named_beside_the_table(tmp_path):
     text = markdown(report)
     assert "**lora: right after training on a task, within +0.05 of chance**" in text
     assert "| full | 1 | +0.400 | +0.400 |" in text
+    assert "1 resumed after an interruption, their wall and CPU time summed over the attempts: lora seed 0 (2)" in text
 
 
 def _results_file(path, runs, model="m", budget="b", variant=None, precision="bf16 autocast"):
@@ -411,7 +413,8 @@ def test_an_interrupted_run_resumes_under_its_key_and_its_cost_sums_the_attempts
     monkeypatch.setattr(ObjectStore, "delete_prefix", lambda self, prefix: None)  # the run's files: none here
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "unused")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "unused")
-    experiment = mlflow.create_experiment("bench", artifact_location=str(tmp_path / "art"))
+    # The experiment the bench config names, where the flow creates its parent runs and _log_attempt looks.
+    experiment = mlflow.create_experiment(clq.bench_config([], 0, None, []).tracking.experiment, artifact_location=str(tmp_path / "art"))
     keys, parents = [], {}
 
     def flow(config, run_key):  # the flow's preflight: one parent run per key, reused on a resume
