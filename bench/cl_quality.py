@@ -257,7 +257,7 @@ def with_earlier_attempts(parent_run_id: str, cost: dict) -> dict:
     return {
         "wall_s": round(cost["wall_s"] + sum(earlier["wall_s"]), 1),
         "cpu_s": round(cost["cpu_s"] + sum(earlier["cpu_s"]), 1),
-        "peak_rss_mib": max([cost["peak_rss_mib"], *earlier["peak_rss_mib"]]),
+        "peak_rss_mib": round(max([cost["peak_rss_mib"], *earlier["peak_rss_mib"]])),  # MiB, a count like run_one's
         "attempts": 1 + len(earlier["wall_s"]),
     }
 
