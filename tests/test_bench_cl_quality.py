@@ -63,6 +63,12 @@ def test_orderings_report_whichever_way_they_go():
     assert mlp_line.count("**holds**") == 2
     far = aggregate([run("seekr-1%", 0, 0.2, -0.4, 50.0), run("replay-10%", 0, 0.5, -0.05, 20.0)], ["seekr-1%", "replay-10%"])
     assert "**does not hold**" in orderings(far)[0]
+    # one seed each: the margin printed is the one applied, the test sets' resolution, never a zero seed std
+    near = aggregate([run("seekr-1%", 0, 0.477, -0.065, 50.0), run("replay-10%", 0, 0.5, -0.037, 20.0)], ["seekr-1%", "replay-10%"])
+    assert "(gap -0.023, margin 0.030: the larger of the seed std and the test sets' resolution)" in orderings(near)[0]
+    assert "**holds**" in orderings(near)[0]
+    behind = aggregate([run("seekr-1%", 0, 0.46, -0.065, 50.0), run("replay-10%", 0, 0.5, -0.037, 20.0)], ["seekr-1%", "replay-10%"])
+    assert "**does not hold**" in orderings(behind)[0]
 
 
 def test_every_issue_method_runs_and_the_five_compared_ones_with_three_seeds():
