@@ -28,7 +28,7 @@ from models.cl.replay import ReplayBuffer, mix_examples, mix_general
 from models.data import encode_instruction, pack_texts
 from models.engine import TrainResult, full_state_dict, is_sharded, load_plugin_states, resolve_device, save_plugin_states, set_seed, train
 from models.loading import load_causal_lm, load_model_and_tokenizer, save_model
-from models.tuning import apply_tuning, merge_for_export
+from models.tuning import TuningPlan, apply_tuning, merge_for_export, plan_tuning
 from perennial.config import CLMethodConfig, DistributedStrategy, OptimConfig, TuningConfig, task_seed
 from perennial.storage import MANIFEST_NAME, ObjectStore
 from tasks.ingest import DatasetRef, read_records
@@ -227,7 +227,8 @@ def execute_stage(spec: StageSpec, services: Services) -> str:
     plugins = build_plugins(spec.methods, seed=task_seed(spec.seed, spec.task_index))
     if plugin_dir is not None:
         load_plugin_states(plugins, plugin_dir)
-    model = apply_tuning(model, spec.tuning)
+    plan = plan_tuning(model, spec.tuning)  # refuses a method this architecture cannot take, before any step
+    model = apply_tuning(model, spec.tuning, plan)
     context = TaskContext(task_index=spec.task_index, task_name=spec.name, model=model, train_examples=examples,
                           pad_token_id=tokenizer.pad_token_id)
     for plugin in plugins:
@@ -259,17 +260,18 @@ def execute_stage(spec: StageSpec, services: Services) -> str:
         save_model(merge_for_export(model), tokenizer, export_dir)
         if plugins:
             save_plugin_states(plugins, export_dir / PLUGIN_DIR)
-        uri = _commit_output(spec, services, export_dir, result, tracker)
+        uri = _commit_output(spec, services, export_dir, result, tracker, plan)
     if world > 1:
         dist.barrier()  # no rank exits (and ends the job) before the output is committed
     return uri
 
 
-def _commit_output(spec: StageSpec, services: Services, export_dir: Path, result: TrainResult, tracker) -> str:
-    """Commit the exported model (files first, manifest last) and log the stage's final metrics."""
-    (export_dir / "training.json").write_text(
-        json.dumps({"stage": spec.name, "steps": result.steps, "resumed_from": result.resumed_from, "losses": result.losses})
-    )
+def _commit_output(spec: StageSpec, services: Services, export_dir: Path, result: TrainResult, tracker, plan: TuningPlan) -> str:
+    """Commit the exported model (files first, manifest last) and log the stage's final metrics and what it trained."""
+    (export_dir / "training.json").write_text(json.dumps({
+        "stage": spec.name, "steps": result.steps, "resumed_from": result.resumed_from, "losses": result.losses,
+        "tuning": plan.params(),
+    }))
     if tracker is not None:
         tracker.flush(raise_on_error=False)  # what is still unsent stays in the spool; a retry sends it
     manifest = services.store.upload_dir(
@@ -283,6 +285,7 @@ def _commit_output(spec: StageSpec, services: Services, export_dir: Path, result
             result.steps,
         )
         tracker.set_tags(spec.mlflow_run_id, {"checkpoint_uri": manifest["uri"], "checkpoint_digest": manifest["digest"]})
+        tracker.log_params(spec.mlflow_run_id, plan.params())  # what the method resolved to on this architecture
         tracker.flush(attempts=5)
     shutil.rmtree(export_dir, ignore_errors=True)
     return manifest["uri"]

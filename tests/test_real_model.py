@@ -204,16 +204,14 @@ def test_tuning_method_trains_exactly_its_weights_and_exports_the_trained_model(
 
 
 def test_a_tuner_that_adapts_no_tied_module_keeps_the_model_tied(real):
-    """MoRA refuses the embedding (nn.Embedding) and OSF passes over it: neither may leave SmolLM2 untied."""
+    """MoRA and OSF wrap nn.Linear only: pointed at the embedding they are refused (OSF used to pass over it
+    silently), and neither may leave SmolLM2 untied."""
     base, _ = real
-    model = copy.deepcopy(base)
-    with pytest.raises(TypeError, match="MoRA"):
-        apply_tuning(model, TuningConfig(method="mora", r=4, target_modules=["k_proj", "embed_tokens"]))
-    assert model.lm_head.weight is model.model.embed_tokens.weight and model.config.tie_word_embeddings
-    model = apply_tuning(copy.deepcopy(base), TuningConfig(method="osf", target_modules=["k_proj", "embed_tokens"]))
-    inner = model.base_model.model
-    assert inner.lm_head.weight is inner.model.embed_tokens.weight and inner.config.tie_word_embeddings
-    assert not any("embed_tokens" in name for name, p in model.named_parameters() if p.requires_grad)
+    for method in ("mora", "osf"):
+        model = copy.deepcopy(base)
+        with pytest.raises(ValueError, match="does not apply to embeddings"):
+            apply_tuning(model, TuningConfig(method=method, r=4, target_modules=["k_proj", "embed_tokens"]))
+        assert model.lm_head.weight is model.model.embed_tokens.weight and model.config.tie_word_embeddings
 
 
 # --- non-square projections: MoRA on k_proj / v_proj (576 -> 192) ------------------------------------
