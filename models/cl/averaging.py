@@ -9,9 +9,13 @@ model (less forgetting, less learning). `per_layer` gives parameters their own a
 shares of the previous model because they differ in how much old ability they carry.
 Related: Wortsman et al. 2022 (WiSE-FT, robust fine-tuning by weight-space ensembling).
 
-Only trainable parameters change during a task, so only they are stored and averaged. Under LoRA
-these are the adapter matrices, and averaging A and B separately is not an average of the update
-B @ A; use full or selective tuning for exact weight-space interpolation.
+Only the weights a task trains change, so only they are stored and averaged: the weights the
+exported model will hold (`models.cl.base.trained_weights`). Under full or selective tuning these
+are the trainable parameters. Under an adapter (LoRA, MoRA, OSF) they are the adapted layers'
+effective weights, so theta is exactly the average of the task-start and task-end models (their
+update scaled by 1 - alpha): the adapter keeps its parameters and the frozen base weight takes the
+difference. (Averaging an adapter's A and B separately would not average its update B @ A.) The
+task-start copy holds every trained weight, adapted matrices included (as under full tuning).
 
 theta_prev is rebuilt by before_task from the task-start model, so it is not part of state_dict:
 on a resume the stage runner calls before_task with the task-start model again.
@@ -23,7 +27,7 @@ import re
 
 import torch
 
-from models.cl.base import CLPlugin, PluginState, TaskContext
+from models.cl.base import CLPlugin, PluginState, TaskContext, trained_weights
 
 
 class AveragingPlugin(CLPlugin):
@@ -42,17 +46,18 @@ class AveragingPlugin(CLPlugin):
         return self.alpha
 
     def before_task(self, ctx: TaskContext) -> None:
-        self.previous = {name: p.detach().clone() for name, p in ctx.model.named_parameters() if p.requires_grad}
+        with torch.no_grad():
+            self.previous = {weight.name: weight.value().detach().clone() for weight in trained_weights(ctx.model)}
 
     def after_task(self, ctx: TaskContext) -> None:
         if not self.previous:
             raise RuntimeError("averaging: before_task was not called, so there is no previous model to average with")
         with torch.no_grad():
-            for name, parameter in ctx.model.named_parameters():
-                if name in self.previous:
-                    alpha = self.alpha_for(name)
-                    previous = self.previous[name].to(parameter.device, parameter.dtype)
-                    parameter.copy_(alpha * previous + (1 - alpha) * parameter)
+            for weight in trained_weights(ctx.model):
+                if weight.name in self.previous:
+                    alpha = self.alpha_for(weight.name)
+                    current = weight.value()
+                    weight.assign(alpha * self.previous[weight.name].to(current.device, current.dtype) + (1 - alpha) * current)
         self.previous = {}
 
     def state_dict(self) -> PluginState:

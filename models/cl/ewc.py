@@ -10,10 +10,15 @@ that task. While training later tasks the penalty
 
 pulls the weights that mattered for earlier tasks back towards their old values.
 
-Only trainable parameters are covered, matched by name and shape: under full or selective tuning
-the same parameters persist across tasks, which is where EWC applies. Under LoRA the stage runner
-gives every task a fresh adapter (the previous one is merged into the base weights), so the old
-adapter values are not an anchor for the new ones; parameters without a matching anchor are skipped.
+The penalty covers the weights the task trains (`models.cl.base.trained_weights`), by their names
+in the exported model. Under full or selective tuning these are the trainable parameters. Under an
+adapter (LoRA, MoRA, OSF) each task starts a fresh adapter on the previous task's merged weights,
+so EWC anchors the merged weights: theta is each adapted layer's effective weight (base + the
+adapter's update), theta* its value at the end of the previous task, and the penalty is
+strength / 2 * sum F (base + dW - theta*)^2, which is F-weighted dW^2 at a task's start. The Fisher
+of an effective weight is read from its base weight's gradient, which for an additive adapter is the
+same gradient. This holds the Fisher and anchor of every adapted matrix (as under full tuning),
+and each step forms the adapter's dW (d_out x d_in) per adapted layer.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import random
 
 import torch
 
-from models.cl.base import CLPlugin, PluginState, TaskContext
+from models.cl.base import CLPlugin, PluginState, TaskContext, TrainedWeight, trained_weights
 from models.data import collate
 from perennial.config import task_seed
 
@@ -39,18 +44,27 @@ class EWCPlugin(CLPlugin):
         self.anchor: dict[str, torch.Tensor] = {}
         self.tasks_seen = 0
         self._device_copies: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._weights_of: torch.nn.Module | None = None
+        self._trained: list[TrainedWeight] = []
 
     def extra_loss(self, model, batch, outputs):
         if not self.fisher:
             return None
         penalty = None
-        for name, parameter in model.named_parameters():
-            if not parameter.requires_grad or name not in self.fisher or self.fisher[name].shape != parameter.shape:
-                continue
-            fisher, anchor = self._on_device(name, parameter)
-            term = (fisher * (parameter - anchor) ** 2).sum()
+        for weight in self._weights(model):
+            fisher = self.fisher.get(weight.name)
+            if fisher is None or fisher.shape != weight.tensor.shape:
+                continue  # a weight no earlier task trained has no anchor
+            fisher, anchor = self._on_device(weight.name, weight.tensor)
+            term = (fisher * (weight.value() - anchor) ** 2).sum()
             penalty = term if penalty is None else penalty + term
         return None if penalty is None else self.strength / 2 * penalty
+
+    def _weights(self, model: torch.nn.Module) -> list[TrainedWeight]:
+        """`trained_weights` of the model being trained, found once per task, not every micro-batch."""
+        if self._weights_of is not model:
+            self._weights_of, self._trained = model, trained_weights(model)
+        return self._trained
 
     def _on_device(self, name: str, parameter: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Fisher and anchor on the parameter's device, copied once per task rather than every step."""
@@ -70,11 +84,11 @@ class EWCPlugin(CLPlugin):
         for name, value in new_fisher.items():
             old = self.fisher.get(name)
             self.fisher[name] = value if old is None or old.shape != value.shape else self.decay * old + value
-        self.anchor = {
-            name: p.detach().float().cpu().clone() for name, p in ctx.model.named_parameters() if p.requires_grad
-        }
+        with torch.no_grad():
+            self.anchor = {weight.name: weight.value().detach().float().cpu().clone() for weight in trained_weights(ctx.model)}
         self.tasks_seen += 1
         self._device_copies = {}
+        self._weights_of, self._trained = None, []
 
     def state_dict(self) -> PluginState:
         tensors = {f"fisher.{name}": value for name, value in self.fisher.items()}
@@ -91,32 +105,43 @@ class EWCPlugin(CLPlugin):
 def diagonal_fisher(
     model: torch.nn.Module, examples: list[dict], num_samples: int, pad_token_id: int, seed: int = 0
 ) -> dict[str, torch.Tensor]:
-    """Empirical diagonal Fisher of the trainable parameters: the mean over examples of the squared
-    gradient of each example's log-likelihood (its mean token loss), one example at a time.
+    """Empirical diagonal Fisher of the trained weights (`trained_weights`): the mean over examples of the
+    squared gradient of each example's log-likelihood (its mean token loss), one example at a time.
 
     Per-example gradients matter: squaring a batch-mean gradient would cancel disagreeing examples
-    and underestimate the Fisher. Returns float32 CPU tensors keyed by parameter name.
+    and underestimate the Fisher. An adapted layer's effective weight W = base + dW gets the gradient
+    of its frozen base weight, made to require grad for this pass only: the layer computes
+    base(x) + adapter(x), so d loss / d W = d loss / d base. Returns float32 CPU tensors keyed by the
+    weights' names, each shaped as the weight.
     """
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    fisher = {name: torch.zeros(p.shape, dtype=torch.float32) for name, p in params.items()}
+    weights = trained_weights(model)
+    fisher = {w.name: torch.zeros(w.tensor.shape, dtype=torch.float32) for w in weights}
     if not examples:
         return fisher
     chosen = random.Random(seed).sample(range(len(examples)), min(num_samples, len(examples)))
     device = next(model.parameters()).device
     was_training = model.training
+    frozen = [w.tensor for w in weights if not w.tensor.requires_grad]
     model.eval()  # no dropout: the Fisher of the model as it will be used
     counted = 0
-    for index in chosen:
-        batch = {k: v.to(device) for k, v in collate([examples[index]], pad_token_id).items()}
+    try:
+        for tensor in frozen:
+            tensor.requires_grad_(True)
+        for index in chosen:
+            batch = {k: v.to(device) for k, v in collate([examples[index]], pad_token_id).items()}
+            model.zero_grad(set_to_none=True)
+            loss = model(**batch).loss
+            if not torch.isfinite(loss):  # an example with no supervised tokens carries no information
+                continue
+            loss.backward()
+            counted += 1
+            for w in weights:
+                if w.tensor.grad is not None:
+                    fisher[w.name] += w.tensor.grad.detach().float().cpu() ** 2
+    finally:
+        for tensor in frozen:
+            tensor.requires_grad_(False)
+            tensor.grad = None
         model.zero_grad(set_to_none=True)
-        loss = model(**batch).loss
-        if not torch.isfinite(loss):  # an example with no supervised tokens carries no information
-            continue
-        loss.backward()
-        counted += 1
-        for name, p in params.items():
-            if p.grad is not None:
-                fisher[name] += p.grad.detach().float().cpu() ** 2
-    model.zero_grad(set_to_none=True)
-    model.train(was_training)
+        model.train(was_training)
     return {name: value / max(1, counted) for name, value in fisher.items()}

@@ -62,7 +62,22 @@ class OLoRAPlugin(CLPlugin):
         for name, module, adapter in layers:
             if getattr(module, "use_dora", {}).get(adapter, False) or getattr(module, "lora_bias", {}).get(adapter, False):
                 raise ValueError(f"O-LoRA supports plain LoRA only; {name} uses DoRA or a LoRA bias")
+        if any(p.requires_grad for name, p in ctx.model.named_parameters() if ".lora_embedding_" in name):
+            raise ValueError("O-LoRA supports LoRA on linear layers only; remove embeddings from tuning.target_modules")
+        self._check_same_layers(layers)
         self._device_copies = {}
+
+    def _check_same_layers(self, layers: list[tuple[str, torch.nn.Module, str]]) -> None:
+        """A_old of a layer constrains only that layer's new A: the earlier subspaces must be of exactly these
+        layers, with their input widths, or some layer would train unconstrained without a word."""
+        if not self.old_a:
+            return
+        current = {name: module.lora_A[adapter].weight.shape[1] for name, module, adapter in layers}
+        earlier = {name: a.shape[1] for name, a in self.old_a.items()}
+        if current != earlier:
+            differ = sorted(set(current.items()) ^ set(earlier.items()))
+            raise ValueError(f"O-LoRA's earlier subspaces are for other LoRA layers than this task's (differing: {differ[:6]}); "
+                             "keep tuning.target_modules and the model the same for every task")
 
     def extra_loss(self, model, batch, outputs):
         if not self.lambda_orth and not self.lambda_l2:
@@ -70,7 +85,7 @@ class OLoRAPlugin(CLPlugin):
         orthogonality, l2 = None, None
         for name, module, adapter in lora_layers(model):
             a_new = module.lora_A[adapter].weight.float()
-            if self.lambda_orth and name in self.old_a:
+            if self.lambda_orth and self.old_a:
                 term = (self._old_on(name, a_new.device) @ a_new.T).abs().sum()
                 orthogonality = term if orthogonality is None else orthogonality + term
             if self.lambda_l2:
