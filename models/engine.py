@@ -48,6 +48,7 @@ from models.allocator import keeping_freed_memory
 from models.atomic import atomic_dir
 from models.cl.base import CLPlugin, PluginState
 from models.data import collate
+from models.families import max_positions
 from perennial.config import DistributedStrategy, stream_seed
 
 StepHook = Callable[[int, torch.nn.Module], None]
@@ -385,6 +386,11 @@ def train(
     """
     if not examples:
         raise ValueError(f"{desc}: no training examples; the stage would silently learn nothing")
+    positions, longest = max_positions(model), max(len(example["input_ids"]) for example in examples)
+    if positions is not None and longest > positions:
+        # A learned position table (GPT-2's) would fail mid-step with a bare IndexError.
+        raise ValueError(f"{desc}: an example has {longest} tokens, more than the {positions} positions of "
+                         f"{type(model).__name__}; set optim.max_length to at most {positions}")
     device = device or next(model.parameters()).device
     rank, world = _distributed()
     micro = cfg.batch_size

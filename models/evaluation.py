@@ -1,10 +1,12 @@
 """Scoring a causal LM: greedy generation, option scoring, perplexity and output-bias drift.
 
-Every prompt goes through `models.data.encode_prompt` and, given the training ``max_length``
-(``cit.optim.max_length``), is cut by `models.data.fit_prompt` as `encode_instruction` cuts it, so
-evaluation sees exactly the token sequence training saw before the response. Everything runs on
-the model's own device, in eval mode, without gradients; the model's train/eval mode is restored
-afterwards.
+Every prompt (one user turn, or a conversation's turns: `models.data.Prompt`; a record's is
+`prompt_of`) goes through `models.data.prompt_window` with the training ``max_length``
+(``cit.optim.max_length``), as `encode_instruction` cuts it, so evaluation sees exactly the token
+sequence training saw before the response. Without ``max_length`` (or with one beyond it) the
+window is the model's own context (`models.families.max_positions`), so a prompt never runs past
+the positions the model has. Everything runs on the model's own device, in eval mode, without
+gradients; the model's train/eval mode is restored afterwards.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from models.data import IGNORE_INDEX, collate, encode_prompt, fit_prompt, pack_texts
+from models.data import IGNORE_INDEX, Prompt, collate, encode_prompt, encode_text, pack_texts, prompt_of, prompt_window
+from models.families import max_positions
 
 
 # --------------------------------------------------------------------------- text metrics
@@ -68,6 +71,14 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _within_context(model: torch.nn.Module, max_length: int | None) -> int | None:
+    """``max_length``, never beyond the model's positions (None: the model's positions; None when it names none)."""
+    positions = max_positions(model)
+    if positions is None:
+        return max_length
+    return positions if max_length is None else min(max_length, positions)
+
+
 def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -110,17 +121,19 @@ def _logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torc
 
 
 def generate(
-    model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 16, batch_size: int = 16, max_length: int | None = None
+    model, tokenizer, prompts: Sequence[Prompt], max_new_tokens: int = 16, batch_size: int = 16, max_length: int | None = None
 ) -> list[str]:
     """Greedy continuations of the rendered prompts, cut at the first EOS, special tokens dropped.
 
-    max_length: the training length (tokens). Each prompt is then cut as `encode_instruction` cuts it
-    for an answer of ``max_new_tokens`` tokens, and prompt + answer never exceed max_length tokens: an
-    over-long prompt leaves at most max(1, max_length // 2) answer tokens, as in training. None: no cut.
+    max_length: the training length (tokens; default and upper bound: the model's positions). Each
+    prompt is cut as `encode_instruction` cuts it for an answer of ``max_new_tokens`` tokens, and
+    prompt + answer never exceed max_length tokens: the answer gets what the prompt leaves, and an
+    over-long prompt is cut to leave it up to max_length - max_length // 2 tokens, as in training.
     """
     device = _device(model)
     pad_id, eos_id = _pad_id(tokenizer), tokenizer.eos_token_id
-    fitted = [fit_prompt(encode_prompt(tokenizer, prompt), max_new_tokens, max_length) for prompt in prompts]
+    max_length = _within_context(model, max_length)
+    fitted = [prompt_window(tokenizer, prompt, max_new_tokens, max_length) for prompt in prompts]
     predictions = [""] * len(prompts)
     with _inference(model):
         # Prompts cut to leave fewer answer tokens generate apart: in a shared batch they would run past max_length.
@@ -145,24 +158,26 @@ def generate(
 
 
 def option_logprobs(
-    model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 16, max_length: int | None = None
+    model, tokenizer, pairs: Sequence[tuple[Prompt, str]], batch_size: int = 16, max_length: int | None = None
 ) -> list[float]:
     """For each (prompt, option): the sum of log-probs (nats, <= 0) of the option's tokens plus EOS given the rendered prompt.
 
-    The option is tokenised on its own and followed by EOS, and with ``max_length`` (the training
-    length, tokens) the pair is cut by `fit_prompt`, exactly as `encode_instruction` builds a training
-    example: the score is minus that example's summed training loss. So options of different lengths
+    The option is tokenised on its own (as text) and followed by EOS, and with ``max_length`` (the
+    training length, tokens; default and upper bound: the model's positions) the pair is cut by
+    `prompt_window`, exactly as `encode_instruction` builds a training example: the score is minus
+    that example's summed training loss. So options of different lengths
     under an over-long prompt each see the prompt window training would give them. Consecutive pairs
     with the same prompt window share one forward pass of it: its KV cache is copied to each option,
     so a 14-way classification costs one prompt pass rather than fourteen. ``batch_size`` counts prompts.
     """
+    max_length = _within_context(model, max_length)
     groups: list[tuple[list[int], list[list[int]]]] = []
     previous_text, full_prompt = None, []
     for text, option in pairs:
         if text != previous_text:
             previous_text, full_prompt = text, encode_prompt(tokenizer, text)
-        option_ids = tokenizer.encode(option, add_special_tokens=False) + [tokenizer.eos_token_id]
-        prompt_ids, kept = fit_prompt(full_prompt, len(option_ids), max_length)
+        option_ids = encode_text(tokenizer, option) + [tokenizer.eos_token_id]
+        prompt_ids, kept = prompt_window(tokenizer, text, len(option_ids), max_length, ids=full_prompt)
         if not groups or groups[-1][0] != prompt_ids:
             groups.append((prompt_ids, []))
         groups[-1][1].append(option_ids[:kept])
@@ -217,7 +232,7 @@ def choose_options(model, tokenizer, records: Sequence[dict], batch_size: int = 
     for record in records:
         if not record.get("options"):
             raise ValueError(f"record {record.get('id')!r} has no options; use scoring='generate'")
-    pairs = [(record["prompt"], option) for record in records for option in record["options"]]
+    pairs = [(prompt_of(record), option) for record in records for option in record["options"]]
     scores = option_logprobs(model, tokenizer, pairs, batch_size, max_length)
     chosen, start = [], 0
     for record in records:
@@ -239,13 +254,15 @@ def score_task(
 
     generate: accuracy = exact match of the greedy answer. options: accuracy = share of records
     whose highest-scoring option equals the response. Both also report normalised exact match
-    and token F1 of the prediction, and the predictions themselves. max_length: the training
-    length in tokens (prompts are cut as training cuts them; see `generate`, `option_logprobs`).
+    and token F1 of the prediction, and the predictions themselves. Each record's prompt is its
+    `prompt_of` (a conversation's turns, when it has them). max_length: the training length in tokens
+    (prompts are cut as training cuts them; see `generate`, `option_logprobs`); without it, the
+    model's positions.
     """
     if not records:
         raise ValueError("score_task needs at least one record")
     if scoring == "generate":
-        predictions = generate(model, tokenizer, [record["prompt"] for record in records], max_new_tokens, batch_size, max_length)
+        predictions = generate(model, tokenizer, [prompt_of(record) for record in records], max_new_tokens, batch_size, max_length)
     elif scoring == "options":
         predictions = choose_options(model, tokenizer, records, batch_size, max_length)
     else:
@@ -271,8 +288,9 @@ def perplexity(model, tokenizer, texts: Sequence[str], block_size: int = 128, ba
 
     Every block is scored independently, so the first token of a block is context only; a trailing
     part shorter than a block is dropped (as in training) unless the texts fill less than one block.
+    A block_size beyond the model's positions is cut to them.
     """
-    blocks = pack_texts(tokenizer, texts, block_size)
+    blocks = pack_texts(tokenizer, texts, _within_context(model, block_size))
     if not blocks:
         raise ValueError("perplexity needs at least one non-empty text")
     device = _device(model)
@@ -290,12 +308,14 @@ def perplexity(model, tokenizer, texts: Sequence[str], block_size: int = 128, ba
 # --------------------------------------------------------------------------- output-bias drift
 
 
-def next_token_distributions(model, tokenizer, prompts: Sequence[str], batch_size: int = 16, max_length: int | None = None) -> torch.Tensor:
+def next_token_distributions(model, tokenizer, prompts: Sequence[Prompt], batch_size: int = 16, max_length: int | None = None) -> torch.Tensor:
     """[len(prompts), vocab] float32 CPU tensor: P(next token | rendered prompt) for each probe.
 
-    max_length: the training length (tokens); a prompt is cut as training cuts it before a first answer token.
+    max_length: the training length (tokens; default and upper bound: the model's positions); a
+    prompt is cut as training cuts it before a first answer token.
     """
-    examples = [{"input_ids": fit_prompt(encode_prompt(tokenizer, prompt), 1, max_length)[0]} for prompt in prompts]
+    max_length = _within_context(model, max_length)
+    examples = [{"input_ids": prompt_window(tokenizer, prompt, 1, max_length)[0]} for prompt in prompts]
     device = _device(model)
     rows: list[torch.Tensor] = []
     with _inference(model):

@@ -415,6 +415,10 @@ class CITConfig(Strict):
     tuning: TuningConfig = Field(default_factory=TuningConfig)
     replay: ReplayConfig = Field(default_factory=ReplayConfig)
     methods: list[CLMethodConfig] = Field(default_factory=list)
+    supervise: Literal["all", "last"] = Field(
+        "all", description="conversations (records with messages): loss on every assistant turn (all), or on the "
+        "final response only (last); a single-turn record supervises its response either way (docs/ingestion.md)"
+    )
 
 
 class EvalConfig(Strict):

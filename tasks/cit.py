@@ -9,7 +9,7 @@ from pydantic import BaseModel
 
 from models.cl.registry import check_requirements
 from models.cl.replay import make_loss_fn
-from models.data import encode_instruction
+from models.data import encode_record
 from models.engine import resolve_device
 from models.loading import load_model_and_tokenizer
 from tasks.ingest import DataBundle, read_records
@@ -36,7 +36,7 @@ def _sampling_options(run: RunContext, model_uri: str) -> dict:
     if replay.strategy == "loss-mid":
         local = fetch_dir(run.store, model_uri, run.services.cache_dir)
         model, tokenizer = load_model_and_tokenizer(local, device=resolve_device(cfg.device))
-        encode = lambda r: encode_instruction(tokenizer, r["prompt"], r["response"], cfg.cit.optim.max_length)  # noqa: E731
+        encode = lambda r: encode_record(tokenizer, r, cfg.cit.optim.max_length, cfg.cit.supervise)  # noqa: E731
         options.update(loss_fn=make_loss_fn(model, encode, tokenizer.pad_token_id), quantile=replay.loss_quantile)
     return options
 
@@ -58,7 +58,7 @@ def train_cit_stage(run: RunContext, model_uri: str, data: DataBundle, index: in
         spec = stage_spec(
             run, stage, input_model_uri=model_uri,
             data=StageData(encoding="instruction", datasets=[task], replay_uri=None if separate_replay_phase else replay_uri,
-                           replay_mixing="concat" if replay.mixing == "epoch" else replay.mixing),
+                           replay_mixing="concat" if replay.mixing == "epoch" else replay.mixing, supervise=cfg.cit.supervise),
             optim=cfg.cit.optim, tuning=cfg.cit.tuning, methods=cfg.cit.methods,
             plugin_state_uri=previous.model_uri if previous and cfg.cit.methods else None,
             seed=cfg.stage_seed("cit"), task_index=index, mlflow_run_id=child,
@@ -71,7 +71,7 @@ def train_cit_stage(run: RunContext, model_uri: str, data: DataBundle, index: in
             )
             replay_spec = stage_spec(
                 run, f"{stage}-replay", input_model_uri=model_out,
-                data=StageData(encoding="instruction", replay_uri=replay_uri, replay_mixing="only"),
+                data=StageData(encoding="instruction", replay_uri=replay_uri, replay_mixing="only", supervise=cfg.cit.supervise),
                 optim=epoch, tuning=cfg.cit.tuning, seed=cfg.stage_seed("cit"), task_index=index, mlflow_run_id=child,
             )
             model_out = run_stage(replay_spec, run.services)

@@ -63,17 +63,20 @@ def write_lm_eval_task(model_dir: str | Path, records: list[dict], out_dir: str 
     with the highest summed log-prob, as `option_logprobs` scores it (lm-eval moves the context's
     trailing whitespace into each choice, which adds the same term to every choice of a record).
     A prompt too long for ``max_length`` is cut for the longest option; Perennial cuts it for each
-    option, so only such records can score differently.
+    option, so only such records can score differently. A record whose answer (``max_new_tokens``, or
+    its longest option and EOS) would itself be cut is refused: lm-eval cannot cut one record's answer.
 
-    Writes OUT_DIR/NAME.yaml and OUT_DIR/NAME.jsonl; returns OUT_DIR. Only records with split "test".
-    Raises ValueError: no test records, an options record without options, or a prompt that does
-    not survive decode and re-encode.
+    Writes OUT_DIR/NAME.yaml and OUT_DIR/NAME.jsonl; returns OUT_DIR. Only records with split "test";
+    a conversation's context is its whole rendered prompt window. Raises ValueError: no test
+    records, an options record without options, a prompt that does not survive decode and
+    re-encode, an answer cut by max_length, or an option that types a special token (lm-eval
+    would encode it as one).
     """
     import json
 
     import yaml
 
-    from models.data import prompt_window_text
+    from models.data import encode_text, prompt_of, prompt_window_text
     from models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
@@ -85,13 +88,23 @@ def write_lm_eval_task(model_dir: str | Path, records: list[dict], out_dir: str 
         if scoring == "options":
             if not record.get("options") or record["response"] not in record["options"]:
                 raise ValueError(f"record {record.get('id')!r} has no options holding its response; use --scoring generate")
-            longest = max(len(tokenizer.encode(option, add_special_tokens=False)) + 1 for option in record["options"])
-            rows.append({"context": prompt_window_text(tokenizer, record["prompt"], longest, max_length),
-                         "choices": [option + tokenizer.eos_token for option in record["options"]],
+            for option in record["options"]:
+                if encode_text(tokenizer, option) != tokenizer.encode(option, add_special_tokens=False):
+                    raise ValueError(f"record {record.get('id')!r}: option {option[:60]!r} types a special token, which "
+                                     "lm-eval would encode as a control token where Perennial scores text")
+            answer = max(len(encode_text(tokenizer, option)) + 1 for option in record["options"])
+        else:
+            answer = max_new_tokens
+        context, kept = prompt_window_text(tokenizer, prompt_of(record), answer, max_length)
+        if kept < answer:
+            raise ValueError(f"record {record.get('id')!r}: its prompt leaves room for {kept} of {answer} answer tokens "
+                             f"within max_length {max_length}, and Perennial cuts that record's answer there, which lm-eval "
+                             "cannot do for one record: raise --max-length or lower --max-new-tokens")
+        if scoring == "options":
+            rows.append({"context": context, "choices": [option + tokenizer.eos_token for option in record["options"]],
                          "answer": record["options"].index(record["response"])})
         else:
-            rows.append({"context": prompt_window_text(tokenizer, record["prompt"], max_new_tokens, max_length),
-                         "answer": record["response"]})
+            rows.append({"context": context, "answer": record["response"]})
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = (out_dir / f"{name}.jsonl").resolve()

@@ -25,7 +25,7 @@ from pydantic import BaseModel
 from models.cl.base import TaskContext
 from models.cl.registry import build_plugins
 from models.cl.replay import ReplayBuffer, mix_examples, mix_general
-from models.data import encode_instruction, pack_texts
+from models.data import Supervise, encode_record, pack_texts
 from models.engine import TrainResult, full_state_dict, is_sharded, load_plugin_states, resolve_device, save_plugin_states, set_seed, train
 from models.loading import load_causal_lm, load_model_and_tokenizer, save_model
 from models.tuning import TuningPlan, apply_tuning, merge_for_export, plan_tuning
@@ -54,6 +54,7 @@ class StageData(BaseModel):
     general_mix_fraction: float = 0.0
     replay_uri: str | None = None
     replay_mixing: Literal["interleave", "concat", "only"] = "concat"
+    supervise: Supervise = "all"  # instruction: which assistant turns of a conversation carry loss (cit.supervise)
 
 
 class StageSpec(BaseModel):
@@ -167,7 +168,7 @@ def encode_stage_data(spec: StageSpec, tokenizer, records: list, replay: list[di
         return [{"input_ids": block} for block in pack_texts(tokenizer, records, max_length)], True
 
     def encode(rows: list[dict]) -> list[dict]:
-        return [encode_instruction(tokenizer, r["prompt"], r["response"], max_length) for r in rows]
+        return [encode_record(tokenizer, r, max_length, data.supervise) for r in rows]
 
     if data.replay_mixing == "only":
         return encode(replay), True

@@ -324,11 +324,14 @@ def test_learned_positions_model_scores_long_prompts_within_its_positions(tok):
         {"id": "long", "prompt": LONG_PROMPT, "response": "meow", "options": ["meow", "woof", "quack " * 40]},
         {"id": "short", "prompt": "What does a cat say?", "response": "meow", "options": ["meow", "woof"]},
     ]
-    with pytest.raises(IndexError):  # uncut, the prompt runs past the 64 learned positions
-        score_task(gpt2, tok, records, scoring="generate", max_new_tokens=4)
-
     for scoring in ("generate", "options"):
-        assert score_task(gpt2, tok, records, scoring=scoring, max_new_tokens=4, max_length=64)["n"] == 2
+        cut = score_task(gpt2, tok, records, scoring=scoring, max_new_tokens=4, max_length=64)
+        assert cut["n"] == 2
+        # Without max_length (or with one past its positions) the window is the model's own 64 positions,
+        # not a bare IndexError from the position table (issue #38).
+        for max_length in (None, 4096):
+            assert score_task(gpt2, tok, records, scoring=scoring, max_new_tokens=4, max_length=max_length) == cut
+    assert perplexity(gpt2, tok, [LONG_PROMPT], block_size=128) > 0  # blocks cut to 64 positions
     # More new tokens than max_length // 2: the long prompt keeps 32 tokens and gets 32 new ones, as a training
     # example with a long answer would; the short prompt still gets all 40, whatever its batch-mates.
     with fed_ids(gpt2) as calls:

@@ -87,6 +87,29 @@ def test_lm_eval_option_scoring_chooses_as_perennial_does(tmp_path):
     assert theirs["acc,none"] == pytest.approx(sum(c == r["response"] for c, r in zip(chosen, records)) / len(records))
 
 
+def test_lm_eval_scores_conversations_as_perennial_does(tmp_path):
+    """A conversation's context is its whole rendered prompt window: system message, earlier turns and all (issue #38)."""
+    model_dir = _model(tmp_path, None)  # the default template renders the turns
+    records = [{"id": str(i), "task": "chat", "prompt": f"And the {creature}?", "response": "It walks.", "options": None,
+                "split": "test", "messages": [{"role": "system", "content": "Be brief."},
+                                              {"role": "user", "content": "What does the river do?"},
+                                              {"role": "assistant", "content": "It flows."},
+                                              {"role": "user", "content": f"And the {creature}?"}]}
+               for i, creature in enumerate(demo_data.CREATURES[:6])]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(record) + "\n" for record in records))
+    assert main(["lm-eval-task", str(model_dir), str(data), str(tmp_path / "task"), "--name", "chat_task",
+                 "--max-new-tokens", "6", "--max-length", "128"]) == 0
+    contexts = [json.loads(line)["context"] for line in (tmp_path / "task" / "chat_task.jsonl").read_text().splitlines()]
+    assert all("Be brief." in context and "It flows." in context for context in contexts)
+
+    model, tokenizer = load_model_and_tokenizer(model_dir)
+    ours = score_task(model, tokenizer, records, "generate", batch_size=4, max_new_tokens=6, max_length=128)
+    theirs, samples = _lm_eval(model_dir, tmp_path / "task", "chat_task")
+    assert [sample["filtered_resps"][0].strip() for sample in samples] == [p.strip() for p in ours["predictions"]]
+    assert theirs["exact_match,none"] == pytest.approx(ours["accuracy"])
+
+
 def test_records_without_test_split_or_options_are_refused(tmp_path, capsys):
     model_dir = _model(tmp_path, None)
     data = tmp_path / "data.jsonl"

@@ -11,7 +11,7 @@ from huggingface_hub import constants as hub_constants
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from models.data import DEFAULT_PROMPT_TEMPLATE, encode_instruction, encode_prompt, render_prompt
+from models.data import encode_instruction, encode_prompt
 from models.loading import ModelLoadError, load_model_and_tokenizer, load_tokenizer, save_model
 from models.tiny import train_tokenizer
 from perennial import demo_data
@@ -132,11 +132,14 @@ def test_missing_hub_model_offline_says_how_to_fix_it(hub_cache, tokenizer):
         load_model_and_tokenizer(REPO_ID, revision="v9")  # the repo is cached, this revision is not
 
 
+DEFAULT_PROMPT = "### Instruction:\n{prompt}\n### Response:\n"  # what models.data.DEFAULT_CHAT_TEMPLATE renders for one turn
+
+
 def test_chat_template_used_when_present_else_default(tokenizer):
-    assert render_prompt(tokenizer, "hi") == DEFAULT_PROMPT_TEMPLATE.format(prompt="hi")
+    assert tokenizer.decode(encode_prompt(tokenizer, "hi")) == "<s>" + DEFAULT_PROMPT.format(prompt="hi")
     templated = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     templated.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
-    assert render_prompt(templated, "hi") == "<|user|>hi<|assistant|>"
+    assert templated.decode(encode_prompt(templated, "hi")) == "<|user|>hi<|assistant|>"
 
 
 # --------------------------------------------------------------------------- prompt special tokens (issue #17)
@@ -200,7 +203,7 @@ def test_chatml_bos_that_is_the_template_start_token_is_not_doubled(smollm2_styl
 
 def test_no_template_gets_bos_once_then_the_default_template(tokenizer):
     prompt = "the farmer walked"
-    expected = [tokenizer.bos_token_id] + tokenizer.encode(DEFAULT_PROMPT_TEMPLATE.format(prompt=prompt), add_special_tokens=False)
+    expected = [tokenizer.bos_token_id] + tokenizer.encode(DEFAULT_PROMPT.format(prompt=prompt), add_special_tokens=False)
     assert encode_prompt(tokenizer, prompt) == expected
     assert expected.count(tokenizer.bos_token_id) == 1
 

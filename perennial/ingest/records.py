@@ -2,7 +2,9 @@
 
 Canonical records (models/data.py):
 - text:        {"id", "text", "split"}
-- instruction: {"id", "task", "prompt", "response", "options", "split"}
+- instruction: {"id", "task", "prompt", "response", "options", "split"}; a conversation (shape chat with
+               more than one user turn, a system message or earlier assistant turns) also has "messages",
+               the turns before its response, between "options" and "split"
 
 ``id`` is the sha256 of the normalized content, so exact-duplicate removal, leakage checks and the
 hash split all agree on what "the same record" means.
@@ -32,7 +34,7 @@ REASONS = (
     "empty",  # a required text is empty or whitespace only
     "too_long",  # a field is longer than max_chars (with over_long=reject)
     "label_not_in_set",  # a classification label (or a response) outside the declared options
-    "bad_messages",  # a chat without an assistant turn, or without a user turn before it
+    "bad_messages",  # a chat without an assistant turn, without a user turn before it, or with another role
     "bad_split",  # a split field that is neither train nor test (nor a known alias)
     "duplicate",  # same id as an earlier record of this dataset, same split
     "duplicate_previous",  # same id as a record of the version this run builds on (incremental)
@@ -68,15 +70,21 @@ def record_id(record: dict) -> str:
     task names is a duplicate.
 
     The hashed bytes are exactly ``json.dumps(content, ensure_ascii=False)`` of the normalized text,
-    or of ``[prompt, response, options]``; they are assembled with the standard library's C string
-    encoder, which is what json.dumps calls, without json.dumps' per-call setup (a hot loop).
+    or of ``[prompt, response, options]``, with ``[[role, content], ...]`` of the messages appended
+    for a conversation (so two chats that differ only in an earlier turn are different records);
+    they are assembled with the standard library's C string encoder, which is what json.dumps
+    calls, without json.dumps' per-call setup (a hot loop).
     """
     if "text" in record:
         content = _json_string(normalize(record["text"]))
     else:
         options = record["options"]
         listed = "null" if options is None else "[" + ", ".join(_json_string(normalize(o)) for o in options) + "]"
-        content = "[" + _json_string(normalize(record["prompt"])) + ", " + _json_string(normalize(record["response"])) + ", " + listed + "]"
+        content = "[" + _json_string(normalize(record["prompt"])) + ", " + _json_string(normalize(record["response"])) + ", " + listed
+        if record.get("messages"):
+            turns = ", ".join("[" + _json_string(m["role"]) + ", " + _json_string(normalize(m["content"])) + "]" for m in record["messages"])
+            content += ", [" + turns + "]"
+        content += "]"
     return hashlib.sha256(content.encode()).hexdigest()
 
 
@@ -87,6 +95,10 @@ def canonical_line(record_id: str, record: dict, split: str) -> str:
         return '{"id": "' + record_id + '", "text": ' + _json_string(record["text"]) + ', "split": "' + split + '"}\n'
     options = record["options"]
     listed = "null" if options is None else "[" + ", ".join(_json_string(o) for o in options) + "]"
+    if record.get("messages"):
+        listed += ', "messages": [' + ", ".join(
+            '{"role": ' + _json_string(m["role"]) + ', "content": ' + _json_string(m["content"]) + "}" for m in record["messages"]
+        ) + "]"
     return ('{"id": "' + record_id + '", "task": ' + _json_string(record["task"]) + ', "prompt": ' + _json_string(record["prompt"])
             + ', "response": ' + _json_string(record["response"]) + ', "options": ' + listed + ', "split": "' + split + '"}\n')  # fmt: skip
 
@@ -137,8 +149,7 @@ class Shaper:
             prompt = f"{instruction}\n\n{extra}" if extra else instruction
             return self._instruction(prompt, self._string(value, "output"), None)
         if shape == "chat":
-            prompt, response = self._chat(value)
-            return self._instruction(prompt, response, None)
+            return self._chat(value)
         if shape == "classification":
             text = self._string(value, "input")
             label = self._label(value)
@@ -166,16 +177,20 @@ class Shaper:
 
     # -- pieces -------------------------------------------------------------------------------
 
-    def _instruction(self, prompt: str, response: str, options: list[str] | None, value: dict | None = None) -> dict:
+    def _instruction(self, prompt: str, response: str, options: list[str] | None, value: dict | None = None,
+                     messages: list[dict] | None = None) -> dict:
         task = self.task
         if self.task_from_record and value is not None and value.get(self.spec.field("task")) is not None:
             task = value[self.spec.field("task")]
             if not isinstance(task, str) or not _TASK_NAME.match(task):
                 raise Rejected("wrong_type", f"task {task!r} is not a name (letters, digits, '.', '_', '-')")
         # Each field passed its own check; the model sees the assembled prompt (an alpaca instruction
-        # plus its input, a chat's user turns, a classification template), so that is what max_chars bounds.
+        # plus its input, a classification template), so that is what max_chars bounds (a chat's: `_chat`).
         prompt, response = self._limit("prompt", prompt), self._limit("response", response)
-        return {"task": task, "prompt": prompt, "response": response, "options": options}
+        record = {"task": task, "prompt": prompt, "response": response, "options": options}
+        if messages:
+            record["messages"] = messages
+        return record
 
     def _limit(self, name: str, text: str) -> str:
         limit = self.spec.max_chars
@@ -265,7 +280,10 @@ class Shaper:
             raise Rejected("wrong_type", f"field {name!r} must be a non-empty list of strings or null")
         return [self._check(name, option, required=True) for option in raw]
 
-    def _chat(self, value: dict) -> tuple[str, str]:
+    def _chat(self, value: dict) -> dict:
+        """A chat's turns up to its last assistant turn: that turn is the response, the ones before it the
+        conversation (``messages``, kept whole: system message, user turns and earlier assistant turns);
+        ``prompt`` is its last user turn. A chat of one user turn and the answer is a plain record."""
         name = self.spec.field("messages")
         messages = value.get(name)
         if messages is None:
@@ -277,12 +295,37 @@ class Shaper:
         for number, message in enumerate(messages, 1):
             if not isinstance(message, dict) or not isinstance(message.get(role_key), str):
                 raise Rejected("wrong_type", f"{name}[{number}] must be an object with a string {role_key!r}")
+            if message[role_key] not in ("system", "user", "assistant"):
+                raise Rejected("bad_messages", f"{name}[{number}] has role {message[role_key]!r}; a chat holds system, "
+                                               "user and assistant turns")
             turns.append((message[role_key], message.get(content_key), number))
         last = max((i for i, (role, _, _) in enumerate(turns) if role == "assistant"), default=None)
         if last is None:
             raise Rejected("bad_messages", "the conversation has no assistant turn")
-        users = [self._check(f"{name}[{n}].{content_key}", content, True) for role, content, n in turns[:last] if role == "user"]
-        if not users:
+        if not any(role == "user" for role, _, _ in turns[:last]):
             raise Rejected("bad_messages", "no user turn before the last assistant turn")
-        role, content, number = turns[last]
-        return "\n\n".join(users), self._check(f"{name}[{number}].{content_key}", content, True)
+        context = [{"role": role, "content": self._check(f"{name}[{n}].{content_key}", content, True)}
+                   for role, content, n in turns[:last]]
+        _, content, number = turns[last]
+        context = self._fit_conversation(context)
+        prompt = next(message["content"] for message in reversed(context) if message["role"] == "user")
+        conversation = context if len(context) > 1 else None
+        return self._instruction(prompt, self._check(f"{name}[{number}].{content_key}", content, True), None, messages=conversation)
+
+    def _fit_conversation(self, context: list[dict]) -> list[dict]:
+        """max_chars bounds the assembled conversation (its turns joined by blank lines): over it, the
+        record is rejected, or (over_long=truncate) loses whole earliest exchanges, then its system
+        message, as training drops turns that do not fit max_length."""
+        limit = self.spec.max_chars
+        length = lambda turns: len("\n\n".join(message["content"] for message in turns))  # noqa: E731
+        if length(context) <= limit:
+            return context
+        if self.spec.over_long == "reject":
+            raise Rejected("too_long", f"the assembled prompt has {length(context)} characters > max_chars {limit}")
+        self.truncated += 1
+        lead = next((i for i, message in enumerate(context) if message["role"] != "system"), len(context))
+        system, rest = context[:lead], context[lead:]
+        while length(system + rest) > limit and sum(message["role"] == "user" for message in rest) > 1:
+            first_user_after = next(i for i, message in enumerate(rest) if i > 0 and message["role"] == "user")
+            rest = rest[first_user_after:]
+        return system + rest if length(system + rest) <= limit else rest
