@@ -312,7 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
     run.add_argument("overrides", nargs="*", help="key=value overrides (YAML-typed values)")
     run.add_argument("--summary-json", help="write run ids, accuracy matrix, metrics, checkpoints and registry version here")
-    run.add_argument("--run-key", help="resume or name a run explicitly (default: run_name + config digest)")
+    run.add_argument("--run-key", help="resume or name a run explicitly (default: run_name + config digest). A key names one "
+                     "config and one set of dataset versions: another config under it is refused; new data under it trains "
+                     "under KEY-data-<digest>. {date} becomes today's date (UTC), or a scheduled run's date in its schedule's timezone")
     run.set_defaults(func=cmd_run)
 
     ingest = sub.add_parser("ingest", help="validate, version and upload the datasets of a config (no training)",

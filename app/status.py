@@ -139,7 +139,7 @@ def _s3_prefix(run) -> str:
     tagged = run.data.tags.get(S3_PREFIX_TAG)
     if tagged:
         return tagged
-    # Runs started before the tag existed: the same key layout as tasks/runtime.py RunContext.prefix.
+    # Runs started before the tag existed also predate per-lineage folders: the layout runs/<key> of their time.
     params, key = run.data.params, run.data.tags.get(RUN_KEY_TAG)
     if key and "storage.bucket" in params:
         prefix = params.get("storage.prefix", "").strip("/")

@@ -233,11 +233,12 @@ def _log_attempt(tracking: TrackingConfig, run_key: str, cost: dict) -> None:
     Never raises: the caller is about to re-raise the interrupt. Nothing is recorded when the attempt
     stopped before its parent run existed (it then computed nothing a resume reuses either).
     """
-    from perennial.tracking import RUN_KEY_TAG, Tracker
+    from perennial.tracking import Tracker
+    from tasks.runtime import find_parent_run
 
     try:
         tracker = Tracker(tracking.tracking_uri, tracking.experiment)
-        run_id = tracker.find_run(RUN_KEY_TAG, run_key)  # the flow's preflight looks its parent run up the same way
+        run_id = find_parent_run(tracker, tracking.registered_model, run_key)  # as the flow's preflight does
         if run_id is None:
             return
         attempt = len(tracker.client.get_metric_history(run_id, "bench/attempt_wall_s"))

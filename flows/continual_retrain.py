@@ -14,6 +14,7 @@ from tasks.wrappers import (
     evaluation_stage,
     finish_stage,
     ingest_stage,
+    inputs_stage,
     preflight_stage,
     register_stage,
     report_stage,
@@ -24,9 +25,12 @@ from tasks.wrappers import (
 def continual_retrain(config_path: str | None = None, overrides: list[str] | None = None, config: dict | None = None, run_key: str | None = None) -> dict:
     cfg = Config.model_validate(config) if config is not None else load_config(config_path, overrides)
     with lineage_lock(cfg.tracking.registered_model):  # one retrain per model lineage at a time
-        run = preflight_stage(cfg, run_key)
+        run = preflight_stage(cfg, run_key, holds_lineage_lock=True)
         with failed_on_error(run):
             data = ingest_stage(run)
+            # A key names its data too: a key reused after new data arrived trains it under a derived key.
+            run = inputs_stage(run, data)
+        with failed_on_error(run):
             model = base_model_stage(run, data.general)
             if cfg.dap.enabled and data.domain is not None:
                 model = dap_stage(run, model, data)
@@ -40,7 +44,7 @@ def continual_retrain(config_path: str | None = None, overrides: list[str] | Non
                 evaluations.append(evaluation_stage(run, model, data, index + 1, step.stage))
             summary = report_stage(run, data, evaluations)
             registered = register_stage(run, model, data, summary) if cfg.registry.enabled else None
-            finish_stage(run)
+            finish_stage(run, data)  # marks the new data processed: a committed model trained on it
         return {
             "run_key": run.run_key,
             "mlflow_run_id": run.parent_run_id,

@@ -17,7 +17,7 @@ from prefect import flow
 from perennial.config import Config, load_config
 from perennial.registry import resolve_checkpoint_uri
 from tasks.runtime import failed_on_error
-from tasks.wrappers import evaluation_stage, finish_stage, ingest_stage, preflight_stage, report_stage
+from tasks.wrappers import evaluation_stage, finish_stage, ingest_stage, inputs_stage, preflight_stage, report_stage
 
 
 @flow(name="evaluate-only", log_prints=True)
@@ -36,6 +36,8 @@ def evaluate_only(
     run = preflight_stage(cfg, run_key or f"{cfg.run_name}-eval-{digest}")
     with failed_on_error(run):
         data = ingest_stage(run, training=False)
+        run = inputs_stage(run, data)  # new evaluation data under a used key is scored under a derived key
+    with failed_on_error(run):
         # Stage 0 is the only stage, so output drift is measured against the model itself (zero);
         # scores and general perplexity are what this flow is for.
         evaluation = evaluation_stage(run, checkpoint, data, 0, "evaluate-only")

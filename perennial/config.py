@@ -47,7 +47,17 @@ class StorageConfig(Strict):
 class TrackingConfig(Strict):
     tracking_uri: str = "http://127.0.0.1:5000"
     experiment: str = "perennial"
-    registered_model: str = Field("perennial-demo", pattern=r"^[A-Za-z0-9._-]+$")
+    registered_model: str = Field(
+        "perennial-demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+        description="the lineage: the registry's model, and the S3 folder its runs' outputs live under (runs/<name>/<run key>)",
+    )
+
+    @field_validator("registered_model")
+    @classmethod
+    def _one_key_component(cls, name: str) -> str:
+        if ".." in name:  # it names an S3 folder: no path traversal
+            raise ValueError("must not contain '..'")
+        return name
 
 
 # --- data -----------------------------------------------------------------------------------

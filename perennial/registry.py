@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import logging
 import os
 import random
 import time
@@ -41,6 +42,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from perennial.config import GatesConfig
+from perennial.locks import holder_is_gone, this_process
+
+log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -627,18 +631,24 @@ def promotion_lock(client: MlflowClient, name: str, by: str, timeout_seconds: fl
     stores a registered model name once (a unique key in its database), so of concurrent promoters
     exactly one creates it; the others wait until the holder deletes it. It lives on the tracking
     server that every promoter already uses, so `perennial promote` needs no Prefect API and still
-    takes turns with a retrain's auto-promotion. A lock older than LOCK_STALE_SECONDS was left by a
-    crashed holder: it is set aside by renaming it to `<lock>.stale-<token>` (a rename, like a
-    create, succeeds once, so two waiters cannot both break it), which stays as the record.
+    takes turns with a retrain's auto-promotion.
+
+    A lock whose holder died is set aside by renaming it to `<lock>.stale-<token>` (a rename, like a
+    create, succeeds once, so two waiters cannot both break it), which stays as the record: at once
+    when the holder was a process of this machine that no longer exists (its host, boot, pid and
+    process start time are on the lock, as on the lineage lock: perennial.locks.holder_is_gone), and
+    LOCK_STALE_SECONDS after it was taken when the holder ran elsewhere. A waiter says who holds it.
 
     Raises RegistryError, naming the holder, when the lock is still held after timeout_seconds.
     """
     lock = promotion_lock_name(name)
     token = uuid.uuid4().hex
     deadline = time.monotonic() + timeout_seconds
+    told = 0.0  # when the waiter last said who holds the lock
+    holder_tags = {key: str(value) for key, value in this_process().items()}
     while True:
         try:
-            client.create_registered_model(lock, tags={"token": token, "holder": by},
+            client.create_registered_model(lock, tags={"token": token, "holder": by, **holder_tags},
                                            description=f"Perennial: a promotion of {name} by {by} is in progress")
             break
         except MlflowException as error:
@@ -651,17 +661,23 @@ def promotion_lock(client: MlflowClient, name: str, by: str, timeout_seconds: fl
         if held.tags.get("token") == token:  # our create went through; its reply was lost and the client retried
             break
         age = time.time() - held.creation_timestamp / 1000
-        if age > LOCK_STALE_SECONDS:
+        holder = _lock_holder(held.tags, age)
+        dead = "pid" in held.tags and holder_is_gone(held.tags)
+        if dead or age > LOCK_STALE_SECONDS:
             try:
                 client.rename_registered_model(lock, f"{lock}.stale-{held.tags.get('token', 'unknown')}")
+                log.warning("%s: set aside the promotion lock of %s, %s", name, holder,
+                            "whose process is gone" if dead else f"older than {LOCK_STALE_SECONDS} s")
             except MlflowException:  # another waiter set it aside first
                 pass
             continue
         if time.monotonic() > deadline:
-            raise RegistryError(f"{name}: another promotion or rollback (by {held.tags.get('holder', 'unknown')}, "
-                                f"{age:.0f} s ago) still holds registered model {lock}; retry later. If no promotion "
-                                f"is running, delete that registered model, or wait: it is set aside "
-                                f"{LOCK_STALE_SECONDS} s after it was taken")
+            raise RegistryError(f"{name}: another promotion or rollback ({holder}) still holds registered model {lock}; "
+                                f"retry later. If no promotion is running, delete that registered model, or wait: it is "
+                                f"set aside {LOCK_STALE_SECONDS} s after it was taken")
+        if time.monotonic() - told > 30:
+            log.warning("%s: waiting for the promotion lock, held by %s", name, holder)
+            told = time.monotonic()
         time.sleep(random.uniform(0.2, 1.0))  # jitter, so waiters do not retry in lockstep
     try:
         yield
@@ -673,6 +689,13 @@ def promotion_lock(client: MlflowClient, name: str, by: str, timeout_seconds: fl
             ours = False
         if ours:
             client.delete_registered_model(lock)
+
+
+def _lock_holder(tags: dict[str, str], age: float) -> str:
+    """Who holds a promotion lock, in words: 'by NAME, pid P on HOST, since TIME (N s ago)'."""
+    process = f", pid {tags['pid']} on {tags.get('host', '?')}" if "pid" in tags else ""
+    since = f", since {datetime.fromtimestamp(float(tags['since']), timezone.utc):%Y-%m-%d %H:%M:%S} UTC" if "since" in tags else ""
+    return f"by {tags.get('holder', 'unknown')}{process}{since} ({age:.0f} s ago)"
 
 
 def resolve_checkpoint_uri(client: MlflowClient, uri: str) -> str:

@@ -57,6 +57,29 @@ def sha256_tree(root: str | Path) -> str:
     return sha256_bytes(json.dumps(entries).encode())
 
 
+# A 403 with the local clock this far off the server's names the clock as the cause (S3 allows 15 minutes).
+CLOCK_SKEW_HINT_SECONDS = 5 * 60
+
+
+def clock_skew_seconds(error: ClientError) -> float | None:
+    """Seconds the signing clock is ahead of the server's (negative: behind), from the server's ``Date``
+    header on its error reply; None when the reply has none.
+
+    The local clock is the one botocore signs requests with (`botocore.auth.get_current_datetime`,
+    the system clock in UTC), read now, so the answer is off by at most the request's round trip.
+    """
+    date = error.response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    if not date:
+        return None
+    from email.utils import parsedate_to_datetime
+
+    import botocore.auth
+
+    server = parsedate_to_datetime(date).astimezone(timezone.utc)
+    local = botocore.auth.get_current_datetime(remove_tzinfo=False)
+    return (local - server).total_seconds()
+
+
 def key_component(value: str) -> str:
     """Validate one piece of an object key, so names from data or config cannot traverse paths."""
     if not isinstance(value, str) or not _KEY_COMPONENT.match(value) or value in {".", ".."} or ".." in value:
@@ -154,10 +177,23 @@ class ObjectStore:
         ) from last
 
     def check(self) -> None:
-        """Fail fast with a clear message when the server or bucket cannot be reached."""
+        """Fail fast with a clear message when the server or bucket cannot be reached.
+
+        Raises StorageError. A 403 from a client whose clock is off the server's by more than
+        CLOCK_SKEW_HINT_SECONDS says so: S3 refuses requests signed too far from its own time, and a
+        HEAD's 403 carries no error code, so it would otherwise read like wrong credentials.
+        """
         try:
             self.ensure_bucket()
         except ClientError as error:
+            skew = clock_skew_seconds(error)
+            if skew is not None and abs(skew) > CLOCK_SKEW_HINT_SECONDS:
+                raise StorageError(
+                    f"S3 at {self.cfg.endpoint_url} refused access (403): your clock is {abs(skew) / 60:.0f} minutes "
+                    f"{'ahead of' if skew > 0 else 'behind'} the S3 server's, and S3 refuses requests signed more than "
+                    "15 minutes off its own time. Set this machine's clock right (NTP: `timedatectl set-ntp true`, or "
+                    "chrony), then retry"
+                ) from None
             raise StorageError(f"S3 at {self.cfg.endpoint_url} refused access: {error}") from None
 
     def ensure_bucket(self) -> None:

@@ -40,6 +40,8 @@ FLOW_RUN_NAME_TAG = "prefect.flow_run_name"
 FLOW_RUNS_TAG = "perennial.flow_run_ids"
 S3_PREFIX_TAG = "perennial.s3_prefix"
 RUN_KEY_TAG = "perennial.run_key"
+# A retrain's lineage: the registered model it retrains. A run key is looked up within its lineage.
+LINEAGE_TAG = "perennial.lineage"
 # On a stage attempt whose process died: the id of the attempt that took over (Tracker._start_stage_run).
 SUPERSEDED_BY_TAG = "perennial.superseded_by"
 # The MLflow 3 UI's kind of an experiment; one without it is inferred to be GenAI.
@@ -183,8 +185,10 @@ class Tracker:
         except Exception as mark_error:  # noqa: BLE001 - see above: never hide the run's error behind this one
             log.warning("could not mark MLflow run %s failed: %s", run_id, mark_error)
 
-    def find_run(self, tag: str, value: str, status: str | None = None) -> str | None:
-        query = f"tags.`{tag}` = '{value}'" + (f" and attributes.status = '{status}'" if status else "")
+    def find_run(self, tags: dict[str, str], status: str | None = None) -> str | None:
+        """The newest run of the experiment that carries every one of ``tags`` (and ``status``), or None."""
+        query = " and ".join([f"tags.`{tag}` = '{value}'" for tag, value in tags.items()]
+                             + ([f"attributes.status = '{status}'"] if status else []))
         runs = self.client.search_runs([self.experiment_id()], filter_string=query, max_results=1, order_by=["attributes.start_time DESC"])
         return runs[0].info.run_id if runs else None
 

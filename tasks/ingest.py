@@ -12,6 +12,7 @@ from perennial.ingest import (
     DATA_FILE,
     IngestError,
     IngestResult,
+    advance_watermark,
     ingest_dataset,
     ingest_incremental,
     ingest_records,
@@ -19,6 +20,7 @@ from perennial.ingest import (
     log_dataset_to_mlflow,
 )
 from perennial.storage import ObjectStore
+from tasks import runtime
 from tasks.runtime import RunContext
 
 
@@ -30,6 +32,9 @@ class DatasetRef(BaseModel):
     data_file: str  # the name of the version's records as one file; read_records streams its shards instead
     counts: dict = {}
     chance: float | None = None  # chance-level score of an instruction task, where known
+    # Incremental datasets: the source objects read into this version (URI -> ETag), marked processed
+    # only when the run that trains on them finishes (commit_watermarks).
+    watermark: dict[str, str] = {}
 
 
 class DataBundle(BaseModel):
@@ -52,6 +57,7 @@ def _ref(result, chance: float | None = None) -> DatasetRef:
         data_file=DATA_FILE,  # not result.local_path: that would assemble the whole version on disk
         counts=dict(result.counts),
         chance=chance,
+        watermark=dict(result.watermark),
     )
 
 
@@ -65,9 +71,6 @@ def ingest(run: RunContext, training: bool = True) -> DataBundle:
     store = run.store
     work = run.work_dir / "ingest"
     results = _demo_results(run, store, work) if cfg.data.source == "demo" else _dataset_results(run, store, work)
-    tracker = run.tracker
-    for result, _ in results:
-        log_dataset_to_mlflow(result, context=result.name, run_id=run.parent_run_id, client=tracker.client)
     refs = {result.name: _ref(result, chance) for result, chance in results}
     if cfg.data.source == "demo":
         demo = cfg.data.demo
@@ -89,6 +92,24 @@ def ingest(run: RunContext, training: bool = True) -> DataBundle:
         data = DataBundle(general=general[0], domain=domain[0] if domain else None, tasks=tasks, heldout=heldout)
     check_usable(cfg, data, {result.name: result for result, _ in results}, training)
     return data
+
+
+def bind_inputs(run: RunContext, data: DataBundle) -> RunContext:
+    """The run to go on with, its key bound to these dataset versions (tasks.runtime.bind_inputs: a
+    key reused with new data trains it under a derived key), with the versions recorded as its
+    MLflow inputs. Returns ``run`` itself when the key trained these versions or none yet."""
+    bound = runtime.bind_inputs(run, {ref.name: ref.digest for ref in data.all()})
+    for ref in data.all():
+        log_dataset_to_mlflow(ref, context=ref.name, run_id=bound.parent_run_id, client=bound.tracker.client)
+    return bound
+
+
+def commit_watermarks(run: RunContext, data: DataBundle) -> None:
+    """Mark the source objects of the run's incremental datasets processed: called once the model
+    trained on them is committed, so no object counts as ingested that no model was trained on."""
+    for ref in data.all():
+        if ref.watermark:
+            advance_watermark(run.store, run.config.storage.prefix, ref.name, ref.watermark, ref.digest)
 
 
 def check_usable(cfg: Config, data: DataBundle, results: dict[str, IngestResult], training: bool = True) -> None:
@@ -162,8 +183,10 @@ def _dataset_results(run: RunContext, store, work) -> list[tuple]:
     cfg = run.config
     results = []
     for spec in cfg.data.datasets:
-        ingest_fn = ingest_incremental if spec.incremental else ingest_dataset
-        result = ingest_fn(spec, store, work, cfg.storage.prefix)
+        if spec.incremental:  # the watermark waits for a committed model (commit_watermarks)
+            result = ingest_incremental(spec, store, work, cfg.storage.prefix, advance=False)
+        else:
+            result = ingest_dataset(spec, store, work, cfg.storage.prefix)
         results.append((result, dataset_chance(result)))
     return results
 

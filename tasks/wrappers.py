@@ -14,7 +14,7 @@ from tasks.base_model import prepare_base_model
 from tasks.cit import train_cit_stage
 from tasks.dap import train_dap
 from tasks.evaluate import evaluate_stage
-from tasks.ingest import ingest
+from tasks.ingest import bind_inputs, commit_watermarks, ingest
 from tasks.register import register, report
 from tasks.runtime import finish_run, start_run
 
@@ -32,6 +32,7 @@ RETRY = {"retries": 2, "retry_delay_seconds": [2, 10], "retry_condition_fn": ret
 
 preflight_stage = task(start_run, name="preflight")
 ingest_stage = task(ingest, name="ingest", **RETRY)
+inputs_stage = task(bind_inputs, name="inputs", **RETRY)
 base_model_stage = task(prepare_base_model, name="base-model", **RETRY)
 dap_stage = task(train_dap, name="dap", **RETRY)
 cit_stage = task(train_cit_stage, name="cit", task_run_name="cit-{index}", **RETRY)
@@ -52,4 +53,12 @@ def report_stage(run, data, evaluations):
 
 
 register_stage = task(register, name="register", **RETRY)
-finish_stage = task(finish_run, name="finish")
+
+
+@task(name="finish")
+def finish_stage(run, data=None):
+    """End the parent run FINISHED; with ``data`` (a retrain's), its model is committed, so the
+    incremental datasets' new objects are marked processed first (commit_watermarks)."""
+    if data is not None:
+        commit_watermarks(run, data)
+    finish_run(run)

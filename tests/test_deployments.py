@@ -214,7 +214,7 @@ def test_manual_retrain_deployment_runs_on_a_process_worker(services, prefect_ap
     logged = {d.dataset.name: d.dataset.digest for d in parent.inputs.dataset_inputs}
     assert set(logged) >= {"general", "domain", "arithmetic", "reverse"}
     assert {name: tags[f"dataset.{name}"] for name in logged} == logged
-    assert tags["checkpoint_uri"].startswith(f"s3://deploy-test/perennial/runs/{tags['run_key']}/stages/cit-02-reverse/")
+    assert tags["checkpoint_uri"].startswith(f"s3://deploy-test/perennial/runs/deploy-micro/{tags['run_key']}/stages/cit-02-reverse/")
 
     # `perennial status` joins the Prefect flow run with the MLflow run
     capsys.readouterr()
@@ -224,7 +224,7 @@ def test_manual_retrain_deployment_runs_on_a_process_worker(services, prefect_ap
     assert f"prefect  COMPLETED  flow run {flow_run.name!r}  deployment continual-retrain/manual" in out, out
     assert "mlflow   FINISHED   last stage cit-02-reverse (FINISHED)" in out, out
     assert f"{services.mlflow_uri}/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}" in out, out
-    assert f"s3       s3://deploy-test/perennial/runs/{tags['run_key']}" in out, out
+    assert f"s3       s3://deploy-test/perennial/runs/deploy-micro/{tags['run_key']}" in out, out
     assert "with no MLflow run" not in out, out
 
 

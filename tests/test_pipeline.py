@@ -69,11 +69,11 @@ def test_continual_retrain_end_to_end(services, prefect_harness, tmp_path):
         prefix = uri.removeprefix("s3://pipeline-test/")
         manifest = store.download_dir(prefix, tmp_path / "verify" / name)
         assert "model.safetensors" in manifest["files"] and "tokenizer.json" in manifest["files"]
-    mid_stage = [i.key for i in store.list(f"perennial/runs/{summary['run_key']}/") if "/checkpoints/step-00000004/MANIFEST.json" in i.key]
+    mid_stage = [i.key for i in store.list(f"perennial/runs/micro-model/{summary['run_key']}/") if "/checkpoints/step-00000004/MANIFEST.json" in i.key]
     assert len(mid_stage) == 3  # one mid-stage checkpoint per CIT task (checkpoint_every=4 of 8 steps)
     datasets = {i.key.split("/")[2] for i in store.list("perennial/datasets/") if i.key.endswith("MANIFEST.json")}
     assert {"general", "domain", "arithmetic", "fact_lookup", "reverse", "word_count"} <= datasets
-    stage_evals = [store.get_json(i.key) for i in store.list(f"perennial/runs/{cfg.run_name}-") if "/eval/stage-" in i.key]
+    stage_evals = [store.get_json(i.key) for i in store.list(f"perennial/runs/micro-model/{cfg.run_name}-") if "/eval/stage-" in i.key]
     assert len(stage_evals) == 4
     for stage_eval in stage_evals:
         scored = {name: details["n"] for name, details in {**stage_eval["details"], **stage_eval["general_details"]}.items()}

@@ -7,6 +7,7 @@ training is needed.
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 
 import pytest
@@ -520,3 +521,45 @@ def test_promotion_lock_waits_for_its_holder_and_sets_aside_a_stale_one(services
         assert client.get_registered_model(lock).tags["holder"] == "erin"
     assert client.get_registered_model(f"{lock}.stale-crashed").tags["holder"] == "dana"
     assert not client.search_registered_models(f"name = '{lock}'")
+
+
+HOLD_PROMOTION_LOCK = """
+import sys, time
+from mlflow.tracking import MlflowClient
+from perennial import registry
+
+with registry.promotion_lock(MlflowClient(sys.argv[1]), sys.argv[2], by="killed-retrain"):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_promotion_lock_whose_holder_was_killed_is_taken_at_once_and_a_waiter_names_the_holder(services):
+    """Before, a retrain killed with SIGKILL while it held the lock stalled every promotion of the model for
+    600 s, and a rerun's registration failed its retries with a RegistryError."""
+    import signal
+    import subprocess
+    import sys
+
+    client = MlflowClient(services.mlflow_uri)
+    name = f"killed-lock-{uuid.uuid4().hex[:8]}"
+    lock = registry.promotion_lock_name(name)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_PROMOTION_LOCK, services.mlflow_uri, name],
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        # While it lives, a waiter is told who holds the lock: the name, the process and since when.
+        with pytest.raises(registry.RegistryError, match=rf"by killed-retrain, pid {holder.pid} on .*, since 20\d\d-.* UTC"):
+            with registry.promotion_lock(client, name, by="erin", timeout_seconds=1):
+                pass
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+    started = time.monotonic()
+    with registry.promotion_lock(client, name, by="erin", timeout_seconds=30):
+        assert client.get_registered_model(lock).tags["holder"] == "erin"
+    assert time.monotonic() - started < 10  # at once, not after LOCK_STALE_SECONDS (600)
+    (stale,) = client.search_registered_models(f"name LIKE '{lock}.stale-%'")
+    assert stale.tags["holder"] == "killed-retrain" and stale.tags["pid"] == str(holder.pid)

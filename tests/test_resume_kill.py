@@ -29,8 +29,11 @@ def test_kill_9_mid_stage_then_rerun_matches_uninterrupted_run(services, prefect
     killed_cfg = reference_cfg.model_copy(update={"run_name": "killed", "work_dir": tmp_path / "killed"})
     config_file = tmp_path / "killed.yaml"
     config_file.write_text(yaml.safe_dump(killed_cfg.model_dump(mode="json")))
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-child")}
-    env.pop("PREFECT_API_URL", None)  # the child runs its own local Prefect API, like a real retrain would
+    from prefect.settings import PREFECT_API_URL
+
+    # The child reports to the same Prefect API as the run that resumes it, as a deployment's runs do, so the
+    # flow run killed mid-stage is there to see.
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-child"), "PREFECT_API_URL": PREFECT_API_URL.value()}
     for endpoint in ("PERENNIAL_S3_ENDPOINT", "PERENNIAL_BUCKET", "MLFLOW_TRACKING_URI"):
         env.pop(endpoint, None)  # the YAML names this test's services; the env defaults would override it
     log = open(tmp_path / "child.log", "wb")
@@ -41,7 +44,7 @@ def test_kill_9_mid_stage_then_rerun_matches_uninterrupted_run(services, prefect
     deadline = time.monotonic() + 600
     try:
         while time.monotonic() < deadline and child.poll() is None:
-            if any(info.key.endswith(marker) for info in store.list("perennial/runs/killed-")):
+            if any(info.key.endswith(marker) for info in store.list("perennial/runs/micro-model/killed-")):
                 break
             time.sleep(0.1)
         assert child.poll() is None, "the run ended before it could be killed:\n" + (tmp_path / "child.log").read_text()[-3000:]
@@ -50,7 +53,7 @@ def test_kill_9_mid_stage_then_rerun_matches_uninterrupted_run(services, prefect
     finally:
         if child.poll() is None:
             os.killpg(child.pid, signal.SIGKILL)
-    stage_model = [i.key for i in store.list("perennial/runs/killed-") if "/stages/cit-02-fact_lookup/model/MANIFEST.json" in i.key]
+    stage_model = [i.key for i in store.list("perennial/runs/micro-model/killed-") if "/stages/cit-02-fact_lookup/model/MANIFEST.json" in i.key]
     assert not stage_model  # killed mid-stage: the stage output was never committed
 
     resumed = continual_retrain(config=killed_cfg.model_dump(mode="json"))
@@ -66,7 +69,7 @@ def test_kill_9_mid_stage_then_rerun_matches_uninterrupted_run(services, prefect
     # and both flow runs are recorded on the parent, so `perennial status` labels the killed one as superseded.
     from mlflow.tracking import MlflowClient
 
-    from app.status import FLOW_RUN_ID_TAG, FLOW_RUNS_TAG, FlowRunInfo, PrefectSide, mlflow_side, render
+    from app.status import FLOW_RUN_ID_TAG, FLOW_RUNS_TAG, mlflow_side, render
     from perennial.tracking import SUPERSEDED_BY_TAG
 
     client = MlflowClient(services.mlflow_uri)
@@ -80,12 +83,21 @@ def test_kill_9_mid_stage_then_rerun_matches_uninterrupted_run(services, prefect
     flow_runs = parent.data.tags[FLOW_RUNS_TAG].split(",")
     assert len(flow_runs) == 2 and flow_runs[-1] == parent.data.tags[FLOW_RUN_ID_TAG]
 
-    killed_run, resuming_run = (FlowRunInfo(run_id, name, state, None, None)
-                                for run_id, name, state in zip(flow_runs, ["killed-attempt", "resuming"], ["CRASHED", "COMPLETED"]))
-    prefect = PrefectSide("http://prefect", {r.id: r for r in (killed_run, resuming_run)}, [resuming_run, killed_run])
-    report = render("e", experiment_id, services.mlflow_uri, *mlflow_side(client, experiment_id, 10), prefect, 10)
+    # Prefect: the killed flow run is marked CRASHED by the run that took its key over (before, it stayed RUNNING)
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+
+    from app.status import prefect_side
+
+    with get_client(sync_client=True) as prefect_client:
+        killed_flow_run = prefect_client.read_flow_run(UUID(flow_runs[0]))
+    assert killed_flow_run.state.type.value == "CRASHED", killed_flow_run.state
+    assert "took over run key" in killed_flow_run.state.message
+    report = render("e", experiment_id, services.mlflow_uri, *mlflow_side(client, experiment_id, 10),
+                    prefect_side(PREFECT_API_URL.value(), flow_runs, 10), 10)
     assert "cit-02-fact_lookup=FINISHED (+1 superseded)" in report, report
-    assert "CRASHED    flow run 'killed-attempt' superseded: resumed by flow run 'resuming'" in report, report
+    assert f"CRASHED    flow run {killed_flow_run.name!r} superseded: resumed by flow run" in report, report
     assert "with no MLflow run" not in report, report
 
 

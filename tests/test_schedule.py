@@ -25,10 +25,16 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def scheduling_server(tmp_path_factory):
-    """A real Prefect server whose scheduler runs every 2 s instead of every 60 s."""
+    """A real Prefect server whose scheduler runs every 2 s instead of every 60 s, and fills in a
+    nightly schedule's runs 250 days ahead (default 100), so they cross a DST change in every zone."""
     with running_prefect_server(tmp_path_factory.mktemp("prefect-sched"),
                                 PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="true",
                                 PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2",
+                                # it stops at whichever of MIN_RUNS and MIN_SCHEDULED_TIME comes last (3 runs, 1 hour)
+                                PREFECT_SERVER_SERVICES_SCHEDULER_MIN_RUNS="250",
+                                PREFECT_SERVER_SERVICES_SCHEDULER_MAX_RUNS="260",
+                                PREFECT_SERVER_SERVICES_SCHEDULER_MIN_SCHEDULED_TIME="P250D",
+                                PREFECT_SERVER_SERVICES_SCHEDULER_MAX_SCHEDULED_TIME="P260D",
                                 PREFECT_RUNNER_POLL_FREQUENCY="1") as server:
         yield server
 
@@ -40,9 +46,15 @@ def scheduling_api(scheduling_server, monkeypatch):
 
 
 def _flow_runs(client, deployment_id):
+    """Every flow run of the deployment, earliest first (the API answers at most 200 a call)."""
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
 
-    return client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+    runs: list = []
+    while page := client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
+                                        sort=FlowRunSort.EXPECTED_START_TIME_ASC, limit=200, offset=len(runs)):
+        runs += page
+    return runs
 
 
 def _nightly_setup(services, tmp_path, bucket: str):
@@ -151,22 +163,62 @@ def test_served_nightly_trains_every_night_on_that_nights_data(services, schedul
         today = datetime.now(timezone.utc).replace(hour=2, minute=0, second=0, microsecond=0)
         nights = [today - timedelta(days=2), today - timedelta(days=1)]
         runs = []
+        from perennial import demo_data
+
         for night, new_task in zip(nights, [None, "reverse"]):
             if new_task:  # the second night brings a new task
-                from perennial import demo_data
-
                 records = demo_data.task_records(demo_data.demo_tasks(7)[new_task], 48, 8, 7)
                 store.put_bytes(f"incoming/tasks/{night:%Y%m%d}.jsonl", _jsonl(records))
             runs.append(run_deployment("continual-retrain/nightly-served", scheduled_time=night, timeout=540, poll_interval=2))
+        # The second night is triggered again after more data arrived (a retry, a second trigger): that data trains too.
+        late = demo_data.task_records(demo_data.demo_tasks(7)["word_count"], 48, 8, 7)
+        store.put_bytes(f"incoming/tasks/{nights[1]:%Y%m%d}-late.jsonl", _jsonl(late))
+        runs.append(run_deployment("continual-retrain/nightly-served", scheduled_time=nights[1], timeout=540, poll_interval=2))
     finally:
         _stop(served)
     for run in runs:
         assert run.state is not None and run.state.is_completed(), (run.state, log.read_text()[-4000:])
 
     versions = _versions(services.mlflow_uri, cfg.tracking.registered_model)
-    assert [v.tags["run_key"] for v in versions] == [f"nightly-{night:%Y%m%d}" for night in nights]
-    # the second model was trained on the second night's data, in that night's own run
-    first, second = (v.tags for v in versions)
-    assert first["dataset.tasks"] != second["dataset.tasks"]
-    for tags in (first, second):
-        assert f"/runs/{tags['run_key']}/stages/cit-" in tags["checkpoint_uri"], tags
+    keys = [f"nightly-{night:%Y%m%d}" for night in nights]
+    assert [v.tags["run_key"] for v in versions][:2] == keys
+    # the second model was trained on the second night's data, in that night's own run; the late data in a run
+    # whose key is derived from that night's
+    first, second, late_run = (v.tags for v in versions)
+    assert late_run["run_key"].startswith(f"{keys[1]}-data-")
+    assert len({tags["dataset.tasks"] for tags in (first, second, late_run)}) == 3
+    for tags in (first, second, late_run):
+        assert f"/runs/{cfg.tracking.registered_model}/{tags['run_key']}/stages/cit-" in tags["checkpoint_uri"], tags
+
+@pytest.mark.parametrize("zone, cron", [("America/Los_Angeles", "30 16 * * *"), ("Europe/London", "30 0 * * *")])
+def test_a_local_time_schedule_gives_every_night_its_own_key_across_dst_changes(scheduling_api, zone, cron):
+    """`{date}` is the night's date where the schedule runs. Before, it was the UTC date: these crons fall on
+    either side of midnight UTC as DST changes, so two nights got one key (the second trained nothing)."""
+    from zoneinfo import ZoneInfo
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentScheduleCreate
+    from prefect.client.schemas.schedules import CronSchedule
+
+    from tasks.runtime import run_date, schedule_timezone
+
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow_from_name("continual-retrain")
+        deployment_id = client.create_deployment(
+            flow_id=flow_id, name=f"nightly-{zone.replace('/', '-').lower()}", parameters={"run_key": "nightly-{date}"},
+            schedules=[DeploymentScheduleCreate(schedule=CronSchedule(cron=cron, timezone=zone), active=True)])
+        deadline = time.time() + 90
+        runs = []
+        while time.time() < deadline and len(runs) < 200:
+            runs = [run for run in _flow_runs(client, deployment_id) if run.auto_scheduled]
+            time.sleep(1)
+        assert len(runs) >= 200, f"the scheduler created {len(runs)} runs:\n{scheduling_api['log'].read_text()[-3000:]}"
+        keys = {run.id: run_date(run.expected_start_time, schedule_timezone(client, run)) for run in runs}
+
+    local = {run.id: run.expected_start_time.astimezone(ZoneInfo(zone)) for run in runs}
+    offsets = {when.utcoffset() for when in local.values()}
+    assert len(offsets) == 2, offsets  # the runs cross a DST change
+    assert all(keys[run_id] == when.strftime("%Y%m%d") for run_id, when in local.items())  # the local night
+    assert len(set(keys.values())) == len(runs)  # one key per night
+    utc_dates = [run.expected_start_time.astimezone(timezone.utc).strftime("%Y%m%d") for run in runs]
+    assert len(set(utc_dates)) < len(runs)  # what the UTC date gave: two nights, one key

@@ -81,3 +81,25 @@ def test_many_buckets_each_take_writes(services):
         bucket.ensure_bucket()
         bucket.put_bytes("probe", b"x")
         assert bucket.get_bytes("probe") == b"x"
+
+
+@pytest.mark.parametrize("minutes, words", [(20, "20 minutes ahead of"), (-90, "90 minutes behind")])
+def test_a_skewed_clock_is_named_as_the_cause_of_a_403(services, store, monkeypatch, minutes, words):
+    """Before, a clock 20 or 90 minutes off got the same "refused access (403) Forbidden" as bad keys."""
+    import datetime
+
+    import botocore.auth
+
+    real = botocore.auth.get_current_datetime
+    # botocore signs every request with this clock (the system clock): skewing it is what a wrong clock does
+    monkeypatch.setattr(botocore.auth, "get_current_datetime",
+                        lambda remove_tzinfo=True: real(remove_tzinfo) + datetime.timedelta(minutes=minutes))
+    with pytest.raises(StorageError, match=rf"refused access \(403\): your clock is {words} the S3 server's.*timedatectl"):
+        store.check()
+
+
+def test_wrong_keys_are_not_blamed_on_the_clock(services, store, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    with pytest.raises(StorageError, match="refused access") as refused:
+        ObjectStore(store.cfg).check()
+    assert "clock" not in str(refused.value)

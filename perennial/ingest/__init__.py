@@ -20,7 +20,7 @@ from perennial.ingest.core import (
     iter_version,
     latest_version,
 )
-from perennial.ingest.incremental import ingest_incremental, read_watermark
+from perennial.ingest.incremental import advance_watermark, ingest_incremental, read_watermark
 from perennial.ingest.readers import IngestError, iter_json_array
 from perennial.ingest.records import REASONS, record_id
 from perennial.ingest.shards import SHARD_RECORDS, version_digest
@@ -28,6 +28,7 @@ from perennial.ingest.tracking import log_dataset_to_mlflow
 
 __all__ = [
     "DATA_FILE",
+    "advance_watermark",
     "QUARANTINE_FILE",
     "REASONS",
     "EmptyDatasetError",

@@ -80,6 +80,8 @@ class IngestResult:
     skipped: bool = False  # True when the sources were unchanged since a committed snapshot: nothing was read
     store: ObjectStore | None = field(default=None, repr=False)
     shards_dir: Path | None = None  # the local shard cache of this dataset
+    # Incremental ingestion: the source objects this run read (URI -> ETag), for the watermark.
+    watermark: dict[str, str] = field(default_factory=dict)
 
     @property
     def local_path(self) -> Path:

@@ -10,6 +10,11 @@ up in the parent's on-disk index segments). Nothing of the parent is copied, re-
 re-uploaded, and its records are never downloaded: a tick costs in proportion to the new data.
 The watermark is written last: a tick that dies halfway is simply redone, and the redo adds nothing
 twice.
+
+Inside a retrain the watermark advances only once a model trained on the data is committed
+(``advance=False`` here, then `advance_watermark` when the run finishes): an object is never marked
+processed that no committed model was trained on. Until then a later tick reads those objects again
+and finds their records already in the latest version, so the version is unchanged.
 """
 
 from __future__ import annotations
@@ -54,13 +59,29 @@ def _next_task(spec: IngestDatasetConfig, incremental: IncrementalConfig, parent
     return incremental.append_to or (tasks[-1] if tasks else base)
 
 
+def advance_watermark(store: ObjectStore, storage_prefix: str, name: str, processed: dict[str, str], version: str) -> None:
+    """Mark ``processed`` (object URI -> ETag) as ingested into ``version`` of dataset ``name``.
+
+    Merged into the stored watermark, never replacing it, so a run that advances it late loses no
+    entry another run added in between; advancing with entries already there changes nothing.
+    """
+    watermark = read_watermark(store, storage_prefix, name)
+    merged = {**watermark["processed"], **processed}
+    if merged == watermark["processed"] and watermark.get("version") == version:
+        return
+    store.put_json(watermark_key(storage_prefix, name),
+                   {"processed": merged, "version": version, "updated": datetime.now(timezone.utc).isoformat()})
+
+
 def ingest_incremental(
-    spec: IngestDatasetConfig | dict, store: ObjectStore, work_dir: str | Path, storage_prefix: str
+    spec: IngestDatasetConfig | dict, store: ObjectStore, work_dir: str | Path, storage_prefix: str, advance: bool = True
 ) -> IngestResult:
     """Ingest the objects under the spec's s3:// sources that are new since the last watermark.
 
     With nothing new (or only records already ingested) the latest version is returned unchanged
     (``created`` False). The first tick of an empty prefix with no earlier version is an error.
+    The objects read are in the result's ``watermark`` (URI -> ETag); ``advance`` False leaves the
+    stored watermark as it is, for the caller to `advance_watermark` once they are trained on.
     """
     spec = IngestDatasetConfig.model_validate(spec) if isinstance(spec, dict) else spec
     incremental = spec.incremental or IncrementalConfig()
@@ -123,10 +144,7 @@ def ingest_incremental(
     if result is None:  # only records we already had: the latest version stands
         result = unchanged(run)
 
-    for _, s3, new in fresh:
-        processed.update({s3.uri(info.key): info.etag for info in new})
-    store.put_json(
-        watermark_key(storage_prefix, spec.name),
-        {"processed": processed, "version": result.digest, "updated": datetime.now(timezone.utc).isoformat()},
-    )
+    result.watermark = {s3.uri(info.key): info.etag for _, s3, new in fresh for info in new}
+    if advance:
+        advance_watermark(store, storage_prefix, spec.name, result.watermark, result.digest)
     return result

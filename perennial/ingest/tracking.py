@@ -25,7 +25,8 @@ def _schema(kind: str):
 
 def log_dataset_to_mlflow(result: IngestResult, context: str = "training", run_id: str | None = None, client=None) -> None:
     """Record the dataset version as an input of a run: ``run_id`` through ``client`` (an MlflowClient),
-    else the fluent active run (MLflow starts one if none is active).
+    else the fluent active run (MLflow starts one if none is active). ``result`` may be any value
+    with the version's ``name``, ``kind``, ``digest``, ``uri`` and ``counts`` (a pipeline DatasetRef).
 
     A MetaDataset carries metadata only: the records stay in S3 at ``result.uri``.
     """
