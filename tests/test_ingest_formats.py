@@ -196,7 +196,7 @@ def test_alpaca_shape(store, tmp_path):
     assert result.tasks == ["maths"]
 
 
-def test_chat_shape_prompt_is_user_turns_up_to_last_assistant(store, tmp_path):
+def test_chat_shape_keeps_the_conversation_up_to_the_last_assistant_turn(store, tmp_path):
     conversation = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Hi"},
@@ -207,8 +207,10 @@ def test_chat_shape_prompt_is_user_turns_up_to_last_assistant(store, tmp_path):
     ]
     result = shaped(store, tmp_path, [{"conv": conversation}], shape="chat", fields={"messages": "conv"})
     (row,) = iter_jsonl(result.local_path)
-    assert row["prompt"] == "Hi\n\nCapital of France?"
+    assert row["messages"] == conversation[:4]  # every turn before the response, the system message included
+    assert row["prompt"] == "Capital of France?"
     assert row["response"] == "Paris."
+    assert row["id"] == record_id(row)
 
 
 def test_classification_shape_with_labels_file_and_index_labels(store, tmp_path):
