@@ -413,7 +413,7 @@ def test_an_interrupted_run_resumes_under_its_key_and_its_cost_sums_the_attempts
     import flows.continual_retrain
     from bench import cl_quality as clq
     from perennial.storage import ObjectStore
-    from perennial.tracking import RUN_KEY_TAG
+    from perennial.tracking import LINEAGE_TAG, RUN_KEY_TAG
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setattr(ObjectStore, "delete_prefix", lambda self, prefix: None)  # the run's files: none here
@@ -426,7 +426,7 @@ def test_an_interrupted_run_resumes_under_its_key_and_its_cost_sums_the_attempts
     def flow(config, run_key):  # the flow's preflight: one parent run per key, reused on a resume
         keys.append(run_key)
         if run_key not in parents:
-            parents[run_key] = MlflowClient().create_run(experiment, tags={RUN_KEY_TAG: run_key}).info.run_id
+            parents[run_key] = MlflowClient().create_run(experiment, tags={RUN_KEY_TAG: run_key, LINEAGE_TAG: clq.bench_config([], 0, None, []).tracking.registered_model}).info.run_id
         if len(keys) == 1:
             time.sleep(0.5)
             raise KeyboardInterrupt("signal SIGTERM")

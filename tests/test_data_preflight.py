@@ -78,11 +78,13 @@ def test_task_without_test_records_fails_at_ingest_once_and_marks_the_run_failed
     assert parent.info.status == "FAILED"
     assert parent.data.tags[ERROR_TAG] == f"IngestError: {NO_TEST}"
 
-    # S3: the datasets were versioned, but no model was built: no base model, nothing under the run's prefix
+    # S3: the datasets were versioned, but no model was built: no base model, and under the run's prefix only
+    # the key's identity record (written by preflight), with no inputs bound to it
     store = ObjectStore(StorageConfig(endpoint_url=services.s3_endpoint, bucket=cfg.storage.bucket))
     run_prefix = parent.data.tags[S3_PREFIX_TAG].removeprefix(f"s3://{cfg.storage.bucket}/")
-    assert {info.key.split("/")[1] for info in store.list("perennial/")} == {"datasets"}
-    assert list(store.list(run_prefix + "/")) == []
+    assert {info.key.split("/")[1] for info in store.list("perennial/")} == {"datasets", "runs"}
+    assert [info.key for info in store.list(run_prefix + "/")] == [f"{run_prefix}/RUN.json"]
+    assert store.get_json(f"{run_prefix}/RUN.json").get("inputs") is None
 
     # Prefect: preflight and ingest ran, ingest once (a retry would have waited 2 s, then 10 s)
     from prefect.client.orchestration import get_client
