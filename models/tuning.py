@@ -260,17 +260,18 @@ def _train_only_matching(model: torch.nn.Module, method: str, patterns: tuple[st
     names: dict[torch.nn.Parameter, list[str]] = {}
     for name, parameter in model.named_parameters(remove_duplicate=False):
         names.setdefault(parameter, []).append(name)
-    matched = 0
-    for parameter, aliases in names.items():
-        trainable = any(regex.search(name) for regex in compiled for name in aliases)
-        parameter.requires_grad_(trainable)
-        matched += trainable
-    if not matched:
+    every_name = [name for aliases in names.values() for name in aliases]
+    unmatched = [pattern for pattern, regex in zip(patterns, compiled) if not any(map(regex.search, every_name))]
+    if unmatched:
+        # A pattern that matches nothing beside others that do is a partial match, not a smaller success.
+        what = "no parameters" if len(unmatched) == len(patterns) else f"nothing for {unmatched} (the other patterns matched)"
         raise ValueError(
-            f"tuning.method={method!r} matched no parameters of {type(model).__name__} "
+            f"tuning.method={method!r} matched {what} of {type(model).__name__} "
             f"(patterns: {list(patterns)}); its parameter names look like "
             f"{[name for name, _ in model.named_parameters()][:5]}"
         )
+    for parameter, aliases in names.items():
+        parameter.requires_grad_(any(regex.search(name) for regex in compiled for name in aliases))
     return model
 
 

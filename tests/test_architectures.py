@@ -152,6 +152,10 @@ def test_a_target_matching_nothing_is_an_error():
     model, _ = tiny("llama")
     with pytest.raises(ValueError, match=r"'qkv_proj' matches no module"):
         apply_tuning(model, TuningConfig(method="lora", target_modules=["q_proj", "qkv_proj"]))
+    phi3, _ = tiny("phi3")  # Llama names in a regex: o_proj matches, q_proj does not
+    with pytest.raises(ValueError, match=r"matched nothing for \['q_proj'\]"):
+        apply_tuning(phi3, TuningConfig(method="regex", trainable_regex=["q_proj", "o_proj"]))
+    assert all(p.requires_grad for p in phi3.parameters())  # refused before anything was frozen
 
 
 @pytest.mark.parametrize("method", ["osf", "mora"])
