@@ -1,7 +1,7 @@
 """Every tuning method means the same thing on every supported decoder family (issue #38, point 1).
 
 The matrix trains each method a few steps on a tiny random-weight model of each family
-(tests/models.py), then checks exactly which tensors of the exported model differ from the input
+(tests/tiny_models.py), then checks exactly which tensors of the exported model differ from the input
 model, and that the export reloads with the trained model's logits. The expected modules per
 family are written out here, apart from models/families.py, so the resolution itself is tested.
 """
@@ -20,7 +20,7 @@ from models.families import projections
 from models.loading import load_causal_lm, save_model
 from models.tuning import apply_tuning, merge_for_export, plan_tuning
 from perennial.config import OptimConfig, TuningConfig
-from tests.models import FAMILIES, tiny
+from tests.tiny_models import FAMILIES, tiny
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 

@@ -20,7 +20,7 @@ from models.data import collate, encode_instruction
 from models.engine import train
 from models.tuning import apply_tuning, merge_for_export
 from perennial.config import OptimConfig, TuningConfig
-from tests.models import tiny
+from tests.tiny_models import tiny
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 

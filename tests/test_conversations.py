@@ -13,7 +13,7 @@ from models.evaluation import option_logprobs, score_task
 from perennial.config import IngestDatasetConfig, OptimConfig, TuningConfig
 from perennial.ingest.records import Rejected, Shaper, canonical_line, record_id
 from tasks.stage import StageData, StageSpec, encode_stage_data
-from tests.models import NO_SYSTEM, tiny, tiny_tokenizer
+from tests.tiny_models import NO_SYSTEM, tiny, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 

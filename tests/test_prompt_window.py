@@ -13,7 +13,7 @@ import torch
 from models.data import IGNORE_INDEX, collate, encode_instruction, encode_prompt, encode_text, fit_prompt
 from models.evaluation import generate, option_logprobs
 from tasks.export import write_lm_eval_task
-from tests.models import tiny_model, tiny_tokenizer
+from tests.tiny_models import tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 

@@ -13,7 +13,7 @@ import torch
 
 from models.data import IGNORE_INDEX, collate, encode_prompt, encode_record, pack_texts, prompt_window_text
 from models.evaluation import option_logprobs
-from tests.models import tiny_model, tiny_tokenizer
+from tests.tiny_models import tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
