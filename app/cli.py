@@ -63,10 +63,14 @@ def cmd_services(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     load_services_env()
-    cfg = load_config(args.config, args.overrides)  # validate before anything starts
+    overrides = [*args.overrides, *([f"lineage.continue_from={args.continue_from}"] if args.continue_from else [])]
+    cfg = load_config(args.config, overrides)  # validate before anything starts
     from flows.continual_retrain import continual_retrain
 
     summary = continual_retrain(config=cfg.model_dump(mode="json"), run_key=args.run_key)
+    if summary["continued_version"] is not None:
+        print(f"continued {cfg.tracking.registered_model} version {summary['continued_version']}; trained: "
+              f"{', '.join(summary['trained']) or 'nothing new'}")
     if args.summary_json:
         Path(args.summary_json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.summary_json).write_text(json.dumps(summary, indent=2))
@@ -87,21 +91,36 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def accuracy_table(summary: dict) -> str:
-    """The accuracy matrix R[i][j] as text, with each task's chance level and gain, and the held-out tasks."""
+    """The accuracy matrix R[i][j] as text, with each task's chance level and gain, and the held-out tasks.
+
+    A retrain that continued a lineage shows the lineage's matrix, each row labelled with the retrain
+    that added it; "—" is a cell never scored (a task that arrived after that row)."""
     tasks, matrix, chance = summary["tasks"], summary["accuracy_matrix"], summary.get("chance", {})
+    if not matrix:
+        version = summary.get("continued_version")
+        return (f"nothing new to train: version {version} has learned every task and record" if version is not None
+                else "nothing was trained")
+    trained = summary.get("trained_by_row") or tasks[: len(matrix) - 1]
+    labels = summary.get("row_labels") or ["before CIT", *(f"after {task}" for task in trained)]
+    start = summary.get("start_row", 0)
     width = max(12, *(len(task) for task in tasks))
-    label_width = max(len("gain R[i][i] - R[0][i]"), *(len(f"after {task}") for task in tasks))
+    label_width = max(len("gain R[i][i] - R[start][i]"), *(len(label) for label in labels))
 
     def line(label: str, cells: list[str]) -> str:
         return f"  {label:<{label_width}s}" + "".join(f"  {cell:>{width}s}" for cell in cells)
 
-    lines = ["accuracy matrix R[i][j]: score on task j after stage i (row 0: before CIT); chance beside it:",
-             line("", tasks)]
-    for index, row in enumerate(matrix):
-        lines.append(line("before CIT" if index == 0 else f"after {tasks[index - 1]}", [f"{v:.3f}" for v in row]))
+    heading = "score on task j after stage i (row 0: before CIT)" if start == 0 else \
+        f"the lineage's: score on task j after stage i (row {start}: where this retrain started)"
+    lines = [f"accuracy matrix R[i][j]: {heading}; chance beside it:", line("", tasks)]
+    for label, row in zip(labels, matrix):
+        lines.append(line(label, ["—" if v is None else f"{v:.3f}" for v in row]))
     lines.append(line("chance", ["?" if chance.get(t) is None else f"{chance[t]:.3f}" for t in tasks]))
-    gains = [matrix[i + 1][i] - matrix[0][i] for i in range(len(tasks)) if i + 1 < len(matrix)]
-    lines.append(line("gain R[i][i] - R[0][i]", [f"{g:+.3f}" for g in gains]))
+    gains = []
+    for j, task in enumerate(tasks):  # the gain of each task this retrain trained, from where it started
+        rows = [i + 1 for i, name in enumerate(trained) if name == task and i + 1 > start]
+        before = matrix[start][j]
+        gains.append("" if not rows or before is None or matrix[rows[-1]][j] is None else f"{matrix[rows[-1]][j] - before:+.3f}")
+    lines.append(line("gain R[i][i] - R[start][i]" if start else "gain R[i][i] - R[0][i]", gains))
     for name, scores in summary.get("general_tasks", {}).items():
         level = "" if chance.get(name) is None else f" (chance {chance[name]:.3f})"
         lines.append(f"held-out general task {name}{level}: {scores['base']:.3f} -> {scores['final']:.3f} ({scores['delta']:+.3f})")
@@ -312,6 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
     run.add_argument("overrides", nargs="*", help="key=value overrides (YAML-typed values)")
     run.add_argument("--summary-json", help="write run ids, accuracy matrix, metrics, checkpoints and registry version here")
+    run.add_argument("--continue-from", metavar="VERSION",
+                     help="continue a registered version instead of retraining from the base model: champion, "
+                     "models:/NAME/VERSION or models:/NAME@ALIAS (= lineage.continue_from=VERSION; none: from the base model). "
+                     "It trains only the tasks and records the version has not learned, with its CL state")
     run.add_argument("--run-key", help="resume or name a run explicitly (default: run_name + config digest). A key names one "
                      "config and one set of dataset versions: another config under it is refused; new data under it trains "
                      "under KEY-data-<digest>. {date} becomes today's date (UTC), or a scheduled run's date in its schedule's timezone")

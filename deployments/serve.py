@@ -37,6 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=NIGHTLY_RUN_KEY,
         help=f"run key of each run; {{date}} becomes the scheduled day in --timezone (default {NIGHTLY_RUN_KEY!r}: one retrain per night)",
     )
+    parser.add_argument("--continue-from", default="champion",
+                        help="lineage.continue_from of each run (default champion: each night continues the champion and "
+                        "trains only what it has not learned; none: retrain the whole task sequence from the base model)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides passed to each run")
     return parser.parse_args(argv)
 
@@ -53,14 +56,15 @@ def _zone(name: str) -> str:
 
 def run_parameters(args: argparse.Namespace) -> dict:
     """The parameters every served flow run gets."""
-    return {"config_path": args.config, "overrides": args.overrides, "run_key": args.run_key}
+    overrides = [f"lineage.continue_from={args.continue_from}", *args.overrides]  # a later override wins
+    return {"config_path": args.config, "overrides": overrides, "run_key": args.run_key}
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from perennial.config import load_config
 
-    load_config(args.config, args.overrides)  # reject a bad config now, not at 02:00
+    load_config(args.config, run_parameters(args)["overrides"])  # reject a bad config now, not at 02:00
     from flows.continual_retrain import continual_retrain
 
     from prefect.schedules import Cron

@@ -1,4 +1,9 @@
-"""The retraining pipeline: ingest -> base model -> DAP -> CIT over tasks (with replay) -> evaluate -> register."""
+"""The retraining pipeline: ingest -> base model -> DAP -> CIT over tasks (with replay) -> evaluate -> register.
+
+With `lineage.continue_from: champion` a retrain continues the registered champion instead: CIT
+starts from its checkpoint and CL state, and trains only the tasks (or new records) it has not
+learned (tasks/lineage.py).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ from prefect import flow
 
 from perennial.config import Config, load_config
 from perennial.locks import lineage_lock
+from tasks.cit import CITStep
 from tasks.runtime import failed_on_error
 from tasks.wrappers import (
     base_model_stage,
@@ -15,6 +21,7 @@ from tasks.wrappers import (
     finish_stage,
     ingest_stage,
     inputs_stage,
+    lineage_stage,
     preflight_stage,
     register_stage,
     report_stage,
@@ -28,33 +35,48 @@ def continual_retrain(config_path: str | None = None, overrides: list[str] | Non
         run = preflight_stage(cfg, run_key, holds_lineage_lock=True)
         with failed_on_error(run):
             data = ingest_stage(run)
-            # A key names its data too: a key reused after new data arrived trains it under a derived key.
-            run = inputs_stage(run, data)
+            plan = lineage_stage(run, data)  # the version it continues (or none), and what is new
+            # A key names its data and starting point too: reused after they changed, it trains under a derived key.
+            run = inputs_stage(run, data, plan.start.checkpoint_digest if plan.start else None)
         with failed_on_error(run):
-            model = base_model_stage(run, data.general)
-            if cfg.dap.enabled and data.domain is not None:
-                model = dap_stage(run, model, data)
-            evaluations = [evaluation_stage(run, model, data, 0, "before-cit")]
-            step = None
+            if plan.start is None:
+                model = base_model_stage(run, data.general)
+                if cfg.dap.enabled and data.domain is not None:
+                    model = dap_stage(run, model, data)
+                step = None
+            else:
+                model = plan.start.checkpoint_uri
+                step = CITStep(model_uri=model, replay_uri=plan.start.replay_uri, stage=plan.start.last_stage,
+                               plugin_state_uri=plan.start.plugin_state_uri)
             checkpoints = {"start": model}
-            for index in range(len(data.tasks)):
-                step = cit_stage(run, model, data, index, step)
-                model = step.model_uri
-                checkpoints[step.stage] = model
-                evaluations.append(evaluation_stage(run, model, data, index + 1, step.stage))
-            summary = report_stage(run, data, evaluations)
-            registered = register_stage(run, model, data, summary) if cfg.registry.enabled else None
+            summary = registered = None
+            if plan.train:
+                evaluations = [evaluation_stage(run, model, data, 0, "before-cit", plan.stage0_tasks)]
+                steps = []
+                for offset, task in enumerate(plan.train):
+                    step = cit_stage(run, model, task, plan.first_index + offset, step)
+                    steps.append(step)
+                    model = step.model_uri
+                    checkpoints[step.stage] = model
+                    evaluations.append(evaluation_stage(run, model, data, offset + 1, step.stage, plan.score))
+                summary = report_stage(run, data, evaluations, plan, steps)
+                registered = register_stage(run, model, data, summary, plan, step) if cfg.registry.enabled else None
             finish_stage(run, data)  # marks the new data processed: a committed model trained on it
         return {
             "run_key": run.run_key,
             "mlflow_run_id": run.parent_run_id,
             "tracking_uri": cfg.tracking.tracking_uri,
             "s3_prefix": f"s3://{cfg.storage.bucket}/{run.prefix}",
-            "tasks": summary.tasks,
-            "accuracy_matrix": summary.matrix,
-            "metrics": summary.metrics,
-            "general_tasks": summary.general_tasks,
-            "chance": {task.name: task.chance for task in [*data.tasks, *data.heldout]},
+            "continued_version": plan.start.version if plan.start else None,
+            "trained": [task.name for task in plan.train],
+            "tasks": summary.tasks if summary else [task.name for task in plan.score],
+            "accuracy_matrix": summary.matrix if summary else [],
+            "row_labels": summary.row_labels if summary else [],
+            "trained_by_row": summary.trained if summary else [],
+            "start_row": summary.start_row if summary else 0,
+            "metrics": summary.metrics if summary else {},
+            "general_tasks": summary.general_tasks if summary else {},
+            "chance": {task.name: task.chance for task in [*plan.score, *data.heldout]},
             "checkpoints": checkpoints,
             "registered_model": registered,
         }

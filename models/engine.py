@@ -237,18 +237,25 @@ def _checkpoint_tensors(model, optimizer) -> tuple[dict[str, torch.Tensor], dict
     }
 
 
+def plugin_state_file(position: int, name: str) -> str:
+    """The JSON file of the ``position``-th CL plugin's state in a plugin-state folder (its tensors: the
+    same stem, .safetensors)."""
+    return f"plugin-{position}-{name}.json"
+
+
 def save_plugin_states(plugins: Sequence[CLPlugin], directory: Path) -> None:
     """Each plugin's tensors as safetensors and the rest as JSON (safetensors refuses an empty file)."""
     directory.mkdir(parents=True, exist_ok=True)
     for position, plugin in enumerate(plugins):
         state = plugin.state_dict()
-        save_file(state.tensors or {"_empty": torch.zeros(0)}, directory / f"plugin-{position}-{plugin.name}.safetensors")
-        (directory / f"plugin-{position}-{plugin.name}.json").write_text(json.dumps(state.meta))
+        stem = directory / plugin_state_file(position, plugin.name).removesuffix(".json")
+        save_file(state.tensors or {"_empty": torch.zeros(0)}, f"{stem}.safetensors")
+        Path(f"{stem}.json").write_text(json.dumps(state.meta))
 
 
 def load_plugin_states(plugins: Sequence[CLPlugin], directory: Path) -> None:
     for position, plugin in enumerate(plugins):
-        stem = directory / f"plugin-{position}-{plugin.name}"
+        stem = directory / plugin_state_file(position, plugin.name).removesuffix(".json")
         if not Path(f"{stem}.json").exists():
             raise FileNotFoundError(f"{directory} has no state for plugin {plugin.name}; did the method list change mid-run?")
         tensors = {k: v for k, v in load_file(f"{stem}.safetensors").items() if k != "_empty"}

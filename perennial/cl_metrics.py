@@ -1,11 +1,14 @@
 """Continual-learning metrics over the accuracy matrix (pure Python; formulas in docs/metrics.md).
 
-R has rows 0..T and columns 1..T: row 0 scores the model before continual tuning, row i the
-model after training task i, and R[i][j] is the score on task j at that point. Metrics are
-computed for the last stage present (t = number of rows - 1), so a partial matrix from an
-unfinished run gives the metrics "so far"; for a complete matrix t = T. A missing cell (None)
-is left out of every average and the denominator shrinks with it; a metric with no defined term
-is None rather than a misleading 0.
+R has rows 0..T and one column per task: row 0 scores the model before continual tuning, row i
+the model after training stage i, and R[i][j] is the score on task j at that point. In a single
+retrain stage i trains task i. In a lineage that keeps learning across retrains (lineage.continue_from)
+a task may be trained again on its new records, so the matrix records which task each row trained
+(``trained``) and the formulas read "the row that trained task j" as the latest such row up to t
+(l_j) and its first such row (f_j). Metrics are computed for the last stage present (t = number of
+rows - 1), so a partial matrix gives the metrics "so far". A missing cell (None: a task a row was
+never scored on) is left out of every average and the denominator shrinks with it; a metric with
+no defined term is None rather than a misleading 0.
 """
 
 from __future__ import annotations
@@ -19,14 +22,22 @@ from typing import Mapping
 class AccuracyMatrix:
     tasks: list[str]
     rows: list[list[float | None]]
+    # The task trained at rows 1.. (each a name in `tasks`); None: row i trains task i (one retrain).
+    trained: list[str] | None = None
 
     def __post_init__(self) -> None:
         if not self.tasks:
             raise ValueError("an accuracy matrix needs at least one task")
         if not self.rows:
             raise ValueError("an accuracy matrix needs at least row 0 (the model before continual tuning)")
-        if len(self.rows) > len(self.tasks) + 1:
-            raise ValueError(f"{len(self.rows)} rows for {len(self.tasks)} tasks: expected at most T+1 = {len(self.tasks) + 1}")
+        if self.trained is None:
+            if len(self.rows) > len(self.tasks) + 1:
+                raise ValueError(f"{len(self.rows)} rows for {len(self.tasks)} tasks: expected at most T+1 = {len(self.tasks) + 1}")
+        else:
+            unknown = sorted(set(self.trained) - set(self.tasks))
+            if unknown or len(self.trained) < len(self.rows) - 1:
+                raise ValueError(f"trained names {len(self.trained)} stages for {len(self.rows) - 1} rows after row 0"
+                                 + (f"; tasks not among the columns: {unknown}" if unknown else ""))
         for index, row in enumerate(self.rows):
             if len(row) != len(self.tasks):
                 raise ValueError(f"row {index} has {len(row)} scores for {len(self.tasks)} tasks")
@@ -46,8 +57,15 @@ class AccuracyMatrix:
             raise IndexError(f"task index {j} is outside 1..{self.num_tasks}")
         return self.rows[i][j - 1]
 
+    def trained_at(self, j: int, t: int | None = None) -> list[int]:
+        """The rows 1..t (default the last) that trained task j, in order."""
+        t = self.stage if t is None else t
+        names = self.trained if self.trained is not None else self.tasks
+        return [i for i in range(1, t + 1) if names[i - 1] == self.tasks[j - 1]]
+
     def stage_labels(self) -> list[str]:
-        return ["before"] + [f"after {task}" for task in self.tasks[: self.stage]]
+        names = self.trained if self.trained is not None else self.tasks
+        return ["before"] + [f"after {task}" for task in names[: self.stage]]
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -60,11 +78,11 @@ def _diff(a: float | None, b: float | None) -> float | None:
 
 
 def average_performance(matrix: AccuracyMatrix, t: int | None = None) -> float | None:
-    """AP_t = (1/t) * sum_{j<=t} R[t][j]: mean score on the tasks seen so far."""
+    """AP_t = mean over the tasks trained by row t of R[t][j]: the mean score on the tasks seen so far."""
     t = matrix.stage if t is None else t
     if t < 1:
         return None
-    return _mean([matrix.r(t, j) for j in range(1, t + 1)])
+    return _mean([matrix.r(t, j) for j in range(1, matrix.num_tasks + 1) if matrix.trained_at(j, t)])
 
 
 def average_incremental_performance(matrix: AccuracyMatrix) -> float | None:
@@ -73,23 +91,38 @@ def average_incremental_performance(matrix: AccuracyMatrix) -> float | None:
 
 
 def backward_transfer(matrix: AccuracyMatrix) -> float | None:
-    """BWT = 1/(t-1) * sum_{j<t} (R[t][j] - R[j][j]); negative means forgetting. None when t < 2."""
+    """BWT = mean over tasks j last trained at a row l_j < t of (R[t][j] - R[l_j][j]); negative means
+    forgetting. None when no task was trained before the last row (t < 2 in one retrain)."""
     t = matrix.stage
-    return _mean([_diff(matrix.r(t, j), matrix.r(j, j)) for j in range(1, t)])
+    terms = []
+    for j in range(1, matrix.num_tasks + 1):
+        rows = matrix.trained_at(j, t)
+        if rows and rows[-1] < t:
+            terms.append(_diff(matrix.r(t, j), matrix.r(rows[-1], j)))
+    return _mean(terms)
 
 
 def forward_transfer(matrix: AccuracyMatrix) -> float | None:
-    """FWT = 1/(t-1) * sum_{j=2..t} (R[j-1][j] - R[0][j]): zero-shot gain on a task from the earlier ones."""
-    t = matrix.stage
-    return _mean([_diff(matrix.r(j - 1, j), matrix.r(0, j)) for j in range(2, t + 1)])
+    """FWT = mean over tasks j first trained at a row f_j >= 2 of (R[f_j - 1][j] - R[0][j]): the zero-shot
+    gain on a task from the tasks trained before it."""
+    terms = []
+    for j in range(1, matrix.num_tasks + 1):
+        rows = matrix.trained_at(j)
+        if rows and rows[0] >= 2:
+            terms.append(_diff(matrix.r(rows[0] - 1, j), matrix.r(0, j)))
+    return _mean(terms)
 
 
 def forgetting(matrix: AccuracyMatrix) -> dict[str, float | None]:
-    """Per task j<t: max_{i in [j, t-1]} R[i][j] - R[t][j], the drop from the best score since learning it."""
+    """Per task j last trained at a row l_j < t: max_{i in [l_j, t-1]} R[i][j] - R[t][j], the drop from the best
+    score since it was (last) learned."""
     t = matrix.stage
     result: dict[str, float | None] = {}
-    for j in range(1, t):
-        earlier = [matrix.r(i, j) for i in range(j, t) if matrix.r(i, j) is not None]
+    for j in range(1, matrix.num_tasks + 1):
+        rows = matrix.trained_at(j, t)
+        if not rows or rows[-1] >= t:
+            continue
+        earlier = [matrix.r(i, j) for i in range(rows[-1], t) if matrix.r(i, j) is not None]
         result[matrix.tasks[j - 1]] = _diff(max(earlier), matrix.r(t, j)) if earlier else None
     return result
 

@@ -479,6 +479,28 @@ class RegistryConfig(Strict):
     gates: GatesConfig = Field(default_factory=GatesConfig)
 
 
+class LineageConfig(Strict):
+    """Whether a retrain continues a registered version (docs/operations.md, "Lineages")."""
+
+    continue_from: str = Field(
+        "none", description="none: train the whole task sequence from the base model; champion: continue the registered "
+        "model's champion, its CL state included, and train only what it has not learned (from the base model while "
+        "there is no champion); models:/NAME/VERSION or models:/NAME@ALIAS: continue that version",
+    )
+    retrain_after_records: int = Field(
+        1, ge=1, description="`perennial ingest` emits the Prefect event perennial.retrain.due (which starts the "
+        "continual-retrain/on-data deployment) once the incremental datasets hold this many records no committed model "
+        "was trained on",
+    )
+
+    @field_validator("continue_from")
+    @classmethod
+    def _a_version(cls, value: str) -> str:
+        if value in ("none", "champion") or re.fullmatch(r"models:/[A-Za-z0-9][A-Za-z0-9._-]*(/\d+|@[A-Za-z0-9_-]+)", value):
+            return value
+        raise ValueError("must be none, champion, models:/NAME/VERSION or models:/NAME@ALIAS")
+
+
 class DistributedConfig(Strict):
     """Multi-process training of the DAP and CIT stages (docs/training.md, "Multi-process training")."""
 
@@ -509,6 +531,7 @@ class Config(Strict):
     cit: CITConfig = Field(default_factory=CITConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    lineage: LineageConfig = Field(default_factory=LineageConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     def stage_seed(self, stage: Literal["pretrain", "dap", "cit"]) -> int:

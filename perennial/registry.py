@@ -108,16 +108,18 @@ def candidate_metrics(
     metrics: dict[str, float | None],
     drift_kl_mean: float | None = None,
     chance: dict[str, float | None] | None = None,
+    start_row: int = 0,
 ) -> dict[str, float]:
     """The flat metrics a version is judged by: the run's summary metrics, the final row per task
-    (`final/<task>`), its mean (`final_mean`), row 0 per task (`stage0/<task>`, the base model before
-    continual tuning), each task's chance level where known (`chance/<task>`) and the final
-    output-bias drift (`drift_kl_mean`, nats). Scores are accuracies in [0, 1]."""
+    (`final/<task>`), its mean (`final_mean`), the retrain's start row per task (`stage0/<task>`: row
+    ``start_row``, the model before this retrain's continual tuning; row 0 unless it continued a
+    lineage), each task's chance level where known (`chance/<task>`) and the final output-bias drift
+    (`drift_kl_mean`, nats). Scores are accuracies in [0, 1]."""
     result = {key: float(value) for key, value in metrics.items() if value is not None}
     final = dict(zip(tasks, matrix[-1])) if matrix else {}
     scores = [score for score in final.values() if score is not None]
     result.update({f"final/{task}": float(score) for task, score in final.items() if score is not None})
-    result.update({f"stage0/{task}": float(score) for task, score in zip(tasks, matrix[0] if matrix else []) if score is not None})
+    result.update({f"stage0/{task}": float(score) for task, score in zip(tasks, matrix[start_row] if matrix else []) if score is not None})
     result.update({f"chance/{task}": float(level) for task, level in (chance or {}).items() if level is not None})
     if scores:
         result["final_mean"] = sum(scores) / len(scores)
@@ -698,19 +700,25 @@ def _lock_holder(tags: dict[str, str], age: float) -> str:
     return f"by {tags.get('holder', 'unknown')}{process}{since} ({age:.0f} s ago)"
 
 
-def resolve_checkpoint_uri(client: MlflowClient, uri: str) -> str:
-    """`models:/NAME@ALIAS` or `models:/NAME/VERSION` -> the version's S3 checkpoint; other URIs unchanged."""
-    if not uri.startswith("models:/"):
-        return uri
+def resolve_version(client: MlflowClient, uri: str):
+    """The registry version `models:/NAME@ALIAS` or `models:/NAME/VERSION` names. Raises RegistryError
+    when the model has no such alias or version."""
     ref = uri[len("models:/"):]
     if "@" in ref:
         name, alias = ref.split("@", 1)
         version = alias_version(client, name, alias)
         if version is None:
             raise RegistryError(f"{name} has no alias {alias!r}")
-    else:
-        name, _, number = ref.partition("/")
-        version = _get_version(client, name, number)
+        return version
+    name, _, number = ref.partition("/")
+    return _get_version(client, name, number)
+
+
+def resolve_checkpoint_uri(client: MlflowClient, uri: str) -> str:
+    """`models:/NAME@ALIAS` or `models:/NAME/VERSION` -> the version's S3 checkpoint; other URIs unchanged."""
+    if not uri.startswith("models:/"):
+        return uri
+    version = resolve_version(client, uri)
     checkpoint = version.tags.get("checkpoint_uri")
     if not checkpoint:
         raise RegistryError(f"{uri} (version {version.version}) has no checkpoint_uri tag")

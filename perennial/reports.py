@@ -28,10 +28,11 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
-def plot_accuracy_matrix(matrix: AccuracyMatrix, path: str | Path) -> Path:
-    """Heatmap of R (stages down, tasks across), each cell annotated with its score."""
+def plot_accuracy_matrix(matrix: AccuracyMatrix, path: str | Path, row_labels: list[str] | None = None) -> Path:
+    """Heatmap of R (stages down, tasks across), each cell annotated with its score; ``row_labels``
+    replace the stage labels (a lineage's name the retrain that added each row)."""
     fig, ax = plt.subplots(figsize=(1.2 * matrix.num_tasks + 3, 0.6 * len(matrix.rows) + 2))
-    image = _draw_accuracy_matrix(ax, matrix, "Accuracy matrix R[i][j]")
+    image = _draw_accuracy_matrix(ax, matrix, "Accuracy matrix R[i][j]", row_labels)
     fig.colorbar(image, ax=ax, label="score")
     return _save(fig, path)
 
@@ -57,11 +58,11 @@ def plot_accuracy_matrix_grid(matrices: dict[str, AccuracyMatrix], path: str | P
     return _save(fig, path)
 
 
-def _draw_accuracy_matrix(ax, matrix: AccuracyMatrix, title: str):
+def _draw_accuracy_matrix(ax, matrix: AccuracyMatrix, title: str, row_labels: list[str] | None = None):
     values = _as_array(matrix)
     image = ax.imshow(values, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
     ax.set_xticks(range(matrix.num_tasks), matrix.tasks, rotation=30, ha="right")
-    ax.set_yticks(range(len(matrix.rows)), matrix.stage_labels())
+    ax.set_yticks(range(len(matrix.rows)), row_labels or matrix.stage_labels())
     ax.set_xlabel("evaluated on task")
     ax.set_ylabel("model after stage")
     for i, row in enumerate(values):
@@ -82,8 +83,8 @@ def plot_task_curves(matrix: AccuracyMatrix, path: str | Path, general: list[dic
     fig, ax = plt.subplots(figsize=(7, 4))
     for j, task in enumerate(matrix.tasks):
         (line,) = ax.plot(stages, values[:, j], marker="o", label=task)
-        if j + 1 < len(matrix.rows):
-            ax.scatter([j + 1], [values[j + 1, j]], s=120, facecolors="none", edgecolors=line.get_color())
+        trained = matrix.trained_at(j + 1)
+        ax.scatter(trained, [values[i, j] for i in trained], s=120, facecolors="none", edgecolors=line.get_color())
     for name in _general_names(general):
         ax.plot(stages, [_number(row.get(name)) for row in general], marker="s", linestyle="--", label=f"{name} (held-out)")
     ax.set_xticks(stages, matrix.stage_labels(), rotation=30, ha="right")
@@ -132,11 +133,14 @@ def _general_names(general: list[dict[str, float]] | None) -> list[str]:
     return list(dict.fromkeys(name for row in general or [] for name in row))
 
 
-def markdown_summary(matrix: AccuracyMatrix, metrics: dict, drift: list[dict] | None = None, general: list[dict[str, float]] | None = None) -> str:
+def markdown_summary(matrix: AccuracyMatrix, metrics: dict, drift: list[dict] | None = None, general: list[dict[str, float]] | None = None,
+                     row_labels: list[str] | None = None, drift_labels: list[str] | None = None) -> str:
     """The accuracy matrix, held-out general tasks (stage 0 vs final, from `general`: one dict of
-    scores per stage), the metrics and (optionally) drift per stage as markdown tables."""
+    scores per stage), the metrics and (optionally) drift per stage as markdown tables. ``row_labels``
+    replace the matrix's stage labels (a lineage's name the retrain that added each row);
+    ``drift_labels`` name the drift entries (default: the matrix's stages)."""
     lines = ["## Accuracy matrix", "", "| stage | " + " | ".join(matrix.tasks) + " |", "|---" * (matrix.num_tasks + 1) + "|"]
-    for label, row in zip(matrix.stage_labels(), matrix.rows):
+    for label, row in zip(row_labels or matrix.stage_labels(), matrix.rows):
         lines.append(f"| {label} | " + " | ".join(_fmt(v) for v in row) + " |")
     names = _general_names(general)
     if names:
@@ -149,7 +153,7 @@ def markdown_summary(matrix: AccuracyMatrix, metrics: dict, drift: list[dict] | 
     lines += [f"| {name} | {_fmt(value)} |" for name, value in metrics.items()]
     if drift:
         lines += ["", "## Output drift (probe prompts vs. stage 0)", "", "| stage | KL mean | favoured mass | top gainers |", "|---|---|---|---|"]
-        labels = matrix.stage_labels()
+        labels = drift_labels or matrix.stage_labels()
         for index, entry in enumerate(drift):
             label = labels[index] if index < len(labels) else f"stage {index}"
             # repr() shows whitespace tokens; a literal "|" would end the table cell.

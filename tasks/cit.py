@@ -12,16 +12,21 @@ from models.cl.replay import make_loss_fn
 from models.data import encode_record
 from models.engine import resolve_device
 from models.loading import load_model_and_tokenizer
-from tasks.ingest import DataBundle, read_records
+from tasks.ingest import DatasetRef, read_records
 from tasks.launch import run_stage
 from tasks.runtime import RunContext, committed_uri, fetch_dir
 from tasks.stage import BUFFER_FILE, StageData, read_replay_buffer, stage_spec
 
 
 class CITStep(BaseModel):
+    """Where a CIT stage left the lineage: the model, the replay buffer after it, and the checkpoint that
+    holds the CL plugins' state (its own model; a continued version's checkpoint; None: none to carry)."""
+
     model_uri: str
     replay_uri: str | None
     stage: str
+    plugin_state_uri: str | None = None
+    records: int | None = None  # the train records it read (a task trained again: its new records)
 
 
 def stage_name(index: int, task: str) -> str:
@@ -41,11 +46,14 @@ def _sampling_options(run: RunContext, model_uri: str) -> dict:
     return options
 
 
-def train_cit_stage(run: RunContext, model_uri: str, data: DataBundle, index: int, previous: CITStep | None) -> CITStep:
-    """Train CL task ``index`` from ``model_uri``: one stage (two with `epoch` replay mixing), then the next replay buffer."""
+def train_cit_stage(run: RunContext, model_uri: str, task: DatasetRef, index: int, previous: CITStep | None) -> CITStep:
+    """Train ``task``, the lineage's task at 0-based position ``index`` (its stage name, seed and replay
+    buffer follow it), from ``model_uri``: one stage (two with `epoch` replay mixing), then the next
+    replay buffer. ``previous``: where the lineage stands (None: the first task, from the base model).
+    A task the lineage learned before (``task.since`` set) trains on its new records, and its replay
+    samples are added to those it already has."""
     cfg = run.config
     check_requirements(cfg.cit.methods, cfg.cit.tuning.method, cfg.model.attn_implementation)
-    task = data.tasks[index]
     stage = stage_name(index, task.name)
     replay = cfg.cit.replay
     buffer = read_replay_buffer(run.services, previous.replay_uri if previous and replay.enabled else None)
@@ -53,14 +61,15 @@ def train_cit_stage(run: RunContext, model_uri: str, data: DataBundle, index: in
     separate_replay_phase = replay.mixing == "epoch" and replay_uri is not None
     tracker = run.tracker
     with tracker.stage_run(stage, run.parent_run_id, tags={"stage": stage, "task": task.name}) as child:
-        tracker.log_params(child, {"task": task.name, "train_records": task.counts.get("train"),
+        train_records = len(read_records(run.store, task, run.services.cache_dir, split="train")) if task.since else task.counts.get("train")
+        tracker.log_params(child, {"task": task.name, "train_records": train_records, "new_records_since": task.since or "",
                                    "replay_records": len(buffer) if replay_uri else 0, "dataset_digest": task.digest})
         spec = stage_spec(
             run, stage, input_model_uri=model_uri,
             data=StageData(encoding="instruction", datasets=[task], replay_uri=None if separate_replay_phase else replay_uri,
                            replay_mixing="concat" if replay.mixing == "epoch" else replay.mixing, supervise=cfg.cit.supervise),
             optim=cfg.cit.optim, tuning=cfg.cit.tuning, methods=cfg.cit.methods,
-            plugin_state_uri=previous.model_uri if previous and cfg.cit.methods else None,
+            plugin_state_uri=previous.plugin_state_uri if previous and cfg.cit.methods else None,
             seed=cfg.stage_seed("cit"), task_index=index, mlflow_run_id=child,
         )
         model_out = run_stage(spec, run.services)
@@ -83,10 +92,10 @@ def train_cit_stage(run: RunContext, model_uri: str, data: DataBundle, index: in
         if next_replay_uri is None:
             records = read_records(run.store, task, run.services.cache_dir, split="train")
             buffer.add_task(task.name, records, budget=replay.budget, strategy=replay.strategy, seed=cfg.seed,
-                            **_sampling_options(run, model_out))
+                            keep_earlier=task.since is not None, **_sampling_options(run, model_out))
             local = run.work_dir / "replay" / f"after-{index + 1:02d}"
             shutil.rmtree(local, ignore_errors=True)
             local.mkdir(parents=True)
             buffer.to_jsonl(local / BUFFER_FILE)
             next_replay_uri = run.store.upload_dir(local, replay_prefix, meta={"tasks": buffer.task_names(), "strategy": replay.strategy})["uri"]
-    return CITStep(model_uri=model_out, replay_uri=next_replay_uri, stage=stage)
+    return CITStep(model_uri=model_out, replay_uri=next_replay_uri, stage=stage, plugin_state_uri=model_out, records=train_records)

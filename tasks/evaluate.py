@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from models.engine import precision_context, resolve_device, set_seed
 from models.evaluation import next_token_distributions, output_drift, perplexity, score_task
 from models.loading import load_model_and_tokenizer
-from tasks.ingest import DataBundle, read_records
+from tasks.ingest import DataBundle, DatasetRef, read_records
 from tasks.runtime import RunContext, fetch_dir
 
 
@@ -32,7 +32,11 @@ def probe_prompts(general_test: list[dict], count: int) -> list[str]:
     return [" ".join(record["text"].split()[:8]) for record in general_test[:count]]
 
 
-def evaluate_stage(run: RunContext, model_uri: str, data: DataBundle, stage_index: int, stage: str) -> StageEval:
+def evaluate_stage(run: RunContext, model_uri: str, data: DataBundle, stage_index: int, stage: str,
+                   tasks: list[DatasetRef] | None = None) -> StageEval:
+    """Score the model after stage ``stage_index`` of this retrain (0: before continual tuning) on
+    ``tasks`` (default the run's task sequence; a continued lineage's: its earlier tasks too), the
+    held-out tasks, general perplexity and output drift against stage 0. Cached per stage in S3."""
     cfg = run.config
     store = run.store
     result_key = f"{run.prefix}/eval/stage-{stage_index:02d}.json"
@@ -63,7 +67,7 @@ def evaluate_stage(run: RunContext, model_uri: str, data: DataBundle, stage_inde
     # time on such a CPU; perplexity and the drift distributions stay fp32, they are cheap and compared
     # across stages to small fractions.
     with precision_context(cfg.precision, resolve_device(cfg.device)):
-        scores, details = score_all(data.tasks)
+        scores, details = score_all(data.tasks if tasks is None else tasks)
         general_scores, general_details = score_all(data.heldout)
 
     general_test = read_records(store, data.general, cache, split="test")

@@ -25,6 +25,14 @@ from tasks.runtime import RunContext
 
 
 class DatasetRef(BaseModel):
+    """A committed dataset version, or one continual-learning task of it.
+
+    A task ref names the task (``name``) and, when its records are a subset of the version, the
+    dataset it comes from (``dataset``): only records whose ``task`` field is ``name`` are read.
+    ``since``: the URI of an earlier version of the dataset; only the records it does not hold are
+    read (the new records of a task a continued lineage already learned, lineage.continue_from).
+    """
+
     name: str
     kind: str  # "text" | "instruction"
     digest: str
@@ -33,19 +41,42 @@ class DatasetRef(BaseModel):
     counts: dict = {}
     chance: float | None = None  # chance-level score of an instruction task, where known
     # Incremental datasets: the source objects read into this version (URI -> ETag), marked processed
-    # only when the run that trains on them finishes (commit_watermarks).
-    watermark: dict[str, str] = {}
+    # only when the run that trains on them finishes (commit_watermarks); None for a snapshot.
+    watermark: dict[str, str] | None = None
+    dataset: str | None = None
+    since: str | None = None
+
+    @property
+    def dataset_name(self) -> str:
+        return self.dataset or self.name
 
 
 class DataBundle(BaseModel):
     general: DatasetRef
     domain: DatasetRef | None  # without a domain corpus there is nothing to adapt to: DAP is skipped
-    tasks: list[DatasetRef]
+    tasks: list[DatasetRef]  # the task sequence, one ref per task (a dataset may hold several: next_task)
     # Held-out general tasks: scored at every stage, never trained on, kept out of the accuracy matrix.
     heldout: list[DatasetRef] = []
+    # Every dataset version the run ingested, once each; empty: the general, domain, task and held-out refs.
+    datasets: list[DatasetRef] = []
 
     def all(self) -> list[DatasetRef]:
-        return [self.general, *([self.domain] if self.domain else []), *self.tasks, *self.heldout]
+        """The run's dataset versions (its inputs): one ref per dataset, whatever tasks it holds."""
+        return self.datasets or [self.general, *([self.domain] if self.domain else []), *self.tasks, *self.heldout]
+
+
+def task_refs(dataset: DatasetRef, result: IngestResult) -> list[DatasetRef]:
+    """One ref per task of an instruction dataset version, in sequence order (first appearance).
+
+    A dataset whose records all carry its own name is one task, read whole; otherwise each task
+    (e.g. `feed-1`, `feed-2` of `incremental.new_data: next_task`) reads its own records.
+    """
+    tasks = result.manifest.get("tasks", [])
+    if [task["name"] for task in tasks] in ([], [dataset.name]):
+        return [dataset]
+    return [dataset.model_copy(update={"name": task["name"], "dataset": dataset.name, "watermark": None,
+                                       "counts": {"train": task["train"], "test": task["test"]}})
+            for task in tasks]
 
 
 def _ref(result, chance: float | None = None) -> DatasetRef:
@@ -57,7 +88,7 @@ def _ref(result, chance: float | None = None) -> DatasetRef:
         data_file=DATA_FILE,  # not result.local_path: that would assemble the whole version on disk
         counts=dict(result.counts),
         chance=chance,
-        watermark=dict(result.watermark),
+        watermark=None if result.watermark is None else dict(result.watermark),
     )
 
 
@@ -72,33 +103,53 @@ def ingest(run: RunContext, training: bool = True) -> DataBundle:
     work = run.work_dir / "ingest"
     results = _demo_results(run, store, work) if cfg.data.source == "demo" else _dataset_results(run, store, work)
     refs = {result.name: _ref(result, chance) for result, chance in results}
+    by_name = {result.name: result for result, _ in results}
+
+    def tasks_of(names: list[str]) -> list[DatasetRef]:
+        return [task for name in names for task in task_refs(refs[name], by_name[name])]
+
     if cfg.data.source == "demo":
         demo = cfg.data.demo
-        data = DataBundle(
-            general=refs["general"], domain=refs["domain"], tasks=[refs[name] for name in demo.tasks],
-            heldout=[refs[name] for name in demo.heldout_tasks],
-        )
+        data = DataBundle(general=refs["general"], domain=refs["domain"], tasks=tasks_of(demo.tasks),
+                          heldout=tasks_of(demo.heldout_tasks), datasets=list(refs.values()))
     else:
         roles = {spec.name: spec.resolved_role for spec in cfg.data.datasets}
         general = [refs[name] for name, role in roles.items() if role == "general"]
         domain = [refs[name] for name, role in roles.items() if role == "domain"]
-        tasks = [refs[name] for name, role in roles.items() if role == "task"]
-        heldout = [refs[name] for name, role in roles.items() if role == "heldout"]
+        tasks = tasks_of([name for name, role in roles.items() if role == "task"])
+        heldout = tasks_of([name for name, role in roles.items() if role == "heldout"])
         if len(general) != 1 or len(domain) > 1 or not tasks:
             raise ConfigError(
                 "data.datasets must hold exactly one dataset with role: general, at most one with role: domain, "
                 f"and at least one instruction task; got general={len(general)}, domain={len(domain)}, tasks={len(tasks)}"
             )
-        data = DataBundle(general=general[0], domain=domain[0] if domain else None, tasks=tasks, heldout=heldout)
-    check_usable(cfg, data, {result.name: result for result, _ in results}, training)
+        data = DataBundle(general=general[0], domain=domain[0] if domain else None, tasks=tasks, heldout=heldout,
+                          datasets=list(refs.values()))
+    _refuse_repeated_tasks(data)
+    check_usable(cfg, data, by_name, training)
     return data
 
 
-def bind_inputs(run: RunContext, data: DataBundle) -> RunContext:
-    """The run to go on with, its key bound to these dataset versions (tasks.runtime.bind_inputs: a
-    key reused with new data trains it under a derived key), with the versions recorded as its
-    MLflow inputs. Returns ``run`` itself when the key trained these versions or none yet."""
-    bound = runtime.bind_inputs(run, {ref.name: ref.digest for ref in data.all()})
+def _refuse_repeated_tasks(data: DataBundle) -> None:
+    """Task names are the accuracy matrix's columns and the stages' names: two tasks of one name would
+    be scored and trained as one. Raises ConfigError naming the datasets that hold it."""
+    seen: dict[str, str] = {}
+    for ref in [*data.tasks, *data.heldout]:
+        if ref.name in seen:
+            raise ConfigError(f"task {ref.name!r} is in datasets {seen[ref.name]!r} and {ref.dataset_name!r}: task names must "
+                              "be unique across data.datasets (rename a dataset, or set its `task`)")
+        seen[ref.name] = ref.dataset_name
+
+
+def bind_inputs(run: RunContext, data: DataBundle, start_model: str | None = None) -> RunContext:
+    """The run to go on with, its key bound to these dataset versions and the checkpoint it continues
+    (``start_model``, a manifest digest; tasks.runtime.bind_inputs: a key reused with new data, or
+    after the champion changed, trains under a derived key), with the versions recorded as its
+    MLflow inputs. Returns ``run`` itself when the key trained these inputs or none yet."""
+    inputs = {ref.name: ref.digest for ref in data.all()}
+    if start_model is not None:
+        inputs["continued checkpoint"] = start_model
+    bound = runtime.bind_inputs(run, inputs)
     for ref in data.all():
         log_dataset_to_mlflow(ref, context=ref.name, run_id=bound.parent_run_id, client=bound.tracker.client)
     return bound
@@ -108,8 +159,8 @@ def commit_watermarks(run: RunContext, data: DataBundle) -> None:
     """Mark the source objects of the run's incremental datasets processed: called once the model
     trained on them is committed, so no object counts as ingested that no model was trained on."""
     for ref in data.all():
-        if ref.watermark:
-            advance_watermark(run.store, run.config.storage.prefix, ref.name, ref.watermark, ref.digest)
+        if ref.watermark is not None:
+            advance_watermark(run.store, run.config.storage.prefix, ref.name, ref.watermark, ref.digest, trained=True)
 
 
 def check_usable(cfg: Config, data: DataBundle, results: dict[str, IngestResult], training: bool = True) -> None:
@@ -129,17 +180,18 @@ def check_usable(cfg: Config, data: DataBundle, results: dict[str, IngestResult]
             needs.append((data.domain, "train", "domain-adaptive pretraining (DAP)"))
     for ref, split, reader in needs:
         if ref.counts[split] == 0:
-            fraction = results[ref.name].manifest["filters"]["test_fraction"]
+            fraction = results[ref.dataset_name].manifest["filters"]["test_fraction"]
             fix = ("add records, raise test_fraction, or mark test records with split: test" if split == "test"
                    else "add records, lower test_fraction, or mark train records with split: train")
             raise IngestError(
-                f"dataset {ref.name!r} has 0 {split} records ({ref.counts['train']} train, {ref.counts['test']} test), "
+                f"{'dataset' if ref.dataset is None else f'task {ref.name!r} of dataset'} {ref.dataset_name!r} has 0 {split} "
+                f"records ({ref.counts['train']} train, {ref.counts['test']} test), "
                 f"but {reader} needs them. Records with no split field (and none from their source or file name) are "
                 f"split by content hash with test_fraction={fraction}: {fix}"
             )
     if cfg.eval.scoring == "options":
         for ref in [*data.tasks, *data.heldout]:
-            test = list(results[ref.name].iter_records("test"))
+            test = [record for record in results[ref.dataset_name].iter_records("test") if ref.dataset is None or record["task"] == ref.name]
             without = [record["id"] for record in test if not record["options"]]
             if without:
                 raise ConfigError(
@@ -192,10 +244,12 @@ def _dataset_results(run: RunContext, store, work) -> list[tuple]:
 
 
 def read_records(store: ObjectStore, ref: DatasetRef, cache_root: Path, split: str | None = None) -> list[dict]:
-    """The records of a committed dataset version (only ``split``'s when given), in version order.
+    """The records of a committed dataset version (only ``split``'s when given), in version order;
+    of a task ref, the task's records (those not in ``ref.since`` when it is set).
 
     Streams the version's shards (downloaded once into ``cache_root``, sha256-verified); a shard of
     the other split is not downloaded. Returns canonical records (dicts). Raises IngestError when
     ``ref.uri`` is not a committed version.
     """
-    return list(iter_version(store, ref.uri, Path(cache_root) / "datasets", split))
+    return list(iter_version(store, ref.uri, Path(cache_root) / "datasets", split,
+                             task=ref.name if ref.dataset else None, since=ref.since))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -13,10 +14,15 @@ from pydantic import BaseModel
 from models.loading import load_model_and_tokenizer
 from perennial import registry
 from perennial.cl_metrics import AccuracyMatrix, summarize
+from perennial.lineage import LINEAGE_FILE
 from perennial.reports import markdown_summary, plot_accuracy_matrix, plot_drift, plot_task_curves
 from perennial.tracking import UI_WORKFLOW, runs_table_link
+
+from tasks.cit import CITStep
 from tasks.evaluate import StageEval
 from tasks.ingest import DataBundle
+from tasks.lineage import (CONTINUED_FROM_TAG, LINEAGE_BASE_TAG, LINEAGE_URI_TAG, REPLAY_URI_TAG, LineagePlan, extend_lineage,
+                           lineage_base)
 from tasks.runtime import RunContext, fetch_dir
 
 
@@ -40,17 +46,30 @@ def report_links(experiment_id: str, run_id: str) -> str:
 
 class Report(BaseModel):
     tasks: list[str]
-    matrix: list[list[float]]
+    matrix: list[list[float | None]]  # the accuracy matrix: this retrain's, or its lineage's (earlier retrains' rows first)
     metrics: dict[str, float]
     markdown: str
     # Held-out general tasks: name -> {"base": stage-0 score, "final": last-stage score, "delta": final - base}.
     general_tasks: dict[str, dict[str, float]] = {}
+    start_row: int = 0  # the matrix row this retrain's training started from (its stage 0)
+    row_labels: list[str] = []  # per matrix row: what it scores, and for a lineage the retrain that added it
+    trained: list[str] = []  # the task each row after row 0 trained
+    lineage_uri: str | None = None  # the committed lineage record (perennial/lineage.py) of a retrain
+    task_history: str = ""
 
 
-def report(run: RunContext, data: DataBundle, evaluations: list[StageEval]) -> Report:
-    tasks = [task.name for task in data.tasks]
-    rows = [[evaluation.scores[name] for name in tasks] for evaluation in evaluations]
-    matrix = AccuracyMatrix(tasks=tasks, rows=rows)
+def report(run: RunContext, data: DataBundle, evaluations: list[StageEval], plan: LineagePlan | None = None,
+           steps: list[CITStep] = ()) -> Report:
+    """The accuracy matrix, CL metrics, plots and summary of a retrain (with ``plan`` and its CIT
+    ``steps``: of its whole lineage, whose record is committed beside the run's outputs), or of an
+    evaluation (the run's tasks, one row per evaluation). Logged to the parent MLflow run."""
+    record, start_row, lineage_uri = None, 0, None
+    if plan is None:
+        tasks = [task.name for task in data.tasks]
+        matrix = AccuracyMatrix(tasks=tasks, rows=[[evaluation.scores[name] for name in tasks] for evaluation in evaluations])
+    else:
+        record, start_row = extend_lineage(run, plan, evaluations, list(steps))
+        matrix = record.matrix()
     base, final = evaluations[0], evaluations[-1]
     metrics = summarize(
         matrix,
@@ -66,24 +85,37 @@ def report(run: RunContext, data: DataBundle, evaluations: list[StageEval]) -> R
         if name in final.general_scores
     }
     drift = [evaluation.drift for evaluation in evaluations]
-    markdown = markdown_summary(matrix, metrics, drift=drift, general=general)
+    markdown = markdown_summary(matrix, metrics, drift=drift, general=general,
+                                row_labels=record.row_labels() if record else None,
+                                drift_labels=[evaluation.stage for evaluation in evaluations])
 
     tracker = run.tracker
     tracker.log_metrics(run.parent_run_id, {k: v for k, v in metrics.items() if v is not None}, step=len(evaluations) - 1)
     out = run.work_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    plot_accuracy_matrix(matrix, out / "accuracy_matrix.png")
-    plot_task_curves(matrix, out / "task_curves.png", general=general)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    plot_accuracy_matrix(matrix, out / "accuracy_matrix.png", row_labels=record.row_labels() if record else None)
+    plot_task_curves(matrix, out / "task_curves.png", general=general if record is None or plan.start is None else None)
     plot_drift(drift, out / "drift.png")
     (out / "summary.md").write_text(markdown)
-    (out / "accuracy_matrix.json").write_text(json.dumps({"tasks": tasks, "rows": rows}))
+    (out / "accuracy_matrix.json").write_text(json.dumps({"tasks": matrix.tasks, "rows": matrix.rows, "trained": matrix.trained}))
     if general_tasks:
         (out / "general_tasks.json").write_text(json.dumps({"tasks": list(general_tasks), "rows": general, "summary": general_tasks}))
+    if record is not None:
+        (out / LINEAGE_FILE).write_text(record.model_dump_json(indent=2))
+        lineage_dir = run.work_dir / "lineage"
+        shutil.rmtree(lineage_dir, ignore_errors=True)
+        lineage_dir.mkdir(parents=True)
+        shutil.copy(out / LINEAGE_FILE, lineage_dir / LINEAGE_FILE)
+        lineage_uri = run.store.upload_dir(lineage_dir, f"{run.prefix}/lineage", meta={"rows": len(record.rows)})["uri"]
     for path in sorted(out.iterdir()):
         tracker.log_artifact(run.parent_run_id, path, "report")
     tracker.flush(attempts=5)
     return Report(
-        tasks=tasks, matrix=rows, metrics={k: v for k, v in metrics.items() if v is not None}, markdown=markdown, general_tasks=general_tasks
+        tasks=matrix.tasks, matrix=matrix.rows, metrics={k: v for k, v in metrics.items() if v is not None}, markdown=markdown,
+        general_tasks=general_tasks, start_row=start_row, lineage_uri=lineage_uri,
+        row_labels=record.row_labels() if record else matrix.stage_labels(), trained=matrix.trained or matrix.tasks[: matrix.stage],
+        task_history=record.history_text() if record else "",
     )
 
 
@@ -123,7 +155,8 @@ def save_mlflow_model(checkpoint: Path, out: Path, card: str) -> Path:
     return out
 
 
-def register(run: RunContext, model_uri: str, data: DataBundle, summary: Report) -> dict:
+def register(run: RunContext, model_uri: str, data: DataBundle, summary: Report, plan: LineagePlan | None = None,
+             last_step: CITStep | None = None) -> dict:
     """Log the final model to the run (MLflow transformers flavor, save_mlflow_model), register it as
     a new version with alias `challenger` and links to the run's report (report_links), and
     judge it with the quality gates (perennial/registry.py): promoted when all pass and
@@ -159,9 +192,18 @@ def register(run: RunContext, model_uri: str, data: DataBundle, summary: Report)
         "run_key": run.run_key,
         **{f"dataset.{ref.name}": ref.digest for ref in data.all()},
     }
+    if summary.lineage_uri:  # what a later retrain reads to continue this version (tasks/lineage.py)
+        tags.update({
+            LINEAGE_URI_TAG: summary.lineage_uri, LINEAGE_BASE_TAG: lineage_base(cfg), "task_history": summary.task_history,
+            CONTINUED_FROM_TAG: str(plan.start.version) if plan and plan.start else "none",
+            "trained_tasks": ",".join(task.name for task in plan.train) if plan else "",
+        })
+        if last_step is not None and last_step.replay_uri:
+            tags[REPLAY_URI_TAG] = last_step.replay_uri
     # evaluate_stage logs drift/kl_mean at step = stage index; the run keeps the last stage's value.
+    scored = plan.score if plan is not None else data.tasks
     metrics = registry.candidate_metrics(summary.tasks, summary.matrix, summary.metrics, parent.data.metrics.get("drift/kl_mean"),
-                                         chance={ref.name: ref.chance for ref in data.tasks})
+                                         chance={ref.name: ref.chance for ref in scored}, start_row=summary.start_row)
     return registry.register_version(
         client,
         name,

@@ -11,16 +11,17 @@ from models.loading import ModelLoadError
 from perennial.config import ConfigError
 from perennial.ingest import IngestError
 from tasks.base_model import prepare_base_model
-from tasks.cit import train_cit_stage
+from tasks.cit import stage_name, train_cit_stage
 from tasks.dap import train_dap
 from tasks.evaluate import evaluate_stage
 from tasks.ingest import bind_inputs, commit_watermarks, ingest
+from tasks.lineage import LineageError, plan_lineage
 from tasks.register import register, report
 from tasks.runtime import finish_run, start_run
 
 # Errors that a retry cannot fix: the same config, data and model fail the same way, so they fail at once.
 # A non-finite loss recurs at the same step (the retry resumes from the last committed checkpoint).
-NOT_RETRIED = (ConfigError, IngestError, ModelLoadError, NonFiniteLossError)
+NOT_RETRIED = (ConfigError, IngestError, LineageError, ModelLoadError, NonFiniteLossError)
 
 
 def retryable(task, task_run, state) -> bool:
@@ -32,17 +33,26 @@ RETRY = {"retries": 2, "retry_delay_seconds": [2, 10], "retry_condition_fn": ret
 
 preflight_stage = task(start_run, name="preflight")
 ingest_stage = task(ingest, name="ingest", **RETRY)
+lineage_stage = task(plan_lineage, name="lineage", **RETRY)
 inputs_stage = task(bind_inputs, name="inputs", **RETRY)
 base_model_stage = task(prepare_base_model, name="base-model", **RETRY)
 dap_stage = task(train_dap, name="dap", **RETRY)
-cit_stage = task(train_cit_stage, name="cit", task_run_name="cit-{index}", **RETRY)
+def _cit_run_name() -> str:
+    """A CIT task run is named as its stage (cit-01-fact_lookup), as its MLflow run is."""
+    from prefect.runtime import task_run
+
+    parameters = task_run.parameters
+    return stage_name(parameters["index"], parameters["task"].name)
+
+
+cit_stage = task(train_cit_stage, name="cit", task_run_name=_cit_run_name, **RETRY)
 evaluation_stage = task(evaluate_stage, name="evaluate", task_run_name="evaluate-{stage}", **RETRY)
 
 
 @task(name="report", **RETRY)
-def report_stage(run, data, evaluations):
+def report_stage(run, data, evaluations, plan=None, steps=()):
     """The report, plus the same table as a Prefect markdown artifact linking to the MLflow run."""
-    summary = report(run, data, evaluations)
+    summary = report(run, data, evaluations, plan, steps)
     link = f"{run.config.tracking.tracking_uri.rstrip('/')}/#/experiments/{run.experiment_id}/runs/{run.parent_run_id}"
     create_markdown_artifact(
         key=f"retrain-{run.run_key}".lower().replace("_", "-").replace(".", "-"),

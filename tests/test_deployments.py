@@ -10,6 +10,7 @@ its registered model version and `perennial status` are checked.
 from __future__ import annotations
 
 import ast
+import json
 import contextlib
 import os
 import signal
@@ -34,11 +35,13 @@ def deployments() -> dict[str, dict]:
     return {d["name"]: d for d in yaml.safe_load(PREFECT_YAML.read_text())["deployments"]}
 
 
-def test_prefect_yaml_defines_the_three_deployments():
+def test_prefect_yaml_defines_the_four_deployments():
     from prefect.client.schemas.schedules import CronSchedule
 
+    from perennial.ingest.events import RETRAIN_DUE, lineage_resource
+
     found = deployments()
-    assert set(found) == {"nightly", "manual", "evaluate-only"}
+    assert set(found) == {"nightly", "on-data", "manual", "evaluate-only"}
     for name, deployment in found.items():
         assert deployment["work_pool"]["name"] == "perennial-process", name
         path, function = deployment["entrypoint"].split(":")
@@ -56,6 +59,11 @@ def test_prefect_yaml_defines_the_three_deployments():
     CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])  # raises on a bad cron
     cfg = load_config(ROOT / "configs/demo.yaml", nightly["parameters"]["overrides"])
     assert cfg.data.source == "datasets" and all(d.incremental for d in cfg.data.datasets)
+    assert cfg.lineage.continue_from == "champion"  # the nightly continues the champion (issue #36)
+    on_data = found["on-data"]
+    assert on_data["parameters"]["overrides"] == nightly["parameters"]["overrides"]  # the same continuing retrain
+    (trigger,) = on_data["triggers"]
+    assert trigger["expect"] == [RETRAIN_DUE] and trigger["match"]["prefect.resource.id"] == lineage_resource(cfg.tracking.registered_model)
     assert found["evaluate-only"]["parameters"]["model_uri"].startswith("models:/")
 
 
@@ -250,3 +258,62 @@ def test_lineage_lock_lets_one_retrain_per_lineage_train(prefect_api):
     with get_client(sync_client=True) as client:
         limit = client.read_global_concurrency_limit_by_name(lineage_limit_name("lineage-a"))
         assert limit.limit == 1 and limit.active_slots == 0
+
+
+@pytest.mark.integration
+def test_new_records_start_the_continuing_retrain_through_prefect_events(services, prefect_api, tmp_path, monkeypatch):
+    """Issue #36: a retrain starts when data arrives. `perennial ingest` emits Prefect events; the on-data
+    deployment's trigger (deployments/prefect.yaml) creates the retrain's flow run from the event alone."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    from app.cli import ensure_work_pools, main
+    from perennial import demo_data
+    from perennial.config import StorageConfig
+    from perennial.ingest.events import DATASET_COMMITTED, RETRAIN_DUE
+    from perennial.storage import ObjectStore
+    from tests.test_security import _jsonl, nightly_config, publish_incoming
+
+    monkeypatch.chdir(ROOT)
+    assert ensure_work_pools(PREFECT_YAML) == ["perennial-process"]
+    assert main(["deploy", "--name", "on-data"]) == 0
+    with get_client(sync_client=True) as client:
+        on_data = client.read_deployment_by_name("continual-retrain/on-data")
+
+        def runs() -> list:
+            return client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[on_data.id])))
+
+        store = ObjectStore(StorageConfig(endpoint_url=services.s3_endpoint, bucket="on-data"))
+        store.ensure_bucket()
+        publish_incoming(store)
+        cfg = nightly_config(services, tmp_path, "on-data").model_dump(mode="json")
+        cfg["tracking"]["registered_model"] = deployments()["on-data"]["triggers"][0]["match"]["prefect.resource.id"].split(".", 2)[2]
+        config_path = tmp_path / "ingest.yaml"
+        config_path.write_text(yaml.safe_dump(cfg))
+
+        def ingest(threshold: int) -> list[dict]:
+            done = subprocess.run([sys.executable, "-m", "app.cli", "ingest", str(config_path), f"lineage.retrain_after_records={threshold}"],
+                                  cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stderr[-3000:]
+            return [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"event"')]
+
+        # Fewer records wait for training than the lineage's threshold: the versions are announced, no retrain is due.
+        first = ingest(threshold=1000)
+        assert {event["event"] for event in first} == {DATASET_COMMITTED}
+        pending = max(event["pending_records"] for event in first if event["dataset"] == "tasks")
+        assert pending == 56  # the night's 48 train and 8 test records, none trained on yet
+        time.sleep(5)
+        assert runs() == []
+
+        # A new object brings the waiting records past it: the event alone starts the retrain.
+        records = demo_data.task_records(demo_data.demo_tasks(7)["reverse"], 48, 8, 7)
+        store.put_bytes("incoming/tasks/day2.jsonl", _jsonl(records))
+        second = ingest(threshold=250)
+        due = [event for event in second if event["event"] == RETRAIN_DUE]
+        assert len(due) == 1 and due[0]["pending_records"] >= 250 and due[0]["datasets"]["tasks"] == 112
+        deadline = time.time() + 90
+        while time.time() < deadline and not runs():
+            time.sleep(1)
+        (started,) = runs()
+    assert started.parameters["overrides"] == deployments()["on-data"]["parameters"]["overrides"]
+    assert "lineage.continue_from=champion" in started.parameters["overrides"]

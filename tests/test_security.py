@@ -168,7 +168,7 @@ def test_concurrent_triggers_of_one_lineage_train_one_at_a_time(nightly, service
     for before, after in zip(children, children[1:]):
         assert after.info.start_time >= before.info.end_time, (before.data.tags["mlflow.runName"], after.data.tags["mlflow.runName"])
     trained = [r.data.tags["mlflow.runName"] for r in children if client.get_metric_history(r.info.run_id, "train/loss")]
-    assert sorted(trained) == sorted(set(trained)) and "cit-01-tasks" in trained  # each stage trained exactly once
+    assert sorted(trained) == sorted(set(trained)) and "cit-01-tasks-1" in trained  # each stage trained exactly once
 
     from prefect.client.orchestration import get_client
 
@@ -183,7 +183,7 @@ def test_concurrent_triggers_of_one_lineage_train_one_at_a_time(nightly, service
     verify = nightly.work_dir.parent / "verify"
     store.download_dir(replay[0].rsplit("/", 1)[0], verify / "replay")  # every sha256 checked against the manifest
     buffer = ReplayBuffer.from_jsonl(verify / "replay" / "buffer.jsonl")  # parsed as the next task would
-    assert buffer.task_names() == ["tasks"] and buffer.records()
+    assert buffer.task_names() == ["tasks-1"] and buffer.records()
     for name, keys in nightly.incoming.items():
         versions = [i.key for i in store.list(f"{PREFIX}/datasets/{name}/") if i.key.endswith(MANIFEST_NAME)]
         assert len(versions) == 1, versions  # five ticks, one version: nothing ingested twice

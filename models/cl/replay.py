@@ -333,15 +333,20 @@ class ReplayBuffer:
         budget: float = 0.1,
         strategy: str = "uniform",
         seed: int = 0,
+        keep_earlier: bool = False,
         **options: Any,
     ) -> list[dict]:
         """Sample `task_name`'s records with `select` (options: loss_fn, quantile, label_key, total).
 
         Adding a task again replaces its samples, so a rerun of a stage leaves the same buffer.
+        ``keep_earlier``: ``records`` are new records of a task the buffer already holds (a lineage
+        trains a task again on what arrived since): their samples join the earlier ones, each share
+        drawn under the same budget rule. Returns the new samples.
         """
         chosen = select(records, budget, strategy, seed, **options)
+        earlier = self.tasks.pop(task_name, []) if keep_earlier else []
         self.tasks.pop(task_name, None)
-        self.tasks[task_name] = chosen
+        self.tasks[task_name] = earlier + chosen
         return chosen
 
     def task_names(self) -> list[str]:

@@ -28,6 +28,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. storage.bucket=mine")
     parser.add_argument("--only", action="append", default=[], metavar="NAME", help="ingest only this dataset (repeatable)")
     parser.add_argument("--log-mlflow", action="store_true", help="log each version as an input of an MLflow run")
+    parser.add_argument("--no-events", action="store_true",
+                        help="send no Prefect events (by default, with PREFECT_API_URL set, each new version sends "
+                        "perennial.dataset.committed, and perennial.retrain.due once lineage.retrain_after_records records "
+                        "wait for a retrain: the trigger of the continual-retrain/on-data deployment)")
     parser.add_argument(
         "--distributed", choices=("process", "dask"), metavar="RUNNER",  # perennial.ingest.distributed.RUNNERS (imports Prefect)
         help="build each snapshot with Prefect tasks, one per input file or S3 object, on several workers: process (local "
@@ -61,6 +65,7 @@ def main_ingest(argv: list[str] | None = None) -> int:
         store = ObjectStore(cfg.storage)
         store.check()
         work_dir = Path(cfg.work_dir) / "ingest"
+        results = []
         for spec in specs:
             if args.distributed:
                 result = ingest_distributed(spec, cfg.storage, work_dir, cfg.storage.prefix, runner=args.distributed,
@@ -71,8 +76,14 @@ def main_ingest(argv: list[str] | None = None) -> int:
             summary = {"name": result.name, "digest": result.digest, "uri": result.uri, "created": result.created, "skipped": result.skipped,
                        "counts": result.counts, "rejected": result.rejected, "tasks": result.tasks}  # fmt: skip
             print(json.dumps(summary), flush=True)
+            results.append(result)
             if args.log_mlflow:
                 _log(cfg, result)
+        if not args.no_events:
+            from perennial.ingest.events import announce
+
+            for event in announce(cfg, store, results):
+                print(json.dumps(event), flush=True)
     except (ConfigError, IngestError, StorageError) as error:
         print(f"perennial ingest: {error}", file=sys.stderr)
         return 2

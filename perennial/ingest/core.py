@@ -80,8 +80,9 @@ class IngestResult:
     skipped: bool = False  # True when the sources were unchanged since a committed snapshot: nothing was read
     store: ObjectStore | None = field(default=None, repr=False)
     shards_dir: Path | None = None  # the local shard cache of this dataset
-    # Incremental ingestion: the source objects this run read (URI -> ETag), for the watermark.
-    watermark: dict[str, str] = field(default_factory=dict)
+    # Incremental ingestion: the source objects this run read (URI -> ETag, empty when none were new), for the
+    # watermark; None for a snapshot.
+    watermark: dict[str, str] | None = None
 
     @property
     def local_path(self) -> Path:
@@ -508,12 +509,48 @@ def fetch_version(store: ObjectStore, storage_prefix: str, name: str, digest: st
     return result_from(name, manifest["kind"], manifest, local_dir, False, store=store, shards_dir=_shards_dir(work_dir, name))
 
 
-def iter_version(store: ObjectStore, uri: str, cache_dir: Path, split: str | None = None) -> Iterator[dict]:
+def iter_version(store: ObjectStore, uri: str, cache_dir: Path, split: str | None = None, task: str | None = None,
+                 since: str | None = None) -> Iterator[dict]:
     """Stream the records of the committed version at ``uri`` (s3://bucket/...), shards in order.
 
-    Shards are cached in ``cache_dir`` by sha256 and verified when downloaded; a shard of the other
-    split is never downloaded. Raises IngestError when ``uri`` is not a committed version.
+    ``split`` and ``task`` keep only that split's and that task's records (a shard holding neither is
+    never downloaded). ``since``, the URI of an earlier version of the same dataset, keeps only the
+    records that version does not hold: for an incremental child, whose manifest lists its parent's
+    shards first, those shards are skipped unread; otherwise records are compared by id. Shards are
+    cached in ``cache_dir`` by sha256 and verified when downloaded. Raises IngestError when ``uri``
+    (or ``since``) is not a committed version.
     """
+    meta, stored_digest, prefix = _version_meta(store, uri)
+    if "shards" not in meta:  # a version written before shards: one data.jsonl beside the manifest
+        if since is not None:
+            raise IngestError(f"{uri} predates sharded versions: re-ingest it to continue training on its new records")
+        local = Path(cache_dir) / "legacy" / stored_digest[:24]
+        store.download_dir(prefix, local)
+        for record in iter_jsonl(local / DATA_FILE):
+            if (split is None or record.get("split") == split) and (task is None or record.get("task") == task):
+                yield record
+        return
+    skip: set[str] = set()
+    seen_ids: set[str] | None = None
+    if since is not None:
+        earlier = _version_meta(store, since)[0]
+        skip = {shard["sha256"] for shard in earlier.get("shards", [])}
+        if not skip <= {shard["sha256"] for shard in meta["shards"]}:  # not an ancestor: compare by id
+            seen_ids = {record["id"] for record in iter_version(store, since, cache_dir, split, task)}
+            skip = set()
+
+    def wanted(shard: dict) -> bool:
+        return ((split is None or shard["split"] == split) and shard["sha256"] not in skip
+                and (task is None or any(name == task for name, _ in shard["tasks"])))
+
+    for shard in filter(wanted, meta["shards"]):
+        for record in iter_shard(fetch_shard(store, meta["shard_prefix"], shard, Path(cache_dir) / "shards"), split):
+            if (task is None or record["task"] == task) and (seen_ids is None or record["id"] not in seen_ids):
+                yield record
+
+
+def _version_meta(store: ObjectStore, uri: str) -> tuple[dict, str, str]:
+    """A committed version's manifest meta, manifest digest and key prefix. Raises IngestError."""
     bucket_prefix = f"s3://{store.bucket}/"
     if not uri.startswith(bucket_prefix):
         raise IngestError(f"{uri} is not in bucket {store.bucket}")
@@ -521,17 +558,7 @@ def iter_version(store: ObjectStore, uri: str, cache_dir: Path, split: str | Non
     stored = store.read_manifest(prefix)
     if stored is None:
         raise IngestError(f"{uri} is not a committed dataset version (no manifest)")
-    meta = stored["meta"]
-    if "shards" not in meta:  # a version written before shards: one data.jsonl beside the manifest
-        local = Path(cache_dir) / "legacy" / stored["digest"][:24]
-        store.download_dir(prefix, local)
-        for record in iter_jsonl(local / DATA_FILE):
-            if split is None or record.get("split") == split:
-                yield record
-        return
-    for shard in meta["shards"]:
-        if split is None or shard["split"] == split:
-            yield from iter_shard(fetch_shard(store, meta["shard_prefix"], shard, Path(cache_dir) / "shards"), split)
+    return stored["meta"], stored["digest"], prefix
 
 
 def _snapshot_key(storage_prefix: str, name: str, key: str) -> str:

@@ -59,18 +59,35 @@ def _next_task(spec: IngestDatasetConfig, incremental: IncrementalConfig, parent
     return incremental.append_to or (tasks[-1] if tasks else base)
 
 
-def advance_watermark(store: ObjectStore, storage_prefix: str, name: str, processed: dict[str, str], version: str) -> None:
-    """Mark ``processed`` (object URI -> ETag) as ingested into ``version`` of dataset ``name``.
+def advance_watermark(store: ObjectStore, storage_prefix: str, name: str, processed: dict[str, str], version: str,
+                      trained: bool = False) -> None:
+    """Mark ``processed`` (object URI -> ETag) as ingested into ``version`` of dataset ``name``;
+    ``trained``: a committed model was trained on ``version`` (its ``trained_version``, from which
+    `pending_records` counts what is new).
 
     Merged into the stored watermark, never replacing it, so a run that advances it late loses no
     entry another run added in between; advancing with entries already there changes nothing.
     """
     watermark = read_watermark(store, storage_prefix, name)
     merged = {**watermark["processed"], **processed}
-    if merged == watermark["processed"] and watermark.get("version") == version:
+    updated = {**watermark, "processed": merged, "version": version, **({"trained_version": version} if trained else {})}
+    if updated == watermark:
         return
-    store.put_json(watermark_key(storage_prefix, name),
-                   {"processed": merged, "version": version, "updated": datetime.now(timezone.utc).isoformat()})
+    store.put_json(watermark_key(storage_prefix, name), {**updated, "updated": datetime.now(timezone.utc).isoformat()})
+
+
+def pending_records(store: ObjectStore, storage_prefix: str, name: str) -> int:
+    """Records of dataset ``name``'s latest version that no committed model has been trained on: its
+    records less those of the watermark's ``trained_version`` (all of them before any was trained)."""
+    latest = latest_version(store, storage_prefix, name)
+    if latest is None:
+        return 0
+    trained = read_watermark(store, storage_prefix, name).get("trained_version")
+    total = sum(latest["counts"].get(split, 0) for split in ("train", "test"))
+    if not trained or trained == latest["digest"]:
+        return 0 if trained else total
+    stored = store.read_manifest(join_key(storage_prefix, "datasets", name, trained))
+    return max(0, total - sum(stored["meta"]["counts"].get(split, 0) for split in ("train", "test"))) if stored else total
 
 
 def ingest_incremental(
@@ -119,7 +136,9 @@ def ingest_incremental(
                 f"dataset {spec.name!r}: nothing to ingest: no objects under {[s.uri for s in spec.sources]} "
                 "and no earlier version"
             )
-        return unchanged({"counts": {"read": 0, "accepted": 0, "truncated": 0}, "rejected": {}})
+        result = unchanged({"counts": {"read": 0, "accepted": 0, "truncated": 0}, "rejected": {}})
+        result.watermark = {}
+        return result
 
     scratch = work_dir / "scratch" / spec.name
     scratch.mkdir(parents=True, exist_ok=True)
