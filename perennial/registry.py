@@ -68,7 +68,8 @@ RUN_NOTE_TAG = "mlflow.note.content"  # a run's description in MLflow
 HEADLINE_METRICS = ["final_mean", "ap", "aip", "bwt", "fwt", "forgetting_mean", "forgetting_max",
                     "general_ppl_final", "general_ppl_rel_change", "general_task_delta", "drift_kl_mean"]
 LINEAGE_TAGS = ["base_model", "config_digest", "checkpoint_uri", "checkpoint_manifest", "tuning_method",
-                "cl_methods", "git_sha", "run_key"]
+                "cl_methods", "git_sha", "run_key", "continued_from", "trained_tasks", "task_history"]
+EVAL_SET_TAG = "eval_set."  # prefix of the tags naming the dataset version each scored task's test records came from
 DECISION_TAGS = [DECISION_TAG, "promoted_by", "promoted_reason", "promoted_at", NEEDS_REVIEW_TAG, FAILED_GATES_TAG, REVIEW_REASON_TAG,
                  PREVIOUS_VERSION_TAG,
                  "superseded_by", "rolled_back_by", "rolled_back_reason", "rolled_back_at", "restored_from"]
@@ -308,11 +309,18 @@ def _get_version(client: MlflowClient, name: str, version: int | str):
 
 
 def _changed_eval_sets(challenger_tags: dict[str, str], champion_tags: dict[str, str]) -> set[str]:
-    """Datasets whose digest differs between two versions (a missing tag is not a difference)."""
+    """Tasks and datasets whose evaluation data differs between two versions (a missing tag is not a
+    difference): per task the dataset version its test records came from (`eval_set.<task>`), where
+    both versions record it (a dataset holding several tasks, or a lineage's earlier tasks, changes
+    version without changing them), else the dataset's digest (`dataset.<name>`; "general" too)."""
     changed = set()
     for key, digest in challenger_tags.items():
+        if key.startswith(EVAL_SET_TAG) and key in champion_tags and champion_tags[key] != digest:
+            changed.add(key[len(EVAL_SET_TAG):])
         if key.startswith(DATASET_TAG) and key in champion_tags and champion_tags[key] != digest:
-            changed.add(key[len(DATASET_TAG):])
+            name = key[len(DATASET_TAG):]
+            if f"{EVAL_SET_TAG}{name}" not in challenger_tags or f"{EVAL_SET_TAG}{name}" not in champion_tags:
+                changed.add(name)
     return changed
 
 

@@ -192,6 +192,8 @@ def register(run: RunContext, model_uri: str, data: DataBundle, summary: Report,
         "run_key": run.run_key,
         **{f"dataset.{ref.name}": ref.digest for ref in data.all()},
     }
+    # Where each scored task's test records came from, so the gates compare with the champion only on the same ones.
+    tags.update({f"{registry.EVAL_SET_TAG}{ref.name}": ref.digest for ref in (plan.score if plan is not None else data.tasks)})
     if summary.lineage_uri:  # what a later retrain reads to continue this version (tasks/lineage.py)
         tags.update({
             LINEAGE_URI_TAG: summary.lineage_uri, LINEAGE_BASE_TAG: lineage_base(cfg), "task_history": summary.task_history,
