@@ -742,6 +742,25 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [fmt(header), fmt(["-" * width for width in widths]), *(fmt(row) for row in rows)]
 
 
+def _lineage_matrix(client: MlflowClient, version) -> list[str]:
+    """A version that continued its lineage: the lineage's accuracy matrix (its retrain's report), each row
+    labelled with the retrain that added it; nothing for other versions or when the report is unreadable."""
+    if version.tags.get("continued_from", "none") == "none" or not version.run_id:
+        return []
+    import tempfile
+
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            path = client.download_artifacts(version.run_id, "report/accuracy_matrix.json", scratch)
+            matrix = json.loads(open(path).read())
+    except (MlflowException, OSError, ValueError):
+        return []
+    labels = matrix.get("row_labels") or [f"row {index}" for index in range(len(matrix["rows"]))]
+    rows = [[label, *("—" if score is None else f"{score:.3f}" for score in row)] for label, row in zip(labels, matrix["rows"])]
+    return [f"Accuracy matrix of the lineage (challenger v{version.version} continued v{version.tags['continued_from']}; "
+            "each row names the retrain that added it; — = not scored then)", *_table(["stage", *matrix["tasks"]], rows), ""]
+
+
 def review(client: MlflowClient, name: str) -> str:
     """The challenger's verdict (READY / BLOCKED and why) first, its task scores beside chance and
     their change from stage 0, then champion and challenger side by side: metrics, the
@@ -771,6 +790,7 @@ def review(client: MlflowClient, name: str) -> str:
         if rows:
             lines += [f"Tasks of challenger v{challenger.version} (stage 0 = before continual tuning; chance — = unknown)",
                       *_table(TASK_HEADER, rows), ""]
+        lines += _lineage_matrix(client, challenger)
 
     header = ["metric", *(f"{label} v{version.version}" for label, version in shown)]
     per_version = [metrics_from_tags(version.tags) for _, version in shown]

@@ -98,7 +98,9 @@ def report(run: RunContext, data: DataBundle, evaluations: list[StageEval], plan
     plot_task_curves(matrix, out / "task_curves.png", general=general if record is None or plan.start is None else None)
     plot_drift(drift, out / "drift.png")
     (out / "summary.md").write_text(markdown)
-    (out / "accuracy_matrix.json").write_text(json.dumps({"tasks": matrix.tasks, "rows": matrix.rows, "trained": matrix.trained}))
+    (out / "accuracy_matrix.json").write_text(json.dumps({
+        "tasks": matrix.tasks, "rows": matrix.rows, "trained": matrix.trained,
+        "row_labels": record.row_labels() if record else matrix.stage_labels()}))
     if general_tasks:
         (out / "general_tasks.json").write_text(json.dumps({"tasks": list(general_tasks), "rows": general, "summary": general_tasks}))
     if record is not None:
@@ -126,10 +128,62 @@ def _git_sha() -> str:
         return "unknown"
 
 
-def save_mlflow_model(checkpoint: Path, out: Path, card: str) -> Path:
-    """The checkpoint as an MLflow transformers-flavor folder (MLmodel, model/, components/tokenizer/),
-    so `mlflow.transformers.load_model("models:/NAME@ALIAS")` loads it; the S3 checkpoint stays the
+# Served answers stop after this many new tokens unless a request's max_tokens says otherwise (at most
+# half the model's positions, so a default request never runs past them).
+SERVE_MAX_TOKENS = 256
+CHAT_TASK, COMPLETIONS_TASK = "llm/v1/chat", "llm/v1/completions"
+
+
+def serving_task(tokenizer) -> str:
+    """MLflow's LLM inference task for a version: `llm/v1/chat` when its tokenizer has a chat template
+    (the scoring server renders `messages` with it), else `llm/v1/completions` (`completion_prompt_template`)."""
+    return CHAT_TASK if tokenizer.chat_template else COMPLETIONS_TASK
+
+
+def completion_prompt_template(tokenizer) -> str:
+    """Perennial's default template (models/data.py: DEFAULT_CHAT_TEMPLATE) around one user turn, as
+    an MLflow prompt template: a completions request's ``prompt`` becomes the prompt this model was
+    trained and scored on (`encode_prompt` of a template-less tokenizer), not raw text it never saw."""
+    from models.data import DEFAULT_CHAT_TEMPLATE
+
+    slot = "\x00prompt\x00"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": slot}], chat_template=DEFAULT_CHAT_TEMPLATE,
+                                         tokenize=False, add_generation_prompt=True)
+    before, after = text.split(slot)
+    escape = lambda part: part.replace("{", "{{").replace("}", "}}")  # noqa: E731  (str.format's literal braces)
+    return f"{escape(before)}{{prompt}}{escape(after)}"
+
+
+def serving_generation_config(model, tokenizer):
+    """Greedy decoding exactly as Perennial scores (models/evaluation.py: generate), whatever sampling
+    or penalties the checkpoint's own generation_config holds: the served answer is the scored one."""
+    from transformers import GenerationConfig
+
+    from models.families import max_positions
+
+    positions = max_positions(model)
+    return GenerationConfig(
+        max_new_tokens=min(SERVE_MAX_TOKENS, positions // 2) if positions else SERVE_MAX_TOKENS, do_sample=False, num_beams=1,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+    )
+
+
+def save_mlflow_model(checkpoint: Path, out: Path, card: str, name: str | None = None) -> Path:
+    """The checkpoint as an MLflow transformers-flavor folder (MLmodel, model/, components/tokenizer/)
+    that `mlflow models serve -m models:/NAME@ALIAS` serves as an OpenAI-style endpoint, and that
+    `mlflow.transformers.load_model` and `mlflow.pyfunc.load_model` load; the S3 checkpoint stays the
     source of truth (the version's checkpoint_uri tag).
+
+    Logged with MLflow's LLM inference task (`serving_task`): `llm/v1/chat` takes ``messages``,
+    renders them with the tokenizer's own chat template and answers in the chat-completion shape;
+    a tokenizer without a template gets `llm/v1/completions`, whose ``prompt`` is wrapped in
+    Perennial's default template (`completion_prompt_template`). Decoding is greedy with Perennial's
+    settings (`serving_generation_config`) and the rendered prompt is tokenized without added
+    special tokens (the template writes them), so a served answer is token for token
+    `models.evaluation.generate`'s for a prompt that fits the model's positions. ``max_tokens``
+    bounds the answer (default: `SERVE_MAX_TOKENS`). ``name`` (register: ``models:/NAME``) is the
+    `model` field of every response; not a hub repo id, so MLflow looks nothing up under it
+    (default: the checkpoint's local path).
 
     Built from the already downloaded checkpoint: nothing comes from the hub, and Perennial's own
     files (plugins, training state) are left out because only the model and tokenizer are saved.
@@ -142,10 +196,18 @@ def save_mlflow_model(checkpoint: Path, out: Path, card: str) -> Path:
     from huggingface_hub import ModelCard
 
     model, tokenizer = load_model_and_tokenizer(checkpoint)
+    model.generation_config = serving_generation_config(model, tokenizer)
+    if name:
+        model.name_or_path = name  # MLflow records it as the source model's name, the `model` of each response
+    task = serving_task(tokenizer)
     mlflow.transformers.save_model(
         {"model": model, "tokenizer": tokenizer},
         out,
-        task="text-generation",
+        task=task,
+        prompt_template=completion_prompt_template(tokenizer) if task == COMPLETIONS_TASK else None,
+        # Passed to the pipeline on every request, before the request's own fields: the template (or
+        # the prompt template) writes the special tokens, so tokenizing adds none (no second BOS).
+        model_config={"add_special_tokens": False, "max_new_tokens": model.generation_config.max_new_tokens},
         # A card of our own: MLflow would otherwise look the model up on the hub (offline here).
         model_card=ModelCard(card),
         # Stated, not inferred: inference loads the model again in a subprocess, for the same answer.
@@ -179,7 +241,7 @@ def register(run: RunContext, model_uri: str, data: DataBundle, summary: Report,
         local = fetch_dir(store, model_uri, run.services.cache_dir)
         cfg.work_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="mlflow-model-", dir=cfg.work_dir) as scratch:
-            folder = save_mlflow_model(local, Path(scratch) / "model", summary.markdown)
+            folder = save_mlflow_model(local, Path(scratch) / "model", summary.markdown, name=f"models:/{name}")
             client.log_artifacts(run.parent_run_id, str(folder), "model")
     tags = {
         "git_sha": _git_sha(),

@@ -77,6 +77,9 @@ def test_each_night_continues_the_champion_with_its_cl_state_and_trains_only_wha
     record = json.loads(store.get_bytes(version.tags["lineage_uri"].removeprefix(f"s3://{store.bucket}/") + "/lineage.json"))
     assert [row["task"] for row in record["rows"]] == [None, "tasks-1", "tasks-2"]
     assert [row["run_key"] for row in record["rows"]] == ["nightly-20990101", "nightly-20990101", "nightly-20990102"]
+    shown = registry.review(client, model)  # the reviewer sees the lineage's matrix, rows marked by retrain
+    assert "Accuracy matrix of the lineage (challenger v2 continued v1" in shown
+    assert "after tasks-2 (nightly-20990102)" in shown and "tasks-2@" in shown
 
     # EWC's state is carried: the same night without it (a method list that does not match version 1's, so
     # every plugin starts fresh; averaging at alpha 0 changes nothing) trains other weights.
