@@ -36,7 +36,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from typing import Iterator
+from typing import Callable, Iterator
 
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -141,13 +141,42 @@ def _per_task(metrics: dict[str, float], prefix: str) -> dict[str, float]:
 # --- gates ------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Judged:
+    """What every gate reads: the thresholds, the challenger's and the champion's metrics (None: no
+    champion) and the evaluation sets whose digests differ from the champion's."""
+
+    gates: GatesConfig
+    challenger: dict
+    champion: dict | None
+    changed: set[str] | frozenset[str]
+
+
+Gate = Callable[[float, Judged], GateResult]
+GATES: dict[str, Gate] = {}  # name (a GatesConfig field) -> check, in the order the results list them
+# The threshold a gate applies, where it is not simply its own GatesConfig field.
+THRESHOLDS: dict[str, Callable[[Judged], float | None]] = {}
+
+
+def gate(name: str, threshold: Callable[[Judged], float | None] | None = None) -> Callable[[Gate], Gate]:
+    """Register a gate: a function (threshold, judged) -> GateResult, run only when its threshold is set.
+
+    Adding a gate is one such function and one GatesConfig field of the same name (None: off)."""
+    def register(check: Gate) -> Gate:
+        GATES[name] = check
+        if threshold is not None:
+            THRESHOLDS[name] = threshold
+        return check
+    return register
+
+
 def evaluate_gates(
     gates: GatesConfig,
     challenger_metrics: dict,
     champion_metrics: dict | None,
     changed_eval_sets: set[str] | frozenset[str] = frozenset(),
 ) -> list[GateResult]:
-    """Judge a challenger; one result per gate, in GatesConfig's order.
+    """Judge a challenger; one result per gate of GATES, in its order.
 
     Relative gates (per-task drop, general perplexity ratio) compare with the champion when there
     is one, on the evaluation sets both were scored on, and otherwise with the run's own stage 0
@@ -158,115 +187,115 @@ def evaluate_gates(
     "—"); so has the chance gate when no task has a known chance level. A configured gate whose
     metric is missing fails: a gate that cannot be checked must not wave a model through.
     """
-    results: list[GateResult] = []
+    judged = Judged(gates, challenger_metrics, champion_metrics, changed_eval_sets)
+    results = []
+    for name, check in GATES.items():
+        threshold = THRESHOLDS[name](judged) if name in THRESHOLDS else getattr(gates, name)
+        results.append(GateResult(name, None, None, None, "not configured") if threshold is None else check(threshold, judged))
+    return results
 
-    def off(name: str) -> None:
-        results.append(GateResult(name, None, None, None, "not configured"))
 
-    def absolute(name: str, key: str, threshold: float | None, higher_is_better: bool, label: str) -> None:
-        value = challenger_metrics.get(key)
-        if threshold is None:
-            off(name)
-        elif value is None:
-            results.append(GateResult(name, False, None, threshold, f"{label} ({key}) is missing: cannot check"))
-        else:
-            passed = value >= threshold if higher_is_better else value <= threshold
-            relation = ">=" if higher_is_better else "<="
-            results.append(GateResult(name, passed, value, threshold, f"{label} {value:.4f} (must be {relation} {threshold:g})"))
+def _absolute(name: str, key: str, higher_is_better: bool, label: str) -> Gate:
+    """A gate on one metric of the challenger against a fixed threshold."""
+    def check(threshold: float, judged: Judged) -> GateResult:
+        value = judged.challenger.get(key)
+        if value is None:
+            return GateResult(name, False, None, threshold, f"{label} ({key}) is missing: cannot check")
+        passed = value >= threshold if higher_is_better else value <= threshold
+        relation = ">=" if higher_is_better else "<="
+        return GateResult(name, passed, value, threshold, f"{label} {value:.4f} (must be {relation} {threshold:g})")
+    return check
 
-    absolute("min_target_score", "final_mean", gates.min_target_score, True, "mean final-row task score")
-    absolute("min_bwt", "bwt", gates.min_bwt, True, "backward transfer")
 
-    final = _per_task(challenger_metrics, "final")
+gate("min_target_score")(_absolute("min_target_score", "final_mean", True, "mean final-row task score"))
+gate("min_bwt")(_absolute("min_bwt", "bwt", True, "backward transfer"))
 
-    # Per-task drop: against the champion's final score where it was scored on the same data, else
-    # against stage 0, so a first version (or a changed evaluation set) is still checked.
-    threshold = gates.max_task_drop
-    if threshold is None:
-        off("max_task_drop")
-    else:
-        champion_final = _per_task(champion_metrics or {}, "final")
-        stage0 = _per_task(challenger_metrics, "stage0")
-        references = {}
-        for task in final:
-            if task in champion_final and task not in changed_eval_sets:
-                references[task] = (champion_final[task], "champion")
-            elif task in stage0:
-                references[task] = (stage0[task], "stage 0")
-        changed = sorted(task for task in final if task in champion_final and task in changed_eval_sets)
-        note = f"; evaluation set changed since the champion, compared with stage 0: {', '.join(changed)}" if changed else ""
-        if champion_final.keys() - final.keys():
-            note += f"; champion tasks the challenger was not scored on: {', '.join(sorted(champion_final.keys() - final.keys()))}"
-        if not references:
-            results.append(GateResult("max_task_drop", False, None, threshold, f"no task has a final and a reference score: cannot check{note}"))
-        else:
-            drops = {task: reference - final[task] for task, (reference, _) in references.items()}
-            worst = max(drops, key=drops.get)
-            (reference, source), value = references[worst], drops[worst]
-            results.append(GateResult("max_task_drop", value <= threshold, value, threshold,
-                                      f"worst drop: {worst} {reference:.4f} ({source}) -> {final[worst]:.4f} "
-                                      f"(drop {value:+.4f}, must be <= {threshold:g}){note}"))
 
-    # Every task above its chance level by a margin: a score at chance is not a learned task, however
-    # the other gates look. Tasks of unknown chance (free generation) cannot be checked this way.
-    threshold = gates.min_chance_margin
-    chance = _per_task(challenger_metrics, "chance")
+@gate("max_task_drop")
+def _max_task_drop(threshold: float, judged: Judged) -> GateResult:
+    """Per-task drop: against the champion's final score where it was scored on the same data, else
+    against stage 0, so a first version (or a changed evaluation set) is still checked."""
+    final = _per_task(judged.challenger, "final")
+    champion_final = _per_task(judged.champion or {}, "final")
+    stage0 = _per_task(judged.challenger, "stage0")
+    references = {}
+    for task in final:
+        if task in champion_final and task not in judged.changed:
+            references[task] = (champion_final[task], "champion")
+        elif task in stage0:
+            references[task] = (stage0[task], "stage 0")
+    changed = sorted(task for task in final if task in champion_final and task in judged.changed)
+    note = f"; evaluation set changed since the champion, compared with stage 0: {', '.join(changed)}" if changed else ""
+    if champion_final.keys() - final.keys():
+        note += f"; champion tasks the challenger was not scored on: {', '.join(sorted(champion_final.keys() - final.keys()))}"
+    if not references:
+        return GateResult("max_task_drop", False, None, threshold, f"no task has a final and a reference score: cannot check{note}")
+    drops = {task: reference - final[task] for task, (reference, _) in references.items()}
+    worst = max(drops, key=drops.get)
+    (reference, source), value = references[worst], drops[worst]
+    return GateResult("max_task_drop", value <= threshold, value, threshold,
+                      f"worst drop: {worst} {reference:.4f} ({source}) -> {final[worst]:.4f} "
+                      f"(drop {value:+.4f}, must be <= {threshold:g}){note}")
+
+
+@gate("min_chance_margin")
+def _min_chance_margin(threshold: float, judged: Judged) -> GateResult:
+    """Every task above its chance level by a margin: a score at chance is not a learned task, however
+    the other gates look. Tasks of unknown chance (free generation) cannot be checked this way."""
+    final = _per_task(judged.challenger, "final")
+    chance = _per_task(judged.challenger, "chance")
     known = {task: final[task] - chance[task] for task in final if task in chance}
     unknown = sorted(final.keys() - chance.keys())
     note = f"; chance unknown, not checked: {', '.join(unknown)}" if unknown else ""
-    if threshold is None:
-        off("min_chance_margin")
-    elif not known:
-        results.append(GateResult("min_chance_margin", None, None, threshold, f"no task has a known chance level{note}"))
-    else:
-        below = sorted(task for task, margin in known.items() if margin < threshold)
-        worst = min(known, key=known.get)
-        value = known[worst]
-        shown = below or [worst]
-        scores = ", ".join(f"{task} {final[task]:.4f} vs chance {chance[task]:.4f} ({known[task]:+.4f})" for task in shown)
-        results.append(GateResult("min_chance_margin", not below, value, threshold,
-                                  f"{'below chance + ' + format(threshold, 'g') + ': ' if below else 'closest to chance: '}{scores}{note}"))
+    if not known:
+        return GateResult("min_chance_margin", None, None, threshold, f"no task has a known chance level{note}")
+    below = sorted(task for task, margin in known.items() if margin < threshold)
+    worst = min(known, key=known.get)
+    shown = below or [worst]
+    scores = ", ".join(f"{task} {final[task]:.4f} vs chance {chance[task]:.4f} ({known[task]:+.4f})" for task in shown)
+    return GateResult("min_chance_margin", not below, known[worst], threshold,
+                      f"{'below chance + ' + format(threshold, 'g') + ': ' if below else 'closest to chance: '}{scores}{note}")
 
-    # General perplexity as a ratio: the champion's on the same held-out general text, else stage 0's,
-    # each with its own threshold (fine-tuning moves a model further from its base than from a champion
-    # trained the same way).
-    mine_ppl = challenger_metrics.get("general_ppl_final")
-    theirs_ppl = (champion_metrics or {}).get("general_ppl_final")
-    if champion_metrics is not None and theirs_ppl and "general" not in changed_eval_sets:
-        reference, source, threshold = theirs_ppl, "champion", gates.max_general_ppl_ratio
-    else:
-        reference, threshold = challenger_metrics.get("general_ppl_base"), gates.max_general_ppl_ratio_vs_base
-        source = "stage 0" + ("; general evaluation set changed since the champion" if champion_metrics is not None else "")
-    if threshold is None:
-        off("max_general_ppl_ratio")
-    elif mine_ppl is None or not reference:
-        results.append(GateResult("max_general_ppl_ratio", False, None, threshold,
-                                  f"general_ppl_final or the {source} perplexity is missing: cannot check"))
-    else:
-        value = mine_ppl / reference
-        results.append(GateResult("max_general_ppl_ratio", value <= threshold, value, threshold,
-                                  f"general perplexity {reference:,.3f} ({source}) -> {mine_ppl:,.3f} "
-                                  f"(x{value:,.2f}, must be <= x{threshold:g})"))
 
-    # Held-out general tasks against the same run's stage 0 (the model before continual tuning),
-    # so the gate needs no champion and is not affected by a changed evaluation set.
-    threshold = gates.max_general_task_drop
-    deltas = {key[len("general/"):-len("_delta")]: value for key, value in challenger_metrics.items()
+def _ppl_reference(judged: Judged) -> tuple[float | None, str, float | None]:
+    """General perplexity's reference, where it comes from, and the threshold that applies: the champion's
+    on the same held-out general text, else stage 0's, each with its own threshold (fine-tuning moves a
+    model further from its base than from a champion trained the same way)."""
+    theirs = (judged.champion or {}).get("general_ppl_final")
+    if judged.champion is not None and theirs and "general" not in judged.changed:
+        return theirs, "champion", judged.gates.max_general_ppl_ratio
+    source = "stage 0" + ("; general evaluation set changed since the champion" if judged.champion is not None else "")
+    return judged.challenger.get("general_ppl_base"), source, judged.gates.max_general_ppl_ratio_vs_base
+
+
+@gate("max_general_ppl_ratio", threshold=lambda judged: _ppl_reference(judged)[2])
+def _max_general_ppl_ratio(threshold: float, judged: Judged) -> GateResult:
+    mine = judged.challenger.get("general_ppl_final")
+    reference, source, _ = _ppl_reference(judged)
+    if mine is None or not reference:
+        return GateResult("max_general_ppl_ratio", False, None, threshold,
+                          f"general_ppl_final or the {source} perplexity is missing: cannot check")
+    value = mine / reference
+    return GateResult("max_general_ppl_ratio", value <= threshold, value, threshold,
+                      f"general perplexity {reference:,.3f} ({source}) -> {mine:,.3f} (x{value:,.2f}, must be <= x{threshold:g})")
+
+
+@gate("max_general_task_drop")
+def _max_general_task_drop(threshold: float, judged: Judged) -> GateResult:
+    """Held-out general tasks against the same run's stage 0 (the model before continual tuning), so the
+    gate needs no champion and is not affected by a changed evaluation set."""
+    deltas = {key[len("general/"):-len("_delta")]: value for key, value in judged.challenger.items()
               if key.startswith("general/") and key.endswith("_delta") and value is not None}
-    if threshold is None:
-        off("max_general_task_drop")
-    elif not deltas:
-        results.append(GateResult("max_general_task_drop", False, None, threshold,
-                                  "no held-out general task scores (general/<task>_delta): cannot check"))
-    else:
-        worst = min(deltas, key=deltas.get)
-        value = -deltas[worst]
-        results.append(GateResult("max_general_task_drop", value <= threshold, value, threshold,
-                                  f"worst held-out general task vs stage 0: {worst} {deltas[worst]:+.4f} "
-                                  f"(drop must be <= {threshold:g})"))
+    if not deltas:
+        return GateResult("max_general_task_drop", False, None, threshold,
+                          "no held-out general task scores (general/<task>_delta): cannot check")
+    worst = min(deltas, key=deltas.get)
+    value = -deltas[worst]
+    return GateResult("max_general_task_drop", value <= threshold, value, threshold,
+                      f"worst held-out general task vs stage 0: {worst} {deltas[worst]:+.4f} (drop must be <= {threshold:g})")
 
-    absolute("max_output_drift_kl", "drift_kl_mean", gates.max_output_drift_kl, False, "output drift KL(base‖final)")
-    return results
+
+gate("max_output_drift_kl")(_absolute("max_output_drift_kl", "drift_kl_mean", False, "output drift KL(base‖final)"))
 
 
 def failed(results: list[GateResult]) -> list[str]:

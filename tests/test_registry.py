@@ -89,6 +89,29 @@ def test_without_champion_relative_gates_compare_with_stage_0():
     assert not registry.evaluate_gates(GATES, metrics([0.3, 0.3, 0.3]), None)[0].passed
 
 
+def test_gates_are_a_table_of_small_functions_one_per_config_field(monkeypatch):
+    """Each gate is one registered function named as its GatesConfig field; adding a gate is one function
+    and one config field (off while None), with no change to evaluate_gates."""
+    assert list(registry.GATES) == ["min_target_score", "min_bwt", "max_task_drop", "min_chance_margin",
+                                    "max_general_ppl_ratio", "max_general_task_drop", "max_output_drift_kl"]
+    assert set(registry.GATES) <= set(GatesConfig.model_fields)
+    assert [result.name for result in registry.evaluate_gates(GATES, HEALTHY, None)] == list(registry.GATES)
+
+    class WithAnswerLength(GatesConfig):
+        max_answer_tokens: float | None = None
+
+    monkeypatch.setattr(registry, "GATES", dict(registry.GATES))
+
+    @registry.gate("max_answer_tokens")
+    def _answer_length(threshold, judged):
+        value = judged.challenger["answer_tokens"]
+        return registry.GateResult("max_answer_tokens", value <= threshold, value, threshold, f"{value} tokens")
+
+    results = by_name(registry.evaluate_gates(WithAnswerLength(max_answer_tokens=4.0), {**HEALTHY, "answer_tokens": 6.0}, None))
+    assert results["max_answer_tokens"].passed is False and results["max_answer_tokens"].detail == "6.0 tokens"
+    assert by_name(registry.evaluate_gates(WithAnswerLength(), HEALTHY, None))["max_answer_tokens"].passed is None  # off
+
+
 def test_default_gates_block_the_broken_retrain_and_pass_a_healthy_one():
     """The defaults are on and mean something: the issue's broken demo fails on perplexity, chance and
     drift; a healthy one passes every checked gate, against stage 0 and against a champion alike."""
