@@ -16,12 +16,13 @@ import random
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from models.cl.base import PluginState, TaskContext
 from models.data import IGNORE_INDEX, collate
 from models.engine import train
 from perennial.config import OptimConfig
+from tests import tiny_models
 
 VOCAB = 64
 PAD = 0
@@ -35,13 +36,8 @@ pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def tiny_model(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=32, tie_word_embeddings=False, pad_token_id=PAD,
-        attn_implementation="eager",
-    )
-    return LlamaForCausalLM(config)
+    return tiny_models.tiny_model("llama", vocab_size=VOCAB, seed=seed, num_key_value_heads=4, max_position_embeddings=32,
+                                  pad_token_id=PAD)
 
 
 def task_examples(task: int, count: int, seed: int = 0) -> list[dict]:

@@ -1,6 +1,5 @@
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from models.cl.seekr import (
     SEEKRPlugin,
@@ -12,6 +11,7 @@ from models.cl.seekr import (
 )
 from models.data import collate
 from models.engine import train
+from tests import tiny_models
 from tests.test_cl_common import (
     PAD,
     TASK2_STEPS,
@@ -148,11 +148,7 @@ def test_grouped_query_attention_is_scored_and_distilled_per_query_head():
     """4 query heads over 2 KV heads: eager attention returns one map per query head (K and V repeated
     per group), so importance, selection, stored maps and the attention KL are per query head, and
     the two query heads of one KV head are told apart. SmolLM2 (9 over 3): tests/test_real_model.py."""
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=32, pad_token_id=PAD, attn_implementation="eager",
-    ))
+    model = tiny_models.tiny_model("llama", vocab_size=VOCAB, num_key_value_heads=2, max_position_embeddings=32, pad_token_id=PAD)
     plugin = SEEKRPlugin(samples_per_task=8, replay_batch_size=4, layer_budget=2, head_budget=3)
     plugin.before_task(context(model, 0))
     train(model, TRAIN[0], optim(10), seed=0, pad_token_id=PAD, plugins=[plugin])

@@ -25,7 +25,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # when a rank runs this file as a script
@@ -33,6 +33,7 @@ if str(REPO) not in sys.path:  # when a rank runs this file as a script
 
 from models.engine import full_state_dict, train  # noqa: E402
 from perennial.config import OptimConfig  # noqa: E402
+from tests import tiny_models  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
@@ -43,11 +44,8 @@ RESUME_STEP = 4
 
 
 def tiny_model(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(
-        LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=False)
-    )
+    return tiny_models.tiny_model("llama", vocab_size=48, seed=seed, attn_implementation=None, num_key_value_heads=4,
+                                  max_position_embeddings=64)
 
 
 def fsdp_input_model(seed: int = 0) -> LlamaForCausalLM:

@@ -4,18 +4,15 @@ import re
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from models.engine import NonFiniteLossError, lr_multiplier, save_state, stream_indices, train
 from perennial.config import OptimConfig
+from tests import tiny_models
 
 
 def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(
-        LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=False)
-    )
+    return tiny_models.tiny_model("llama", vocab_size=48, seed=seed, attn_implementation=None, num_key_value_heads=4,
+                                  max_position_embeddings=64)
 
 
 def examples(count=40, seed=0):

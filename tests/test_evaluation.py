@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from models.data import collate, encode_instruction, encode_prompt, pack_texts
 from models.evaluation import (
@@ -26,6 +26,7 @@ from models.evaluation import (
     score_task,
     token_f1,
 )
+from tests.tiny_models import tiny_model
 
 ANIMALS = {"cat": "meow", "dog": "woof", "cow": "moo", "duck": "quack"}
 SOUND_TEMPLATES = ["Which sound does the {a} make?", "The {a} says what?", "What does a {a} say?"]
@@ -70,12 +71,7 @@ def tok() -> PreTrainedTokenizerFast:
 
 @pytest.fixture(scope="module")
 def base(tok) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_model("llama", tok, attn_implementation=None, num_key_value_heads=4, max_position_embeddings=2048)
 
 
 def train(model, tok, examples: list[dict], steps: int, lr: float = 1e-2, batch_size: int = 16):
@@ -315,11 +311,7 @@ def test_evaluation_feeds_the_prompt_window_training_saw(base, tok):
 
 
 def test_learned_positions_model_scores_long_prompts_within_its_positions(tok):
-    torch.manual_seed(0)
-    gpt2 = GPT2LMHeadModel(GPT2Config(
-        vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=4,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )).eval()
+    gpt2 = tiny_model("gpt2", tok, attn_implementation=None)  # 64 learned positions
     records = [
         {"id": "long", "prompt": LONG_PROMPT, "response": "meow", "options": ["meow", "woof", "quack " * 40]},
         {"id": "short", "prompt": "What does a cat say?", "response": "meow", "options": ["meow", "woof"]},

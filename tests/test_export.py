@@ -13,21 +13,21 @@ import pytest
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from models.loading import save_model
 from models.tiny import train_tokenizer
 from perennial import demo_data
 from app.cli import main
+from tests.tiny_models import tiny_model
 
 
 @pytest.fixture
 def registered(services, store, tmp_path):
     """A committed checkpoint (with Perennial-only files) registered as v1, alias champion."""
     tokenizer = train_tokenizer(demo_data.general_corpus(200, 0), vocab_size=300)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False))
+    model = tiny_model("llama", vocab_size=len(tokenizer), attn_implementation=None, hidden_size=16, intermediate_size=32,
+                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048)
     folder = save_model(model, tokenizer, tmp_path / "checkpoint")
     (folder / "training.json").write_text("{}")
     store.upload_dir(folder, "runs/r1/stages/cit-01/model")

@@ -9,12 +9,13 @@ import pytest
 import torch
 from huggingface_hub import constants as hub_constants
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from models.data import encode_instruction, encode_prompt
 from models.loading import ModelLoadError, load_model_and_tokenizer, load_tokenizer, save_model
 from models.tiny import train_tokenizer
 from perennial import demo_data
+from tests.tiny_models import tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +24,8 @@ def tokenizer():
 
 
 def small_model(vocab, seed=0):
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False))
+    return tiny_model("llama", vocab_size=vocab, seed=seed, attn_implementation=None, hidden_size=16, intermediate_size=32,
+                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048)
 
 
 def test_local_directory_round_trips(tmp_path, tokenizer):

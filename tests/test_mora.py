@@ -12,6 +12,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from models.mora import MoraConfig, MoraLinear, choose_mora_type, mora_rank
 from models.mora.layer import mora_update, rotate_chunks
+from tests.tiny_models import tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -20,12 +21,7 @@ TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]  # square 32x32 and non-s
 
 
 def tiny_llama(seed: int = 0) -> transformers.LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
+    return tiny_model("llama", vocab_size=64, seed=seed, attn_implementation=None, num_key_value_heads=4, max_position_embeddings=2048)
 
 
 def fixed_batch() -> torch.Tensor:

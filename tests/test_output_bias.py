@@ -12,11 +12,11 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from models.engine import train
 from models.tuning import apply_tuning
 from perennial.config import OptimConfig, TuningConfig
+from tests.tiny_models import tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -56,11 +56,8 @@ def answer_mass_and_accuracy(model, probes: list[list[int]], task: list[dict]) -
 
 def test_full_fine_tuning_shifts_general_outputs_to_the_task_tokens_and_attn_proj_much_less():
     world = World(seed=0)
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=False,
-    ))
+    base = tiny_model("llama", vocab_size=VOCAB, attn_implementation=None, hidden_size=64, intermediate_size=128,
+                      num_key_value_heads=4, max_position_embeddings=64)
     general = [{"input_ids": s, "labels": s} for s in (world.sentence(24) for _ in range(400))]
     train(base, general, OptimConfig(lr=3e-3, max_steps=150, batch_size=16, warmup_steps=5), seed=0, pad_token_id=0)
     task = [world.task_example() for _ in range(400)]

@@ -15,6 +15,7 @@ from models.tiny import train_tokenizer
 from models.tuning import apply_tuning, merge_for_export
 from perennial import demo_data
 from perennial.config import OptimConfig, TuningConfig
+from tests.tiny_models import tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -40,11 +41,8 @@ def tokenizer():
 
 
 def tied_llama(vocab: int) -> transformers.LlamaForCausalLM:
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=True,
-    ))
+    return tiny_model("llama", vocab_size=vocab, attn_implementation=None, num_key_value_heads=4, max_position_embeddings=64,
+                      tie_word_embeddings=True)
 
 
 def examples(vocab: int, count: int = 24) -> list[dict]:

@@ -10,6 +10,7 @@ from peft import PeftModel
 
 from models.tuning import apply_tuning, count_parameters, merge_for_export, trainable_parameter_names
 from perennial.config import TuningConfig
+from tests.tiny_models import tiny_model
 
 NUM_LAYERS = 2
 
@@ -18,12 +19,8 @@ pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def tiny_llama(seed: int = 0) -> transformers.LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=NUM_LAYERS,
-        num_attention_heads=4, num_key_value_heads=4,
-    )
-    return transformers.LlamaForCausalLM(config)
+    return tiny_model("llama", vocab_size=64, seed=seed, attn_implementation=None, num_hidden_layers=NUM_LAYERS,
+                      num_key_value_heads=4, max_position_embeddings=2048)
 
 
 def fixed_batch() -> torch.Tensor:

@@ -2,6 +2,7 @@
 and a chat template.
 
     model, tokenizer = tiny("phi3")            # 2 layers, hidden 32, GQA 4/2 heads, eager attention
+    model = tiny_model("llama", vocab_size=48, num_key_value_heads=4)   # bare token ids, no tokenizer
     tokenizer = tiny_tokenizer()               # ChatML template; bos <|im_start|>, eos <|im_end|> (as SmolLM2)
     tokenizer = tiny_tokenizer(chat_template=None)   # no template: Perennial's default one applies
 
@@ -88,15 +89,25 @@ FAMILIES: dict[str, tuple[type, dict]] = {
 }
 
 
-def tiny_model(family: str, tokenizer: transformers.PreTrainedTokenizerBase | None = None, seed: int = 0,
+def tiny_model(family: str = "llama", tokenizer: transformers.PreTrainedTokenizerBase | None = None, seed: int = 0, *,
+               vocab_size: int | None = None, attn_implementation: str | None = "eager",
                **overrides) -> transformers.PreTrainedModel:
-    """A seeded random-weight causal LM of ``family`` (a key of FAMILIES) sized for ``tokenizer``'s vocabulary."""
-    tokenizer = tokenizer or tiny_tokenizer()
+    """A seeded random-weight causal LM of ``family`` (a key of FAMILIES) sized for ``tokenizer``'s vocabulary.
+
+    ``vocab_size`` instead of a tokenizer: a model of bare token ids (special-token ids as the family's
+    config has them, unless ``overrides`` set them). ``overrides`` are the family config's own keywords
+    (sizes, ``tie_word_embeddings``, ...); ``attn_implementation`` None is transformers' default (sdpa)."""
     config_class, kwargs = FAMILIES[family]
-    config = config_class(**{**kwargs, **overrides}, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if vocab_size is None:
+        tokenizer = tokenizer or tiny_tokenizer()
+        ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id)
+    else:
+        ids = dict(vocab_size=vocab_size)
+    config = config_class(**{**kwargs, **ids, **overrides})
     torch.manual_seed(seed)
-    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    implementation = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    return transformers.AutoModelForCausalLM.from_config(config, **implementation).eval()
 
 
 def tiny(family: str = "llama", seed: int = 0, chat_template: str | None = CHATML, **overrides):
