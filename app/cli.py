@@ -124,6 +124,15 @@ def accuracy_table(summary: dict) -> str:
     for name, scores in summary.get("general_tasks", {}).items():
         level = "" if chance.get(name) is None else f" (chance {chance[name]:.3f})"
         lines.append(f"held-out general task {name}{level}: {scores['base']:.3f} -> {scores['final']:.3f} ({scores['delta']:+.3f})")
+    dropped = {name: entry for name, entry in summary.get("bias", {}).items() if entry["verdict"] != "kept"}
+    if dropped:
+        lines.append("output bias or lost knowledge (docs/metrics.md): raw score, then with the format or label prior taken out:")
+    for name, entry in dropped.items():
+        corrected = ("?" if entry["before_corrected"] is None or entry["after_corrected"] is None
+                     else f"{entry['before_corrected']:.3f} -> {entry['after_corrected']:.3f}")
+        split = "" if entry["bias_drop"] is None else f": {entry['bias_drop']:+.3f} of the {entry['drop']:.3f} drop is bias"
+        one = f"; answers {entry['top_prediction']!r} to {entry['top_share']:.0%} of records" if entry.get("one_label") else ""
+        lines.append(f"  {name}: {entry['before']:.3f} -> {entry['after']:.3f} raw, {corrected} corrected ({entry['verdict']}{split}){one}")
     return "\n".join(lines)
 
 

@@ -76,6 +76,7 @@ def continual_retrain(config_path: str | None = None, overrides: list[str] | Non
             "start_row": summary.start_row if summary else 0,
             "metrics": summary.metrics if summary else {},
             "general_tasks": summary.general_tasks if summary else {},
+            "bias": summary.bias if summary else {},
             "chance": {task.name: task.chance for task in [*plan.score, *data.heldout]},
             "checkpoints": checkpoints,
             "registered_model": registered,

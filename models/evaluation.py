@@ -227,20 +227,61 @@ def _score_shared_prompts(model, groups, pad_id: int, device: torch.device) -> l
     return (picked * option_mask.to(device)).sum(dim=1).tolist()
 
 
-def choose_options(model, tokenizer, records: Sequence[dict], batch_size: int = 16, max_length: int | None = None) -> list[str]:
-    """For each record, the option with the highest summed log-prob (first one on ties); max_length as in `option_logprobs`."""
+def option_scores(model, tokenizer, records: Sequence[dict], batch_size: int = 16, max_length: int | None = None) -> list[list[float]]:
+    """Per record, the summed log-prob of each of its options (`option_logprobs`), in the record's option order."""
     for record in records:
         if not record.get("options"):
             raise ValueError(f"record {record.get('id')!r} has no options; use scoring='generate'")
     pairs = [(prompt_of(record), option) for record in records for option in record["options"]]
     scores = option_logprobs(model, tokenizer, pairs, batch_size, max_length)
-    chosen, start = [], 0
+    blocks, start = [], 0
     for record in records:
-        options = record["options"]
-        block = scores[start : start + len(options)]
-        chosen.append(options[max(range(len(options)), key=block.__getitem__)])
-        start += len(options)
+        blocks.append(scores[start : start + len(record["options"])])
+        start += len(record["options"])
+    return blocks
+
+
+def choose_options(model, tokenizer, records: Sequence[dict], batch_size: int = 16, max_length: int | None = None) -> list[str]:
+    """For each record, the option with the highest summed log-prob (first one on ties); max_length as in `option_logprobs`."""
+    blocks = option_scores(model, tokenizer, records, batch_size, max_length)
+    return [record["options"][max(range(len(block)), key=block.__getitem__)] for record, block in zip(records, blocks)]
+
+
+def calibrated_choices(records: Sequence[dict], blocks: Sequence[Sequence[float]]) -> list[str]:
+    """The options chosen once the model's label prior is removed (batch calibration, Zhou et al. 2024,
+    the batch form of contextual calibration, Zhao et al. 2021).
+
+    Each record's option log-probs are normalised over its options (log p(o | x)); the prior of an
+    option is its mean probability over the records that offer it, p(o) = mean_x p(o | x); the
+    calibrated choice is argmax_o log p(o | x) - log p(o). A model that answers one label to every
+    record because it now prefers that label (output bias) regains the choices its scores still rank
+    right; one that lost the knowledge does not.
+    """
+    normalised = [torch.log_softmax(torch.tensor(block, dtype=torch.float64), dim=0) for block in blocks]
+    totals: dict[str, list[float]] = {}
+    for record, logp in zip(records, normalised):
+        for option, value in zip(record["options"], logp.exp().tolist()):
+            totals.setdefault(option, []).append(value)
+    log_prior = {option: math.log(max(sum(values) / len(values), 1e-300)) for option, values in totals.items()}
+    chosen = []
+    for record, logp in zip(records, normalised):
+        adjusted = [value - log_prior[option] for option, value in zip(record["options"], logp.tolist())]
+        chosen.append(record["options"][max(range(len(adjusted)), key=adjusted.__getitem__)])
     return chosen
+
+
+def contains_match(prediction: str, reference: str) -> float:
+    """1.0 when the normalised reference is contained in the normalised prediction, as whole words: the
+    answer given in another format ("The capital of France is Paris." for "Paris") still counts."""
+    reference_words = normalize_answer(reference)
+    if not reference_words:
+        return float(not normalize_answer(prediction))
+    return float(f" {reference_words} " in f" {normalize_answer(prediction)} ")
+
+
+# A task whose most frequent prediction covers at least this share of its records, more than its most frequent
+# reference does, "answers one label" (output bias in its purest form), and the report says so.
+ONE_LABEL_SHARE = 0.8
 
 
 # --------------------------------------------------------------------------- task scoring
@@ -258,23 +299,40 @@ def score_task(
     `prompt_of` (a conversation's turns, when it has them). max_length: the training length in tokens
     (prompts are cut as training cuts them; see `generate`, `option_logprobs`); without it, the
     model's positions.
+
+    Output bias against lost knowledge (docs/metrics.md, "Bias or knowledge"): `corrected_accuracy`
+    scores the same predictions with the format or label prior taken out: under options, the
+    choices of `calibrated_choices`; under generate, `contains_match`. `top_prediction` and
+    `top_share` are the most frequent (normalised) prediction and its share of the records;
+    `reference_top_share` the same of the references; `one_label` is 1.0 when the task "answers one
+    label" (ONE_LABEL_SHARE).
     """
     if not records:
         raise ValueError("score_task needs at least one record")
+    references = [record["response"] for record in records]
     if scoring == "generate":
         predictions = generate(model, tokenizer, [prompt_of(record) for record in records], max_new_tokens, batch_size, max_length)
+        corrected = sum(map(contains_match, predictions, references)) / len(records)
     elif scoring == "options":
-        predictions = choose_options(model, tokenizer, records, batch_size, max_length)
+        blocks = option_scores(model, tokenizer, records, batch_size, max_length)
+        predictions = [record["options"][max(range(len(block)), key=block.__getitem__)] for record, block in zip(records, blocks)]
+        corrected = sum(map(exact_match, calibrated_choices(records, blocks), references)) / len(records)
     else:
         raise ValueError(f"unknown scoring {scoring!r}; expected 'generate' or 'options'")
-    references = [record["response"] for record in records]
     n = len(records)
     em = sum(map(exact_match, predictions, references)) / n
+    top, top_count = Counter(normalize_answer(p) for p in predictions).most_common(1)[0]
+    reference_share = Counter(normalize_answer(r) for r in references).most_common(1)[0][1] / n
     return {
         "accuracy": em,
         "exact_match": em,
         "normalized_exact_match": sum(map(normalized_exact_match, predictions, references)) / n,
         "token_f1": sum(map(token_f1, predictions, references)) / n,
+        "corrected_accuracy": corrected,
+        "top_share": top_count / n,
+        "reference_top_share": reference_share,
+        "one_label": float(top_count / n >= ONE_LABEL_SHARE and top_count / n > reference_share),
+        "top_prediction": top,
         "n": n,
         "predictions": predictions,
     }

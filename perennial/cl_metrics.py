@@ -174,3 +174,34 @@ def summarize(
             metrics["general_task_final"] = _mean([general_scores_final[name] for name in deltas])
             metrics["general_task_delta"] = _mean(list(deltas.values()))
     return metrics
+
+
+# A drop (accuracy in [0, 1]) this small is within the demo's test resolution (1/40): not called a loss.
+BIAS_TOLERANCE = 0.05
+
+
+def bias_or_knowledge(before: float, after: float, before_corrected: float | None, after_corrected: float | None) -> dict:
+    """How much of a task's drop is output bias and how much lost knowledge (docs/metrics.md).
+
+    ``before`` / ``after``: the accuracy at the retrain's start and end; ``*_corrected``: the same
+    predictions scored with the format or label prior taken out (models.evaluation.score_task's
+    corrected_accuracy). The raw drop D = before - after splits into the knowledge drop
+    K = before_corrected - after_corrected (what the model no longer knows, whatever its format) and
+    the bias part B = D - K (what it still knows but answers in the trained tasks' format or label).
+    `verdict`: "kept" (D within BIAS_TOLERANCE), "bias" (K within it), "lost knowledge" (B within it),
+    "bias and lost knowledge" otherwise, or "unknown" without corrected scores.
+    """
+    drop = before - after
+    if before_corrected is None or after_corrected is None:
+        return {"drop": drop, "knowledge_drop": None, "bias_drop": None, "verdict": "kept" if drop <= BIAS_TOLERANCE else "unknown"}
+    knowledge = before_corrected - after_corrected
+    bias = drop - knowledge
+    if drop <= BIAS_TOLERANCE:
+        verdict = "kept"
+    elif knowledge <= BIAS_TOLERANCE:
+        verdict = "bias"
+    elif bias <= BIAS_TOLERANCE:
+        verdict = "lost knowledge"
+    else:
+        verdict = "bias and lost knowledge"
+    return {"drop": drop, "knowledge_drop": knowledge, "bias_drop": bias, "verdict": verdict}

@@ -38,6 +38,7 @@ class LineageRow(BaseModel):
     run_key: str  # the retrain that added the row
     mlflow_run_id: str
     scores: dict[str, float | None]  # task -> score (accuracy in [0, 1]); a missing task was not scored
+    corrected: dict[str, float | None] = {}  # task -> the same answers with the output bias taken out (docs/metrics.md)
     task: str | None = None  # the task this stage trained (None for row 0)
     dataset_digest: str | None = None  # the version of the task's dataset it trained on
     records: int | None = None  # train records of the stage (a continued task: its new records only)

@@ -134,7 +134,7 @@ def _general_names(general: list[dict[str, float]] | None) -> list[str]:
 
 
 def markdown_summary(matrix: AccuracyMatrix, metrics: dict, drift: list[dict] | None = None, general: list[dict[str, float]] | None = None,
-                     row_labels: list[str] | None = None, drift_labels: list[str] | None = None) -> str:
+                     row_labels: list[str] | None = None, drift_labels: list[str] | None = None, bias: dict[str, dict] | None = None) -> str:
     """The accuracy matrix, held-out general tasks (stage 0 vs final, from `general`: one dict of
     scores per stage), the metrics and (optionally) drift per stage as markdown tables. ``row_labels``
     replace the matrix's stage labels (a lineage's name the retrain that added each row);
@@ -149,6 +149,16 @@ def markdown_summary(matrix: AccuracyMatrix, metrics: dict, drift: list[dict] | 
             base, final = general[0].get(name), general[-1].get(name)
             delta = None if base is None or final is None else final - base
             lines.append(f"| {name} | {_fmt(base)} | {_fmt(final)} | {_fmt(delta)} |")
+    if bias:
+        lines += ["", "## Output bias or lost knowledge (docs/metrics.md)", "",
+                  "| task | before (raw / corrected) | after (raw / corrected) | drop | of it bias | of it knowledge | verdict | most frequent answer |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, entry in bias.items():
+            one = f" (answers it to {entry['top_share']:.0%} of records)" if entry.get("one_label") else ""
+            answer = str(entry.get("top_prediction") or "")[:40].replace("|", "\\|")
+            lines.append(f"| {name} | {_fmt(entry['before'])} / {_fmt(entry['before_corrected'])} | {_fmt(entry['after'])} / "
+                         f"{_fmt(entry['after_corrected'])} | {_fmt(entry['drop'])} | {_fmt(entry['bias_drop'])} | "
+                         f"{_fmt(entry['knowledge_drop'])} | {entry['verdict']} | `{answer}`{one} |")
     lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
     lines += [f"| {name} | {_fmt(value)} |" for name, value in metrics.items()]
     if drift:

@@ -25,6 +25,8 @@ class StageEval(BaseModel):
     general_details: dict[str, dict[str, float]] = {}
     general_ppl: float
     drift: dict = {}
+    # Per task (trained and held out): the most frequent normalised prediction (models.evaluation.score_task).
+    top_predictions: dict[str, str] = {}
 
 
 def probe_prompts(general_test: list[dict], count: int) -> list[str]:
@@ -51,6 +53,8 @@ def evaluate_stage(run: RunContext, model_uri: str, data: DataBundle, stage_inde
     model.eval()
 
     # Prompts are cut to the CIT training length, so evaluation feeds what training fed (models/data.py:fit_prompt).
+    top_predictions: dict[str, str] = {}
+
     def score_all(refs):
         scores, details = {}, {}
         for ref in refs:
@@ -61,6 +65,7 @@ def evaluate_stage(run: RunContext, model_uri: str, data: DataBundle, stage_inde
             )
             scores[ref.name] = scored["accuracy"]
             details[ref.name] = {k: v for k, v in scored.items() if isinstance(v, (int, float))}
+            top_predictions[ref.name] = scored["top_prediction"]
         return scores, details
 
     # Scoring in the training precision (bf16 autocast where `precision: auto` trains in it) halves its
@@ -90,10 +95,12 @@ def evaluate_stage(run: RunContext, model_uri: str, data: DataBundle, stage_inde
     evaluation = StageEval(
         stage_index=stage_index, stage=stage, scores=scores, details=details,
         general_scores=general_scores, general_details=general_details, general_ppl=ppl, drift=drift,
+        top_predictions=top_predictions,
     )
     tracker = run.tracker
     metrics = {f"eval/{name}": score for name, score in scores.items()}
     metrics.update({f"eval_general/{name}": score for name, score in general_scores.items()})
+    metrics.update({f"eval_corrected/{name}": detail["corrected_accuracy"] for name, detail in {**details, **general_details}.items()})
     metrics["eval/general_ppl"] = ppl
     metrics.update({f"drift/{k}": v for k, v in drift.items() if isinstance(v, (int, float))})
     tracker.log_metrics(run.parent_run_id, metrics, step=stage_index)

@@ -219,13 +219,21 @@ def extend_lineage(run: RunContext, plan: LineagePlan, evaluations: list, steps:
         if record.task(ref.name) is None:
             record.tasks.append(column)
     stage0 = evaluations[0].scores
+    corrected0 = _corrected(evaluations[0])
     if plan.start is None:
-        record.rows = [LineageRow(stage="before-cit", run_key=run.run_key, mlflow_run_id=run.parent_run_id, scores=stage0)]
+        record.rows = [LineageRow(stage="before-cit", run_key=run.run_key, mlflow_run_id=run.parent_run_id, scores=stage0,
+                                  corrected=corrected0)]
     else:
         last = record.rows[-1]
         last.scores = {**stage0, **{name: score for name, score in last.scores.items() if score is not None}}
+        last.corrected = {**corrected0, **{name: score for name, score in last.corrected.items() if score is not None}}
     start_row = len(record.rows) - 1
     for ref, step, evaluation in zip(plan.train, steps, evaluations[1:]):
         record.rows.append(LineageRow(stage=step.stage, run_key=run.run_key, mlflow_run_id=run.parent_run_id,
-                                      scores=evaluation.scores, task=ref.name, dataset_digest=ref.digest, records=step.records))
+                                      scores=evaluation.scores, corrected=_corrected(evaluation), task=ref.name,
+                                      dataset_digest=ref.digest, records=step.records))
     return record, start_row
+
+
+def _corrected(evaluation) -> dict[str, float | None]:
+    return {name: detail.get("corrected_accuracy") for name, detail in evaluation.details.items()}

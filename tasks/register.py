@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from models.loading import load_model_and_tokenizer
 from perennial import registry
-from perennial.cl_metrics import AccuracyMatrix, summarize
+from perennial.cl_metrics import AccuracyMatrix, bias_or_knowledge, summarize
 from perennial.lineage import LINEAGE_FILE
 from perennial.reports import markdown_summary, plot_accuracy_matrix, plot_drift, plot_task_curves
 from perennial.tracking import UI_WORKFLOW, runs_table_link
@@ -56,6 +56,9 @@ class Report(BaseModel):
     trained: list[str] = []  # the task each row after row 0 trained
     lineage_uri: str | None = None  # the committed lineage record (perennial/lineage.py) of a retrain
     task_history: str = ""
+    # Per task (trained and held out), from the retrain's start to its end: the drop, how much of it is output
+    # bias and how much lost knowledge, the verdict, and the most frequent answer (perennial.cl_metrics.bias_or_knowledge).
+    bias: dict[str, dict] = {}
 
 
 def report(run: RunContext, data: DataBundle, evaluations: list[StageEval], plan: LineagePlan | None = None,
@@ -71,6 +74,11 @@ def report(run: RunContext, data: DataBundle, evaluations: list[StageEval], plan
         record, start_row = extend_lineage(run, plan, evaluations, list(steps))
         matrix = record.matrix()
     base, final = evaluations[0], evaluations[-1]
+    if record is not None:
+        start, start_corrected = record.rows[start_row].scores, record.rows[start_row].corrected
+    else:
+        start, start_corrected = base.scores, {name: d.get("corrected_accuracy") for name, d in base.details.items()}
+    bias = bias_table(start, start_corrected, base, final)
     metrics = summarize(
         matrix,
         general_ppl_base=base.general_ppl,
@@ -84,8 +92,11 @@ def report(run: RunContext, data: DataBundle, evaluations: list[StageEval], plan
         for name in base.general_scores
         if name in final.general_scores
     }
+    metrics.update({f"bias/{name}_{key}": entry[key] for name, entry in bias.items() for key in ("knowledge_drop", "bias_drop")
+                    if entry[key] is not None})
+    metrics.update({f"one_label/{name}": entry["one_label"] for name, entry in bias.items()})
     drift = [evaluation.drift for evaluation in evaluations]
-    markdown = markdown_summary(matrix, metrics, drift=drift, general=general,
+    markdown = markdown_summary(matrix, metrics, drift=drift, general=general, bias=bias,
                                 row_labels=record.row_labels() if record else None,
                                 drift_labels=[evaluation.stage for evaluation in evaluations])
 
@@ -115,10 +126,32 @@ def report(run: RunContext, data: DataBundle, evaluations: list[StageEval], plan
     tracker.flush(attempts=5)
     return Report(
         tasks=matrix.tasks, matrix=matrix.rows, metrics={k: v for k, v in metrics.items() if v is not None}, markdown=markdown,
-        general_tasks=general_tasks, start_row=start_row, lineage_uri=lineage_uri,
+        general_tasks=general_tasks, start_row=start_row, lineage_uri=lineage_uri, bias=bias,
         row_labels=record.row_labels() if record else matrix.stage_labels(), trained=matrix.trained or matrix.tasks[: matrix.stage],
         task_history=record.history_text() if record else "",
     )
+
+
+def bias_table(start: dict, start_corrected: dict, base: StageEval, final: StageEval) -> dict[str, dict]:
+    """Per task scored at the end (trained, then held out): its start and final accuracy, raw and corrected,
+    the split of its drop into output bias and lost knowledge (bias_or_knowledge), whether it answers one
+    label to most records, and its most frequent answer. ``start``: the trained tasks' scores where the
+    retrain started (a lineage's start row); the held-out tasks start at ``base`` (this retrain's stage 0)."""
+    table = {}
+    sources = [(final.scores, final.details, start, start_corrected),
+               (final.general_scores, final.general_details, base.general_scores,
+                {name: d.get("corrected_accuracy") for name, d in base.general_details.items()})]
+    for scores, details, before, before_corrected in sources:
+        for name, after in scores.items():
+            if before.get(name) is None:
+                continue
+            detail = details.get(name, {})
+            split = bias_or_knowledge(before[name], after, before_corrected.get(name), detail.get("corrected_accuracy"))
+            table[name] = {"before": before[name], "after": after, "before_corrected": before_corrected.get(name),
+                           "after_corrected": detail.get("corrected_accuracy"), **split,
+                           "one_label": detail.get("one_label", 0.0), "top_share": detail.get("top_share"),
+                           "top_prediction": final.top_predictions.get(name)}
+    return table
 
 
 def _git_sha() -> str:
