@@ -1,6 +1,7 @@
 """The training loop for DAP and CIT, readable top to bottom.
 
-One function, `train`, runs `cfg.max_steps` optimizer steps over a list of encoded examples.
+One function, `train`, runs `cfg.max_steps` optimizer steps over a list of encoded examples: the loop
+on one screen, its parts named below it (`setup`, `train_step`, `checkpoint`).
 What makes it exactly resumable:
 - the data position is a pure function of (seed, step): micro-batch m reads stream positions
   m*B .. m*B+B-1 of a sequence of per-epoch permutations, so a resumed run reads the same
@@ -26,7 +27,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
@@ -391,6 +392,64 @@ def train(
     in place (it stays sharded after training: export through `full_state_dict`). Under FSDP
     every rank must pass ``checkpoint_fn`` (or none): writing a checkpoint is a collective.
     """
+    run = setup(model, examples, cfg, seed=seed, pad_token_id=pad_token_id, device=device, plugins=plugins,
+                resume_from=resume_from, desc=desc, shuffle=shuffle, strategy=strategy, precision=precision)
+    started = time.perf_counter()
+    progress = tqdm(total=cfg.max_steps, initial=run.start_step, desc=desc, disable=run.rank != 0, leave=False)
+    for step in range(run.start_step, cfg.max_steps):
+        try:
+            loss = train_step(run, step)
+        except NonFiniteLossError:
+            progress.close()
+            raise
+        done = step + 1
+        run.losses.append(loss)
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss:.4f}")
+        if log_fn and run.rank == 0 and (done % cfg.log_every == 0 or done == cfg.max_steps):
+            log_fn({"loss": loss, "lr": run.scheduler.get_last_lr()[0]}, done)
+        if on_step_end:
+            on_step_end(done, model)
+        if checkpoint_fn and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
+            checkpoint(run, done, checkpoint_dir or Path("checkpoints"), checkpoint_fn)
+    progress.close()
+    model.eval()
+    seconds = time.perf_counter() - started
+    return TrainResult(steps=cfg.max_steps, losses=run.losses, tokens=global_tokens(run), seconds=seconds, resumed_from=run.start_step)
+
+
+@dataclass
+class TrainingRun:
+    """What the loop's steps share: the model (and its DDP wrapper), optimizer, scheduler, data and where the run is."""
+
+    model: torch.nn.Module
+    trained: torch.nn.Module  # the model, or its DDP wrapper: what the forward pass calls
+    examples: Sequence[dict]
+    cfg: object  # an OptimConfig
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    device: torch.device
+    plugins: Sequence[CLPlugin]
+    seed: int
+    pad_token_id: int
+    shuffle: bool
+    desc: str
+    rank: int
+    world: int
+    fsdp: bool
+    autocast: contextlib.AbstractContextManager
+    want_attentions: bool  # a CL plugin reads the attention maps
+    start_step: int = 0
+    losses: list[float] = field(default_factory=list)
+    tokens: int = 0  # this rank's, counted on the CPU copies of its batches
+
+    @property
+    def per_rank(self) -> int:
+        return self.cfg.batch_size // self.world
+
+
+def setup(model, examples, cfg, *, seed, pad_token_id, device, plugins, resume_from, desc, shuffle, strategy, precision) -> TrainingRun:
+    """Check the data, place (or shard) the model, build optimizer and scheduler, resume, wrap in DDP."""
     if not examples:
         raise ValueError(f"{desc}: no training examples; the stage would silently learn nothing")
     positions, longest = max_positions(model), max(len(example["input_ids"]) for example in examples)
@@ -400,12 +459,9 @@ def train(
                          f"{type(model).__name__}; set optim.max_length to at most {positions}")
     device = device or next(model.parameters()).device
     rank, world = _distributed()
-    micro = cfg.batch_size
-    if micro % world:
-        raise ValueError(f"batch_size {micro} must be divisible by the number of processes {world}")
-    per_rank = micro // world
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {world}")
     fsdp = world > 1 and strategy == "fsdp"
-
     if fsdp:
         # Before the optimizer (it must hold the shards) and before moving: a model loaded on the
         # CPU then reaches the device one block at a time (moved, then sharded), never whole.
@@ -421,84 +477,91 @@ def train(
         # DDP averages the ranks' gradients during backward; CPU (gloo) modules take no device_ids.
         device_ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
         trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    want_attentions = any(plugin.needs_attentions for plugin in plugins)
-    autocast = precision_context(precision, device)
+    return TrainingRun(model=model, trained=trained, examples=examples, cfg=cfg, optimizer=optimizer, scheduler=scheduler,
+                       device=device, plugins=plugins, seed=seed, pad_token_id=pad_token_id, shuffle=shuffle, desc=desc,
+                       rank=rank, world=world, fsdp=fsdp, autocast=precision_context(precision, device),
+                       want_attentions=any(plugin.needs_attentions for plugin in plugins),
+                       start_step=start_step, losses=losses)
 
-    tokens, started = 0, time.perf_counter()
-    progress = tqdm(total=cfg.max_steps, initial=start_step, desc=desc, disable=rank != 0, leave=False)
-    for step in range(start_step, cfg.max_steps):
-        optimizer.zero_grad(set_to_none=True)
-        # Summed on the device and read once per step: a .item() per micro-batch would stall a GPU.
-        # float64 keeps the sum as exact as the Python-float sum it replaces.
-        step_loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        for accum in range(cfg.grad_accum):
-            micro_index = step * cfg.grad_accum + accum
-            positions = stream_indices(len(examples), seed, micro_index * micro + rank * per_rank, per_rank, shuffle)
-            cpu_batch = collate([examples[i] for i in positions], pad_token_id)
-            tokens += int(cpu_batch["attention_mask"].sum())  # counted on the CPU copy: no device sync
-            batch = {k: v.to(device) for k, v in cpu_batch.items()}
-            # Gradients are reduced across ranks only on the step's last micro-batch.
-            last_micro = accum == cfg.grad_accum - 1
-            sync = contextlib.nullcontext()
-            if fsdp:
-                model.set_requires_gradient_sync(last_micro)
-            elif world > 1 and not last_micro:
-                sync = trained.no_sync()
-            with sync:
-                with autocast:
-                    outputs = trained(**batch, output_attentions=want_attentions) if want_attentions else trained(**batch)
-                    loss = outputs.loss
-                    for plugin in plugins:
-                        extra = plugin.extra_loss(model, batch, outputs)
-                        if extra is not None:
-                            loss = loss + extra
-                # Without this the logits (batch x length x vocab: 151 MB in fp32 for SmolLM2 at 8 x 96)
-                # outlive backward and the optimizer step, and each step allocates them afresh.
-                del outputs
-                (loss / cfg.grad_accum).backward()
-            step_loss_sum += loss.detach().double() / cfg.grad_accum
-        if world > 1:
-            # The mean of the ranks' losses: what the global batch's gradient followed (DDP averages
-            # gradients the same way), identical on every rank so logs and checkpoints agree.
-            dist.all_reduce(step_loss_sum)
-            step_loss_sum /= world
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
-        if isinstance(grad_norm, DTensor):  # FSDP: the whole model's norm, the same on every rank
-            grad_norm = grad_norm.full_tensor()
-        done = step + 1
-        # Read before the optimizer step (one device sync for both): a nan/inf step must not reach
-        # the weights. Loss and norm are global, so every rank stops at the same step.
-        step_loss, step_norm = torch.stack([step_loss_sum, grad_norm.double()]).tolist()
-        if not (math.isfinite(step_loss) and math.isfinite(step_norm)):
-            progress.close()
-            raise NonFiniteLossError(
-                f"{desc}: non-finite training loss {step_loss} (gradient norm {step_norm}) at step {done} of "
-                f"{cfg.max_steps}; stopped before that step's update (the weights are those after step {step}; step 0: "
-                "the input model's) and saved no checkpoint or model for this step or later. A rerun resumes from the "
-                "last committed checkpoint and would meet the same step: fix the cause first (a lower optim.lr, the "
-                "data of this step, or nan/inf weights in the input model)"
-            )
-        optimizer.step()
-        scheduler.step()
-        losses.append(step_loss)
-        progress.update(1)
-        progress.set_postfix(loss=f"{step_loss:.4f}")
-        if log_fn and rank == 0 and (done % cfg.log_every == 0 or done == cfg.max_steps):
-            log_fn({"loss": step_loss, "lr": scheduler.get_last_lr()[0]}, done)
-        if on_step_end:
-            on_step_end(done, model)
-        if checkpoint_fn and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
-            state_dir = (checkpoint_dir or Path("checkpoints")) / f"step-{done:08d}"
-            if rank == 0 or fsdp:  # FSDP: every rank takes part in gathering the tensors
-                save_state(state_dir, model, optimizer, scheduler, done, losses, plugins)
-            if rank == 0:
-                checkpoint_fn(done, state_dir)
-    progress.close()
-    model.eval()
-    seconds = time.perf_counter() - started
-    if world > 1:  # throughput of the whole job, not of one rank
-        total = torch.tensor([tokens], dtype=torch.int64, device=device)
-        dist.all_reduce(total)
-        tokens = int(total.item())
-    return TrainResult(steps=cfg.max_steps, losses=losses, tokens=tokens, seconds=seconds, resumed_from=start_step)
 
+def train_step(run: TrainingRun, step: int) -> float:
+    """One optimizer step over ``cfg.grad_accum`` micro-batches; returns its (global) loss.
+
+    Raises NonFiniteLossError before the update when the loss or the gradient norm is nan or inf."""
+    cfg, model = run.cfg, run.model
+    run.optimizer.zero_grad(set_to_none=True)
+    # Summed on the device and read once per step: a .item() per micro-batch would stall a GPU.
+    # float64 keeps the sum as exact as the Python-float sum it replaces.
+    step_loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
+    for accum in range(cfg.grad_accum):
+        loss = _micro_step(run, step * cfg.grad_accum + accum, last=accum == cfg.grad_accum - 1)
+        step_loss_sum += loss.detach().double() / cfg.grad_accum
+    if run.world > 1:
+        # The mean of the ranks' losses: what the global batch's gradient followed (DDP averages
+        # gradients the same way), identical on every rank so logs and checkpoints agree.
+        dist.all_reduce(step_loss_sum)
+        step_loss_sum /= run.world
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+    if isinstance(grad_norm, DTensor):  # FSDP: the whole model's norm, the same on every rank
+        grad_norm = grad_norm.full_tensor()
+    # Read before the optimizer step (one device sync for both): a nan/inf step must not reach
+    # the weights. Loss and norm are global, so every rank stops at the same step.
+    step_loss, step_norm = torch.stack([step_loss_sum, grad_norm.double()]).tolist()
+    if not (math.isfinite(step_loss) and math.isfinite(step_norm)):
+        raise NonFiniteLossError(
+            f"{run.desc}: non-finite training loss {step_loss} (gradient norm {step_norm}) at step {step + 1} of "
+            f"{cfg.max_steps}; stopped before that step's update (the weights are those after step {step}; step 0: "
+            "the input model's) and saved no checkpoint or model for this step or later. A rerun resumes from the "
+            "last committed checkpoint and would meet the same step: fix the cause first (a lower optim.lr, the "
+            "data of this step, or nan/inf weights in the input model)"
+        )
+    run.optimizer.step()
+    run.scheduler.step()
+    return step_loss
+
+
+def _micro_step(run: TrainingRun, micro_index: int, last: bool) -> torch.Tensor:
+    """Forward and backward of this rank's slice of one micro-batch; returns its loss (CL plugins' terms included)."""
+    per_rank = run.per_rank
+    positions = stream_indices(len(run.examples), run.seed, micro_index * run.cfg.batch_size + run.rank * per_rank, per_rank,
+                               run.shuffle)
+    cpu_batch = collate([run.examples[i] for i in positions], run.pad_token_id)
+    run.tokens += int(cpu_batch["attention_mask"].sum())  # counted on the CPU copy: no device sync
+    batch = {k: v.to(run.device) for k, v in cpu_batch.items()}
+    # Gradients are reduced across ranks only on the step's last micro-batch.
+    sync = contextlib.nullcontext()
+    if run.fsdp:
+        run.model.set_requires_gradient_sync(last)
+    elif run.world > 1 and not last:
+        sync = run.trained.no_sync()
+    with sync:
+        with run.autocast:
+            outputs = run.trained(**batch, output_attentions=True) if run.want_attentions else run.trained(**batch)
+            loss = outputs.loss
+            for plugin in run.plugins:
+                extra = plugin.extra_loss(run.model, batch, outputs)
+                if extra is not None:
+                    loss = loss + extra
+        # Without this the logits (batch x length x vocab: 151 MB in fp32 for SmolLM2 at 8 x 96)
+        # outlive backward and the optimizer step, and each step allocates them afresh.
+        del outputs
+        (loss / run.cfg.grad_accum).backward()
+    return loss
+
+
+def checkpoint(run: TrainingRun, done: int, checkpoint_dir: Path, checkpoint_fn: CheckpointFn) -> None:
+    """Save the state after step ``done`` and hand it to ``checkpoint_fn`` (rank 0; under FSDP every rank gathers)."""
+    state_dir = checkpoint_dir / f"step-{done:08d}"
+    if run.rank == 0 or run.fsdp:  # FSDP: every rank takes part in gathering the tensors
+        save_state(state_dir, run.model, run.optimizer, run.scheduler, done, run.losses, run.plugins)
+    if run.rank == 0:
+        checkpoint_fn(done, state_dir)
+
+
+def global_tokens(run: TrainingRun) -> int:
+    """Tokens trained by the whole job, not by one rank."""
+    if run.world == 1:
+        return run.tokens
+    total = torch.tensor([run.tokens], dtype=torch.int64, device=run.device)
+    dist.all_reduce(total)
+    return int(total.item())

@@ -153,3 +153,17 @@ def test_inf_weight_in_the_input_model_fails_at_step_1_with_nothing_trained():
               pad_token_id=0, desc="dap")
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), name
+
+
+def test_the_loop_reads_on_one_screen_as_setup_step_checkpoint():
+    """engine.train is the loop alone (as nanoGPT's train.py): setup, one step, a checkpoint, each a named function."""
+    import inspect
+
+    from models import engine
+
+    source = inspect.getsource(engine.train)
+    body = source.split('"""', 2)[2]  # after the docstring
+    assert len(body.strip().splitlines()) <= 30
+    for step in ("setup(", "train_step(run, step)", "checkpoint(run, done"):
+        assert step in body
+    assert len(inspect.getsource(engine.train_step).splitlines()) <= 40
