@@ -7,7 +7,8 @@
     perennial promote MODEL VERSION        make VERSION the champion (--reason, --by)
     perennial rollback MODEL               give `champion` back to `previous-champion`
     perennial unpromote MODEL              withdraw a first champion (no previous-champion to roll back to)
-    perennial export MODEL_URI DIR         a plain Hugging Face folder (models:/NAME@ALIAS, models:/NAME/N, s3://)
+    perennial export MODEL_URI OUT         a plain Hugging Face folder, or one GGUF file with --format gguf
+                                           (models:/NAME@ALIAS, models:/NAME/N, s3://)
     perennial status [--limit N]           recent retrains: Prefect state + MLflow stage, status, links
     perennial deploy                       register deployments/prefect.yaml with the Prefect server
 """
@@ -285,26 +286,42 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Exit 1 with the reason for a bad URI, an unknown model, a non-empty DIR or unreachable storage."""
+    """Exit 1 with the reason for a bad URI, an unknown model, a taken OUT, unreachable storage, or (GGUF) a
+    dtype, architecture or tokenizer it cannot write."""
+    from models.gguf import GGUFError
     from perennial.registry import RegistryError
     from perennial.storage import StorageError
     from perennial.tracking import TrackingError
-    from tasks.export import export_model
+    from tasks.export import export_gguf, export_model
 
+    if args.format == "hf" and args.dtype is not None:
+        print("error: --dtype applies to --format gguf; a Hugging Face folder keeps the checkpoint's weights as they are",
+              file=sys.stderr)
+        return 1
+    if args.format == "hf" and args.out_dir.endswith(".gguf"):
+        print(f"error: {args.out_dir} names a GGUF file; add --format gguf (without it, OUT is a folder)", file=sys.stderr)
+        return 1
     load_services_env()
     # Export needs only endpoints, so outside the repo the environment (services.env) is enough.
     cfg = load_config(args.config) if args.config else endpoints_config()
     try:
-        out = export_model(cfg, args.model_uri, args.out_dir)
+        if args.format == "gguf":
+            out = export_gguf(cfg, args.model_uri, args.out_dir, args.dtype or "f16")
+        else:
+            out = export_model(cfg, args.model_uri, args.out_dir)
     except (StorageError, TrackingError) as error:
         print(f"error: {error}\n(S3 {cfg.storage.endpoint_url}, MLflow {cfg.tracking.tracking_uri}: set PERENNIAL_S3_ENDPOINT, "
               "MLFLOW_TRACKING_URI and the AWS_* credentials, e.g. `source .perennial/services/services.env`, "
               "or pass --config)", file=sys.stderr)
         return 1
-    except (RegistryError, FileExistsError, FileNotFoundError, ValueError) as error:
+    except (RegistryError, FileExistsError, FileNotFoundError, GGUFError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"exported to {out}; to score it with lm-eval as Perennial does: perennial lm-eval-task {out} DATA.jsonl TASK_DIR")
+    if args.format == "gguf":
+        print(f"exported to {out} (GGUF, {args.dtype or 'f16'}); run it with llama.cpp (llama-cli -m {out}), or with Ollama "
+              "through a Modelfile (docs/operations.md, \"Serving the champion\")")
+    else:
+        print(f"exported to {out}; to score it with lm-eval as Perennial does: perennial lm-eval-task {out} DATA.jsonl TASK_DIR")
     return 0
 
 
@@ -357,15 +374,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "(`perennial ingest CONFIG --help` explains each)")
     ingest.set_defaults(func=cmd_ingest)
 
-    export = sub.add_parser("export", help="write a committed checkpoint as a plain Hugging Face folder (for lm_eval)",
+    export = sub.add_parser("export", help="write a committed checkpoint as a Hugging Face folder (for lm_eval) or a GGUF file",
                             description="Download and verify a checkpoint (a registered version, models:/NAME@ALIAS or "
-                            "models:/NAME/VERSION, or the s3://... URI of a stage's model) and write a folder "
-                            "`lm_eval --model hf --model_args pretrained=FOLDER` reads. Endpoints come from the "
+                            "models:/NAME/VERSION, or the s3://... URI of a stage's model) and write it as a folder "
+                            "`lm_eval --model hf --model_args pretrained=FOLDER` reads (--format hf, the default), or as "
+                            "one GGUF file for llama.cpp, Ollama and LM Studio (--format gguf): weights in --dtype, the "
+                            "tokenizer and chat template in its metadata; it writes the llama (SmolLM2, Llama) and qwen2 "
+                            "architectures and refuses others, naming them. Endpoints come from the "
                             "environment (PERENNIAL_S3_ENDPOINT, MLFLOW_TRACKING_URI and the AWS_* credentials, "
                             "as in services.env) unless --config is given.")
     export.add_argument("model_uri", help="e.g. models:/perennial-demo@champion, models:/perennial-demo/3 or "
                         "s3://perennial/perennial/runs/<run>/stages/cit-03-reverse/model")
-    export.add_argument("out_dir", help="an empty or new folder")
+    export.add_argument("out_dir", metavar="OUT", help="--format hf: an empty or new folder; --format gguf: the new "
+                        ".gguf file to write, e.g. perennial-demo.gguf")
+    export.add_argument("--format", choices=["hf", "gguf"], default="hf", help="hf: a plain Hugging Face folder (default); "
+                        "gguf: one GGUF file")
+    export.add_argument("--dtype", choices=["f32", "f16", "bf16"], default=None, help="--format gguf: the weights' type "
+                        "(default f16; norms stay f32)")
     export.add_argument("--config", default=None, help="config whose storage and tracking settings to use "
                         "(default: the environment's endpoints)")
     export.set_defaults(func=cmd_export)

@@ -1,10 +1,13 @@
-"""Export a committed checkpoint as a plain Hugging Face folder (what `lm_eval --model hf` reads)."""
+"""Export a committed checkpoint as a plain Hugging Face folder (what `lm_eval --model hf` reads), or as
+one GGUF file (what llama.cpp, Ollama and LM Studio read)."""
 
 from __future__ import annotations
 
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from mlflow.tracking import MlflowClient
 
@@ -15,6 +18,24 @@ from perennial.tracking import check_tracking_server
 from tasks.runtime import fetch_dir
 
 PERENNIAL_ONLY = ("perennial_plugins", "training.json", ".complete")
+
+
+@contextmanager
+def _verified_checkpoint(config: Config, model_uri: str, beside: Path) -> Iterator[Path]:
+    """The verified checkpoint folder of ``model_uri``, downloaded into a temporary folder beside ``beside``
+    (same disk as the export, not the working directory) and removed afterwards."""
+    if model_uri.startswith("models:/"):  # fail fast: an unreachable server would read as a missing alias
+        check_tracking_server(config.tracking.tracking_uri)
+    checkpoint = resolve_checkpoint_uri(MlflowClient(tracking_uri=config.tracking.tracking_uri), model_uri)
+    if not checkpoint.startswith("s3://"):
+        raise ValueError(f"{model_uri} is not a model URI; pass models:/NAME@ALIAS, models:/NAME/VERSION "
+                         "or s3://BUCKET/PREFIX of a committed model folder")
+    # The URI names its bucket; the config's bucket is only where new runs write.
+    bucket = checkpoint[len("s3://"):].split("/", 1)[0]
+    store = ObjectStore(config.storage.model_copy(update={"bucket": bucket}))
+    beside.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{beside.name}-download-", dir=beside.parent) as cache:
+        yield fetch_dir(store, checkpoint, Path(cache))
 
 
 def export_model(config: Config, model_uri: str, out_dir: str | Path) -> Path:
@@ -34,21 +55,30 @@ def export_model(config: Config, model_uri: str, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} exists and is not an empty folder; choose an empty or new folder for the export")
-    if model_uri.startswith("models:/"):  # fail fast: an unreachable server would read as a missing alias
-        check_tracking_server(config.tracking.tracking_uri)
-    checkpoint = resolve_checkpoint_uri(MlflowClient(tracking_uri=config.tracking.tracking_uri), model_uri)
-    if not checkpoint.startswith("s3://"):
-        raise ValueError(f"{model_uri} is not a model URI; pass models:/NAME@ALIAS, models:/NAME/VERSION "
-                         "or s3://BUCKET/PREFIX of a committed model folder")
-    # The URI names its bucket; the config's bucket is only where new runs write.
-    bucket = checkpoint[len("s3://"):].split("/", 1)[0]
-    store = ObjectStore(config.storage.model_copy(update={"bucket": bucket}))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Beside out_dir, not in the working directory: same disk as the export, and gone afterwards.
-    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}-download-", dir=out_dir.parent) as cache:
-        local = fetch_dir(store, checkpoint, Path(cache))
+    with _verified_checkpoint(config, model_uri, out_dir) as local:
         shutil.copytree(local, out_dir, ignore=shutil.ignore_patterns(*PERENNIAL_ONLY), dirs_exist_ok=True)
     return out_dir
+
+
+def export_gguf(config: Config, model_uri: str, out_file: str | Path, dtype: str = "f16") -> Path:
+    """The verified checkpoint of ``model_uri`` (as `export_model` resolves it) as one GGUF file, for
+    llama.cpp, Ollama and LM Studio: weights in ``dtype`` (f32, f16, bf16), tokenizer and chat template
+    in its metadata (models/gguf.py: write_gguf). The GGUF's name is the version's (e.g. perennial-demo-v3).
+
+    Raises what `export_model` raises; FileExistsError when out_file exists, GGUFError for a dtype,
+    architecture or tokenizer it cannot write (naming what it can), both before any download where
+    they can be known.
+    """
+    from models.gguf import GGUF_DTYPES, GGUFError, write_gguf
+
+    out_file = Path(out_file)
+    if out_file.exists():
+        raise FileExistsError(f"{out_file} exists; choose a new file name for the GGUF export")
+    if dtype not in GGUF_DTYPES:
+        raise GGUFError(f"GGUF export writes the dtypes {', '.join(GGUF_DTYPES)}; got {dtype!r}")
+    name = model_uri.removeprefix("models:/").replace("@", "-").replace("/", "-v", 1) if model_uri.startswith("models:/") else None
+    with _verified_checkpoint(config, model_uri, out_file) as local:
+        return write_gguf(local, out_file, dtype, name=name)
 
 
 def write_lm_eval_task(model_dir: str | Path, records: list[dict], out_dir: str | Path, name: str, scoring: str,
