@@ -283,12 +283,15 @@ def _max_general_ppl_ratio(threshold: float, judged: Judged) -> GateResult:
 @gate("max_general_task_drop")
 def _max_general_task_drop(threshold: float, judged: Judged) -> GateResult:
     """Held-out general tasks against the same run's stage 0 (the model before continual tuning), so the
-    gate needs no champion and is not affected by a changed evaluation set."""
+    gate needs no champion and is not affected by a changed evaluation set. A run that scores no held-out
+    task leaves it unchecked ("—", like the chance gate without a known chance): held-out tasks are a
+    choice of the config, not a metric the run lost."""
     deltas = {key[len("general/"):-len("_delta")]: value for key, value in judged.challenger.items()
               if key.startswith("general/") and key.endswith("_delta") and value is not None}
     if not deltas:
-        return GateResult("max_general_task_drop", False, None, threshold,
-                          "no held-out general task scores (general/<task>_delta): cannot check")
+        return GateResult("max_general_task_drop", None, None, threshold,
+                          "the run scores no held-out general task: add one (a dataset with role: heldout, or "
+                          "data.demo.heldout_tasks) for this gate to check what the model knew before")
     worst = min(deltas, key=deltas.get)
     value = -deltas[worst]
     return GateResult("max_general_task_drop", value <= threshold, value, threshold,

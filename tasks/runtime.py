@@ -28,7 +28,7 @@ from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel, PrivateAttr
 
-from perennial.config import LOCATION_KEYS, Config, ConfigError, canonical_json
+from perennial.config import NOT_OUTPUT_KEYS, Config, ConfigError, canonical_json
 from perennial.storage import ObjectStore, join_key, key_component
 from perennial.tracking import (ERROR_TAG, FLOW_RUN_ID_TAG, FLOW_RUN_NAME_TAG, FLOW_RUNS_TAG, LINEAGE_TAG, RUN_KEY_TAG,
                                 S3_PREFIX_TAG, SUPERSEDED_BY_TAG, Tracker, flow_run_history)
@@ -296,8 +296,9 @@ def _give_back(run: RunContext, derived_parent: str) -> None:
 
 
 def _identity_params(config: Config) -> dict[str, str]:
-    """The config as the key's record keeps it: flat keys, values as MLflow params hold them, locations left out."""
-    return {k: str(v) for k, v in _flatten(config.model_dump(mode="json")).items() if k not in LOCATION_KEYS}
+    """The config as the key's record keeps it: flat keys, values as MLflow params hold them, NOT_OUTPUT_KEYS left out."""
+    return {k: str(v) for k, v in _flatten(config.model_dump(mode="json")).items()
+            if not any(k == key or k.startswith(key + ".") for key in NOT_OUTPUT_KEYS)}
 
 
 def _refuse_other_config(config: Config, run_key: str, recorded_digest: str | None, recorded: dict[str, str], where: str) -> None:

@@ -153,3 +153,16 @@ def test_integer_labels_is_a_classification_key():
         build_config({"data": {"datasets": [{"name": "a", "shape": "alpaca", "sources": source, "integer_labels": "names"}]}})
     with pytest.raises(ConfigError, match="integer_labels"):
         build_config({"data": {"datasets": [{**topics, "integer_labels": "numbers"}]}})
+
+
+def test_a_gate_or_registry_change_keeps_the_outputs_digest_so_run_keys_resume():
+    """Issue #37: the registry's settings judge a version, they do not change what is trained, so changing a
+    gate neither orphans published runs nor refuses a resume; what is trained still does."""
+    from perennial.config import build_config
+
+    base = build_config({})
+    judged_otherwise = build_config({}, ["registry.gates.max_output_drift_kl=3", "registry.auto_promote=true",
+                                         "registry.gates.max_general_task_drop=null", "lineage.retrain_after_records=500"])
+    assert judged_otherwise.outputs_digest() == base.outputs_digest() != judged_otherwise.digest()
+    assert build_config({}, ["cit.optim.lr=0.5"]).outputs_digest() != base.outputs_digest()
+    assert build_config({}, ["lineage.continue_from=champion"]).outputs_digest() != base.outputs_digest()
