@@ -270,13 +270,31 @@ def calibrated_choices(records: Sequence[dict], blocks: Sequence[Sequence[float]
     return chosen
 
 
-def contains_match(prediction: str, reference: str) -> float:
-    """1.0 when the normalised reference is contained in the normalised prediction, as whole words: the
-    answer given in another format ("The capital of France is Paris." for "Paris") still counts."""
-    reference_words = normalize_answer(reference)
-    if not reference_words:
-        return float(not normalize_answer(prediction))
-    return float(f" {reference_words} " in f" {normalize_answer(prediction)} ")
+# Wrong answers each generation-scored record is ranked against for its corrected score.
+DISTRACTORS = 7
+
+
+def with_distractors(records: Sequence[dict], count: int = DISTRACTORS) -> list[dict]:
+    """Each record with `options`: its own response and up to ``count`` other distinct responses of the task,
+    in an order fixed by content digests (so a tie never favours the right one).
+
+    Under generation a task has no options; ranking its reference answer against other records'
+    answers asks whether the model still *knows* it, whatever format it now answers in: a model
+    that answers "Varnholk" but still ranks "The capital of France is Paris." first has a format bias,
+    one that ranks it like any other sentence has lost the fact.
+    """
+    import hashlib
+
+    def key(*parts: str) -> str:
+        return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+
+    answers = sorted(set(record["response"] for record in records))
+    chosen = []
+    for record in records:
+        others = sorted((a for a in answers if a != record["response"]), key=lambda a: key(str(record.get("id")), a))[:count]
+        options = sorted([record["response"], *others], key=lambda a: key(str(record.get("id")), "order", a))
+        chosen.append({**record, "options": options})
+    return chosen
 
 
 # A task whose most frequent prediction covers at least this share of its records, more than its most frequent
@@ -301,8 +319,10 @@ def score_task(
     model's positions.
 
     Output bias against lost knowledge (docs/metrics.md, "Bias or knowledge"): `corrected_accuracy`
-    scores the same predictions with the format or label prior taken out: under options, the
-    choices of `calibrated_choices`; under generate, `contains_match`. `top_prediction` and
+    is the share of records whose right answer the model ranks first once its label prior is taken
+    out (`calibrated_choices`): among the record's options under options scoring, among its reference
+    and DISTRACTORS other answers of the task under generate (`with_distractors`), so a right answer
+    in another format, or one the model still ranks first while it answers otherwise, counts. `top_prediction` and
     `top_share` are the most frequent (normalised) prediction and its share of the records;
     `reference_top_share` the same of the references; `one_label` is 1.0 when the task "answers one
     label" (ONE_LABEL_SHARE).
@@ -312,13 +332,15 @@ def score_task(
     references = [record["response"] for record in records]
     if scoring == "generate":
         predictions = generate(model, tokenizer, [prompt_of(record) for record in records], max_new_tokens, batch_size, max_length)
-        corrected = sum(map(contains_match, predictions, references)) / len(records)
+        ranked = with_distractors(records)
+        calibrated = calibrated_choices(ranked, option_scores(model, tokenizer, ranked, batch_size, max_length))
     elif scoring == "options":
         blocks = option_scores(model, tokenizer, records, batch_size, max_length)
         predictions = [record["options"][max(range(len(block)), key=block.__getitem__)] for record, block in zip(records, blocks)]
-        corrected = sum(map(exact_match, calibrated_choices(records, blocks), references)) / len(records)
+        calibrated = calibrated_choices(records, blocks)
     else:
         raise ValueError(f"unknown scoring {scoring!r}; expected 'generate' or 'options'")
+    corrected = sum(map(exact_match, calibrated, references)) / len(records)
     n = len(records)
     em = sum(map(exact_match, predictions, references)) / n
     top, top_count = Counter(normalize_answer(p) for p in predictions).most_common(1)[0]

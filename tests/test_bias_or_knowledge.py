@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from models.evaluation import calibrated_choices, contains_match
+from models.evaluation import calibrated_choices, with_distractors
 from perennial.cl_metrics import bias_or_knowledge
 
 
@@ -39,15 +39,28 @@ def test_calibration_leaves_an_unbiased_model_as_it_is():
     assert calibrated_choices(records, blocks) == labels
 
 
-@pytest.mark.parametrize("prediction, reference, expected", [
-    ("The capital of France is Paris.", "Paris", 1.0),  # the answer, in another format
-    ("Paris", "Paris", 1.0),
-    ("Varnholk", "Paris", 0.0),  # not the answer in any format
-    ("Parisian cafes", "Paris", 0.0),  # whole words only
-    ("It is New York City", "new york", 1.0),
-])
-def test_contains_match_is_format_insensitive_but_not_substring_loose(prediction, reference, expected):
-    assert contains_match(prediction, reference) == expected
+def test_a_generation_task_ranks_each_answer_against_other_answers_of_the_task_in_a_fixed_order():
+    records = [{"id": str(i), "prompt": f"q{i}", "response": f"answer {i % 12}"} for i in range(24)]
+    ranked = with_distractors(records)
+    assert ranked == with_distractors(records)  # deterministic
+    for record, options in zip(records, (r["options"] for r in ranked)):
+        assert record["response"] in options and len(options) == len(set(options)) == 8
+    assert len({r["options"].index(r["response"]) for r in ranked}) > 3  # the right answer is not always first (ties)
+
+
+def test_a_tiny_model_that_answers_one_label_is_flagged_and_its_corrected_score_is_reported():
+    from models.evaluation import score_task
+    from tests.tiny_models import tiny
+
+    model, tokenizer = tiny("llama")
+    # one prompt for every record: whatever the weights, the model gives every record the same answer
+    records = [{"id": str(i), "prompt": "Is it?", "response": ["yes", "no"][i % 2], "options": ["yes", "no"]} for i in range(10)]
+    scored = score_task(model, tokenizer, records, scoring="options", batch_size=10)
+    # the prior removed, every record's calibrated scores are equal: a tie, broken the same way for all
+    assert scored["corrected_accuracy"] == 0.5 and scored["reference_top_share"] == 0.5
+    assert scored["top_share"] == 1.0 and scored["one_label"] == 1.0 and scored["top_prediction"] in ("yes", "no")
+    generated = score_task(model, tokenizer, records, scoring="generate", batch_size=10, max_new_tokens=2)
+    assert 0.0 <= generated["corrected_accuracy"] <= 1.0
 
 
 def test_a_drop_splits_into_bias_and_lost_knowledge():
