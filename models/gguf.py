@@ -170,7 +170,7 @@ def _pre_tokenizer_name(pre: dict | None) -> str | None:
 def _check_writable(config, tokenizer_json: dict) -> tuple[str, bool, str]:
     """(GGUF architecture, permute q/k, llama.cpp pre-tokenizer) of a model folder, or GGUFError saying what is supported."""
     supported = ", ".join(f"{name} (e.g. {example})" for name, example in
-                          [("llama", "SmolLM2, Llama 2/3, TinyLlama"), ("qwen2", "Qwen2, Qwen2.5")])
+                          [("llama", "SmolLM2, TinyLlama, Llama 2, Llama 3.0"), ("qwen2", "Qwen2, Qwen2.5")])
     model_type = getattr(config, "model_type", None)
     if model_type not in WRITABLE_ARCHITECTURES:
         raise GGUFError(f"GGUF export writes the architectures {supported}; this model is {model_type!r} "
