@@ -2,6 +2,7 @@
 
     perennial services up|down|status      local SeaweedFS (S3) + MLflow, under .perennial/services
     perennial run CONFIG [key=value ...]   the continual-retrain flow (see configs/demo.yaml)
+    perennial compare CONFIG --recipes F   every recipe x seed of F on CONFIG: table, cost, verdicts (MLflow, JSON, markdown)
     perennial ingest CONFIG [key=value ...] validate, deduplicate and version data.datasets (docs/ingestion.md)
     perennial review MODEL                 champion vs challenger: metrics, gates, lineage
     perennial promote MODEL VERSION        make VERSION the champion (--reason, --by)
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -88,6 +90,28 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"            needs review: {registered['review_reason']}")
     if args.summary_json:
         print(f"summary:    {args.summary_json}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    load_services_env()
+    from perennial.compare import load_spec
+
+    load_config(args.config, args.overrides)  # validate before anything starts
+    load_spec(args.recipes)
+    if args.threads and args.workers == 1:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from flows.compare import compare
+
+    report = compare(args.config, args.recipes, args.overrides, args.seeds, args.only, args.order, args.workers, args.threads,
+                     args.name, args.output_dir, args.baseline, args.drop_outputs, command=shlex.join(["perennial", "compare", *args.argv]))
+    print()
+    print(report["markdown"])
+    print(f"wrote {report['json_path']} and {report['md_path']}")
+    if report.get("mlflow_run_id"):
+        print(f"MLflow:     run compare-{report['name']} ({report['mlflow_run_id']})")
     return 0
 
 
@@ -366,6 +390,40 @@ def build_parser() -> argparse.ArgumentParser:
                      "under KEY-data-<digest>. {date} becomes today's date (UTC), or a scheduled run's date in its schedule's timezone")
     run.set_defaults(func=cmd_run)
 
+    compare = sub.add_parser(
+        "compare", help="compare continual-learning recipes on one config: every recipe x seed, one table",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run every recipe of RECIPES (a name and key=value overrides, as configs/cl-benchmark-methods.yaml) "
+        "at every seed as a continual-retrain subflow on the same data and base model, then write one table: AP, BWT, FWT, "
+        "max forgetting, the held-out tasks and general perplexity (mean ± std over seeds), what training added to each "
+        "task (R[i][i] - R[0][i]), the cost (CIT tokens, CPU time, peak memory, trainable parameters) and which recipe "
+        "is better than the baseline or too close to call. Margins: the larger of the two rows' summed seed std and the "
+        "test sets' resolution (0.03 accuracy, 5%% perplexity; `resolution:` in RECIPES changes them).",
+        epilog="Each run has its own run key (recipe, seed and config digest) and lineage, with the registry off: rerun "
+        "after an interruption, the comparison resumes each unfinished run from its last committed stage and collects "
+        "the finished ones without training them again. Results: <output-dir>/<name>.json, .md and _matrices.png, one "
+        "MLflow run `compare-<name>` in the config's experiment, and a Prefect markdown artifact.\n\n"
+        "A sweep file (`sweep:` with rates per tuning method) is the learning-rate sweep: each tuning method at each rate "
+        "trains the first task alone and is scored on a validation split of records the config's tasks never read, e.g.\n"
+        "  perennial compare configs/cl-benchmark.yaml --recipes configs/cl-benchmark-sweep.yaml\n"
+        "  perennial compare configs/tiny.yaml --recipes recipes.yaml --seeds 0 1 2 --workers 2")
+    compare.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
+    compare.add_argument("overrides", nargs="*", help="key=value overrides for every run (after each recipe's own)")
+    compare.add_argument("--recipes", required=True, help="recipes (or sweep) YAML: recipes: {NAME: [key=value, ...]}, seeds, ...")
+    compare.add_argument("--seeds", nargs="+", type=int, help="seeds of every recipe (default: the file's seeds and extra_seeds)")
+    compare.add_argument("--only", nargs="+", metavar="RECIPE", help="run only these recipes (diagnostics run only when named)")
+    compare.add_argument("--workers", type=int, default=1, help="runs at a time, in worker processes that share the cores "
+                         "(default 1: one run at a time, in this process, on every core)")
+    compare.add_argument("--threads", type=int, default=None, help="torch threads per run (default: the cores shared out "
+                         "between the workers)")
+    compare.add_argument("--order", nargs="+", metavar="TASK", help="another order of the config's tasks")
+    compare.add_argument("--baseline", help="the recipe the others are judged against (default: the file's baseline, else its first)")
+    compare.add_argument("--name", help="results name (default: the recipes file's stem)")
+    compare.add_argument("--output-dir", help="where <name>.json, .md and the figure go (default: .perennial/compare/<name>)")
+    compare.add_argument("--drop-outputs", action="store_true", help="delete each finished run's checkpoints and models "
+                         "from S3 (the numbers stay in MLflow; a full model's checkpoints are about 0.5 GB a stage)")
+    compare.set_defaults(func=cmd_compare)
+
     ingest = sub.add_parser("ingest", help="validate, version and upload the datasets of a config (no training)",
                             description="Ingest data.datasets of CONFIG: schema checks, quarantine, dedup, "
                             "hash splits, versioned JSONL + manifest in S3. See docs/ingestion.md.")
@@ -471,6 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)[1:]
     from perennial.tracking import TrackingError
 
     try:

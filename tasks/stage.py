@@ -28,7 +28,7 @@ from models.cl.replay import ReplayBuffer, mix_examples, mix_general
 from models.data import Supervise, encode_record, pack_texts
 from models.engine import TrainResult, full_state_dict, is_sharded, load_plugin_states, resolve_device, save_plugin_states, set_seed, train
 from models.loading import load_causal_lm, load_model_and_tokenizer, save_model
-from models.tuning import TuningPlan, apply_tuning, merge_for_export, plan_tuning
+from models.tuning import TuningPlan, apply_tuning, count_parameters, merge_for_export, plan_tuning
 from perennial.config import CLMethodConfig, DistributedStrategy, OptimConfig, TuningConfig, task_seed
 from perennial.storage import MANIFEST_NAME, ObjectStore
 from tasks.ingest import DatasetRef, read_records
@@ -230,6 +230,7 @@ def execute_stage(spec: StageSpec, services: Services) -> str:
         load_plugin_states(plugins, plugin_dir)
     plan = plan_tuning(model, spec.tuning)  # refuses a method this architecture cannot take, before any step
     model = apply_tuning(model, spec.tuning, plan)
+    trainable = count_parameters(model)[0]  # before any sharding: whole tensors
     context = TaskContext(task_index=spec.task_index, task_name=spec.name, model=model, train_examples=examples,
                           pad_token_id=tokenizer.pad_token_id)
     for plugin in plugins:
@@ -261,13 +262,14 @@ def execute_stage(spec: StageSpec, services: Services) -> str:
         save_model(merge_for_export(model), tokenizer, export_dir)
         if plugins:
             save_plugin_states(plugins, export_dir / PLUGIN_DIR)
-        uri = _commit_output(spec, services, export_dir, result, tracker, plan)
+        uri = _commit_output(spec, services, export_dir, result, tracker, plan, trainable)
     if world > 1:
         dist.barrier()  # no rank exits (and ends the job) before the output is committed
     return uri
 
 
-def _commit_output(spec: StageSpec, services: Services, export_dir: Path, result: TrainResult, tracker, plan: TuningPlan) -> str:
+def _commit_output(spec: StageSpec, services: Services, export_dir: Path, result: TrainResult, tracker, plan: TuningPlan,
+                   trainable: int) -> str:
     """Commit the exported model (files first, manifest last) and log the stage's final metrics and what it trained."""
     (export_dir / "training.json").write_text(json.dumps({
         "stage": spec.name, "steps": result.steps, "resumed_from": result.resumed_from, "losses": result.losses,
@@ -282,7 +284,7 @@ def _commit_output(spec: StageSpec, services: Services, export_dir: Path, result
         tracker.log_metrics(
             spec.mlflow_run_id,
             {"train/final_loss": result.losses[-1], "train/tokens_per_second": result.tokens_per_second,
-             "train/tokens": result.tokens, "train/resumed_from": result.resumed_from},
+             "train/tokens": result.tokens, "train/resumed_from": result.resumed_from, "train/trainable_params": trainable},
             result.steps,
         )
         tracker.set_tags(spec.mlflow_run_id, {"checkpoint_uri": manifest["uri"], "checkpoint_digest": manifest["digest"]})

@@ -12,6 +12,7 @@ from perennial.config import ConfigError
 from perennial.ingest import IngestError
 from tasks.base_model import prepare_base_model
 from tasks.cit import stage_name, train_cit_stage
+from tasks.compare import plan_comparison, report_comparison, run_recipe
 from tasks.dap import train_dap
 from tasks.evaluate import evaluate_stage
 from tasks.ingest import bind_inputs, commit_watermarks, ingest
@@ -72,3 +73,22 @@ def finish_stage(run, data=None):
     if data is not None:
         commit_watermarks(run, data)
     finish_run(run)
+
+
+# --- comparing recipes (flows/compare.py) ---------------------------------------------------------
+
+compare_plan_stage = task(plan_comparison, name="compare-plan")
+# A retry resumes the run under its key (its committed stages are not trained again).
+recipe_run_stage = task(run_recipe, name="recipe-run", task_run_name="{job.recipe}-seed-{job.seed}", **RETRY)
+
+
+@task(name="compare-report", **RETRY)
+def compare_report_stage(plan, results, started_at, load_before, extra=None):
+    """The comparison's report and MLflow run, plus the same table as a Prefect markdown artifact."""
+    report = report_comparison(plan, results, started_at, load_before, extra)
+    create_markdown_artifact(
+        key=f"compare-{plan.name}".lower().replace("_", "-").replace(".", "-").replace("%", "pct")[:100],
+        markdown=report["markdown"] + (f"\n\nMLflow comparison run: {report['mlflow_run_id']}" if report.get("mlflow_run_id") else ""),
+        description="recipes compared: table, cost and verdicts",
+    )
+    return report
