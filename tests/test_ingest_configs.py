@@ -14,15 +14,16 @@ import yaml
 from perennial.config import ENDPOINT_ENV, load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
-# Not pipeline configs: lists of overrides applied on top of one (bench/cl_quality.py reads it).
-NOT_CONFIGS = {"cl-benchmark-methods.yaml"}
+# Not pipeline configs: recipes and sweep files of `perennial compare`, lists of overrides applied on top of one.
+NOT_CONFIGS = {"cl-benchmark-methods.yaml", "cl-benchmark-sweep.yaml", "tiny-recipes.yaml"}
 
 
 def test_the_configs_folder_is_what_this_test_knows():
     assert len(CONFIGS) >= 4
     for path in CONFIGS:
         if path.name in NOT_CONFIGS:
-            assert "methods" in yaml.safe_load(path.read_text()) and "storage" not in yaml.safe_load(path.read_text()), path.name
+            data = yaml.safe_load(path.read_text())
+            assert {"methods", "recipes", "sweep"} & set(data) and "storage" not in data, path.name
 
 
 @pytest.mark.parametrize("path", [p for p in CONFIGS if p.name not in NOT_CONFIGS], ids=lambda p: p.name)
