@@ -66,6 +66,39 @@ def test_verdicts_use_one_margin_rule_and_say_it():
     assert "the larger of the two rows' summed seed std and the test sets' resolution" in compare.margin_rule(compare.Spec(recipes={}).resolution)
 
 
+def test_the_learning_rate_sweep_is_the_same_comparison_with_a_sweep_file():
+    """A sweep file's runs train the first task alone on records the config's tasks never read, scored on a
+    validation split of them; the report is the rates table with the best rate (the lower on a tie) in bold."""
+    from tasks.compare import plan_comparison
+
+    plan = plan_comparison(str(ROOT / "configs" / "cl-benchmark.yaml"), str(ROOT / "configs" / "cl-benchmark-sweep.yaml"), seeds=[0])
+    sweep = compare.load_spec(ROOT / "configs" / "cl-benchmark-sweep.yaml").sweep
+    assert len(plan.jobs) == sum(len(rates) for rates in sweep["rates"].values()) and plan.sweep == sweep
+    for job in plan.jobs:
+        tasks = [d for d in job.config["data"]["datasets"] if d.get("role") in (None, "task") and d.get("shape") != "text"]
+        assert [t["name"] for t in tasks] == ["dbpedia"] and tasks[0]["test_fraction"] == sweep["validation_fraction"]
+        assert tasks[0]["sources"][0]["skip"] == sweep["skip"] and not any(d.get("role") == "heldout" for d in job.config["data"]["datasets"])
+    runs = [{"recipe": name, "seed": 0, "accuracy_matrix": [[0.1], [score]], "precision": "fp32", "wall_s": 60.0}
+            for name, score in {"full@1e-05": 0.5, "full@3e-05": 0.7, "lora@0.001": 0.6, "lora@0.003": 0.6}.items()]
+    report = compare.summarize({"sweep": {**sweep, "rates": {"full": [1e-5, 3e-5], "lora": [1e-3, 3e-3]}}, "runs": runs, "tasks": ["dbpedia"],
+                                "command": "perennial compare", "load": "", "machine": {}, "wall_minutes": 1.0})
+    text = compare.markdown({**report, "runs": [{**r, "machine": {"cpu_model": "x", "logical_cores": 2, "platform": "p", "python": "3"}} for r in runs]})
+    assert "| full | 0.100 | 0.500 | **0.700** |  |  |" in text and "| lora | 0.100 |  |  | **0.600** | 0.600 |" in text
+
+
+def test_the_command_explains_itself_and_refuses_a_bad_recipes_file_before_running(tmp_path, capsys):
+    from app.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    shown = capsys.readouterr().out
+    for words in ("--recipes", "--seeds", "--workers", "too close to call", "summed seed std", "run key", "sweep file"):
+        assert words in " ".join(shown.split()), words
+    (tmp_path / "recipes.yaml").write_text("recipes: {a: [cit.optim.lr=1e-3]}\nbaseline: nope\n")
+    assert main(["compare", str(ROOT / "configs" / "tiny.yaml"), "--recipes", str(tmp_path / "recipes.yaml")]) == 2
+    assert "baseline 'nope' is not one of its recipes" in capsys.readouterr().err
+
+
 def test_an_interrupted_run_resumes_under_its_key_and_its_cost_sums_the_attempts(tmp_path, monkeypatch):
     """Killed mid-run, the next invocation resumes the same run key (the flow finds its parent run and committed
     stages again); the interrupted attempt's wall time is recorded on the parent run and summed into the cost;
