@@ -25,6 +25,7 @@ from tasks.wrappers import (
     preflight_stage,
     register_stage,
     report_stage,
+    ssr_stage,
 )
 
 
@@ -50,6 +51,10 @@ def continual_retrain(config_path: str | None = None, overrides: list[str] | Non
                                plugin_state_uri=plan.start.plugin_state_uri)
             checkpoints = {"start": model}
             summary = registered = None
+            if plan.train and cfg.cit.ssr.enabled:  # the starting model's own answers join the replay buffer
+                replay_uri = ssr_stage(run, model, step.replay_uri if step else None)
+                step = CITStep(model_uri=model, replay_uri=replay_uri, stage=step.stage if step else "start",
+                               plugin_state_uri=step.plugin_state_uri if step else None)
             if plan.train:
                 evaluations = [evaluation_stage(run, model, data, 0, "before-cit", plan.stage0_tasks)]
                 steps = []

@@ -420,15 +420,35 @@ CLMethodConfig = Annotated[
 ]
 
 
+class SSRConfig(Strict):
+    """Self-synthesized rehearsal (Huang et al., ACL 2024; tasks/ssr.py): before continual tuning, the model the
+    retrain starts from answers general instruction prompts, and those pairs are replayed with every task."""
+
+    enabled: bool = False
+    prompts: str = Field(
+        "builtin", min_length=1, description="builtin (perennial/general_prompts.py), or a .txt file (one prompt a line) "
+        "or .jsonl file (a `prompt` field per line) of your own general prompts",
+    )
+    samples: int = Field(32, ge=1, description="prompts answered and replayed (drawn from the pool with the run's seed)")
+    max_new_tokens: int = Field(48, ge=1, description="longest self-generated answer, tokens")
+
+
 class CITConfig(Strict):
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-3, max_steps=150, warmup_steps=10))
     tuning: TuningConfig = Field(default_factory=TuningConfig)
     replay: ReplayConfig = Field(default_factory=ReplayConfig)
     methods: list[CLMethodConfig] = Field(default_factory=list)
+    ssr: SSRConfig = Field(default_factory=SSRConfig)
     supervise: Literal["all", "last"] = Field(
         "all", description="conversations (records with messages): loss on every assistant turn (all), or on the "
         "final response only (last); a single-turn record supervises its response either way (docs/ingestion.md)"
     )
+
+    @model_validator(mode="after")
+    def _ssr_replays(self) -> "CITConfig":
+        if self.ssr.enabled and not self.replay.enabled:
+            raise ValueError("cit.ssr replays its self-synthesized pairs through the replay buffer: set cit.replay.enabled=true")
+        return self
 
 
 class EvalConfig(Strict):

@@ -19,6 +19,7 @@ from tasks.ingest import bind_inputs, commit_watermarks, ingest
 from tasks.lineage import LineageError, plan_lineage
 from tasks.register import register, report
 from tasks.runtime import finish_run, start_run
+from tasks.ssr import synthesize
 
 # Errors that a retry cannot fix: the same config, data and model fail the same way, so they fail at once.
 # A non-finite loss recurs at the same step (the retry resumes from the last committed checkpoint).
@@ -35,6 +36,7 @@ RETRY = {"retries": 2, "retry_delay_seconds": [2, 10], "retry_condition_fn": ret
 preflight_stage = task(start_run, name="preflight")
 ingest_stage = task(ingest, name="ingest", **RETRY)
 lineage_stage = task(plan_lineage, name="lineage", **RETRY)
+ssr_stage = task(synthesize, name="self-synthesized-rehearsal", **RETRY)
 inputs_stage = task(bind_inputs, name="inputs", **RETRY)
 base_model_stage = task(prepare_base_model, name="base-model", **RETRY)
 dap_stage = task(train_dap, name="dap", **RETRY)
