@@ -415,8 +415,25 @@ class OLoRAConfig(Strict):
     lambda_l2: float = Field(0.0, ge=0)
 
 
+class MergeConfig(Strict):
+    """Merging with the task's starting model (WiSE-FT), the coefficient chosen on validation records (models/cl/merge.py)."""
+
+    name: Literal["merge"]
+    coefficients: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0], min_length=1,
+                                      description="c of theta_start + c * (theta_end - theta_start) to choose from, in (0, 1]")
+    validation_records: int = Field(24, ge=1, description="records of each task held out of its training to score the choice")
+    tolerance: float = Field(0.02, ge=0, description="the smallest c whose validation score is within this of the best is kept")
+
+    @field_validator("coefficients")
+    @classmethod
+    def _in_unit_interval(cls, coefficients: list[float]) -> list[float]:
+        if any(not 0 < c <= 1 for c in coefficients):
+            raise ValueError(f"every coefficient must be in (0, 1] (1: the trained model, unmerged); got {coefficients}")
+        return coefficients
+
+
 CLMethodConfig = Annotated[
-    Union[EWCConfig, LwFConfig, AveragingConfig, SEEKRConfig, OLoRAConfig], Field(discriminator="name")
+    Union[EWCConfig, LwFConfig, AveragingConfig, SEEKRConfig, OLoRAConfig, MergeConfig], Field(discriminator="name")
 ]
 
 

@@ -96,6 +96,26 @@ def plot_task_curves(matrix: AccuracyMatrix, path: str | Path, general: list[dic
     return _save(fig, path)
 
 
+def plot_merge_curves(curves: dict[str, list[dict]], path: str | Path) -> Path:
+    """Per task merged with its starting model (models/cl/merge.py): the new-task and kept validation
+    scores by merge coefficient c, with the chosen c circled."""
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.4), squeeze=False)
+    for ax, (task, points) in zip(axes[0], curves.items()):
+        cs = [point["coefficient"] for point in points]
+        for key, label in (("task", "new task (held-out training records)"), ("kept", "kept (replay examples)")):
+            values = [_number(point.get(key)) for point in points]
+            if not all(math.isnan(value) for value in values):
+                ax.plot(cs, values, marker="o", label=label)
+        chosen = next(point for point in points if point.get("chosen"))
+        ax.axvline(chosen["coefficient"], color="gray", linestyle="--", label=f"chosen c = {chosen['coefficient']:g}")
+        ax.set_xlabel("c: start + c * (end - start)")
+        ax.set_ylabel("token accuracy")
+        ax.set_title(task)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="x-small")
+    return _save(fig, path)
+
+
 def plot_drift(drift_by_stage: list[dict], path: str | Path) -> Path:
     """KL(base || current) and favoured-token (default: digit) mass on the probe prompts, per stage."""
     stages = np.arange(len(drift_by_stage))

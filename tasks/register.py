@@ -11,11 +11,12 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 
+from models.engine import plugin_state_file
 from models.loading import load_model_and_tokenizer
 from perennial import registry
 from perennial.cl_metrics import AccuracyMatrix, bias_or_knowledge, summarize
 from perennial.lineage import LINEAGE_FILE
-from perennial.reports import markdown_summary, plot_accuracy_matrix, plot_drift, plot_task_curves
+from perennial.reports import markdown_summary, plot_accuracy_matrix, plot_drift, plot_merge_curves, plot_task_curves
 from perennial.tracking import UI_WORKFLOW, runs_table_link
 
 from tasks.cit import CITStep
@@ -24,6 +25,7 @@ from tasks.ingest import DataBundle
 from tasks.lineage import (CONTINUED_FROM_TAG, LINEAGE_BASE_TAG, LINEAGE_URI_TAG, REPLAY_URI_TAG, LineagePlan, extend_lineage,
                            lineage_base)
 from tasks.runtime import RunContext, fetch_dir
+from tasks.stage import PLUGIN_DIR
 
 
 HEATMAP = "report/accuracy_matrix.png"
@@ -112,6 +114,14 @@ def report(run: RunContext, data: DataBundle, evaluations: list[StageEval], plan
     (out / "accuracy_matrix.json").write_text(json.dumps({
         "tasks": matrix.tasks, "rows": matrix.rows, "trained": matrix.trained,
         "row_labels": record.row_labels() if record else matrix.stage_labels()}))
+    curves = merge_curves(run, list(steps))
+    if curves:
+        plot_merge_curves(curves, out / "merge_curves.png")
+        (out / "merge_curves.json").write_text(json.dumps(curves))
+        chosen = {f"merge/{task}_coefficient": next(p["coefficient"] for p in points if p.get("chosen"))
+                  for task, points in curves.items()}
+        metrics.update(chosen)
+        tracker.log_metrics(run.parent_run_id, chosen, step=len(evaluations) - 1)
     if general_tasks:
         (out / "general_tasks.json").write_text(json.dumps({"tasks": list(general_tasks), "rows": general, "summary": general_tasks}))
     if record is not None:
@@ -130,6 +140,17 @@ def report(run: RunContext, data: DataBundle, evaluations: list[StageEval], plan
         row_labels=record.row_labels() if record else matrix.stage_labels(), trained=matrix.trained or matrix.tasks[: matrix.stage],
         task_history=record.history_text() if record else "",
     )
+
+
+def merge_curves(run: RunContext, steps: list[CITStep]) -> dict[str, list[dict]]:
+    """The merge plugin's curve of every task this retrain trained (models/cl/merge.py), read from the
+    plugin state in the last stage's checkpoint; empty without the merge method."""
+    methods = [method.name for method in run.config.cit.methods]
+    if "merge" not in methods or not steps:
+        return {}
+    state = fetch_dir(run.store, steps[-1].model_uri, run.services.cache_dir) / PLUGIN_DIR / plugin_state_file(methods.index("merge"), "merge")
+    curves = json.loads(state.read_text()).get("curves", {})
+    return {step.stage: curves[step.stage] for step in steps if step.stage in curves}
 
 
 def bias_table(start: dict, start_corrected: dict, base: StageEval, final: StageEval) -> dict[str, dict]:

@@ -15,6 +15,7 @@ to an uninterrupted run.
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from pathlib import Path
 from typing import Callable, Literal
@@ -29,7 +30,7 @@ from models.data import Supervise, encode_record, pack_texts
 from models.engine import TrainResult, full_state_dict, is_sharded, load_plugin_states, resolve_device, save_plugin_states, set_seed, train
 from models.loading import load_causal_lm, load_model_and_tokenizer, save_model
 from models.tuning import TuningPlan, apply_tuning, count_parameters, merge_for_export, plan_tuning
-from perennial.config import CLMethodConfig, DistributedStrategy, OptimConfig, TuningConfig, task_seed
+from perennial.config import CLMethodConfig, DistributedStrategy, OptimConfig, TuningConfig, stream_seed, task_seed
 from perennial.storage import MANIFEST_NAME, ObjectStore
 from tasks.ingest import DatasetRef, read_records
 from tasks.runtime import RunContext, Services, committed_uri, fetch_dir
@@ -177,6 +178,21 @@ def encode_stage_data(spec: StageSpec, tokenizer, records: list, replay: list[di
     return mix_examples(encode(records), encode(replay), mode=data.replay_mixing, seed=spec.seed), data.replay_mixing != "interleave"
 
 
+# Replay examples a plugin that asks for validation data scores what the model keeps on (MergePlugin).
+RETENTION_EXAMPLES = 64
+
+
+def carve_validation(spec: StageSpec, records: list, count: int) -> tuple[list, list[dict]]:
+    """(the records to train on, ``count`` records of the task held out of training), the held-out ones
+    drawn with the stage's seed so a resumed stage holds out the same; at most a quarter of the task's
+    records, and none of a packed (DAP) or replay-only stage."""
+    count = min(count, len(records) // 4)
+    if count <= 0 or spec.data.encoding != "instruction" or spec.data.replay_mixing == "only":
+        return records, []
+    held = set(random.Random(stream_seed(spec.seed, spec.task_index)).sample(range(len(records)), count))
+    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
+
+
 def _fetch_inputs(spec: StageSpec, services: Services, download: bool):
     """(input model folder, records, replay records, resume checkpoint folder or None, plugin state folder or None).
 
@@ -224,15 +240,19 @@ def execute_stage(spec: StageSpec, services: Services) -> str:
     # FSDP: loaded on the CPU; the engine shards it, so it reaches the device one block at a time.
     model, tokenizer = load_model_and_tokenizer(model_dir, attn_implementation=spec.attn_implementation,
                                                 device="cpu" if sharded else device)
-    examples, shuffle = encode_stage_data(spec, tokenizer, records, replay)
     plugins = build_plugins(spec.methods, seed=task_seed(spec.seed, spec.task_index))
+    records, validation = carve_validation(spec, records, max((p.validation_records for p in plugins), default=0))
+    examples, shuffle = encode_stage_data(spec, tokenizer, records, replay)
     if plugin_dir is not None:
         load_plugin_states(plugins, plugin_dir)
     plan = plan_tuning(model, spec.tuning)  # refuses a method this architecture cannot take, before any step
     model = apply_tuning(model, spec.tuning, plan)
     trainable = count_parameters(model)[0]  # before any sharding: whole tensors
     context = TaskContext(task_index=spec.task_index, task_name=spec.name, model=model, train_examples=examples,
-                          pad_token_id=tokenizer.pad_token_id)
+                          pad_token_id=tokenizer.pad_token_id,
+                          validation_examples=[encode_record(tokenizer, r, spec.optim.max_length, spec.data.supervise) for r in validation],
+                          retention_examples=[encode_record(tokenizer, r, spec.optim.max_length, spec.data.supervise)
+                                              for r in replay[:RETENTION_EXAMPLES]] if validation else [])
     for plugin in plugins:
         plugin.before_task(context)
 

@@ -39,6 +39,10 @@ class TaskContext:
     model: torch.nn.Module  # the model being trained (a PeftModel under lora/mora), never the DDP wrapper
     train_examples: list[dict]  # encoded {"input_ids", "labels"} of the current task
     pad_token_id: int = 0
+    # For a plugin that asks for them (CLPlugin.validation_records): the task's records carved out of its
+    # training data before training (never trained on), and replay examples (what the model should keep).
+    validation_examples: list[dict] = field(default_factory=list)
+    retention_examples: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -52,6 +56,7 @@ class CLPlugin:
 
     name = "plugin"
     needs_attentions = False
+    validation_records = 0  # records of each task the stage holds out of training for it (TaskContext.validation_examples)
 
     def before_task(self, ctx: TaskContext) -> None:
         pass

@@ -16,6 +16,7 @@ from models.cl.averaging import AveragingPlugin
 from models.cl.base import CLPlugin
 from models.cl.ewc import EWCPlugin
 from models.cl.lwf import LwFPlugin
+from models.cl.merge import MergePlugin
 from models.cl.olora import OLoRAPlugin
 from models.cl.seekr import SEEKRPlugin
 from perennial.config import CLMethodConfig
@@ -26,6 +27,7 @@ PLUGINS: dict[str, type[CLPlugin]] = {
     "averaging": AveragingPlugin,
     "seekr": SEEKRPlugin,
     "olora": OLoRAPlugin,
+    "merge": MergePlugin,
 }
 
 _validate = TypeAdapter(CLMethodConfig).validate_python
