@@ -420,9 +420,10 @@ def markdown(report: dict) -> str:
     if costs:
         body += [
             "Cost per run (mean over seeds): the CIT learning rate, trainable parameters of the CIT tuning, tokens trained over "
-            "the CIT stages, wall and CPU time of the whole run (DAP and base model from the cache, evaluation included), and the "
-            "run's peak resident memory (each run measured in its own worker process). Wall times are with the other work of "
-            "the machine at the time; CPU time is the steadier measure.",
+            "the CIT stages, wall and CPU time of the whole run (evaluation included; the base and DAP models are built once, by "
+            "the first run, and taken from the cache by the others), and the run's peak resident memory (in the process that "
+            "ran it, one run at a time). Wall times are with the other work of the machine at the time; CPU time is the "
+            "steadier measure.",
             "",
             table([noun, "CIT lr", "trainable params", "CIT tokens", "wall (min)", "CPU (min)", "peak RSS (GiB)", "AP per CPU-hour"],
                   [[recipe, _rate(report.get("learning_rates", {}).get(recipe)), _count(report.get("trainable_params", {}).get(recipe)),

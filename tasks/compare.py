@@ -31,6 +31,7 @@ from perennial.tracking import LINEAGE_TAG, RUN_KEY_TAG
 RESULT_ARTIFACT = "compare/result.json"  # on a finished run's parent run: what the comparison collects on a rerun
 ATTEMPT_KEYS = ("wall_s", "cpu_s", "peak_rss_mib")  # what an interrupted attempt records (compare/attempt_<key>)
 COMPARISON_TAG = "perennial.comparison"
+WORKER_ENV = "PERENNIAL_COMPARE_WORKER"  # set in the flow's worker processes
 
 
 class Job(BaseModel):
@@ -126,6 +127,7 @@ def init_worker(api_url: str | None, threads: int) -> None:
     its share of the cores as torch threads (workers x threads = cores, as bench/engine_throughput.py measured)."""
     if api_url:
         os.environ["PREFECT_API_URL"] = api_url
+    os.environ[WORKER_ENV] = "1"
     import torch
 
     torch.set_num_threads(threads)
@@ -143,7 +145,10 @@ def run_recipe(job: Job) -> dict:
     """One run of the comparison, or what an earlier invocation recorded of it when it finished."""
     from mlflow.tracking import MlflowClient
 
-    cfg = Config.model_validate(job.config)
+    config = job.config
+    if os.environ.get(WORKER_ENV):  # its own local caches: a folder is never filled by two processes at once
+        config = {**config, "work_dir": f"{config['work_dir']}/worker-{os.getpid()}"}  # a location: the run key stays
+    cfg = Config.model_validate(config)
     client = MlflowClient(cfg.tracking.tracking_uri)
     collected = finished_result(client, cfg, job.run_key)
     if collected is not None:
@@ -153,7 +158,7 @@ def run_recipe(job: Job) -> dict:
 
     usage = _usage_meter()
     try:
-        summary = continual_retrain(config=job.config, run_key=job.run_key)
+        summary = continual_retrain(config=config, run_key=job.run_key)
     except BaseException:
         _log_attempt(client, cfg, job.run_key, usage())
         raise
@@ -388,7 +393,7 @@ def log_comparison(report: dict, text: str, figure: Path | None, tracking_uri: s
         metrics.update({f"{compare.slug(recipe)}/{key}": value for key, value in row.get("cost", {}).items()})
     tracker.log_metrics(run_id, metrics)
     tracker.flush()
-    client.log_param(run_id, "recipes_file", report.get("recipes_file", ""))
+    client.set_tag(run_id, "recipes_file", report.get("recipes_file", ""))  # a tag: a rerun may name the file by another path
     client.set_tag(run_id, "mlflow.note.content", text)
     for v in report.get("verdicts") or []:
         client.set_tag(run_id, f"verdict.{compare.slug(v['recipe'])}.{v['measure']}", f"{v['verdict']} (margin {v['margin']:.3f})")
