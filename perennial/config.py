@@ -517,10 +517,25 @@ class GatesConfig(Strict):
     )
 
 
+class SamplesConfig(Strict):
+    """Sample answers on every registered version (docs/operations.md, "Review"): a fixed probe set answered
+    greedily, with the scorer's rendering, by the base model, the champion and the candidate, side by side on
+    the version page, in `perennial review` and in the run's report. Answers are cached per model (its manifest
+    digest) and probe set, so the base model and the champion are not asked again on every retrain."""
+
+    enabled: bool = True
+    per_task: int = Field(2, ge=0, description="test records per trained task (the first ones of its test split)")
+    per_heldout_task: int = Field(2, ge=0, description="test records per held-out task")
+    general_prompts: int = Field(2, ge=0, description="general prompts from perennial/general_prompts.py's shipped pool (the first ones)")
+    prompts: list[str] = Field(default_factory=list, description="more prompts of your own, asked after the others")
+    max_new_tokens: int = Field(32, ge=1, description="answer budget in tokens (within cit.optim.max_length, as scoring)")
+
+
 class RegistryConfig(Strict):
     enabled: bool = True
     auto_promote: bool = False
     gates: GatesConfig = Field(default_factory=GatesConfig)
+    samples: SamplesConfig = Field(default_factory=SamplesConfig)
 
 
 class LineageConfig(Strict):
