@@ -11,9 +11,8 @@ import os
 import time
 
 from prefect import flow
-from prefect.task_runners import ProcessPoolTaskRunner
 
-from tasks.compare import init_worker, worker_setup
+from tasks.compare import worker_pool
 from tasks.wrappers import compare_plan_stage, compare_report_stage, recipe_run_stage
 
 
@@ -28,7 +27,7 @@ def compare(config_path: str | None, recipes_file: str, overrides: list[str] | N
     first, rest = plan.jobs[:1], plan.jobs[1:]
     results = [recipe_run_stage(job) for job in first]
     if plan.workers > 1 and rest:
-        with ProcessPoolTaskRunner(max_workers=plan.workers, initializer=init_worker, initargs=worker_setup(plan.threads)) as runner:
+        with worker_pool(plan.workers, plan.threads) as runner:
             futures = [runner.submit(recipe_run_stage, {"job": job}) for job in rest]
             results += [future.result() for future in futures]
     else:

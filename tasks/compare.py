@@ -17,10 +17,13 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
+from typing import Iterator
 
 from pydantic import BaseModel
 
@@ -128,17 +131,41 @@ def init_worker(api_url: str | None, threads: int) -> None:
     if api_url:
         os.environ["PREFECT_API_URL"] = api_url
     os.environ[WORKER_ENV] = "1"
+
+    def interrupt(signum, frame):  # as app/services.py's sigterm_as_interrupt: the run unwinds and is marked failed
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, interrupt)
     import torch
 
     torch.set_num_threads(threads)
 
 
-def worker_setup(threads: int) -> tuple[str | None, int]:
-    """`init_worker`'s arguments, read in the flow: the Prefect API it talks to (a temporary one included)."""
+@contextmanager
+def worker_pool(workers: int, threads: int) -> Iterator:
+    """A Prefect process-pool task runner of ``workers`` processes (`init_worker`: the flow's Prefect API, ``threads``
+    torch threads, SIGTERM as Ctrl-C). Interrupted, it stops its running workers (each marks its run failed and
+    records the attempt's cost) and cancels the queued runs, instead of waiting for all of them."""
     from prefect.client.orchestration import get_client
+    from prefect.task_runners import ProcessPoolTaskRunner
 
     with get_client(sync_client=True) as client:
-        return str(client.api_url), threads
+        api_url = str(client.api_url)
+    with ProcessPoolTaskRunner(max_workers=workers, initializer=init_worker, initargs=(api_url, threads)) as runner:
+        try:
+            yield runner
+        except BaseException:
+            executor = getattr(runner, "_executor", None)
+            processes = list(getattr(executor, "_processes", {}).values()) if executor is not None else []
+            if executor is not None:
+                executor.shutdown(wait=False, cancel_futures=True)
+            for process in processes:
+                process.terminate()
+            for process in processes:
+                process.join(timeout=60)
+                if process.is_alive():
+                    process.kill()
+            raise
 
 
 def run_recipe(job: Job) -> dict:

@@ -181,6 +181,40 @@ def _is_subsequence(needles: list, haystack: list) -> bool:
     return all(any(needle == item for item in found) for needle in needles)
 
 
+def _nap(seconds: float) -> float:
+    import time
+
+    time.sleep(seconds)
+    return seconds
+
+
+@pytest.mark.integration
+def test_an_interrupted_worker_pool_stops_its_workers_instead_of_waiting_for_every_run(prefect_harness):
+    """Ctrl-C (or SIGTERM, which the bench and the workers take as Ctrl-C) in the flow stops the running workers and
+    cancels the queued runs: three 60-second runs on two workers do not hold the interrupt for minutes."""
+    import time
+
+    from prefect import flow, task
+
+    from tasks.compare import worker_pool
+
+    nap = task(_nap, name="nap")
+
+    @flow
+    def interrupted() -> float:
+        started = time.time()
+        try:
+            with worker_pool(2, 1) as runner:
+                [runner.submit(nap, {"seconds": 60}) for _ in range(3)]
+                time.sleep(5)
+                raise KeyboardInterrupt("signal SIGTERM")
+        except KeyboardInterrupt:
+            return time.time() - started
+        raise AssertionError("the interrupt was lost")
+
+    assert interrupted() < 45
+
+
 @pytest.mark.integration
 def test_compare_runs_recipes_as_subflows_concurrently_reports_once_and_never_retrains(services, prefect_harness, tmp_path, monkeypatch):
     """Two recipes on the micro pipeline, full at two seeds: the first run alone (it builds the shared base and DAP
