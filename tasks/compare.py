@@ -3,11 +3,12 @@ cost), and report them (JSON, markdown, the accuracy-matrix grid, one MLflow com
 
 Each run is the product's own retrain under its own run key and lineage (perennial/compare.py:
 `recipe_config`, `run_key`): rerun, the comparison resumes an unfinished run from its last committed
-stage and collects a finished one from MLflow (its result.json) without training it again. A run's cost
-is measured in the process that runs it (one run at a time per process: the flow's worker processes, or
-the flow's own): CPU seconds of the process and its children, peak resident memory (reset at the start
-of the run where Linux allows), wall seconds, summed over interrupted attempts; CIT tokens and trainable
-parameters come from its CIT stages' MLflow runs.
+stage and collects a finished one from MLflow (its result.json) without training it again, even where
+its datasets have new versions since (delete its MLflow parent run to train it on them). A run's cost
+is measured in the process that runs it (one run at a time per process: the flow's worker processes,
+or the flow's own): CPU seconds of the process and its children, peak resident memory (reset at the
+start of the run where Linux allows), wall seconds, summed over interrupted attempts; CIT tokens and
+trainable parameters come from its CIT stages' MLflow runs.
 """
 
 from __future__ import annotations
