@@ -80,14 +80,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     print()
     print(accuracy_table(summary))
     print("metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(summary["metrics"].items()) if "/" not in k))
-    print(f"MLflow UI:  open {summary['tracking_uri']} (run {summary['mlflow_run_id']})")
-    print(f"S3:         {summary['s3_prefix']}")
-    registered = summary.get("registered_model")
-    if registered:
-        aliases = ", ".join(registered["aliases"]) or "none"  # read back from the registry
-        print(f"registered: {registered['name']} version {registered['version']} (aliases: {aliases})")
-        if registered["needs_review"]:
-            print(f"            needs review: {registered['review_reason']}")
+    if "experiment_id" not in summary:
+        try:  # the run page's link needs its experiment
+            from mlflow.tracking import MlflowClient
+
+            summary = {**summary, "experiment_id": MlflowClient(summary["tracking_uri"]).get_run(summary["mlflow_run_id"]).info.experiment_id}
+        except Exception:  # noqa: BLE001  (the footer then links the registry instead)
+            pass
+    print(run_footer(summary))
     if args.summary_json:
         print(f"summary:    {args.summary_json}")
     return 0
@@ -113,6 +113,38 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if report.get("mlflow_run_id"):
         print(f"MLflow:     run compare-{report['name']} ({report['mlflow_run_id']})")
     return 0
+
+
+def run_footer(summary: dict) -> str:
+    """The end of `perennial run`: where the run is, then the version's verdict in the words of the version page
+    and `perennial review` (READY / BLOCKED / NEEDS REVIEW, one line per failed gate with its value and
+    threshold), the next command and the version page's link (opening MLflow's model registry workflow)."""
+    from perennial.tracking import UI_WORKFLOW
+
+    ui = summary["tracking_uri"].rstrip("/")
+    lines = []
+    if summary.get("experiment_id"):
+        lines.append(f"MLflow run: {ui}/#/experiments/{summary['experiment_id']}/runs/{summary['mlflow_run_id']}?{UI_WORKFLOW}")
+    else:
+        lines.append(f"MLflow UI:  {ui}/#/models?{UI_WORKFLOW} (run {summary['mlflow_run_id']})")
+    lines.append(f"S3:         {summary['s3_prefix']}")
+    registered = summary.get("registered_model")
+    if not registered:
+        return "\n".join(lines)
+    aliases = ", ".join(registered["aliases"]) or "none"  # read back from the registry
+    name, version = registered["name"], registered["version"]
+    lines.append(f"registered: {name} version {version} (aliases: {aliases})")
+    verdict = registered.get("verdict_lines") or []
+    if verdict:
+        lines.append(f"verdict:    {verdict[0]}")
+        lines += [f"            {line}" for line in verdict[1:]]
+    if registered.get("promoted"):
+        lines.append(f"            promoted automatically: {name}@champion is version {version}")
+    elif registered.get("needs_review"):
+        lines.append(f"            waiting for a person: {registered['review_reason']}")
+    lines.append(f"next:       perennial review {name}")
+    lines.append(f"version:    {ui}/#/models/{name}/versions/{version}?{UI_WORKFLOW}")
+    return "\n".join(lines)
 
 
 def accuracy_table(summary: dict) -> str:
@@ -219,9 +251,27 @@ def _move_champion(args: argparse.Namespace, action: str, done) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
+    """Promoting a BLOCKED version warns, naming its failed gates with value and threshold; without --reason it
+    is refused (exit 1): overriding a gate is a deliberate act, recorded with its reason."""
+    from perennial import registry
+
+    client, _ = _tracking_client(args)
+    try:
+        target = client.get_model_version(args.model, str(args.version))
+    except Exception:  # noqa: BLE001  (registry.promote says "no version N")
+        target = None
+    failures = registry.blocked_gates(target) if target is not None and registry.CHAMPION not in target.aliases else []
+    if failures:
+        print(f"warning: {args.model} v{args.version} is BLOCKED: promoting it overrides {len(failures)} failed gate(s):",
+              file=sys.stderr)
+        for result in failures:
+            print(f"  - {result.name}: value {registry._fmt(result.value)}, threshold {registry._fmt(result.threshold)}: "
+                  f"{result.detail}", file=sys.stderr)
+
     def done(result: dict) -> str:
         previous = f" (previous-champion: v{result['previous_champion']})" if result["previous_champion"] else ""
-        return f"champion is now v{result['champion']}{previous}"
+        over = f"; overridden gates: {', '.join(r['name'] for r in result['overridden'])}" if result.get("overridden") else ""
+        return f"champion is now v{result['champion']}{previous}{over}"
 
     return _move_champion(args, "promote", done)
 
@@ -493,7 +543,8 @@ def build_parser() -> argparse.ArgumentParser:
     promote = sub.add_parser("promote", help="make a version the champion (the old one becomes previous-champion)")
     promote.add_argument("model", help="registered model name")
     promote.add_argument("version", type=int, help="version number to promote")
-    promote.add_argument("--reason", default="(no reason given)", help="why; recorded as the version tag promoted_reason")
+    promote.add_argument("--reason", default=None, help="why; recorded as the version tag promoted_reason. Required to "
+                         "promote a BLOCKED version (it overrides the failed gates, recorded in overridden_gates)")
     promote.add_argument("--by", default=None, help="who; recorded as promoted_by (default: $USER)")
     tracking_option(promote)
     promote.set_defaults(func=cmd_promote)

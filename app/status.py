@@ -14,7 +14,9 @@ import urllib.request
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from perennial.registry import REGISTERED_VERSION_TAG, VERDICT_TAG
 from perennial.tracking import (
+    UI_WORKFLOW,
     FLOW_RUN_ID_TAG,
     FLOW_RUN_NAME_TAG,
     FLOW_RUNS_TAG,
@@ -173,8 +175,36 @@ def _stages_line(children: list) -> str:
     return "  ".join(parts)
 
 
+def decisions(client, parents: list) -> dict[str, str]:
+    """Per parent run with a registered version: that version's latest decision (its Decision tag), e.g.
+    "champion: promoted by dana: ..."; a version deleted since says so."""
+    found = {}
+    for run in parents:
+        registered = run.data.tags.get(REGISTERED_VERSION_TAG)
+        if not registered:
+            continue
+        name, _, version = registered.rpartition("/")
+        try:
+            found[run.info.run_id] = client.get_model_version(name, version).tags.get("Decision", "")
+        except Exception:  # noqa: BLE001  (deleted since, or the registry is unreadable)
+            found[run.info.run_id] = "version not found in the registry"
+    return found
+
+
+def _registry_line(run, tracking_uri: str, decision: str | None) -> str:
+    """`registry  NAME vN  VERDICT ...  now: DECISION  <version page>`; nothing registered: why not known."""
+    registered = run.data.tags.get(REGISTERED_VERSION_TAG)
+    if not registered:
+        return "    registry -          no version registered (yet)" if run.info.status != "RUNNING" else ""
+    name, _, version = registered.rpartition("/")
+    verdict = run.data.tags.get(VERDICT_TAG, "verdict not recorded")
+    now = f"  now: {decision}" if decision and not decision.startswith("needs review") else ""
+    page = f"{tracking_uri.rstrip('/')}/#/models/{name}/versions/{version}?{UI_WORKFLOW}"
+    return f"    registry {name} v{version}  {verdict}{now}  {page}"
+
+
 def render(experiment_name: str, experiment_id: str, tracking_uri: str, parents: list, stages: dict[str, list],
-           prefect: PrefectSide, limit: int) -> str:
+           prefect: PrefectSide, limit: int, decided: dict[str, str] | None = None) -> str:
     lines = [f"experiment {experiment_name!r} at {tracking_uri}; times in UTC"]
     if prefect.missing:
         lines.append(f"prefect: column missing: {prefect.missing}")
@@ -214,6 +244,9 @@ def render(experiment_name: str, experiment_id: str, tracking_uri: str, parents:
             state, name = (earlier.state, earlier.name) if earlier else ("?", earlier_id)
             lines.append(f"    prefect  {state:10s} flow run {name!r} superseded: resumed by flow run {current_name!r}")
         lines.append(f"    s3       {_s3_prefix(run)}")
+        registry_line = _registry_line(run, tracking_uri, (decided or {}).get(run.info.run_id))
+        if registry_line:
+            lines.append(registry_line)
     matched = {run_id for run in parents for run_id in _flow_run_ids(run)}
     orphans = [flow_run for flow_run in prefect.recent if flow_run.id not in matched]
     if orphans:
@@ -234,4 +267,5 @@ def status_report(client, tracking_uri: str, experiment_name: str, limit: int, p
     parents, stages = mlflow_side(client, experiment.experiment_id, limit)
     ids = [run_id for run in parents[:limit] for run_id in _flow_run_ids(run)]
     prefect = prefect_side(prefect_url, ids, limit)
-    return render(experiment_name, experiment.experiment_id, tracking_uri, parents, stages, prefect, limit)
+    return render(experiment_name, experiment.experiment_id, tracking_uri, parents, stages, prefect, limit,
+                  decisions(client, parents[:limit]))

@@ -41,7 +41,8 @@ from typing import Callable, Iterator
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from perennial.config import GatesConfig
+from perennial import markdown as md
+from perennial.config import LOCATION_KEYS, GatesConfig
 from perennial.locks import holder_is_gone, this_process
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,10 @@ PREVIOUS_VERSION_TAG = "previous_champion_version"  # lets rollback walk back mo
 # rows high: a capitalised key sorts before every lowercase one, so this is the first row.
 DECISION_TAG = "Decision"
 RUN_NOTE_TAG = "mlflow.note.content"  # a run's description in MLflow
+# On a retrain's parent run, once its version is registered (tasks/register.py), for `perennial status`:
+# NAME/VERSION, and the verdict's first line (READY / BLOCKED / NEEDS REVIEW and why).
+REGISTERED_VERSION_TAG = "perennial.registered_version"
+VERDICT_TAG = "perennial.verdict"
 
 # Shown first in review; every other metric follows alphabetically.
 HEADLINE_METRICS = ["final_mean", "ap", "aip", "bwt", "fwt", "forgetting_mean", "forgetting_max",
@@ -70,7 +75,7 @@ HEADLINE_METRICS = ["final_mean", "ap", "aip", "bwt", "fwt", "forgetting_mean", 
 LINEAGE_TAGS = ["base_model", "config_digest", "checkpoint_uri", "checkpoint_manifest", "tuning_method",
                 "cl_methods", "git_sha", "run_key", "continued_from", "trained_tasks", "task_history"]
 EVAL_SET_TAG = "eval_set."  # prefix of the tags naming the dataset version each scored task's test records came from
-DECISION_TAGS = [DECISION_TAG, "promoted_by", "promoted_reason", "promoted_at", NEEDS_REVIEW_TAG, FAILED_GATES_TAG, REVIEW_REASON_TAG,
+DECISION_TAGS = [DECISION_TAG, "promoted_by", "promoted_reason", "promoted_at", "overridden_gates", NEEDS_REVIEW_TAG, FAILED_GATES_TAG, REVIEW_REASON_TAG,
                  PREVIOUS_VERSION_TAG,
                  "superseded_by", "rolled_back_by", "rolled_back_reason", "rolled_back_at", "restored_from"]
 
@@ -306,17 +311,30 @@ def failed(results: list[GateResult]) -> list[str]:
     return [result.name for result in results if result.passed is False]
 
 
-def verdict(results: list[GateResult], against: str) -> list[str]:
-    """READY or BLOCKED first, then one line per failed gate saying why; `against` in words
-    (e.g. "champion v3")."""
+READY, BLOCKED, NEEDS_REVIEW = "READY", "BLOCKED", "NEEDS REVIEW"
+
+
+def verdict(results: list[GateResult], against: str, now: str | None = None) -> list[str]:
+    """The verdict, the same words in the terminal, on the version page, in `perennial review` and in Prefect:
+    BLOCKED (a gate failed), NEEDS REVIEW (every checked gate passed, but against a champion that is no longer
+    the champion: ``now`` in words, e.g. "champion v3") or READY, first; then one line per failed gate saying
+    why, with its value and threshold. ``against`` in words (e.g. "champion v3")."""
     failures = [r for r in results if r.passed is False]
     unchecked = [r.name for r in results if r.passed is None]
     rest = f"; not checked (—): {', '.join(unchecked)}" if unchecked else ""
     if failures:
-        return [f"BLOCKED: {len(failures)} of {len(results)} gates fail against {against}: "
+        return [f"{BLOCKED}: {len(failures)} of {len(results)} gates fail against {against}: "
                 f"{', '.join(r.name for r in failures)}{rest}", *(f"- {r.name}: {r.detail}" for r in failures)]
     passed = len(results) - len(unchecked)
-    return [f"READY: all {passed} checked gates pass against {against}{rest}"]
+    if now is not None and now != against:
+        return [f"{NEEDS_REVIEW}: all {passed} checked gates pass against {against}, but the champion has changed since "
+                f"(now: {now}): judge it against that before promoting{rest}"]
+    return [f"{READY}: all {passed} checked gates pass against {against}{rest}"]
+
+
+def verdict_word(lines: list[str]) -> str:
+    """READY, BLOCKED or NEEDS REVIEW: the first word(s) of `verdict`'s first line."""
+    return lines[0].split(":", 1)[0]
 
 
 # --- versions and aliases ---------------------------------------------------------------------
@@ -331,6 +349,13 @@ def alias_version(client: MlflowClient, name: str, alias: str):
 
 
 # Version numbers are strings over REST but ints from a local store: compare them as str().
+
+
+def _version_or_none(client: MlflowClient, name: str, version: int | str):
+    try:
+        return client.get_model_version(name, str(version))
+    except MlflowException:
+        return None
 
 
 def _get_version(client: MlflowClient, name: str, version: int | str):
@@ -388,22 +413,216 @@ def task_rows(metrics: dict[str, float]) -> list[list[str]]:
 TASK_HEADER = ["task", "chance", "stage 0", "final", "change"]
 
 
-def describe(metrics: dict[str, float], results: list[GateResult], against: str, extra: str = "") -> str:
-    """Version and parent-run description (markdown): the verdict first (READY / BLOCKED and why),
-    then per-task scores beside chance, the gate table, the metric table and the run's own summary.
-    Cut at 5000 characters, MLflow's limit."""
-    lines = [f"**{line}**" if index == 0 else line for index, line in enumerate(verdict(results, against))]
-    lines += ["", "| " + " | ".join(TASK_HEADER) + " |", "|---" * len(TASK_HEADER) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in task_rows(metrics)]
-    lines += ["", f"Gates (against {against}):", "", "| gate | result | value | threshold | detail |", "|---|---|---|---|---|"]
-    for r in results:
-        lines.append(f"| {r.name} | {_result_word(r.passed)} | {_fmt(r.value)} | {_fmt(r.threshold)} | {r.detail} |")
-    lines += ["", "| metric | value |", "|---|---|"]
-    lines += [f"| {key} | {metrics[key]:.4f} |" for key in _metric_order(metrics)]
-    text = "\n".join(lines)
+# --- what the version page and review show --------------------------------------------------------
+
+PAGE_LIMIT = 5000  # characters: MLflow's limit on a model version's description
+# The MLflow UI's own "Promote model" button copies a version into another registered model; it moves no alias.
+PROMOTE_BUTTON = ("MLflow's own *Promote model* button copies this version into another registered model: it does "
+                  "not make it the champion.")
+
+
+def heldout_rows(metrics: dict[str, float], results: list[GateResult]) -> list[list[str]]:
+    """General ability, shown beside the verdict: each held-out task (stage 0, final, change), general perplexity
+    and output drift, each with its gate's result and threshold."""
+    gates = {result.name: result for result in results}
+
+    def gate(name: str, relation: str) -> str:
+        result = gates.get(name)
+        if result is None or result.threshold is None:
+            return "—"
+        return f"{_result_word(result.passed)} ({relation}{result.threshold:g})"
+
+    rows = []
+    for key in sorted(k for k in metrics if k.startswith("general/") and k.endswith("_delta")):
+        task = key[len("general/"):-len("_delta")]
+        rows.append([f"{task} (held-out task)", _fmt(metrics.get(f"general/{task}_base")), _fmt(metrics.get(f"general/{task}_final")),
+                     f"{metrics[key]:+.4f}", gate("max_general_task_drop", "drop ≤ ")])
+    base, final = metrics.get("general_ppl_base"), metrics.get("general_ppl_final")
+    if final is not None:
+        ratio = f"×{final / base:.2f}" if base else "—"
+        rows.append(["general perplexity", _fmt(base), _fmt(final), ratio, gate("max_general_ppl_ratio", "ratio ≤ ×")])
+    if metrics.get("drift_kl_mean") is not None:
+        rows.append(["output drift KL(stage 0 ‖ final), nats", "0", _fmt(metrics["drift_kl_mean"]), "—",
+                     gate("max_output_drift_kl", "≤ ")])
+    return rows
+
+
+HELDOUT_HEADER = ["general ability", "stage 0", "final", "change", "gate"]
+
+
+def changes(client: MlflowClient, champion, tags: dict[str, str], metrics: dict[str, float], run_id: str | None) -> dict:
+    """What changed since ``champion`` (a model version): the config keys that differ between the two retrains'
+    recorded configs (their parent runs' params; where services and scratch files are is left out), the datasets
+    and evaluation sets that are new or have another version (tags dataset.* and eval_set.*), and per task
+    (trained and held out) the champion's and the candidate's final score. JSON-ready."""
+    config, note = [], None
+    try:
+        old = client.get_run(champion.run_id).data.params if champion.run_id else None
+        new = client.get_run(run_id).data.params if run_id else None
+    except MlflowException as error:
+        old = new = None
+        note = f"a run's recorded config is unreadable ({error.error_code})"
+    if old is not None and new is not None:
+        skip = set(LOCATION_KEYS)
+        config = [[key, old.get(key), new.get(key)] for key in sorted(old.keys() | new.keys())
+                  if key not in skip and old.get(key) != new.get(key)]
+    elif note is None:
+        note = "a version has no retrain run: configs not compared"
+    keys = sorted({key for key in (*champion.tags, *tags) if key.startswith((DATASET_TAG, EVAL_SET_TAG))})
+    datasets = [[key, champion.tags.get(key), tags.get(key)] for key in keys if champion.tags.get(key) != tags.get(key)]
+    theirs = metrics_from_tags(champion.tags)
+    scores = []
+    for prefix, suffix, label in (("final/", "", ""), ("general/", "_final", " (held-out)")):
+        names = {key[len(prefix):len(key) - len(suffix)] for m in (theirs, metrics) for key in m
+                 if key.startswith(prefix) and key.endswith(suffix) and (suffix or "/" not in key[len(prefix):])}
+        for task in sorted(names):
+            a, b = theirs.get(f"{prefix}{task}{suffix}"), metrics.get(f"{prefix}{task}{suffix}")
+            scores.append([f"{task}{label}", a, b, None if a is None or b is None else b - a])
+    return {"champion": str(champion.version), "config": config, "datasets": datasets, "scores": scores, "note": note}
+
+
+def _short(value: str | None, width: int = 40) -> str:
+    if value is None:
+        return "(none)"
+    return value if len(value) <= width else value[: width - 1] + "…"
+
+
+def changes_lines(change: dict) -> list[str]:
+    """`changes` as text lines (review): config `key: old -> new`, datasets, then the per-task table."""
+    lines = [f"What changed since champion v{change['champion']}"]
+    if change.get("note"):
+        lines.append(f"  config: {change['note']}")
+    lines += ([f"  config {key}: {_short(old)} -> {_short(new)}" for key, old, new in change["config"]]
+              or ["  config: no key differs"])
+    lines += ([f"  {key}: {_short(old, 16)} -> {_short(new, 16)}{' (new)' if old is None else ''}" for key, old, new in change["datasets"]]
+              or ["  datasets: the same versions"])
+    rows = [[task, _fmt(a), _fmt(b), "—" if d is None else f"{d:+.4f}"] for task, a, b, d in change["scores"]]
+    if rows:
+        lines += _table(["task", f"champion v{change['champion']}", "candidate", "change"], rows)
+    return lines
+
+
+def changes_markdown(change: dict, candidate: str, chance: dict[str, float], stage0: dict[str, float]) -> list[str]:
+    """`changes` on the version page: config and datasets as `key: old -> new` lines, then one table of every
+    task: chance, stage 0, champion, candidate, change."""
+    lines = [f"**What changed since champion v{change['champion']}**", ""]
+    if change.get("note"):
+        lines.append(f"- config: {md.text(change['note'])}")
+    lines += ([f"- `{key}`: {md.cell(old, 40)} → {md.cell(new, 40)}" for key, old, new in change["config"]] or ["- config: no key differs"])
+    lines += ([f"- `{key}`: {md.cell(_short(old, 16))} → {md.cell(_short(new, 16))}" for key, old, new in change["datasets"]]
+              or ["- datasets: the same versions"])
+    rows = [[md.cell(task), _fmt(chance.get(task)), _fmt(stage0.get(task)), _fmt(a), _fmt(b), "—" if d is None else f"{d:+.4f}"]
+            for task, a, b, d in change["scores"]]
+    return [*lines, "", *md.table(["task", "chance", "stage 0", f"champion v{change['champion']}", candidate, "change"], rows,
+                                  ["l", "r", "r", "r", "r", "r"])]
+
+
+def sample_columns(samples: dict, version: int | str | None = None) -> list[str]:
+    """The answer columns' headers: base, champion vN, candidate vM."""
+    names = []
+    for column in samples.get("columns", []):
+        label = column["label"]
+        if label == "champion" and samples.get("champion_version"):
+            label = f"champion v{samples['champion_version']}"
+        elif label == "candidate" and version is not None:
+            label = f"candidate v{version}"
+        names.append(label)
+    return names
+
+
+def samples_markdown(samples: dict, version: int | str | None = None, width: int = 48) -> list[str]:
+    """Sample answers as a table: prompt (with its task), reference, then each model's greedy answer, all escaped."""
+    names = sample_columns(samples, version)
+    rows = []
+    for index, probe in enumerate(samples["probes"]):
+        prompt = f"{md.cell(probe['group'])}: {md.cell(_prompt_text(probe['prompt']), width)}"
+        rows.append([prompt, md.cell(probe.get("reference"), 24),
+                     *(md.cell(column["answers"][index], width) for column in samples["columns"])])
+    head = [f"**What the model says** (greedy, at most {samples.get('max_new_tokens', '?')} new tokens, as scored; "
+            f"all of them in the run's report/samples.json)", ""]
+    if samples.get("error"):
+        head += [f"Not shown: {md.text(samples['error'])}", ""]
+    return [*head, *md.table(["prompt", "reference", *names], rows)]
+
+
+def samples_lines(samples: dict, version: int | str | None = None) -> list[str]:
+    """Sample answers for a terminal: per prompt, its reference and one line per model."""
+    names = sample_columns(samples, version)
+    width = max([len(name) for name in names] + [9])
+    lines = [f"Sample answers (greedy, at most {samples.get('max_new_tokens', '?')} new tokens, as scored)"]
+    if samples.get("error"):
+        lines.append(f"  not shown: {samples['error']}")
+    for index, probe in enumerate(samples["probes"]):
+        reference = f"   (reference: {probe['reference']!r})" if probe.get("reference") is not None else ""
+        lines.append(f"  [{probe['group']}] {_prompt_text(probe['prompt'])!r}{reference}")
+        lines += [f"    {name:<{width}s}  {' '.join(column['answers'][index].split())!r}" for name, column in zip(names, samples["columns"])]
+    return lines
+
+
+def _prompt_text(prompt) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    users = [turn.get("content", "") for turn in prompt if turn.get("role") == "user"]
+    return ("… " if len(prompt) > 1 else "") + (users[-1] if users else "")
+
+
+def promote_hint(name: str, version: int | str | None, blocked: bool) -> list[str]:
+    """How to promote: the command (with --reason required over failed gates), and what MLflow's button does instead."""
+    number = version if version is not None else "VERSION"
+    why = " (BLOCKED: overriding failed gates requires `--reason`, recorded with the promotion)" if blocked else ""
+    return [f"**To promote:** `perennial promote {name} {number} --reason '...'`{why}; `perennial review {name}` compares it "
+            f"with the champion. {PROMOTE_BUTTON}"]
+
+
+def describe(metrics: dict[str, float], results: list[GateResult], against: str, extra: str = "", *, name: str | None = None,
+             version: int | str | None = None, change: dict | None = None, samples: dict | None = None, links: str = "") -> str:
+    """Version and parent-run description (markdown), what a reviewer decides from, in this order: the verdict
+    (READY / BLOCKED and why, each failed gate with its value and threshold), the held-out tasks and general
+    ability, how to promote, the sample answers (base, champion, candidate), what changed since the champion
+    (config, datasets, every task's score: chance, stage 0, champion, candidate, change), the gates, the headline
+    metrics (once), ``links`` to the report, then ``extra`` (the run's summary). Kept within MLflow's 5000
+    characters: a section that does not fit is left out with a line saying where it is."""
+    lines = verdict(results, against)
+    sections = [("verdict", [f"**{lines[0]}**", *lines[1:]])]
+    general = heldout_rows(metrics, results)
+    if general:
+        sections.append(("general ability", md.table(HELDOUT_HEADER, general, ["l", "r", "r", "r", "l"])))
+    if name:
+        sections.append(("how to promote", promote_hint(name, version, bool(failed(results)))))
+    if samples and samples.get("probes"):
+        sections.append(("sample answers", samples_markdown(samples, version)))
+    candidate = f"candidate v{version}" if version is not None else "candidate"
+    chance, stage0 = _per_task(metrics, "chance"), _per_task(metrics, "stage0")
+    if change is not None:
+        sections.append(("what changed since the champion", changes_markdown(change, candidate, chance, stage0)))
+    else:
+        rows = [[md.cell(task), _fmt(chance.get(task)), _fmt(stage0.get(task)), _fmt(final), "—" if stage0.get(task) is None
+                 else f"{final - stage0[task]:+.4f}"] for task, final in sorted(_per_task(metrics, "final").items())]
+        sections.append(("tasks", ["**Tasks** (no champion to compare with: change from stage 0)", "",
+                                   *md.table(["task", "chance", "stage 0", candidate, "change"], rows, ["l", "r", "r", "r", "r"])]))
+    sections.append(("gates", [f"**Gates** (against {against})", "",
+                               *md.table(["gate", "result", "value", "threshold", "detail"],
+                                         [[r.name, _result_word(r.passed), _fmt(r.value), _fmt(r.threshold), md.cell(r.detail)]
+                                          for r in results], ["l", "l", "r", "r", "l"])]))
+    headline = [key for key in HEADLINE_METRICS if key in metrics]
+    if headline:
+        sections.append(("metrics", ["**Metrics**", "", *md.table(["metric", "value"], [[key, f"{metrics[key]:.4f}"] for key in headline],
+                                                                   ["l", "r"])]))
+    if links:
+        sections.append(("report links", [links]))
     if extra:
-        text += "\n\n" + extra
-    return text[:5000]
+        sections.append(("the run's summary", [extra]))
+    text, left_out = "", []
+    for title, section in sections:
+        block = "\n".join(section)
+        if text and len(text) + 2 + len(block) > PAGE_LIMIT - 200:
+            left_out.append(title)
+            continue
+        text += ("\n\n" if text else "") + block
+    if left_out:
+        text += "\n\n" + md.text(f"Not shown here (MLflow keeps {PAGE_LIMIT} characters): {', '.join(left_out)}; "
+                                   "the run's report folder has everything.")
+    return text[:PAGE_LIMIT]
 
 
 def _metric_order(*metric_dicts: dict) -> list[str]:
@@ -437,6 +656,7 @@ def registered(client: MlflowClient, name: str, version: int | str) -> dict:
     """
     held = _get_version(client, name, version)
     aliases = sorted(held.aliases)
+    lines = version_verdict(client, name, held)
     return {
         "name": name,
         "version": int(held.version),
@@ -447,7 +667,20 @@ def registered(client: MlflowClient, name: str, version: int | str) -> dict:
         "promoted": CHAMPION in aliases,
         "needs_review": held.tags.get(NEEDS_REVIEW_TAG) == "true",
         "review_reason": held.tags.get(REVIEW_REASON_TAG),
+        "verdict": verdict_word(lines),  # READY, BLOCKED or NEEDS REVIEW
+        "verdict_lines": lines,  # the verdict, then one line per failed gate (value and threshold)
     }
+
+
+def version_verdict(client: MlflowClient, name: str, version) -> list[str]:
+    """A version's verdict lines (`verdict`) from its stored gate results, against the champion it was judged
+    against; NEEDS REVIEW when the gates passed and another version is the champion now (not itself)."""
+    results = stored_gates(version.tags.get(GATES_TAG, "[]"))
+    against = version.tags.get(GATES_AGAINST_TAG, "none")
+    current = alias_version(client, name, CHAMPION)
+    holder = "none" if current is None else str(current.version)
+    now = None if holder in (against, str(version.version)) else _against(holder)
+    return verdict(results, _against(against), now)
 
 
 def _against(version: str) -> str:
@@ -473,8 +706,14 @@ def register_version(
     tags: dict[str, str] | None = None,
     description: str = "",
     by: str = "auto-promote",
+    samples: dict | None = None,
+    links: str = "",
 ) -> dict:
     """Register a version with alias `challenger`, judge it against the champion, promote or flag it.
+
+    Its description (`describe`) opens with the verdict, then ``samples`` (tasks/samples.py: the base
+    model's, the champion's and this version's answers), what changed since the champion it was judged
+    against (`changes`), ``links`` to the run's report and ``description`` (the run's summary).
 
     Safe to rerun for the same run_id (a retry, or a rerun after a crash between any two steps): the
     run's version is found again and only what is missing is done: tags and description it lacks,
@@ -493,12 +732,14 @@ def register_version(
     if GATES_TAG in held:  # judged when the version was created: a rerun keeps that judgement
         results = stored_gates(held[GATES_TAG])
         against = held.get(GATES_AGAINST_TAG, "none")
+        champion = None if against == "none" else _version_or_none(client, name, against)
     else:
         champion = alias_version(client, name, CHAMPION)
         champion_metrics = metrics_from_tags(champion.tags) if champion is not None else None
         changed = _changed_eval_sets(tags or {}, champion.tags) if champion is not None else set()
         results = evaluate_gates(gates, metrics, champion_metrics, changed)
         against = str(champion.version) if champion is not None else "none"
+    change = changes(client, champion, tags or {}, metrics, run_id) if champion is not None else None
     tags = {
         **(tags or {}),
         **{f"{METRIC_TAG}{key}": repr(float(value)) for key, value in metrics.items()},
@@ -512,17 +753,20 @@ def register_version(
         review = _review_tags("registry.auto_promote is off: a person decides")
     else:
         review = {}
-    text = describe(metrics, results, _against(against), description)
+    page = lambda number: describe(metrics, results, _against(against), description, name=name, version=number,  # noqa: E731
+                                   change=change, samples=samples, links=links)
     if version is None:
-        # A decision known before the version exists goes in with it (each MLflow call is a round trip).
+        # A decision known before the version exists goes in with it (each MLflow call is a round trip). The
+        # description names the version's number (the promote command), known once it exists.
         tags.update(review)
-        version = client.create_model_version(name, source, run_id=run_id, tags=tags, description=text)
+        version = client.create_model_version(name, source, run_id=run_id, tags=tags)
     else:
         for key, value in tags.items():
             if key not in held:
                 client.set_model_version_tag(name, version.version, key, value)
-        if not version.description:
-            client.update_model_version(name, version.version, description=text)
+    text = page(version.version)
+    if not version.description:
+        client.update_model_version(name, version.version, description=text)
     if run_id:  # the run's description (MLflow shows this tag as it) opens with the same verdict
         client.set_tag(run_id, RUN_NOTE_TAG, text)
     number = str(version.version)
@@ -567,7 +811,8 @@ def _promote(client: MlflowClient, name: str, version: str, tags: dict[str, str]
     promoted_at is written last, so a version that has it has held `champion`: a rerun of its
     retrain never promotes it again, even after it was superseded or rolled back.
     """
-    tags = {**tags, DECISION_TAG: f"champion: promoted by {tags['promoted_by']}: {tags['promoted_reason']}"}
+    over = f" over failed gates {tags['overridden_gates'].replace(',', ', ')}" if tags.get("overridden_gates") else ""
+    tags = {**tags, DECISION_TAG: f"champion: promoted by {tags['promoted_by']}{over}: {tags['promoted_reason']}"}
     if current is not None:
         tags = {**tags, PREVIOUS_VERSION_TAG: str(current.version)}
     for key, value in tags.items():
@@ -580,16 +825,39 @@ def _promote(client: MlflowClient, name: str, version: str, tags: dict[str, str]
     client.set_model_version_tag(name, version, "promoted_at", _now())
 
 
-def promote(client: MlflowClient, name: str, version: int | str, by: str, reason: str) -> dict:
+NO_REASON = "(no reason given)"
+
+
+def blocked_gates(version) -> list[GateResult]:
+    """The gates a version failed at registration (its stored gate results)."""
+    return [result for result in stored_gates(version.tags.get(GATES_TAG, "[]")) if result.passed is False]
+
+
+def promote(client: MlflowClient, name: str, version: int | str, by: str, reason: str | None) -> dict:
     """Make `version` the champion, recording who, why and when; the replaced champion keeps alias
     `previous-champion`. Concurrent promotions take turns (`promotion_lock`), so each one's previous
     champion is the one promoted before it and none is lost.
 
-    Raises RegistryError: no such version, it is already the champion, or another promotion holds
-    the lock past its timeout.
+    Promoting a BLOCKED version overrides its failed gates: that takes a ``reason`` (recorded, with the
+    overridden gates in tag `overridden_gates` and in the Decision). Without one it is refused.
+
+    Raises RegistryError: no such version, it is already the champion, it is BLOCKED and no reason is given,
+    or another promotion holds the lock past its timeout.
     """
     target = _get_version(client, name, version)
-    tags = {"promoted_by": by, "promoted_reason": reason}
+    if CHAMPION in target.aliases:
+        raise RegistryError(f"{name} version {target.version} is already the champion")
+    failures = blocked_gates(target)
+    given = bool(reason and reason.strip() and reason != NO_REASON)
+    if failures and not given:
+        raise RegistryError(
+            f"{name} v{target.version} is BLOCKED: {len(failures)} gate(s) failed: "
+            + "; ".join(f"{r.name} {_fmt(r.value)} (threshold {_fmt(r.threshold)})" for r in failures)
+            + f". Promoting it overrides them: say why with --reason '...' (recorded with the promotion), e.g. "
+            f"`perennial promote {name} {target.version} --reason 'the eval set was relabelled'`")
+    tags = {"promoted_by": by, "promoted_reason": reason if given else NO_REASON}
+    if failures:
+        tags["overridden_gates"] = ",".join(r.name for r in failures)
     if target.tags.get(NEEDS_REVIEW_TAG) == "true":
         tags[NEEDS_REVIEW_TAG] = "false"  # reviewed; failed_gates stays as the record of what was overridden
     with promotion_lock(client, name, by):
@@ -597,7 +865,8 @@ def promote(client: MlflowClient, name: str, version: int | str, by: str, reason
         if current is not None and current.version == target.version:
             raise RegistryError(f"{name} version {target.version} is already the champion")
         _promote(client, name, target.version, tags, current)
-    return {"name": name, "champion": int(target.version), "previous_champion": int(current.version) if current else None}
+    return {"name": name, "champion": int(target.version), "previous_champion": int(current.version) if current else None,
+            "overridden": [asdict(r) for r in failures]}
 
 
 def rollback(client: MlflowClient, name: str, by: str, reason: str) -> dict:
@@ -774,23 +1043,61 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [fmt(header), fmt(["-" * width for width in widths]), *(fmt(row) for row in rows)]
 
 
+def run_json(client: MlflowClient, run_id: str | None, path: str):
+    """A JSON artifact of a run (e.g. report/samples.json), or None when the run or the file is not there."""
+    if not run_id:
+        return None
+    import tempfile
+
+    quiet = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # a one-file download needs no progress bar on stderr
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            return json.loads(open(client.download_artifacts(run_id, path, scratch)).read())
+    except (MlflowException, OSError, ValueError):
+        return None
+    finally:
+        if quiet is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = quiet
+
+
 def _lineage_matrix(client: MlflowClient, version) -> list[str]:
     """A version that continued its lineage: the lineage's accuracy matrix (its retrain's report), each row
     labelled with the retrain that added it; nothing for other versions or when the report is unreadable."""
     if version.tags.get("continued_from", "none") == "none" or not version.run_id:
         return []
-    import tempfile
-
-    try:
-        with tempfile.TemporaryDirectory() as scratch:
-            path = client.download_artifacts(version.run_id, "report/accuracy_matrix.json", scratch)
-            matrix = json.loads(open(path).read())
-    except (MlflowException, OSError, ValueError):
+    matrix = run_json(client, version.run_id, "report/accuracy_matrix.json")
+    if matrix is None:
         return []
     labels = matrix.get("row_labels") or [f"row {index}" for index in range(len(matrix["rows"]))]
     rows = [[label, *("—" if score is None else f"{score:.3f}" for score in row)] for label, row in zip(labels, matrix["rows"])]
     return [f"Accuracy matrix of the lineage (challenger v{version.version} continued v{version.tags['continued_from']}; "
             "each row names the retrain that added it; — = not scored then)", *_table(["stage", *matrix["tasks"]], rows), ""]
+
+
+SAMPLES_ARTIFACT = "report/samples.json"  # tasks/samples.py, logged by tasks/register.py
+DECIDED = ("champion", "superseded", "rolled back", "champion again", "champion withdrawn")
+
+
+def _headline(name: str, challenger, champion, results: list[GateResult], against: str, against_words: str) -> list[str]:
+    """Review's first lines: the challenger's state. Undecided: its verdict (READY / BLOCKED / NEEDS REVIEW and
+    why). Decided since (promoted, rolled back, superseded, withdrawn): the decision, then the verdict it had
+    at registration."""
+    decision = challenger.tags.get(DECISION_TAG, "")
+    holder = "none" if champion is None else str(champion.version)
+    is_champion = holder == str(challenger.version)
+    now = None if is_champion or against in ("unknown", holder) else _against(holder)
+    lines = verdict(results, against_words, now)
+    if is_champion:
+        how = decision.split(": ", 1)[1] if decision.startswith("champion: ") else decision or "promoted"
+        head = f"{name} challenger v{challenger.version} is the champion: {how}"
+    elif decision.startswith(DECIDED) and challenger.tags.get(NEEDS_REVIEW_TAG) != "true":
+        head = f"{name} challenger v{challenger.version}: {decision}"
+    else:
+        return [f"{name} challenger v{challenger.version}: " + "\n  ".join(lines)]
+    return [head, "  at registration: " + lines[0], *(f"    {line}" for line in lines[1:])]
 
 
 def review(client: MlflowClient, name: str) -> str:
@@ -808,7 +1115,7 @@ def review(client: MlflowClient, name: str) -> str:
         against = challenger.tags.get(GATES_AGAINST_TAG, "unknown")
         against_words = "an unknown champion" if against == "unknown" else _against(against)
         results = stored_gates(challenger.tags.get(GATES_TAG, "[]"))
-        lines += [f"{name} challenger v{challenger.version}: " + "\n  ".join(verdict(results, against_words)), ""]
+        lines += [*_headline(name, challenger, champion, results, against, against_words), ""]
     lines.append(f"Registered model {name}")
     lines.append("  " + "   ".join(f"{label}: v{version.version}" for label, version in shown)
                  + (f"   previous-champion: v{previous.version}" if previous is not None else ""))
@@ -818,7 +1125,16 @@ def review(client: MlflowClient, name: str) -> str:
         lines.append("  the challenger has already been promoted: nothing awaits review")
     lines.append("")
     if challenger is not None:
-        rows = task_rows(metrics_from_tags(challenger.tags))
+        mine = metrics_from_tags(challenger.tags)
+        general = heldout_rows(mine, results)
+        if general:
+            lines += [f"General ability of challenger v{challenger.version}", *_table(HELDOUT_HEADER, general), ""]
+        samples = run_json(client, challenger.run_id, SAMPLES_ARTIFACT)
+        if samples and samples.get("probes"):
+            lines += [*samples_lines(samples, challenger.version), ""]
+        if champion is not None and champion.version != challenger.version:
+            lines += [*changes_lines(changes(client, champion, challenger.tags, mine, challenger.run_id)), ""]
+        rows = task_rows(mine)
         if rows:
             lines += [f"Tasks of challenger v{challenger.version} (stage 0 = before continual tuning; chance — = unknown)",
                       *_table(TASK_HEADER, rows), ""]

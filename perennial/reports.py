@@ -12,6 +12,7 @@ matplotlib.use("Agg")  # files only: works on headless workers and never opens a
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from perennial import markdown as md  # noqa: E402
 from perennial.cl_metrics import AccuracyMatrix  # noqa: E402
 
 
@@ -116,25 +117,30 @@ def plot_merge_curves(curves: dict[str, list[dict]], path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def plot_drift(drift_by_stage: list[dict], path: str | Path) -> Path:
-    """KL(base || current) and favoured-token (default: digit) mass on the probe prompts, per stage."""
+def plot_drift(drift_by_stage: list[dict], path: str | Path, labels: list[str] | None = None, threshold: float | None = None) -> Path:
+    """KL(stage 0 || stage) of the next-token distributions on the probe prompts, one point per evaluated stage
+    named by ``labels`` (default "stage i"), with the gate's ceiling (registry.gates.max_output_drift_kl) drawn
+    at ``threshold``: the final stage's point is what the gate judges (`drift_figure`)."""
+    return _save(drift_figure(drift_by_stage, labels, threshold), path)
+
+
+def drift_figure(drift_by_stage: list[dict], labels: list[str] | None = None, threshold: float | None = None):
+    """`plot_drift`'s figure: one panel (the toy's favoured-token mass meant nothing for a real model)."""
     stages = np.arange(len(drift_by_stage))
     kl = [_number(d.get("kl_mean")) for d in drift_by_stage]
-    mass = [_number(d.get("favoured_mass")) for d in drift_by_stage]
-    fig, (ax_kl, ax_mass) = plt.subplots(1, 2, figsize=(10, 3.5))
-    ax_kl.plot(stages, kl, marker="o")
-    ax_kl.set_title("KL(base || current) on probe prompts")
-    ax_mass.plot(stages, mass, marker="o", color="tab:orange", label="current")
-    base_mass = next((d["favoured_mass_base"] for d in drift_by_stage if d.get("favoured_mass_base") is not None), None)
-    if base_mass is not None:
-        ax_mass.axhline(base_mass, color="gray", linestyle="--", label="base model")
-        ax_mass.legend(fontsize="small")
-    ax_mass.set_title("favoured-token (digit) mass on probe prompts")
-    for ax in (ax_kl, ax_mass):
-        ax.set_xlabel("stage")
-        ax.set_xticks(stages)
-        ax.grid(alpha=0.3)
-    return _save(fig, path)
+    names = [labels[i] if labels and i < len(labels) else f"stage {i}" for i in stages]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(stages) + 2), 3.8))
+    ax.plot(stages, kl, marker="o", label="KL(stage 0 ‖ this stage)")
+    if threshold is not None:
+        ax.axhline(threshold, color="tab:red", linestyle="--", label=f"gate max_output_drift_kl = {threshold:g}")
+    ax.set_title("Output drift on probe prompts (nats)")
+    ax.set_xticks(stages, names, rotation=20, ha="right")
+    ax.set_xlabel("model after stage")
+    ax.set_ylabel("mean KL (nats)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return fig
 
 
 def _fmt(value) -> str:
@@ -159,34 +165,37 @@ def markdown_summary(matrix: AccuracyMatrix, metrics: dict, drift: list[dict] | 
     scores per stage), the metrics and (optionally) drift per stage as markdown tables. ``row_labels``
     replace the matrix's stage labels (a lineage's name the retrain that added each row);
     ``drift_labels`` name the drift entries (default: the matrix's stages)."""
-    lines = ["## Accuracy matrix", "", "| stage | " + " | ".join(matrix.tasks) + " |", "|---" * (matrix.num_tasks + 1) + "|"]
-    for label, row in zip(row_labels or matrix.stage_labels(), matrix.rows):
-        lines.append(f"| {label} | " + " | ".join(_fmt(v) for v in row) + " |")
+    rows = [[md.cell(label), *(_fmt(v) for v in row)] for label, row in zip(row_labels or matrix.stage_labels(), matrix.rows)]
+    lines = ["## Accuracy matrix", "", *md.table(["stage", *map(md.cell, matrix.tasks)], rows, ["l", *"r" * matrix.num_tasks])]
     names = _general_names(general)
     if names:
-        lines += ["", "## Held-out general tasks (never trained on)", "", "| task | before | final | delta |", "|---|---|---|---|"]
+        rows = []
         for name in names:
             base, final = general[0].get(name), general[-1].get(name)
             delta = None if base is None or final is None else final - base
-            lines.append(f"| {name} | {_fmt(base)} | {_fmt(final)} | {_fmt(delta)} |")
+            rows.append([md.cell(name), _fmt(base), _fmt(final), _fmt(delta)])
+        lines += ["", "## Held-out general tasks (never trained on)", "", *md.table(["task", "before", "final", "delta"], rows, list("lrrr"))]
     if bias:
-        lines += ["", "## Output bias or lost knowledge (docs/metrics.md)", "",
-                  "| task | before (raw / corrected) | after (raw / corrected) | drop | of it bias | of it knowledge | verdict | most frequent answer |",
-                  "|---|---|---|---|---|---|---|---|"]
+        rows = []
         for name, entry in bias.items():
             one = f" (answers it to {entry['top_share']:.0%} of records)" if entry.get("one_label") else ""
-            answer = str(entry.get("top_prediction") or "")[:40].replace("|", "\\|")
-            lines.append(f"| {name} | {_fmt(entry['before'])} / {_fmt(entry['before_corrected'])} | {_fmt(entry['after'])} / "
-                         f"{_fmt(entry['after_corrected'])} | {_fmt(entry['drop'])} | {_fmt(entry['bias_drop'])} | "
-                         f"{_fmt(entry['knowledge_drop'])} | {entry['verdict']} | `{answer}`{one} |")
-    lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {name} | {_fmt(value)} |" for name, value in metrics.items()]
+            answer = md.cell(repr(str(entry.get("top_prediction") or "")), 40)  # quoted, so an empty answer shows as ''
+            rows.append([md.cell(name), f"{_fmt(entry['before'])} / {_fmt(entry['before_corrected'])}",
+                         f"{_fmt(entry['after'])} / {_fmt(entry['after_corrected'])}", _fmt(entry['drop']), _fmt(entry['bias_drop']),
+                         _fmt(entry['knowledge_drop']), entry['verdict'], f"{answer}{one}"])
+        lines += ["", "## Output bias or lost knowledge (docs/metrics.md)", "",
+                  *md.table(["task", "before (raw / corrected)", "after (raw / corrected)", "drop", "of it bias", "of it knowledge",
+                             "verdict", "most frequent answer"], rows, list("lrrrrrll"))]
+    lines += ["", "## Metrics", "", *md.table(["metric", "value"], [[md.cell(name), _fmt(value)] for name, value in metrics.items()], list("lr"))]
     if drift:
-        lines += ["", "## Output drift (probe prompts vs. stage 0)", "", "| stage | KL mean | favoured mass | top gainers |", "|---|---|---|---|"]
         labels = drift_labels or matrix.stage_labels()
+        rows = []
         for index, entry in enumerate(drift):
             label = labels[index] if index < len(labels) else f"stage {index}"
-            # repr() shows whitespace tokens; a literal "|" would end the table cell.
-            gainers = ", ".join(f"{g['token']!r} {g['delta']:+.3f}".replace("|", "\\|") for g in entry.get("top_gainers", [])[:5])
-            lines.append(f"| {label} | {_fmt(entry.get('kl_mean'))} | {_fmt(entry.get('favoured_mass'))} | {gainers} |")
+            # repr() shows whitespace tokens; md.cell keeps "<issue_start>" from being taken for an HTML tag and
+            # a "|" from ending the cell.
+            gainers = ", ".join(md.cell(f"{g['token']!r} {g['delta']:+.3f}") for g in entry.get("top_gainers", [])[:5])
+            rows.append([md.cell(label), _fmt(entry.get("kl_mean")), gainers])
+        lines += ["", "## Output drift (probe prompts vs. stage 0)", "",
+                  *md.table(["stage", "KL mean (nats)", "tokens gaining most probability"], rows, list("lrl"))]
     return "\n".join(lines) + "\n"

@@ -47,7 +47,8 @@ def prepare_base_model(run: RunContext, general: DatasetRef | None) -> str:
     else:
         cached = committed_uri(store, prefix)
         uri = cached or _copy_base_model(run, prefix, key)
-    tracker.set_tags(run.parent_run_id, {"base_model": uri, "base_model_cached": "true" if cached else "false"})
+    # `base_model_uri`: the committed copy in S3 (a version's `base_model` tag names the model in words).
+    tracker.set_tags(run.parent_run_id, {"base_model_uri": uri, "base_model_cached": "true" if cached else "false"})
     return uri
 
 

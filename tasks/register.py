@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from models.engine import plugin_state_file
 from models.loading import load_model_and_tokenizer
 from perennial import registry
-from perennial.cl_metrics import AccuracyMatrix, bias_or_knowledge, summarize
+from perennial.cl_metrics import AccuracyMatrix, _metric_name, bias_or_knowledge, summarize
 from perennial.lineage import LINEAGE_FILE
 from perennial.reports import markdown_summary, plot_accuracy_matrix, plot_drift, plot_merge_curves, plot_task_curves
 from perennial.tracking import UI_WORKFLOW, runs_table_link
@@ -24,7 +24,9 @@ from tasks.evaluate import StageEval
 from tasks.ingest import DataBundle
 from tasks.lineage import (CONTINUED_FROM_TAG, LINEAGE_BASE_TAG, LINEAGE_URI_TAG, REPLAY_URI_TAG, LineagePlan, extend_lineage,
                            lineage_base)
+from tasks.progress import run_logger
 from tasks.runtime import RunContext, fetch_dir
+from tasks.samples import Samples, sample_answers
 from tasks.stage import PLUGIN_DIR
 
 
@@ -109,7 +111,8 @@ def report(run: RunContext, data: DataBundle, evaluations: list[StageEval], plan
     out.mkdir(parents=True)
     plot_accuracy_matrix(matrix, out / "accuracy_matrix.png", row_labels=record.row_labels() if record else None)
     plot_task_curves(matrix, out / "task_curves.png", general=general if record is None or plan.start is None else None)
-    plot_drift(drift, out / "drift.png")
+    plot_drift(drift, out / "drift.png", labels=[evaluation.stage for evaluation in evaluations],
+               threshold=run.config.registry.gates.max_output_drift_kl)
     (out / "summary.md").write_text(markdown)
     (out / "accuracy_matrix.json").write_text(json.dumps({
         "tasks": matrix.tasks, "rows": matrix.rows, "trained": matrix.trained,
@@ -173,6 +176,38 @@ def bias_table(start: dict, start_corrected: dict, base: StageEval, final: Stage
                            "one_label": detail.get("one_label", 0.0), "top_share": detail.get("top_share"),
                            "top_prediction": final.top_predictions.get(name)}
     return table
+
+
+# Version tags: `base_model` names the model a lineage started from; `base_model_uri` is its committed copy in S3
+# (the parent run's tag of the same name, set by tasks/base_model.py); `base_model_source` how it was given.
+BASE_MODEL_TAG, BASE_MODEL_URI_TAG, BASE_MODEL_SOURCE_TAG = "base_model", "base_model_uri", "base_model_source"
+
+
+def base_model_name(cfg) -> str:
+    """What the lineage's base model is, in words, for every `model.source`: a hub id (at its revision), a
+    folder (its absolute path), a GGUF file (the file, the package that ships it, and its sha256), or the tiny
+    model built here (its shape)."""
+    model = cfg.model
+    if model.source == "hub":
+        return model.name_or_path + (f"@{model.revision}" if model.revision else "")
+    if model.source == "local":
+        return str(Path(model.name_or_path).expanduser().resolve())
+    if model.source == "gguf":
+        from models.gguf import PACKAGED, file_sha256, resolve_gguf
+
+        path = resolve_gguf(model.gguf_file)
+        packaged = PACKAGED.get(str(model.gguf_file).lower())
+        origin = f"{packaged.distribution}=={packaged.version}" if packaged else str(path)
+        return f"{path.name} (GGUF, {origin}, sha256 {file_sha256(path)[:12]})"
+    return f"tiny-llama({model.tiny.hidden_size}x{model.tiny.num_hidden_layers})"
+
+
+def page_summary(markdown: str) -> str:
+    """The run's summary for the version page: without its metric table and held-out section, which the page
+    shows once, near the verdict."""
+    head, *sections = ("\n" + markdown).split("\n## ")
+    kept = ["## " + section for section in sections if not section.startswith(("Metrics", "Held-out general tasks"))]
+    return "\n".join(([head.strip(), ""] if head.strip() else []) + kept).strip() + "\n"
 
 
 def _git_sha() -> str:
@@ -300,7 +335,8 @@ def register(run: RunContext, model_uri: str, data: DataBundle, summary: Report,
     tags = {
         "git_sha": _git_sha(),
         "config_digest": cfg.digest(),
-        "base_model": cfg.model.name_or_path or f"tiny-llama({cfg.model.tiny.hidden_size}x{cfg.model.tiny.num_hidden_layers})",
+        BASE_MODEL_TAG: base_model_name(cfg),
+        BASE_MODEL_SOURCE_TAG: cfg.model.source,
         "tuning_method": cfg.cit.tuning.method,
         "cl_methods": ",".join(["replay"] * cfg.cit.replay.enabled + [m.name for m in cfg.cit.methods]) or "none",
         "checkpoint_uri": model_uri,
@@ -322,7 +358,17 @@ def register(run: RunContext, model_uri: str, data: DataBundle, summary: Report,
     scored = plan.score if plan is not None else data.tasks
     metrics = registry.candidate_metrics(summary.tasks, summary.matrix, summary.metrics, parent.data.metrics.get("drift/kl_mean"),
                                          chance={ref.name: ref.chance for ref in scored}, start_row=summary.start_row)
-    return registry.register_version(
+    for task, scores in summary.general_tasks.items():  # each held-out task's two ends, beside its delta
+        metrics[f"general/{_metric_name(task)}_base"] = scores["base"]
+        metrics[f"general/{_metric_name(task)}_final"] = scores["final"]
+    base_uri = parent.data.tags.get(BASE_MODEL_URI_TAG)
+    if base_uri is None and plan is not None and plan.start is not None:  # a continued lineage ran no base-model stage
+        base_uri = _version_tag(client, name, plan.start.version, BASE_MODEL_URI_TAG)
+    if base_uri:
+        tags[BASE_MODEL_URI_TAG] = base_uri
+    champion = _judged_against(client, name, run.parent_run_id)
+    samples = _samples(run, list(scored), data.heldout, base_uri, champion, model_uri)
+    result = registry.register_version(
         client,
         name,
         source,
@@ -331,6 +377,57 @@ def register(run: RunContext, model_uri: str, data: DataBundle, summary: Report,
         auto_promote=cfg.registry.auto_promote,
         run_id=run.parent_run_id,
         tags=tags,
-        description=f"{report_links(run.experiment_id, run.parent_run_id)}\n\n{summary.markdown}",
+        description=page_summary(summary.markdown),
         by=f"auto-promote ({registry.whoami()})",
+        samples=samples.model_dump() if samples else None,
+        links=report_links(run.experiment_id, run.parent_run_id),
     )
+    if samples is not None:
+        _log_samples(run, samples, result["version"])
+    # For `perennial status` and Prefect: which version this retrain registered, and its verdict.
+    tracker.set_tags(run.parent_run_id, {registry.REGISTERED_VERSION_TAG: f"{name}/{result['version']}",
+                                         registry.VERDICT_TAG: result["verdict_lines"][0]})
+    run_logger().info("registered %s version %s: %s", name, result["version"], "\n".join(result["verdict_lines"]))
+    return result
+
+
+def _version_tag(client: MlflowClient, name: str, version, key: str) -> str | None:
+    try:
+        return client.get_model_version(name, str(version)).tags.get(key)
+    except Exception:  # noqa: BLE001  (a version deleted since: the tag is only informative)
+        return None
+
+
+def _judged_against(client: MlflowClient, name: str, run_id: str):
+    """The champion this retrain's version is (or will be) judged against: the one its gates recorded when the
+    version exists (a rerun), else the current champion; None when there is none."""
+    held = registry.version_of_run(client, name, run_id)
+    against = held.tags.get(registry.GATES_AGAINST_TAG) if held is not None else None
+    if against is None:
+        return registry.alias_version(client, name, registry.CHAMPION)
+    return None if against == "none" else registry._version_or_none(client, name, against)
+
+
+def _samples(run: RunContext, tasks, heldout, base_uri: str | None, champion, model_uri: str) -> Samples | None:
+    """Sample answers of the base model, the champion (when there is one) and the candidate; None when off, or
+    when the probe set cannot be read (a warning says why: sample answers never fail a registration)."""
+    models = [("base", base_uri)]
+    if champion is not None:
+        models.append(("champion", champion.tags.get("checkpoint_uri")))
+    models.append(("candidate", model_uri))
+    try:
+        return sample_answers(run, tasks, heldout, models, champion_version=str(champion.version) if champion is not None else None)
+    except Exception as error:  # noqa: BLE001
+        run_logger().warning("no sample answers: %s: %s", type(error).__name__, error)
+        return None
+
+
+def _log_samples(run: RunContext, samples: Samples, version: int) -> None:
+    """report/samples.json (what review reads) and report/samples.md (the same table as the version page)."""
+    out = run.work_dir / "report-samples"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    (out / "samples.json").write_text(samples.model_dump_json(indent=2))
+    (out / "samples.md").write_text("\n".join(registry.samples_markdown(samples.model_dump(), version, width=400)) + "\n")
+    for path in sorted(out.iterdir()):
+        run.tracker.log_artifact(run.parent_run_id, path, "report")

@@ -73,7 +73,7 @@ def test_the_latest_decision_is_the_first_tag_of_a_version(services):
     assert v2.startswith("needs review: failed gates: ") and "min_bwt" in v2 and "max_task_drop" in v2
 
     registry.promote(client, name, 2, by="dana", reason="fact_lookup was relabelled")
-    assert decision(client, name, "2") == "champion: promoted by dana: fact_lookup was relabelled"
+    assert decision(client, name, "2") == "champion: promoted by dana over failed gates min_bwt, max_task_drop: fact_lookup was relabelled"
     assert decision(client, name, "1") == "superseded by v2 (previous-champion)"
     registry.rollback(client, name, by="erin", reason="complaints about reversal")
     assert decision(client, name, "2") == "rolled back by erin: complaints about reversal"

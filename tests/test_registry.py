@@ -259,7 +259,7 @@ def test_lineage_life_gates_review_promote_rollback(services, tmp_path, capsys, 
     # metric values travel as tags, so review needs no run lookups
     assert float(champion.tags["metric.final/reverse"]) == pytest.approx(0.8)
     assert float(champion.tags["metric.drift_kl_mean"]) == pytest.approx(0.1)
-    assert "| max_task_drop |" in champion.description and "run summary" in champion.description
+    assert "| max_task_drop&ensp; |" in champion.description and "run summary" in champion.description
     assert registry.resolve_checkpoint_uri(client, f"models:/{name}@champion") == champion.tags["checkpoint_uri"]
 
     # v2: fact_lookup drops 0.2 and BWT is below the floor -> challenger, flagged for review
@@ -279,7 +279,8 @@ def test_lineage_life_gates_review_promote_rollback(services, tmp_path, capsys, 
     lines = text.splitlines()
     assert lines[0] == f"{name} challenger v2: BLOCKED: 2 of 7 gates fail against champion v1: min_bwt, max_task_drop; not checked (—): max_general_task_drop"
     assert lines[1].startswith("  - min_bwt: backward transfer -0.3000") and lines[2].startswith("  - max_task_drop: worst drop: fact_lookup 0.8000 (champion) -> 0.6000")
-    assert next(line for line in lines if line.startswith("reverse ")).split() == ["reverse", "0.5000", "0.1000", "0.8000", "+0.7000"]
+    tasks = lines[next(i for i, line in enumerate(lines) if line.startswith("Tasks of challenger v2")):]
+    assert next(line for line in tasks if line.startswith("reverse ")).split() == ["reverse", "0.5000", "0.1000", "0.8000", "+0.7000"]
     assert "champion: v1" in text and "challenger: v2" in text
     metric_line = next(line for line in text.splitlines() if line.startswith("final/fact_lookup "))
     assert "0.8000" in metric_line and "0.6000" in metric_line and "-0.2000" in metric_line
@@ -350,8 +351,9 @@ def test_broken_retrain_is_blocked_with_its_reasons_and_a_healthy_one_is_ready(s
                        "fact_lookup 0.0250 vs chance 0.1667 (-0.1417), reverse 0.2750 vs chance 0.5000 (-0.2250)")
     assert head[2] == "- max_general_ppl_ratio: general perplexity 2.621 (stage 0) -> 115,741.980 (x44,162.84, must be <= x2)"
     assert head[3] == "- max_output_drift_kl: output drift KL(base‖final) 8.0400 (must be <= 6)"
-    assert "| reverse | 0.5000 | 0.0000 | 0.2750 | +0.2750 |" in version.description  # chance, stage 0, final, change
-    assert "| min_target_score | — | — | — | not configured |" in version.description
+    page = version.description.replace("&ensp;", "")  # the en spaces keep the page's columns apart
+    assert "| reverse | 0.5000 | 0.0000 | 0.2750 | +0.2750 |" in page  # chance, stage 0, final, change
+    assert "| min_target_score | — | — | — | not configured |" in page
     assert client.get_run(version.run_id).data.tags["mlflow.note.content"] == version.description
     text = registry.review(client, name)
     assert text.startswith(f"{name} challenger v1: BLOCKED: 3 of 7 gates fail against no champion")
@@ -367,7 +369,10 @@ def test_broken_retrain_is_blocked_with_its_reasons_and_a_healthy_one_is_ready(s
     assert client.get_model_version(name, "3").tags["gates_against"] == "2"
     assert gates["max_general_ppl_ratio"]["value"] == pytest.approx(1.0) and "(champion)" in gates["max_general_ppl_ratio"]["detail"]
     assert "(champion)" in gates["max_task_drop"]["detail"]
-    assert registry.review(client, name).startswith(f"{name} challenger v3: READY: all 5 checked gates pass against champion v2")
+    # auto-promoted: review's headline says so, then the verdict it had at registration
+    head = registry.review(client, name).splitlines()
+    assert head[0].startswith(f"{name} challenger v3 is the champion: promoted by auto-promote")
+    assert head[1].startswith("  at registration: READY: all 5 checked gates pass against champion v2")
 
 
 def test_chance_of_a_classification_dataset_is_one_over_its_labels(services, tmp_path):
