@@ -18,8 +18,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,11 @@ UI_WORKFLOW = "workflowType=machine_learning"
 RUNS_VIEW = "perennial"
 RUNS_VIEW_TAG = f"mlflow.sharedViewState.{RUNS_VIEW}"
 RUNS_VIEW_METRICS = ["ap", "aip", "bwt", "fwt", "forgetting_mean", "general_ppl_final", "general_task_delta", "drift/kl_mean"]
+
+
+# Where metrics also go while a Prefect task runs: a callable(metrics, step) that tasks/progress.py sets for
+# the task's duration, so the task run's log shows training progress (step/total, loss) as MLflow gets it.
+METRICS_OBSERVER: ContextVar[Callable[[dict, int], None] | None] = ContextVar("perennial_metrics_observer", default=None)
 
 
 class TrackingError(RuntimeError):
@@ -201,6 +207,12 @@ class Tracker:
         self.client.log_batch(run_id, tags=[RunTag(k, _mask(v, self.secrets)) for k, v in tags.items()])
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        observer = METRICS_OBSERVER.get()
+        if observer is not None:
+            try:
+                observer(metrics, step)
+            except Exception:  # a log line must never fail a training step
+                log.debug("metrics observer failed", exc_info=True)
         now = int(time.time() * 1000)
         with self._lock:
             for key, value in metrics.items():

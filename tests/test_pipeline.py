@@ -104,12 +104,44 @@ def test_continual_retrain_end_to_end(services, prefect_harness, tmp_path):
     assert float(version.tags["metric.general_task_delta"]) == pytest.approx(heldout["delta"])
     assert "dataset.word_count" in version.tags
 
-    # the Prefect run carries the same table as a markdown artifact with a link to the MLflow run
-    from prefect.client.orchestration import get_client
+    # lineage fields name the real thing: the version's base_model a name, the parent run's base_model_uri its S3 copy
+    assert version.tags["base_model"] == "tiny-llama(32x2)" and version.tags["base_model_source"] == "tiny"
+    assert version.tags["base_model_uri"] == parent.data.tags["base_model_uri"] and "base_model" not in parent.data.tags
+    assert version.tags["base_model_uri"].startswith("s3://pipeline-test/perennial/base-models/tiny-")
 
+    # sample answers (issue #44): base and candidate side by side on the page, in the report, for review
+    samples = json.loads(open(client.download_artifacts(parent.info.run_id, "report/samples.json", str(tmp_path))).read())
+    assert [column["label"] for column in samples["columns"]] == ["base", "candidate"]
+    groups = [probe["group"] for probe in samples["probes"]]
+    assert groups == ["arithmetic"] * 2 + ["fact_lookup"] * 2 + ["reverse"] * 2 + ["word_count (held-out)"] * 2 + ["general"] * 2
+    assert all(len(column["answers"]) == 10 and not column["cached"] for column in samples["columns"])
+    assert "**What the model says**" in version.description and f"candidate v{version.version}" in version.description
+    assert "report/samples.md" in {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    # the verdict and the version on the parent run, for `perennial status`
+    assert parent.data.tags["perennial.registered_version"] == f"micro-model/{version.version}"
+    assert parent.data.tags["perennial.verdict"].split(":")[0] in ("READY", "BLOCKED")
+
+    # the Prefect run: the markdown artifact written after registration, with the verdict and the version; the flow
+    # run tagged with its run key and registered model; task logs with training progress
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=30)  # task logs reach the API in batches
+    flow_run_id = UUID(parent.data.tags["prefect.flow_run_id"])
     with get_client(sync_client=True) as prefect:
         markdown = [artifact.data for artifact in prefect.read_artifacts() if artifact.type == "markdown"]
-    assert any(parent.info.run_id in text and "arithmetic" in text and "| word_count |" in text for text in markdown)
+        flow_run = prefect.read_flow_run(flow_run_id)
+        logs = "\n".join(entry.message for entry in prefect.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))))
+    verdict = parent.data.tags["perennial.verdict"]
+    assert any(parent.info.run_id in text and f"**micro-model version {version.version}: {verdict}**" in text
+               and "| word_count" in text and "What the model says" in text for text in markdown)
+    assert {f"run-key:{summary['run_key']}", "model:micro-model"} <= set(flow_run.tags)
+    assert "cit-02-fact_lookup: step 8/8, loss " in logs and "dap: trained to step 6/6" in logs, logs[-3000:]
+    assert "base model prepared" in logs and "sample answers of the base model: 10 prompts generated" in logs
+    assert f"micro-model version {version.version}: {verdict}" in logs
 
     # export: a plain transformers folder that generates what in-pipeline evaluation generates
     exported = export_model(cfg, summary["checkpoints"]["cit-03-reverse"], tmp_path / "exported")
@@ -128,3 +160,10 @@ def test_continual_retrain_end_to_end(services, prefect_harness, tmp_path):
     assert again["accuracy_matrix"] == summary["accuracy_matrix"]
     assert again["general_tasks"] == summary["general_tasks"]
     assert again["checkpoints"] == summary["checkpoints"]
+    # its logs say what came from the caches, sample answers included (by model manifest digest)
+    APILogWorker.drain_all(timeout=30)  # task logs reach the API in batches
+    with get_client(sync_client=True) as prefect:
+        rerun = UUID(client.get_run(summary["mlflow_run_id"]).data.tags["prefect.flow_run_id"])
+        logs = "\n".join(entry.message for entry in prefect.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[rerun]))))
+    assert "cit-01-arithmetic: committed output reused (cache hit)" in logs and "base model from cache" in logs, logs[-3000:]
+    assert "evaluate-before-cit from cache" in logs and "sample answers of the candidate model from cache" in logs
