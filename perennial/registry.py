@@ -416,6 +416,7 @@ TASK_HEADER = ["task", "chance", "stage 0", "final", "change"]
 # --- what the version page and review show --------------------------------------------------------
 
 PAGE_LIMIT = 5000  # characters: MLflow's limit on a model version's description
+SAMPLES_BUDGET = 1800  # characters of the page for the sample answers (the rest are in report/samples.md)
 # The MLflow UI's own "Promote model" button copies a version into another registered model; it moves no alias.
 PROMOTE_BUTTON = ("MLflow's own *Promote model* button copies this version into another registered model: it does "
                   "not make it the champion.")
@@ -530,19 +531,35 @@ def sample_columns(samples: dict, version: int | str | None = None) -> list[str]
     return names
 
 
-def samples_markdown(samples: dict, version: int | str | None = None, width: int = 48) -> list[str]:
-    """Sample answers as a table: prompt (with its task), reference, then each model's greedy answer, all escaped."""
+def samples_markdown(samples: dict, version: int | str | None = None, width: int = 48, budget: int | None = None) -> list[str]:
+    """Sample answers as a table: prompt (with its task), reference, then each model's greedy answer, all escaped.
+    Within ``budget`` characters (the version page's share), rows are kept one per task first, then the rest, and
+    the table says how many more report/samples.md holds."""
     names = sample_columns(samples, version)
     rows = []
     for index, probe in enumerate(samples["probes"]):
         prompt = f"{md.cell(probe['group'])}: {md.cell(_prompt_text(probe['prompt']), width)}"
         rows.append([prompt, md.cell(probe.get("reference"), 24),
                      *(md.cell(column["answers"][index], width) for column in samples["columns"])])
-    head = [f"**What the model says** (greedy, at most {samples.get('max_new_tokens', '?')} new tokens, as scored; "
-            f"all of them in the run's report/samples.json)", ""]
+    head = [f"**What the model says** (greedy, at most {samples.get('max_new_tokens', '?')} new tokens, with the scorer's "
+            f"rendering)", ""]
     if samples.get("error"):
         head += [f"Not shown: {md.text(samples['error'])}", ""]
-    return [*head, *md.table(["prompt", "reference", *names], rows)]
+    kept = list(range(len(rows)))
+    if budget is not None:
+        groups = [probe["group"] for probe in samples["probes"]]
+        firsts = [i for i, group in enumerate(groups) if group not in groups[:i]]
+        kept, size = [], sum(len(line) + 1 for line in [*head, *md.table(["prompt", "reference", *names], [])]) + 80
+        for i in firsts + [i for i in range(len(rows)) if i not in firsts]:
+            cost = len(md.table(["x"], [rows[i]])[-1]) + 1
+            if size + cost <= budget:
+                kept.append(i)
+                size += cost
+        kept.sort()
+    table = md.table(["prompt", "reference", *names], [rows[i] for i in kept])
+    more = len(rows) - len(kept)
+    tail = [f"{more} more in the run's report/samples.md"] if more else []
+    return [*head, *table, *(["", *tail] if tail else [])]
 
 
 def samples_lines(samples: dict, version: int | str | None = None) -> list[str]:
@@ -583,42 +600,44 @@ def describe(metrics: dict[str, float], results: list[GateResult], against: str,
     metrics (once), ``links`` to the report, then ``extra`` (the run's summary). Kept within MLflow's 5000
     characters: a section that does not fit is left out with a line saying where it is."""
     lines = verdict(results, against)
-    sections = [("verdict", [f"**{lines[0]}**", *lines[1:]])]
+    # (priority, title, lines) in page order; the most important sections are kept first when space is short.
+    sections = [(0, "verdict", [f"**{lines[0]}**", *lines[1:]])]
     general = heldout_rows(metrics, results)
     if general:
-        sections.append(("general ability", md.table(HELDOUT_HEADER, general, ["l", "r", "r", "r", "l"])))
+        sections.append((1, "general ability", md.table(HELDOUT_HEADER, general, ["l", "r", "r", "r", "l"])))
     if name:
-        sections.append(("how to promote", promote_hint(name, version, bool(failed(results)))))
+        sections.append((2, "how to promote", promote_hint(name, version, bool(failed(results)))))
     if samples and samples.get("probes"):
-        sections.append(("sample answers", samples_markdown(samples, version)))
+        sections.append((4, "sample answers", samples_markdown(samples, version, budget=SAMPLES_BUDGET)))
     candidate = f"candidate v{version}" if version is not None else "candidate"
     chance, stage0 = _per_task(metrics, "chance"), _per_task(metrics, "stage0")
     if change is not None:
-        sections.append(("what changed since the champion", changes_markdown(change, candidate, chance, stage0)))
+        sections.append((5, "what changed since the champion", changes_markdown(change, candidate, chance, stage0)))
     else:
         rows = [[md.cell(task), _fmt(chance.get(task)), _fmt(stage0.get(task)), _fmt(final), "—" if stage0.get(task) is None
                  else f"{final - stage0[task]:+.4f}"] for task, final in sorted(_per_task(metrics, "final").items())]
-        sections.append(("tasks", ["**Tasks** (no champion to compare with: change from stage 0)", "",
-                                   *md.table(["task", "chance", "stage 0", candidate, "change"], rows, ["l", "r", "r", "r", "r"])]))
-    sections.append(("gates", [f"**Gates** (against {against})", "",
-                               *md.table(["gate", "result", "value", "threshold", "detail"],
-                                         [[r.name, _result_word(r.passed), _fmt(r.value), _fmt(r.threshold), md.cell(r.detail)]
-                                          for r in results], ["l", "l", "r", "r", "l"])]))
+        sections.append((5, "tasks", ["**Tasks** (no champion to compare with: change from stage 0)", "",
+                                      *md.table(["task", "chance", "stage 0", candidate, "change"], rows, ["l", "r", "r", "r", "r"])]))
+    sections.append((6, "gates", [f"**Gates** (against {against})", "",
+                                  *md.table(["gate", "result", "value", "threshold", "detail"],
+                                            [[r.name, _result_word(r.passed), _fmt(r.value), _fmt(r.threshold), md.cell(r.detail, 90)]
+                                             for r in results], ["l", "l", "r", "r", "l"])]))
     headline = [key for key in HEADLINE_METRICS if key in metrics]
     if headline:
-        sections.append(("metrics", ["**Metrics**", "", *md.table(["metric", "value"], [[key, f"{metrics[key]:.4f}"] for key in headline],
-                                                                   ["l", "r"])]))
+        sections.append((7, "metrics", ["**Metrics**", "", *md.table(["metric", "value"], [[key, f"{metrics[key]:.4f}"] for key in headline],
+                                                                      ["l", "r"])]))
     if links:
-        sections.append(("report links", [links]))
+        sections.append((3, "report links", [links]))
     if extra:
-        sections.append(("the run's summary", [extra]))
-    text, left_out = "", []
-    for title, section in sections:
-        block = "\n".join(section)
-        if text and len(text) + 2 + len(block) > PAGE_LIMIT - 200:
-            left_out.append(title)
-            continue
-        text += ("\n\n" if text else "") + block
+        sections.append((8, "the run's summary", [extra]))
+    blocks = {title: "\n".join(section) for _, title, section in sections}
+    chosen, size = set(), 0
+    for _, title, _ in sorted(sections, key=lambda entry: entry[0]):
+        if not chosen or size + 2 + len(blocks[title]) <= PAGE_LIMIT - 250:
+            chosen.add(title)
+            size += 2 + len(blocks[title])
+    text = "\n\n".join(blocks[title] for _, title, _ in sections if title in chosen)
+    left_out = [title for _, title, _ in sections if title not in chosen]
     if left_out:
         text += "\n\n" + md.text(f"Not shown here (MLflow keeps {PAGE_LIMIT} characters): {', '.join(left_out)}; "
                                    "the run's report folder has everything.")
@@ -1173,7 +1192,8 @@ def review(client: MlflowClient, name: str) -> str:
         lines += ["Decisions", *_table(["tag", *(f"{label} v{version.version}" for label, version in shown)], decision_rows), ""]
 
     if challenger is not None and (champion is None or challenger.version != champion.version):
-        lines.append(f"promote:  perennial promote {name} {challenger.version} --reason '...'")
+        over = "   (BLOCKED: --reason is required; the failed gates are recorded as overridden)" if failed(results) else ""
+        lines.append(f"promote:  perennial promote {name} {challenger.version} --reason '...'{over}")
     if previous is not None:
         lines.append(f"rollback: perennial rollback {name} --reason '...'   (champion -> v{previous.version})")
     return "\n".join(lines).rstrip() + "\n"
