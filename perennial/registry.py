@@ -416,7 +416,7 @@ TASK_HEADER = ["task", "chance", "stage 0", "final", "change"]
 # --- what the version page and review show --------------------------------------------------------
 
 PAGE_LIMIT = 5000  # characters: MLflow's limit on a model version's description
-SAMPLES_BUDGET = 1800  # characters of the page for the sample answers (the rest are in report/samples.md)
+SAMPLES_BUDGET = 1500  # characters of the page for the sample answers (the rest are in report/samples.md)
 # The MLflow UI's own "Promote model" button copies a version into another registered model; it moves no alias.
 PROMOTE_BUTTON = ("MLflow's own *Promote model* button copies this version into another registered model: it does "
                   "not make it the champion.")
@@ -612,16 +612,17 @@ def describe(metrics: dict[str, float], results: list[GateResult], against: str,
     candidate = f"candidate v{version}" if version is not None else "candidate"
     chance, stage0 = _per_task(metrics, "chance"), _per_task(metrics, "stage0")
     if change is not None:
-        sections.append((5, "what changed since the champion", changes_markdown(change, candidate, chance, stage0)))
+        sections.append((3, "what changed since the champion", changes_markdown(change, candidate, chance, stage0)))
     else:
         rows = [[md.cell(task), _fmt(chance.get(task)), _fmt(stage0.get(task)), _fmt(final), "—" if stage0.get(task) is None
                  else f"{final - stage0[task]:+.4f}"] for task, final in sorted(_per_task(metrics, "final").items())]
-        sections.append((5, "tasks", ["**Tasks** (no champion to compare with: change from stage 0)", "",
+        sections.append((3, "tasks", ["**Tasks** (no champion to compare with: change from stage 0)", "",
                                       *md.table(["task", "chance", "stage 0", candidate, "change"], rows, ["l", "r", "r", "r", "r"])]))
-    sections.append((6, "gates", [f"**Gates** (against {against})", "",
-                                  *md.table(["gate", "result", "value", "threshold", "detail"],
-                                            [[r.name, _result_word(r.passed), _fmt(r.value), _fmt(r.threshold), md.cell(r.detail, 90)]
-                                             for r in results], ["l", "l", "r", "r", "l"])]))
+    # Compact: a failed gate's detail is in the verdict above, every detail in `perennial review`.
+    sections.append((3, "gates", [f"**Gates** (against {against}; details: `perennial review {name or 'NAME'}`)", "",
+                                  *md.table(["gate", "result", "value", "threshold"],
+                                            [[r.name, _result_word(r.passed), _fmt(r.value), _fmt(r.threshold)] for r in results],
+                                            ["l", "l", "r", "r"])]))
     headline = [key for key in HEADLINE_METRICS if key in metrics]
     if headline:
         sections.append((7, "metrics", ["**Metrics**", "", *md.table(["metric", "value"], [[key, f"{metrics[key]:.4f}"] for key in headline],
