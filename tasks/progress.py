@@ -70,12 +70,3 @@ def stage_progress(label: str, total: int | None = None) -> Iterator[Progress]:
     else:
         logger.info("%s: committed output reused (cache hit), %.1f s", label, progress.seconds)
 
-
-@contextmanager
-def timed(label: str) -> Iterator[dict]:
-    """Time a step; the caller puts what to say in the yielded dict's "message" ("%.1f s" is appended)."""
-    logger = run_logger()
-    started = time.perf_counter()
-    said: dict = {}
-    yield said
-    logger.info("%s: %s, %.1f s", label, said.get("message", "done"), time.perf_counter() - started)

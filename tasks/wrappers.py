@@ -141,12 +141,11 @@ def _run_link(run) -> str:
 
 @task(name="report", **RETRY)
 def report_stage(run, data, evaluations, plan=None, steps=()):
-    """The report; without the registry, the same table as a Prefect markdown artifact linking to the MLflow run
-    (with it, register_stage writes the artifact once the version and its verdict exist)."""
+    """The report, plus the same table as a Prefect markdown artifact linking to the MLflow run; a registration
+    that follows writes the artifact's next version, with the version and its verdict first (register_stage)."""
     summary = report(run, data, evaluations, plan, steps)
-    if not run.config.registry.enabled:
-        create_markdown_artifact(key=_artifact_key(run), markdown=f"{summary.markdown}\n\n[MLflow run]({_run_link(run)})",
-                                 description="accuracy matrix and continual-learning metrics")
+    create_markdown_artifact(key=_artifact_key(run), markdown=f"{summary.markdown}\n\n[MLflow run]({_run_link(run)})",
+                             description="accuracy matrix and continual-learning metrics")
     return summary
 
 

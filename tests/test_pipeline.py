@@ -132,12 +132,16 @@ def test_continual_retrain_end_to_end(services, prefect_harness, tmp_path):
     APILogWorker.drain_all(timeout=30)  # task logs reach the API in batches
     flow_run_id = UUID(parent.data.tags["prefect.flow_run_id"])
     with get_client(sync_client=True) as prefect:
-        markdown = [artifact.data for artifact in prefect.read_artifacts() if artifact.type == "markdown"]
+        artifacts = [artifact for artifact in prefect.read_artifacts() if artifact.type == "markdown"]
+        markdown = [artifact.data for artifact in artifacts]
         flow_run = prefect.read_flow_run(flow_run_id)
         logs = "\n".join(entry.message for entry in prefect.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))))
     verdict = parent.data.tags["perennial.verdict"]
     assert any(parent.info.run_id in text and f"**micro-model version {version.version}: {verdict}**" in text
                and "| word_count" in text and "What the model says" in text for text in markdown)
+    key = f"retrain-{summary['run_key']}".lower().replace("_", "-").replace(".", "-")
+    latest = max((artifact for artifact in artifacts if artifact.key == key), key=lambda artifact: artifact.created)
+    assert latest.data.startswith(f"**micro-model version {version.version}: {verdict}**")  # the key's last version: after registration
     assert {f"run-key:{summary['run_key']}", "model:micro-model"} <= set(flow_run.tags)
     assert "cit-02-fact_lookup: step 8/8, loss " in logs and "dap: trained to step 6/6" in logs, logs[-3000:]
     assert "base model prepared" in logs and "sample answers of the base model: 10 prompts generated" in logs
