@@ -3,7 +3,6 @@ the drift plot, and the base model's name for every model source."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pytest
