@@ -117,6 +117,11 @@ def test_continual_retrain_end_to_end(services, prefect_harness, tmp_path):
     assert all(len(column["answers"]) == 10 and not column["cached"] for column in samples["columns"])
     assert "**What the model says**" in version.description and f"candidate v{version.version}" in version.description
     assert "report/samples.md" in {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    from perennial import registry
+
+    review = registry.review(client, "micro-model")
+    assert "Sample answers (greedy, at most 32 new tokens" in review and "  [word_count (held-out)] " in review
+    assert f"    candidate v{version.version}  " in review and "    base  " in review
     # the verdict and the version on the parent run, for `perennial status`
     assert parent.data.tags["perennial.registered_version"] == f"micro-model/{version.version}"
     assert parent.data.tags["perennial.verdict"].split(":")[0] in ("READY", "BLOCKED")
