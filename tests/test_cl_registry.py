@@ -4,6 +4,7 @@ from pydantic import ValidationError
 from models.cl.averaging import AveragingPlugin
 from models.cl.ewc import EWCPlugin
 from models.cl.lwf import LwFPlugin
+from models.cl.merge import MergePlugin
 from models.cl.olora import OLoRAPlugin
 from models.cl.registry import PLUGINS, build_plugins, check_requirements
 from models.cl.seekr import SEEKRPlugin
@@ -17,10 +18,12 @@ def test_every_configured_method_becomes_its_plugin_with_its_settings():
         {"name": "averaging", "alpha": 0.2, "per_layer": {"lm_head": 0.9}},
         {"name": "seekr", "head_budget": 6, "samples_per_task": 10},
         {"name": "olora", "lambda_orth": 0.1},
+        {"name": "merge", "coefficients": [0.5, 1.0], "validation_records": 12},
     ]}})
     plugins = build_plugins(cfg.cit.methods, seed=cfg.seed)
-    assert [type(p) for p in plugins] == [EWCPlugin, LwFPlugin, AveragingPlugin, SEEKRPlugin, OLoRAPlugin]
-    ewc, lwf, averaging, seekr, olora = plugins
+    assert [type(p) for p in plugins] == [EWCPlugin, LwFPlugin, AveragingPlugin, SEEKRPlugin, OLoRAPlugin, MergePlugin]
+    ewc, lwf, averaging, seekr, olora, merge = plugins
+    assert (merge.coefficients, merge.validation_records, merge.tolerance) == ([0.5, 1.0], 12, 0.02)
     assert (ewc.strength, ewc.fisher_samples, ewc.decay, ewc.seed) == (5.0, 64, 1.0, 11)
     assert (lwf.weight, lwf.temperature) == (1.0, 3.0)
     assert averaging.alpha_for("lm_head.weight") == 0.9 and averaging.alpha_for("model.norm.weight") == 0.2
