@@ -12,6 +12,7 @@ import time
 
 from prefect import flow
 
+from flows.continual_retrain import continual_retrain
 from tasks.compare import worker_pool
 from tasks.wrappers import compare_plan_stage, compare_report_stage, recipe_run_stage
 
@@ -25,11 +26,11 @@ def compare(config_path: str | None, recipes_file: str, overrides: list[str] | N
     plan = compare_plan_stage(config_path, recipes_file, overrides or [], seeds, only, order, workers, threads, name, output_dir,
                               baseline, drop_outputs, command)
     first, rest = plan.jobs[:1], plan.jobs[1:]
-    results = [recipe_run_stage(job) for job in first]
+    results = [recipe_run_stage(job, continual_retrain) for job in first]
     if plan.workers > 1 and rest:
         with worker_pool(plan.workers, plan.threads) as runner:
-            futures = [runner.submit(recipe_run_stage, {"job": job}) for job in rest]
+            futures = [runner.submit(recipe_run_stage, {"job": job, "retrain": continual_retrain}) for job in rest]
             results += [future.result() for future in futures]
     else:
-        results += [recipe_run_stage(job) for job in rest]
+        results += [recipe_run_stage(job, continual_retrain) for job in rest]
     return compare_report_stage(plan, results, started, load_before, extra)

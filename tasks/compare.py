@@ -19,12 +19,13 @@ import platform
 import resource
 import shutil
 import signal
+import threading
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from pydantic import BaseModel
 
@@ -123,6 +124,9 @@ def budget_line(cfg: Config) -> str:
     return f"{optim.max_steps} steps of batch {optim.batch_size} per task, max length {optim.max_length}"
 
 
+UNWIND_S = 15  # seconds an interrupted worker has to mark its run failed before it exits
+
+
 # --- one run ---------------------------------------------------------------------------------------
 
 
@@ -134,6 +138,9 @@ def init_worker(api_url: str | None, threads: int) -> None:
     os.environ[WORKER_ENV] = "1"
 
     def interrupt(signum, frame):  # as app/services.py's sigterm_as_interrupt: the run unwinds and is marked failed
+        # The pool's worker loop catches what its call raises and waits for the next call, so without this the
+        # process would outlive the interrupt: it exits once its run has had UNWIND_S seconds to mark itself failed.
+        threading.Timer(UNWIND_S, os._exit, (128 + signum,)).start()
         raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
     signal.signal(signal.SIGTERM, interrupt)
@@ -163,14 +170,17 @@ def worker_pool(workers: int, threads: int) -> Iterator:
             for process in processes:
                 process.terminate()
             for process in processes:
-                process.join(timeout=60)
+                process.join(timeout=UNWIND_S + 15)
                 if process.is_alive():
                     process.kill()
             raise
 
 
-def run_recipe(job: Job) -> dict:
-    """One run of the comparison, or what an earlier invocation recorded of it when it finished."""
+def run_recipe(job: Job, retrain: Callable[..., dict]) -> dict:
+    """One run of the comparison, or what an earlier invocation recorded of it when it finished.
+
+    ``retrain`` is the continual-retrain flow (``retrain(config=..., run_key=...)`` returns its summary); the
+    flow layer passes it in, so this layer never imports the one above it."""
     from mlflow.tracking import MlflowClient
 
     config = job.config
@@ -182,11 +192,9 @@ def run_recipe(job: Job) -> dict:
     if collected is not None:
         print(f"[{job.recipe} seed {job.seed}] finished earlier under run key {job.run_key}: collected, not trained again")
         return {**collected, "collected": True}
-    from flows.continual_retrain import continual_retrain
-
     usage = _usage_meter()
     try:
-        summary = continual_retrain(config=config, run_key=job.run_key)
+        summary = retrain(config=config, run_key=job.run_key)
     except BaseException:
         _log_attempt(client, cfg, job.run_key, usage())
         raise

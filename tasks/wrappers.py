@@ -181,7 +181,7 @@ def finish_stage(run, data=None):
 
 compare_plan_stage = task(plan_comparison, name="compare-plan")
 # A retry resumes the run under its key (its committed stages are not trained again).
-recipe_run_stage = task(run_recipe, name="recipe-run", task_run_name="{job.recipe}-seed-{job.seed}", **RETRY)
+recipe_run_stage = task(run_recipe, name="recipe-run", task_run_name="{job.recipe}-seed-{job.seed}", **RETRY)  # (job, retrain flow)
 
 
 @task(name="compare-report", **RETRY)

@@ -99,7 +99,7 @@ def test_the_command_explains_itself_and_refuses_a_bad_recipes_file_before_runni
     assert "baseline 'nope' is not one of its recipes" in capsys.readouterr().err
 
 
-def test_an_interrupted_run_resumes_under_its_key_and_its_cost_sums_the_attempts(tmp_path, monkeypatch):
+def test_an_interrupted_run_resumes_under_its_key_and_its_cost_sums_the_attempts(tmp_path):
     """Killed mid-run, the next invocation resumes the same run key (the flow finds its parent run and committed
     stages again); the interrupted attempt's wall time is recorded on the parent run and summed into the cost;
     a finished run is then collected from MLflow, never trained again."""
@@ -107,7 +107,6 @@ def test_an_interrupted_run_resumes_under_its_key_and_its_cost_sums_the_attempts
 
     from mlflow.tracking import MlflowClient
 
-    import flows.continual_retrain
     from perennial.tracking import LINEAGE_TAG, RUN_KEY_TAG, Tracker
     from tasks.compare import Job, plan_comparison, run_recipe
 
@@ -131,15 +130,14 @@ def test_an_interrupted_run_resumes_under_its_key_and_its_cost_sums_the_attempts
                 "accuracy_matrix": [[0.1], [0.9]], "metrics": {"ap": 0.9, "general_ppl_base": 9.0, "general_ppl_final": 9.5},
                 "general_tasks": {}, "chance": {"a": 0.5}}
 
-    monkeypatch.setattr(flows.continual_retrain, "continual_retrain", flow)
     with pytest.raises(KeyboardInterrupt):
-        run_recipe(job)
-    result = run_recipe(Job(**{**job.model_dump(), "config": {**job.config, "work_dir": str(tmp_path / "moved")}}))
+        run_recipe(job, flow)
+    result = run_recipe(Job(**{**job.model_dump(), "config": {**job.config, "work_dir": str(tmp_path / "moved")}}), flow)
     assert keys == [job.run_key, job.run_key]
     [recorded] = MlflowClient(uri).get_metric_history(parents[job.run_key], "compare/attempt_wall_s")
     assert recorded.value >= 0.5 and result["attempts"] == 2 and result["wall_s"] >= recorded.value
     assert result["peak_rss_mib"] > 0 and result["cpu_s"] >= 0
-    again = run_recipe(job)
+    again = run_recipe(job, flow)
     assert len(keys) == 2 and again["collected"] and again["accuracy_matrix"] == [[0.1], [0.9]] and again["attempts"] == 2
 
 

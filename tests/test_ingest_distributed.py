@@ -86,7 +86,8 @@ def test_cli_ingests_on_a_dask_cluster_it_starts_and_closes(services, prefect_ha
     assert main_ingest([str(config), "--distributed", "dask", "--workers", "2"]) == 0
     # the cluster's OMP_NUM_THREADS=1 etc. are not left behind for the driver's later subprocesses (torchrun)
     assert {name: os.environ.get(name) for name in DASK_THREAD_VARIABLES} == environ
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    summary = next(line for line in lines if "event" not in line)  # the events it announced follow the summaries
     one = ingest_dataset(spec, store, tmp_path / "single", "p", shard_records=400)
     assert summary["counts"] == one.counts and summary["rejected"] == one.rejected and summary["name"] == "corpus"
     assert not _spawned() - before  # the LocalCluster's worker processes are gone

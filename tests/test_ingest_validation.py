@@ -327,7 +327,8 @@ def test_cli_ingests_a_config_and_fails_clearly(services, store, tmp_path, capsy
         "data": {"source": "datasets", "datasets": [{"name": "cli", "shape": "text", "sources": [{"uri": str(data)}]}]},
     }))  # fmt: skip  (JSON is valid YAML)
     assert main_ingest([str(config)]) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    summary = next(line for line in lines if "event" not in line)  # the events it announced follow the summaries
     assert summary["counts"]["train"] == 2 and summary["name"] == "cli"
     assert store.read_manifest(join_key("perennial", "datasets", "cli", summary["digest"])) is not None
 
