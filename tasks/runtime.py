@@ -314,8 +314,12 @@ def _refuse_other_config(config: Config, run_key: str, recorded_digest: str | No
     changed = [
         f"{key}: {recorded.get(key, '(unset)')} -> {value}"
         for key, value in sorted(_identity_params(config).items())
-        if value != recorded.get(key)
+        if value != recorded.get(key) and not (recorded and key not in recorded and value == _default_param(config, key))
     ]
+    if recorded and not changed:
+        # Only settings newer than the record differ, each at its default (which keeps the earlier behaviour):
+        # the same computation, so upgrading Perennial does not strand every run key made before.
+        return
     raise ConfigError(
         f"run key {run_key!r} belongs to a retrain of a different configuration ({where}"
         f"{'; changed: ' + ', '.join(changed[:5]) if changed else ''}), and its outputs were made from that one. "
@@ -423,6 +427,25 @@ def failed_on_error(run: RunContext) -> Iterator[None]:
     except BaseException as error:
         run.tracker.end_failed(run.parent_run_id, error)
         raise
+
+
+def _default_param(config: Config, dotted: str) -> str | None:
+    """The default of the setting ``dotted`` (as `_identity_params` writes values), or None when it has none."""
+    from pydantic import BaseModel, TypeAdapter
+
+    *parents, last = dotted.split(".")
+    node = config
+    for key in parents:
+        node = getattr(node, key, None)
+    if not isinstance(node, BaseModel) or last not in type(node).model_fields:
+        return None
+    field = type(node).model_fields[last]
+    if field.is_required():
+        return None
+    try:
+        return str(TypeAdapter(field.annotation).dump_python(field.get_default(call_default_factory=True), mode="json"))
+    except Exception:  # noqa: BLE001 - a default that does not serialise alone: treated as a change
+        return None
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -10,6 +10,7 @@ Against real SeaweedFS, MLflow and a Prefect test harness, with the micro config
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -17,12 +18,14 @@ from mlflow.tracking import MlflowClient
 from flows.continual_retrain import continual_retrain
 from models.loading import ModelLoadError
 from perennial import demo_data
-from perennial.config import ConfigError, StorageConfig, build_config
+from perennial.config import ConfigError, StorageConfig, build_config, load_config
 from perennial.ingest import latest_version, read_watermark
 from perennial.storage import ObjectStore
 from tasks.runtime import DERIVED_FROM_TAG, INPUTS_DIGEST_TAG, RUN_RECORD, derived_run_key
 from tests.test_pipeline import micro_config
 from tests.test_security import _jsonl, nightly_config, publish_incoming
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("single_torch_thread")]
 
@@ -136,3 +139,18 @@ def test_two_lineages_with_one_key_keep_their_outputs_apart_and_s3_refuses_anoth
     experiment = client.get_experiment_by_name(f"exp-c-{bucket}")
     assert experiment is None or not client.search_runs([experiment.experiment_id])
     assert len(client.search_model_versions("name='lineage-a'")) == 1
+
+
+def test_a_key_recorded_before_a_setting_existed_resumes_while_the_setting_keeps_its_default():
+    """Upgrading Perennial adds settings; a record without them was made with their default behaviour. The key
+    resumes under the default, and is refused (naming the setting) once the new setting is changed."""
+    from tasks.runtime import _identity_params, _refuse_other_config
+
+    config = load_config(ROOT / "configs" / "tiny.yaml", [])
+    older = {key: value for key, value in _identity_params(config).items() if not key.startswith("cit.ssr.")}
+    _refuse_other_config(config, "nightly-1", "digest-of-an-older-schema", older, "its record")
+    changed = load_config(ROOT / "configs" / "tiny.yaml", ["cit.ssr.samples=64"])
+    with pytest.raises(ConfigError, match=r"cit\.ssr\.samples: \(unset\) -> 64"):
+        _refuse_other_config(changed, "nightly-1", "digest-of-an-older-schema", older, "its record")
+    with pytest.raises(ConfigError, match=r"cit\.optim\.lr"):  # a setting the record has, changed: refused as before
+        _refuse_other_config(load_config(ROOT / "configs" / "tiny.yaml", ["cit.optim.lr=0.5"]), "nightly-1", "d", older, "its record")
