@@ -12,6 +12,7 @@
                                            (models:/NAME@ALIAS, models:/NAME/N, s3://)
     perennial status [--limit N]           recent retrains: Prefect state + MLflow stage, status, links
     perennial deploy                       register deployments/prefect.yaml with the Prefect server
+    perennial gc CONFIG [--dry-run]        delete what the retention policy lets go, with sizes and reasons
 """
 
 from __future__ import annotations
@@ -352,6 +353,26 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return subprocess.run(command).returncode
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    """`perennial gc`: a dry run lists and explains without a lock (it deletes nothing); a sweep runs the gc
+    flow, which holds the lineage lock so no retrain of the lineage starts while it deletes."""
+    load_services_env()
+    cfg = load_config(args.config, args.overrides)  # validate (the retention policy too) before anything runs
+    from tasks.gc import GcPlan, collect_garbage, format_plan
+
+    if args.dry_run:
+        plan = collect_garbage(cfg, dry_run=True)
+    else:
+        from flows.gc import gc
+
+        plan = GcPlan.model_validate(gc(config=cfg.model_dump(mode="json")))
+    print(format_plan(plan))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(plan.model_dump_json(indent=2))
+    return 0
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
     from perennial.ingest.cli import main_ingest
 
@@ -573,6 +594,17 @@ def build_parser() -> argparse.ArgumentParser:
     tracking_option(status)
     status.add_argument("--prefect-api-url", default=None, help="Prefect API, e.g. http://127.0.0.1:4200/api (default: $PREFECT_API_URL)")
     status.set_defaults(func=cmd_status)
+
+    gc = sub.add_parser(
+        "gc", help="delete the checkpoints, replay buffers and local files the retention policy lets go",
+        description="Reads the registry and the lineage's runs first, then deletes what no kept version, unfinished "
+        "run or continuing retrain needs (retention.* in the config; docs/operations.md, \"Storage and retention\"), "
+        "under the lineage lock. Every deletion is listed with its size and why it may go.")
+    gc.add_argument("config", help="YAML config, e.g. configs/demo.yaml: its lineage (tracking.registered_model) and retention policy")
+    gc.add_argument("overrides", nargs="*", help="key=value overrides, e.g. retention.keep_last_versions=3")
+    gc.add_argument("--dry-run", action="store_true", help="list what would go, with sizes and reasons; delete nothing")
+    gc.add_argument("--json", help="also write the plan (every deletion, kept versions, run states) here")
+    gc.set_defaults(func=cmd_gc)
 
     deploy = sub.add_parser("deploy", help="register the Prefect deployments in deployments/prefect.yaml (run from the project root)")
     deploy.add_argument("--prefect-file", default="deployments/prefect.yaml", help="deployment definitions")

@@ -19,6 +19,7 @@ from tasks.wrappers import (
     dap_stage,
     evaluation_stage,
     finish_stage,
+    gc_stage,
     ingest_stage,
     inputs_stage,
     lineage_stage,
@@ -67,6 +68,8 @@ def continual_retrain(config_path: str | None = None, overrides: list[str] | Non
                 summary = report_stage(run, data, evaluations, plan, steps)
                 registered = register_stage(run, model, data, summary, plan, step) if cfg.registry.enabled else None
             finish_stage(run, data)  # marks the new data processed: a committed model trained on it
+        # Still under the lineage lock: no retrain of the lineage starts while gc deletes (tasks/gc.py).
+        swept = gc_stage(cfg, after_retrain=True) if cfg.retention.enabled else None
         return {
             "run_key": run.run_key,
             "mlflow_run_id": run.parent_run_id,
@@ -85,4 +88,5 @@ def continual_retrain(config_path: str | None = None, overrides: list[str] | Non
             "chance": {task.name: task.chance for task in [*plan.score, *data.heldout]},
             "checkpoints": checkpoints,
             "registered_model": registered,
+            "gc": {"deleted": swept.deleted, "bytes": swept.bytes} if swept is not None else None,
         }

@@ -560,6 +560,47 @@ class LineageConfig(Strict):
         raise ValueError("must be none, champion, models:/NAME/VERSION or models:/NAME@ALIAS")
 
 
+# Aliases whose versions a lineage reads: the champion (served, and what `continue_from: champion` continues),
+# the challenger (what a person reviews and may promote) and the previous champion (what rollback restores).
+REQUIRED_KEPT_ALIASES = ("champion", "challenger", "previous-champion")
+
+
+class RetentionConfig(Strict):
+    """What `perennial gc` (and the gc stage at the end of a retrain) may delete (docs/operations.md,
+    "Storage and retention"). Kept always, whatever these say: every checkpoint, replay buffer and lineage
+    record of a kept version (one holding an alias of `keep_aliases`, or one of the last `keep_last_versions`),
+    everything an unfinished run resumes from, the checkpoint it continues, and every dataset version."""
+
+    enabled: bool = Field(
+        True, description="run gc at the end of every retrain (under its lineage lock); `perennial gc` applies the "
+        "same policy whatever this says"
+    )
+    keep_last_versions: int = Field(
+        5, ge=0, description="the newest registry versions whose checkpoints are kept even without an alias"
+    )
+    keep_aliases: list[str] = Field(
+        default_factory=lambda: list(REQUIRED_KEPT_ALIASES),
+        description="versions holding one of these aliases keep their checkpoints, replay buffers and lineage records; "
+        f"must include {', '.join(REQUIRED_KEPT_ALIASES)}",
+    )
+    min_age_hours: float = Field(
+        24.0, ge=0, description="nothing written or used more recently than this is deleted (S3 objects by their "
+        "last-modified time, local files by their last use): a margin for work in flight"
+    )
+    local_cache_max_gb: float = Field(
+        20.0, ge=0, description="bound on <work_dir>/cache (downloads by manifest digest, dataset shards, converted "
+        "GGUF folders): least recently used entries past min_age_hours are evicted above it"
+    )
+
+    @field_validator("keep_aliases")
+    @classmethod
+    def _aliases_named(cls, aliases: list[str]) -> list[str]:
+        bad = [alias for alias in aliases if not re.fullmatch(r"[A-Za-z0-9_-]+", alias)]
+        if bad:
+            raise ValueError(f"{bad} are not registry aliases (letters, digits, '_' and '-')")
+        return aliases
+
+
 class DistributedConfig(Strict):
     """Multi-process training of the DAP and CIT stages (docs/training.md, "Multi-process training")."""
 
@@ -592,6 +633,7 @@ class Config(Strict):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     lineage: LineageConfig = Field(default_factory=LineageConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
 
     def stage_seed(self, stage: Literal["pretrain", "dap", "cit"]) -> int:
         """The seed a stage trains under: model.seed / dap.seed when set, else the run's seed.
@@ -622,6 +664,30 @@ class Config(Strict):
                     f"{key}.batch_size {optim.batch_size} must be divisible by distributed.nproc_per_node {processes} "
                     "(it is the global batch; each process takes an equal share)"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _retention_keeps_what_is_needed(self) -> "Config":
+        """Refuse a retention policy that would delete the checkpoint or CL state of a version the lineage
+        still reads: the champion and challenger (served, continued, promoted), the previous champion
+        (rollback), and the alias `lineage.continue_from` names."""
+        kept = self.retention.keep_aliases
+        missing = [alias for alias in REQUIRED_KEPT_ALIASES if alias not in kept]
+        if missing:
+            raise ValueError(
+                f"retention.keep_aliases {kept} leaves out {missing}: gc would delete the checkpoint, replay buffer and "
+                "CL state of the version that serves and is continued (champion), that a person may promote "
+                "(challenger), or that `perennial rollback` restores (previous-champion). Keep them, and add aliases "
+                f"of your own: retention.keep_aliases=[{', '.join([*REQUIRED_KEPT_ALIASES, *[a for a in kept if a not in REQUIRED_KEPT_ALIASES]])}]"
+            )
+        target = self.lineage.continue_from
+        if "@" in target and target.split("@", 1)[1] not in kept:
+            alias = target.split("@", 1)[1]
+            raise ValueError(
+                f"lineage.continue_from={target} continues the version holding alias {alias!r}, which "
+                f"retention.keep_aliases {kept} does not keep: gc would delete the checkpoint and CL state it continues "
+                f"from. Add it: retention.keep_aliases=[{', '.join([*kept, alias])}]"
+            )
         return self
 
     @model_validator(mode="after")
@@ -671,8 +737,8 @@ LOCATION_KEYS = (
     "tracking.tracking_uri",
 )
 # Keys that change neither the models nor the scores of a run: LOCATION_KEYS, the registry's settings (gates,
-# auto-promotion: a rerun keeps the judgement its version got) and when ingestion announces a retrain.
-NOT_OUTPUT_KEYS = (*LOCATION_KEYS, "registry", "lineage.retrain_after_records")
+# auto-promotion: a rerun keeps the judgement its version got), when ingestion announces a retrain, and what gc keeps.
+NOT_OUTPUT_KEYS = (*LOCATION_KEYS, "registry", "lineage.retrain_after_records", "retention")
 
 
 def task_seed(seed: int, task_index: int) -> int:

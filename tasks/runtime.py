@@ -136,6 +136,11 @@ def fetch_dir(store: ObjectStore, uri: str, cache_root: Path) -> Path:
     if not marker.exists():
         store.download_dir(prefix, local)
         marker.write_text(uri)
+    else:
+        try:  # the marker's time is the entry's last use: gc evicts least recently used entries first (tasks/gc.py)
+            os.utime(marker)
+        except OSError:
+            pass
     return local
 
 

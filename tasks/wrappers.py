@@ -19,6 +19,7 @@ from tasks.cit import stage_name, train_cit_stage
 from tasks.compare import plan_comparison, report_comparison, run_recipe
 from tasks.dap import train_dap
 from tasks.evaluate import evaluate_stage
+from tasks.gc import collect_garbage, format_plan
 from tasks.ingest import bind_inputs, commit_watermarks, ingest
 from tasks.lineage import LineageError, plan_lineage
 from tasks.progress import run_logger, stage_progress
@@ -175,6 +176,23 @@ def finish_stage(run, data=None):
     if data is not None:
         commit_watermarks(run, data)
     finish_run(run)
+
+
+@task(name="gc")
+def gc_stage(config, dry_run=False, after_retrain=False):
+    """collect_garbage under the caller's lineage lock, its plan logged (what went, its size and why). At the end
+    of a retrain (``after_retrain``) a failure is a warning, not the retrain's: its version is registered and
+    stands, and the next retrain's gc (or `perennial gc CONFIG`) sweeps again."""
+    try:
+        plan = collect_garbage(config, dry_run)
+    except Exception as error:  # noqa: BLE001
+        if not after_retrain:
+            raise
+        run_logger().warning("gc after the retrain failed (%s: %s); the retrain's results stand, and `perennial gc` "
+                             "or the next retrain sweeps again", type(error).__name__, error)
+        return None
+    run_logger().info("%s", format_plan(plan))
+    return plan
 
 
 # --- comparing recipes (flows/compare.py) ---------------------------------------------------------

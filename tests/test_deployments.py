@@ -35,13 +35,13 @@ def deployments() -> dict[str, dict]:
     return {d["name"]: d for d in yaml.safe_load(PREFECT_YAML.read_text())["deployments"]}
 
 
-def test_prefect_yaml_defines_the_four_deployments():
+def test_prefect_yaml_defines_the_five_deployments():
     from prefect.client.schemas.schedules import CronSchedule
 
     from perennial.ingest.events import RETRAIN_DUE, lineage_resource
 
     found = deployments()
-    assert set(found) == {"nightly", "on-data", "manual", "evaluate-only"}
+    assert set(found) == {"nightly", "on-data", "manual", "evaluate-only", "daily"}
     for name, deployment in found.items():
         assert deployment["work_pool"]["name"] == "perennial-process", name
         path, function = deployment["entrypoint"].split(":")
@@ -65,6 +65,10 @@ def test_prefect_yaml_defines_the_four_deployments():
     (trigger,) = on_data["triggers"]
     assert trigger["expect"] == [RETRAIN_DUE] and trigger["match"]["prefect.resource.id"] == lineage_resource(cfg.tracking.registered_model)
     assert found["evaluate-only"]["parameters"]["model_uri"].startswith("models:/")
+    gc = found["daily"]  # garbage collection of the lineage's storage (tasks/gc.py), daily and a real sweep
+    assert gc["entrypoint"] == "flows/gc.py:gc" and gc["parameters"]["dry_run"] is False
+    (schedule,) = gc["schedules"]
+    CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])
 
 
 # --- the worker path against a real Prefect server ----------------------------------------------

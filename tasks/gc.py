@@ -1,0 +1,402 @@
+"""Garbage collection of a lineage's storage under its retention policy (`retention:`, perennial/config.py).
+
+Every stage commits a full checkpoint, and nothing deleted them: a nightly lineage grows by every
+intermediate and mid-stage checkpoint it ever wrote. Perennial knows which of them a later read
+needs, so gc deletes exactly the others (docs/operations.md, "Storage and retention"):
+
+- **Kept always.** The checkpoint, replay buffer and lineage record of every *kept version* (one
+  holding an alias of `retention.keep_aliases`, one of the newest `retention.keep_last_versions`,
+  the version `lineage.continue_from` pins); everything an *unfinished* run resumes from (its stage
+  outputs, replay buffers, the newest committed mid-stage checkpoint of its stage in progress) and
+  the checkpoint it continues; every dataset version, base model and DAP model.
+- **May go**, once older than `retention.min_age_hours`: mid-stage checkpoints of a stage whose
+  output is committed (a rerun returns the output and never reads them), older or never-committed
+  mid-stage checkpoints, and, of a run that finished or failed for good, the stage outputs and
+  replay buffers no kept version references. Locally, the work directories of ended runs, and the
+  least recently used download-cache entries above `retention.local_cache_max_gb`.
+
+`plan_gc` reads the registry and the runs first and says why each deletion may go; `sweep` deletes.
+The caller holds the lineage lock (flows/gc.py, or the retrain flow whose last stage this is), so no
+retrain of the lineage runs meanwhile; `collect_garbage` also holds the model's promotion lock, so
+no version becomes champion between the plan and the sweep. A folder's MANIFEST.json goes first: a
+sweep killed half way leaves uncommitted files, which nothing reads and the next sweep deletes.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections import defaultdict
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel
+
+from perennial import registry
+from perennial.config import Config
+from perennial.storage import MANIFEST_NAME, ObjectInfo
+from perennial.tracking import ERROR_TAG, RUN_KEY_TAG
+from tasks.runtime import RUN_RECORD, Services, run_prefix, uri_to_prefix
+
+# Errors that end a run for good: a rerun of the same key (same config, same data) fails the same way.
+# The same classes as tasks/wrappers.py's NOT_RETRIED, by name (the parent run's ERROR_TAG holds the name).
+FAILED_FOR_GOOD = ("ConfigError", "IngestError", "LineageError", "ModelLoadError", "NonFiniteLossError")
+UNSENT_METRICS = "unsent-metrics.jsonl"  # a stage's spool of metrics MLflow has not received (perennial/tracking.py)
+COMPLETE_MARKERS = (".complete", "config.json")  # what makes a cache entry look whole (fetch_dir, models/gguf.py)
+GB = 1024**3
+
+
+class Deletion(BaseModel):
+    """One thing gc deletes (or would, in a dry run), and why it may go."""
+
+    where: Literal["s3", "local"]
+    path: str  # an S3 folder prefix, or a local path
+    bytes: int
+    objects: int
+    reason: str
+    version: str | None = None  # the registry version whose checkpoint this is (tagged once deleted)
+
+
+class GcPlan(BaseModel):
+    lineage: str
+    deletions: list[Deletion] = []
+    kept_versions: dict[str, str] = {}  # version -> why it is kept
+    runs: dict[str, str] = {}  # run key -> finished / failed for good / unfinished (and why)
+    waiting: list[str] = []  # what may go once older than retention.min_age_hours
+    cache_bytes: int = 0  # the local download cache, before the sweep
+    dry_run: bool = False
+    deleted: int = 0  # deletions done by the sweep
+    seconds: float = 0.0  # the plan and sweep, under the promotion lock
+
+    @property
+    def bytes(self) -> int:
+        return sum(item.bytes for item in self.deletions)
+
+
+class _Folder(BaseModel):
+    prefix: str
+    objects: list[str] = []
+    bytes: int = 0
+    newest: datetime | None = None
+
+    @property
+    def committed(self) -> bool:
+        return any(key.endswith("/" + MANIFEST_NAME) for key in self.objects)
+
+    def add(self, info: ObjectInfo) -> None:
+        self.objects.append(info.key)
+        self.bytes += info.size
+        self.newest = max(self.newest or info.last_modified, info.last_modified)
+
+
+def _folders(infos: list[ObjectInfo], root: str, depth: int) -> dict[str, _Folder]:
+    """Objects under ``root`` grouped by their first ``depth`` key components below it."""
+    found: dict[str, _Folder] = {}
+    for info in infos:
+        parts = info.key[len(root):].split("/")
+        if len(parts) <= depth:
+            continue
+        relative = "/".join(parts[:depth])
+        found.setdefault(relative, _Folder(prefix=root + relative)).add(info)
+    return found
+
+
+def run_state(status: str | None, tags: dict[str, str]) -> tuple[str, str]:
+    """("finished" | "failed" | "unfinished", in words): a run is *ended* when it finished, or failed with an
+    error that a rerun repeats (FAILED_FOR_GOOD); any other (running, killed, a retryable failure, no MLflow
+    run) may still resume, so everything it resumes from is kept."""
+    if status == "FINISHED":
+        return "finished", "finished"
+    error = tags.get(ERROR_TAG, "")
+    if status == "FAILED" and error.split(":", 1)[0] in FAILED_FOR_GOOD:
+        return "failed", f"failed for good ({error.split(':', 1)[0]}: a rerun fails the same way)"
+    return "unfinished", f"unfinished ({(status or 'no MLflow run').lower()}): it may still resume"
+
+
+def _kept_versions(config: Config, services: Services) -> tuple[dict[str, str], dict[str, object]]:
+    """(version -> why kept, version -> every version of the registered model)."""
+    client, name, policy = services.tracker.client, config.tracking.registered_model, config.retention
+    try:
+        versions = {str(v.version): v for v in client.search_model_versions(f"name='{name}'")}
+    except Exception as error:  # noqa: BLE001 - a model never registered has no versions
+        if "RESOURCE_DOES_NOT_EXIST" in str(error):
+            return {}, {}
+        raise
+    kept: dict[str, str] = {}
+    for alias in policy.keep_aliases:
+        holder = registry.alias_version(client, name, alias)
+        if holder is not None:
+            kept.setdefault(str(holder.version), f"holds alias {alias}")
+    newest = sorted(versions, key=int, reverse=True)[: policy.keep_last_versions]
+    for version in newest:
+        kept.setdefault(version, f"one of the last {policy.keep_last_versions} versions")
+    target = config.lineage.continue_from
+    if target.startswith(f"models:/{name}/"):
+        kept.setdefault(target.rsplit("/", 1)[1], "lineage.continue_from pins it")
+    return kept, versions
+
+
+def plan_gc(config: Config, services: Services, now: datetime | None = None, dry_run: bool = False) -> GcPlan:
+    """What gc deletes for the config's lineage, each with its size and why it may go; deletes nothing.
+
+    Reads the registry (kept versions) and every run of the lineage (its record in S3, its MLflow
+    parent run) before deciding anything; a run it cannot classify counts as unfinished."""
+    now = now or datetime.now(timezone.utc)
+    policy, store, client = config.retention, services.store, services.tracker.client
+    cutoff = now - timedelta(hours=policy.min_age_hours)
+    lineage = config.tracking.registered_model
+    plan = GcPlan(lineage=lineage, dry_run=dry_run)
+
+    kept, versions = _kept_versions(config, services)
+    needed: dict[str, str] = {}  # S3 folder prefix -> why kept
+    for version, why in kept.items():
+        tags = versions[version].tags if version in versions else {}
+        for tag, what in (("checkpoint_uri", "checkpoint"), ("replay_uri", "replay buffer"), ("lineage_uri", "lineage record")):
+            uri = tags.get(tag)
+            if uri and uri.startswith(f"s3://{store.bucket}/"):
+                needed[uri_to_prefix(store, uri)] = f"the {what} of version {version} ({why})"
+    plan.kept_versions = kept
+    checkpoint_version = {uri_to_prefix(store, v.tags["checkpoint_uri"]): str(v.version) for v in versions.values()
+                          if v.tags.get("checkpoint_uri", "").startswith(f"s3://{store.bucket}/")}
+
+    root = run_prefix(config, "x")[: -len("x")]
+    infos = list(store.list(root))
+    by_run: dict[str, list[ObjectInfo]] = defaultdict(list)
+    for info in infos:
+        by_run[info.key[len(root):].split("/", 1)[0]].append(info)
+    states: dict[str, tuple[str, str, dict]] = {}
+    continued: dict[str, str] = {}  # manifest digest of a checkpoint an unfinished run continues -> its run key
+    for key in sorted(by_run):
+        record = store.get_json(root + key + "/" + RUN_RECORD) if any(i.key == root + key + "/" + RUN_RECORD for i in by_run[key]) else {}
+        status, tags = None, {}
+        if record.get("mlflow_run_id"):
+            try:
+                found = client.get_run(record["mlflow_run_id"])
+                status, tags = found.info.status, found.data.tags
+            except Exception:  # noqa: BLE001 - a deleted MLflow run: the key counts as unfinished
+                pass
+        state, words = run_state(status, tags)
+        states[key] = (state, words, tags)
+        plan.runs[key] = words
+        if state == "unfinished" and (record.get("inputs") or {}).get("continued checkpoint"):
+            continued[record["inputs"]["continued checkpoint"]] = key
+
+    def consider(folder: _Folder, reason: str, version: str | None = None) -> None:
+        if folder.newest is not None and folder.newest > cutoff:
+            plan.waiting.append(f"{store.uri(folder.prefix)} ({_size(folder.bytes)}): {reason}")
+            return
+        plan.deletions.append(Deletion(where="s3", path=folder.prefix, bytes=folder.bytes, objects=len(folder.objects),
+                                       reason=reason, version=version))
+
+    for key, objects in sorted(by_run.items()):
+        state, words, tags = states[key]
+        run_root = root + key + "/"
+        stages = _folders([i for i in objects if i.key.startswith(run_root + "stages/")], run_root + "stages/", 1)
+        models = {name: _folders(folder_infos(objects, f.prefix + "/model/"), f.prefix + "/", 1).get("model")
+                  for name, f in stages.items()}
+        registered = tags.get(registry.REGISTERED_VERSION_TAG, "").rpartition("/")[2] or None
+        last_stage = max(stages) if stages else None
+        for stage in sorted(stages):
+            prefix = run_root + f"stages/{stage}/"
+            model = models[stage]
+            steps = _folders(folder_infos(objects, prefix + "checkpoints/"), prefix + "checkpoints/", 1)
+            newest = max((name for name, f in steps.items() if f.committed), default=None)
+            for step, folder in sorted(steps.items()):
+                if model is not None and model.committed:
+                    consider(folder, f"mid-stage checkpoint of {stage}, whose output is committed: a rerun returns the "
+                                     "output and never reads it")
+                elif state != "unfinished":
+                    consider(folder, f"mid-stage checkpoint of {stage}, which the {state} run never completed")
+                elif not folder.committed:
+                    consider(folder, "never committed (no MANIFEST.json): an interrupted upload that nothing reads")
+                elif step != newest:
+                    consider(folder, f"older than {newest}, the newest committed checkpoint of {stage}, which a resume reads")
+            if model is None or state == "unfinished" or model.prefix in needed:
+                continue
+            digest = store.get_json(model.prefix + "/" + MANIFEST_NAME)["digest"] if model.committed and continued else None
+            if digest in continued:
+                plan.waiting.append(f"{store.uri(model.prefix)}: the checkpoint unfinished run {continued[digest]} continues")
+                continue
+            version = checkpoint_version.get(model.prefix)
+            if state == "finished" and registered is None and stage == last_stage:
+                continue  # the product of a run that registered no version (registry off)
+            if version is not None:
+                consider(model, f"checkpoint of version {version}, which holds no alias of retention.keep_aliases and is "
+                                f"not among the last {config.retention.keep_last_versions} versions", version)
+            else:
+                consider(model, f"intermediate output of {stage} of a {state} run: no kept version references it")
+        replays = _folders([i for i in objects if i.key.startswith(run_root + "replay/")], run_root + "replay/", 1)
+        last_replay = max(replays) if replays else None
+        for name, folder in sorted(replays.items()):
+            if state == "unfinished" or folder.prefix in needed:
+                continue
+            if state == "finished" and registered is None and name == last_replay:
+                continue
+            consider(folder, f"replay buffer {name} of a {state} run that no kept version continues from")
+
+    for shared in ("base-models", "dap-models"):  # shared by content digest across runs and lineages
+        shared_root = f"{config.storage.prefix}/{shared}/"
+        shared_infos = list(store.list(shared_root))
+        for name, folder in sorted(_folders(shared_infos, shared_root, 1).items()):
+            parts = _folders(folder_infos(shared_infos, folder.prefix + "/"), folder.prefix + "/", 1)
+            if parts.get("model") is None or not parts["model"].committed:
+                continue  # a model still in training (maybe by another lineage): its checkpoints resume it
+            for step, checkpoint in sorted(_folders(folder_infos(shared_infos, folder.prefix + "/checkpoints/"),
+                                                    folder.prefix + "/checkpoints/", 1).items()):
+                consider(checkpoint, f"mid-stage checkpoint of {shared}/{name}, whose model is committed: never read again")
+
+    _plan_local(config, services, plan, states, now)
+    return plan
+
+
+def folder_infos(infos: list[ObjectInfo], prefix: str) -> list[ObjectInfo]:
+    return [info for info in infos if info.key.startswith(prefix)]
+
+
+def _last_use(path: Path) -> float:
+    """When a local entry was last written or read (fetch_dir touches a hit's marker), as a timestamp."""
+    stamps = [path.stat().st_mtime, path.stat().st_atime]
+    for marker in COMPLETE_MARKERS:
+        if (path / marker).exists():
+            stamps.append((path / marker).stat().st_mtime)
+    return max(stamps)
+
+
+def _tree_size(path: Path) -> tuple[int, int, float]:
+    """(bytes, files, newest modification) of a file or folder."""
+    if path.is_file():
+        return path.stat().st_size, 1, path.stat().st_mtime
+    size = files = 0
+    newest = path.stat().st_mtime
+    for item in path.rglob("*"):
+        if item.is_file():
+            stat = item.stat()
+            size, files, newest = size + stat.st_size, files + 1, max(newest, stat.st_mtime)
+    return size, files, newest
+
+
+def cache_entries(cache: Path) -> list[Path]:
+    """The download cache's entries: folders by manifest digest, dataset shards and legacy versions, converted GGUF folders."""
+    if not cache.is_dir():
+        return []
+    entries = []
+    for child in sorted(cache.iterdir()):
+        if child.name in ("datasets", "gguf") and child.is_dir():
+            for group in sorted(child.iterdir()):
+                entries.extend(sorted(group.iterdir()) if group.is_dir() and group.name in ("shards", "legacy") else [group])
+        else:
+            entries.append(child)
+    return entries
+
+
+def _plan_local(config: Config, services: Services, plan: GcPlan, states: dict, now: datetime) -> None:
+    """Work directories of ended runs, then the download cache's least recently used entries above the bound."""
+    policy = config.retention
+    cutoff = now.timestamp() - policy.min_age_hours * 3600
+    work = Path(config.work_dir)
+    if work.is_dir():
+        for folder in sorted(p for p in work.iterdir() if p.is_dir() and p.name != services.cache_dir.name):
+            state = states.get(folder.name, (None,))[0]
+            if state not in ("finished", "failed"):
+                continue  # another lineage's run, a run that may resume, or not a run's folder
+            others = services.tracker.client.search_runs(
+                [services.tracker.experiment_id()], filter_string=f"tags.`{RUN_KEY_TAG}` = '{folder.name}'")
+            if any(run_state(r.info.status, r.data.tags)[0] == "unfinished" for r in others):
+                continue  # the folder is shared with an unfinished run of another lineage under the same key
+            if any(p.stat().st_size for p in folder.rglob(UNSENT_METRICS)):
+                plan.waiting.append(f"{folder}: metrics MLflow has not received yet")
+                continue
+            size, files, newest = _tree_size(folder)
+            reason = f"work directory of the {state} run {folder.name}"
+            if newest > cutoff:
+                plan.waiting.append(f"{folder} ({_size(size)}): {reason}")
+                continue
+            plan.deletions.append(Deletion(where="local", path=str(folder), bytes=size, objects=files, reason=reason))
+    entries = [(entry, _last_use(entry), *_tree_size(entry)[:2]) for entry in cache_entries(services.cache_dir)]
+    plan.cache_bytes = total = sum(size for _, _, size, _ in entries)
+    bound = int(policy.local_cache_max_gb * GB)
+    for entry, used, size, files in sorted(entries, key=lambda item: item[1]):  # least recently used first
+        if total <= bound:
+            break
+        if used > cutoff:
+            plan.waiting.append(f"the download cache is {_size(total)}, over retention.local_cache_max_gb "
+                                f"({policy.local_cache_max_gb:g} GB), but its other entries were used within min_age_hours")
+            break
+        plan.deletions.append(Deletion(where="local", path=str(entry), bytes=size, objects=files, reason=(
+            f"download cache entry last used {datetime.fromtimestamp(used, timezone.utc):%Y-%m-%d %H:%M} UTC: the cache "
+            f"({_size(total)}) is over retention.local_cache_max_gb ({policy.local_cache_max_gb:g} GB); it is downloaded "
+            "again (sha256-checked) when needed")))
+        total -= size
+
+
+def sweep(plan: GcPlan, config: Config, services: Services) -> GcPlan:
+    """Delete what ``plan`` lists. Per S3 folder, its MANIFEST.json first: once it is gone nothing reads the
+    folder as committed, so a sweep killed half way leaves only files that nothing reads and the next plan
+    lists again. A deleted version checkpoint's version is tagged `perennial.checkpoint_deleted`."""
+    store = services.store
+    for item in plan.deletions:
+        if item.where == "s3":
+            manifest = f"{item.path}/{MANIFEST_NAME}"
+            store._retry("delete_object", store.client.delete_object, Bucket=store.bucket, Key=manifest)
+            store.delete_prefix(item.path + "/")
+            if item.version is not None:
+                services.tracker.client.set_model_version_tag(
+                    config.tracking.registered_model, item.version, "perennial.checkpoint_deleted",
+                    f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by gc: {item.reason}")
+        else:
+            path = Path(item.path)
+            if path.is_dir():
+                for marker in COMPLETE_MARKERS:  # first: a half-deleted entry must not look whole
+                    (path / marker).unlink(missing_ok=True)
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        plan.deleted += 1
+    return plan
+
+
+def collect_garbage(config: Config, dry_run: bool = False, services: Services | None = None) -> GcPlan:
+    """Plan (and unless ``dry_run``, sweep) the lineage's storage. The caller holds the lineage lock for a
+    sweep (flows/gc.py, flows/continual_retrain.py); the plan and the sweep hold the model's promotion
+    lock, so a version promoted meanwhile cannot be one whose checkpoint goes."""
+    services = services or Services.open(config)
+    if dry_run:
+        return plan_gc(config, services, dry_run=True)
+    client, name = services.tracker.client, config.tracking.registered_model
+    started = time.monotonic()
+    with registry.promotion_lock(client, name, by=f"gc ({registry.whoami()})"):
+        plan = sweep(plan_gc(config, services), config, services)
+    plan.seconds = time.monotonic() - started
+    return plan
+
+
+def _size(count: int) -> str:
+    for unit, scale in (("GB", GB), ("MB", 1024**2), ("kB", 1024)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} B"
+
+
+def format_plan(plan: GcPlan) -> str:
+    """What gc deleted (or, dry, would delete), with sizes and reasons; what it keeps and why."""
+    verb = "would delete" if plan.dry_run else "deleted"
+    s3 = [item for item in plan.deletions if item.where == "s3"]
+    local = [item for item in plan.deletions if item.where == "local"]
+    lines = [f"gc {plan.lineage}: {verb} {len(plan.deletions)} items, {_size(plan.bytes)} "
+             f"(S3 {_size(sum(i.bytes for i in s3))} in {sum(i.objects for i in s3)} objects, local {_size(sum(i.bytes for i in local))})"]
+    for item in plan.deletions:
+        where = f"s3://.../{item.path}" if item.where == "s3" else item.path
+        lines.append(f"  - {where}  {_size(item.bytes)}, {item.objects} files: {item.reason}")
+    lines.append("kept versions: " + (", ".join(f"{v} ({why})" for v, why in sorted(plan.kept_versions.items(), key=lambda i: int(i[0])))
+                                      or "none"))
+    unfinished = [f"{key} ({words})" for key, words in plan.runs.items() if words.startswith("unfinished")]
+    if unfinished:
+        lines.append("unfinished runs, kept with everything they resume from: " + ", ".join(unfinished))
+    if plan.waiting:
+        lines.append(f"kept for now ({len(plan.waiting)}):")
+        lines.extend(f"  - {item}" for item in plan.waiting[:20])
+        if len(plan.waiting) > 20:
+            lines.append(f"  ... and {len(plan.waiting) - 20} more")
+    lines.append(f"local download cache before: {_size(plan.cache_bytes)}")
+    return "\n".join(lines)
