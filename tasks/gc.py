@@ -372,7 +372,7 @@ def collect_garbage(config: Config, dry_run: bool = False, services: Services | 
 
 
 def _size(count: int) -> str:
-    for unit, scale in (("GB", GB), ("MB", 1024**2), ("kB", 1024)):
+    for unit, scale in (("GiB", GB), ("MiB", 1024**2), ("KiB", 1024)):
         if count >= scale:
             return f"{count / scale:.1f} {unit}"
     return f"{count} B"
