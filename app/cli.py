@@ -33,9 +33,14 @@ def load_services_env(path: Path = SERVICES_ENV) -> None:
     """Pick up the local services' endpoints and generated credentials unless the caller set their own."""
     if not path.exists():
         return
+    # MLflow's user and password go together: a caller who set either (a reviewer's own) keeps theirs, whole.
+    pair = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+    own_identity = any(key in os.environ for key in pair)
     for line in path.read_text().splitlines():
         if line.startswith("export ") and "=" in line:
             key, value = line[len("export ") :].split("=", 1)
+            if key in pair and own_identity:
+                continue
             os.environ.setdefault(key, value)
 
 
@@ -48,21 +53,45 @@ def cmd_services(args: argparse.Namespace) -> int:
         os.environ["PERENNIAL_MLFLOW_PORT"] = str(args.mlflow_port)
     services = LocalServices.from_env(args.root)
     if args.action == "up":
+        if args.auth:
+            services.auth = True
+        if services.auth:
+            services.lineages = [_lineage_of(args.config)]
         services.up()
+        if services.auth and args.grant_auto_promote:
+            services.grant_lineage(*services.lineages[0], auto_promote=True)
         print(f"S3 (SeaweedFS): {services.s3_endpoint}   bucket: {services.bucket}")
-        print(f"MLflow:         {services.mlflow_uri}")
+        print(f"MLflow:         {services.mlflow_uri}" + ("   (basic-auth app: anonymous requests are refused)" if services.auth else ""))
         print(f"credentials:    source {services.root}/services.env")
+        if services.auth:  # where the passwords are, never the passwords
+            experiment, model = services.lineages[0]
+            retrain = "EDIT on both, MANAGE on the model (auto-promotion)" if args.grant_auto_promote else "EDIT on both"
+            print(f"MLflow users:   admin, retrain ({retrain}), reviewer (MANAGE on the model); experiment "
+                  f"{experiment!r}, registered model {model!r}")
+            print(f"                passwords: {services.root}/mlflow-auth.json (0600); services.env acts as retrain; "
+                  f"a reviewer: source {services.root}/reviewer.env")
     elif args.action == "down":
         services.down()
         print("services stopped")
     else:
         report = services.status()
         for name, state in report.items():
-            print(f"{name:10s} {'up' if state['ready'] else 'down':5s} pid={state['pid']} {state['url']}")
+            auth = "" if name != "mlflow" else "   auth: on (basic-auth app)" if state.get("auth") else "   auth: off"
+            print(f"{name:10s} {'up' if state['ready'] else 'down':5s} pid={state['pid']} {state['url']}{auth}")
         seaweedfs = report["seaweedfs"]
         print(f"disk       {'ok' if seaweedfs['writable'] else 'FULL':5s} {seaweedfs['disk']}")
         return 0 if all(state["ready"] for state in report.values()) and seaweedfs["writable"] else 3
     return 0
+
+
+def _lineage_of(config: str | None) -> tuple[str, str]:
+    """(experiment, registered model) of CONFIG's tracking section; without one, configs/demo.yaml's where it exists
+    (what `make run` trains), else the defaults."""
+    from perennial.config import TrackingConfig
+
+    path = config or ("configs/demo.yaml" if Path("configs/demo.yaml").exists() else None)
+    tracking = load_config(path, []).tracking if path else TrackingConfig()
+    return tracking.experiment, tracking.registered_model
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -236,6 +265,9 @@ def cmd_review(args: argparse.Namespace) -> int:
 def _move_champion(args: argparse.Namespace, action: str, done) -> int:
     """Run registry.<action> (promote, rollback, unpromote) as --by or this user; a RegistryError exits 1.
 
+    With MLflow's basic-auth app on, the action is recorded under the authenticated MLflow user (--by may only
+    repeat it), and a user without MANAGE on the model is refused before anything changes (registry.acting_user).
+
     `done` turns the action's result dict into the line printed on success.
     """
     from perennial import registry
@@ -243,7 +275,7 @@ def _move_champion(args: argparse.Namespace, action: str, done) -> int:
     client, _ = _tracking_client(args)
     options = {"version": args.version} if action == "promote" else {}
     try:
-        result = getattr(registry, action)(client, args.model, **options, by=args.by or registry.whoami(), reason=args.reason)
+        result = getattr(registry, action)(client, args.model, **options, by=args.by, reason=args.reason)
     except registry.RegistryError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -551,6 +583,15 @@ def build_parser() -> argparse.ArgumentParser:
     services.add_argument("--root", default=None, help="state folder (default .perennial/services)")
     services.add_argument("--s3-port", type=int, default=None, help="S3 port (default 8333 or PERENNIAL_S3_PORT)")
     services.add_argument("--mlflow-port", type=int, default=None, help="MLflow port (default 5000 or PERENNIAL_MLFLOW_PORT)")
+    services.add_argument("--auth", action="store_true", help="up: MLflow with its basic-auth app (also PERENNIAL_MLFLOW_AUTH=1; kept "
+                          "for this root once on): generated passwords for the admin, retrain and reviewer identities in "
+                          "ROOT/mlflow-auth.json and ROOT/<identity>.env (0600, never printed); retrain gets EDIT on the "
+                          "experiment and registered model of --config, reviewer MANAGE on the model. docs/operations.md, "
+                          "\"Running against a team's MLflow\"")
+    services.add_argument("--config", default=None, help="up --auth: the config whose tracking.experiment and "
+                          "tracking.registered_model the identities are granted on (default configs/demo.yaml)")
+    services.add_argument("--grant-auto-promote", action="store_true", help="up --auth: also give the retrain identity "
+                          "MANAGE on the registered model, so registry.auto_promote may move champion")
     services.set_defaults(func=cmd_services)
 
     def tracking_option(command: argparse.ArgumentParser) -> None:
@@ -566,21 +607,22 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("version", type=int, help="version number to promote")
     promote.add_argument("--reason", default=None, help="why; recorded as the version tag promoted_reason. Required to "
                          "promote a BLOCKED version (it overrides the failed gates, recorded in overridden_gates)")
-    promote.add_argument("--by", default=None, help="who; recorded as promoted_by (default: $USER)")
+    promote.add_argument("--by", default=None, help="who; recorded as promoted_by (default: $USER). With MLflow's "
+                         "basic-auth app on, always the authenticated MLflow user, which --by cannot change")
     tracking_option(promote)
     promote.set_defaults(func=cmd_promote)
 
     rollback = sub.add_parser("rollback", help="give alias champion back to previous-champion")
     rollback.add_argument("model", help="registered model name")
     rollback.add_argument("--reason", default="(no reason given)", help="why; recorded on both versions")
-    rollback.add_argument("--by", default=None, help="who (default: $USER)")
+    rollback.add_argument("--by", default=None, help="who (default: $USER; with MLflow auth on: the authenticated user)")
     tracking_option(rollback)
     rollback.set_defaults(func=cmd_rollback)
 
     unpromote = sub.add_parser("unpromote", help="withdraw a champion that has no previous-champion (delete alias champion)")
     unpromote.add_argument("model", help="registered model name")
     unpromote.add_argument("--reason", default="(no reason given)", help="why; recorded as the version tag unpromoted_reason")
-    unpromote.add_argument("--by", default=None, help="who (default: $USER)")
+    unpromote.add_argument("--by", default=None, help="who (default: $USER; with MLflow auth on: the authenticated user)")
     tracking_option(unpromote)
     unpromote.set_defaults(func=cmd_unpromote)
 

@@ -5,6 +5,13 @@ the generated S3 identities. Every instance gets its own ports, so tests can run
 Both servers bind to 127.0.0.1 only. SeaweedFS runs with an identities file, so anonymous S3
 access is denied; MLflow proxies artifacts into that S3 (``--artifacts-destination``), so MLflow
 clients need no S3 credentials of their own.
+
+With ``auth`` (``perennial services up --auth``, PERENNIAL_MLFLOW_AUTH=1) MLflow runs its basic-auth app
+(``mlflow server --app-name basic-auth``): anonymous requests are refused, and three identities get generated
+passwords, kept in ``mlflow-auth.json`` (0600) and one 0600 ``<identity>.env`` each, never printed or logged:
+``admin`` (MLflow's admin), ``retrain`` (EDIT on the experiment and the registered model: runs and versions) and
+``reviewer`` (MANAGE on the registered model: promote, rollback, unpromote). services.env carries the retrain
+identity. Once a root has started with auth it keeps it (ports.json), so a restart never opens the registry.
 """
 
 from __future__ import annotations
@@ -50,6 +57,23 @@ _WEED_PORT_FLAGS = (
 
 class ServiceError(RuntimeError):
     pass
+
+
+# MLflow's basic-auth identities (``auth``): the admin, the retrain's, a reviewer's (their usernames are these names).
+AUTH_IDENTITIES = ("admin", "retrain", "reviewer")
+USERNAME_ENV, PASSWORD_ENV = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
+
+
+def _write_secret(path: Path, text: str) -> None:
+    """Write a file only its owner can read: created 0600, never readable by others for a moment."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    path.chmod(0o600)
+
+
+def _env_file(env: dict[str, str]) -> str:
+    return "".join(f"export {key}={value}\n" for key, value in env.items())
 
 
 @dataclass(frozen=True)
@@ -155,6 +179,9 @@ class LocalServices:
     weed_port_base: int = 19330
     bucket: str = "perennial"
     extra_env: dict = field(default_factory=dict)
+    auth: bool = False  # MLflow's basic-auth app, with the admin / retrain / reviewer identities (AUTH_IDENTITIES)
+    # (experiment, registered model) pairs the identities get their permissions on at `up` (grant_lineage)
+    lineages: list = field(default_factory=list)
 
     @classmethod
     def from_env(cls, root: str | Path | None = None) -> "LocalServices":
@@ -162,7 +189,9 @@ class LocalServices:
         root = Path(root or os.environ.get("PERENNIAL_SERVICES_DIR", ".perennial/services"))
         saved = root / "ports.json"
         ports = json.loads(saved.read_text()) if saved.exists() else {}
+        auth_env = os.environ.get("PERENNIAL_MLFLOW_AUTH", "").strip().lower()
         return cls(
+            auth=auth_env in ("1", "true", "yes", "on") or bool(ports.get("mlflow_auth", False)),
             root=root,
             s3_port=int(os.environ.get("PERENNIAL_S3_PORT", ports.get("s3", 8333))),
             mlflow_port=int(os.environ.get("PERENNIAL_MLFLOW_PORT", ports.get("mlflow", 5000))),
@@ -171,9 +200,9 @@ class LocalServices:
         )
 
     @classmethod
-    def on_free_ports(cls, root: Path, bucket: str = "perennial") -> "LocalServices":
+    def on_free_ports(cls, root: Path, bucket: str = "perennial", auth: bool = False) -> "LocalServices":
         s3, mlflow, *weed = free_ports(2 + len(_WEED_PORT_FLAGS))
-        service = cls(root=root, s3_port=s3, mlflow_port=mlflow, bucket=bucket)
+        service = cls(root=root, s3_port=s3, mlflow_port=mlflow, bucket=bucket, auth=auth)
         service._weed_ports = dict(zip(_WEED_PORT_FLAGS, weed))
         return service
 
@@ -202,14 +231,19 @@ class LocalServices:
         if not path.exists():
             self.root.mkdir(parents=True, exist_ok=True)
             creds = {"access_key": "perennial-" + secrets.token_hex(6), "secret_key": secrets.token_urlsafe(24)}
-            path.write_text(json.dumps(creds))
-            path.chmod(0o600)
+            _write_secret(path, json.dumps(creds))
         return json.loads(path.read_text())
 
-    def client_env(self) -> dict[str, str]:
-        """Variables a client of these services needs (written to services.env for `source`)."""
+    def client_env(self, identity: str | None = "retrain") -> dict[str, str]:
+        """Variables a client of these services needs (written to services.env for `source`). With auth, the
+        MLflow credentials of ``identity`` (admin, retrain, reviewer; services.env: retrain) come with them."""
         creds = self._credentials()
+        mlflow_identity = {}
+        if self.auth and identity is not None:
+            user = self.auth_identities()[identity]
+            mlflow_identity = {USERNAME_ENV: user["username"], PASSWORD_ENV: user["password"]}
         return {
+            **mlflow_identity,
             "AWS_ACCESS_KEY_ID": creds["access_key"],
             "AWS_SECRET_ACCESS_KEY": creds["secret_key"],
             "AWS_DEFAULT_REGION": "us-east-1",
@@ -224,16 +258,117 @@ class LocalServices:
     def up(self, timeout: float = 180.0) -> dict[str, str]:
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "ports.json").write_text(
-            json.dumps({"s3": self.s3_port, "mlflow": self.mlflow_port, "weed_base": self.weed_port_base, "bucket": self.bucket})
+            json.dumps({"s3": self.s3_port, "mlflow": self.mlflow_port, "weed_base": self.weed_port_base, "bucket": self.bucket,
+                        "mlflow_auth": self.auth})
         )
         env = self.client_env()
-        env_file = self.root / "services.env"
-        env_file.write_text("".join(f"export {k}={v}\n" for k, v in env.items()))
-        env_file.chmod(0o600)
+        _write_secret(self.root / "services.env", _env_file(env))
+        if self.auth:
+            for identity in AUTH_IDENTITIES:
+                _write_secret(self.root / f"{identity}.env", _env_file(self.client_env(identity)))
         self._start_weed(timeout)
         self._ensure_bucket(env)
         self._start_mlflow(env, timeout)
+        if self.auth:
+            for experiment, registered_model in self.lineages:
+                self.grant_lineage(experiment, registered_model)
         return env
+
+    # -- MLflow's basic-auth app --------------------------------------------------------------
+
+    def auth_identities(self) -> dict[str, dict[str, str]]:
+        """identity -> {"username", "password"}, generated once into mlflow-auth.json (0600), with the Flask secret
+        key of the auth app's CSRF protection. Never printed or logged."""
+        path = self.root / "mlflow-auth.json"
+        if not path.exists():
+            self.root.mkdir(parents=True, exist_ok=True)
+            data = {identity: {"username": identity, "password": secrets.token_urlsafe(24)} for identity in AUTH_IDENTITIES}
+            data["flask_secret_key"] = secrets.token_urlsafe(32)
+            _write_secret(path, json.dumps(data))
+        data = json.loads(path.read_text())
+        return {identity: data[identity] for identity in AUTH_IDENTITIES}
+
+    def _auth_server_env(self) -> tuple[list[str], dict[str, str]]:
+        """The auth app's extra `mlflow server` arguments and environment: its config (user store in the root),
+        the admin's password for its first start, the Flask secret key."""
+        self.auth_identities()
+        data = json.loads((self.root / "mlflow-auth.json").read_text())
+        ini = self.root / "mlflow-auth.ini"
+        _write_secret(ini, "\n".join([
+            "[mlflow]",
+            "default_permission = READ",  # every identity reads; writes take a grant (grant_lineage)
+            f"database_uri = sqlite:///{(self.root / 'mlflow-auth.db').resolve()}",
+            f"admin_username = {data['admin']['username']}",
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth",
+            "",
+        ]))
+        env = {"MLFLOW_AUTH_CONFIG_PATH": str(ini.resolve()), "MLFLOW_AUTH_ADMIN_PASSWORD": data["admin"]["password"],
+               "MLFLOW_FLASK_SERVER_SECRET_KEY": data["flask_secret_key"]}
+        return ["--app-name", "basic-auth"], env
+
+    def _admin_call(self, method: str, endpoint: str, body: dict | None = None, params: dict | None = None) -> tuple[int, dict]:
+        """One request to MLflow's REST API as the admin: (status, JSON body or {})."""
+        import base64
+        import urllib.parse
+
+        admin = self.auth_identities()["admin"]
+        token = base64.b64encode(f"{admin['username']}:{admin['password']}".encode()).decode()
+        url = f"{self.mlflow_uri}{endpoint}" + (f"?{urllib.parse.urlencode(params)}" if params else "")
+        request = urllib.request.Request(url, method=method, data=None if body is None else json.dumps(body).encode(),
+                                         headers={"Authorization": f"Basic {token}", "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                status, raw = response.status, response.read()
+        except urllib.error.HTTPError as error:
+            status, raw = error.code, error.read()
+        try:
+            return status, json.loads(raw or b"{}")
+        except ValueError:
+            return status, {}
+
+    def _admin_ok(self, method: str, endpoint: str, body: dict | None = None, params: dict | None = None) -> dict:
+        status, answer = self._admin_call(method, endpoint, body, params)
+        if status != 200:  # the error code only: MLflow's messages can quote a request's values
+            raise ServiceError(f"MLflow auth setup: {method} {endpoint} answered HTTP {status} {answer.get('error_code', '')}")
+        return answer
+
+    def _ensure_users(self) -> None:
+        for identity, user in self.auth_identities().items():
+            if identity == "admin":
+                continue
+            status, _ = self._admin_call("GET", "/api/2.0/mlflow/users/get", params={"username": user["username"]})
+            if status == 404:
+                self._admin_ok("POST", "/api/2.0/mlflow/users/create", {"username": user["username"], "password": user["password"]})
+
+    def _grant(self, identity: str, resource_type: str, resource_id: str, permission: str) -> None:
+        """Give ``identity`` exactly ``permission`` on one resource (replacing a different grant)."""
+        username = self.auth_identities()[identity]["username"]
+        key = {"username": username, "resource_type": resource_type, "resource_id": resource_id}
+        held = self._admin_ok("GET", "/api/3.0/mlflow/users/permissions/get", params=key).get("permission")
+        if held == permission:
+            return
+        self._admin_call("POST", "/api/3.0/mlflow/users/permissions/revoke", key)  # 404 when there was no grant
+        self._admin_ok("POST", "/api/3.0/mlflow/users/permissions/grant", {**key, "permission": permission})
+
+    def grant_lineage(self, experiment: str, registered_model: str, auto_promote: bool = False) -> None:
+        """Create (as the admin) the experiment and the registered model of a lineage, then grant: retrain EDIT on
+        both (runs, versions, the `challenger` alias), reviewer MANAGE on the model (promote, rollback, unpromote).
+        ``auto_promote``: retrain gets MANAGE on the model too, so registry.auto_promote can move `champion`.
+
+        Created by the admin, not by a retrain: MLflow gives a resource's creator MANAGE on it. Safe to rerun.
+        """
+        self._ensure_users()
+        status, found = self._admin_call("GET", "/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": experiment})
+        if status == 200:
+            experiment_id = found["experiment"]["experiment_id"]
+        else:
+            experiment_id = self._admin_ok("POST", "/api/2.0/mlflow/experiments/create", {"name": experiment})["experiment_id"]
+        status, _ = self._admin_call("GET", "/api/2.0/mlflow/registered-models/get", params={"name": registered_model})
+        if status == 404:
+            self._admin_ok("POST", "/api/2.0/mlflow/registered-models/create", {"name": registered_model})
+        self._grant("retrain", "experiment", experiment_id, "EDIT")
+        self._grant("retrain", "registered_model", registered_model, "MANAGE" if auto_promote else "EDIT")
+        self._grant("reviewer", "registered_model", registered_model, "MANAGE")
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
         pidfile = self._pidfile(name)
@@ -332,9 +467,14 @@ class LocalServices:
             "--workers",
             "1",
         ]
+        auth_env = {}
+        if self.auth:
+            auth_args, auth_env = self._auth_server_env()
+            argv += auth_args
         # The job executor (huey consumers) serves MLflow's GenAI jobs, which Perennial never submits.
         quiet = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_ENABLE_TELEMETRY": "false", "DO_NOT_TRACK": "1"}
-        self._spawn("mlflow", argv, {**env, **quiet, **self.extra_env})
+        server = {key: value for key, value in env.items() if key not in (USERNAME_ENV, PASSWORD_ENV)}  # a client's, not the server's
+        self._spawn("mlflow", argv, {**server, **quiet, **auth_env, **self.extra_env})
         self._wait("mlflow", self._mlflow_ready, timeout)
 
     def _mlflow_ready(self) -> bool:
@@ -380,6 +520,7 @@ class LocalServices:
             pidfile = self._pidfile(name)
             pid = int(pidfile.read_text()) if pidfile.exists() else None
             report[name] = {"pid": pid, "running": bool(pid and _pid_alive(pid)), "ready": ready(), "url": url}
+        report["mlflow"]["auth"] = self.auth
         headroom = DiskHeadroom.of(self.root if self.root.exists() else Path.cwd())
         report["seaweedfs"]["disk"] = headroom.describe()
         report["seaweedfs"]["writable"] = headroom.writable
@@ -410,16 +551,17 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def running_services(root: Path, bucket: str = "perennial", timeout: float = 180.0) -> Iterator[LocalServices]:
+def running_services(root: Path, bucket: str = "perennial", timeout: float = 180.0, auth: bool = False) -> Iterator[LocalServices]:
     """SeaweedFS + MLflow on free ports for the life of the block, their client variables in os.environ.
 
     On leaving, also by Ctrl-C or SIGTERM (`sigterm_as_interrupt`), the services are stopped and
     os.environ is restored. For benchmarks and scripts; `perennial services up` keeps them running instead.
+    ``auth``: MLflow with its basic-auth app; os.environ then carries the retrain identity (client_env).
     Raises ServiceError when a service does not become ready within `timeout` seconds.
     """
     from perennial.env import environ_restored
 
-    services = LocalServices.on_free_ports(root, bucket=bucket)
+    services = LocalServices.on_free_ports(root, bucket=bucket, auth=auth)
     with sigterm_as_interrupt():
         try:
             env = services.up(timeout=timeout)

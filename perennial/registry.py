@@ -101,6 +101,68 @@ def whoami() -> str:
         return "unknown"
 
 
+# --- who may change the champion (MLflow's basic-auth app) --------------------------------------------
+
+# The MLflow permission that changing `champion` (promote, rollback, unpromote, auto-promotion) takes, on the
+# registered model. EDIT is what a retrain needs to register versions; it does not let Perennial move `champion`.
+CHAMPION_PERMISSION = "MANAGE"
+
+
+class PermissionDenied(RegistryError):
+    """The authenticated MLflow user lacks CHAMPION_PERMISSION on the registered model; nothing was changed."""
+
+    def __init__(self, message: str, user: str = "", held: str = ""):
+        super().__init__(message)
+        self.user, self.held = user, held
+
+
+def _registry_uri(client: MlflowClient) -> str:
+    return getattr(client, "_registry_uri", None) or client._tracking_client.tracking_uri
+
+
+def authorized_user(client: MlflowClient, name: str, action: str) -> str | None:
+    """With MLflow's basic-auth app on: the username the request is authenticated as, once it is known to hold
+    CHAMPION_PERMISSION on registered model ``name`` (admins hold every permission). None when the server has no
+    auth app (anyone may act; decisions name $USER or --by).
+
+    Asked before anything changes. Raises PermissionDenied naming the permission, the model and what the user
+    holds; perennial.tracking.MlflowAuthError for missing or wrong credentials (one error, never retried).
+    """
+    from perennial.tracking import authenticated_user, resource_permission
+
+    uri = _registry_uri(client)
+    identity = authenticated_user(uri)
+    if identity is None:
+        return None
+    user, is_admin = identity
+    if is_admin:
+        return user
+    held = resource_permission(uri, user, "registered_model", name)
+    if held != CHAMPION_PERMISSION:
+        raise PermissionDenied(
+            f"{action} refused: MLflow user {user!r} lacks {CHAMPION_PERMISSION} permission on registered model {name!r} "
+            f"(holds {held}); changing which version is champion takes {CHAMPION_PERMISSION}. Nothing was changed: no "
+            f"alias moved, no tag was written. A reviewer (MANAGE on {name!r}) can do it, or an admin grants it "
+            f"(docs/operations.md, \"Running against a team's MLflow\")", user=user, held=held)
+    return user
+
+
+def acting_user(client: MlflowClient, name: str, action: str, by: str | None) -> str:
+    """Who a decision on ``name`` is recorded under: with MLflow's auth app on, the authenticated user, checked to
+    hold CHAMPION_PERMISSION (`authorized_user`; ``by`` may only repeat that name); without it ``by``, else $USER.
+
+    Raises PermissionDenied, MlflowAuthError, or RegistryError when ``by`` names someone else under authentication.
+    """
+    user = authorized_user(client, name, action)
+    if user is None:
+        return by or whoami()
+    if by is not None and by != user:
+        raise RegistryError(f"{action} refused: --by {by!r}, but MLflow authenticates this request as {user!r}; with "
+                            f"authentication on, a decision names the authenticated user. Drop --by, or act with "
+                            f"{by!r}'s own credentials")
+    return user
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -807,8 +869,22 @@ def _auto_promote(client: MlflowClient, name: str, version: str, against: str, b
     """Promote a version whose `gate_count` checked gates all passed, if the champion is still
     `against` (the version the gates compared with, or "none"); else tag it needs-review with the reason.
 
+    With MLflow's auth app on, the authenticated user must hold CHAMPION_PERMISSION on the model (the retrain
+    identity holds EDIT unless an admin granted it more): without it the version is tagged needs-review, naming the
+    user and the permission, and waits for a reviewer; with it the promotion records that user.
+
     Raises RegistryError when another promotion holds the lock past its timeout.
     """
+    try:
+        user = authorized_user(client, name, "auto-promotion")
+    except PermissionDenied as error:
+        reason = (f"auto-promotion refused: registry.auto_promote is on, but MLflow user {error.user!r} lacks "
+                  f"{CHAMPION_PERMISSION} permission on registered model {name!r} (holds {error.held}); a reviewer decides")
+        for key, value in _review_tags(reason).items():
+            client.set_model_version_tag(name, version, key, value)
+        return
+    if user is not None:
+        by = f"auto-promote ({user})"
     with promotion_lock(client, name, by):
         current = alias_version(client, name, CHAMPION)
         holder = str(current.version) if current is not None else "none"
@@ -853,7 +929,7 @@ def blocked_gates(version) -> list[GateResult]:
     return [result for result in stored_gates(version.tags.get(GATES_TAG, "[]")) if result.passed is False]
 
 
-def promote(client: MlflowClient, name: str, version: int | str, by: str, reason: str | None) -> dict:
+def promote(client: MlflowClient, name: str, version: int | str, by: str | None = None, reason: str | None = None) -> dict:
     """Make `version` the champion, recording who, why and when; the replaced champion keeps alias
     `previous-champion`. Concurrent promotions take turns (`promotion_lock`), so each one's previous
     champion is the one promoted before it and none is lost.
@@ -861,9 +937,14 @@ def promote(client: MlflowClient, name: str, version: int | str, by: str, reason
     Promoting a BLOCKED version overrides its failed gates: that takes a ``reason`` (recorded, with the
     overridden gates in tag `overridden_gates` and in the Decision). Without one it is refused.
 
+    ``by`` is who decides (default $USER); with MLflow's auth app on it is the authenticated user, who must hold
+    CHAMPION_PERMISSION on the model, checked before anything changes (`acting_user`).
+
     Raises RegistryError: no such version, it is already the champion, it is BLOCKED and no reason is given,
-    or another promotion holds the lock past its timeout.
+    or another promotion holds the lock past its timeout; PermissionDenied: the authenticated user lacks
+    CHAMPION_PERMISSION (nothing changed).
     """
+    by = acting_user(client, name, "promote", by)
     target = _get_version(client, name, version)
     if CHAMPION in target.aliases:
         raise RegistryError(f"{name} version {target.version} is already the champion")
@@ -889,12 +970,14 @@ def promote(client: MlflowClient, name: str, version: int | str, by: str, reason
             "overridden": [asdict(r) for r in failures]}
 
 
-def rollback(client: MlflowClient, name: str, by: str, reason: str) -> dict:
+def rollback(client: MlflowClient, name: str, by: str | None, reason: str) -> dict:
     """Give `champion` back to `previous-champion`; the demoted version is tagged with who and why.
+    Who: as `promote` (with MLflow's auth app on, the authenticated user, checked first).
 
     Raises RegistryError: there is no previous-champion, or another promotion holds the lock past
-    its timeout.
+    its timeout; PermissionDenied as `promote`.
     """
+    by = acting_user(client, name, "rollback", by)
     with promotion_lock(client, name, by):
         previous = alias_version(client, name, PREVIOUS)
         current = alias_version(client, name, CHAMPION)
@@ -924,13 +1007,16 @@ def rollback(client: MlflowClient, name: str, by: str, reason: str) -> dict:
     return {"name": name, "champion": int(previous.version), "demoted": int(current.version) if current else None}
 
 
-def unpromote(client: MlflowClient, name: str, by: str, reason: str) -> dict:
+def unpromote(client: MlflowClient, name: str, by: str | None, reason: str) -> dict:
     """Withdraw a champion that has no predecessor (a first champion, which rollback cannot replace):
     alias `champion` is deleted and the version is tagged with who, why and when.
 
+    Who: as `promote` (with MLflow's auth app on, the authenticated user, checked first).
+
     Raises RegistryError: there is no champion, there is a previous-champion (rollback restores it
-    instead), or another promotion holds the lock past its timeout.
+    instead), or another promotion holds the lock past its timeout; PermissionDenied as `promote`.
     """
+    by = acting_user(client, name, "unpromote", by)
     with promotion_lock(client, name, by):
         current = alias_version(client, name, CHAMPION)
         if current is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 import urllib.error
@@ -70,13 +71,103 @@ class TrackingError(RuntimeError):
     pass
 
 
+class MlflowAuthError(TrackingError):
+    """MLflow's basic-auth app refused the request: no credentials, or a wrong user or password. Deterministic:
+    the same credentials are refused again, so nothing retries it (tasks/wrappers.py NOT_RETRIED, Tracker.flush)."""
+
+
+# MLflow's client reads these (mlflow.utils.credentials); with the server's basic-auth app on they name who acts.
+USERNAME_ENV = "MLFLOW_TRACKING_USERNAME"
+PASSWORD_ENV = "MLFLOW_TRACKING_PASSWORD"
+TOKEN_ENV = "MLFLOW_TRACKING_TOKEN"
+# The error codes of a refusal by MLflow's auth app (401, 403): a retry gets the same answer.
+AUTH_ERROR_CODES = ("UNAUTHENTICATED", "PERMISSION_DENIED")
+
+
+def credential_secrets(environ: dict[str, str] | None = None) -> list[str]:
+    """The MLflow credentials of this process in every form they could be written in: the password, the token,
+    and `user:password` as text and as the Basic header's base64. The username itself is not secret (it is the
+    identity decisions are recorded under) and is left as it is."""
+    import base64
+
+    environ = os.environ if environ is None else environ
+    user, password, token = (environ.get(key, "") for key in (USERNAME_ENV, PASSWORD_ENV, TOKEN_ENV))
+    values = [password, token]
+    if password:
+        pair = f"{user}:{password}"
+        values += [pair, base64.b64encode(pair.encode()).decode()]
+    return [value for value in values if value]
+
+
+def is_auth_refusal(error: BaseException) -> bool:
+    """An MlflowException (or MlflowAuthError) that MLflow's auth app answered 401 or 403: never worth a retry."""
+    return isinstance(error, MlflowAuthError) or getattr(error, "error_code", None) in AUTH_ERROR_CODES
+
+
+def _auth_request(uri: str, endpoint: str, params: dict | None = None, timeout: float = 10.0):
+    """One GET to MLflow's REST API with this process's MLflow credentials and TLS settings (MLflow's own client
+    code: MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN, MLFLOW_TRACKING_SERVER_CERT_PATH, ...), never retried."""
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    return http_request(get_default_host_creds(uri), endpoint, "GET", max_retries=0, timeout=timeout, params=params)
+
+
+def authenticated_user(uri: str, timeout: float = 10.0) -> tuple[str, bool] | None:
+    """Who MLflow at ``uri`` authenticates this process as: (username, is_admin), or None when the server runs
+    without its basic-auth app (or is not an HTTP server). Asked once, never retried.
+
+    Raises MlflowAuthError, saying which: no credentials were given, or the user or password is wrong.
+    """
+    if not uri.startswith("http"):
+        return None
+    try:
+        response = _auth_request(uri, "/api/2.0/mlflow/users/current", timeout=timeout)
+    except Exception as error:  # noqa: BLE001  (unreachable: check_tracking_server says so first)
+        raise TrackingError(f"MLflow tracking server {uri}: could not ask who this process is ({type(error).__name__})") from None
+    if response.status_code == 401:
+        user = os.environ.get(USERNAME_ENV)
+        if not user and not os.environ.get(TOKEN_ENV):
+            raise MlflowAuthError(
+                f"MLflow at {uri} requires authentication (its basic-auth app is on) and this request had no credentials: "
+                f"set {USERNAME_ENV} and {PASSWORD_ENV} (with `perennial services up --auth`: `source` the identity's file, "
+                f".perennial/services/retrain.env or reviewer.env). Not retried")
+        who = f"user {user!r} ({USERNAME_ENV})" if user else f"the token in {TOKEN_ENV}"
+        raise MlflowAuthError(f"MLflow at {uri} refused the credentials of {who}: wrong password, or no such user. "
+                              f"Check {PASSWORD_ENV}; an admin can reset it. Not retried")
+    if response.status_code != 200:  # 404: no auth app, so there are no users
+        return None
+    try:
+        user = response.json()["user"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return str(user["username"]), bool(user.get("is_admin"))
+
+
+def resource_permission(uri: str, username: str, resource_type: str, resource_id: str, timeout: float = 10.0) -> str:
+    """The permission (READ, USE, EDIT, MANAGE, NO_PERMISSIONS, DENY) MLflow's auth app resolves for ``username`` on
+    one resource ("experiment" by id, "registered_model" by name), as a real request by that user would see it.
+    A user may ask about itself. Raises MlflowAuthError when refused."""
+    response = _auth_request(uri, "/api/3.0/mlflow/users/permissions/get", timeout=timeout,
+                             params={"username": username, "resource_type": resource_type, "resource_id": resource_id})
+    if response.status_code in (401, 403):
+        raise MlflowAuthError(f"MLflow at {uri} would not say what {username!r} may do on {resource_type} {resource_id!r} "
+                              f"(HTTP {response.status_code}). Not retried")
+    if response.status_code != 200:
+        raise TrackingError(f"MLflow at {uri}: permission lookup of {username!r} on {resource_type} {resource_id!r} "
+                            f"failed with HTTP {response.status_code}")
+    return str(response.json().get("permission", "NO_PERMISSIONS"))
+
+
 def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast, before any training, when the tracking server cannot be reached."""
+    """Fail fast, before any training, when the tracking server cannot be reached, or (with its basic-auth app
+    on) refuses this process's credentials: one clear error (MlflowAuthError), not a retried 401."""
     if not uri.startswith("http"):
         return
     try:
         with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
             if response.status == 200:
+                authenticated_user(uri, timeout=timeout)
                 return
     except (urllib.error.URLError, OSError) as error:
         raise TrackingError(
@@ -120,7 +211,8 @@ class Tracker:
         self.uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.experiment = experiment
-        self.secrets = [s for s in (secrets or []) if s]
+        # MLflow credentials are always among them (credential_secrets), whoever opened the tracker.
+        self.secrets = [s for s in [*(secrets or []), *credential_secrets()] if s]
         self._lock = threading.Lock()
         self.spool = (spool_dir / "unsent-metrics.jsonl") if spool_dir else None
         # What an earlier attempt of this stage could not send (it failed while the server was down).
@@ -247,10 +339,13 @@ class Tracker:
                 return
             except Exception as error:  # the server may be restarting; the buffer keeps everything
                 last = error
+                if is_auth_refusal(error):  # the same credentials are refused again: no retry loop
+                    break
                 if attempt + 1 < attempts:
                     time.sleep(min(2**attempt, 10))
         if raise_on_error:
-            raise TrackingError(f"{len(self._pending)} metrics could not be sent to {self.uri}: {last}") from None
+            error_type = MlflowAuthError if is_auth_refusal(last) else TrackingError
+            raise error_type(f"{len(self._pending)} metrics could not be sent to {self.uri}: {last}") from None
 
     @property
     def unsent(self) -> int:

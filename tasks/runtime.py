@@ -111,7 +111,11 @@ class RunContext(BaseModel):
 
 
 def secret_values(config: Config) -> list[str]:
-    return [os.environ.get(config.storage.access_key_env, ""), os.environ.get(config.storage.secret_key_env, "")]
+    """What the tracker masks ("***") in every param, tag and text it logs: the S3 keys and the MLflow credentials."""
+    from perennial.tracking import credential_secrets
+
+    return [os.environ.get(config.storage.access_key_env, ""), os.environ.get(config.storage.secret_key_env, ""),
+            *credential_secrets()]
 
 
 def open_tracker(config: Config, spool_dir: Path | None = None) -> Tracker:

@@ -13,7 +13,7 @@ from models.loading import ModelLoadError
 from perennial import registry
 from perennial.config import ConfigError
 from perennial.ingest import IngestError
-from perennial.tracking import UI_WORKFLOW
+from perennial.tracking import UI_WORKFLOW, MlflowAuthError, is_auth_refusal
 from tasks.base_model import prepare_base_model
 from tasks.cit import stage_name, train_cit_stage
 from tasks.compare import plan_comparison, report_comparison, run_recipe
@@ -29,12 +29,15 @@ from tasks.ssr import synthesize
 
 # Errors that a retry cannot fix: the same config, data and model fail the same way, so they fail at once.
 # A non-finite loss recurs at the same step (the retry resumes from the last committed checkpoint).
-NOT_RETRIED = (ConfigError, IngestError, LineageError, ModelLoadError, NonFiniteLossError)
+# MLflow's auth app refusing (no or wrong credentials, a missing permission) answers the same way every time.
+NOT_RETRIED = (ConfigError, IngestError, LineageError, ModelLoadError, NonFiniteLossError, MlflowAuthError, registry.PermissionDenied)
 
 
 def retryable(task, task_run, state) -> bool:
-    """Prefect's retry_condition_fn: retry unless the task failed with one of NOT_RETRIED."""
-    return not isinstance(state.result(raise_on_failure=False), NOT_RETRIED)
+    """Prefect's retry_condition_fn: retry unless the task failed with one of NOT_RETRIED, or MLflow refused it
+    with 401 / 403 (an MlflowException from its auth app: the same credentials are refused again)."""
+    error = state.result(raise_on_failure=False)
+    return not isinstance(error, NOT_RETRIED) and not is_auth_refusal(error)
 
 
 RETRY = {"retries": 2, "retry_delay_seconds": [2, 10], "retry_condition_fn": retryable}

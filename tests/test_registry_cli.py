@@ -72,3 +72,16 @@ def test_commands_against_an_unreachable_tracking_server_say_how_to_start_it(cap
         assert main([*command, "--tracking-uri", f"http://127.0.0.1:{port}"]) == 1, command
         err = capsys.readouterr().err
         assert f"MLflow tracking server http://127.0.0.1:{port} is unreachable" in err and "perennial services up" in err, err
+
+
+def test_without_mlflow_auth_nobody_is_authenticated_and_by_still_names_who(services, capsys):
+    """The plain server (`make run`): no auth app, so no identity check; --by is recorded as before."""
+    from perennial.tracking import authenticated_user
+
+    assert authenticated_user(services.mlflow_uri) is None
+    assert services.status()["mlflow"]["auth"] is False
+    client = MlflowClient(services.mlflow_uri)
+    name = first_champion(client)
+    client.create_model_version(name, "s3://bucket/runs/r2/model")
+    assert main(["promote", name, "2", "--by", "erin", "--tracking-uri", services.mlflow_uri]) == 0
+    assert client.get_model_version(name, "2").tags["promoted_by"] == "erin"
