@@ -26,7 +26,7 @@ SECTIONS = [
     # The second task order the literature averages over, for the five methods the orderings compare.
     ("cl_quality_order-agnews-dbpedia-amazon",
      "python -m bench.cl_quality --order agnews dbpedia amazon --methods full attn-proj lora replay-10% seekr-1% --seeds 0", False),
-    # A lineage that continues its champion beside one that retrains the history from the base (about 30 minutes).
+    # A lineage that continues its champion beside one that retrains the history from the base (about 65 minutes).
     ("lineage", "python -m bench.lineage --threads 1", False),
     # Ingestion beside plain Hugging Face `datasets`, incremental ticks, peak RSS to 10M records (about
     # 20 minutes on 2 cores); its smoke run is `python -m bench.ingest_scaling --quick` (tests/test_bench_ingest.py).

@@ -106,3 +106,29 @@ def test_real_model_engine_section_renders_from_the_committed_numbers():
     bf16_over_fp32 = report["ratios"]["engine bf16 / engine fp32 (full)"]
     assert f"| engine bf16 / engine fp32 (full) | {bf16_over_fp32:.2f}x |" in text
     assert {row["method"] for row in report["peak_rss"]} >= {"full", "attn-proj", "ewc", "lwf", "seekr"}
+
+
+def test_lineage_bench_judges_cost_and_ap_whichever_way_they_go():
+    """bench/lineage.py's verdicts: night N against night 1 continuing (every cost key), the final AP gap, and the
+    'same scores' line only where every cell the continued lineage measured equals the from-base one."""
+    from bench import lineage
+
+    def night(mode, n, tokens, cpu, ap, matrix):
+        return {"mode": mode, "night": n, "trained": [], "cit_tokens": tokens, "cit_train_s": cpu, "cpu_s": cpu, "wall_s": cpu,
+                "ap": ap, "bwt": None, "capitals": 0.0, "capitals_base": 0.7, "accuracy_matrix": matrix}
+
+    nights = [night("continue", 1, 100, 60, 0.5, [[0.0], [0.5]]), night("from base", 1, 100, 60, 0.5, [[0.0], [0.5]]),
+              night("continue", 2, 110, 70, 0.6, [[0.0, None], [0.5, 0.1], [0.4, 0.8]]),
+              night("from base", 2, 210, 130, 0.6, [[0.0, 0.0], [0.5, 0.1], [0.4, 0.8]])]
+    verdict = lineage.verdicts(nights)
+    assert verdict["cost"]["holds"] and verdict["ap"]["holds"] and verdict["from_base_cost_ratio"]["cit_tokens"] == 2.1
+    from bench.common import machine
+
+    report = {"command": "x", "measured_at": "t", "machine": machine(), "load": "", "description": "", "wall_minutes": 1.0,
+              "nights": nights, "verdicts": verdict}
+    assert "score the same after every night" in lineage.markdown(report)
+
+    nights[2].update(cpu_s=90, ap=0.55, accuracy_matrix=[[0.0, None], [0.5, 0.1], [0.3, 0.8]])
+    verdict = lineage.verdicts(nights)
+    assert not verdict["cost"]["holds"] and not verdict["ap"]["holds"]  # CPU x1.5; AP gap -0.05
+    assert "score the same" not in lineage.markdown({**report, "nights": nights, "verdicts": verdict})
