@@ -125,6 +125,25 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
+def _ports_free(ports) -> bool:
+    """Whether every port can be bound on HOST right now."""
+    for port in ports:
+        with socket.socket() as sock:
+            try:
+                sock.bind((HOST, port))
+            except OSError:
+                return False
+    return True
+
+
+def _free_port_range(count: int, start: int) -> int:
+    """The first base from ``start`` (in steps of 100) whose ``count`` consecutive ports are free."""
+    for base in range(start, 65535 - count, 100):
+        if _ports_free(range(base, base + count)):
+            return base
+    raise ServiceError(f"no {count} consecutive free ports above {start} for SeaweedFS; set PERENNIAL_WEED_PORT_BASE")
+
+
 # The only variables a server inherits from the caller. Anything else, credentials above all, is
 # left behind: SeaweedFS accepts AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY from its environment as an
 # extra admin identity, so a caller's stray keys (or the keys a rotation just replaced) would stay valid.
@@ -182,6 +201,9 @@ class LocalServices:
     auth: bool = False  # MLflow's basic-auth app, with the admin / retrain / reviewer identities (AUTH_IDENTITIES)
     # (experiment, registered model) pairs the identities get their permissions on at `up` (grant_lineage)
     lineages: list = field(default_factory=list)
+    # False: nobody chose the SeaweedFS internal ports (no PERENNIAL_WEED_PORT_BASE, no saved state), so a first
+    # `up` that finds them taken (another instance on this machine) moves them to a free range instead of failing
+    weed_ports_chosen: bool = True
 
     @classmethod
     def from_env(cls, root: str | Path | None = None) -> "LocalServices":
@@ -197,6 +219,7 @@ class LocalServices:
             mlflow_port=int(os.environ.get("PERENNIAL_MLFLOW_PORT", ports.get("mlflow", 5000))),
             weed_port_base=int(os.environ.get("PERENNIAL_WEED_PORT_BASE", ports.get("weed_base", 19330))),
             bucket=os.environ.get("PERENNIAL_BUCKET", ports.get("bucket", "perennial")),
+            weed_ports_chosen="PERENNIAL_WEED_PORT_BASE" in os.environ or "weed_base" in ports,
         )
 
     @classmethod
@@ -257,6 +280,7 @@ class LocalServices:
 
     def up(self, timeout: float = 180.0) -> dict[str, str]:
         self.root.mkdir(parents=True, exist_ok=True)
+        self._move_weed_ports_if_taken()
         (self.root / "ports.json").write_text(
             json.dumps({"s3": self.s3_port, "mlflow": self.mlflow_port, "weed_base": self.weed_port_base, "bucket": self.bucket,
                         "mlflow_auth": self.auth})
@@ -273,6 +297,11 @@ class LocalServices:
             for experiment, registered_model in self.lineages:
                 self.grant_lineage(experiment, registered_model)
         return env
+
+    def _move_weed_ports_if_taken(self) -> None:
+        """A first `up` whose SeaweedFS internal ports nobody chose, and another instance holds: a free range instead."""
+        if not self.weed_ports_chosen and not getattr(self, "_weed_ports", None) and not _ports_free(self.weed_ports.values()):
+            self.weed_port_base = _free_port_range(len(_WEED_PORT_FLAGS), start=self.weed_port_base + 100)
 
     # -- MLflow's basic-auth app --------------------------------------------------------------
 

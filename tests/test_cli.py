@@ -23,3 +23,25 @@ def test_bad_override_fails_before_any_work(capsys):
 def test_console_script_is_installed():
     result = subprocess.run([sys.executable, "-m", "app.cli", "services", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "up" in result.stdout
+
+
+def test_a_second_services_folder_moves_seaweedfs_internal_ports_another_instance_holds(tmp_path, monkeypatch):
+    """`perennial services up --root OTHER --s3-port P --mlflow-port Q` beside a running instance: SeaweedFS's
+    internal ports (master, volume, filer...) were fixed from 19330, so its second `weed mini` failed to start.
+    Unchosen (no PERENNIAL_WEED_PORT_BASE, no saved state), they move to a free range; chosen, they stay."""
+    import socket
+
+    from app.services import _WEED_PORT_FLAGS, HOST, LocalServices, _free_port_range
+
+    monkeypatch.delenv("PERENNIAL_WEED_PORT_BASE", raising=False)
+    fresh = LocalServices.from_env(tmp_path / "second")
+    assert not fresh.weed_ports_chosen
+    fresh.weed_port_base = base = _free_port_range(len(_WEED_PORT_FLAGS), start=40000)  # the default may be in use here
+    with socket.socket() as held:
+        held.bind((HOST, base + 2))  # one of the range, as a running instance would
+        fresh._move_weed_ports_if_taken()
+        assert fresh.weed_port_base >= base + 100 and base + 2 not in fresh.weed_ports.values()
+        monkeypatch.setenv("PERENNIAL_WEED_PORT_BASE", str(held.getsockname()[1] - 2))
+        chosen = LocalServices.from_env(tmp_path / "third")
+        chosen._move_weed_ports_if_taken()
+        assert chosen.weed_port_base == held.getsockname()[1] - 2
