@@ -16,7 +16,7 @@ MARGIN = 0.3  # accuracy points above both chance and the score before training
 def test_default_model_learns_a_demo_task_it_cannot_do_before(smollm2_dir):
     """configs/demo.yaml's CIT (tuning, learning rate, steps, batch, length) on SmolLM2-135M-Instruct, without the
     services: zorbish, which it scores 0.0 on before training, ends >= +0.3 right after training on it (measured:
-    0.0 -> 1.0 with attn-proj at 3e-4 for 40 steps; arithmetic did the same). One task, the made-up language no
+    0.0 -> 1.0 with attn-proj and with mlp-gate-up at 3e-4 for 40 steps; arithmetic did the same). One task, the made-up language no
     pretraining teaches, because on a CPU without native bf16 each task costs ~110 s. fact_lookup also needs DAP:
     `make run` shows it."""
     from models.data import encode_instruction
