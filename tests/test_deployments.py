@@ -167,6 +167,7 @@ def test_manual_retrain_deployment_runs_on_a_process_worker(services, prefect_ap
     from mlflow.tracking import MlflowClient
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
+    from prefect.flows import load_flow_from_entrypoint
 
     from app.cli import ensure_work_pools, main
     from tests.test_pipeline import micro_config
@@ -195,7 +196,7 @@ def test_manual_retrain_deployment_runs_on_a_process_worker(services, prefect_ap
             pool = client.read_work_pool("perennial-process")
             assert pool.type == "process"
             for name, spec in deployments().items():
-                flow_name = "evaluate-only" if name == "evaluate-only" else "continual-retrain"
+                flow_name = load_flow_from_entrypoint(spec["entrypoint"]).name  # continual-retrain, evaluate-only, gc
                 deployed = client.read_deployment_by_name(f"{flow_name}/{name}")
                 assert deployed.parameters == spec["parameters"] and deployed.work_pool_name == "perennial-process", name
             # no pull section: flow runs load the code from the folder `perennial deploy` ran in
