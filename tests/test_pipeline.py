@@ -45,9 +45,13 @@ def micro_config(services, tmp_path, **extra):
     return build_config(data)
 
 
+BUCKET = "pipeline-end-to-end"  # test_continual_retrain_end_to_end's own
+
+
 def test_continual_retrain_end_to_end(services, prefect_harness, tmp_path):
-    # eval.max_task_records (the smoke runs' cap) scores 5 of the 8 test records of each task
-    cfg = build_config(micro_config(services, tmp_path).model_dump(mode="json"), ["eval.max_task_records=5"])
+    # eval.max_task_records (the smoke runs' cap) scores 5 of the 8 test records of each task. Its own bucket: the
+    # session's services are shared, and a base model another test made in pipeline-test would be a cache hit here.
+    cfg = build_config(micro_config(services, tmp_path).model_dump(mode="json"), ["eval.max_task_records=5", f"storage.bucket={BUCKET}"])
     summary = continual_retrain(config=cfg.model_dump(mode="json"))
 
     # accuracy matrix: row 0 (before CIT) plus one row per task, one column per task
@@ -63,10 +67,10 @@ def test_continual_retrain_end_to_end(services, prefect_harness, tmp_path):
     assert summary["metrics"]["general/word_count_delta"] == pytest.approx(heldout["delta"])
 
     # every checkpoint is committed in S3 and its digests verify on download
-    store = ObjectStore(StorageConfig(endpoint_url=services.s3_endpoint, bucket="pipeline-test"))
+    store = ObjectStore(StorageConfig(endpoint_url=services.s3_endpoint, bucket=BUCKET))
     assert set(summary["checkpoints"]) == {"start", "cit-01-arithmetic", "cit-02-fact_lookup", "cit-03-reverse"}
     for name, uri in summary["checkpoints"].items():
-        prefix = uri.removeprefix("s3://pipeline-test/")
+        prefix = uri.removeprefix(f"s3://{BUCKET}/")
         manifest = store.download_dir(prefix, tmp_path / "verify" / name)
         assert "model.safetensors" in manifest["files"] and "tokenizer.json" in manifest["files"]
     mid_stage = [i.key for i in store.list(f"perennial/runs/micro-model/{summary['run_key']}/") if "/checkpoints/step-00000004/MANIFEST.json" in i.key]
@@ -107,7 +111,7 @@ def test_continual_retrain_end_to_end(services, prefect_harness, tmp_path):
     # lineage fields name the real thing: the version's base_model a name, the parent run's base_model_uri its S3 copy
     assert version.tags["base_model"] == "tiny-llama(32x2)" and version.tags["base_model_source"] == "tiny"
     assert version.tags["base_model_uri"] == parent.data.tags["base_model_uri"] and "base_model" not in parent.data.tags
-    assert version.tags["base_model_uri"].startswith("s3://pipeline-test/perennial/base-models/tiny-")
+    assert version.tags["base_model_uri"].startswith(f"s3://{BUCKET}/perennial/base-models/tiny-")
 
     # sample answers (issue #44): base and candidate side by side on the page, in the report, for review
     samples = json.loads(open(client.download_artifacts(parent.info.run_id, "report/samples.json", str(tmp_path))).read())
