@@ -138,8 +138,25 @@ def pointed_at(server: dict, monkeypatch):
     for key, value in server["env"].items():
         if key.startswith("PREFECT_"):
             monkeypatch.setenv(key, value)
-    with temporary_settings(updates={PREFECT_API_URL: server["url"]}):
-        yield server
+    _stop_concurrency_services()
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server["url"]}):
+            yield server
+    finally:
+        _stop_concurrency_services()
+
+
+def _stop_concurrency_services() -> None:
+    """Stop Prefect's process-wide slot-acquisition services, so none outlives the API it was started for.
+
+    Prefect keeps one service per set of limit names, with a client bound to the API URL current when it
+    started. A `lineage_lock("lineage-a")` here would otherwise leave one bound to this server, and a later
+    test's lock on the same lineage (against the session harness) would talk to a stopped server.
+    """
+    from prefect.concurrency.services import ConcurrencySlotAcquisitionService, ConcurrencySlotAcquisitionWithLeaseService
+
+    for service in (ConcurrencySlotAcquisitionService, ConcurrencySlotAcquisitionWithLeaseService):
+        service.drain_all(timeout=30, at_exit=False)
 
 
 @pytest.fixture(scope="module")
