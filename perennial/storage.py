@@ -3,6 +3,13 @@
 A directory is *committed* when its ``MANIFEST.json`` exists. The manifest is written last and
 lists the sha256 of every file, so a reader never sees a partial upload as committed and a
 flipped byte is caught on download.
+
+Checkpoint weights are stored by content: a ``.safetensors`` file is cut into its header and its
+tensors (small neighbours grouped), and each piece is an object under ``<prefix>/blobs/sha256/``
+named by its sha256, uploaded only when no committed directory stored it before. The manifest lists
+the pieces; a reader joins them, checks each piece's sha256 and then the whole file's. So a stage
+that trained only the attention projections stores only those tensors; the rest are its parent's.
+`tasks/gc.py` deletes the pieces no manifest references any more.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -26,6 +34,9 @@ from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionEr
 from perennial.config import StorageConfig
 
 MANIFEST_NAME = "MANIFEST.json"
+BLOBS = "blobs/sha256"  # under StorageConfig.prefix: content-addressed pieces of checkpoint files
+PIECE_GROUP_BYTES = 64 * 1024  # tensors smaller than this share a piece (norms, biases): fewer objects
+_IN_MEMORY_PIECE = 256 * 1024 * 1024  # larger pieces go through a temporary file, not memory
 _KEY_COMPONENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,127}$")
 _TRANSFER = TransferConfig(multipart_threshold=16 * 1024 * 1024, multipart_chunksize=16 * 1024 * 1024, max_concurrency=4)
 
@@ -55,6 +66,66 @@ def sha256_tree(root: str | Path) -> str:
     root = Path(root)
     entries = sorted((p.relative_to(root).as_posix(), sha256_file(p)) for p in root.rglob("*") if p.is_file())
     return sha256_bytes(json.dumps(entries).encode())
+
+
+def safetensors_pieces(path: str | Path) -> list[tuple[int, int]] | None:
+    """Byte ranges ``[start, end)`` that tile a safetensors file: its header, then its tensors' data in file
+    order, consecutive tensors under PIECE_GROUP_BYTES grouped; None when the file is not safetensors.
+
+    Format (huggingface/safetensors): an 8-byte little-endian header length N, N bytes of JSON
+    ``{name: {"dtype", "shape", "data_offsets": [begin, end]}}`` with offsets relative to byte 8+N.
+    A tensor unchanged since the parent checkpoint is then a piece with the same digest.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else 0
+        if not 0 < length <= size - 8:
+            return None
+        try:
+            header = json.loads(handle.read(length))
+        except (ValueError, UnicodeDecodeError):
+            return None
+    if not isinstance(header, dict):
+        return None
+    base = 8 + length
+    cuts = {0, base, size}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            return None
+        cuts.update(min(max(base + offset, base), size) for offset in offsets)
+    bounds = sorted(cuts)
+    pieces: list[tuple[int, int]] = []
+    for start, end in zip(bounds, bounds[1:]):
+        if pieces and pieces[-1][0] >= base and end - pieces[-1][0] <= PIECE_GROUP_BYTES:
+            pieces[-1] = (pieces[-1][0], end)  # a small tensor joins the small ones before it
+        else:
+            pieces.append((start, end))
+    return pieces
+
+
+def _read_range(path: Path, start: int, end: int) -> bytes:
+    with open(path, "rb") as handle:
+        handle.seek(start)
+        return handle.read(end - start)
+
+
+def _sha256_range(path: Path, start: int, end: int, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        handle.seek(start)
+        left = end - start
+        while left > 0:
+            block = handle.read(min(chunk, left))
+            if not block:
+                break
+            digest.update(block)
+            left -= len(block)
+    return digest.hexdigest()
 
 
 # A 403 with the local clock this far off the server's names the clock as the cause (S3 allows 15 minutes).
@@ -265,14 +336,55 @@ class ObjectStore:
 
     # -- committed directories -----------------------------------------------------------------
 
+    def blob_key(self, digest: str) -> str:
+        return f"{self.cfg.prefix}/{BLOBS}/{digest}"
+
+    def _put_pieces(self, path: Path, pieces: list[tuple[int, int]]) -> list[list]:
+        """Store each byte range of ``path`` as a content-addressed blob unless one with its digest exists;
+        returns ``[[sha256, size], ...]`` in file order."""
+        stored = []
+        for start, end in pieces:
+            digest = _sha256_range(path, start, end)
+            key = self.blob_key(digest)
+            if not self.exists(key):
+                if end - start <= _IN_MEMORY_PIECE:
+                    self.put_bytes(key, _read_range(path, start, end))
+                else:
+                    spill = path.with_name(f".{path.name}.{start}.piece")
+                    with open(path, "rb") as source, open(spill, "wb") as target:
+                        source.seek(start)
+                        left = end - start
+                        while left > 0:
+                            block = source.read(min(1 << 24, left))
+                            target.write(block)
+                            left -= len(block)
+                    try:
+                        self.put_file(spill, key)
+                    finally:
+                        spill.unlink(missing_ok=True)
+            stored.append([digest, end - start])
+        return stored
+
     def upload_dir(self, local_dir: str | Path, prefix: str, meta: dict | None = None) -> dict:
-        """Upload every file, then the manifest. Returns the manifest (with ``uri`` and ``digest``)."""
+        """Upload every file, then the manifest. Returns the manifest (with ``uri`` and ``digest``).
+
+        ``.safetensors`` files are stored as content-addressed pieces (safetensors_pieces): the manifest
+        lists them and only pieces no earlier upload stored are sent. After the manifest is written every
+        piece is checked once more and any missing one sent again, so a gc sweep that ran between the
+        existence check and the commit cannot leave the directory referencing a deleted piece.
+        """
         local_dir = Path(local_dir)
-        files = {}
+        files, split = {}, {}
         for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
             relative = path.relative_to(local_dir).as_posix()
-            digest = self.put_file(path, f"{prefix}/{relative}")
-            files[relative] = {"sha256": digest, "size": path.stat().st_size}
+            pieces = safetensors_pieces(path) if path.suffix == ".safetensors" else None
+            if pieces is None:
+                digest = self.put_file(path, f"{prefix}/{relative}")
+                files[relative] = {"sha256": digest, "size": path.stat().st_size}
+            else:
+                files[relative] = {"sha256": sha256_file(path), "size": path.stat().st_size,
+                                   "pieces": self._put_pieces(path, pieces)}
+                split[relative] = (path, pieces)
         manifest = {
             "files": files,
             "digest": sha256_bytes(json.dumps(sorted((k, v["sha256"]) for k, v in files.items())).encode()),
@@ -281,6 +393,10 @@ class ObjectStore:
             "uri": self.uri(prefix),
         }
         self.put_json(f"{prefix}/{MANIFEST_NAME}", manifest)
+        for relative, (path, pieces) in split.items():
+            for (start, end), (digest, _) in zip(pieces, files[relative]["pieces"]):
+                if not self.exists(self.blob_key(digest)):
+                    self._put_pieces(path, [(start, end)])
         return manifest
 
     def read_manifest(self, prefix: str) -> dict | None:
@@ -299,5 +415,42 @@ class ObjectStore:
             target = local_dir / relative
             if target.is_file() and sha256_file(target) == entry["sha256"]:
                 continue
-            self.get_file(f"{prefix}/{relative}", target, expected_sha256=entry["sha256"])
+            if "pieces" in entry:
+                self._join_pieces(prefix, relative, entry, target)
+            else:
+                self.get_file(f"{prefix}/{relative}", target, expected_sha256=entry["sha256"])
         return manifest
+
+    def _join_pieces(self, prefix: str, relative: str, entry: dict, target: Path) -> None:
+        """Rebuild one file from its content-addressed pieces, each sha256-checked, then the whole file.
+
+        Raises StorageError naming the missing piece, CorruptObjectError naming the corrupt one."""
+        target.parent.mkdir(parents=True, exist_ok=True)
+        joined = target.with_name(target.name + ".joining")
+        piece = target.with_name(target.name + ".piece")
+        try:
+            with open(joined, "wb") as out:
+                for digest, _size in entry["pieces"]:
+                    key = self.blob_key(digest)
+                    try:
+                        self.get_file(key, piece, expected_sha256=digest)
+                    except CorruptObjectError as error:
+                        raise CorruptObjectError(f"{relative} of {self.uri(prefix)}: {error}") from None
+                    except ClientError as error:
+                        if error.response.get("Error", {}).get("Code") not in {"404", "NoSuchKey", "NotFound"}:
+                            raise
+                        raise StorageError(
+                            f"{relative} of {self.uri(prefix)} needs {self.uri(key)}, which is missing (deleted "
+                            "outside `perennial gc`, or never uploaded); the checkpoint cannot be read. Retrain the "
+                            "run that wrote it, or restore the object from a backup"
+                        ) from None
+                    with open(piece, "rb") as source:
+                        shutil.copyfileobj(source, out, 1 << 24)
+            actual = sha256_file(joined)
+            if actual != entry["sha256"]:
+                raise CorruptObjectError(f"{relative} of {self.uri(prefix)} is corrupt: its pieces join to sha256 "
+                                         f"{actual[:12]}..., not the manifest's {entry['sha256'][:12]}...")
+            os.replace(joined, target)
+        finally:
+            joined.unlink(missing_ok=True)
+            piece.unlink(missing_ok=True)

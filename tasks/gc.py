@@ -57,6 +57,7 @@ class Deletion(BaseModel):
     objects: int
     reason: str
     version: str | None = None  # the registry version whose checkpoint this is (tagged once deleted)
+    keys: list[str] = []  # single objects (checkpoint pieces no manifest references) rather than a folder
 
 
 class GcPlan(BaseModel):
@@ -247,8 +248,34 @@ def plan_gc(config: Config, services: Services, now: datetime | None = None, dry
                                                     folder.prefix + "/checkpoints/", 1).items()):
                 consider(checkpoint, f"mid-stage checkpoint of {shared}/{name}, whose model is committed: never read again")
 
+    _plan_pieces(store, plan, cutoff)
     _plan_local(config, services, plan, states, now)
     return plan
+
+
+def _plan_pieces(store, plan: GcPlan, cutoff: datetime) -> None:
+    """Checkpoint pieces (perennial/storage.py, content-addressed) that no committed directory still references.
+
+    Pieces are shared across runs and lineages of the bucket, so every manifest in the bucket is read, less
+    those this plan deletes. A piece written after the cutoff may belong to an upload whose manifest is not
+    written yet: it waits."""
+    going = {item.path + "/" + MANIFEST_NAME for item in plan.deletions if item.where == "s3"}
+    referenced: set[str] = set()
+    for info in store.list(""):
+        if info.key.endswith("/" + MANIFEST_NAME) and info.key not in going:
+            for entry in store.get_json(info.key).get("files", {}).values():
+                referenced.update(digest for digest, _ in entry.get("pieces", ()))
+    orphans = [info for info in store.list(store.blob_key("")) if info.key.rsplit("/", 1)[1] not in referenced]
+    old = [info for info in orphans if info.last_modified <= cutoff]
+    if len(old) < len(orphans):
+        young = [info for info in orphans if info.last_modified > cutoff]
+        plan.waiting.append(f"{len(young)} checkpoint pieces ({_size(sum(i.size for i in young))}) no committed directory "
+                            "references yet: written within min_age_hours, maybe by an upload in flight")
+    if old:
+        plan.deletions.append(Deletion(
+            where="s3", path=store.blob_key("").rstrip("/"), bytes=sum(i.size for i in old), objects=len(old),
+            keys=[i.key for i in old], reason="checkpoint pieces (tensors stored by content) that no committed "
+            "directory references once the folders above are gone: no kept version or unfinished run reads them"))
 
 
 def folder_infos(infos: list[ObjectInfo], prefix: str) -> list[ObjectInfo]:
@@ -337,7 +364,11 @@ def sweep(plan: GcPlan, config: Config, services: Services) -> GcPlan:
     lists again. A deleted version checkpoint's version is tagged `perennial.checkpoint_deleted`."""
     store = services.store
     for item in plan.deletions:
-        if item.where == "s3":
+        if item.where == "s3" and item.keys:
+            for start in range(0, len(item.keys), 1000):
+                batch = [{"Key": key} for key in item.keys[start : start + 1000]]
+                store._retry("delete_objects", store.client.delete_objects, Bucket=store.bucket, Delete={"Objects": batch})
+        elif item.where == "s3":
             manifest = f"{item.path}/{MANIFEST_NAME}"
             store._retry("delete_object", store.client.delete_object, Bucket=store.bucket, Key=manifest)
             store.delete_prefix(item.path + "/")

@@ -138,6 +138,12 @@ def test_gc_never_deletes_what_a_version_references_and_deletes_the_rest(retrain
     plan = collect_garbage(cfg)
 
     assert plan.kept_versions == {"1": "holds alias challenger", "2": "one of the last 1 versions"}
+    # Checkpoint tensors are stored by content: the pieces only deleted checkpoints used went with them,
+    # and every piece a remaining manifest lists is still there.
+    assert [item for item in plan.deletions if item.keys and "no committed directory references" in item.reason]
+    referenced = {digest for info in store.list("") if info.key.endswith("/" + MANIFEST_NAME)
+                  for entry in store.get_json(info.key)["files"].values() for digest, _ in entry.get("pieces", ())}
+    assert referenced and {info.key.rsplit("/", 1)[1] for info in store.list(store.blob_key(""))} == referenced
     for uri in (intermediate, v1.tags["checkpoint_uri"], v1.tags["replay_uri"], v1.tags["lineage_uri"]):
         store.download_dir(_prefix(store, uri), Path(cfg.work_dir).parent / "verify" / uuid.uuid4().hex)  # committed, sha256 verifies
     left = _keys(store, run + "/")

@@ -134,10 +134,11 @@ def test_a_rejected_night_is_trained_again_a_rollback_is_continued_and_what_cann
     with pytest.raises(LineageError, match=r"version 1's replay buffer is missing: s3://.*/replay/after-01 has no MANIFEST\.json"):
         continual_retrain(config=cfg.model_dump(mode="json"), run_key="missing-buffer")
     store.put_bytes(f"{buffer}/MANIFEST.json", saved)
-    weights = champion["checkpoint_uri"].removeprefix(f"s3://{store.bucket}/") + "/model.safetensors"
-    data = bytearray(store.get_bytes(weights))
+    checkpoint = store.read_manifest(champion["checkpoint_uri"].removeprefix(f"s3://{store.bucket}/"))
+    digest, _ = max(checkpoint["files"]["model.safetensors"]["pieces"], key=lambda piece: piece[1])  # stored by content
+    data = bytearray(store.get_bytes(store.blob_key(digest)))
     data[len(data) // 2] ^= 0xFF
-    store.put_bytes(weights, bytes(data))
+    store.put_bytes(store.blob_key(digest), bytes(data))
     fresh_cache = build_config(cfg.model_dump(mode="json"), [f"work_dir={tmp_path / 'other-machine'}"])  # nothing cached
     with pytest.raises(CorruptObjectError, match="model.safetensors"):
         continual_retrain(config=fresh_cache.model_dump(mode="json"), run_key="corrupt")

@@ -103,3 +103,64 @@ def test_wrong_keys_are_not_blamed_on_the_clock(services, store, monkeypatch):
     with pytest.raises(StorageError, match="refused access") as refused:
         ObjectStore(store.cfg).check()
     assert "clock" not in str(refused.value)
+
+
+def _checkpoint(folder, tensors: dict) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+
+
+def _blobs(store) -> dict[str, int]:
+    return {info.key: info.size for info in store.list(f"{store.cfg.prefix}/blobs/")}
+
+
+def test_a_checkpoint_stores_only_the_tensors_that_changed_and_reads_back_whole(store, tmp_path):
+    import torch
+
+    torch.manual_seed(0)
+    parent = {f"layers.{i}.{part}": torch.randn(64, 256) for i in range(4) for part in ("q", "mlp")}
+    parent.update({f"layers.{i}.norm": torch.ones(64) for i in range(4)})  # small: grouped into one piece
+    _checkpoint(tmp_path / "parent", parent)
+    first = store.upload_dir(tmp_path / "parent", "runs/a/stages/00-dap/model")
+    after_parent = _blobs(store)
+    tensor_bytes = 64 * 256 * 4
+    assert sum(after_parent.values()) >= 8 * tensor_bytes
+    assert len(after_parent) < len(parent)  # the four small norms share a piece
+
+    child = {**parent, **{f"layers.{i}.q": parent[f"layers.{i}.q"] + 0.01 for i in range(4)}}  # attention only
+    _checkpoint(tmp_path / "child", child)
+    second = store.upload_dir(tmp_path / "child", "runs/a/stages/01-task/model")
+    added = {key: size for key, size in _blobs(store).items() if key not in after_parent}
+    # The four changed tensors and the header: half the weights, not a second copy.
+    assert 4 * tensor_bytes <= sum(added.values()) < 4 * tensor_bytes + 64 * 1024, added
+    assert not store.exists("runs/a/stages/01-task/model/model.safetensors")  # no whole-file copy
+    assert second["digest"] != first["digest"]
+
+    for name, manifest in (("parent", first), ("child", second)):
+        prefix = manifest["uri"].split("/", 3)[3]
+        store.download_dir(prefix, tmp_path / f"read-{name}")
+        assert sha256_file(tmp_path / f"read-{name}" / "model.safetensors") == sha256_file(tmp_path / name / "model.safetensors")
+
+
+def test_a_corrupt_or_missing_piece_is_refused_naming_the_file(store, tmp_path):
+    import torch
+
+    _checkpoint(tmp_path / "ckpt", {"a": torch.randn(128, 128), "b": torch.randn(128, 128)})
+    manifest = store.upload_dir(tmp_path / "ckpt", "ckpt")
+    digest, _ = max(manifest["files"]["model.safetensors"]["pieces"], key=lambda piece: piece[1])
+    data = bytearray(store.get_bytes(store.blob_key(digest)))
+    data[10] ^= 0xFF
+    store.put_bytes(store.blob_key(digest), bytes(data))
+    with pytest.raises(CorruptObjectError, match=r"model\.safetensors of s3://.*/ckpt: s3://.*/blobs/sha256/.* is corrupt"):
+        store.download_dir("ckpt", tmp_path / "dst")
+    assert not (tmp_path / "dst" / "model.safetensors").exists()
+
+    store.delete_prefix(store.blob_key(digest))
+    with pytest.raises(StorageError, match=rf"model\.safetensors of s3://.*/ckpt needs s3://.*/{digest}, which is missing"):
+        store.download_dir("ckpt", tmp_path / "dst")
+    store.upload_dir(tmp_path / "ckpt", "ckpt")  # committing it again restores the piece
+    store.download_dir("ckpt", tmp_path / "dst")
+    assert sha256_file(tmp_path / "dst" / "model.safetensors") == sha256_file(tmp_path / "ckpt" / "model.safetensors")
