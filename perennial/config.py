@@ -591,6 +591,11 @@ class RetentionConfig(Strict):
         20.0, ge=0, description="bound on <work_dir>/cache (downloads by manifest digest, dataset shards, converted "
         "GGUF folders): least recently used entries past min_age_hours are evicted above it"
     )
+    delete_unkept_models: bool = Field(
+        True, description="also delete the MLflow model files of a version that is not kept (and that no kept version "
+        "shares): `models:/NAME/N` no longer loads, its metrics, tags and decision stay; false keeps every version "
+        "loadable, and MLflow's copies then grow by one model a retrain"
+    )
 
     @field_validator("keep_aliases")
     @classmethod

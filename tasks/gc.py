@@ -51,8 +51,8 @@ GB = 1024**3
 class Deletion(BaseModel):
     """One thing gc deletes (or would, in a dry run), and why it may go."""
 
-    where: Literal["s3", "local"]
-    path: str  # an S3 folder prefix, or a local path
+    where: Literal["s3", "local", "mlflow"]
+    path: str  # an S3 folder prefix, a local path, or a version's MLflow model (its artifact URI)
     bytes: int
     objects: int
     reason: str
@@ -249,8 +249,34 @@ def plan_gc(config: Config, services: Services, now: datetime | None = None, dry
                 consider(checkpoint, f"mid-stage checkpoint of {shared}/{name}, whose model is committed: never read again")
 
     _plan_pieces(store, plan, cutoff)
+    if policy.delete_unkept_models:
+        _plan_mlflow_models(client, kept, versions, plan, cutoff)
     _plan_local(config, services, plan, states, now)
     return plan
+
+
+def _plan_mlflow_models(client, kept: dict[str, str], versions: dict, plan: GcPlan, cutoff: datetime) -> None:
+    """The MLflow model files (the version's `source`, MLflow's own copy of the checkpoint) of versions that are
+    not kept: each retrain logs one, so without this the artifact store grows by a model a night."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    kept_sources = {versions[v].source for v in kept if v in versions}
+    for version, found in sorted(versions.items(), key=lambda item: int(item[0])):
+        if version in kept or found.source in kept_sources or "perennial.model_deleted" in found.tags:
+            continue
+        reason = (f"MLflow model of version {version}, which is not kept: models:/{found.name}/{version} stops loading; its "
+                  "metrics, tags and decision stay")
+        if datetime.fromtimestamp(found.creation_timestamp / 1000, timezone.utc) > cutoff:
+            plan.waiting.append(f"{found.source}: {reason}")
+            continue
+        repo = get_artifact_repository(found.source, tracking_uri=client.tracking_uri)
+        sizes, folders = [], [None]
+        while folders:  # every file under the model, for its size
+            for info in repo.list_artifacts(folders.pop()):
+                (folders.append(info.path) if info.is_dir else sizes.append(info.file_size or 0))
+        if sizes:
+            plan.deletions.append(Deletion(where="mlflow", path=found.source, bytes=sum(sizes), objects=len(sizes),
+                                           reason=reason, version=version))
 
 
 def _plan_pieces(store, plan: GcPlan, cutoff: datetime) -> None:
@@ -376,6 +402,14 @@ def sweep(plan: GcPlan, config: Config, services: Services) -> GcPlan:
                 services.tracker.client.set_model_version_tag(
                     config.tracking.registered_model, item.version, "perennial.checkpoint_deleted",
                     f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by gc: {item.reason}")
+        elif item.where == "mlflow":
+            from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+            # tagged first: a sweep killed between the two leaves a version that says so, never one that silently fails to load
+            services.tracker.client.set_model_version_tag(
+                config.tracking.registered_model, item.version, "perennial.model_deleted",
+                f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by gc: {item.reason}")
+            get_artifact_repository(item.path, tracking_uri=services.tracker.client.tracking_uri).delete_artifacts()
         else:
             path = Path(item.path)
             if path.is_dir():
@@ -415,8 +449,10 @@ def format_plan(plan: GcPlan) -> str:
     verb = "would delete" if plan.dry_run else "deleted"
     s3 = [item for item in plan.deletions if item.where == "s3"]
     local = [item for item in plan.deletions if item.where == "local"]
+    models = [item for item in plan.deletions if item.where == "mlflow"]
     lines = [f"gc {plan.lineage}: {verb} {len(plan.deletions)} items, {_size(plan.bytes)} "
-             f"(S3 {_size(sum(i.bytes for i in s3))} in {sum(i.objects for i in s3)} objects, local {_size(sum(i.bytes for i in local))})"]
+             f"(S3 {_size(sum(i.bytes for i in s3))} in {sum(i.objects for i in s3)} objects, MLflow models "
+             f"{_size(sum(i.bytes for i in models))}, local {_size(sum(i.bytes for i in local))})"]
     for item in plan.deletions:
         where = f"s3://.../{item.path}" if item.where == "s3" else item.path
         lines.append(f"  - {where}  {_size(item.bytes)}, {item.objects} files: {item.reason}")

@@ -279,6 +279,49 @@ def test_a_sweep_killed_half_way_loses_nothing_needed_and_a_rerun_finishes_it(se
     assert collect_garbage(cfg).deletions == []
 
 
+def test_the_mlflow_model_of_a_version_no_longer_kept_goes_and_a_kept_or_shared_one_stays(services, tmp_path, capsys):
+    cfg = _config(services, tmp_path, "retention.min_age_hours=0", "retention.keep_last_versions=1")
+    services_ = Services.open(cfg)
+    store, client = services_.store, services_.tracker.client
+    store.ensure_bucket()
+    name = cfg.tracking.registered_model
+    client.create_registered_model(name)
+    sources = {}
+    for night in (1, 2, 3):  # each retrain logs its model to its parent run, as tasks/register.py does
+        run_id = _run(cfg, client, f"night-{night}", "FINISHED", registered=str(night))
+        folder = tmp_path / f"model-{night}"
+        folder.mkdir()
+        (folder / "MLmodel").write_text("flavors: {}\n")
+        (folder / "model.safetensors").write_bytes(os.urandom(4096))
+        client.log_artifacts(run_id, str(folder), "model")
+        sources[night] = f"{client.get_run(run_id).info.artifact_uri}/model"
+    for version, night in ((1, 1), (2, 2), (3, 1), (4, 3)):  # version 3 shares version 1's files
+        client.create_model_version(name, sources[night], run_id=_run_of(sources[night]), tags={"checkpoint_uri": f"s3://elsewhere/{version}"})
+    client.set_registered_model_alias(name, "champion", "3")
+
+    assert not [i for i in plan_gc(_with(cfg, "retention.delete_unkept_models=false"), services_).deletions if i.where == "mlflow"]
+    from app.cli import main
+
+    config_file = tmp_path / "gc.yaml"
+    config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    assert main(["gc", str(config_file), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"{sources[2]}  4.0 KiB, 2 files: MLflow model of version 2, which is not kept: models:/{name}/2 stops loading" in out
+
+    plan = collect_garbage(cfg)
+    assert [(i.version, i.path) for i in plan.deletions if i.where == "mlflow"] == [("2", sources[2])]
+    assert "by gc: MLflow model of version 2" in client.get_model_version(name, "2").tags["perennial.model_deleted"]
+    assert not client.list_artifacts(_run_of(sources[2]), "model")
+    for version in ("1", "3", "4"):  # version 1 is not kept, but version 3 (champion) loads the same files
+        assert client.list_artifacts(_run_of(client.get_model_version(name, version).source), "model"), version
+    assert not [i for i in collect_garbage(cfg).deletions if i.where == "mlflow"]  # done once
+
+
+def _run_of(source: str) -> str:
+    """The run id in a run's artifact URI (mlflow-artifacts:/EXPERIMENT/RUN/artifacts/model)."""
+    return source.split("/artifacts/")[0].rsplit("/", 1)[1]
+
+
 def test_gc_waits_for_a_retrain_holding_the_lineage_lock(services, prefect_harness, tmp_path):
     """A sweep never runs beside a retrain of its lineage: it waits for the lineage lock the retrain holds."""
     import threading
