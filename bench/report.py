@@ -1,21 +1,24 @@
 """Assemble BENCHMARKS.md from the sections the benchmark scripts wrote under bench/results/.
 
     python -m bench.report [--results bench/results] [--output BENCHMARKS.md]
+    python -m bench.report --render [NAME ...]   # rewrite <name>.md from <name>.json first (default: every section)
 
-Each script writes `<name>.json` (every number) and `<name>.md` (its section); this only puts
-the sections in order under one header, so BENCHMARKS.md never holds a number the JSON lacks.
+Each script writes `<name>.json` (every number) and `<name>.md` (its section, the `markdown(report)` of its module);
+this puts the sections in order under one header, so BENCHMARKS.md never holds a number the JSON lacks.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
 import sys
 from pathlib import Path
 
-from bench.common import RESULTS_DIR
+from bench.common import RESULTS_DIR, ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
-# (results name, command, whether `make bench-quick` smoke-tests it: the side runs use the same script)
+# (results name, command, whether `make bench-quick` smoke-tests it: the side runs use the same script); the module
+# that renders a section is the command's
 SECTIONS = [
     ("engine_throughput", "python -m bench.engine_throughput", True),
     ("engine_throughput_tiny", "python -m bench.engine_throughput --model tiny", False),
@@ -32,6 +35,12 @@ SECTIONS = [
     # 20 minutes on 2 cores); its smoke run is `python -m bench.ingest_scaling --quick` (tests/test_bench_ingest.py).
     ("ingest_scaling", "python -m bench.ingest_scaling", False),
 ]
+
+
+def render(name: str, results: Path = RESULTS_DIR) -> str:
+    """Section `name` as its benchmark renders it from `<name>.json`."""
+    module = next(command for section, command, _ in SECTIONS if section == name).split()[2]
+    return importlib.import_module(module).markdown(json.loads((results / f"{name}.json").read_text()))
 
 HEADER = """# Benchmarks
 
@@ -65,7 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="folder of <name>.md sections")
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
     parser.add_argument("--quick", action="store_true", help="the smoke run's results: leave out the side runs it does not make")
+    parser.add_argument("--render", nargs="*", metavar="NAME", help="first rewrite these sections' .md from their JSON (none named: every one)")
     args = parser.parse_args(argv)
+    for name in [] if args.render is None else args.render or [n for n, _, _ in SECTIONS if (args.results / f"{n}.json").exists()]:
+        (args.results / f"{name}.md").write_text(render(name, args.results).rstrip() + "\n")
+        print(f"rendered {args.results / f'{name}.md'}")
     args.output.write_text(assemble(args.results.resolve(), args.quick))
     print(f"wrote {args.output}")
     return 0

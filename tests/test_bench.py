@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 from prefect import flow, task
 
-from bench import engine_throughput, system_perf
+from bench import engine_throughput, report, system_perf
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
 
 
 def _sleep(seconds: float) -> float:
@@ -89,6 +90,60 @@ def test_scaling_doubles_the_data_counts_and_keeps_training_steps(tmp_path):
     assert system_perf.train_records(config)["reverse"] == 400
 
 
+def test_every_section_is_published_with_its_json():
+    assert [name for name, _, _ in report.SECTIONS if (RESULTS / f"{name}.json").exists() and (RESULTS / f"{name}.md").exists()] == \
+        [name for name, _, _ in report.SECTIONS]
+
+
+@pytest.mark.parametrize("name", [name for name, _, _ in report.SECTIONS])
+def test_every_published_section_rerenders_from_its_json(name, tmp_path):
+    """Each committed <name>.md is what its benchmark's markdown() renders from <name>.json (`python -m bench.report
+    --render`): the same text where the benchmark words it; the CL comparisons, worded by `perennial compare`, which has
+    gained sections since, give every number of each published table row and line, in order."""
+    from tests.test_compare import _each_found_in_order, _numbered_lines
+
+    published, rendered = (RESULTS / f"{name}.md").read_text(), report.render(name)
+    if name.startswith("cl_quality"):
+        assert _numbered_lines(published) and _each_found_in_order(_numbered_lines(published), _numbered_lines(rendered))
+    else:
+        assert rendered.rstrip() == published.rstrip()
+    (tmp_path / f"{name}.json").write_text((RESULTS / f"{name}.json").read_text())
+    assert report.main(["--results", str(tmp_path), "--output", str(tmp_path / "B.md"), "--render", name]) == 0
+    assert (tmp_path / f"{name}.md").read_text() == rendered.rstrip() + "\n"
+
+
+@pytest.mark.usefixtures("single_torch_thread")
+def test_engine_benchmark_quick_runs_end_to_end_with_the_fresh_process_runs_stubbed(tmp_path, monkeypatch):
+    """`--quick` of both models: the plan (runs, memory rows, settings), the report and its section; the tiny model's
+    three loops really train, the runs that need a fresh process each (SmolLM2's, every memory row) are stubbed."""
+    calls = []
+
+    def child(module, *args, **_):
+        calls.append(args)
+        if "--run-child" in args:
+            return {"cpu": 100.0, "wall": 90.0, "wall_window": 80.0, "minor_faults_per_step": 5.0}
+        kind, name = args[args.index("--rss-child") + 1:][:2]
+        return {"kind": kind, "method": name, "tuning": name, "trainable_params": 1, "ru_maxrss_mib": 700.0, "rss_before_model_mib": 500.0,
+                "training_peak_above_baseline_mib": 200.0, "steps": int(args[args.index("--rss-steps") + 1]), "tokens_per_s_whole_run": 3.0}
+
+    monkeypatch.setattr(engine_throughput, "child", child)
+    assert engine_throughput.main(["--quick", "--output", str(tmp_path / "real.json")]) == 0
+    real = json.loads((tmp_path / "real.json").read_text())
+    assert list(real["tokens_per_s"]) == ["engine bf16", "engine fp32"] and real["ratios"]["engine / plain (bf16)"] is None
+    assert (real["settings"]["steps"], real["settings"]["warmup_steps_excluded"], real["settings"]["threads"]) == (3, 1, 2)
+    assert [(row["kind"], row["method"], row["steps"]) for row in real["peak_rss"]] == [("tuning", "full", 2), ("tuning", "attn-proj", 2), ("cl", "lwf", 2)]
+    assert (tmp_path / "real.md").read_text() == engine_throughput.markdown(real).rstrip() + "\n"
+    assert "| engine bf16 / engine fp32 (full) | 1.00x | >= 1.5x: NOT met |" in engine_throughput.markdown(real)
+
+    calls.clear()
+    assert engine_throughput.main(["--model", "tiny", "--quick", "--output", str(tmp_path / "tiny.json")]) == 0
+    tiny = json.loads((tmp_path / "tiny.json").read_text())
+    assert [args[:4] for args in calls] == [("--model", "tiny", "--rss-child", "tuning")] * 2  # only the memory rows leave the process
+    assert set(tiny["tokens_per_s"]) == {"engine", "plain", "trainer"} and tiny["settings"]["steps"] == 8
+    assert all(value > 0 for clock in tiny["ratios"].values() for value in clock.values())
+    assert (tmp_path / "tiny.md").read_text().startswith("## Training engine: the tiny model")
+
+
 def test_tiny_engine_section_renders_from_the_committed_numbers():
     report = json.loads((ROOT / "bench" / "results" / "engine_throughput_tiny.json").read_text())
     text = engine_throughput.markdown(report)
@@ -98,10 +153,8 @@ def test_tiny_engine_section_renders_from_the_committed_numbers():
 
 
 def test_real_model_engine_section_renders_from_the_committed_numbers():
-    from bench import engine_real
-
     report = json.loads((ROOT / "bench" / "results" / "engine_throughput.json").read_text())
-    text = engine_real.markdown(report)
+    text = engine_throughput.markdown(report)
     assert text.startswith("## Training engine\n") and report["command"] in text
     bf16_over_fp32 = report["ratios"]["engine bf16 / engine fp32 (full)"]
     assert f"| engine bf16 / engine fp32 (full) | {bf16_over_fp32:.2f}x |" in text

@@ -73,8 +73,9 @@ def test_orderings_report_whichever_way_they_go():
 
 
 def test_every_issue_method_runs_and_the_five_compared_ones_with_three_seeds():
-    from bench.cl_quality import run_pairs
+    from bench.cl_quality import METHODS_FILE
 
+    run_pairs = lambda names, seeds: compare.run_pairs(compare.load_spec(METHODS_FILE), names, seeds)  # noqa: E731
     methods, _, _ = load_methods()
     assert set(methods) == {"full", "attn-proj", "mlp-gate-up", "lora", "mora", "replay-1%", "replay-10%", "ewc", "lwf", "seekr-1%", "olora"}
     pairs = run_pairs(list(methods), None)
@@ -97,7 +98,7 @@ def test_every_method_uses_its_tuning_methods_swept_rate():
 
 
 def test_variants_reorder_the_tasks_or_keep_only_the_first_on_unused_records():
-    from bench.cl_quality import bench_config, load_sweep
+    from bench.cl_quality import SWEEP_FILE, bench_config
 
     base = bench_config([], 0)
     roles = lambda cfg: [(d.name, d.resolved_role) for d in cfg.data.datasets]  # noqa: E731
@@ -109,7 +110,7 @@ def test_variants_reorder_the_tasks_or_keep_only_the_first_on_unused_records():
     with pytest.raises(ValueError, match="each task"):
         bench_config([], 0, {"order": ["agnews", "dbpedia"]})
 
-    sweep = load_sweep()
+    sweep = compare.load_spec(SWEEP_FILE).sweep
     swept = bench_config([], 0, {"sweep": sweep})
     assert [role for _, role in roles(swept)].count("heldout") == 0
     [task] = [d for d in swept.data.datasets if d.resolved_role == "task"]
