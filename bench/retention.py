@@ -102,6 +102,15 @@ def needed(store, client, cfg) -> dict:
                if versions[v].tags.get(tag)}
     shared = [i.key[: -len(MANIFEST_NAME) - 1] for i in store.list(cfg.storage.prefix + "/") if i.key.endswith("/" + MANIFEST_NAME)
               and any(f"/{kind}/" in i.key for kind in ("base-models", "dap-models", "datasets")) and "/checkpoints/" not in i.key]
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    models = 0  # MLflow's copy of each kept version's model (distinct sources)
+    for source in {versions[v].source for v in kept}:
+        repo, folders_left = get_artifact_repository(source, tracking_uri=client.tracking_uri), [None]
+        while folders_left:
+            for info in repo.list_artifacts(folders_left.pop()):
+                (folders_left.append(info.path) if info.is_dir else None)
+                models += 0 if info.is_dir else (info.file_size or 0)
     files, pieces, full = 0, {}, 0
     for prefix in folders | set(shared):
         manifest = store.read_manifest(prefix)
@@ -111,7 +120,7 @@ def needed(store, client, cfg) -> dict:
                 full = max(full, entry["size"])
             else:
                 files += entry["size"]
-    return {"kept_versions": sorted(kept, key=int), "bytes": files + sum(pieces.values()), "full_checkpoint": full}
+    return {"kept_versions": sorted(kept, key=int), "bytes": files + sum(pieces.values()), "mlflow_bytes": models, "full_checkpoint": full}
 
 
 def run_night(policy: str, night: int, args: argparse.Namespace, work: Path, before: dict | None) -> dict:
@@ -141,7 +150,12 @@ def verdicts(nights: list[dict]) -> dict:
         full = on["needed"]["full_checkpoint"]
         bound = on["needed"]["bytes"] + full
         result["bound"] = {"s3_bytes": on["s3_bytes"], "needed": on["needed"]["bytes"], "bound": bound, "holds": on["s3_bytes"] <= bound,
-                           "x_full": on["s3_bytes"] / full, "holds_3x": on["s3_bytes"] <= LINEAGE_TARGET * full}
+                           "x_full": on["s3_bytes"] / full, "holds_3x": on["s3_bytes"] <= LINEAGE_TARGET * full,
+                           "mlflow_bytes": on["mlflow_bytes"], "mlflow_needed": on["needed"]["mlflow_bytes"],
+                           "mlflow_holds": on["mlflow_bytes"] <= on["needed"]["mlflow_bytes"] + full,
+                           "x_full_with_mlflow": (on["s3_bytes"] + on["mlflow_bytes"]) / full}
+        if last["policy off"]:
+            result["bound"]["off_with_mlflow"] = (last["policy off"]["s3_bytes"] + last["policy off"]["mlflow_bytes"]) / full
     if len(off) >= 3:  # night 1 holds the base and DAP models; later nights add one attn-proj stage each
         added = [n["added_bytes"] / n["needed"]["full_checkpoint"] for n in off[1:]]
         result["stage"] = {"max_x_full": max(added), "mean_x_full": sum(added) / len(added), "holds": max(added) <= STAGE_TARGET}
@@ -166,13 +180,19 @@ def markdown(report: dict) -> str:
                      f"data reference {_gb(b['needed'])} GB; bound with one checkpoint in flight {_gb(b['bound'])} GB: "
                      f"{'holds' if b['holds'] else 'does not hold'}.** That is ×{b['x_full']:.2f} one full checkpoint (target ≤ "
                      f"×{LINEAGE_TARGET:g}: {'holds' if b['holds_3x'] else 'does not hold'}).")
+        lines.append(f"- **MLflow's copies of the registered models** (the services' bucket, `mlflow-artifacts/`): {_gb(b['mlflow_bytes'])} GB "
+                     f"with the policy on, the kept versions' own {_gb(b['mlflow_needed'])} GB "
+                     f"({'within' if b['mlflow_holds'] else 'over'} the bound with one model in flight). Lineage bucket and MLflow copies "
+                     f"together: ×{b['x_full_with_mlflow']:.2f} one full checkpoint with the policy on"
+                     + (f", ×{b['off_with_mlflow']:.2f} with it off." if "off_with_mlflow" in b else "."))
     if "stage" in verdict:
         s = verdict["stage"]
         lines.append(f"- **Policy off, each night after the first adds ×{s['mean_x_full']:.2f} of a full checkpoint on average, "
                      f"×{s['max_x_full']:.2f} at most** (target ≤ ×{STAGE_TARGET:g}: {'holds' if s['holds'] else 'does not hold'}): the "
                      "attention tensors it trained, its mid-stage checkpoints, replay buffer, data and records.")
-    lines.append("- MLflow's copy of each registered version (`MLflow artifacts`) lives in the services' bucket and is not yet "
-                 "deduplicated or collected: see docs/operations.md, \"Storage and retention\".")
+    lines.append("- Each registered version also has MLflow's own copy of its model (`MLflow artifacts`, the version's source, "
+                 "which `mlflow.transformers.load_model` reads): a full model a version, not stored by content. The policy deletes "
+                 "it for versions that are no longer kept (`retention.delete_unkept_models`).")
     return "\n".join(lines) + "\n"
 
 

@@ -37,12 +37,9 @@ from perennial import registry
 from perennial.config import Config
 from perennial.storage import MANIFEST_NAME, ObjectInfo
 from perennial.tracking import ERROR_TAG, RUN_KEY_TAG
+from tasks.failures import FAILED_FOR_GOOD
 from tasks.runtime import RUN_RECORD, Services, run_prefix, uri_to_prefix
 
-# Errors that end a run for good: a rerun of the same key (same config, same data) fails the same way.
-# The same classes as tasks/wrappers.py's NOT_RETRIED, by name (the parent run's ERROR_TAG holds the name).
-FAILED_FOR_GOOD = ("ConfigError", "IngestError", "LineageError", "ModelLoadError", "NonFiniteLossError", "MlflowAuthError",
-                   "PermissionDenied")
 UNSENT_METRICS = "unsent-metrics.jsonl"  # a stage's spool of metrics MLflow has not received (perennial/tracking.py)
 COMPLETE_MARKERS = (".complete", "config.json")  # what makes a cache entry look whole (fetch_dir, models/gguf.py)
 GB = 1024**3

@@ -8,20 +8,17 @@ import time
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
-from models.engine import NonFiniteLossError
-from models.loading import ModelLoadError
 from perennial import registry
-from perennial.config import ConfigError
-from perennial.ingest import IngestError
-from perennial.tracking import UI_WORKFLOW, MlflowAuthError, is_auth_refusal
+from perennial.tracking import UI_WORKFLOW, is_auth_refusal
 from tasks.base_model import prepare_base_model
 from tasks.cit import stage_name, train_cit_stage
 from tasks.compare import plan_comparison, report_comparison, run_recipe
 from tasks.dap import train_dap
 from tasks.evaluate import evaluate_stage
+from tasks.failures import NOT_RETRIED
 from tasks.gc import collect_garbage, format_plan
 from tasks.ingest import bind_inputs, commit_watermarks, ingest
-from tasks.lineage import LineageError, plan_lineage
+from tasks.lineage import plan_lineage
 from tasks.progress import run_logger, stage_progress
 from tasks.register import register, report
 from tasks.runtime import finish_run, start_run
@@ -30,7 +27,6 @@ from tasks.ssr import synthesize
 # Errors that a retry cannot fix: the same config, data and model fail the same way, so they fail at once.
 # A non-finite loss recurs at the same step (the retry resumes from the last committed checkpoint).
 # MLflow's auth app refusing (no or wrong credentials, a missing permission) answers the same way every time.
-NOT_RETRIED = (ConfigError, IngestError, LineageError, ModelLoadError, NonFiniteLossError, MlflowAuthError, registry.PermissionDenied)
 
 
 def retryable(task, task_run, state) -> bool:
