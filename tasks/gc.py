@@ -276,6 +276,16 @@ def _plan_mlflow_models(client, kept: dict[str, str], versions: dict, plan: GcPl
                                            reason=reason, version=version))
 
 
+def referenced_pieces(store, excluding: set[str] = frozenset()) -> set[str]:
+    """The digests of the checkpoint pieces every committed folder in the bucket lists, but the manifests ``excluding``."""
+    referenced: set[str] = set()
+    for info in store.list(""):
+        if info.key.endswith("/" + MANIFEST_NAME) and info.key not in excluding:
+            for entry in store.get_json(info.key).get("files", {}).values():
+                referenced.update(digest for digest, _ in entry.get("pieces", ()))
+    return referenced
+
+
 def _plan_pieces(store, plan: GcPlan, cutoff: datetime) -> None:
     """Checkpoint pieces (perennial/storage.py, content-addressed) that no committed directory still references.
 
@@ -283,11 +293,7 @@ def _plan_pieces(store, plan: GcPlan, cutoff: datetime) -> None:
     those this plan deletes. A piece written after the cutoff may belong to an upload whose manifest is not
     written yet: it waits."""
     going = {item.path + "/" + MANIFEST_NAME for item in plan.deletions if item.where == "s3"}
-    referenced: set[str] = set()
-    for info in store.list(""):
-        if info.key.endswith("/" + MANIFEST_NAME) and info.key not in going:
-            for entry in store.get_json(info.key).get("files", {}).values():
-                referenced.update(digest for digest, _ in entry.get("pieces", ()))
+    referenced = referenced_pieces(store, going)
     orphans = [info for info in store.list(store.blob_key("")) if info.key.rsplit("/", 1)[1] not in referenced]
     old = [info for info in orphans if info.last_modified <= cutoff]
     if len(old) < len(orphans):
@@ -388,8 +394,12 @@ def sweep(plan: GcPlan, config: Config, services: Services) -> GcPlan:
     store = services.store
     for item in plan.deletions:
         if item.where == "s3" and item.keys:
-            for start in range(0, len(item.keys), 1000):
-                batch = [{"Key": key} for key in item.keys[start : start + 1000]]
+            # Read again now the folders are gone: a folder committed since the plan (another lineage's, sharing a
+            # tensor) keeps its pieces. Uploads also check their pieces once more after writing their manifest.
+            still = referenced_pieces(store)
+            keys = [key for key in item.keys if key.rsplit("/", 1)[1] not in still]
+            for start in range(0, len(keys), 1000):
+                batch = [{"Key": key} for key in keys[start : start + 1000]]
                 store._retry("delete_objects", store.client.delete_objects, Bucket=store.bucket, Delete={"Objects": batch})
         elif item.where == "s3":
             manifest = f"{item.path}/{MANIFEST_NAME}"

@@ -279,6 +279,33 @@ def test_a_sweep_killed_half_way_loses_nothing_needed_and_a_rerun_finishes_it(se
     assert collect_garbage(cfg).deletions == []
 
 
+def test_a_piece_that_a_folder_committed_after_the_plan_shares_is_not_swept(services, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    cfg = _config(services, tmp_path, "retention.min_age_hours=0", "retention.keep_last_versions=0")
+    services_ = Services.open(cfg)
+    store = services_.store
+    store.ensure_bucket()
+    _run(cfg, services_.tracker.client, "night-1", "FINISHED")
+    local = tmp_path / "checkpoint"
+    local.mkdir()
+    save_file({"w": torch.randn(256, 256)}, str(local / "model.safetensors"))
+    intermediate = f"{run_prefix(cfg, 'night-1')}/stages/cit-01-t/model"
+    store.upload_dir(local, intermediate)
+    _folder(store, tmp_path, f"{run_prefix(cfg, 'night-1')}/stages/cit-02-t/model")  # the run's last stage: its product
+    plan = plan_gc(cfg, services_)
+    pieces = [item for item in plan.deletions if item.keys]
+    assert pieces and {item.path for item in plan.deletions} >= {intermediate}
+
+    other = "another-lineage/stages/cit-01-t/model"  # the same tensor, committed between plan and sweep
+    store.upload_dir(local, other)
+    sweep(plan, cfg, services_)
+    assert store.read_manifest(intermediate) is None
+    store.download_dir(other, tmp_path / "other")  # whole: its pieces were read again before the sweep
+    assert (tmp_path / "other" / "model.safetensors").read_bytes() == (local / "model.safetensors").read_bytes()
+
+
 def test_the_mlflow_model_of_a_version_no_longer_kept_goes_and_a_kept_or_shared_one_stays(services, tmp_path, capsys):
     cfg = _config(services, tmp_path, "retention.min_age_hours=0", "retention.keep_last_versions=1")
     services_ = Services.open(cfg)
