@@ -61,7 +61,7 @@ def cmd_services(args: argparse.Namespace) -> int:
         if services.auth and args.grant_auto_promote:
             services.grant_lineage(*services.lineages[0], auto_promote=True)
         print(f"S3 (SeaweedFS): {services.s3_endpoint}   bucket: {services.bucket}")
-        print(f"MLflow:         {services.mlflow_uri}" + ("   (basic-auth app: anonymous requests are refused)" if services.auth else ""))
+        print(f"MLflow:         {services.mlflow_uri}" + ("   (auth app perennial-auth: anonymous requests are refused)" if services.auth else ""))
         print(f"credentials:    source {services.root}/services.env")
         if services.auth:  # where the passwords are, never the passwords
             experiment, model = services.lineages[0]
@@ -76,7 +76,7 @@ def cmd_services(args: argparse.Namespace) -> int:
     else:
         report = services.status()
         for name, state in report.items():
-            auth = "" if name != "mlflow" else "   auth: on (basic-auth app)" if state.get("auth") else "   auth: off"
+            auth = "" if name != "mlflow" else "   auth: on (perennial-auth app)" if state.get("auth") else "   auth: off"
             print(f"{name:10s} {'up' if state['ready'] else 'down':5s} pid={state['pid']} {state['url']}{auth}")
         seaweedfs = report["seaweedfs"]
         print(f"disk       {'ok' if seaweedfs['writable'] else 'FULL':5s} {seaweedfs['disk']}")
@@ -583,7 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
     services.add_argument("--root", default=None, help="state folder (default .perennial/services)")
     services.add_argument("--s3-port", type=int, default=None, help="S3 port (default 8333 or PERENNIAL_S3_PORT)")
     services.add_argument("--mlflow-port", type=int, default=None, help="MLflow port (default 5000 or PERENNIAL_MLFLOW_PORT)")
-    services.add_argument("--auth", action="store_true", help="up: MLflow with its basic-auth app (also PERENNIAL_MLFLOW_AUTH=1; kept "
+    services.add_argument("--auth", action="store_true", help="up: MLflow with its basic-auth app, as app perennial-auth (the server too refuses "
+                          "alias changes but challenger without MANAGE; also PERENNIAL_MLFLOW_AUTH=1; kept "
                           "for this root once on): generated passwords for the admin, retrain and reviewer identities in "
                           "ROOT/mlflow-auth.json and ROOT/<identity>.env (0600, never printed); retrain gets EDIT on the "
                           "experiment and registered model of --config, reviewer MANAGE on the model. docs/operations.md, "

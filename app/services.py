@@ -6,8 +6,9 @@ Both servers bind to 127.0.0.1 only. SeaweedFS runs with an identities file, so 
 access is denied; MLflow proxies artifacts into that S3 (``--artifacts-destination``), so MLflow
 clients need no S3 credentials of their own.
 
-With ``auth`` (``perennial services up --auth``, PERENNIAL_MLFLOW_AUTH=1) MLflow runs its basic-auth app
-(``mlflow server --app-name basic-auth``): anonymous requests are refused, and three identities get generated
+With ``auth`` (``perennial services up --auth``, PERENNIAL_MLFLOW_AUTH=1) MLflow runs its basic-auth app as
+``mlflow server --app-name perennial-auth`` (perennial/auth_app.py: the server itself refuses alias changes but
+`challenger`, and renames, without MANAGE): anonymous requests are refused, and three identities get generated
 passwords, kept in ``mlflow-auth.json`` (0600) and one 0600 ``<identity>.env`` each, never printed or logged:
 ``admin`` (MLflow's admin), ``retrain`` (EDIT on the experiment and the registered model: runs and versions) and
 ``reviewer`` (MANAGE on the registered model: promote, rollback, unpromote). services.env carries the retrain
@@ -61,6 +62,9 @@ class ServiceError(RuntimeError):
 
 # MLflow's basic-auth identities (``auth``): the admin, the retrain's, a reviewer's (their usernames are these names).
 AUTH_IDENTITIES = ("admin", "retrain", "reviewer")
+# `mlflow server --app-name`: MLflow's basic-auth app with alias changes taking MANAGE (perennial/auth_app.py APP_NAME,
+# an entry point of group mlflow.app in pyproject.toml; named here so the CLI does not import MLflow's server)
+AUTH_APP = "perennial-auth"
 USERNAME_ENV, PASSWORD_ENV = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
 
 
@@ -318,8 +322,8 @@ class LocalServices:
         return {identity: data[identity] for identity in AUTH_IDENTITIES}
 
     def _auth_server_env(self) -> tuple[list[str], dict[str, str]]:
-        """The auth app's extra `mlflow server` arguments and environment: its config (user store in the root),
-        the admin's password for its first start, the Flask secret key."""
+        """The auth app's extra `mlflow server` arguments (AUTH_APP) and environment: its config (user store in the
+        root), the admin's password for its first start, the Flask secret key."""
         self.auth_identities()
         data = json.loads((self.root / "mlflow-auth.json").read_text())
         ini = self.root / "mlflow-auth.ini"
@@ -333,7 +337,7 @@ class LocalServices:
         ]))
         env = {"MLFLOW_AUTH_CONFIG_PATH": str(ini.resolve()), "MLFLOW_AUTH_ADMIN_PASSWORD": data["admin"]["password"],
                "MLFLOW_FLASK_SERVER_SECRET_KEY": data["flask_secret_key"]}
-        return ["--app-name", "basic-auth"], env
+        return ["--app-name", AUTH_APP], env
 
     def _admin_call(self, method: str, endpoint: str, body: dict | None = None, params: dict | None = None) -> tuple[int, dict]:
         """One request to MLflow's REST API as the admin: (status, JSON body or {})."""

@@ -1,19 +1,24 @@
 """Perennial against MLflow with its basic-auth app (`perennial services up --auth`), on a real server.
 
 Three identities with generated passwords: retrain (EDIT on the experiment and the registered model), reviewer
-(MANAGE on the model) and admin. Changing `champion` takes MANAGE, checked before anything changes; decisions
-name the authenticated user; missing or wrong credentials get one clear error, never a retry loop; the
-credentials appear in no param, tag, log line or artifact. Versions are registered directly (no training), as in
-tests/test_registry.py.
+(MANAGE on the model) and admin. Changing `champion` takes MANAGE, checked before anything changes, by Perennial
+and by the server itself (app perennial-auth: a raw REST or UI call is refused too); decisions name the
+authenticated user; missing or wrong credentials get one clear error, never a retry loop; the credentials appear
+in no param, tag, log line or artifact. Versions are registered directly (no training), as in
+tests/test_registry.py, except in the one real retrain.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import stat
 import time
+import urllib.error
+import urllib.request
 import uuid
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
@@ -22,7 +27,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from app.cli import main
-from app.services import running_services
+from app.services import AUTH_APP, running_services
 from perennial import registry
 from perennial.tracking import MlflowAuthError, Tracker, authenticated_user
 from tests.test_registry import GATES, metrics, CHANCE, TASKS
@@ -65,6 +70,19 @@ def register(client: MlflowClient, name: str, auto_promote: bool = True) -> dict
     return registry.register_version(client, name, f"{run.info.artifact_uri}/model", metrics([0.9, 0.9, 0.9], chance=CHANCE),
                                      GATES, auto_promote=auto_promote, run_id=run.info.run_id, tags=tags,
                                      by=f"auto-promote ({registry.whoami()})")
+
+
+def http(services, identity: str, method: str, endpoint: str, body: dict) -> tuple[int, str]:
+    """One raw request to MLflow as ``identity``, as a script or the UI's browser would send it: (status, body)."""
+    user = services.auth_identities()[identity]
+    token = base64.b64encode(f"{user['username']}:{user['password']}".encode()).decode()
+    request = urllib.request.Request(f"{services.mlflow_uri}{endpoint}", method=method, data=json.dumps(body).encode(),
+                                     headers={"Authorization": f"Basic {token}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
 
 
 def snapshot(client: MlflowClient, name: str) -> dict:
@@ -155,6 +173,91 @@ def test_retrain_identity_is_refused_promote_rollback_unpromote_and_nothing_chan
     with pytest.raises(registry.PermissionDenied):
         registry.promote(retrain, name, 1, reason="library call")
     assert snapshot(retrain, name) == before
+
+
+def test_perennial_auth_is_the_mlflow_app_the_services_run():
+    """`mlflow server --app-name perennial-auth` resolves through the installed entry points (`pip install -e .`),
+    to MLflow's basic-auth app with the alias routes guarded; its client is MLflow's basic-auth client."""
+    from perennial import auth_app
+
+    assert AUTH_APP == auth_app.APP_NAME == "perennial-auth"
+    apps = {entry.name: entry.value for entry in entry_points(group="mlflow.app")}
+    assert apps[AUTH_APP] == "perennial.auth_app:create_app"
+    clients = {entry.name: entry.value for entry in entry_points(group="mlflow.app.client")}
+    assert clients[AUTH_APP] == clients["basic-auth"]
+    routes = auth_app.guarded_routes()
+    assert {route for route, request in routes.items() if request is not auth_app.auth.RenameRegisteredModel} == {
+        (f"{prefix}/mlflow/registered-models/alias", method) for prefix in ("/api/2.0", "/ajax-api/2.0") for method in ("POST", "DELETE")}
+
+
+def test_the_server_itself_refuses_alias_changes_and_renames_without_manage(auth_services, monkeypatch):
+    """Not only Perennial's commands: MLflow refuses the retrain identity's raw calls (Python client, REST, the UI's
+    ajax routes) that would change an alias but `challenger`, or rename the model, and nothing changes; the
+    reviewer's raw calls go through."""
+    name = lineage(auth_services)
+    retrain = act_as(monkeypatch, auth_services, "retrain")
+    register(retrain, name)
+    register(retrain, name)
+    reviewer = act_as(monkeypatch, auth_services, "reviewer")
+    registry.promote(reviewer, name, 1, reason="first")  # champion v1, challenger v2
+
+    retrain = act_as(monkeypatch, auth_services, "retrain")
+    before = snapshot(retrain, name)
+    assert before["aliases"] == {"champion": "1", "challenger": "2"}
+    for attempt, args in [(retrain.set_registered_model_alias, (name, "champion", "2")),
+                          (retrain.delete_registered_model_alias, (name, "champion")),
+                          (retrain.set_registered_model_alias, (name, "previous-champion", "2")),
+                          (retrain.set_registered_model_alias, (name, "production", "2")),  # any alias but challenger
+                          (retrain.rename_registered_model, (name, f"{name}-moved"))]:
+        with pytest.raises(MlflowException) as refused:
+            attempt(*args)
+        assert refused.value.error_code == "PERMISSION_DENIED", (attempt.__name__, args)
+        assert "failed with error code 403 != 200. Response body: 'Permission denied'" in str(refused.value)
+    alias = {"name": name, "alias": "champion", "version": "2"}
+    for prefix in ("/api/2.0", "/ajax-api/2.0"):  # REST, and the routes the UI's alias editor calls
+        for method in ("POST", "DELETE"):
+            assert http(auth_services, "retrain", method, f"{prefix}/mlflow/registered-models/alias", alias) == (403, "Permission denied")
+    assert snapshot(retrain, name) == before
+
+    retrain.set_registered_model_alias(name, "challenger", "1")  # what every retrain does keeps MLflow's rule (EDIT)
+    assert registry.alias_version(retrain, name, registry.CHALLENGER).version == "1"
+
+    reviewer = act_as(monkeypatch, auth_services, "reviewer")
+    reviewer.set_registered_model_alias(name, "champion", "2")
+    assert registry.alias_version(reviewer, name, registry.CHAMPION).version == "2"
+    reviewer.delete_registered_model_alias(name, "champion")
+    assert registry.alias_version(reviewer, name, registry.CHAMPION) is None
+    assert http(auth_services, "admin", "POST", "/ajax-api/2.0/mlflow/registered-models/alias", alias)[0] == 200  # admins pass
+    assert registry.alias_version(reviewer, name, registry.CHAMPION).version == "2"
+
+
+@pytest.mark.usefixtures("single_torch_thread")
+def test_a_real_retrain_as_the_retrain_identity_registers_and_waits_for_review(auth_services, prefect_harness, monkeypatch, tmp_path):
+    """The continual_retrain flow, one micro task, acting as the retrain identity with auto-promotion on and every
+    gate passing: the version is registered as `challenger`, auto-promotion is refused for want of MANAGE, and the
+    version waits for a reviewer (needs-review)."""
+    from flows.continual_retrain import continual_retrain
+    from perennial.config import build_config
+    from tests.test_pipeline import micro_config
+
+    name = lineage(auth_services)
+    act_as(monkeypatch, auth_services, "retrain")
+    no_gates = ", ".join(f"{gate}: null" for gate in ("min_bwt", "max_task_drop", "min_chance_margin", "max_general_ppl_ratio",
+                                                     "max_general_ppl_ratio_vs_base", "max_general_task_drop", "max_output_drift_kl"))
+    cfg = build_config(micro_config(auth_services, tmp_path).model_dump(mode="json"), [
+        "data.demo.tasks=[arithmetic]", "data.demo.heldout_tasks=[]", f"storage.bucket={auth_services.bucket}",
+        f"tracking.experiment={EXPERIMENT}", f"tracking.registered_model={name}", "registry.auto_promote=true",
+        f"registry.gates={{{no_gates}}}"])
+    summary = continual_retrain(config=cfg.model_dump(mode="json"))
+
+    result = summary["registered_model"]
+    assert (result["version"], result["aliases"], result["promoted"], result["needs_review"]) == (1, ["challenger"], False, True)
+    reason = result["review_reason"]
+    assert "auto-promotion refused" in reason and "'retrain'" in reason and "MANAGE" in reason
+    tags = MlflowClient(auth_services.mlflow_uri).get_model_version(name, "1").tags
+    assert tags[registry.NEEDS_REVIEW_TAG] == "true"
+    assert tags[registry.DECISION_TAG].startswith("needs review: auto-promotion refused")
+    assert not any(gate.get("passed") is False for gate in result["gates"])  # refused for the permission, not a gate
 
 
 def test_anonymous_and_wrong_password_each_get_one_clear_error_at_once(auth_services, monkeypatch, capsys):
