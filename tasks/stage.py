@@ -33,7 +33,7 @@ from models.tuning import TuningPlan, apply_tuning, count_parameters, merge_for_
 from perennial.config import CLMethodConfig, DistributedStrategy, OptimConfig, TuningConfig, stream_seed, task_seed
 from perennial.storage import MANIFEST_NAME, ObjectStore
 from tasks.ingest import DatasetRef, read_records
-from tasks.runtime import RunContext, Services, committed_uri, fetch_dir
+from tasks.runtime import RunContext, Services, committed_uri, fetch_dir, uri_to_prefix
 
 PLUGIN_DIR = "perennial_plugins"
 BUFFER_FILE = "buffer.jsonl"
@@ -279,13 +279,34 @@ def execute_stage(spec: StageSpec, services: Services) -> str:
             model.load_state_dict(state)
         export_dir = spec.work_dir / "model"
         shutil.rmtree(export_dir, ignore_errors=True)
+        adapter = spec.work_dir / ADAPTER_DIR
+        save_adapter(model, adapter, spec.input_model_uri, services)  # before merging folds it away
         save_model(merge_for_export(model), tokenizer, export_dir)
+        if adapter.is_dir():
+            adapter.rename(export_dir / ADAPTER_DIR)
         if plugins:
             save_plugin_states(plugins, export_dir / PLUGIN_DIR)
         uri = _commit_output(spec, services, export_dir, result, tracker, plan, trainable)
     if world > 1:
         dist.barrier()  # no rank exits (and ends the job) before the output is committed
     return uri
+
+
+ADAPTER_DIR = "adapter"  # in a LoRA / MoRA stage's output, beside the merged model that loaders read
+
+
+def save_adapter(model, folder: Path, base_uri: str, services: Services) -> None:
+    """A LoRA / MoRA stage's adapter alone (peft's `save_pretrained`: adapter_config.json, adapter_model.safetensors),
+    with `base.json` naming the checkpoint it applies to (its URI and manifest digest): a few MB that rebuild the
+    stage from its base with `PeftModel.from_pretrained`. Nothing for other tuning methods."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    model.save_pretrained(str(folder))
+    manifest = services.store.read_manifest(uri_to_prefix(services.store, base_uri)) if base_uri.startswith("s3://") else None
+    (folder / "base.json").write_text(json.dumps({"base_model_uri": base_uri, "base_manifest_digest": (manifest or {}).get("digest")}))
 
 
 def _commit_output(spec: StageSpec, services: Services, export_dir: Path, result: TrainResult, tracker, plan: TuningPlan,

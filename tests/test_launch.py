@@ -160,3 +160,25 @@ def test_each_cl_method_under_two_ddp_ranks_matches_one_process(stage_inputs, me
     plain_uri = run_stage(spec(ctx, f"{method}-task2-plain", first_uri, task2, **plain), ctx)
     single, without = committed_state(ctx, single_uri), committed_state(ctx, plain_uri)
     assert max((single[name] - without[name]).abs().max().item() for name in single) > 1e-3
+
+
+def test_a_lora_stage_commits_its_adapter_with_its_base_beside_the_merged_model(stage_inputs, tmp_path):
+    from peft import PeftModel
+
+    ctx, base_uri, (task, _), _ = stage_inputs
+    uri = run_stage(spec(ctx, "adapter", base_uri, task), ctx)
+    folder = fetch_dir(ctx.store, uri, ctx.cache_dir)
+    base = json.loads((folder / "adapter" / "base.json").read_text())
+    assert base == {"base_model_uri": base_uri, "base_manifest_digest": ctx.store.read_manifest(
+        base_uri.removeprefix(f"s3://{ctx.store.bucket}/"))["digest"]}
+    adapter_bytes = sum(f.stat().st_size for f in (folder / "adapter").iterdir())
+    assert adapter_bytes < (folder / "model.safetensors").stat().st_size / 4  # the adapter alone is small
+
+    # The adapter on its base rebuilds the merged model the stage committed.
+    base_model, _ = load_model_and_tokenizer(fetch_dir(ctx.store, base_uri, ctx.cache_dir))
+    rebuilt = PeftModel.from_pretrained(base_model, str(folder / "adapter")).merge_and_unload().state_dict()
+    merged = committed_state(ctx, uri)
+    for name, tensor in merged.items():
+        torch.testing.assert_close(rebuilt[name], tensor, rtol=0, atol=1e-6, msg=name)
+    full_uri = run_stage(spec(ctx, "full", base_uri, task, tuning=FULL), ctx)
+    assert not (fetch_dir(ctx.store, full_uri, ctx.cache_dir) / "adapter").exists()  # only adapter methods have one
