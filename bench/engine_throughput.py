@@ -1,6 +1,7 @@
 """Training throughput and memory of Perennial's engine beside a plain PyTorch loop and transformers.Trainer, on the CPU.
 
     python -m bench.engine_throughput [--model smollm2|tiny] [--steps N] [--warmup W] [--rounds R] [--threads T] [--quick]
+    python -m bench.engine_throughput --activation-checkpointing [--steps N] [--warmup W] [--threads T]
 
 --model smollm2 (default): SmolLM2-135M-Instruct, the embedded default, each run in a fresh process (glibc's allocator
 defaults, as a user's process would have): the engine, the plain loop and Trainer in bf16 autocast and fp32 in rotated
@@ -10,6 +11,8 @@ comparison of loops, not of precisions), one thread by default (on a busy machin
 its core stalls every parallel region); peak memory per tuning method. Tokens/s at the median step after W warm-up
 steps; memory: the Linux high-water mark above the resident size before the model is built, one fresh process each.
 Results: bench/results/engine_throughput[_tiny].json and .md; `python -m bench.report --render` rewrites the .md.
+--activation-checkpointing: only SmolLM2's peak memory and tokens/s with `optim.activation_checkpointing` off and on
+(full and attn-proj, CKPT's longer blocks), one fresh process each; bench/results/engine_activation_checkpointing.json.
 """
 
 from __future__ import annotations
@@ -295,6 +298,43 @@ def rss_child(model_name: str, kind: str, name: str, steps: int) -> dict:
     }
 
 
+CKPT = LoopSettings(batch=4, block=512, lr=5e-5)  # long enough blocks that the activations (eager attention) weigh
+
+
+def checkpointing_child(tuning: str, checkpointing: bool, steps: int, warmup: int) -> dict:
+    """In its own process: SmolLM2 tuned by `tuning` trains `steps` engine steps (precision auto) on CKPT blocks with
+    activation checkpointing off or on; peak RSS above the resident size before the model is loaded, tokens/s."""
+    from models.gguf import converted_dir
+    from models.loading import load_model_and_tokenizer
+    from perennial.demo_data import general_corpus
+
+    folder, _ = converted_dir(MODEL, CACHE)
+    reset = _reset_peak_rss()
+    baseline = _peak_rss_kib()
+    model, tokenizer = load_model_and_tokenizer(folder)
+    examples = [{"input_ids": block} for block in pack_texts(tokenizer, general_corpus(600, 1234), CKPT.block) if len(block) == CKPT.block]
+    model = apply_tuning(model, TuningConfig(method=tuning))
+    optim = CKPT.optim_config(steps).model_copy(update={"activation_checkpointing": checkpointing})
+    stamps = []
+    result = train(model, examples, optim, seed=SEED, pad_token_id=tokenizer.pad_token_id, precision="auto",
+                   on_step_end=lambda step, _model: stamps.append(stamp()))
+    return {"tuning": tuning, "activation_checkpointing": checkpointing, "final_loss": result.losses[-1],
+            "training_peak_above_baseline_mib": round((_peak_rss_kib() - baseline) / 1024, 1) if reset else None,
+            "tokens_per_s": throughput(stamps, warmup, CKPT)}
+
+
+def measure_checkpointing(args, argv: list[str], load_before: float) -> dict:
+    rows = []
+    for tuning in ("full", "attn-proj"):
+        for on in (False, True):
+            rows.append(child(MODULE, "--checkpointing-child", tuning, str(on), "--steps", str(args.steps),
+                              "--warmup", str(args.warmup), "--threads", str(args.threads)))
+            print(json.dumps(rows[-1]), flush=True)
+    return {**report_head(MODULE, argv, load_before), "settings": {"model": MODEL, "steps": args.steps, "warmup": args.warmup,
+            "batch": CKPT.batch, "block": CKPT.block, "threads": args.threads, "precision": "auto", "attn_implementation": "eager"},
+            "runs": rows}
+
+
 def measure_rss(args) -> list[dict]:
     rows = []
     for kind, names in PROFILES[args.model][3 if args.quick else 2]:
@@ -435,7 +475,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rss-child", nargs=2, metavar=("KIND", "NAME"), help=argparse.SUPPRESS)
     parser.add_argument("--run-child", choices=list(RUNS), help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, help="the JSON report, the .md beside it (default bench/results/engine_throughput[_tiny].json)")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="only SmolLM2's peak memory and tokens/s with optim.activation_checkpointing off and on (default 4 steps, 1 warm-up, 1 thread)")
+    parser.add_argument("--checkpointing-child", nargs=2, metavar=("TUNING", "ON"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.activation_checkpointing or args.checkpointing_child:
+        args.steps, args.warmup, args.threads = args.steps or 4, args.warmup or 1, args.threads or 1
+        torch.set_num_threads(args.threads)
+        if args.checkpointing_child:
+            tuning, on = args.checkpointing_child
+            print(json.dumps(checkpointing_child(tuning, on == "True", args.steps, args.warmup)))
+            return 0
+        report = measure_checkpointing(args, argv, os.getloadavg()[0])
+        path = args.output or RESULTS_DIR / "engine_activation_checkpointing.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {path}")
+        return 0
     defaults, quick, _, _, name = PROFILES[args.model]
     for index, key in enumerate(("steps", "warmup", "rounds", "rss_steps", "threads")):
         if getattr(args, key) is None or (args.quick and index < len(quick)):

@@ -44,6 +44,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
+from transformers import PreTrainedModel
 
 from models.allocator import keeping_freed_memory
 from models.atomic import atomic_dir
@@ -391,31 +392,69 @@ def train(
     ``strategy`` matters only under torch.distributed: "ddp" wraps the model, "fsdp" shards it
     in place (it stays sharded after training: export through `full_state_dict`). Under FSDP
     every rank must pass ``checkpoint_fn`` (or none): writing a checkpoint is a collective.
+
+    ``cfg.activation_checkpointing`` recomputes each transformer block's forward pass during
+    backward instead of keeping its activations (`activation_checkpointing`): less memory, one
+    more forward per step, the same losses and weights.
     """
-    run = setup(model, examples, cfg, seed=seed, pad_token_id=pad_token_id, device=device, plugins=plugins,
-                resume_from=resume_from, desc=desc, shuffle=shuffle, strategy=strategy, precision=precision)
-    started = time.perf_counter()
-    progress = tqdm(total=cfg.max_steps, initial=run.start_step, desc=desc, disable=run.rank != 0, leave=False)
-    for step in range(run.start_step, cfg.max_steps):
-        try:
-            loss = train_step(run, step)
-        except NonFiniteLossError:
-            progress.close()
-            raise
-        done = step + 1
-        run.losses.append(loss)
-        progress.update(1)
-        progress.set_postfix(loss=f"{loss:.4f}")
-        if log_fn and run.rank == 0 and (done % cfg.log_every == 0 or done == cfg.max_steps):
-            log_fn({"loss": loss, "lr": run.scheduler.get_last_lr()[0]}, done)
-        if on_step_end:
-            on_step_end(done, model)
-        if checkpoint_fn and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
-            checkpoint(run, done, checkpoint_dir or Path("checkpoints"), checkpoint_fn)
-    progress.close()
+    with activation_checkpointing(model, getattr(cfg, "activation_checkpointing", False)):
+        run = setup(model, examples, cfg, seed=seed, pad_token_id=pad_token_id, device=device, plugins=plugins,
+                    resume_from=resume_from, desc=desc, shuffle=shuffle, strategy=strategy, precision=precision)
+        started = time.perf_counter()
+        progress = tqdm(total=cfg.max_steps, initial=run.start_step, desc=desc, disable=run.rank != 0, leave=False)
+        for step in range(run.start_step, cfg.max_steps):
+            try:
+                loss = train_step(run, step)
+            except NonFiniteLossError:
+                progress.close()
+                raise
+            done = step + 1
+            run.losses.append(loss)
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.4f}")
+            if log_fn and run.rank == 0 and (done % cfg.log_every == 0 or done == cfg.max_steps):
+                log_fn({"loss": loss, "lr": run.scheduler.get_last_lr()[0]}, done)
+            if on_step_end:
+                on_step_end(done, model)
+            if checkpoint_fn and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
+                checkpoint(run, done, checkpoint_dir or Path("checkpoints"), checkpoint_fn)
+        progress.close()
     model.eval()
     seconds = time.perf_counter() - started
     return TrainResult(steps=cfg.max_steps, losses=run.losses, tokens=global_tokens(run), seconds=seconds, resumed_from=run.start_step)
+
+
+@contextlib.contextmanager
+def activation_checkpointing(model: torch.nn.Module, enabled: bool):
+    """Activation (gradient) checkpointing of every transformer block while the block is open.
+
+    transformers' own: each `GradientCheckpointingLayer` (a decoder block) runs its forward
+    under non-reentrant `torch.utils.checkpoint` in training mode, keeping only its inputs, and
+    runs it again during backward. Non-reentrant because it works when no input of a block
+    requires grad (frozen embeddings: attn-proj, mlp-gate-up, LoRA), under DDP without
+    `static_graph`, and with the keyword arguments the blocks take; transformers also hooks
+    the input embeddings so their output requires grad (`enable_input_require_grads`), as
+    PEFT expects. The recomputation replays the same operations on the same inputs, with the
+    RNG and autocast state of the first pass restored, so losses and gradients are bit-identical
+    to a run without it (tests/test_activation_checkpointing.py). Found through peft wrappers;
+    turned off again (and the hook removed) on the way out, so the caller's model is as it was.
+    """
+    if not enabled:
+        yield
+        return
+    inner = next((module for module in model.modules() if isinstance(module, PreTrainedModel)), None)
+    if inner is None or not inner.supports_gradient_checkpointing:
+        raise ValueError(f"optim.activation_checkpointing: {type(inner or model).__name__} does not support activation "
+                         "checkpointing (transformers' supports_gradient_checkpointing); set it to false")
+    already = inner.is_activation_checkpointing
+    if not already:
+        inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        if not already:
+            inner.activation_checkpointing_disable()
+            inner.disable_input_require_grads()
 
 
 @dataclass
@@ -536,7 +575,9 @@ def _micro_step(run: TrainingRun, micro_index: int, last: bool) -> torch.Tensor:
         sync = run.trained.no_sync()
     with sync:
         with run.autocast:
-            outputs = run.trained(**batch, output_attentions=True) if run.want_attentions else run.trained(**batch)
+            # No KV cache: training never reads one, and building it copies every layer's keys and values.
+            attentions = {"output_attentions": True} if run.want_attentions else {}
+            outputs = run.trained(**batch, use_cache=False, **attentions)
             loss = outputs.loss
             for plugin in run.plugins:
                 extra = plugin.extra_loss(run.model, batch, outputs)

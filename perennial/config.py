@@ -267,6 +267,12 @@ class OptimConfig(Strict):
     max_length: int = Field(128, ge=8)
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only at stage end")
     log_every: int = Field(10, ge=1)
+    activation_checkpointing: bool = Field(
+        False, description="recompute each transformer block's forward pass during backward instead of keeping its "
+        "activations (only each block's input is kept): much less activation memory for about one more forward pass "
+        "per step; the same losses and weights (models/engine.py, docs/training.md). Not part of a run's identity: a stage that ran "
+        "out of memory can be resumed with it on"
+    )
 
 
 class BaseModelConfig(Strict):
@@ -741,9 +747,12 @@ LOCATION_KEYS = (
     "storage.max_attempts",
     "tracking.tracking_uri",
 )
-# Keys that change neither the models nor the scores of a run: LOCATION_KEYS, the registry's settings (gates,
+# How a stage trades memory for compute, which changes no loss or weight (models/engine.py).
+MEMORY_KEYS = ("model.pretrain.activation_checkpointing", "dap.optim.activation_checkpointing",
+               "cit.optim.activation_checkpointing")
+# Keys that change neither the models nor the scores of a run: LOCATION_KEYS, MEMORY_KEYS, the registry's settings (gates,
 # auto-promotion: a rerun keeps the judgement its version got), when ingestion announces a retrain, and what gc keeps.
-NOT_OUTPUT_KEYS = (*LOCATION_KEYS, "registry", "lineage.retrain_after_records", "retention")
+NOT_OUTPUT_KEYS = (*LOCATION_KEYS, "registry", "lineage.retrain_after_records", "retention", *MEMORY_KEYS)
 
 
 def task_seed(seed: int, task_index: int) -> int:

@@ -27,7 +27,7 @@ def base_model_key(run: RunContext, general: DatasetRef | None) -> str:
     """Everything the base model depends on; the same key means the same model, so it is reused."""
     model_cfg = run.config.model
     if model_cfg.source == "tiny":
-        inputs = {"general": general.digest, "tiny": model_cfg.tiny.model_dump(), "pretrain": model_cfg.pretrain.model_dump(), "seed": run.config.stage_seed("pretrain")}
+        inputs = {"general": general.digest, "tiny": model_cfg.tiny.model_dump(), "pretrain": model_cfg.pretrain.model_dump(exclude={"activation_checkpointing"}), "seed": run.config.stage_seed("pretrain")}
     elif model_cfg.source == "gguf":
         inputs = {"gguf_sha256": file_sha256(resolve_gguf(model_cfg.gguf_file))}
     else:

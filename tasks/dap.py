@@ -28,7 +28,7 @@ def dap_key(run: RunContext, base_model_uri: str, data: DataBundle) -> str:
         "model": manifest["digest"],
         "domain": data.domain.digest,
         "general": data.general.digest,
-        "dap": cfg.dap.model_dump(mode="json", exclude={"seed"}),
+        "dap": cfg.dap.model_dump(mode="json", exclude={"seed": True, "optim": {"activation_checkpointing"}}),  # memory only
         "seed": cfg.stage_seed("dap"),
         "attn_implementation": cfg.model.attn_implementation,
     }

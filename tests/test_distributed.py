@@ -106,9 +106,19 @@ def _worker(out_dir: Path) -> None:
     fsdp_resumed = train(fsdp_resumed_model, data, CFG, seed=SEED, pad_token_id=0, strategy="fsdp",
                          resume_from=fsdp_checkpoints / f"step-{RESUME_STEP:08d}")
     fsdp_resumed_weights = full_state_dict(fsdp_resumed_model)
+    # Activation checkpointing changes no bit under either strategy (tests/test_activation_checkpointing.py in one process).
+    checkpointing = CFG.model_copy(update={"activation_checkpointing": True})
+    ddp_checkpointed_model = tiny_model(seed=0)
+    ddp_checkpointed = train(ddp_checkpointed_model, data, checkpointing, seed=SEED, pad_token_id=0)
+    fsdp_checkpointed_model = fsdp_input_model(seed=0)
+    fsdp_checkpointed = train(fsdp_checkpointed_model, data, checkpointing, seed=SEED, pad_token_id=0, strategy="fsdp")
+    fsdp_checkpointed_weights = full_state_dict(fsdp_checkpointed_model)
+    save_file({n: p.detach().contiguous() for n, p in ddp_checkpointed_model.named_parameters()},
+              out_dir / f"ddp-checkpointed-{rank}.safetensors")
     if rank == 0:
         save_file(fsdp_weights, out_dir / "fsdp-straight.safetensors")
         save_file(fsdp_resumed_weights, out_dir / "fsdp-resumed.safetensors")
+        save_file(fsdp_checkpointed_weights, out_dir / "fsdp-checkpointed.safetensors")
     else:
         assert not fsdp_weights, "only rank 0 receives the gathered state"
 
@@ -116,6 +126,7 @@ def _worker(out_dir: Path) -> None:
         "losses": straight.losses, "resumed_losses": resumed.losses, "resumed_from": resumed.resumed_from,
         "tokens": straight.tokens, "indivisible_error": indivisible_error,
         "fsdp_losses": fsdp.losses, "fsdp_resumed_losses": fsdp_resumed.losses, "fsdp_resumed_from": fsdp_resumed.resumed_from,
+        "ddp_checkpointed_losses": ddp_checkpointed.losses, "fsdp_checkpointed_losses": fsdp_checkpointed.losses,
     }))
     dist.destroy_process_group()
 
@@ -261,6 +272,18 @@ def test_resumed_fsdp_run_matches_the_straight_one_exactly(ddp_run):
     straight, resumed = load_file(ddp_run / "fsdp-straight.safetensors"), load_file(ddp_run / "fsdp-resumed.safetensors")
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name
+
+
+def test_activation_checkpointing_changes_no_bit_under_ddp_or_fsdp(ddp_run):
+    rank0 = json.loads((ddp_run / "result-0.json").read_text())
+    assert rank0["ddp_checkpointed_losses"] == rank0["losses"]
+    assert rank0["fsdp_checkpointed_losses"] == rank0["fsdp_losses"]
+    pairs = [("straight-0", "ddp-checkpointed-0"), ("fsdp-straight", "fsdp-checkpointed")]
+    for plain, checkpointed in pairs:
+        plain_weights, checkpointed_weights = (load_file(ddp_run / f"{name}.safetensors") for name in (plain, checkpointed))
+        assert plain_weights.keys() == checkpointed_weights.keys()
+        for name in plain_weights:
+            assert torch.equal(plain_weights[name], checkpointed_weights[name]), (checkpointed, name)
 
 
 if __name__ == "__main__":  # a rank started by the `runs` fixture

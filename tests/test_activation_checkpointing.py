@@ -1,0 +1,121 @@
+"""`optim.activation_checkpointing` recomputes the transformer blocks in backward and changes nothing else.
+
+In fp32 on the CPU the recomputed forward is the same sequence of operations on the same inputs
+(non-reentrant `torch.utils.checkpoint` restores the RNG and autocast state of the first pass),
+so the losses and weights must be bit-identical to a run without it, hence `==` and
+`torch.equal`, no tolerance. The control counts the calls of the first block's MLP: one per
+micro-batch without checkpointing, two with it. They are counted by a forward *pre*-hook: the
+recomputation stops as soon as it has rebuilt the last tensor backward needs (checkpoint's
+early stop), which is inside the MLP's down projection, so a post-forward hook on the MLP never
+sees the second call.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from models.engine import train
+from models.tuning import apply_tuning
+from perennial.config import Config, OptimConfig, TuningConfig, build_config
+from tasks.base_model import base_model_key
+from tasks.dap import dap_key
+from tasks.ingest import DatasetRef
+from tasks.runtime import RunContext
+from tests import tiny_models
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+CFG = OptimConfig(lr=3e-3, max_steps=4, batch_size=4, grad_accum=2, warmup_steps=1, weight_decay=0.01)
+SEED = 3
+
+
+def _examples(count: int = 16, length: int = 12) -> list[dict]:
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for index in range(count):
+        ids = torch.randint(3, 48, (length - index % 3,), generator=generator).tolist()  # unequal lengths: padding
+        rows.append({"input_ids": ids, "labels": [-100] * 2 + ids[2:]})
+    return rows
+
+
+def _run(method: str, checkpointing: bool):
+    """Train a fresh seeded tiny Llama tuned by ``method``; returns (losses, trainable weights, MLP forwards, flags)."""
+    model = apply_tuning(tiny_models.tiny_model("llama", vocab_size=48, num_key_value_heads=4, max_position_embeddings=64),
+                         TuningConfig(method=method, r=4))
+    inner = next(m for m in model.modules() if hasattr(m, "is_activation_checkpointing"))
+    mlp = next(m for name, m in model.named_modules() if name.endswith("layers.0.mlp"))
+    forwards = []
+    hook = mlp.register_forward_pre_hook(lambda *_: forwards.append(1))
+    seen_on = []
+    result = train(model, _examples(), CFG.model_copy(update={"activation_checkpointing": checkpointing}), seed=SEED,
+                   pad_token_id=0, on_step_end=lambda step, m: seen_on.append(inner.is_activation_checkpointing))
+    hook.remove()
+    weights = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    return result.losses, weights, len(forwards), seen_on, inner.is_activation_checkpointing
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "attn-proj", "mlp-gate-up"])
+def test_checkpointing_gives_the_same_losses_and_weights(method):
+    plain_losses, plain_weights, plain_forwards, plain_on, _ = _run(method, checkpointing=False)
+    losses, weights, forwards, on, after = _run(method, checkpointing=True)
+
+    # The control: the flag turned checkpointing on for the training steps only, and every
+    # micro-batch ran the block's MLP twice (forward, then the recomputation in backward).
+    micro_batches = CFG.max_steps * CFG.grad_accum
+    assert plain_on == [False] * CFG.max_steps and plain_forwards == micro_batches
+    assert on == [True] * CFG.max_steps and forwards == 2 * micro_batches
+    assert not after  # off again once train returns: the caller's model is as it was
+
+    assert losses == plain_losses  # bit for bit
+    assert len(set(losses)) > 1 and losses[-1] < losses[0]  # it did train
+    assert weights.keys() == plain_weights.keys() and weights
+    if method != "full":  # the frozen-embedding methods: the input embeddings got no gradient
+        assert not any("embed_tokens" in name for name in weights)
+    for name, expected in plain_weights.items():
+        assert torch.equal(weights[name], expected), name
+
+
+def test_checkpointing_is_off_by_default_and_not_part_of_a_runs_identity():
+    assert OptimConfig().activation_checkpointing is False
+    on = ["model.pretrain.activation_checkpointing=true", "dap.optim.activation_checkpointing=true",
+          "cit.optim.activation_checkpointing=true"]
+    defaults = Config().model_dump(mode="json")  # every section written out, so an override changes one key only
+    base, checkpointed = build_config(defaults), build_config(defaults, on)
+    assert checkpointed.cit.optim.activation_checkpointing and checkpointed.dap.optim.activation_checkpointing
+    # Same models, so the same run key may be resumed with it switched on after running out of memory,
+    # and the cached base and DAP models are reused.
+    assert checkpointed.outputs_digest() == base.outputs_digest() != checkpointed.digest()
+
+    def keys(cfg):
+        run = RunContext(config=cfg, run_key="k", parent_run_id="p")
+        run._services = SimpleNamespace(store=SimpleNamespace(bucket="b", read_manifest=lambda prefix: {"digest": "m"}))
+        ref = lambda name: DatasetRef(name=name, kind="text", digest=f"{name}-digest", uri=f"s3://b/{name}", data_file="d")  # noqa: E731
+        return base_model_key(run, ref("general")), dap_key(run, "s3://b/base/model", SimpleNamespace(domain=ref("d"), general=ref("g")))
+
+    assert keys(checkpointed) == keys(base)
+    assert keys(build_config(defaults, ["dap.optim.lr=0.5"]))[1] != keys(base)[1]  # a DAP setting that does count
+
+
+def test_the_benchmark_option_measures_each_method_off_and_on(tmp_path, monkeypatch):
+    """`python -m bench.engine_throughput --activation-checkpointing`, its fresh-process runs stubbed."""
+    import json
+
+    from bench import engine_throughput
+
+    calls = []
+
+    def child(module, *args):
+        calls.append(args)
+        return {"tuning": args[1], "activation_checkpointing": args[2] == "True", "training_peak_above_baseline_mib": 1.0}
+
+    monkeypatch.setattr(engine_throughput, "child", child)
+    assert engine_throughput.main(["--activation-checkpointing", "--output", str(tmp_path / "ac.json")]) == 0
+    assert [args[:3] for args in calls] == [("--checkpointing-child", tuning, on) for tuning in ("full", "attn-proj")
+                                            for on in ("False", "True")]
+    assert all(args[3:] == ("--steps", "4", "--warmup", "1", "--threads", "1") for args in calls)
+    report = json.loads((tmp_path / "ac.json").read_text())
+    assert report["command"].endswith("--activation-checkpointing --output " + str(tmp_path / "ac.json"))
+    assert [run["activation_checkpointing"] for run in report["runs"]] == [False, True, False, True]
