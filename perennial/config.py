@@ -621,6 +621,49 @@ class DistributedConfig(Strict):
     strategy: DistributedStrategy = Field(
         "ddp", description="ddp: each process holds the whole model; fsdp: weights, gradients and optimizer state sharded (FSDP2)"
     )
+    nnodes: int = Field(
+        1, ge=1, description="machines per stage, each running nproc_per_node processes; > 1: every node's torchrun agent "
+        "meets the others at rdzv_endpoint (c10d rendezvous: node ranks are handed out there, so every node runs the same "
+        "command) and `launcher` starts those agents"
+    )
+    rdzv_endpoint: str | None = Field(
+        None, description="nnodes > 1: host:port of the c10d rendezvous, on a host that runs one of the nodes (its "
+        "agent serves the store there), e.g. the first node of a Slurm allocation; ignored when nnodes is 1"
+    )
+    launcher: list[str] = Field(
+        default_factory=list, description="nnodes > 1: the command prefix that runs the stage's torchrun command once "
+        "on every node, e.g. [srun, --ntasks-per-node=1, --kill-on-bad-exit=1] inside a Slurm allocation of nnodes "
+        "nodes (docs/training.md); ignored when nnodes is 1"
+    )
+
+    @field_validator("rdzv_endpoint")
+    @classmethod
+    def _host_and_port(cls, endpoint: str | None) -> str | None:
+        if endpoint is None:
+            return None
+        match = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(\d{1,5})", endpoint)
+        if not match or not 0 < int(match.group(2)) < 65536:
+            raise ValueError(f"{endpoint!r} is not host:port (e.g. node-0.cluster:29400, 10.0.0.5:29400 or [fd00::5]:29400)")
+        return endpoint
+
+    @model_validator(mode="after")
+    def _nodes_can_meet(self) -> "DistributedConfig":
+        if self.nnodes == 1:
+            return self
+        if self.rdzv_endpoint is None:
+            raise ValueError(
+                f"distributed.rdzv_endpoint is required when distributed.nnodes={self.nnodes}: the host:port where every "
+                "node's torchrun meets (c10d rendezvous), on one of the nodes, e.g. distributed.rdzv_endpoint=node-0:29400; "
+                "on Slurm the allocation's first node: $(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1):29400"
+            )
+        if not self.launcher:
+            raise ValueError(
+                f"distributed.launcher is required when distributed.nnodes={self.nnodes}: the command that runs the "
+                f"stage's torchrun once on each of the {self.nnodes} nodes, e.g. "
+                "distributed.launcher='[srun, --ntasks-per-node=1, --kill-on-bad-exit=1]' inside a Slurm allocation "
+                "(docs/training.md, \"Several machines\")"
+            )
+        return self
 
 
 class Config(Strict):
@@ -656,7 +699,7 @@ class Config(Strict):
     @model_validator(mode="after")
     def _distributed_fits(self) -> "Config":
         """The one place that checks what runs in several processes (docs/methods.md has the table)."""
-        processes = self.distributed.nproc_per_node
+        processes = self.distributed.nproc_per_node * self.distributed.nnodes
         if processes == 1:
             return self
         if self.distributed.strategy == "fsdp" and self.cit.methods:
@@ -671,8 +714,11 @@ class Config(Strict):
             optims.append(("model.pretrain", self.model.pretrain))
         for key, optim in optims:
             if optim.batch_size % processes:
+                world = (f"distributed.nproc_per_node {processes}" if self.distributed.nnodes == 1 else
+                         f"the {processes} processes of distributed.nnodes {self.distributed.nnodes} x "
+                         f"distributed.nproc_per_node {self.distributed.nproc_per_node}")
                 raise ValueError(
-                    f"{key}.batch_size {optim.batch_size} must be divisible by distributed.nproc_per_node {processes} "
+                    f"{key}.batch_size {optim.batch_size} must be divisible by {world} "
                     "(it is the global batch; each process takes an equal share)"
                 )
         return self
@@ -746,6 +792,8 @@ LOCATION_KEYS = (
     "storage.secret_key_env",
     "storage.max_attempts",
     "tracking.tracking_uri",
+    "distributed.rdzv_endpoint",  # a retry in another allocation meets on another node
+    "distributed.launcher",
 )
 # How a stage trades memory for compute, which changes no loss or weight (models/engine.py).
 MEMORY_KEYS = ("model.pretrain.activation_checkpointing", "dap.optim.activation_checkpointing",

@@ -5,7 +5,13 @@
 
     python -m torch.distributed.run --standalone --nproc_per_node N -m tasks.launch SPEC.json
 
-whose every rank runs `execute_stage` on the same spec (rank 0 commits). The task itself never
+or, on several machines (``spec.nodes`` > 1), the spec's ``launcher`` (e.g. srun) with
+
+    python -m torch.distributed.run --nnodes M --nproc_per_node N --rdzv_backend c10d --rdzv_endpoint HOST:PORT
+        --rdzv_id ID -m tasks.launch SPEC.json
+
+which it runs once on every node; the M agents meet at the endpoint, where node ranks are handed
+out. Every rank runs `execute_stage` on the same spec (rank 0 commits). The task itself never
 becomes a rank: its Prefect context, API client and retries would be copied into every process.
 A failed launch commits nothing and raises the first rank's error; a retry resumes from the
 newest committed mid-stage checkpoint.
@@ -17,8 +23,10 @@ import collections
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import torch
@@ -45,13 +53,14 @@ def run_stage(spec: StageSpec, services: Services) -> str:
     done = finished_stage(spec, services)
     if done:
         return done
-    if spec.processes == 1:
+    if spec.processes == 1 and spec.nodes == 1:
         return execute_stage(spec, services)
     return launch(spec, services)
 
 
 def launch(spec: StageSpec, services: Services) -> str:
-    """Run `execute_stage` on ``spec.processes`` torchrun ranks; returns the URI rank 0 committed.
+    """Run `execute_stage` on ``spec.processes`` torchrun ranks per node on ``spec.nodes`` nodes; returns the URI
+    rank 0 committed.
 
     Raises StageLaunchError with the first rank's exception line and the last output lines.
     """
@@ -60,19 +69,39 @@ def launch(spec: StageSpec, services: Services) -> str:
     spec_file.write_text(spec.model_dump_json())
     # The ranks open their own services from the same config (written next to the spec).
     (spec_file.parent / "config.json").write_text(services.config.model_dump_json())
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={spec.processes}",
-               "-m", "tasks.launch", str(spec_file)]
-    returncode, first_error, tail = _run_streaming(command, _worker_env())
+    returncode, first_error, tail = _run_streaming(torchrun_command(spec, spec_file), _worker_env())
     if returncode != 0:
+        where = f"{spec.processes} processes" if spec.nodes == 1 else f"{spec.nodes} nodes x {spec.processes} processes"
+        # A rank whose peer vanished reports a connection error; the cause is on the node that went first.
+        peers = ("" if spec.nodes == 1 else " (a connection error here usually means another node's agent or ranks "
+                 "ended first: see the launcher's lines below and that node's log)")
         raise StageLaunchError(
-            f"{spec.name}: training under torchrun ({spec.processes} processes, {spec.strategy}) failed with exit code "
+            f"{spec.name}: training under torchrun ({where}, {spec.strategy}) failed with exit code "
             f"{returncode}: {first_error or 'no exception in the output (killed?)'}\n"
-            "Nothing was committed; a retry resumes from the newest committed checkpoint. Last output:\n" + "".join(tail)
+            f"Nothing was committed; a retry resumes from the newest committed checkpoint{peers}. Last output:\n" + "".join(tail)
         )
     done = finished_stage(spec, services)
     if done is None:
         raise StageLaunchError(f"{spec.name}: torchrun exited 0 but rank 0 committed no model under {spec.output_prefix}")
     return done
+
+
+def torchrun_command(spec: StageSpec, spec_file: Path) -> list[str]:
+    """The command that starts the stage's ranks: one torchrun on this machine, or ``spec.launcher`` running the
+    same torchrun on each of ``spec.nodes`` nodes.
+
+    Several nodes meet by c10d rendezvous at ``spec.rdzv_endpoint``: the agent on that host serves the store and the
+    others connect to it, and node ranks are handed out in the order the agents join, so every node runs the
+    identical command (no node rank to pass per node). The rendezvous id is new on every launch, so a retry never
+    joins what is left of a failed attempt. The spec file's path must name the same file on every node.
+    """
+    if spec.nodes == 1:
+        topology = ["--standalone", f"--nproc_per_node={spec.processes}"]
+    else:
+        topology = [f"--nnodes={spec.nodes}", f"--nproc_per_node={spec.processes}", "--rdzv_backend=c10d",
+                    f"--rdzv_endpoint={spec.rdzv_endpoint}", f"--rdzv_id={spec.name}-{uuid.uuid4().hex[:12]}"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", *topology, "-m", "tasks.launch", str(spec_file)]
+    return [*spec.launcher, *torchrun] if spec.nodes > 1 else torchrun
 
 
 def _worker_env() -> dict[str, str]:
@@ -125,6 +154,12 @@ def _stop_group(process: subprocess.Popen) -> None:
 
 def worker(spec_file: Path) -> None:
     """What each torchrun process runs: `execute_stage` on its share of every batch."""
+    if not Path(spec_file).exists():
+        raise FileNotFoundError(
+            f"{spec_file} is not on this node ({socket.gethostname()}, working directory {os.getcwd()}): with "
+            "distributed.nnodes > 1, work_dir must be on a filesystem every node mounts at the same path, and every node "
+            "must start in the same working directory (rank 0 downloads the stage's inputs there for all ranks)"
+        )
     spec = StageSpec.model_validate_json(Path(spec_file).read_text())
     config = Config.model_validate_json((Path(spec_file).parent / "config.json").read_text())
     device = resolve_device(spec.device)
@@ -132,7 +167,8 @@ def worker(spec_file: Path) -> None:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # "cuda" alone would put every rank on GPU 0
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    print(f"{spec.name}: rank {dist.get_rank()}/{dist.get_world_size()}, {spec.strategy} on {device}", flush=True)
+    node = f", node {os.environ.get('GROUP_RANK')}/{spec.nodes} ({socket.gethostname()})" if spec.nodes > 1 else ""
+    print(f"{spec.name}: rank {dist.get_rank()}/{dist.get_world_size()}, {spec.strategy} on {device}{node}", flush=True)
     try:
         execute_stage(spec, Services.open(config))
     finally:

@@ -77,8 +77,11 @@ class StageSpec(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     attn_implementation: Literal["eager", "sdpa"] = "eager"
-    processes: int = 1
+    processes: int = 1  # per node
     strategy: DistributedStrategy = "ddp"
+    nodes: int = 1  # > 1: `launcher` runs torchrun on every node; they meet at `rdzv_endpoint` (tasks/launch.py)
+    rdzv_endpoint: str | None = None
+    launcher: list[str] = []
 
     @property
     def output_prefix(self) -> str:
@@ -98,7 +101,8 @@ def stage_spec(run: RunContext, name: str, *, stage_root: str | None = None, **f
         name=name, stage_root=stage_root or run.stage_prefix(name), work_dir=run.work_dir / name,
         config_digest=cfg.digest(), device=cfg.device, precision=cfg.precision,
         attn_implementation=cfg.model.attn_implementation, processes=cfg.distributed.nproc_per_node,
-        strategy=cfg.distributed.strategy, **fields,
+        strategy=cfg.distributed.strategy, nodes=cfg.distributed.nnodes, rdzv_endpoint=cfg.distributed.rdzv_endpoint,
+        launcher=cfg.distributed.launcher, **fields,
     )
 
 
