@@ -75,6 +75,7 @@ bench: venv
 	$(BIN)/python -m bench.cl_quality --order agnews dbpedia amazon --methods full attn-proj lora replay-10% seekr-1% --seeds 0
 	$(BIN)/python -m bench.ingest_scaling
 	$(BIN)/python -m bench.lineage --threads 1
+	$(BIN)/python -m bench.retention
 	$(BIN)/python -m bench.report
 
 # A smoke run: the three scripts side by side (each starts its own services on its own ports), since

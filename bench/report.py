@@ -31,6 +31,8 @@ SECTIONS = [
      "python -m bench.cl_quality --order agnews dbpedia amazon --methods full attn-proj lora replay-10% seekr-1% --seeds 0", False),
     # A lineage that continues its champion beside one that retrains the history from the base (about 65 minutes).
     ("lineage", "python -m bench.lineage --threads 1", False),
+    # Ten nightly retrains of one lineage with the retention policy on and off: S3, local and MLflow bytes.
+    ("retention", "python -m bench.retention", False),
     # Ingestion beside plain Hugging Face `datasets`, incremental ticks, peak RSS to 10M records (about
     # 20 minutes on 2 cores); its smoke run is `python -m bench.ingest_scaling --quick` (tests/test_bench_ingest.py).
     ("ingest_scaling", "python -m bench.ingest_scaling", False),

@@ -185,3 +185,30 @@ def test_lineage_bench_judges_cost_and_ap_whichever_way_they_go():
     verdict = lineage.verdicts(nights)
     assert not verdict["cost"]["holds"] and not verdict["ap"]["holds"]  # CPU x1.5; AP gap -0.05
     assert "score the same" not in lineage.markdown({**report, "nights": nights, "verdicts": verdict})
+
+
+def test_retention_bench_judges_the_bound_and_the_stage_size_whichever_way_they_go():
+    """bench/retention.py's verdicts: S3 with the policy on against what the kept versions reference plus one checkpoint
+    in flight and against 3 full checkpoints; what each night adds with the policy off against 0.4 of one."""
+    from bench import retention
+    from bench.common import machine
+
+    full = 1000
+
+    def night(policy, n, s3, added, needed):
+        return {"policy": policy, "night": n, "s3_bytes": s3, "s3_objects": 1, "added_bytes": added, "local_bytes": 0,
+                "mlflow_bytes": 2 * full, "gc": None, "needed": {"bytes": needed, "mlflow_bytes": 2 * full, "full_checkpoint": full}}
+
+    nights = [night("policy off", 1, 2000, 2000, 2000), night("policy off", 2, 2200, 200, 2200), night("policy off", 3, 2400, 200, 2400),
+              night("policy on", 3, 2300, 100, 2300)]
+    verdict = retention.verdicts(nights)
+    assert verdict["bound"]["holds"] and verdict["bound"]["holds_3x"] and verdict["stage"]["holds"]
+    assert verdict["stage"]["max_x_full"] == 0.2 and verdict["bound"]["off_with_mlflow"] == 4.4
+    report = {"command": "x", "measured_at": "t", "machine": machine(), "description": "", "nights": nights, "verdicts": verdict}
+    assert "holds" in retention.markdown(report) and "does not hold" not in retention.markdown(report)
+
+    nights[-1].update(s3_bytes=3500)  # over needed + one checkpoint, and over 3 checkpoints
+    nights[2].update(added_bytes=500)
+    verdict = retention.verdicts(nights)
+    assert not verdict["bound"]["holds"] and not verdict["bound"]["holds_3x"] and not verdict["stage"]["holds"]
+    assert "does not hold" in retention.markdown({**report, "nights": nights, "verdicts": verdict})
