@@ -55,6 +55,7 @@ class Deletion(BaseModel):
     reason: str
     version: str | None = None  # the registry version whose checkpoint this is (tagged once deleted)
     keys: list[str] = []  # single objects (checkpoint pieces no manifest references) rather than a folder
+    pieces_bytes: int = 0  # the checkpoint pieces the folder's manifest lists (not in `bytes`: shared ones stay)
 
 
 class GcPlan(BaseModel):
@@ -182,11 +183,12 @@ def plan_gc(config: Config, services: Services, now: datetime | None = None, dry
             continued[record["inputs"]["continued checkpoint"]] = key
 
     def consider(folder: _Folder, reason: str, version: str | None = None) -> None:
+        pieces = _pieces_bytes(store, folder)
         if folder.newest is not None and folder.newest > cutoff:
-            plan.waiting.append(f"{store.uri(folder.prefix)} ({_size(folder.bytes)}): {reason}")
+            plan.waiting.append(f"{store.uri(folder.prefix)} ({_size(folder.bytes)}{_pieces_note(pieces)}): {reason}")
             return
         plan.deletions.append(Deletion(where="s3", path=folder.prefix, bytes=folder.bytes, objects=len(folder.objects),
-                                       reason=reason, version=version))
+                                       reason=reason, version=version, pieces_bytes=pieces))
 
     for key, objects in sorted(by_run.items()):
         state, words, tags = states[key]
@@ -274,6 +276,18 @@ def _plan_mlflow_models(client, kept: dict[str, str], versions: dict, plan: GcPl
         if sizes:
             plan.deletions.append(Deletion(where="mlflow", path=found.source, bytes=sum(sizes), objects=len(sizes),
                                            reason=reason, version=version))
+
+
+def _pieces_bytes(store, folder: _Folder) -> int:
+    """What the checkpoint pieces a committed folder lists add up to (0 for a folder without pieces)."""
+    if not folder.committed:
+        return 0
+    files = store.get_json(f"{folder.prefix}/{MANIFEST_NAME}").get("files", {}).values()
+    return sum(size for entry in files for _, size in entry.get("pieces", ()))
+
+
+def _pieces_note(pieces: int) -> str:
+    return f", listing {_size(pieces)} of tensor pieces" if pieces else ""
 
 
 def referenced_pieces(store, excluding: set[str] = frozenset()) -> set[str]:
@@ -462,7 +476,10 @@ def format_plan(plan: GcPlan) -> str:
              f"{_size(sum(i.bytes for i in models))}, local {_size(sum(i.bytes for i in local))})"]
     for item in plan.deletions:
         where = f"s3://.../{item.path}" if item.where == "s3" else item.path
-        lines.append(f"  - {where}  {_size(item.bytes)}, {item.objects} files: {item.reason}")
+        lines.append(f"  - {where}  {_size(item.bytes)}, {item.objects} files{_pieces_note(item.pieces_bytes)}: {item.reason}")
+    if any(item.pieces_bytes for item in plan.deletions):
+        lines.append("  (a folder's size is its own files; the tensor pieces it lists are shared by content and go only "
+                     "once no remaining folder lists them: the checkpoint pieces line)")
     lines.append("kept versions: " + (", ".join(f"{v} ({why})" for v, why in sorted(plan.kept_versions.items(), key=lambda i: int(i[0])))
                                       or "none"))
     unfinished = [f"{key} ({words})" for key, words in plan.runs.items() if words.startswith("unfinished")]

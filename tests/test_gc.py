@@ -17,7 +17,7 @@ from flows.continual_retrain import continual_retrain
 from perennial.config import ConfigError, build_config, load_config
 from perennial.storage import MANIFEST_NAME, ObjectStore
 from perennial.tracking import LINEAGE_TAG, RUN_KEY_TAG
-from tasks.gc import GcPlan, cache_entries, collect_garbage, format_plan, plan_gc, sweep
+from tasks.gc import GcPlan, _size, cache_entries, collect_garbage, format_plan, plan_gc, sweep
 from tasks.runtime import RUN_RECORD, Services, fetch_dir, run_prefix
 from tests.test_pipeline import micro_config
 
@@ -112,6 +112,9 @@ def test_dry_run_lists_sizes_and_reasons_and_deletes_nothing(retrained, services
     reasons = {item.path: item.reason for item in plan.deletions}
     assert "whose output is committed" in reasons[f"{run}/stages/cit-01-arithmetic/checkpoints/step-00000004"]
     assert "no kept version references it" in reasons[f"{run}/stages/cit-01-arithmetic/model"]
+    # a checkpoint's weights are pieces stored by content: the line names what its manifest lists beside its own files
+    model = next(item for item in plan.deletions if item.path == f"{run}/stages/cit-01-arithmetic/model")
+    assert model.pieces_bytes > model.bytes and f"files, listing {_size(model.pieces_bytes)} of tensor pieces: " in out
     # what version 1 needs is not listed: its checkpoint, replay buffer and lineage record
     version = MlflowClient(cfg.tracking.tracking_uri).get_model_version(cfg.tracking.registered_model, "1")
     for tag in ("checkpoint_uri", "replay_uri", "lineage_uri"):
