@@ -49,7 +49,7 @@ services-status: venv
 	$(BIN)/perennial services status
 
 run: venv services-up
-	$(BIN)/perennial run $(CONFIG) --summary-json .perennial/summary.json $(ARGS)
+	$(BIN)/perennial run $(CONFIG) $(ARGS) --summary-json .perennial/summary.json
 
 # Two pytest-xdist workers, one torch thread each, whole test files per worker (module fixtures start once).
 # A serial run leaves half of the 2 cores idle while tests wait on services and subprocesses; two workers

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -656,9 +657,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with `key=value` overrides also after options (`run CONFIG --summary-json F k=v`, as
+    `make run ARGS=k=v` writes it): argparse ends a positional list at the first option."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    unknown = [arg for arg in extra if not (hasattr(args, "overrides") and OVERRIDE.match(arg))]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (see `perennial {args.command} --help`)")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)[1:]
     from perennial.tracking import TrackingError
 

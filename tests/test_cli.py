@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from app.cli import main
 
 
@@ -45,3 +47,16 @@ def test_a_second_services_folder_moves_seaweedfs_internal_ports_another_instanc
         chosen = LocalServices.from_env(tmp_path / "third")
         chosen._move_weed_ports_if_taken()
         assert chosen.weed_port_base == held.getsockname()[1] - 2
+
+
+def test_overrides_are_taken_after_options_too_as_make_run_writes_them(capsys):
+    from app.cli import parse
+
+    # `make run ARGS=k=v` runs `perennial run CONFIG --summary-json F k=v`: argparse alone refused the override.
+    args = parse(["run", "configs/demo.yaml", "cit.seed_a=1", "--summary-json", "s.json", "cit.optim.lr=1e-4"])
+    assert args.overrides == ["cit.seed_a=1", "cit.optim.lr=1e-4"] and args.summary_json == "s.json"
+    assert parse(["gc", "configs/demo.yaml", "--dry-run", "retention.min_age_hours=0"]).overrides == ["retention.min_age_hours=0"]
+    with pytest.raises(SystemExit) as refused:
+        parse(["run", "configs/demo.yaml", "--no-such-option", "cit.optim.lr=1e-4"])
+    assert refused.value.code == 2
+    assert "unrecognized arguments: --no-such-option (see `perennial run --help`)" in capsys.readouterr().err
