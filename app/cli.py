@@ -46,8 +46,16 @@ def load_services_env(path: Path = SERVICES_ENV) -> None:
 
 
 def cmd_services(args: argparse.Namespace) -> int:
-    from app.services import LocalServices
+    from app.services import LocalServices, ServiceError
 
+    try:
+        return _services(args, LocalServices)
+    except ServiceError as error:  # the message says what to do
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+def _services(args: argparse.Namespace, LocalServices) -> int:
     if args.s3_port:
         os.environ["PERENNIAL_S3_PORT"] = str(args.s3_port)
     if args.mlflow_port:

@@ -284,6 +284,15 @@ class LocalServices:
 
     def up(self, timeout: float = 180.0) -> dict[str, str]:
         self.root.mkdir(parents=True, exist_ok=True)
+        saved = self.root / "ports.json"
+        had_auth = saved.exists() and bool(json.loads(saved.read_text()).get("mlflow_auth", False))
+        mlflow_pid = self._pidfile("mlflow")
+        if self.auth and not had_auth and mlflow_pid.exists() and _pid_alive(int(mlflow_pid.read_text())):
+            # `up` leaves a running server as it is: it would stay open while this root said auth is on
+            raise ServiceError(
+                f"MLflow of {self.root} is running without auth, so `up --auth` would leave it open; nothing was changed. "
+                f"Stop it first: `perennial services down --root {self.root}`, then `perennial services up --auth --root {self.root}`"
+            )
         self._move_weed_ports_if_taken()
         (self.root / "ports.json").write_text(
             json.dumps({"s3": self.s3_port, "mlflow": self.mlflow_port, "weed_base": self.weed_port_base, "bucket": self.bucket,

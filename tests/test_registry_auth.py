@@ -335,3 +335,14 @@ def test_credentials_appear_in_no_param_tag_log_line_or_artifact(auth_services, 
     everything = "\n".join([*recorded, *texts, caplog.text, captured.out, captured.err])
     assert texts and password not in everything
     assert "***" in texts[0]
+
+
+def test_up_with_auth_refuses_a_root_whose_mlflow_runs_without_it(services, capsys):
+    """`up` leaves running servers as they are: turning auth on for a root whose MLflow already runs without it would
+    leave the registry open while the root said auth is on."""
+    ports = (services.root / "ports.json").read_text()
+    assert main(["services", "up", "--auth", "--root", str(services.root)]) == 1
+    err = capsys.readouterr().err
+    assert f"error: MLflow of {services.root} is running without auth, so `up --auth` would leave it open; nothing was changed" in err
+    assert "Traceback" not in err and (services.root / "ports.json").read_text() == ports
+    assert not (services.root / "mlflow-auth.json").exists()
