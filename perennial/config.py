@@ -616,7 +616,8 @@ class DistributedConfig(Strict):
     """Multi-process training of the DAP and CIT stages (docs/training.md, "Multi-process training")."""
 
     nproc_per_node: int = Field(
-        1, ge=1, description="processes per stage, one per GPU (gloo processes on a CPU); > 1: the stage runs under torchrun"
+        1, ge=1, description="processes per stage on each machine (nnodes), one per GPU (gloo processes on a CPU); "
+        "> 1 or nnodes > 1: the stage runs under torchrun"
     )
     strategy: DistributedStrategy = Field(
         "ddp", description="ddp: each process holds the whole model; fsdp: weights, gradients and optimizer state sharded (FSDP2)"

@@ -66,6 +66,7 @@ class GcPlan(BaseModel):
     waiting: list[str] = []  # what may go once older than retention.min_age_hours
     cache_bytes: int = 0  # the local download cache, before the sweep
     dry_run: bool = False
+    min_age_hours: float = 0.0  # the policy's: what was written or used more recently waits
     deleted: int = 0  # deletions done by the sweep
     seconds: float = 0.0  # the plan and sweep, under the promotion lock
 
@@ -146,7 +147,7 @@ def plan_gc(config: Config, services: Services, now: datetime | None = None, dry
     policy, store, client = config.retention, services.store, services.tracker.client
     cutoff = now - timedelta(hours=policy.min_age_hours)
     lineage = config.tracking.registered_model
-    plan = GcPlan(lineage=lineage, dry_run=dry_run)
+    plan = GcPlan(lineage=lineage, dry_run=dry_run, min_age_hours=policy.min_age_hours)
 
     kept, versions = _kept_versions(config, services)
     needed: dict[str, str] = {}  # S3 folder prefix -> why kept
@@ -308,7 +309,8 @@ def _plan_pieces(store, plan: GcPlan, cutoff: datetime) -> None:
     written yet: it waits."""
     going = {item.path + "/" + MANIFEST_NAME for item in plan.deletions if item.where == "s3"}
     referenced = referenced_pieces(store, going)
-    orphans = [info for info in store.list(store.blob_key("")) if info.key.rsplit("/", 1)[1] not in referenced]
+    pieces = list(store.list(store.blob_key("")))
+    orphans = [info for info in pieces if info.key.rsplit("/", 1)[1] not in referenced]
     old = [info for info in orphans if info.last_modified <= cutoff]
     if len(old) < len(orphans):
         young = [info for info in orphans if info.last_modified > cutoff]
@@ -317,8 +319,9 @@ def _plan_pieces(store, plan: GcPlan, cutoff: datetime) -> None:
     if old:
         plan.deletions.append(Deletion(
             where="s3", path=store.blob_key("").rstrip("/"), bytes=sum(i.size for i in old), objects=len(old),
-            keys=[i.key for i in old], reason="checkpoint pieces (tensors stored by content) that no committed "
-            "directory references once the folders above are gone: no kept version or unfinished run reads them"))
+            keys=[i.key for i in old], reason=f"{len(old)} of the bucket's {len(pieces)} checkpoint pieces (tensors stored by "
+            "content, shared by every lineage in the bucket) that no committed directory references once the folders above "
+            "are gone: no kept version or unfinished run reads them"))
 
 
 def folder_infos(infos: list[ObjectInfo], prefix: str) -> list[ObjectInfo]:
@@ -486,7 +489,8 @@ def format_plan(plan: GcPlan) -> str:
     if unfinished:
         lines.append("unfinished runs, kept with everything they resume from: " + ", ".join(unfinished))
     if plan.waiting:
-        lines.append(f"kept for now ({len(plan.waiting)}):")
+        lines.append(f"kept for now ({len(plan.waiting)}; unless the line says what it waits for, it was written or used "
+                     f"within retention.min_age_hours={plan.min_age_hours:g} and goes for the reason given once older):")
         lines.extend(f"  - {item}" for item in plan.waiting[:20])
         if len(plan.waiting) > 20:
             lines.append(f"  ... and {len(plan.waiting) - 20} more")

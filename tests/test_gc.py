@@ -378,3 +378,15 @@ def test_gc_waits_for_a_retrain_holding_the_lineage_lock(services, prefect_harne
     finished = time.monotonic()
     holder.join()
     assert finished >= released["at"] and result["deletions"] == []
+
+
+def test_the_plan_says_why_what_waits_is_kept_and_how_many_pieces_of_the_bucket_go():
+    from tasks.gc import Deletion
+
+    plan = GcPlan(lineage="m", dry_run=True, min_age_hours=24, waiting=["s3://b/runs/m/k/stages/cit-01-t/model (3.4 MiB): ..."],
+                  deletions=[Deletion(where="s3", path="p/blobs/sha256", bytes=2048, objects=2, keys=["a", "b"],
+                                      reason="2 of the bucket's 5 checkpoint pieces ...")])
+    text = format_plan(plan)
+    assert "kept for now (1; unless the line says what it waits for, it was written or used within " \
+           "retention.min_age_hours=24 and goes for the reason given once older):" in text
+    assert "2.0 KiB, 2 files: 2 of the bucket's 5 checkpoint pieces" in text
