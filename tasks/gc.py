@@ -55,7 +55,8 @@ class Deletion(BaseModel):
     reason: str
     version: str | None = None  # the registry version whose checkpoint this is (tagged once deleted)
     keys: list[str] = []  # single objects (checkpoint pieces no manifest references) rather than a folder
-    pieces_bytes: int = 0  # the checkpoint pieces the folder's manifest lists (not in `bytes`: shared ones stay)
+    pieces_bytes: int = 0  # checkpoint pieces only this folder lists (freed with the pieces line, not in `bytes`)
+    shared_pieces_bytes: int = 0  # pieces it lists that other folders list too: they stay while those do
 
 
 class GcPlan(BaseModel):
@@ -183,13 +184,15 @@ def plan_gc(config: Config, services: Services, now: datetime | None = None, dry
         if state == "unfinished" and (record.get("inputs") or {}).get("continued checkpoint"):
             continued[record["inputs"]["continued checkpoint"]] = key
 
+    references = piece_references(store)
+
     def consider(folder: _Folder, reason: str, version: str | None = None) -> None:
-        pieces = _pieces_bytes(store, folder)
+        own, shared = _pieces_of(folder.prefix, references)
         if folder.newest is not None and folder.newest > cutoff:
-            plan.waiting.append(f"{store.uri(folder.prefix)} ({_size(folder.bytes)}{_pieces_note(pieces)}): {reason}")
+            plan.waiting.append(f"{store.uri(folder.prefix)} ({_size(folder.bytes)}{_pieces_note(own, shared)}): {reason}")
             return
         plan.deletions.append(Deletion(where="s3", path=folder.prefix, bytes=folder.bytes, objects=len(folder.objects),
-                                       reason=reason, version=version, pieces_bytes=pieces))
+                                       reason=reason, version=version, pieces_bytes=own, shared_pieces_bytes=shared))
 
     for key, objects in sorted(by_run.items()):
         state, words, tags = states[key]
@@ -248,7 +251,7 @@ def plan_gc(config: Config, services: Services, now: datetime | None = None, dry
                                                     folder.prefix + "/checkpoints/", 1).items()):
                 consider(checkpoint, f"mid-stage checkpoint of {shared}/{name}, whose model is committed: never read again")
 
-    _plan_pieces(store, plan, cutoff)
+    _plan_pieces(store, plan, cutoff, references)
     if policy.delete_unkept_models:
         _plan_mlflow_models(client, kept, versions, plan, cutoff)
     _plan_local(config, services, plan, states, now)
@@ -279,36 +282,40 @@ def _plan_mlflow_models(client, kept: dict[str, str], versions: dict, plan: GcPl
                                            reason=reason, version=version))
 
 
-def _pieces_bytes(store, folder: _Folder) -> int:
-    """What the checkpoint pieces a committed folder lists add up to (0 for a folder without pieces)."""
-    if not folder.committed:
-        return 0
-    files = store.get_json(f"{folder.prefix}/{MANIFEST_NAME}").get("files", {}).values()
-    return sum(size for entry in files for _, size in entry.get("pieces", ()))
-
-
-def _pieces_note(pieces: int) -> str:
-    return f", listing {_size(pieces)} of tensor pieces" if pieces else ""
-
-
-def referenced_pieces(store, excluding: set[str] = frozenset()) -> set[str]:
-    """The digests of the checkpoint pieces every committed folder in the bucket lists, but the manifests ``excluding``."""
-    referenced: set[str] = set()
+def piece_references(store) -> dict[str, tuple[int, set[str]]]:
+    """digest -> (size, the committed folders whose manifests list it), over every manifest in the bucket: pieces
+    are shared by content across runs and lineages."""
+    references: dict[str, tuple[int, set[str]]] = {}
     for info in store.list(""):
-        if info.key.endswith("/" + MANIFEST_NAME) and info.key not in excluding:
+        if info.key.endswith("/" + MANIFEST_NAME):
+            folder = info.key[: -len(MANIFEST_NAME) - 1]
             for entry in store.get_json(info.key).get("files", {}).values():
-                referenced.update(digest for digest, _ in entry.get("pieces", ()))
-    return referenced
+                for digest, size in entry.get("pieces", ()):
+                    references.setdefault(digest, (size, set()))[1].add(folder)
+    return references
 
 
-def _plan_pieces(store, plan: GcPlan, cutoff: datetime) -> None:
-    """Checkpoint pieces (perennial/storage.py, content-addressed) that no committed directory still references.
+def _pieces_of(folder: str, references: dict[str, tuple[int, set[str]]]) -> tuple[int, int]:
+    """(bytes of the pieces only ``folder`` lists, bytes of those it shares with other folders)."""
+    own = shared = 0
+    for size, folders in references.values():
+        if folder in folders:
+            own, shared = (own + size, shared) if len(folders) == 1 else (own, shared + size)
+    return own, shared
 
-    Pieces are shared across runs and lineages of the bucket, so every manifest in the bucket is read, less
-    those this plan deletes. A piece written after the cutoff may belong to an upload whose manifest is not
-    written yet: it waits."""
-    going = {item.path + "/" + MANIFEST_NAME for item in plan.deletions if item.where == "s3"}
-    referenced = referenced_pieces(store, going)
+
+def _pieces_note(own: int, shared: int) -> str:
+    if not own and not shared:
+        return ""
+    return f", and {_size(own)} of tensor pieces only it lists" + (f" ({_size(shared)} shared with other folders stay)" if shared else "")
+
+
+def _plan_pieces(store, plan: GcPlan, cutoff: datetime, references: dict[str, tuple[int, set[str]]]) -> None:
+    """Checkpoint pieces (perennial/storage.py, content-addressed) that no committed directory still references
+    once this plan's folders are gone. A piece written after the cutoff may belong to an upload whose manifest is
+    not written yet: it waits."""
+    going = {item.path for item in plan.deletions if item.where == "s3"}
+    referenced = {digest for digest, (_, folders) in references.items() if folders - going}
     pieces = list(store.list(store.blob_key("")))
     orphans = [info for info in pieces if info.key.rsplit("/", 1)[1] not in referenced]
     old = [info for info in orphans if info.last_modified <= cutoff]
@@ -413,7 +420,7 @@ def sweep(plan: GcPlan, config: Config, services: Services) -> GcPlan:
         if item.where == "s3" and item.keys:
             # Read again now the folders are gone: a folder committed since the plan (another lineage's, sharing a
             # tensor) keeps its pieces. Uploads also check their pieces once more after writing their manifest.
-            still = referenced_pieces(store)
+            still = set(piece_references(store))
             keys = [key for key in item.keys if key.rsplit("/", 1)[1] not in still]
             for start in range(0, len(keys), 1000):
                 batch = [{"Key": key} for key in keys[start : start + 1000]]
@@ -479,10 +486,11 @@ def format_plan(plan: GcPlan) -> str:
              f"{_size(sum(i.bytes for i in models))}, local {_size(sum(i.bytes for i in local))})"]
     for item in plan.deletions:
         where = f"s3://.../{item.path}" if item.where == "s3" else item.path
-        lines.append(f"  - {where}  {_size(item.bytes)}, {item.objects} files{_pieces_note(item.pieces_bytes)}: {item.reason}")
-    if any(item.pieces_bytes for item in plan.deletions):
-        lines.append("  (a folder's size is its own files; the tensor pieces it lists are shared by content and go only "
-                     "once no remaining folder lists them: the checkpoint pieces line)")
+        lines.append(f"  - {where}  {_size(item.bytes)}, {item.objects} files"
+                     f"{_pieces_note(item.pieces_bytes, item.shared_pieces_bytes)}: {item.reason}")
+    if any(item.pieces_bytes or item.shared_pieces_bytes for item in plan.deletions):
+        lines.append("  (tensor pieces are stored by content, shared between folders: they go on the checkpoint pieces line, "
+                     "once no remaining folder lists them)")
     lines.append("kept versions: " + (", ".join(f"{v} ({why})" for v, why in sorted(plan.kept_versions.items(), key=lambda i: int(i[0])))
                                       or "none"))
     unfinished = [f"{key} ({words})" for key, words in plan.runs.items() if words.startswith("unfinished")]
