@@ -587,14 +587,19 @@ def build_parser() -> argparse.ArgumentParser:
     lm_eval_task.add_argument("--max-length", type=int, default=None, help="training length in tokens (default 128)")
     lm_eval_task.set_defaults(func=cmd_lm_eval_task)
 
-    services = sub.add_parser("services", help="start, stop or inspect local SeaweedFS + MLflow")
-    services.add_argument("action", choices=["up", "down", "status"])
+    services = sub.add_parser("services", help="start, stop or inspect local SeaweedFS + MLflow",
+                              description="up: start SeaweedFS (S3) and MLflow for ROOT, or leave them as they are when "
+                              "running; down: stop them; status: say whether each answers, exit 3 when not (or the disk "
+                              "is full)")
+    services.add_argument("action", choices=["up", "down", "status"], help="up, down or status (options below say which they "
+                          "apply to; --root to all three)")
     services.add_argument("--root", default=None, help="state folder (default .perennial/services)")
     services.add_argument("--s3-port", type=int, default=None, help="S3 port (default 8333 or PERENNIAL_S3_PORT)")
     services.add_argument("--mlflow-port", type=int, default=None, help="MLflow port (default 5000 or PERENNIAL_MLFLOW_PORT)")
-    services.add_argument("--auth", action="store_true", help="up: MLflow with its basic-auth app, as app perennial-auth (the server too refuses "
-                          "alias changes but challenger without MANAGE; also PERENNIAL_MLFLOW_AUTH=1; kept "
-                          "for this root once on): generated passwords for the admin, retrain and reviewer identities in "
+    services.add_argument("--auth", action="store_true", help="up: MLflow with its basic-auth app, run as the app perennial-auth, "
+                          "whose server refuses to set or delete any alias but challenger without MANAGE (also "
+                          "PERENNIAL_MLFLOW_AUTH=1). A root keeps auth once it is on; to turn it off, `down` and delete "
+                          "ROOT/ports.json's mlflow_auth. Generated passwords for the admin, retrain and reviewer identities in "
                           "ROOT/mlflow-auth.json and ROOT/<identity>.env (0600, never printed); retrain gets EDIT on the "
                           "experiment and registered model of --config, reviewer MANAGE on the model. docs/operations.md, "
                           "\"Running against a team's MLflow\"")

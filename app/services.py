@@ -335,6 +335,10 @@ class LocalServices:
         root), the admin's password for its first start, the Flask secret key."""
         self.auth_identities()
         data = json.loads((self.root / "mlflow-auth.json").read_text())
+        users = self.root / "mlflow-auth.db"  # the password hashes: made 0600 before MLflow's sqlite opens it
+        if not users.exists():
+            users.touch(mode=0o600)
+        users.chmod(0o600)
         ini = self.root / "mlflow-auth.ini"
         _write_secret(ini, "\n".join([
             "[mlflow]",

@@ -95,7 +95,8 @@ def snapshot(client: MlflowClient, name: str) -> dict:
 
 def test_secrets_are_files_only_their_owner_reads_and_no_password_is_printed(auth_services, capsys):
     root = auth_services.root
-    for path in ["mlflow-auth.json", "mlflow-auth.ini", "services.env", "admin.env", "retrain.env", "reviewer.env", "credentials.json"]:
+    for path in ["mlflow-auth.json", "mlflow-auth.ini", "mlflow-auth.db", "services.env", "admin.env", "retrain.env", "reviewer.env",
+                 "credentials.json"]:
         assert stat.S_IMODE((root / path).stat().st_mode) == 0o600, path
     identities = auth_services.auth_identities()
     assert set(identities) == {"admin", "retrain", "reviewer"}
