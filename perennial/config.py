@@ -642,28 +642,33 @@ class DistributedConfig(Strict):
     def _host_and_port(cls, endpoint: str | None) -> str | None:
         if endpoint is None:
             return None
-        match = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(\d{1,5})", endpoint)
-        if not match or not 0 < int(match.group(2)) < 65536:
+        match = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(\d+)", endpoint)
+        if not match:
             raise ValueError(f"{endpoint!r} is not host:port (e.g. node-0.cluster:29400, 10.0.0.5:29400 or [fd00::5]:29400)")
+        if not 0 < int(match.group(2)) < 65536:
+            raise ValueError(f"{endpoint!r}: port {match.group(2)} is out of range (1-65535; torchrun's default is 29400)")
         return endpoint
 
     @model_validator(mode="after")
     def _nodes_can_meet(self) -> "DistributedConfig":
         if self.nnodes == 1:
             return self
+        missing = []  # both at once: a user fixing one should not meet the other next
         if self.rdzv_endpoint is None:
-            raise ValueError(
+            missing.append(
                 f"distributed.rdzv_endpoint is required when distributed.nnodes={self.nnodes}: the host:port where every "
                 "node's torchrun meets (c10d rendezvous), on one of the nodes, e.g. distributed.rdzv_endpoint=node-0:29400; "
                 "on Slurm the allocation's first node: $(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1):29400"
             )
         if not self.launcher:
-            raise ValueError(
+            missing.append(
                 f"distributed.launcher is required when distributed.nnodes={self.nnodes}: the command that runs the "
                 f"stage's torchrun once on each of the {self.nnodes} nodes, e.g. "
                 "distributed.launcher='[srun, --ntasks-per-node=1, --kill-on-bad-exit=1]' inside a Slurm allocation "
                 "(docs/training.md, \"Several machines\")"
             )
+        if missing:
+            raise ValueError("; and ".join(missing))
         return self
 
 

@@ -48,13 +48,15 @@ def test_several_nodes_are_refused_at_config_load_without_an_endpoint_or_a_launc
         (): "distributed.rdzv_endpoint is required when distributed.nnodes=2",
         (endpoint,): "distributed.launcher is required when distributed.nnodes=2",
         ("distributed.rdzv_endpoint=node-0", launcher): "'node-0' is not host:port",
-        ("distributed.rdzv_endpoint=node-0:70000", launcher): "'node-0:70000' is not host:port",
+        ("distributed.rdzv_endpoint=node-0:70000", launcher): "'node-0:70000': port 70000 is out of range (1-65535",
         ("distributed.nnodes=3", endpoint, launcher):
             "dap.optim.batch_size 16 must be divisible by the 3 processes of distributed.nnodes 3 x distributed.nproc_per_node 1",
     }
     for extra, message in refusals.items():
         with pytest.raises(ConfigError, match=re.escape(message)):
             build_config(base, [*nodes, *extra])
+    with pytest.raises(ConfigError, match="rdzv_endpoint is required .*; and distributed.launcher is required"):
+        build_config(base, nodes)  # both missing: both named at once
     cfg = build_config(base, [*nodes, endpoint, launcher])
     assert (cfg.distributed.nnodes, cfg.distributed.rdzv_endpoint, cfg.distributed.launcher) == (2, "node-0:29400", ["srun", "--ntasks-per-node=1"])
     ipv6 = {**base, "distributed": {**base["distributed"], "rdzv_endpoint": "[fd00::5]:29400"}}
