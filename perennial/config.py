@@ -867,6 +867,8 @@ def _explain(error: ValidationError, source: str) -> ConfigError:
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
         if item["type"] == "extra_forbidden":
             lines.append(f"  - {key}: unknown key; check the spelling against configs/demo.yaml")
+        elif isinstance(item.get("input"), dict):  # a whole section's own check: its message names the keys
+            lines.append(f"  - {key}: {item['msg']}")
         else:
             lines.append(f"  - {key}: {item['msg']} (got {item.get('input')!r})")
     return ConfigError("\n".join(lines))

@@ -166,3 +166,13 @@ def test_a_gate_or_registry_change_keeps_the_outputs_digest_so_run_keys_resume()
     assert judged_otherwise.outputs_digest() == base.outputs_digest() != judged_otherwise.digest()
     assert build_config({}, ["cit.optim.lr=0.5"]).outputs_digest() != base.outputs_digest()
     assert build_config({}, ["lineage.continue_from=champion"]).outputs_digest() != base.outputs_digest()
+
+
+def test_a_check_across_keys_names_them_without_echoing_the_whole_config():
+    from perennial.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError) as refused:
+        build_config({}, ["distributed.strategy=fsdp", "distributed.nproc_per_node=2", "cit.methods=[{name: lwf}]"])
+    text = str(refused.value)
+    assert "cit.methods ['lwf'] do not run under distributed.strategy=fsdp" in text
+    assert "(got {" not in text and len(text) < 600  # before: the whole config, ~1.7 KB, after the message
