@@ -13,6 +13,7 @@
     perennial status [--limit N]           recent retrains: Prefect state + MLflow stage, status, links
     perennial deploy                       register deployments/prefect.yaml with the Prefect server
     perennial gc CONFIG [--dry-run]        delete what the retention policy lets go, with sizes and reasons
+    perennial config [KEY]                 every setting under KEY with its default and what it does
 """
 
 from __future__ import annotations
@@ -480,6 +481,15 @@ def cmd_lm_eval_task(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    from perennial.config import describe_keys
+
+    for key, default, description in describe_keys(args.key):
+        shown = json.dumps(default, default=str) if not isinstance(default, str) else default
+        print(f"{key} = {shown}" + (f"\n    {description}" if description else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="perennial",
@@ -487,6 +497,12 @@ def build_parser() -> argparse.ArgumentParser:
         "ingest -> DAP -> CIT over tasks with replay -> evaluate -> MLflow registry.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+
+    config = sub.add_parser("config", help="list the config's keys with their defaults and what they do",
+                            description="Every setting under KEY (a section such as retention or cit.optim, or one key; "
+                            "none: all), its default and its description: what `key=value` overrides and YAML files set.")
+    config.add_argument("key", nargs="?", default="", help="a section or key, e.g. retention, cit.tuning.method")
+    config.set_defaults(func=cmd_config)
 
     run = sub.add_parser("run", help="run the continual-retrain flow on a config", description="Run the whole pipeline. "
                          "Overrides are dotted keys, e.g. cit.optim.lr=3e-4 cit.tuning.method=attn-proj.")

@@ -15,7 +15,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Iterator, Literal, Union
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -859,6 +859,25 @@ def _deep_merge(base: dict, extra: dict) -> dict:
         else:
             merged[key] = value
     return merged
+
+
+def describe_keys(prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, default, description) of every setting under ``prefix`` ("" for all), from the config's own fields.
+
+    Raises ConfigError when no key starts with ``prefix``."""
+    def walk(model: BaseModel, path: str) -> Iterator[tuple[str, Any, str]]:
+        for name, field in type(model).model_fields.items():
+            key, value = f"{path}{name}", getattr(model, name)
+            if isinstance(value, BaseModel):
+                yield from walk(value, key + ".")
+            else:
+                yield key, value, field.description or ""
+
+    found = [item for item in walk(Config(), "") if item[0] == prefix or item[0].startswith(prefix + ".") or not prefix]
+    if not found:
+        sections = ", ".join(name for name in Config.model_fields)
+        raise ConfigError(f"no setting {prefix!r}: the top-level sections and keys are {sections}")
+    return found
 
 
 def _explain(error: ValidationError, source: str) -> ConfigError:

@@ -60,3 +60,13 @@ def test_overrides_are_taken_after_options_too_as_make_run_writes_them(capsys):
         parse(["run", "configs/demo.yaml", "--no-such-option", "cit.optim.lr=1e-4"])
     assert refused.value.code == 2
     assert "unrecognized arguments: --no-such-option (see `perennial run --help`)" in capsys.readouterr().err
+
+
+def test_config_lists_keys_with_defaults_and_descriptions(capsys):
+    assert main(["config", "retention"]) == 0
+    out = capsys.readouterr().out
+    assert "retention.min_age_hours = 24.0\n    nothing written or used more recently than this is deleted" in out
+    assert all(line.startswith(("retention.", "    ")) for line in out.splitlines())
+    assert main(["config", "cit.optim.lr"]) == 0 and capsys.readouterr().out.startswith("cit.optim.lr = ")
+    assert main(["config", "retention.nosuch"]) == 2
+    assert "no setting 'retention.nosuch': the top-level sections and keys are run_name, seed" in capsys.readouterr().err
