@@ -47,16 +47,8 @@ def load_services_env(path: Path = SERVICES_ENV) -> None:
 
 
 def cmd_services(args: argparse.Namespace) -> int:
-    from app.services import LocalServices, ServiceError
+    from app.services import LocalServices
 
-    try:
-        return _services(args, LocalServices)
-    except ServiceError as error:  # the message says what to do
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-
-
-def _services(args: argparse.Namespace, LocalServices) -> int:
     if args.s3_port:
         os.environ["PERENNIAL_S3_PORT"] = str(args.s3_port)
     if args.mlflow_port:
@@ -428,6 +420,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from models.gguf import GGUFError
     from perennial.registry import RegistryError
     from perennial.storage import StorageError
+    from app.services import ServiceError
     from perennial.tracking import TrackingError
     from tasks.export import export_gguf, export_model
 
@@ -705,6 +698,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)[1:]
+    from app.services import ServiceError
     from perennial.tracking import TrackingError
 
     try:
@@ -712,7 +706,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except TrackingError as error:  # the message says how to reach or start the server
+    except (TrackingError, ServiceError) as error:  # the message says how to reach, start or fix the server
         print(f"error: {error}", file=sys.stderr)
         return 1
 

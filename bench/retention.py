@@ -35,6 +35,7 @@ POLICIES = {"policy on": ["retention.min_age_hours=0"], "policy off": ["retentio
 GATES_OFF = ("registry.gates={min_target_score: null, min_bwt: null, max_task_drop: null, min_chance_margin: null, "
              "max_general_ppl_ratio: null, max_general_ppl_ratio_vs_base: null, max_general_task_drop: null, "
              "max_output_drift_kl: null}")
+SERVICES_BUCKET = "bench-retention"  # MLflow's artifacts; each lineage has a bucket of its own (bucket())
 LINEAGE_TARGET, STAGE_TARGET = 3.0, 0.40  # × one full checkpoint (issue #45)
 
 
@@ -83,7 +84,7 @@ def footprint(store, client, cfg) -> dict:
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
     mlflow_bytes = 0
     if experiment is not None:
-        artifacts = store.__class__(cfg.storage.model_copy(update={"bucket": "bench-retention"}))
+        artifacts = store.__class__(cfg.storage.model_copy(update={"bucket": SERVICES_BUCKET}))
         mlflow_bytes = sum(i.size for i in artifacts.list(f"mlflow-artifacts/{experiment.experiment_id}/"))
     work = Path(cfg.work_dir)
     local = sum(f.stat().st_size for f in work.rglob("*") if f.is_file()) if work.exists() else 0
@@ -94,7 +95,7 @@ def needed(store, client, cfg) -> dict:
     """The distinct bytes the policy must keep: what the kept versions' folders, the base and DAP models and the
     dataset versions reference (their files and checkpoint pieces), and one full checkpoint's size."""
     from perennial.storage import MANIFEST_NAME
-    from tasks.gc import _kept_versions
+    from tasks.gc import _kept_versions, model_file_sizes
     from tasks.runtime import Services, uri_to_prefix
 
     kept, versions = _kept_versions(cfg, Services.open(cfg))
@@ -102,15 +103,8 @@ def needed(store, client, cfg) -> dict:
                if versions[v].tags.get(tag)}
     shared = [i.key[: -len(MANIFEST_NAME) - 1] for i in store.list(cfg.storage.prefix + "/") if i.key.endswith("/" + MANIFEST_NAME)
               and any(f"/{kind}/" in i.key for kind in ("base-models", "dap-models", "datasets")) and "/checkpoints/" not in i.key]
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
-    models = 0  # MLflow's copy of each kept version's model (distinct sources)
-    for source in {versions[v].source for v in kept}:
-        repo, folders_left = get_artifact_repository(source, tracking_uri=client.tracking_uri), [None]
-        while folders_left:
-            for info in repo.list_artifacts(folders_left.pop()):
-                (folders_left.append(info.path) if info.is_dir else None)
-                models += 0 if info.is_dir else (info.file_size or 0)
+    # MLflow's copy of each kept version's model (distinct sources)
+    models = sum(sum(model_file_sizes(client, source)) for source in {versions[v].source for v in kept})
     files, pieces, full = 0, {}, 0
     for prefix in folders | set(shared):
         manifest = store.read_manifest(prefix)
@@ -211,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
 
     done = args.state_dir / "nights.json"
     nights = json.loads(done.read_text()) if done.exists() else []
-    with running_services(args.state_dir / "services", bucket="bench-retention"):
+    with running_services(args.state_dir / "services", bucket=SERVICES_BUCKET):
         for night in range(1, args.nights + 1):
             for policy in POLICIES:
                 if any(n["night"] == night and n["policy"] == policy for n in nights):

@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -108,24 +107,14 @@ def safetensors_pieces(path: str | Path) -> list[tuple[int, int]] | None:
     return pieces
 
 
-def _read_range(path: Path, start: int, end: int) -> bytes:
-    with open(path, "rb") as handle:
-        handle.seek(start)
-        return handle.read(end - start)
-
-
-def _sha256_range(path: Path, start: int, end: int, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
+def _blocks(path: Path, start: int, end: int, chunk: int = 1 << 24) -> Iterator[bytes]:
+    """The bytes ``[start, end)`` of ``path``, in blocks of at most ``chunk``."""
     with open(path, "rb") as handle:
         handle.seek(start)
         left = end - start
-        while left > 0:
-            block = handle.read(min(chunk, left))
-            if not block:
-                break
-            digest.update(block)
+        while left > 0 and (block := handle.read(min(chunk, left))):
             left -= len(block)
-    return digest.hexdigest()
+            yield block
 
 
 # A 403 with the local clock this far off the server's names the clock as the cause (S3 allows 15 minutes).
@@ -328,7 +317,10 @@ class ObjectStore:
                 yield ObjectInfo(item["Key"], item["Size"], item["ETag"].strip('"'), item["LastModified"])
 
     def delete_prefix(self, prefix: str) -> int:
-        keys = [info.key for info in self.list(prefix)]
+        return self.delete_keys([info.key for info in self.list(prefix)])
+
+    def delete_keys(self, keys: list[str]) -> int:
+        """Delete these objects (S3 takes at most 1000 a request); returns how many were asked for."""
         for start in range(0, len(keys), 1000):
             batch = [{"Key": key} for key in keys[start : start + 1000]]
             self._retry("delete_objects", self.client.delete_objects, Bucket=self.bucket, Delete={"Objects": batch})
@@ -339,30 +331,30 @@ class ObjectStore:
     def blob_key(self, digest: str) -> str:
         return f"{self.cfg.prefix}/{BLOBS}/{digest}"
 
-    def _put_pieces(self, path: Path, pieces: list[tuple[int, int]]) -> list[list]:
+    def _put_pieces(self, path: Path, pieces: list[tuple[int, int]], whole=None) -> list[list]:
         """Store each byte range of ``path`` as a content-addressed blob unless one with its digest exists;
-        returns ``[[sha256, size], ...]`` in file order."""
+        returns ``[[sha256, size], ...]`` in file order. ``whole`` (a hashlib object) is fed every byte in
+        order, so pieces that tile the file give its sha256 without reading it again."""
         stored = []
         for start, end in pieces:
-            digest = _sha256_range(path, start, end)
-            key = self.blob_key(digest)
+            digest = hashlib.sha256()
+            for block in _blocks(path, start, end):
+                digest.update(block)
+                if whole is not None:
+                    whole.update(block)
+            key = self.blob_key(digest.hexdigest())
             if not self.exists(key):
                 if end - start <= _IN_MEMORY_PIECE:
-                    self.put_bytes(key, _read_range(path, start, end))
-                else:
+                    self.put_bytes(key, b"".join(_blocks(path, start, end)))
+                else:  # boto uploads a file in parts; a huge tensor need not sit in memory
                     spill = path.with_name(f".{path.name}.{start}.piece")
-                    with open(path, "rb") as source, open(spill, "wb") as target:
-                        source.seek(start)
-                        left = end - start
-                        while left > 0:
-                            block = source.read(min(1 << 24, left))
-                            target.write(block)
-                            left -= len(block)
                     try:
+                        with open(spill, "wb") as target:
+                            target.writelines(_blocks(path, start, end))
                         self.put_file(spill, key)
                     finally:
                         spill.unlink(missing_ok=True)
-            stored.append([digest, end - start])
+            stored.append([digest.hexdigest(), end - start])
         return stored
 
     def upload_dir(self, local_dir: str | Path, prefix: str, meta: dict | None = None) -> dict:
@@ -382,8 +374,9 @@ class ObjectStore:
                 digest = self.put_file(path, f"{prefix}/{relative}")
                 files[relative] = {"sha256": digest, "size": path.stat().st_size}
             else:
-                files[relative] = {"sha256": sha256_file(path), "size": path.stat().st_size,
-                                   "pieces": self._put_pieces(path, pieces)}
+                whole = hashlib.sha256()
+                stored = self._put_pieces(path, pieces, whole)
+                files[relative] = {"sha256": whole.hexdigest(), "size": path.stat().st_size, "pieces": stored}
                 split[relative] = (path, pieces)
         manifest = {
             "files": files,
@@ -428,6 +421,7 @@ class ObjectStore:
         target.parent.mkdir(parents=True, exist_ok=True)
         joined = target.with_name(target.name + ".joining")
         piece = target.with_name(target.name + ".piece")
+        whole = hashlib.sha256()
         try:
             with open(joined, "wb") as out:
                 for digest, _size in entry["pieces"]:
@@ -444,9 +438,10 @@ class ObjectStore:
                             "outside `perennial gc`, or never uploaded); the checkpoint cannot be read. Retrain the "
                             "run that wrote it, or restore the object from a backup"
                         ) from None
-                    with open(piece, "rb") as source:
-                        shutil.copyfileobj(source, out, 1 << 24)
-            actual = sha256_file(joined)
+                    for block in _blocks(piece, 0, piece.stat().st_size):
+                        whole.update(block)
+                        out.write(block)
+            actual = whole.hexdigest()
             if actual != entry["sha256"]:
                 raise CorruptObjectError(f"{relative} of {self.uri(prefix)} is corrupt: its pieces join to sha256 "
                                          f"{actual[:12]}..., not the manifest's {entry['sha256'][:12]}...")

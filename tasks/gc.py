@@ -185,9 +185,10 @@ def plan_gc(config: Config, services: Services, now: datetime | None = None, dry
             continued[record["inputs"]["continued checkpoint"]] = key
 
     references = piece_references(store)
+    folder_pieces = _pieces_by_folder(references)
 
     def consider(folder: _Folder, reason: str, version: str | None = None) -> None:
-        own, shared = _pieces_of(folder.prefix, references)
+        own, shared = folder_pieces.get(folder.prefix, (0, 0))
         if folder.newest is not None and folder.newest > cutoff:
             plan.waiting.append(f"{store.uri(folder.prefix)} ({_size(folder.bytes)}{_pieces_note(own, shared)}): {reason}")
             return
@@ -261,8 +262,6 @@ def plan_gc(config: Config, services: Services, now: datetime | None = None, dry
 def _plan_mlflow_models(client, kept: dict[str, str], versions: dict, plan: GcPlan, cutoff: datetime) -> None:
     """The MLflow model files (the version's `source`, MLflow's own copy of the checkpoint) of versions that are
     not kept: each retrain logs one, so without this the artifact store grows by a model a night."""
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
     kept_sources = {versions[v].source for v in kept if v in versions}
     for version, found in sorted(versions.items(), key=lambda item: int(item[0])):
         if version in kept or found.source in kept_sources or "perennial.model_deleted" in found.tags:
@@ -272,14 +271,25 @@ def _plan_mlflow_models(client, kept: dict[str, str], versions: dict, plan: GcPl
         if datetime.fromtimestamp(found.creation_timestamp / 1000, timezone.utc) > cutoff:
             plan.waiting.append(f"{found.source}: {reason}")
             continue
-        repo = get_artifact_repository(found.source, tracking_uri=client.tracking_uri)
-        sizes, folders = [], [None]
-        while folders:  # every file under the model, for its size
-            for info in repo.list_artifacts(folders.pop()):
-                (folders.append(info.path) if info.is_dir else sizes.append(info.file_size or 0))
+        sizes = model_file_sizes(client, found.source)
         if sizes:
             plan.deletions.append(Deletion(where="mlflow", path=found.source, bytes=sum(sizes), objects=len(sizes),
                                            reason=reason, version=version))
+
+
+def _artifacts(client, uri: str):
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    return get_artifact_repository(uri, tracking_uri=client.tracking_uri)
+
+
+def model_file_sizes(client, source: str) -> list[int]:
+    """The size of every file of a registered version's MLflow model (its ``source``), in bytes."""
+    repo, sizes, folders = _artifacts(client, source), [], [None]
+    while folders:
+        for info in repo.list_artifacts(folders.pop()):
+            (folders.append(info.path) if info.is_dir else sizes.append(info.file_size or 0))
+    return sizes
 
 
 def piece_references(store) -> dict[str, tuple[int, set[str]]]:
@@ -295,13 +305,13 @@ def piece_references(store) -> dict[str, tuple[int, set[str]]]:
     return references
 
 
-def _pieces_of(folder: str, references: dict[str, tuple[int, set[str]]]) -> tuple[int, int]:
-    """(bytes of the pieces only ``folder`` lists, bytes of those it shares with other folders)."""
-    own = shared = 0
+def _pieces_by_folder(references: dict[str, tuple[int, set[str]]]) -> dict[str, tuple[int, int]]:
+    """folder -> (bytes of the pieces only it lists, bytes of those it shares with other folders)."""
+    totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for size, folders in references.values():
-        if folder in folders:
-            own, shared = (own + size, shared) if len(folders) == 1 else (own, shared + size)
-    return own, shared
+        for folder in folders:
+            totals[folder][len(folders) > 1] += size
+    return {folder: (own, shared) for folder, (own, shared) in totals.items()}
 
 
 def _pieces_note(own: int, shared: int) -> str:
@@ -420,27 +430,18 @@ def sweep(plan: GcPlan, config: Config, services: Services) -> GcPlan:
         if item.where == "s3" and item.keys:
             # Read again now the folders are gone: a folder committed since the plan (another lineage's, sharing a
             # tensor) keeps its pieces. Uploads also check their pieces once more after writing their manifest.
-            still = set(piece_references(store))
-            keys = [key for key in item.keys if key.rsplit("/", 1)[1] not in still]
-            for start in range(0, len(keys), 1000):
-                batch = [{"Key": key} for key in keys[start : start + 1000]]
-                store._retry("delete_objects", store.client.delete_objects, Bucket=store.bucket, Delete={"Objects": batch})
+            still = piece_references(store)
+            store.delete_keys([key for key in item.keys if key.rsplit("/", 1)[1] not in still])
         elif item.where == "s3":
             manifest = f"{item.path}/{MANIFEST_NAME}"
             store._retry("delete_object", store.client.delete_object, Bucket=store.bucket, Key=manifest)
             store.delete_prefix(item.path + "/")
             if item.version is not None:
-                services.tracker.client.set_model_version_tag(
-                    config.tracking.registered_model, item.version, "perennial.checkpoint_deleted",
-                    f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by gc: {item.reason}")
+                _tag_version(config, services, item, "perennial.checkpoint_deleted")
         elif item.where == "mlflow":
-            from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
             # tagged first: a sweep killed between the two leaves a version that says so, never one that silently fails to load
-            services.tracker.client.set_model_version_tag(
-                config.tracking.registered_model, item.version, "perennial.model_deleted",
-                f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by gc: {item.reason}")
-            get_artifact_repository(item.path, tracking_uri=services.tracker.client.tracking_uri).delete_artifacts()
+            _tag_version(config, services, item, "perennial.model_deleted")
+            _artifacts(services.tracker.client, item.path).delete_artifacts()
         else:
             path = Path(item.path)
             if path.is_dir():
@@ -451,6 +452,12 @@ def sweep(plan: GcPlan, config: Config, services: Services) -> GcPlan:
                 path.unlink(missing_ok=True)
         plan.deleted += 1
     return plan
+
+
+def _tag_version(config: Config, services: Services, item: Deletion, tag: str) -> None:
+    """Say on the version what gc deleted of it, when and why."""
+    services.tracker.client.set_model_version_tag(config.tracking.registered_model, item.version, tag,
+                                                  f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by gc: {item.reason}")
 
 
 def collect_garbage(config: Config, dry_run: bool = False, services: Services | None = None) -> GcPlan:
