@@ -102,6 +102,23 @@ def test_two_nodes_commit_what_one_process_commits(stage_inputs, tmp_path, capfd
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.usefixtures("single_torch_thread")
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc), whatever session or process group it is in."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, queue = [], [pid]
+    while queue:
+        children = parents.get(queue.pop(), [])
+        found += children
+        queue += children
+    return found
+
+
 def test_losing_a_node_mid_stage_fails_the_stage_and_commits_nothing(stage_inputs, tmp_path):
     ctx, base_uri, (task, _), _ = stage_inputs
     pids = tmp_path / "pids.json"
@@ -124,7 +141,13 @@ def test_losing_a_node_mid_stage_fails_the_stage_and_commits_nothing(stage_input
             time.sleep(0.3)
         lost = json.loads(pids.read_text())[1]
         killed_at = time.monotonic()
-        os.killpg(lost, signal.SIGKILL)  # the node's torchrun agent and its rank at once, as when the machine goes
+        # The node's torchrun agent and its rank at once, as when the machine goes. torchrun starts each rank in a
+        # session of its own, so the rank is not in the agent's process group: kill every process of the node's tree.
+        for pid in [lost, *_descendants(lost)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         thread.join(timeout=90)
         assert not thread.is_alive(), "the surviving node did not notice"
     finally:  # never leave a node training behind a failed assertion
