@@ -540,6 +540,12 @@ class SamplesConfig(Strict):
 class RegistryConfig(Strict):
     enabled: bool = True
     auto_promote: bool = False
+    model_files: Literal["checkpoint", "mlflow"] = Field(
+        "checkpoint", description="where a version's MLflow model (its source) is stored. checkpoint: in the lineage's "
+        "S3 beside its checkpoints, weights by content, so a version adds only its small files; loading models:/NAME "
+        "reads that bucket directly and needs its read credentials (perennial/model_files.py). mlflow: a full copy "
+        "per version in MLflow's artifact store, for readers who have MLflow access only",
+    )
     gates: GatesConfig = Field(default_factory=GatesConfig)
     samples: SamplesConfig = Field(default_factory=SamplesConfig)
 

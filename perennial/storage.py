@@ -408,11 +408,15 @@ class ObjectStore:
             target = local_dir / relative
             if target.is_file() and sha256_file(target) == entry["sha256"]:
                 continue
-            if "pieces" in entry:
-                self._join_pieces(prefix, relative, entry, target)
-            else:
-                self.get_file(f"{prefix}/{relative}", target, expected_sha256=entry["sha256"])
+            self.download_file(prefix, relative, entry, target)
         return manifest
+
+    def download_file(self, prefix: str, relative: str, entry: dict, target: Path) -> None:
+        """One file of the committed directory ``prefix``, from its manifest ``entry``, sha256-checked."""
+        if "pieces" in entry:
+            self._join_pieces(prefix, relative, entry, target)
+        else:
+            self.get_file(f"{prefix}/{relative}", target, expected_sha256=entry["sha256"])
 
     def _join_pieces(self, prefix: str, relative: str, entry: dict, target: Path) -> None:
         """Rebuild one file from its content-addressed pieces, each sha256-checked, then the whole file.

@@ -17,6 +17,9 @@ from tasks.runtime import RunContext, uri_to_prefix
 from tasks.stage import StageData, stage_spec
 
 STAGE = "dap"
+# On the retrain's parent run: the DAP model it trained from, which `perennial gc` keeps while the run may resume
+# or its version is kept (tasks/gc.py)
+DAP_MODEL_TAG = "perennial.dap_model"
 
 
 def dap_key(run: RunContext, base_model_uri: str, data: DataBundle) -> str:
@@ -46,4 +49,6 @@ def train_dap(run: RunContext, base_model_uri: str, data: DataBundle) -> str:
                            general_mix_fraction=cfg.dap.general_mix_fraction),
             optim=cfg.dap.optim, tuning=cfg.dap.tuning, seed=cfg.stage_seed("dap"), mlflow_run_id=child,
         )
-        return run_stage(spec, run.services)
+        model_uri = run_stage(spec, run.services)
+    run.tracker.set_tags(run.parent_run_id, {DAP_MODEL_TAG: model_uri})
+    return model_uri

@@ -8,11 +8,13 @@ needs, so gc deletes exactly the others (docs/operations.md, "Storage and retent
   holding an alias of `retention.keep_aliases`, one of the newest `retention.keep_last_versions`,
   the version `lineage.continue_from` pins); everything an *unfinished* run resumes from (its stage
   outputs, replay buffers, the newest committed mid-stage checkpoint of its stage in progress) and
-  the checkpoint it continues; every dataset version, base model and DAP model.
+  the checkpoint it continues; every dataset version and base model; the DAP model of an unfinished
+  run or of a kept version's run, and any DAP model no run of this lineage used (DAP models are shared
+  by content digest).
 - **May go**, once older than `retention.min_age_hours`: mid-stage checkpoints of a stage whose
   output is committed (a rerun returns the output and never reads them), older or never-committed
-  mid-stage checkpoints, and, of a run that finished or failed for good, the stage outputs and
-  replay buffers no kept version references. Locally, the work directories of ended runs, and the
+  mid-stage checkpoints, and, of a run that finished or failed for good, the stage outputs, replay
+  buffers and DAP model no kept version references, and the MLflow model of a version not kept. Locally, the work directories of ended runs, and the
   least recently used download-cache entries above `retention.local_cache_max_gb`.
 
 `plan_gc` reads the registry and the runs first and says why each deletion may go; `sweep` deletes.
@@ -31,12 +33,15 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Literal
 
+from mlflow.exceptions import MlflowException
 from pydantic import BaseModel
 
 from perennial import registry
 from perennial.config import Config
+from perennial.model_files import registered_folder
 from perennial.storage import MANIFEST_NAME, ObjectInfo
 from perennial.tracking import ERROR_TAG, RUN_KEY_TAG
+from tasks.dap import DAP_MODEL_TAG
 from tasks.failures import FAILED_FOR_GOOD
 from tasks.runtime import RUN_RECORD, Services, run_prefix, uri_to_prefix
 
@@ -241,6 +246,16 @@ def plan_gc(config: Config, services: Services, now: datetime | None = None, dry
                 continue
             consider(folder, f"replay buffer {name} of a {state} run that no kept version continues from")
 
+    # The DAP model each run of the lineage trained from (tasks/dap.py tags it): needed while such a run may resume,
+    # or its version is kept (a rerun of that version's key reads it); a kept version's own checkpoint holds its weights.
+    dap_users: dict[str, list[str]] = defaultdict(list)  # DAP model prefix -> why a run of this lineage keeps it ("" if none)
+    for key, (state, _, tags) in states.items():
+        uri = tags.get(DAP_MODEL_TAG, "")
+        if uri.startswith(f"s3://{store.bucket}/"):
+            version = tags.get(registry.REGISTERED_VERSION_TAG, "").rpartition("/")[2]
+            why = (f"unfinished run {key} may resume from it" if state == "unfinished" else
+                   f"run {key} trained version {version} from it, which is kept" if version in kept else "")
+            dap_users[uri_to_prefix(store, uri).rsplit("/", 1)[0]].append(why)
     for shared in ("base-models", "dap-models"):  # shared by content digest across runs and lineages
         shared_root = f"{config.storage.prefix}/{shared}/"
         shared_infos = list(store.list(shared_root))
@@ -248,20 +263,28 @@ def plan_gc(config: Config, services: Services, now: datetime | None = None, dry
             parts = _folders(folder_infos(shared_infos, folder.prefix + "/"), folder.prefix + "/", 1)
             if parts.get("model") is None or not parts["model"].committed:
                 continue  # a model still in training (maybe by another lineage): its checkpoints resume it
+            users = dap_users.get(folder.prefix)
+            if users and not any(users):  # only this lineage's ended runs used it, and no kept version came from it
+                consider(parts["model"], f"DAP model of {len(users)} ended run(s) of this lineage whose versions are not kept: the kept "
+                                "versions' checkpoints hold their own weights; a retrain with the same base, data and "
+                                "settings trains it again")
             for step, checkpoint in sorted(_folders(folder_infos(shared_infos, folder.prefix + "/checkpoints/"),
                                                     folder.prefix + "/checkpoints/", 1).items()):
                 consider(checkpoint, f"mid-stage checkpoint of {shared}/{name}, whose model is committed: never read again")
 
+    if policy.delete_unkept_models:  # before the pieces: a deleted version's folder no longer holds its pieces
+        _plan_mlflow_models(client, kept, versions, plan, cutoff, folder_pieces)
     _plan_pieces(store, plan, cutoff, references)
-    if policy.delete_unkept_models:
-        _plan_mlflow_models(client, kept, versions, plan, cutoff)
     _plan_local(config, services, plan, states, now)
     return plan
 
 
-def _plan_mlflow_models(client, kept: dict[str, str], versions: dict, plan: GcPlan, cutoff: datetime) -> None:
-    """The MLflow model files (the version's `source`, MLflow's own copy of the checkpoint) of versions that are
-    not kept: each retrain logs one, so without this the artifact store grows by a model a night."""
+def _plan_mlflow_models(client, kept: dict[str, str], versions: dict, plan: GcPlan, cutoff: datetime,
+                        folder_pieces: dict[str, tuple[int, int]]) -> None:
+    """The MLflow model (the version's `source`) of versions that are not kept. Under `registry.model_files:
+    checkpoint` it is a folder of this bucket whose weights are checkpoint pieces (perennial/model_files.py): its
+    own small files go here, its pieces with the pieces line once nothing else lists them. Under `mlflow` it is a
+    full copy in MLflow's artifact store, a model a night without this."""
     kept_sources = {versions[v].source for v in kept if v in versions}
     for version, found in sorted(versions.items(), key=lambda item: int(item[0])):
         if version in kept or found.source in kept_sources or "perennial.model_deleted" in found.tags:
@@ -270,6 +293,17 @@ def _plan_mlflow_models(client, kept: dict[str, str], versions: dict, plan: GcPl
                   "metrics, tags and decision stay")
         if datetime.fromtimestamp(found.creation_timestamp / 1000, timezone.utc) > cutoff:
             plan.waiting.append(f"{found.source}: {reason}")
+            continue
+        folder = registered_folder(found.source)
+        if folder is not None:
+            try:
+                files = _artifacts(client, found.source).files
+            except MlflowException:
+                continue  # never committed (a registration that failed first) or already deleted: nothing to delete
+            small = [entry["size"] for entry in files.values() if "pieces" not in entry]
+            own, shared = folder_pieces.get(folder, (0, 0))
+            plan.deletions.append(Deletion(where="mlflow", path=found.source, bytes=sum(small), objects=len(small) + 1,
+                                           reason=reason, version=version, pieces_bytes=own, shared_pieces_bytes=shared))
             continue
         sizes = model_file_sizes(client, found.source)
         if sizes:
@@ -325,6 +359,7 @@ def _plan_pieces(store, plan: GcPlan, cutoff: datetime, references: dict[str, tu
     once this plan's folders are gone. A piece written after the cutoff may belong to an upload whose manifest is
     not written yet: it waits."""
     going = {item.path for item in plan.deletions if item.where == "s3"}
+    going |= {registered_folder(item.path) for item in plan.deletions if item.where == "mlflow"} - {None}
     referenced = {digest for digest, (_, folders) in references.items() if folders - going}
     pieces = list(store.list(store.blob_key("")))
     orphans = [info for info in pieces if info.key.rsplit("/", 1)[1] not in referenced]

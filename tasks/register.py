@@ -16,6 +16,7 @@ from models.loading import load_model_and_tokenizer
 from perennial import registry
 from perennial.cl_metrics import AccuracyMatrix, _metric_name, bias_or_knowledge, summarize
 from perennial.lineage import LINEAGE_FILE
+from perennial.model_files import model_files_prefix, model_files_uri
 from perennial.reports import markdown_summary, plot_accuracy_matrix, plot_drift, plot_merge_curves, plot_task_curves
 from perennial.tracking import UI_WORKFLOW, runs_table_link
 
@@ -308,7 +309,9 @@ def save_mlflow_model(checkpoint: Path, out: Path, card: str, name: str | None =
 
 def register(run: RunContext, model_uri: str, data: DataBundle, summary: Report, plan: LineagePlan | None = None,
              last_step: CITStep | None = None) -> dict:
-    """Log the final model to the run (MLflow transformers flavor, save_mlflow_model), register it as
+    """Store the final model as an MLflow model (transformers flavor, save_mlflow_model): by default beside the
+    checkpoint in the lineage's S3, its weights the checkpoint's own pieces (registry.model_files, perennial/
+    model_files.py), else logged to the run in MLflow's artifact store. Register it as
     a new version with alias `challenger` and links to the run's report (report_links), and
     judge it with the quality gates (perennial/registry.py): promoted when all pass and
     registry.auto_promote is on, else tagged needs-review. The verdict (READY / BLOCKED and why)
@@ -324,14 +327,21 @@ def register(run: RunContext, model_uri: str, data: DataBundle, summary: Report,
     client: MlflowClient = tracker.client
     name = cfg.tracking.registered_model
     parent = client.get_run(run.parent_run_id)
-    source = f"{parent.info.artifact_uri}/model"
-    # The version is created after its files are logged: if it exists, they are there.
+    if cfg.registry.model_files == "checkpoint":  # weights by content beside the checkpoint (perennial/model_files.py)
+        files_prefix = model_files_prefix(cfg.storage.prefix, name, run.parent_run_id)
+        source = model_files_uri(store.bucket, files_prefix)
+    else:
+        source = f"{parent.info.artifact_uri}/model"
+    # The version is created after its files are committed: if it exists, they are there.
     if registry.version_of_run(client, name, run.parent_run_id) is None:
         local = fetch_dir(store, model_uri, run.services.cache_dir)
         cfg.work_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="mlflow-model-", dir=cfg.work_dir) as scratch:
             folder = save_mlflow_model(local, Path(scratch) / "model", summary.markdown, name=f"models:/{name}")
-            client.log_artifacts(run.parent_run_id, str(folder), "model")
+            if cfg.registry.model_files == "checkpoint":
+                store.upload_dir(folder, files_prefix, meta={"registered_model": name, "checkpoint_uri": model_uri})
+            else:
+                client.log_artifacts(run.parent_run_id, str(folder), "model")
     tags = {
         "git_sha": _git_sha(),
         "config_digest": cfg.digest(),

@@ -348,6 +348,89 @@ def test_the_mlflow_model_of_a_version_no_longer_kept_goes_and_a_kept_or_shared_
     assert not [i for i in collect_garbage(cfg).deletions if i.where == "mlflow"]  # done once
 
 
+def test_a_version_model_stored_by_content_goes_with_its_own_pieces_and_shared_pieces_stay(services, tmp_path, capsys):
+    """registry.model_files: checkpoint (perennial/model_files.py): a version's MLflow model is a folder of the lineage's
+    bucket whose weights are pieces other folders share. gc deletes an unkept version's folder and, in the same sweep,
+    the pieces only it listed; the kept version still loads through `models:/`."""
+    import mlflow.artifacts
+    import torch
+    from mlflow.exceptions import MlflowException
+    from safetensors.torch import save_file
+
+    from perennial.model_files import model_files_prefix, model_files_uri, registered_folder
+
+    cfg = _config(services, tmp_path, "retention.min_age_hours=0", "retention.keep_last_versions=1")
+    services_ = Services.open(cfg)
+    store, client = services_.store, services_.tracker.client
+    store.ensure_bucket()
+    name = cfg.tracking.registered_model
+    client.create_registered_model(name)
+    shared = torch.arange(40_000, dtype=torch.float32)  # 160 KB: a piece of its own, in every version
+    for night in (1, 2, 3):
+        run_id = _run(cfg, client, f"night-{night}", "FINISHED", registered=str(night))
+        folder = tmp_path / f"model-{night}"
+        (folder / "model").mkdir(parents=True)
+        (folder / "MLmodel").write_text("flavors: {}\n")
+        save_file({"embed": shared, "trained": torch.full((40_000,), float(night))}, folder / "model" / "model.safetensors")
+        prefix = model_files_prefix(cfg.storage.prefix, name, run_id)
+        store.upload_dir(folder, prefix)
+        client.create_model_version(name, model_files_uri(store.bucket, prefix), run_id=run_id)
+    client.set_registered_model_alias(name, "champion", "3")
+    piece = lambda version: {d for e in store.read_manifest(registered_folder(client.get_model_version(name, version).source))  # noqa: E731
+                             ["files"].values() for d, _ in e.get("pieces", ())}
+    own = {version: piece(version) - piece("3") for version in ("1", "2")}
+    assert all(len(digests) == 1 for digests in own.values())  # its trained tensor (headers and `embed` are alike)
+
+    from app.cli import main
+
+    config_file = tmp_path / "gc.yaml"
+    config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    assert main(["gc", str(config_file), "--dry-run"]) == 0
+    source_1 = client.get_model_version(name, "1").source
+    assert f"{source_1}  " in capsys.readouterr().out  # listed with its size and why it may go
+
+    plan = collect_garbage(cfg)
+    assert sorted(i.version for i in plan.deletions if i.where == "mlflow") == ["1", "2"]
+    blobs = {key.rsplit("/", 1)[1] for key in _keys(store, store.blob_key(""))}
+    assert not (own["1"] | own["2"]) & blobs and piece("3") <= blobs  # in the same sweep; the champion's all stay
+    with pytest.raises(MlflowException, match="perennial gc"):
+        mlflow.artifacts.download_artifacts(f"models:/{name}/1", dst_path=str(tmp_path / "v1"))
+    loaded = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@champion", dst_path=str(tmp_path / "v3")))
+    assert (loaded / "model" / "model.safetensors").read_bytes() == (tmp_path / "model-3" / "model" / "model.safetensors").read_bytes()
+    assert "by gc: MLflow model of version 1" in client.get_model_version(name, "1").tags["perennial.model_deleted"]
+
+
+def test_a_dap_model_goes_once_no_run_may_resume_from_it_and_no_kept_version_came_from_it(services, tmp_path):
+    """DAP models are shared by content digest: one goes only when every run of this lineage that trained from it
+    ended and none of their versions is kept; one no run of this lineage used (another lineage's) stays."""
+    from tasks.dap import DAP_MODEL_TAG
+
+    cfg = _config(services, tmp_path, "retention.min_age_hours=0", "retention.keep_last_versions=1",
+                  "retention.delete_unkept_models=false")  # the versions' sources are nowhere: not this test's subject
+    services_ = Services.open(cfg)
+    store, client = services_.store, services_.tracker.client
+    store.ensure_bucket()
+    name = cfg.tracking.registered_model
+    client.create_registered_model(name)
+    dap = {k: f"{cfg.storage.prefix}/dap-models/{k}" for k in ("old", "kept", "resuming", "other")}
+    for prefix in dap.values():
+        _folder(store, tmp_path, prefix + "/model")
+    for key, status, model, version in (("night-1", "FINISHED", "old", "1"), ("night-2", "FINISHED", "kept", "2"),
+                                        ("night-3", "KILLED", "resuming", None)):
+        run_id = _run(cfg, client, key, status, registered=version)
+        client.set_tag(run_id, DAP_MODEL_TAG, store.uri(dap[model] + "/model"))
+        if version:
+            client.create_model_version(name, f"s3://elsewhere/{version}", run_id=run_id)
+
+    plan = plan_gc(cfg, services_)
+    going = {item.path: item.reason for item in plan.deletions}
+    assert dap["old"] + "/model" in going and "DAP model of 1 ended run" in going[dap["old"] + "/model"]
+    assert not {dap[k] + "/model" for k in ("kept", "resuming", "other")} & set(going)
+    sweep(plan, cfg, services_)
+    assert store.read_manifest(dap["old"] + "/model") is None
+    assert all(store.read_manifest(dap[k] + "/model") for k in ("kept", "resuming", "other"))
+
+
 def _run_of(source: str) -> str:
     """The run id in a run's artifact URI (mlflow-artifacts:/EXPERIMENT/RUN/artifacts/model)."""
     return source.split("/artifacts/")[0].rsplit("/", 1)[1]

@@ -20,11 +20,14 @@ from transformers import AutoModelForCausalLM
 
 from flows.continual_retrain import continual_retrain
 from perennial import registry
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
 from perennial.config import StorageConfig, build_config
+from perennial.model_files import registered_folder
 from perennial.storage import ObjectStore
 from perennial.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, RUNS_VIEW_METRICS, RUNS_VIEW_TAG, Tracker, runs_table_link
 from tasks.register import HEATMAP
-from tasks.runtime import fetch_dir
+from tasks.runtime import fetch_dir, uri_to_prefix
 from tests.test_pipeline import micro_config
 from tests.test_registry import new_version
 
@@ -120,11 +123,17 @@ def test_a_retrain_is_reviewable_in_the_ui_and_loads_with_the_transformers_flavo
         assert response.read(8) == b"\x89PNG\r\n\x1a\n"
 
     # models:/NAME@ALIAS loads with MLflow's transformers flavor, offline, to the checkpoint's weights
-    assert {a.path for a in client.list_artifacts(parent.info.run_id, "model")} >= {"model/MLmodel", "model/model", "model/components"}
+    # the MLflow model lies beside the checkpoint (perennial-s3://), its weights the checkpoint's own tensor pieces
+    files = get_artifact_repository(version.source)
+    assert {a.path for a in files.list_artifacts()} >= {"MLmodel", "model", "components"}
+    assert {a.path for a in files.list_artifacts("model")} >= {"model/config.json", "model/model.safetensors"}
+    store = ObjectStore(StorageConfig(endpoint_url=services.s3_endpoint, bucket=cfg.storage.bucket))
+    pieces = lambda prefix: {d for e in store.read_manifest(prefix)["files"].values() for d, _ in e.get("pieces", ())}  # noqa: E731
+    new_pieces = pieces(registered_folder(version.source)) - pieces(uri_to_prefix(store, version.tags["checkpoint_uri"]))
+    assert len(new_pieces) <= 1, new_pieces  # only the safetensors header (its metadata) is stored again
     loaded = mlflow.transformers.load_model(f"models:/{name}@challenger", return_type="components")
     checkpoint_uri = version.tags["checkpoint_uri"]
     assert checkpoint_uri == summary["checkpoints"]["cit-03-reverse"]
-    store = ObjectStore(StorageConfig(endpoint_url=services.s3_endpoint, bucket=cfg.storage.bucket))
     checkpoint = AutoModelForCausalLM.from_pretrained(fetch_dir(store, checkpoint_uri, Path(tmp_path) / "verify")).eval()
     ids = loaded["tokenizer"]("What is 30 + 4?", return_tensors="pt").input_ids
     assert ids.shape[1] > 1

@@ -487,7 +487,15 @@ def test_register_task_interrupted_after_the_version_exists_is_completed_by_the_
     assert tags["config_digest"] == cfg.digest() and tags["checkpoint_uri"] == model_uri and tags["run_key"] == "k"
     assert float(tags["metric.final_mean"]) == pytest.approx(0.8) and "run summary" in champion.description
     assert float(tags["metric.chance/reverse"]) == 0.5 and champion.description.startswith("**READY")  # chance from the data
-    assert "model/MLmodel" in {a.path for a in client.list_artifacts(parent.info.run_id, "model")}  # transformers flavor
+    # the MLflow model (transformers flavor) sits beside the checkpoint, its weights the checkpoint's own pieces
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+    from perennial.model_files import registered_folder
+    assert champion.source.startswith(f"perennial-s3://{store.bucket}/") and not client.list_artifacts(parent.info.run_id, "model")
+    assert "MLmodel" in {a.path for a in get_artifact_repository(champion.source).list_artifacts()}
+    weights = {digest for entry in store.read_manifest(registered_folder(champion.source))["files"].values()
+               for digest, _ in entry.get("pieces", ())}
+    checkpoint = {digest for entry in store.read_manifest("runs/k/final")["files"].values() for digest, _ in entry.get("pieces", ())}
+    assert weights and len(weights - checkpoint) <= 1  # only the safetensors header (its metadata) is new
     text = registry.review(client, name)
     assert "champion: v1" in text and "challenger: v1" in text
 
