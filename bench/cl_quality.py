@@ -25,7 +25,7 @@ from pathlib import Path
 
 from bench.common import RESULTS_DIR, ROOT, command
 from perennial import compare
-from perennial.compare import ACCURACY_RESOLUTION, PPL_LOG_RESOLUTION, aggregate, fmt, learned_over_chance  # noqa: F401
+from perennial.compare import ACCURACY_RESOLUTION, PPL_LOG_RESOLUTION, fmt
 
 BASE_CONFIG = ROOT / "configs" / "cl-benchmark.yaml"
 METHODS_FILE = ROOT / "configs" / "cl-benchmark-methods.yaml"
@@ -46,11 +46,6 @@ def load_methods() -> tuple[dict[str, list[str]], dict[str, list[str]], list[int
     """The compared methods, the diagnostic variants (run only when named) and the default seeds."""
     spec = compare.load_spec(METHODS_FILE)
     return spec.recipes, spec.diagnostics, spec.seeds
-
-
-def bench_config(overrides: list[str], seed: int, variant: dict | None = None):
-    """The validated config of one benchmark run (see perennial/compare.py: `variant_config`)."""
-    return compare.recipe_config(BASE_CONFIG, overrides, seed, variant)
 
 
 def orderings(rows: dict[str, dict]) -> list[str]:

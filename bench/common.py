@@ -34,11 +34,12 @@ def section_head(title: str, report: dict, measured: str = "") -> list[str]:
             f"Machine: {machine_line(report['machine'])}", load_note(load["before"], load["after"], report["machine"]["logical_cores"])]
 
 
-def child(module: str, *args: str, cwd: Path = ROOT) -> dict:
-    """`python -m module args` in a fresh process (its allocator, peak RSS and CPU time its own); the JSON line it printed last."""
-    done = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=cwd)
+def child(module: str, job: dict, cwd: Path = ROOT) -> dict:
+    """`python -m module --child JOB` in a fresh process (its allocator, peak RSS and CPU time its own); the JSON line
+    it printed last."""
+    done = subprocess.run([sys.executable, "-m", module, "--child", json.dumps(job)], capture_output=True, text=True, cwd=cwd)
     if done.returncode:
-        raise RuntimeError(f"{module} {' '.join(args)[:200]} failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"{module} {json.dumps(job)[:200]} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

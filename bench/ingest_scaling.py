@@ -85,8 +85,8 @@ def _store():
     return store
 
 
-def child(job: dict) -> dict:
-    """One measured job; returns its numbers (and the result's counts, to check the work is the same)."""
+def measure_job(job: dict) -> dict:
+    """One measured job, in the child process; returns its numbers (and the result's counts, to check the work is the same)."""
     import resource
 
     kind, work, store = job["kind"], Path(job["work"]), _store()
@@ -185,13 +185,6 @@ def baseline(path: str, work: Path, store, prefix: str, max_chars: int) -> dict:
     return {"counts": counts}
 
 
-def run_child(job: dict, cwd: Path = ROOT) -> dict:
-    """One job in a fresh process (its peak RSS and CPU time its own); its numbers."""
-    from bench.common import child
-
-    return child("bench.ingest_scaling", "--child", json.dumps(job), cwd=cwd)
-
-
 def old_tree(tmp: Path) -> Path:
     """The code before issue #22 (BEFORE_COMMIT), with this script beside it, to measure it side by side."""
     target = tmp / "before"
@@ -208,8 +201,11 @@ def _mb(value: float) -> str:
 
 
 def _run(label: str, job: dict, tmp: Path, cwd: Path = ROOT) -> dict:
-    """`job` in a fresh process with the work folder `tmp/label` (removed after), its numbers printed."""
-    run = run_child({**job, "work": str(tmp / label)}, cwd)
+    """`job` in a fresh process (its peak RSS and CPU time its own) with the work folder `tmp/label` (removed after),
+    its numbers printed."""
+    from bench.common import child
+
+    run = child("bench.ingest_scaling", {**job, "work": str(tmp / label)}, cwd)
     print(f"  {label}: wall {run['wall_s']:.2f} s, cpu {run['cpu_s']:.2f} s, peak RSS {_mb(run['peak_rss_bytes'])}", flush=True)
     shutil.rmtree(tmp / label, ignore_errors=True)
     return run
@@ -332,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", type=Path, help="default bench/results")
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child(json.loads(args.child))), flush=True)
+        print(json.dumps(measure_job(json.loads(args.child))), flush=True)
         return 0
     sizes = args.sizes or ([2000, 5000] if args.quick else [10_000, 100_000, 1_000_000])
     rss_sizes = args.rss_sizes if args.rss_sizes is not None else ([2000, 5000] if args.quick else [100_000, 1_000_000, 10_000_000])

@@ -1,25 +1,18 @@
 """Six nights on the real default model: continuing the champion against retraining the history from the base.
 
-    python -m bench.lineage [--nights 6] [--steps 20] [--quick]
+    python -m bench.lineage [--nights 6] [--steps 40] [--threads 1] [--quick]
 
 Each night brings one new demo task (configs/demo.yaml: SmolLM2-135M-Instruct, 10% replay; attn-proj, pinned;
-the tasks fact_lookup, arithmetic, zorbish, reverse, uppercase, word_count; `capitals` held out).
-Two lineages run side by side in one invocation, night by night:
-- **continue**: `lineage.continue_from=champion`. Night k continues night k-1's version (promoted
-  automatically here, every gate off: the benchmark measures cost and quality, not review) and trains
-  only task k, with the version's replay buffer.
-- **from base**: `lineage.continue_from=none`, today's behaviour: night k trains tasks 1..k from the
-  base model (the DAP model, shared by content digest with the other lineage).
-Both train every task for the same steps. Per night it records the CIT tokens (the stages'
-`train/tokens`), the CIT training time (the stages' training loops), the CPU and wall seconds of the
-whole retrain, and the lineage's AP, BWT and held-out score. Targets (issue #36): night N trains at
-most 1.3x night 1's tokens and training time when continuing; the continued lineage's final AP is
-within 0.03 of the from-base sequence of the same tasks. The whole retrain's CPU is reported beside
-them: it also evaluates every task of the history, so it grows with the nights by design.
-`--threads 1` keeps the CPU times steady while other work shares the machine.
-
-Resumable: each finished night is kept in `<state-dir>/nights.json` beside the services' data, and
-a killed night resumes from its last committed stage under its run key.
+`capitals` held out), and two lineages run it side by side, every gate off and each version promoted automatically:
+- **continue** (`lineage.continue_from=champion`): night k continues night k-1's version and trains only task k,
+  with the version's replay buffer;
+- **from base** (`lineage.continue_from=none`): night k trains tasks 1..k from the base model (the DAP model, shared
+  by content digest with the other lineage).
+Both train every task for the same steps. Each night runs as `perennial compare` runs a recipe (tasks/compare.py:
+`run_recipe`), which records its CIT tokens and training time, the whole retrain's CPU and wall seconds, the lineage's
+AP, BWT and held-out score. Targets (issue #36): continuing, night N costs at most 1.3x night 1 (tokens, training time
+and CPU), and the final AP is within 0.03 of the from-base lineage's. `--threads 1` keeps the CPU times steady.
+Resumable: finished nights are kept in `<state-dir>/nights.json`; a killed night resumes under its run key.
 """
 
 from __future__ import annotations
@@ -33,9 +26,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench.common import RESULTS_DIR, command, load_note, machine, machine_line, table, write_results
+from bench.common import RESULTS_DIR, ROOT, command, load_note, machine, machine_line, table, write_results
 
-ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "demo.yaml"
 TASKS = ["fact_lookup", "arithmetic", "zorbish", "reverse", "uppercase", "word_count"]
 MODES = {"continue": "champion", "from base": "none"}
@@ -82,29 +74,18 @@ def warm_up(args: argparse.Namespace, work_dir: Path) -> float:
 
 
 def run_night(mode: str, night: int, args: argparse.Namespace, work_dir: Path) -> dict:
+    """One night of one lineage, run and costed as `perennial compare` runs a recipe (tasks/compare.py: `run_recipe`)."""
     from flows.continual_retrain import continual_retrain
-    from mlflow.tracking import MlflowClient
+    from tasks.compare import Job, run_recipe
 
     cfg = night_config(mode, night, args, work_dir)
-    before, started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    summary = continual_retrain(config=cfg.model_dump(mode="json"), run_key=f"{mode.replace(' ', '-')}-night-{night}")
-    after = resource.getrusage(resource.RUSAGE_SELF)
-    client = MlflowClient()
-    parent = client.get_run(summary["mlflow_run_id"])
-    children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{summary['mlflow_run_id']}'")
-    cit = [run.data.metrics for run in children if run.info.run_name.startswith("cit-") and run.info.status == "FINISHED"]
-    tokens = sum(metrics.get("train/tokens", 0) for metrics in cit)
-    # the CIT stages' training loops alone: the part of a retrain that the new data sizes (evaluation covers the history)
-    train_s = sum(metrics["train/tokens"] / metrics["train/tokens_per_second"] for metrics in cit if metrics.get("train/tokens_per_second"))
-    heldout = summary["general_tasks"].get("capitals", {})
-    return {
-        "mode": mode, "night": night, "trained": summary["trained"], "continued_version": summary["continued_version"],
-        "cit_tokens": int(tokens), "cit_train_s": round(train_s, 1), "cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1),
-        "wall_s": round(time.perf_counter() - started, 1), "tasks": summary["tasks"], "accuracy_matrix": summary["accuracy_matrix"],
-        "ap": summary["metrics"].get("ap"), "bwt": summary["metrics"].get("bwt"), "fwt": summary["metrics"].get("fwt"),
-        "capitals": heldout.get("final"), "capitals_base": heldout.get("base"),
-        "general_ppl": summary["metrics"].get("general_ppl_final"), "mlflow_run_id": summary["mlflow_run_id"],
-    }
+    run = run_recipe(Job(recipe=mode, seed=cfg.seed, overrides=[], config=cfg.model_dump(mode="json"),
+                         run_key=f"{mode.replace(' ', '-')}-night-{night}"), continual_retrain)
+    metrics, heldout = run["metrics"], run["general_tasks"].get("capitals", {})
+    return {"mode": mode, "night": night, **{key: run[key] for key in ("trained", "cit_tokens", "cit_train_s", "cpu_s", "wall_s", "tasks")},
+            "accuracy_matrix": run["accuracy_matrix"], **{key: metrics.get(key) for key in ("ap", "bwt", "fwt")},
+            "capitals": heldout.get("final"), "capitals_base": heldout.get("base"), "general_ppl": metrics.get("general_ppl_final"),
+            "mlflow_run_id": run["mlflow_run_id"]}
 
 
 COST_KEYS = ("cit_tokens", "cit_train_s", "cpu_s")
@@ -212,12 +193,9 @@ def main(argv: list[str] | None = None) -> int:
             for mode in MODES:
                 if any(n["night"] == night and n["mode"] == mode for n in nights):
                     continue
-                print(f"night {night}, {mode}: training", flush=True)
+                print(f"night {night}, {mode}: training", flush=True)  # run_recipe prints what it scored
                 nights.append(run_night(mode, night, args, state / "work"))
                 done_file.write_text(json.dumps(nights, indent=2))
-                last = nights[-1]
-                print(f"night {night}, {mode}: trained {last['trained']}, {last['cit_tokens']} tokens, {last['cpu_s'] / 60:.1f} CPU min, "
-                      f"AP {_fmt(last['ap'])}", flush=True)
     nights = [n for n in nights if n["night"] <= args.nights]
     report = {
         "command": command("bench.lineage", argv), "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

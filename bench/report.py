@@ -21,8 +21,6 @@ from bench.common import RESULTS_DIR, ROOT
 # that renders a section is the command's
 SECTIONS = [
     ("engine_throughput", "python -m bench.engine_throughput", True),
-    ("engine_throughput_tiny", "python -m bench.engine_throughput --model tiny", False),
-    ("system_perf", "python -m bench.system_perf", True),
     # Each tuning method's learning rate, on first-task records the benchmark never reads.
     ("cl_quality_sweep", "python -m bench.cl_quality --sweep", False),
     ("cl_quality", "python -m bench.cl_quality", True),
@@ -46,9 +44,9 @@ def render(name: str, results: Path = RESULTS_DIR) -> str:
 
 HEADER = """# Benchmarks
 
-Written by `make bench` (everything, about {minutes}) or `make bench-quick` (a smoke run of every
-script, the three side by side, about 3 minutes on 2 CPU cores, into bench/results/quick/; its
-numbers only show that the scripts work). Each section
+Written by `make bench` (everything, about {minutes}) or `make bench-quick` (a smoke run of the
+engine and CL quality scripts side by side, about 3 minutes on 2 CPU cores, into bench/results/quick/;
+its numbers only show that the scripts work). Each section
 names the exact command that reproduces it and the machine it ran on; the numbers come from the
 JSON beside each section in `{results}/`. Ratios are measured side by side in one run.
 

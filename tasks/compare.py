@@ -7,8 +7,8 @@ stage and collects a finished one from MLflow (its result.json) without training
 its datasets have new versions since (delete its MLflow parent run to train it on them). A run's cost
 is measured in the process that runs it (one run at a time per process: the flow's worker processes,
 or the flow's own): CPU seconds of the process and its children, peak resident memory (reset at the
-start of the run where Linux allows), wall seconds, summed over interrupted attempts; CIT tokens and
-trainable parameters come from its CIT stages' MLflow runs.
+start of the run where Linux allows), wall seconds, summed over interrupted attempts; CIT tokens, the CIT
+training time and trainable parameters come from its CIT stages' MLflow runs.
 """
 
 from __future__ import annotations
@@ -207,8 +207,11 @@ def run_recipe(job: Job, retrain: Callable[..., dict]) -> dict:
         "precision": run_precision(cfg), "machine": machine(),
         **with_earlier_attempts(client, parent, usage()),
         "cit_tokens": int(sum(run.data.metrics.get("train/tokens", 0) for run in stages)),
+        # the CIT stages' training loops alone: what the new data costs, without evaluation and bookkeeping
+        "cit_train_s": round(sum(m["train/tokens"] / m["train/tokens_per_second"] for m in (run.data.metrics for run in stages)
+                                 if m.get("train/tokens_per_second")), 1),
         "trainable_params": int(max(trainable)) if trainable else None,
-        **{key: summary[key] for key in ("tasks", "accuracy_matrix", "metrics", "general_tasks", "chance")},
+        **{key: summary[key] for key in ("tasks", "trained", "accuracy_matrix", "metrics", "general_tasks", "chance")},
         "mlflow_run_id": parent,
     }
     for key in (*compare.COST_KEYS, "trainable_params"):

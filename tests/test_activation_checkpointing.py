@@ -105,17 +105,17 @@ def test_the_benchmark_option_measures_each_method_off_and_on(tmp_path, monkeypa
 
     from bench import engine_throughput
 
-    calls = []
+    jobs = []
 
-    def child(module, *args):
-        calls.append(args)
-        return {"tuning": args[1], "activation_checkpointing": args[2] == "True", "training_peak_above_baseline_mib": 1.0}
+    def child(module, job):
+        jobs.append(job)
+        return {"tuning": job["tuning"], "activation_checkpointing": job["checkpointing"], "training_peak_above_baseline_mib": 1.0}
 
     monkeypatch.setattr(engine_throughput, "child", child)
     assert engine_throughput.main(["--activation-checkpointing", "--output", str(tmp_path / "ac.json")]) == 0
-    assert [args[:3] for args in calls] == [("--checkpointing-child", tuning, on) for tuning in ("full", "attn-proj")
-                                            for on in ("False", "True")]
-    assert all(args[3:] == ("--steps", "4", "--warmup", "1", "--threads", "1") for args in calls)
+    assert [(job["run"], job["tuning"], job["checkpointing"]) for job in jobs] == [("checkpointing", tuning, on) for tuning in ("full", "attn-proj")
+                                                                                   for on in (False, True)]
+    assert all((job["steps"], job["warmup"], job["threads"]) == (4, 1, 1) for job in jobs)
     report = json.loads((tmp_path / "ac.json").read_text())
     assert report["command"].endswith("--activation-checkpointing --output " + str(tmp_path / "ac.json"))
     assert [run["activation_checkpointing"] for run in report["runs"]] == [False, True, False, True]

@@ -7,11 +7,17 @@ import pytest
 
 from pathlib import Path
 
-from bench.cl_quality import aggregate, load_methods, orderings
+from bench.cl_quality import BASE_CONFIG, load_methods, orderings
 from perennial import compare
+from perennial.compare import aggregate
 from bench.report import assemble
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench_config(overrides, seed, variant=None):
+    """The validated config of one benchmark run."""
+    return compare.recipe_config(BASE_CONFIG, overrides, seed, variant)
 
 
 def run(method, seed, ap, bwt, ppl_final, final_row=(0.5, 0.5)):
@@ -86,7 +92,6 @@ def test_every_issue_method_runs_and_the_five_compared_ones_with_three_seeds():
 
 
 def test_every_method_uses_its_tuning_methods_swept_rate():
-    from bench.cl_quality import bench_config
     from perennial.compare import tuning_of
 
     compared, _, _ = load_methods()
@@ -98,7 +103,7 @@ def test_every_method_uses_its_tuning_methods_swept_rate():
 
 
 def test_variants_reorder_the_tasks_or_keep_only_the_first_on_unused_records():
-    from bench.cl_quality import SWEEP_FILE, bench_config
+    from bench.cl_quality import SWEEP_FILE
 
     base = bench_config([], 0)
     roles = lambda cfg: [(d.name, d.resolved_role) for d in cfg.data.datasets]  # noqa: E731
@@ -164,7 +169,6 @@ def test_make_bench_runs_every_section_the_report_assembles():
 
 
 def test_every_method_override_makes_a_valid_runnable_config():
-    from bench.cl_quality import BASE_CONFIG
     from models.cl.registry import check_requirements
     from perennial.config import load_config
 
@@ -179,7 +183,6 @@ def test_every_method_override_makes_a_valid_runnable_config():
 
 
 def test_diagnostics_train_the_weights_their_names_say_and_are_not_compared():
-    from bench.cl_quality import BASE_CONFIG
     from models.tiny import build_tiny_llama, train_tokenizer
     from models.tuning import apply_tuning, trainable_parameter_names
     from perennial.config import load_config
@@ -200,7 +203,7 @@ def test_diagnostics_train_the_weights_their_names_say_and_are_not_compared():
 
 
 def test_learned_over_chance_reads_the_diagonal_after_row_zero():
-    from bench.cl_quality import learned_over_chance
+    from perennial.compare import learned_over_chance
 
     result = {"tasks": ["a", "b"], "accuracy_matrix": [[0.9, 0.9], [0.6, 0.0], [0.0, 0.3]]}
     # R[1][0] = 0.6 and R[2][1] = 0.3 (row 0, before any training, is not a diagonal entry)
@@ -263,18 +266,17 @@ def test_methods_that_did_not_learn_are_named_beside_the_table(tmp_path):
 def test_each_run_records_the_precision_auto_trained_in_and_its_machine(monkeypatch):
     """`precision: auto` is bf16 autocast only on CPUs with native bf16: on others the same config
     trains in fp32, about 3x slower and with other numbers, so the report names it per run."""
-    from bench import cl_quality as clq
     from bench.common import machine_line
     from models import engine
     from tasks.compare import machine, run_precision
 
-    cfg = clq.bench_config([], 0)
+    cfg = bench_config([], 0)
     monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: True)
     assert run_precision(cfg) == "bf16 autocast" and machine()["native_bf16"] is True
     assert ", native bf16;" in machine_line(machine())
     monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)
     assert machine()["native_bf16"] is False
-    assert run_precision(cfg) == "fp32" and run_precision(clq.bench_config(["precision=bf16"], 0)) == "bf16 autocast"
+    assert run_precision(cfg) == "fp32" and run_precision(bench_config(["precision=bf16"], 0)) == "bf16 autocast"
     runs = [{"precision": "bf16 autocast", "machine": {**machine(), "native_bf16": True}},
             {"precision": "fp32", "machine": {**machine(), "native_bf16": False}}]
     assert compare.precisions(runs) == " (bf16 autocast in 1 of 2 runs, fp32 in 1 of 2 runs)"

@@ -126,7 +126,7 @@ def test_an_interrupted_run_resumes_under_its_key_and_its_cost_sums_the_attempts
             time.sleep(0.5)
             raise KeyboardInterrupt("signal SIGTERM")
         tracker.finish(parents[run_key])
-        return {"mlflow_run_id": parents[run_key], "s3_prefix": "s3://b/runs/x", "run_key": run_key, "tasks": ["a"],
+        return {"mlflow_run_id": parents[run_key], "s3_prefix": "s3://b/runs/x", "run_key": run_key, "tasks": ["a"], "trained": ["a"],
                 "accuracy_matrix": [[0.1], [0.9]], "metrics": {"ap": 0.9, "general_ppl_base": 9.0, "general_ppl_final": 9.5},
                 "general_tasks": {}, "chance": {"a": 0.5}}
 
