@@ -26,6 +26,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from perennial.cl_metrics import trained_label
 from perennial.config import ConfigError, endpoints_config, load_config
 
 SERVICES_ENV = Path(".perennial/services/services.env")
@@ -189,8 +190,8 @@ def accuracy_table(summary: dict) -> str:
         version = summary.get("continued_version")
         return (f"nothing new to train: version {version} has learned every task and record" if version is not None
                 else "nothing was trained")
-    trained = summary.get("trained_by_row") or tasks[: len(matrix) - 1]
-    labels = summary.get("row_labels") or ["before CIT", *(f"after {task}" for task in trained)]
+    trained = summary.get("trained_by_row") or tasks[: len(matrix) - 1]  # per row: its task, or a joint stage's tasks (a list)
+    labels = summary.get("row_labels") or ["before CIT", *(trained_label(entry) for entry in trained)]
     start = summary.get("start_row", 0)
     width = max(12, *(len(task) for task in tasks))
     label_width = max(len("gain R[i][i] - R[start][i]"), *(len(label) for label in labels))
@@ -206,7 +207,7 @@ def accuracy_table(summary: dict) -> str:
     lines.append(line("chance", ["?" if chance.get(t) is None else f"{chance[t]:.3f}" for t in tasks]))
     gains = []
     for j, task in enumerate(tasks):  # the gain of each task this retrain trained, from where it started
-        rows = [i + 1 for i, name in enumerate(trained) if name == task and i + 1 > start]
+        rows = [i + 1 for i, entry in enumerate(trained) if task in ([entry] if isinstance(entry, str) else entry) and i + 1 > start]
         before = matrix[start][j]
         gains.append("" if not rows or before is None or matrix[rows[-1]][j] is None else f"{matrix[rows[-1]][j] - before:+.3f}")
     lines.append(line("gain R[i][i] - R[start][i]" if start else "gain R[i][i] - R[0][i]", gains))
@@ -526,6 +527,9 @@ def build_parser() -> argparse.ArgumentParser:
         "and collects the finished ones without training them again. Results: <output-dir>/<name>.json, .md and\n"
         "_matrices.png, one MLflow run `compare-<name>` in the config's experiment, a Prefect markdown artifact,\n"
         "and the table in the terminal.\n\n"
+        "A recipe with cit.multitask=true is the multi-task upper bound (every task trained jointly in one stage,\n"
+        "the same total steps): its BWT, FWT and forgetting are not defined (—), and every other row gets its\n"
+        "gap to it (AP − multi-task).\n\n"
         "A sweep file (`sweep:` with rates per tuning method) is the learning-rate sweep: each tuning method at\n"
         "each rate trains the first task alone and is scored on a validation split of records the config's\n"
         "tasks never read. Examples:\n"

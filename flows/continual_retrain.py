@@ -2,7 +2,8 @@
 
 With `lineage.continue_from: champion` a retrain continues the registered champion instead: CIT
 starts from its checkpoint and CL state, and trains only the tasks (or new records) it has not
-learned (tasks/lineage.py).
+learned (tasks/lineage.py). With `cit.multitask` CIT is one joint stage on every task (the multi-task
+upper bound), scored once after it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from tasks.wrappers import (
     gc_stage,
     ingest_stage,
     inputs_stage,
+    joint_cit_stage,
     lineage_stage,
     preflight_stage,
     register_stage,
@@ -59,12 +61,17 @@ def continual_retrain(config_path: str | None = None, overrides: list[str] | Non
             if plan.train:
                 evaluations = [evaluation_stage(run, model, data, 0, "before-cit", plan.stage0_tasks)]
                 steps = []
-                for offset, task in enumerate(plan.train):
-                    step = cit_stage(run, model, task, plan.first_index + offset, step)
+                if cfg.cit.multitask:  # one joint stage (the config refuses a continued lineage, replay and SSR with it)
+                    step = joint_cit_stage(run, model, plan.train)
                     steps.append(step)
-                    model = step.model_uri
-                    checkpoints[step.stage] = model
-                    evaluations.append(evaluation_stage(run, model, data, offset + 1, step.stage, plan.score))
+                    model = checkpoints[step.stage] = step.model_uri
+                    evaluations.append(evaluation_stage(run, model, data, 1, step.stage, plan.score))
+                else:
+                    for offset, task in enumerate(plan.train):
+                        step = cit_stage(run, model, task, plan.first_index + offset, step)
+                        steps.append(step)
+                        model = checkpoints[step.stage] = step.model_uri
+                        evaluations.append(evaluation_stage(run, model, data, offset + 1, step.stage, plan.score))
                 summary = report_stage(run, data, evaluations, plan, steps)
                 registered = register_stage(run, model, data, summary, plan, step) if cfg.registry.enabled else None
             finish_stage(run, data)  # marks the new data processed: a committed model trained on it

@@ -9,6 +9,10 @@ a task may be trained again on its new records, so the matrix records which task
 rows - 1), so a partial matrix gives the metrics "so far". A missing cell (None: a task a row was
 never scored on) is left out of every average and the denominator shrinks with it; a metric with
 no defined term is None rather than a misleading 0.
+
+A joint (multi-task) run (cit.multitask) trains every task in one stage: its row 1 names all of them
+(``trained`` = [[a, b, c]]). Then AP is the mean final score, and BWT, FWT and forgetting have no
+term (no task was trained before another), so they are None: not 0, which would claim "no forgetting".
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ from typing import Mapping
 class AccuracyMatrix:
     tasks: list[str]
     rows: list[list[float | None]]
-    # The task trained at rows 1.. (each a name in `tasks`); None: row i trains task i (one retrain).
-    trained: list[str] | None = None
+    # The task trained at rows 1.. (each a name in `tasks`, or a list of names: the tasks a joint stage trained
+    # together, cit.multitask); None: row i trains task i (one retrain).
+    trained: list[str | list[str]] | None = None
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -34,7 +39,7 @@ class AccuracyMatrix:
             if len(self.rows) > len(self.tasks) + 1:
                 raise ValueError(f"{len(self.rows)} rows for {len(self.tasks)} tasks: expected at most T+1 = {len(self.tasks) + 1}")
         else:
-            unknown = sorted(set(self.trained) - set(self.tasks))
+            unknown = sorted({name for entry in self.trained for name in _names(entry)} - set(self.tasks))
             if unknown or len(self.trained) < len(self.rows) - 1:
                 raise ValueError(f"trained names {len(self.trained)} stages for {len(self.rows) - 1} rows after row 0"
                                  + (f"; tasks not among the columns: {unknown}" if unknown else ""))
@@ -61,11 +66,26 @@ class AccuracyMatrix:
         """The rows 1..t (default the last) that trained task j, in order."""
         t = self.stage if t is None else t
         names = self.trained if self.trained is not None else self.tasks
-        return [i for i in range(1, t + 1) if names[i - 1] == self.tasks[j - 1]]
+        return [i for i in range(1, t + 1) if self.tasks[j - 1] in _names(names[i - 1])]
+
+    @property
+    def joint(self) -> bool:
+        """Whether a row trained several tasks together (a multi-task run): BWT, FWT and forgetting are then undefined."""
+        return any(not isinstance(entry, str) for entry in self.trained or [])
 
     def stage_labels(self) -> list[str]:
         names = self.trained if self.trained is not None else self.tasks
-        return ["before"] + [f"after {task}" for task in names[: self.stage]]
+        return ["before"] + [trained_label(entry) for entry in names[: self.stage]]
+
+
+def _names(entry: str | list[str]) -> list[str]:
+    """The tasks one row trained: its one task, or every task of a joint stage."""
+    return [entry] if isinstance(entry, str) else list(entry)
+
+
+def trained_label(entry: str | list[str]) -> str:
+    """A row's label: "after arithmetic", or "after joint: a + b + c" for a stage that trained them together."""
+    return f"after {entry}" if isinstance(entry, str) else "after joint: " + " + ".join(entry)
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -158,6 +178,8 @@ def summarize(
         "forgetting_mean": _mean(known),
         "forgetting_max": max(known) if known else None,
     }
+    if matrix.joint:  # says why BWT, FWT and forgetting are absent (registry.py's min_bwt gate reads it)
+        metrics["multitask"] = 1.0
     metrics.update({f"forgetting/{_metric_name(task)}": value for task, value in per_task.items()})
     if general_ppl_base is not None and general_ppl_final is not None:
         metrics["general_ppl_base"] = general_ppl_base

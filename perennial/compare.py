@@ -23,6 +23,10 @@ The verdict rule, one for every comparison: a difference between two recipes cou
 its margin, the larger of the two rows' summed seed std and the test sets' resolution (default 0.03 of
 accuracy, about the sampling noise of 100 test records per task, and 5% of perplexity); otherwise it is
 "too close to call". At one seed a row has no spread, so the resolution alone is the margin.
+
+A multi-task recipe (`cit.multitask=true`: every task trained jointly in one stage, the same total steps) is
+the upper bound the others are measured against: its row has AP and no BWT, FWT or forgetting (shown "—",
+not defined for a joint run), and every row gets its AP gap to it ("AP − multi-task").
 """
 
 from __future__ import annotations
@@ -170,16 +174,30 @@ def mean_std(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
 
 
+def is_multitask(run: dict) -> bool:
+    """Whether a run trained every task jointly in one stage (cit.multitask): a row of its ``trained_by_row`` names
+    several tasks. Runs recorded before multi-task runs existed have no ``trained_by_row``: one task per row."""
+    return any(not isinstance(entry, str) for entry in run.get("trained_by_row") or [])
+
+
+def just_trained(run: dict) -> list[int]:
+    """Per task, the row of the accuracy matrix right after training on it: row i + 1 for task i of a sequence
+    (row 0 is before CIT), row 1 for every task of a joint run."""
+    trained = run.get("trained_by_row") or run["tasks"]
+    return [next(i + 1 for i, entry in enumerate(trained) if task in ([entry] if isinstance(entry, str) else entry))
+            for task in run["tasks"]]
+
+
 def learned_over_chance(run: dict, chance: dict[str, float]) -> float:
     """Mean over tasks of R[i][i] - chance: how well a task is learned right after training on it."""
-    matrix = run["accuracy_matrix"]  # row 0 is before CIT, so task i was just trained in row i + 1
-    return statistics.fmean(matrix[i + 1][i] - chance[task] for i, task in enumerate(run["tasks"]))
+    matrix = run["accuracy_matrix"]
+    return statistics.fmean(matrix[row][j] - chance[task] for j, (task, row) in enumerate(zip(run["tasks"], just_trained(run))))
 
 
 def learned_over_zero_shot(run: dict) -> float:
     """Mean over tasks of R[i][i] - R[0][i]: what training on a task added to the base model's zero-shot score."""
     matrix = run["accuracy_matrix"]
-    return statistics.fmean(matrix[i + 1][i] - matrix[0][i] for i in range(len(run["tasks"])))
+    return statistics.fmean(matrix[row][j] - matrix[0][j] for j, row in enumerate(just_trained(run)))
 
 
 def aggregate(results: list[dict], recipes: list[str], chance: dict[str, float] | None = None) -> dict[str, dict]:
@@ -203,8 +221,30 @@ def aggregate(results: list[dict], recipes: list[str], chance: dict[str, float] 
         if chance and all(task in chance for task in runs[0]["tasks"]):  # free generation has no chance level
             row["learned"] = mean_std([learned_over_chance(r, chance) for r in runs])
         row["final_row"] = [statistics.fmean(r["accuracy_matrix"][-1][j] for r in runs) for j in range(len(runs[0]["tasks"]))]
+        row["multitask"] = all(is_multitask(r) for r in runs)
         rows[recipe] = row
     return rows
+
+
+def multitask_bound(rows: dict[str, dict]) -> str | None:
+    """The recipe whose runs trained every task jointly (the multi-task upper bound), the first such; None without one."""
+    return next((recipe for recipe, row in rows.items() if row.get("multitask") and "ap" in row), None)
+
+
+def multitask_gaps(rows: dict[str, dict], resolution: float) -> dict[str, dict]:
+    """Every other recipe's AP gap to the multi-task bound ("gap to multi-task", the headline figure of CL papers):
+    the difference, its margin (the one rule) and whether the recipe reaches the bound: "below the bound",
+    "reaches the bound" (within the margin) or "above the bound". Empty without a multi-task recipe."""
+    bound = multitask_bound(rows)
+    gaps = {}
+    for recipe, row in rows.items():
+        if bound is None or recipe == bound or "ap" not in row:
+            continue
+        gap = row["ap"]["mean"] - rows[bound]["ap"]["mean"]
+        noise = margin(row["ap"], rows[bound]["ap"], resolution)
+        word = {"holds": "above the bound", "does not hold": "below the bound"}.get(verdict(gap, noise), "reaches the bound")
+        gaps[recipe] = {"against": bound, "gap": gap, "margin": noise, "verdict": word}
+    return gaps
 
 
 def _name(run: dict) -> str:
@@ -364,7 +404,8 @@ def summarize(report: dict) -> dict:
     rows = aggregate(report["runs"], report["recipe_order"], report["chance"])
     resolution = report.get("resolution") or Spec(recipes={}).resolution
     baseline = report.get("baseline") or next(iter(rows))
-    return {**report, "rows": rows, "baseline": baseline, "resolution": resolution, "verdicts": verdicts(rows, baseline, resolution)}
+    return {**report, "rows": rows, "baseline": baseline, "resolution": resolution, "verdicts": verdicts(rows, baseline, resolution),
+            "multitask_gaps": multitask_gaps(rows, resolution["accuracy"])}
 
 
 def markdown(report: dict) -> str:
@@ -404,15 +445,23 @@ def markdown(report: dict) -> str:
     diagnostics = [f"{recipe} = `{' '.join(overrides)}`" for recipe, overrides in (report.get("diagnostics") or {}).items() if recipe in rows]
     if diagnostics:
         body += [f"Diagnostics, not {noun}s ({report.get('recipes_file', 'the recipes file')}): " + "; ".join(diagnostics) + ".", ""]
+    bound = multitask_bound(rows)
+    gaps = report.get("multitask_gaps") or {}
+    if bound is not None:
+        body += [f"**{bound}** is the multi-task upper bound (`cit.multitask=true`): every task trained jointly in one stage "
+                 f"for the same total steps, then scored once, so its R[i][i] is its final row; BWT, FWT and forgetting are "
+                 f"not defined for it (—). AP − multi-task: each {noun}'s AP minus {bound}'s, the gap to multi-task.", ""]
     general_names = sorted({task for row in rows.values() for task in row.get("general_tasks", {})})
-    headers = [noun, "seeds", "R[i][i] - R[0][i]", "R[i][i] - chance", *(title for _, title in COLUMNS), f"{general} ppl",
+    headers = [noun, "seeds", "R[i][i] - R[0][i]", "R[i][i] - chance", *(title for _, title in COLUMNS),
+               *(["AP − multi-task"] if bound is not None else []), f"{general} ppl",
                *(f"{task} (held out)" for task in general_names), *(f"final {task}" for task in tasks)]
     table_rows = []
     for recipe, row in rows.items():
         ppl = f"{row['ppl_base']['mean']:.1f} -> {row['ppl_base']['mean'] * math.exp(row['log_ppl_ratio']['mean']):.1f}"
+        gap = ["—" if recipe not in gaps else f"{gaps[recipe]['gap']:+.3f}"] if bound is not None else []
         table_rows.append([recipe, str(row["learned_zero_shot"]["n"]), fmt(row["learned_zero_shot"], True),
                            fmt(row["learned"], True) if "learned" in row else "n/a",
-                           *(fmt(row[key], key in ("bwt", "fwt")) if key in row else "n/a" for key, _ in COLUMNS), ppl,
+                           *(fmt(row[key], key in ("bwt", "fwt")) if key in row else "—" for key, _ in COLUMNS), *gap, ppl,
                            *(_general_cell(row.get("general_tasks", {}).get(task)) for task in general_names),
                            *(f"{value:.3f}" for value in row["final_row"])])
     body += [table(headers, table_rows), ""]
@@ -448,6 +497,10 @@ def markdown(report: dict) -> str:
     if report.get("verdicts"):
         body += [f"Which {noun} is better, against {report['baseline']}:", "", *verdict_lines(report["verdicts"], rows), "",
                  margin_rule(report["resolution"]), ""]
+    if gaps:
+        body += [f"Gap to multi-task ({bound}, AP {fmt(rows[bound]['ap'])}):", "",
+                 *(f"- {recipe} ({seeds_of(rows[recipe])}): AP {fmt(rows[recipe]['ap'])}, gap {found['gap']:+.3f} -> "
+                   f"**{found['verdict']}** (margin {found['margin']:.3f})" for recipe, found in gaps.items()), ""]
     if report.get("claims"):
         body += [report.get("claims_heading", "Claims, checked:"), "", *report["claims"], ""]
     if report.get("quick"):

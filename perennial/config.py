@@ -456,6 +456,10 @@ class SSRConfig(Strict):
     max_new_tokens: int = Field(48, ge=1, description="longest self-generated answer, tokens")
 
 
+# CL methods that act only between tasks (on what earlier tasks left): in cit.multitask's one stage they do nothing.
+MULTITASK_REFUSED_METHODS = ("ewc", "olora", "seekr")
+
+
 class CITConfig(Strict):
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-3, max_steps=150, warmup_steps=10))
     tuning: TuningConfig = Field(default_factory=TuningConfig)
@@ -466,6 +470,40 @@ class CITConfig(Strict):
         "all", description="conversations (records with messages): loss on every assistant turn (all), or on the "
         "final response only (last); a single-turn record supervises its response either way (docs/ingestion.md)"
     )
+    multitask: bool = Field(
+        False, description="the multi-task upper bound of a task sequence: one CIT stage trains the union of every task's "
+        "training records, shuffled together with the run's seed, for the optimizer steps the sequence would spend "
+        "(cit.optim.max_steps x the number of tasks), then every task is scored once. The accuracy matrix has the "
+        "before row and one trained row: AP is the mean final score, BWT, FWT and forgetting are not defined (absent). "
+        "Without replay, SSR or the CL methods that act between tasks (ewc, olora, seekr); lineage.continue_from=none "
+        "(docs/methods.md)",
+    )
+
+    @model_validator(mode="after")
+    def _multitask_is_one_stage(self) -> "CITConfig":
+        """cit.multitask trains every task in one stage: what only acts between tasks has nothing to act on. Checked
+        before the SSR rule below, whose fix (turn replay on) this one refuses."""
+        if not self.multitask:
+            return self
+        problems = []
+        between = [method.name for method in self.methods if method.name in MULTITASK_REFUSED_METHODS]
+        if between:
+            kept = ", ".join(f"{{name: {method.name}}}" for method in self.methods if method.name not in MULTITASK_REFUSED_METHODS)
+            problems.append(
+                f"cit.methods {between} act between tasks (EWC's Fisher and anchor of earlier tasks, O-LoRA's subspaces of "
+                "earlier tasks, SEEKR's replay of earlier tasks' attention), and a joint run has no earlier task: they "
+                f"would change nothing and name the row falsely; drop them: cit.methods=[{kept}] (lwf, averaging and "
+                "merge act on the stage's starting model and are allowed)")
+        if self.replay.enabled:
+            problems.append("cit.replay.enabled=true replays earlier tasks' records, and a joint run trains every task's "
+                            "records at once (there is no earlier task); set cit.replay.enabled=false")
+        if self.ssr.enabled:
+            problems.append("cit.ssr.enabled=true replays self-synthesized answers through the replay buffer, which a joint "
+                            "run does not use; set cit.ssr.enabled=false")
+        if problems:
+            raise ValueError("cit.multitask=true trains every task jointly in one stage (the multi-task upper bound); "
+                             + "; and ".join(problems) + ". Or set cit.multitask=false for the sequence")
+        return self
 
     @model_validator(mode="after")
     def _ssr_replays(self) -> "CITConfig":
@@ -733,6 +771,17 @@ class Config(Strict):
                     f"{key}.batch_size {optim.batch_size} must be divisible by {world} "
                     "(it is the global batch; each process takes an equal share)"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _multitask_from_the_base(self) -> "Config":
+        """cit.multitask trains the whole task set jointly from the base (or DAP) model; continuing a version trains
+        only what it has not learned, one stage per new task: the two are different runs."""
+        if self.cit.multitask and self.lineage.continue_from != "none":
+            raise ValueError(
+                f"cit.multitask=true trains every task jointly from the base model, and lineage.continue_from="
+                f"{self.lineage.continue_from} continues a registered version with only the tasks it has not learned; "
+                "set lineage.continue_from=none for the multi-task run (or cit.multitask=false to continue the lineage)")
         return self
 
     @model_validator(mode="after")

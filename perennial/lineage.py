@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from perennial.cl_metrics import AccuracyMatrix
+from perennial.cl_metrics import AccuracyMatrix, trained_label
 
 LINEAGE_FILE = "lineage.json"
 
@@ -39,9 +39,23 @@ class LineageRow(BaseModel):
     mlflow_run_id: str
     scores: dict[str, float | None]  # task -> score (accuracy in [0, 1]); a missing task was not scored
     corrected: dict[str, float | None] = {}  # task -> the same answers with the output bias taken out (docs/metrics.md)
-    task: str | None = None  # the task this stage trained (None for row 0)
+    task: str | None = None  # the task this stage trained (None for row 0 and a joint stage)
     dataset_digest: str | None = None  # the version of the task's dataset it trained on
     records: int | None = None  # train records of the stage (a continued task: its new records only)
+    # A joint stage (cit.multitask) trained several tasks at once: task -> the version of its dataset it read.
+    joint: dict[str, str] = {}
+
+    @property
+    def trained(self) -> str | list[str] | None:
+        """What the row trained: its task, the tasks of a joint stage (a list), or None (row 0)."""
+        return list(self.joint) if self.joint else self.task
+
+    def trains(self, name: str) -> bool:
+        return name == self.task or name in self.joint
+
+    def digest_of(self, name: str) -> str | None:
+        """The version of task ``name``'s dataset this row trained on."""
+        return self.joint.get(name) if self.joint else self.dataset_digest
 
 
 class LineageRecord(BaseModel):
@@ -58,19 +72,20 @@ class LineageRecord(BaseModel):
 
     def last_trained(self, name: str) -> LineageRow | None:
         """The latest row that trained task ``name``, or None when the lineage never learned it."""
-        return next((row for row in reversed(self.history) if row.task == name), None)
+        return next((row for row in reversed(self.history) if row.trains(name)), None)
 
     def matrix(self) -> AccuracyMatrix:
         """The accuracy matrix over every task of the lineage (cl_metrics), rows oldest first."""
         names = [task.name for task in self.tasks]
         return AccuracyMatrix(tasks=names, rows=[[row.scores.get(name) for name in names] for row in self.rows],
-                              trained=[row.task for row in self.history])
+                              trained=[row.trained for row in self.history])
 
     def row_labels(self) -> list[str]:
         """Per row: what it scores and which retrain added it ("after feed-2 (nightly-20990102)")."""
-        return [("before" if row.task is None else f"after {row.task}") + f" ({row.run_key})" for row in self.rows]
+        return [("before" if row.trained is None else trained_label(row.trained)) + f" ({row.run_key})" for row in self.rows]
 
     def history_text(self, limit: int = 5000) -> str:
         """The task history in one line, for a registry tag: `task@digest12 (run key)`, oldest first, cut to ``limit``."""
-        text = ", ".join(f"{row.task}@{(row.dataset_digest or '')[:12]} ({row.run_key})" for row in self.history)
+        text = ", ".join(("joint[" + ", ".join(f"{name}@{digest[:12]}" for name, digest in row.joint.items()) + "]" if row.joint
+                          else f"{row.task}@{(row.dataset_digest or '')[:12]}") + f" ({row.run_key})" for row in self.history)
         return text if len(text) <= limit else "..." + text[-(limit - 3):]

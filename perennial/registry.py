@@ -275,7 +275,17 @@ def _absolute(name: str, key: str, higher_is_better: bool, label: str) -> Gate:
 
 
 gate("min_target_score")(_absolute("min_target_score", "final_mean", True, "mean final-row task score"))
-gate("min_bwt")(_absolute("min_bwt", "bwt", True, "backward transfer"))
+
+
+@gate("min_bwt")
+def _min_bwt(threshold: float, judged: Judged) -> GateResult:
+    """Backward transfer's floor. A joint (multi-task) run trained no task before another, so it has no BWT to
+    check: not checked ("—"), rather than failed as missing or passed as if it were 0; max_task_drop still
+    checks each task against its reference."""
+    if judged.challenger.get("bwt") is None and judged.challenger.get("multitask"):
+        return GateResult("min_bwt", None, None, threshold, "backward transfer is not defined for a joint (multi-task) run: "
+                          "every task trained in one stage, none before another")
+    return _absolute("min_bwt", "bwt", True, "backward transfer")(threshold, judged)
 
 
 @gate("max_task_drop")

@@ -159,6 +159,11 @@ def _general_names(general: list[dict[str, float]] | None) -> list[str]:
     return list(dict.fromkeys(name for row in general or [] for name in row))
 
 
+JOINT_NOTE = ("Joint (multi-task) training, cit.multitask: one stage trained every task together, for the steps the sequence "
+              "would spend. AP is the mean final score; BWT, FWT and forgetting are not defined (no task was trained before "
+              "another), so they are absent (n/a), not 0.")
+
+
 def markdown_summary(matrix: AccuracyMatrix, metrics: dict, drift: list[dict] | None = None, general: list[dict[str, float]] | None = None,
                      row_labels: list[str] | None = None, drift_labels: list[str] | None = None, bias: dict[str, dict] | None = None) -> str:
     """The accuracy matrix, held-out general tasks (stage 0 vs final, from `general`: one dict of
@@ -167,6 +172,8 @@ def markdown_summary(matrix: AccuracyMatrix, metrics: dict, drift: list[dict] | 
     ``drift_labels`` name the drift entries (default: the matrix's stages)."""
     rows = [[md.cell(label), *(_fmt(v) for v in row)] for label, row in zip(row_labels or matrix.stage_labels(), matrix.rows)]
     lines = ["## Accuracy matrix", "", *md.table(["stage", *map(md.cell, matrix.tasks)], rows, ["l", *"r" * matrix.num_tasks])]
+    if matrix.joint:
+        lines += ["", JOINT_NOTE]
     names = _general_names(general)
     if names:
         rows = []

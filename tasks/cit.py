@@ -1,4 +1,5 @@
-"""Continual instruction tuning: one stage per task, with replay from a versioned buffer in S3."""
+"""Continual instruction tuning: one stage per task, with replay from a versioned buffer in S3; or, for the
+multi-task upper bound (cit.multitask), one joint stage on every task's records."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from models.cl.replay import make_loss_fn
 from models.data import encode_record
 from models.engine import resolve_device
 from models.loading import load_model_and_tokenizer
+from perennial.config import Config, OptimConfig
 from tasks.ingest import DatasetRef, read_records
 from tasks.launch import run_stage
 from tasks.runtime import RunContext, committed_uri, fetch_dir
@@ -27,10 +29,20 @@ class CITStep(BaseModel):
     stage: str
     plugin_state_uri: str | None = None
     records: int | None = None  # the train records it read (a task trained again: its new records)
+    joint: list[str] = []  # a joint stage (cit.multitask): the tasks it trained together; empty: one task
 
 
 def stage_name(index: int, task: str) -> str:
     return f"cit-{index + 1:02d}-{task}"
+
+
+JOINT_STAGE = stage_name(0, "joint")  # cit.multitask's one stage
+
+
+def joint_optim(cfg: Config, tasks: int) -> OptimConfig:
+    """The joint stage's optimizer settings: the steps the sequence spends on ``tasks`` tasks (cit.optim.max_steps
+    each), in one schedule; everything else as cit.optim."""
+    return cfg.cit.optim.model_copy(update={"max_steps": cfg.cit.optim.max_steps * tasks})
 
 
 def _sampling_options(run: RunContext, model_uri: str) -> dict:
@@ -99,3 +111,30 @@ def train_cit_stage(run: RunContext, model_uri: str, task: DatasetRef, index: in
             buffer.to_jsonl(local / BUFFER_FILE)
             next_replay_uri = run.store.upload_dir(local, replay_prefix, meta={"tasks": buffer.task_names(), "strategy": replay.strategy})["uri"]
     return CITStep(model_uri=model_out, replay_uri=next_replay_uri, stage=stage, plugin_state_uri=model_out, records=train_records)
+
+
+def train_joint_stage(run: RunContext, model_uri: str, tasks: list[DatasetRef]) -> CITStep:
+    """cit.multitask, the multi-task upper bound: one stage trains the union of every task's training records, which
+    the engine shuffles together with the run's seed, for cit.optim.max_steps x len(tasks) optimizer steps (what the
+    sequence spends), from ``model_uri``. No replay buffer (the config refuses replay and SSR with cit.multitask);
+    lwf, averaging and merge act on the stage's starting model as on a sequence's first task. The stage's MLflow
+    run logs what it trained on: every task, its train records and dataset version, and the steps."""
+    cfg = run.config
+    check_requirements(cfg.cit.methods, cfg.cit.tuning.method, cfg.model.attn_implementation)
+    optim = joint_optim(cfg, len(tasks))
+    counts = {task.name: len(read_records(run.store, task, run.services.cache_dir, split="train")) for task in tasks}
+    tracker = run.tracker
+    with tracker.stage_run(JOINT_STAGE, run.parent_run_id, tags={"stage": JOINT_STAGE, "task": "joint"}) as child:
+        tracker.log_params(child, {"task": "joint", "tasks": ",".join(counts), "train_records": sum(counts.values()),
+                                   "max_steps": optim.max_steps, "replay_records": 0,
+                                   **{f"train_records.{name}": count for name, count in counts.items()},
+                                   **{f"dataset_digest.{task.name}": task.digest for task in tasks}})
+        spec = stage_spec(
+            run, JOINT_STAGE, input_model_uri=model_uri,
+            data=StageData(encoding="instruction", datasets=list(tasks), supervise=cfg.cit.supervise),
+            optim=optim, tuning=cfg.cit.tuning, methods=cfg.cit.methods,
+            seed=cfg.stage_seed("cit"), task_index=0, mlflow_run_id=child,
+        )
+        model_out = run_stage(spec, run.services)
+    return CITStep(model_uri=model_out, replay_uri=None, stage=JOINT_STAGE, plugin_state_uri=model_out,
+                   records=sum(counts.values()), joint=list(counts))

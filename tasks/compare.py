@@ -212,6 +212,7 @@ def run_recipe(job: Job, retrain: Callable[..., dict]) -> dict:
                                  if m.get("train/tokens_per_second")), 1),
         "trainable_params": int(max(trainable)) if trainable else None,
         **{key: summary[key] for key in ("tasks", "trained", "accuracy_matrix", "metrics", "general_tasks", "chance")},
+        "trained_by_row": summary.get("trained_by_row") or None,  # a row naming several tasks: a joint (multi-task) run
         "mlflow_run_id": parent,
     }
     for key in (*compare.COST_KEYS, "trainable_params"):
@@ -406,7 +407,8 @@ def plot_matrices(runs: list[dict], recipes: list[str], path: Path) -> Path:
     first = {}
     for run in sorted(runs, key=lambda r: r["seed"]):
         first.setdefault(compare._name(run), run)
-    matrices = {f"{recipe} (seed {first[recipe]['seed']})": AccuracyMatrix(tasks=first[recipe]["tasks"], rows=first[recipe]["accuracy_matrix"])
+    matrices = {f"{recipe} (seed {first[recipe]['seed']})": AccuracyMatrix(tasks=first[recipe]["tasks"], rows=first[recipe]["accuracy_matrix"],
+                                                                         trained=first[recipe].get("trained_by_row"))
                 for recipe in recipes if recipe in first}
     return plot_accuracy_matrix_grid(matrices, path)
 
@@ -426,9 +428,11 @@ def log_comparison(report: dict, text: str, figure: Path | None, tracking_uri: s
     metrics = {}
     for recipe, row in (report.get("rows") or {}).items():
         for key in ("ap", "bwt", "fwt", "forgetting_max", "learned_zero_shot", "heldout_delta", "log_ppl_ratio"):
-            if key in row:
+            if key in row:  # a multi-task row has no BWT, FWT or forgetting: nothing is logged for them
                 metrics[f"{compare.slug(recipe)}/{key}"] = row[key]["mean"]
                 metrics[f"{compare.slug(recipe)}/{key}_std"] = row[key]["std"]
+        if recipe in (report.get("multitask_gaps") or {}):
+            metrics[f"{compare.slug(recipe)}/ap_gap_multitask"] = report["multitask_gaps"][recipe]["gap"]
         metrics.update({f"{compare.slug(recipe)}/{key}": value for key, value in row.get("cost", {}).items()})
     tracker.log_metrics(run_id, metrics)
     tracker.flush()

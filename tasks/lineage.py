@@ -105,7 +105,7 @@ def plan_lineage(run: RunContext, data: DataBundle) -> LineagePlan:
         last = record.last_trained(ref.name)
         if last is None:
             train.append(ref)
-        elif last.dataset_digest != ref.digest:  # the dataset grew (or changed): its new records, if any
+        elif last.digest_of(ref.name) != ref.digest:  # the dataset grew (or changed): its new records, if any
             earlier = record.task(ref.name)
             grown = ref.model_copy(update={"since": earlier.uri})
             if any(True for _ in iter_version(run.store, grown.uri, run.services.cache_dir / "datasets", "train",
@@ -115,7 +115,7 @@ def plan_lineage(run: RunContext, data: DataBundle) -> LineagePlan:
             score.append(ref)
         elif any(task.name == ref.name for task in train):  # retrained: scored on the version it trains on
             score = [ref if task.name == ref.name else task for task in score]
-    learned = ", ".join(row.task for row in record.history) or "nothing"
+    learned = ", ".join(row.task or " + ".join(row.joint) for row in record.history) or "nothing"
     print(f"lineage {cfg.tracking.registered_model}: continues version {start.version} ({learned}); "
           + (f"trains {', '.join(t.name + (' (new records)' if t.since else '') for t in train)}" if train else "nothing new to train"))
     return LineagePlan(start=start, record=record, train=train, score=score, first_index=len(record.history))
@@ -208,8 +208,9 @@ def extend_lineage(run: RunContext, plan: LineagePlan, evaluations: list, steps:
     """The lineage record after this retrain, and the row its training started from.
 
     ``evaluations``: the retrain's StageEval, stage 0 first; ``steps``: its CITStep, one per task of
-    ``plan.train``. Row 0 is stage 0 when the lineage starts here; when it continues a version, that
-    version's last row is the start, and stage 0 only fills in the tasks it had no score for.
+    ``plan.train``, or one joint step for all of them (cit.multitask: one row naming every task it trained).
+    Row 0 is stage 0 when the lineage starts here; when it continues a version, that version's last row is
+    the start, and stage 0 only fills in the tasks it had no score for.
     """
     record = plan.record.model_copy(deep=True)
     for ref in plan.score:
@@ -228,10 +229,15 @@ def extend_lineage(run: RunContext, plan: LineagePlan, evaluations: list, steps:
         last.scores = {**stage0, **{name: score for name, score in last.scores.items() if score is not None}}
         last.corrected = {**corrected0, **{name: score for name, score in last.corrected.items() if score is not None}}
     start_row = len(record.rows) - 1
+    by_name = {ref.name: ref for ref in plan.train}
     for ref, step, evaluation in zip(plan.train, steps, evaluations[1:]):
-        record.rows.append(LineageRow(stage=step.stage, run_key=run.run_key, mlflow_run_id=run.parent_run_id,
-                                      scores=evaluation.scores, corrected=_corrected(evaluation), task=ref.name,
-                                      dataset_digest=ref.digest, records=step.records))
+        row = LineageRow(stage=step.stage, run_key=run.run_key, mlflow_run_id=run.parent_run_id, scores=evaluation.scores,
+                         corrected=_corrected(evaluation), records=step.records)
+        if step.joint:  # one stage trained these tasks together
+            row.joint = {name: by_name[name].digest for name in step.joint}
+        else:
+            row.task, row.dataset_digest = ref.name, ref.digest
+        record.rows.append(row)
     return record, start_row
 
 

@@ -58,7 +58,7 @@ class Report(BaseModel):
     general_tasks: dict[str, dict[str, float]] = {}
     start_row: int = 0  # the matrix row this retrain's training started from (its stage 0)
     row_labels: list[str] = []  # per matrix row: what it scores, and for a lineage the retrain that added it
-    trained: list[str] = []  # the task each row after row 0 trained
+    trained: list[str | list[str]] = []  # the task each row after row 0 trained (a list: the tasks of a joint stage)
     lineage_uri: str | None = None  # the committed lineage record (perennial/lineage.py) of a retrain
     task_history: str = ""
     # Per task (trained and held out), from the retrain's start to its end: the drop, how much of it is output

@@ -11,7 +11,7 @@ from prefect.artifacts import create_markdown_artifact
 from perennial import registry
 from perennial.tracking import UI_WORKFLOW, is_auth_refusal
 from tasks.base_model import prepare_base_model
-from tasks.cit import stage_name, train_cit_stage
+from tasks.cit import JOINT_STAGE, joint_optim, stage_name, train_cit_stage, train_joint_stage
 from tasks.compare import plan_comparison, report_comparison, run_recipe
 from tasks.dap import train_dap
 from tasks.evaluate import evaluate_stage
@@ -116,6 +116,13 @@ def _cit_run_name() -> str:
 def cit_stage(run, model_uri, task, index, previous):
     with stage_progress(stage_name(index, task.name), run.config.cit.optim.max_steps):
         return train_cit_stage(run, model_uri, task, index, previous)
+
+
+@task(name="cit-joint", task_run_name=JOINT_STAGE, **RETRY)
+def joint_cit_stage(run, model_uri, tasks):
+    """cit.multitask: every task in one stage (train_joint_stage)."""
+    with stage_progress(JOINT_STAGE, joint_optim(run.config, len(tasks)).max_steps):
+        return train_joint_stage(run, model_uri, tasks)
 
 
 @task(name="evaluate", task_run_name="evaluate-{stage}", **RETRY)
