@@ -15,7 +15,7 @@ piece's sha256 and then the whole file's (`ObjectStore.download_dir`); a missing
 A loader reads S3 directly, not through MLflow's artifact proxy, so it needs the bucket's read credentials:
 the endpoint from ``PERENNIAL_S3_ENDPOINT`` (else ``MLFLOW_S3_ENDPOINT_URL``, ``AWS_ENDPOINT_URL_S3``,
 ``AWS_ENDPOINT_URL``) and the keys from ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``, as
-``.perennial/services.env`` sets them. Where readers have MLflow access only, set
+``.perennial/services/services.env`` sets them. Where readers have MLflow access only, set
 ``registry.model_files: mlflow`` (a full copy in MLflow's artifact store per version).
 """
 
@@ -63,7 +63,7 @@ def _endpoint() -> str:
     raise MlflowException(
         f"a {SCHEME}:// model is read from S3 directly: set {ENDPOINT_ENVS[0]} (or {', '.join(ENDPOINT_ENVS[1:])}) to the "
         "lineage's S3 endpoint, and AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY to keys that may read its bucket (for the "
-        "local services: `source .perennial/services.env`)"
+        "local services: `source .perennial/services/services.env`)"
     )
 
 

@@ -172,7 +172,7 @@ def _credentials(cfg: StorageConfig) -> tuple[str, str]:
     if not access or not secret:
         raise StorageError(
             f"S3 credentials are missing: set the environment variables {cfg.access_key_env} and "
-            f"{cfg.secret_key_env} (for the local services: `source .perennial/services.env`, written by "
+            f"{cfg.secret_key_env} (for the local services: `source .perennial/services/services.env`, written by "
             "`perennial services up`)"
         )
     return access, secret

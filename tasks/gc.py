@@ -121,7 +121,7 @@ def run_state(status: str | None, tags: dict[str, str]) -> tuple[str, str]:
     return "unfinished", f"unfinished ({(status or 'no MLflow run').lower()}): it may still resume"
 
 
-def _kept_versions(config: Config, services: Services) -> tuple[dict[str, str], dict[str, object]]:
+def kept_versions(config: Config, services: Services) -> tuple[dict[str, str], dict[str, object]]:
     """(version -> why kept, version -> every version of the registered model)."""
     client, name, policy = services.tracker.client, config.tracking.registered_model, config.retention
     try:
@@ -155,7 +155,7 @@ def plan_gc(config: Config, services: Services, now: datetime | None = None, dry
     lineage = config.tracking.registered_model
     plan = GcPlan(lineage=lineage, dry_run=dry_run, min_age_hours=policy.min_age_hours)
 
-    kept, versions = _kept_versions(config, services)
+    kept, versions = kept_versions(config, services)
     needed: dict[str, str] = {}  # S3 folder prefix -> why kept
     for version, why in kept.items():
         tags = versions[version].tags if version in versions else {}
