@@ -449,7 +449,8 @@ class SSRConfig(Strict):
 
     enabled: bool = False
     prompts: str = Field(
-        "builtin", min_length=1, description="builtin (perennial/general_prompts.py), or a .txt file (one prompt a line) "
+        "builtin", min_length=1, description="builtin (everyday requests) or facts (short real-world questions), the pools "
+        "of perennial/general_prompts.py, or a .txt file (one prompt a line) "
         "or .jsonl file (a `prompt` field per line) of your own general prompts",
     )
     samples: int = Field(32, ge=1, description="prompts answered and replayed (drawn from the pool with the run's seed)")

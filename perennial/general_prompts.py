@@ -1,9 +1,16 @@
-"""The general instruction prompts Perennial ships for self-synthesized rehearsal (cit.ssr.prompts: builtin).
+"""The general instruction prompts Perennial ships for self-synthesized rehearsal (`cit.ssr.prompts`).
 
-Everyday requests of many kinds (explain, define, list, advise, describe, write, count), so the model's
-own answers to them carry its general behaviour and answer format. None asks for a capital city:
-the demo's held-out task (`capitals`) must stay held out. Users point `cit.ssr.prompts` at their own
-pool (a .txt file, one prompt a line, or a .jsonl file with a `prompt` field).
+- `builtin`: everyday requests of many kinds (explain, define, list, advise, describe, write, count), so
+  the model's own answers to them carry its general behaviour and answer format.
+- `facts`: short questions about real-world facts (science, language, history, geography), which an
+  instruct model answers in a sentence. Narrow tasks with one-word answers about a made-up world (the
+  demo's `fact_lookup`: "Which town is home to the zorbel?") teach the model to answer *every* short
+  question with one of their words; rehearsing its own answers to real ones keeps both its knowledge
+  in use and its answer format (README, "What make run does").
+
+No prompt of either asks for a capital or a city: the demo's held-out task (`capitals`) must stay held
+out (tests/test_ssr.py checks). Users point `cit.ssr.prompts` at their own pool (a .txt file, one
+prompt a line, or a .jsonl file with a `prompt` field).
 """
 
 from __future__ import annotations
@@ -74,3 +81,56 @@ BUILTIN = (
     "What does a chef do?",
     "Tell me a short story about a brave mouse.",
 )
+
+FACTS = (
+    "What is the largest ocean on Earth?",
+    "Who wrote Romeo and Juliet?",
+    "What is the chemical symbol for gold?",
+    "How many continents are there?",
+    "What is the freezing point of water in Celsius?",
+    "Which planet is known as the Red Planet?",
+    "Who painted the Mona Lisa?",
+    "How many strings does a standard guitar have?",
+    "What is the boiling point of water in Fahrenheit?",
+    "What is the longest river in Africa?",
+    "How many legs does an insect have?",
+    "What gas do plants take in from the air?",
+    "Who was the first person to walk on the moon?",
+    "What is the hardest natural substance?",
+    "Which animal is known as the king of the jungle?",
+    "What is the largest mammal?",
+    "How many sides does a hexagon have?",
+    "What is the largest organ of the human body?",
+    "Which instrument has black and white keys?",
+    "What is the closest star to Earth?",
+    "Who discovered penicillin?",
+    "What is H2O commonly called?",
+    "How many bones are in the adult human body?",
+    "What is the largest desert in the world?",
+    "How many hours are in a day?",
+    "What colour do you get by mixing blue and yellow?",
+    "Which bird is a symbol of peace?",
+    "What is the tallest mountain in the world?",
+    "Who invented the telephone?",
+    "What is the square root of 81?",
+    "Which organ pumps blood through the body?",
+    "What is the smallest prime number?",
+    "What is the main gas in the air we breathe?",
+    "What do bees collect from flowers?",
+    "Which metal is liquid at room temperature?",
+    "Who wrote the novel Pride and Prejudice?",
+    "How many players are on a football team?",
+    "What is the opposite of north?",
+    "Which season comes after winter?",
+    "Who wrote the play Hamlet?",
+    "How many teeth does an adult human have?",
+    "Which planet has rings around it?",
+    "Which planet is closest to the sun?",
+    "How many days are in a leap year?",
+    "Which animal is the fastest on land?",
+    "Which sea is the saltiest?",
+    "What is the primary colour of grass?",
+    "Who developed the theory of relativity?",
+)
+
+POOLS = {"builtin": BUILTIN, "facts": FACTS}  # the names `cit.ssr.prompts` accepts besides a file

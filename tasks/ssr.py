@@ -27,7 +27,7 @@ from models.engine import resolve_device
 from models.evaluation import generate
 from models.loading import load_model_and_tokenizer
 from perennial.config import ConfigError, canonical_json
-from perennial.general_prompts import BUILTIN
+from perennial.general_prompts import POOLS
 from perennial.ingest.records import record_id
 from perennial.storage import join_key
 from tasks.runtime import RunContext, committed_uri, fetch_dir, uri_to_prefix
@@ -38,13 +38,14 @@ PAIRS_FILE = "pairs.jsonl"
 
 
 def load_prompts(spec: str) -> list[str]:
-    """The prompt pool `cit.ssr.prompts` names: "builtin", a .txt file (one prompt a line) or a .jsonl
-    file (a `prompt` field per line). Raises ConfigError naming the file and what it must hold."""
-    if spec == "builtin":
-        return list(BUILTIN)
+    """The prompt pool `cit.ssr.prompts` names: a shipped pool (`POOLS`: builtin, facts), a .txt file (one prompt a
+    line) or a .jsonl file (a `prompt` field per line). Raises ConfigError naming the file and what it must hold."""
+    if spec in POOLS:
+        return list(POOLS[spec])
     path = Path(spec)
     if not path.is_file():
-        raise ConfigError(f"cit.ssr.prompts: {spec} is not a file; use builtin, a .txt file (one prompt a line) or a .jsonl file")
+        raise ConfigError(f"cit.ssr.prompts: {spec} is not a file; use {' or '.join(POOLS)}, a .txt file (one prompt a "
+                          "line) or a .jsonl file")
     if path.suffix == ".jsonl":
         try:
             prompts = [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]

@@ -22,9 +22,15 @@ from tests.test_pipeline import micro_config
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("single_torch_thread")]
 
 
-def test_prompt_pools_are_the_builtin_one_or_a_users_file(tmp_path):
-    builtin = load_prompts("builtin")
-    assert len(builtin) >= 60 and not [p for p in builtin if "capital" in p.lower()]  # the demo's held-out task stays out
+def test_prompt_pools_are_a_shipped_one_or_a_users_file(tmp_path):
+    from perennial.demo_data import CAPITALS
+
+    builtin, facts = load_prompts("builtin"), load_prompts("facts")
+    assert len(builtin) >= 60 and len(facts) >= 40 and not set(builtin) & set(facts)
+    held_out = ("capital", "city", *(place.lower() for pair in CAPITALS.items() for place in pair))
+    for prompt in builtin + facts:  # the demo's held-out task stays out: no capital, city, or country or city it asks about
+        assert not [word for word in held_out if word in prompt.lower().rstrip("?").split() or f" {word}" in f" {prompt.lower()}"
+                    and " " in word], prompt
     (tmp_path / "mine.txt").write_text("How are you?\n\nWhat is rain?\n")
     assert load_prompts(str(tmp_path / "mine.txt")) == ["How are you?", "What is rain?"]
     (tmp_path / "mine.jsonl").write_text('{"prompt": "Hi?"}\n{"text": "no prompt"}\n')
