@@ -12,8 +12,8 @@ lineages run side by side in one invocation, each in its own bucket so their byt
 After each night it records the bucket's bytes and objects, the bytes the night added, the local work
 directory's bytes and the MLflow artifacts of the lineage's experiment. After the last night it computes
 the bound the policy must meet: the distinct bytes that the kept versions (aliases and the last
-`keep_last_versions`), the base and DAP models and the dataset versions reference, plus one full checkpoint
-in flight. Resumable: finished nights are kept in `<state-dir>/nights.json`; a killed night resumes under
+`keep_last_versions`: checkpoint, replay buffer, lineage record, MLflow model, the DAP model their run trained
+from), the base models and the dataset versions reference, plus one full checkpoint in flight. Resumable: finished nights are kept in `<state-dir>/nights.json`; a killed night resumes under
 its run key.
 """
 
@@ -92,19 +92,25 @@ def footprint(store, client, cfg) -> dict:
 
 
 def needed(store, client, cfg) -> dict:
-    """The distinct bytes the policy must keep: what the kept versions' folders, the base and DAP models and the
-    dataset versions reference (their files and checkpoint pieces), and one full checkpoint's size."""
+    """The distinct bytes the policy must keep: what the kept versions' folders (checkpoint, replay buffer, lineage
+    record, MLflow model), the DAP models their runs trained from, the base models and the dataset versions reference
+    (their files and checkpoint pieces), and one full checkpoint's size."""
+    from perennial.model_files import registered_folder
     from perennial.storage import MANIFEST_NAME
-    from tasks.gc import _kept_versions, model_file_sizes
+    from tasks.dap import DAP_MODEL_TAG
+    from tasks.gc import kept_versions, model_file_sizes
     from tasks.runtime import Services, uri_to_prefix
 
-    kept, versions = _kept_versions(cfg, Services.open(cfg))
+    kept, versions = kept_versions(cfg, Services.open(cfg))
     folders = {uri_to_prefix(store, versions[v].tags[tag]) for v in kept for tag in ("checkpoint_uri", "replay_uri", "lineage_uri")
                if versions[v].tags.get(tag)}
+    folders |= {registered_folder(versions[v].source) for v in kept} - {None}
+    folders |= {uri_to_prefix(store, tags[DAP_MODEL_TAG]) for tags in (client.get_run(versions[v].run_id).data.tags for v in kept)
+                if DAP_MODEL_TAG in tags}
     shared = [i.key[: -len(MANIFEST_NAME) - 1] for i in store.list(cfg.storage.prefix + "/") if i.key.endswith("/" + MANIFEST_NAME)
-              and any(f"/{kind}/" in i.key for kind in ("base-models", "dap-models", "datasets")) and "/checkpoints/" not in i.key]
-    # MLflow's copy of each kept version's model (distinct sources)
-    models = sum(sum(model_file_sizes(client, source)) for source in {versions[v].source for v in kept})
+              and any(f"/{kind}/" in i.key for kind in ("base-models", "datasets")) and "/checkpoints/" not in i.key]
+    # a full copy in MLflow's artifact store, for a version whose model is not stored beside its checkpoint
+    models = sum(sum(model_file_sizes(client, source)) for source in {versions[v].source for v in kept} if registered_folder(source) is None)
     files, pieces, full = 0, {}, 0
     for prefix in folders | set(shared):
         manifest = store.read_manifest(prefix)
@@ -146,7 +152,6 @@ def verdicts(nights: list[dict]) -> dict:
         result["bound"] = {"s3_bytes": on["s3_bytes"], "needed": on["needed"]["bytes"], "bound": bound, "holds": on["s3_bytes"] <= bound,
                            "x_full": on["s3_bytes"] / full, "holds_3x": on["s3_bytes"] <= LINEAGE_TARGET * full,
                            "mlflow_bytes": on["mlflow_bytes"], "mlflow_needed": on["needed"]["mlflow_bytes"],
-                           "mlflow_holds": on["mlflow_bytes"] <= on["needed"]["mlflow_bytes"] + full,
                            "x_full_with_mlflow": (on["s3_bytes"] + on["mlflow_bytes"]) / full}
         if last["policy off"]:
             result["bound"]["off_with_mlflow"] = (last["policy off"]["s3_bytes"] + last["policy off"]["mlflow_bytes"]) / full
@@ -170,23 +175,23 @@ def markdown(report: dict) -> str:
     verdict = report["verdicts"]
     if "bound" in verdict:
         b = verdict["bound"]
-        lines.append(f"- **Policy on, after the last night: S3 holds {_gb(b['s3_bytes'])} GB; the kept versions, base and DAP models and "
+        lines.append(f"- **Policy on, after the last night: S3 holds {_gb(b['s3_bytes'])} GB; the kept versions, base model and "
                      f"data reference {_gb(b['needed'])} GB; bound with one checkpoint in flight {_gb(b['bound'])} GB: "
                      f"{'holds' if b['holds'] else 'does not hold'}.** That is ×{b['x_full']:.2f} one full checkpoint (target ≤ "
                      f"×{LINEAGE_TARGET:g}: {'holds' if b['holds_3x'] else 'does not hold'}).")
-        lines.append(f"- **MLflow's copies of the registered models** (the services' bucket, `mlflow-artifacts/`): {_gb(b['mlflow_bytes'])} GB "
-                     f"with the policy on, the kept versions' own {_gb(b['mlflow_needed'])} GB "
-                     f"({'within' if b['mlflow_holds'] else 'over'} the bound with one model in flight). Lineage bucket and MLflow copies "
-                     f"together: ×{b['x_full_with_mlflow']:.2f} one full checkpoint with the policy on"
-                     + (f", ×{b['off_with_mlflow']:.2f} with it off." if "off_with_mlflow" in b else "."))
+        lines.append(f"- **MLflow's artifact store** (the services' bucket, `mlflow-artifacts/`: reports, plots and any full model "
+                     f"copies) holds {_gb(b['mlflow_bytes'])} GB with the policy on; kept versions' full copies there: "
+                     f"{_gb(b['mlflow_needed'])} GB. Lineage bucket and MLflow together: ×{b['x_full_with_mlflow']:.2f} one full "
+                     "checkpoint with the policy on" + (f", ×{b['off_with_mlflow']:.2f} with it off." if "off_with_mlflow" in b else "."))
     if "stage" in verdict:
         s = verdict["stage"]
         lines.append(f"- **Policy off, each night after the first adds ×{s['mean_x_full']:.2f} of a full checkpoint on average, "
                      f"×{s['max_x_full']:.2f} at most** (target ≤ ×{STAGE_TARGET:g}: {'holds' if s['holds'] else 'does not hold'}): the "
                      "attention tensors it trained, its mid-stage checkpoints, replay buffer, data and records.")
-    lines.append("- Each registered version also has MLflow's own copy of its model (`MLflow artifacts`, the version's source, "
-                 "which `mlflow.transformers.load_model` reads): a full model a version, not stored by content. The policy deletes "
-                 "it for versions that are no longer kept (`retention.delete_unkept_models`).")
+    lines.append("- Each registered version's MLflow model (its source, which `mlflow.transformers.load_model` reads) lies in the "
+                 "lineage's bucket beside its checkpoint (`registry.model_files: checkpoint`): its weights are the checkpoint's "
+                 "pieces, so it adds its small files only. The policy deletes it for versions that are no longer kept "
+                 "(`retention.delete_unkept_models`).")
     return "\n".join(lines) + "\n"
 
 
