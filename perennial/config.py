@@ -619,8 +619,9 @@ REQUIRED_KEPT_ALIASES = ("champion", "challenger", "previous-champion")
 class RetentionConfig(Strict):
     """What `perennial gc` (and the gc stage at the end of a retrain) may delete (docs/operations.md,
     "Storage and retention"). Kept always, whatever these say: every checkpoint, replay buffer and lineage
-    record of a kept version (one holding an alias of `keep_aliases`, or one of the last `keep_last_versions`),
-    everything an unfinished run resumes from, the checkpoint it continues, and every dataset version."""
+    record and MLflow model of a kept version (one holding an alias of `keep_aliases`, or one of the last
+    `keep_last_versions`), everything an unfinished run resumes from, the checkpoint it continues, every dataset
+    version and base model, and the DAP model an unfinished run or a kept version's run trained from."""
 
     enabled: bool = Field(
         True, description="run gc at the end of every retrain (under its lineage lock); `perennial gc` applies the "
@@ -643,9 +644,10 @@ class RetentionConfig(Strict):
         "GGUF folders): least recently used entries past min_age_hours are evicted above it"
     )
     delete_unkept_models: bool = Field(
-        True, description="also delete the MLflow model files of a version that is not kept (and that no kept version "
+        True, description="also delete the MLflow model of a version that is not kept (and that no kept version "
         "shares): `models:/NAME/N` no longer loads, its metrics, tags and decision stay; false keeps every version "
-        "loadable, and MLflow's copies then grow by one model a retrain"
+        "loadable, and then S3 keeps each version's trained tensors (registry.model_files: checkpoint) or MLflow one full "
+        "copy a retrain (mlflow)"
     )
 
     @field_validator("keep_aliases")

@@ -8,7 +8,7 @@ stored: a version adds its small files, not a second copy of the model (issue #4
 MLflow's own artifact store instead copied it in full for every version.
 
 MLflow finds this repository through the ``mlflow.artifact_repository`` entry point named after the scheme
-(pyproject.toml), so ``mlflow.transformers.load_model("models:/NAME@champion")``, ``mlflow models serve`` and
+(pyproject.toml; `perennial.model_files_repository`), so ``mlflow.transformers.load_model("models:/NAME@champion")``, ``mlflow models serve`` and
 `perennial export` load a version unchanged. Reading joins each file from its pieces and checks every
 piece's sha256 and then the whole file's (`ObjectStore.download_dir`); a missing piece is an error naming it.
 
@@ -39,6 +39,14 @@ FOLDER = "registered-models"  # under storage.prefix; the blob pieces live under
 ENDPOINT_ENVS = ("PERENNIAL_S3_ENDPOINT", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 
 
+def delete_folder(store: ObjectStore, folder: str) -> None:
+    """Delete a committed folder, its manifest first: a delete killed half way leaves files nothing reads as committed."""
+    keys = [info.key for info in store.list(folder + "/")]
+    manifest = f"{folder}/{MANIFEST_NAME}"
+    store.delete_keys([key for key in keys if key == manifest])
+    store.delete_keys([key for key in keys if key != manifest])
+
+
 def model_files_prefix(storage_prefix: str, registered_model: str, run_id: str) -> str:
     """The S3 folder of the MLflow model a retrain (its parent MLflow run ``run_id``) registers."""
     return join_key(storage_prefix, FOLDER, key_component(registered_model), key_component(run_id))
@@ -49,11 +57,27 @@ def model_files_uri(bucket: str, prefix: str) -> str:
     return f"{SCHEME}://{bucket}/{prefix}"
 
 
+def _parse(uri: str) -> tuple[str, str, list[str]]:
+    """(bucket, storage prefix, the path's components after `registered-models/`) of a ``perennial-s3://`` URI."""
+    parsed = urlparse(uri)
+    key = parsed.path.strip("/")
+    marker = f"/{FOLDER}/"
+    if parsed.scheme != SCHEME or not parsed.netloc or marker not in f"/{key}/":
+        raise MlflowException(f"{uri} is not a {SCHEME}://BUCKET/PREFIX/{FOLDER}/MODEL/RUN_ID URI")
+    storage_prefix, _, rest = f"/{key}/".partition(marker)
+    return parsed.netloc, storage_prefix.strip("/"), [part for part in rest.split("/") if part]
+
+
+def _folder_key(storage_prefix: str, *parts: str) -> str:
+    return join_key(*([storage_prefix] if storage_prefix else []), FOLDER, *parts)
+
+
 def registered_folder(source: str) -> str | None:
     """The S3 folder (key prefix) of a version whose ``source`` is a ``perennial-s3://`` URI, else None."""
     if urlparse(source).scheme != SCHEME:
         return None
-    return CheckpointArtifactRepository(source).prefix
+    _, storage_prefix, parts = _parse(source)
+    return _folder_key(storage_prefix, *parts[:2]) if len(parts) >= 2 else None
 
 
 def _endpoint() -> str:
@@ -68,85 +92,87 @@ def _endpoint() -> str:
 
 
 class CheckpointArtifactRepository(ArtifactRepository):
-    """Read (list, download) and delete one committed folder of Perennial's S3 through MLflow's artifact API.
+    """Read (list, download) and delete committed folders of Perennial's S3 through MLflow's artifact API.
 
-    ``artifact_uri``: ``perennial-s3://BUCKET/<storage prefix>/registered-models/<model>/<run id>[/sub/path]``.
-    Writing goes through `ObjectStore.upload_dir`, which commits the folder with its manifest; MLflow's log
-    calls are refused. Raises MlflowException naming the folder when it was never committed or was deleted.
+    ``artifact_uri``: ``perennial-s3://BUCKET/<storage prefix>/registered-models/<model>[/<run id>[/sub/path]]``;
+    MLflow roots a repository at the model (when it loads ``source`` itself) or at the version's folder (through
+    ``models:/``), so both work. Writing goes through `ObjectStore.upload_dir`, which commits the folder with its
+    manifest; MLflow's log calls are refused. Raises MlflowException naming the folder, and the S3 endpoint read,
+    when it was never committed or was deleted.
     """
 
     def __init__(self, artifact_uri: str, tracking_uri: str | None = None, registry_uri: str | None = None) -> None:
         super().__init__(artifact_uri, tracking_uri, registry_uri)
-        parsed = urlparse(artifact_uri)
-        key = parsed.path.strip("/")
-        marker = f"/{FOLDER}/"
-        if parsed.scheme != SCHEME or not parsed.netloc or marker not in f"/{key}":
-            raise MlflowException(f"{artifact_uri} is not a {SCHEME}://BUCKET/PREFIX/{FOLDER}/MODEL/RUN_ID URI")
-        storage_prefix, rest = f"/{key}".split(marker, 1)
-        parts = rest.split("/")
-        if len(parts) < 2:
-            raise MlflowException(f"{artifact_uri} names no model folder: {SCHEME}://BUCKET/PREFIX/{FOLDER}/MODEL/RUN_ID")
-        # the committed folder is <model>/<run id>; anything after it is a path inside (MLflow asks for sub-paths)
-        self.prefix = join_key(storage_prefix.strip("/"), FOLDER, *parts[:2])
-        self.inner = "/".join(parts[2:])
-        self.bucket, self.storage_prefix = parsed.netloc, storage_prefix.strip("/")
+        self.bucket, self.storage_prefix, self.parts = _parse(artifact_uri)
+        if not self.parts:
+            raise MlflowException(f"{artifact_uri} names no registered model: {SCHEME}://BUCKET/PREFIX/{FOLDER}/MODEL/RUN_ID")
+        self._manifests: dict[str, dict] = {}
 
     @cached_property
     def store(self) -> ObjectStore:
-        return ObjectStore(StorageConfig(endpoint_url=_endpoint(), bucket=self.bucket, prefix=self.storage_prefix))
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        return ObjectStore(StorageConfig(endpoint_url=_endpoint(), bucket=self.bucket, prefix=self.storage_prefix, region=region))
 
-    @cached_property
-    def files(self) -> dict[str, dict]:
+    def _locate(self, path: str | None) -> tuple[str | None, str, list[str]]:
+        """(the committed folder ``path`` lies in, or None above it; the path inside it; all components)."""
+        parts = self.parts + [part for part in (path or "").split("/") if part]
+        if len(parts) < 2:
+            return None, "", parts
+        return _folder_key(self.storage_prefix, *parts[:2]), "/".join(parts[2:]), parts
+
+    def files(self, folder: str) -> dict[str, dict]:
         """relative path (from the committed folder) -> its manifest entry (sha256, size, pieces)."""
-        try:
-            manifest = self.store.read_manifest(self.prefix)
-        except StorageError as error:
-            raise MlflowException(str(error)) from None
-        if manifest is None:
-            raise MlflowException(
-                f"{model_files_uri(self.bucket, self.prefix)} has no {MANIFEST_NAME}: the model was never committed, or "
-                "`perennial gc` deleted it because the version is no longer kept (retention.keep_last_versions, "
-                "retention.keep_aliases). The version's metrics, tags and decision stay; retrain to get its model back"
-            )
-        return manifest["files"]
-
-    def _relative(self, path: str | None) -> str:
-        return posixpath.join(self.inner, path) if path else self.inner
+        if folder not in self._manifests:
+            try:
+                manifest = self.store.read_manifest(folder)
+            except StorageError as error:
+                raise MlflowException(str(error)) from None
+            if manifest is None:
+                raise MlflowException(
+                    f"{model_files_uri(self.bucket, folder)} has no {MANIFEST_NAME} at {self.store.cfg.endpoint_url}: the "
+                    "model was never committed, or `perennial gc` deleted it because the version is no longer kept "
+                    "(retention.keep_last_versions, retention.keep_aliases); or this is not the lineage's S3 endpoint "
+                    f"({'/'.join(ENDPOINT_ENVS[:2])}). The version's metrics, tags and decision stay; retrain to get its model back"
+                )
+            self._manifests[folder] = manifest["files"]
+        return self._manifests[folder]
 
     def list_artifacts(self, path: str | None = None) -> list[FileInfo]:
         """The files and folders right under ``path`` (relative to ``artifact_uri``), paths relative to it too."""
-        below = self._relative(path).strip("/")
+        folder, below, parts = self._locate(path)
+        if folder is None:  # the model's folder: one sub-folder per registering run
+            root = _folder_key(self.storage_prefix, parts[0]) + "/"
+            runs = {info.key[len(root):].split("/", 1)[0] for info in self.store.list(root)}
+            return [FileInfo(posixpath.join(path or "", run), True, None) for run in sorted(runs)]
         start = f"{below}/" if below else ""
         entries: dict[str, FileInfo] = {}
-        for relative, entry in self.files.items():
+        for relative, entry in self.files(folder).items():
             if not relative.startswith(start):
                 continue
             head, _, tail = relative[len(start):].partition("/")
-            shown = posixpath.join(path or "", head) if path else head
+            shown = posixpath.join(path, head) if path else head
             entries[head] = FileInfo(shown, True, None) if tail else FileInfo(shown, False, entry["size"])
         return sorted(entries.values(), key=lambda info: info.path)
 
     def _download_file(self, remote_file_path: str, local_path: str) -> None:
-        relative = self._relative(remote_file_path)
-        entry = self.files.get(relative)
+        folder, relative, _ = self._locate(remote_file_path)
+        entry = self.files(folder).get(relative) if folder is not None else None
         if entry is None:
-            raise MlflowException(f"{model_files_uri(self.bucket, self.prefix)} has no file {relative}")
+            raise MlflowException(f"{self.artifact_uri} has no file {remote_file_path}")
         try:
-            self.store.download_file(self.prefix, relative, entry, Path(local_path))
+            self.store.download_file(folder, relative, entry, Path(local_path))
         except StorageError as error:
             raise MlflowException(str(error)) from None
 
     def delete_artifacts(self, artifact_path: str | None = None) -> None:
-        """Delete the whole committed folder, its manifest first (a reader then sees it as never committed).
+        """Delete one whole committed folder, its manifest first (a reader then sees it as never committed).
         Its weight pieces may be shared with checkpoints and other versions: `perennial gc` deletes those that
         no manifest references any more."""
-        if artifact_path or self.inner:
-            raise MlflowException(f"{SCHEME}:// deletes a registered model's folder whole, not {self._relative(artifact_path)}")
-        keys = [info.key for info in self.store.list(self.prefix + "/")]
-        manifest = f"{self.prefix}/{MANIFEST_NAME}"
-        self.store.delete_keys([k for k in keys if k == manifest])
-        self.store.delete_keys([k for k in keys if k != manifest])
-        self.__dict__.pop("files", None)
+        folder, relative, _ = self._locate(artifact_path)
+        if folder is None or relative:
+            raise MlflowException(f"{SCHEME}:// deletes one registered model's folder whole, not {artifact_path or self.artifact_uri}")
+        delete_folder(self.store, folder)
+        self._manifests.pop(folder, None)
 
     def log_artifact(self, local_file, artifact_path=None):
         raise MlflowException(f"{SCHEME}:// folders are written by Perennial's registration (ObjectStore.upload_dir), "

@@ -41,14 +41,15 @@ def dap_key(run: RunContext, base_model_uri: str, data: DataBundle) -> str:
 def train_dap(run: RunContext, base_model_uri: str, data: DataBundle) -> str:
     cfg = run.config
     key = dap_key(run, base_model_uri, data)
+    stage_root = join_key(cfg.storage.prefix, "dap-models", key[:24])
+    # Said before training: `perennial gc` keeps the DAP model of a run that may still resume from it
+    run.tracker.set_tags(run.parent_run_id, {DAP_MODEL_TAG: run.store.uri(f"{stage_root}/model")})
     with run.tracker.stage_run(STAGE, run.parent_run_id, tags={"stage": STAGE, "dap_key": key}) as child:
         run.tracker.log_params(child, {"domain_docs": data.domain.counts.get("train"), "general_mix_fraction": cfg.dap.general_mix_fraction})
         spec = stage_spec(
-            run, STAGE, stage_root=join_key(cfg.storage.prefix, "dap-models", key[:24]), input_model_uri=base_model_uri,
+            run, STAGE, stage_root=stage_root, input_model_uri=base_model_uri,
             data=StageData(encoding="packed", datasets=[data.domain], general=data.general,
                            general_mix_fraction=cfg.dap.general_mix_fraction),
             optim=cfg.dap.optim, tuning=cfg.dap.tuning, seed=cfg.stage_seed("dap"), mlflow_run_id=child,
         )
-        model_uri = run_stage(spec, run.services)
-    run.tracker.set_tags(run.parent_run_id, {DAP_MODEL_TAG: model_uri})
-    return model_uri
+        return run_stage(spec, run.services)

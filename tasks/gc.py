@@ -33,16 +33,16 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Literal
 
-from mlflow.exceptions import MlflowException
 from pydantic import BaseModel
 
 from perennial import registry
 from perennial.config import Config
-from perennial.model_files import registered_folder
+from perennial.model_files import SCHEME, delete_folder, model_files_prefix, registered_folder
 from perennial.storage import MANIFEST_NAME, ObjectInfo
-from perennial.tracking import ERROR_TAG, RUN_KEY_TAG
+from perennial.tracking import ERROR_TAG, LINEAGE_TAG, RUN_KEY_TAG
 from tasks.dap import DAP_MODEL_TAG
 from tasks.failures import FAILED_FOR_GOOD
+from tasks.lineage import CONTINUED_FROM_TAG
 from tasks.runtime import RUN_RECORD, Services, run_prefix, uri_to_prefix
 
 UNSENT_METRICS = "unsent-metrics.jsonl"  # a stage's spool of metrics MLflow has not received (perennial/tracking.py)
@@ -174,6 +174,9 @@ def plan_gc(config: Config, services: Services, now: datetime | None = None, dry
         by_run[info.key[len(root):].split("/", 1)[0]].append(info)
     states: dict[str, tuple[str, str, dict]] = {}
     continued: dict[str, str] = {}  # manifest digest of a checkpoint an unfinished run continues -> its run key
+    run_ids: dict[str, tuple[str, str]] = {}  # MLflow parent run id -> (run key, state)
+    run_tags: dict[str, dict[str, str]] = {}  # MLflow parent run id -> its tags
+    dap_unknown: list[str] = []  # why no DAP model may go this time
     for key in sorted(by_run):
         record = store.get_json(root + key + "/" + RUN_RECORD) if any(i.key == root + key + "/" + RUN_RECORD for i in by_run[key]) else {}
         status, tags = None, {}
@@ -186,8 +189,13 @@ def plan_gc(config: Config, services: Services, now: datetime | None = None, dry
         state, words = run_state(status, tags)
         states[key] = (state, words, tags)
         plan.runs[key] = words
+        if record.get("mlflow_run_id"):
+            run_ids[record["mlflow_run_id"]] = (key, state)
+            run_tags[record["mlflow_run_id"]] = tags
         if state == "unfinished" and (record.get("inputs") or {}).get("continued checkpoint"):
             continued[record["inputs"]["continued checkpoint"]] = key
+        elif state == "unfinished" and DAP_MODEL_TAG not in tags:  # it may still train DAP, or read a cached DAP model
+            dap_unknown.append(f"unfinished run {key} has not said which DAP model it trains from")
 
     references = piece_references(store)
     folder_pieces = _pieces_by_folder(references)
@@ -256,6 +264,10 @@ def plan_gc(config: Config, services: Services, now: datetime | None = None, dry
             why = (f"unfinished run {key} may resume from it" if state == "unfinished" else
                    f"run {key} trained version {version} from it, which is kept" if version in kept else "")
             dap_users[uri_to_prefix(store, uri).rsplit("/", 1)[0]].append(why)
+    for version in kept:  # a kept version trained from the base model by a run from before the tag existed
+        found = versions.get(version)
+        if found is not None and found.tags.get(CONTINUED_FROM_TAG, "none") == "none" and DAP_MODEL_TAG not in run_tags.get(found.run_id, {}):
+            dap_unknown.append(f"kept version {version} does not say which DAP model it was trained from")
     for shared in ("base-models", "dap-models"):  # shared by content digest across runs and lineages
         shared_root = f"{config.storage.prefix}/{shared}/"
         shared_infos = list(store.list(shared_root))
@@ -265,50 +277,91 @@ def plan_gc(config: Config, services: Services, now: datetime | None = None, dry
                 continue  # a model still in training (maybe by another lineage): its checkpoints resume it
             users = dap_users.get(folder.prefix)
             if users and not any(users):  # only this lineage's ended runs used it, and no kept version came from it
-                consider(parts["model"], f"DAP model of {len(users)} ended run(s) of this lineage whose versions are not kept: the kept "
-                                "versions' checkpoints hold their own weights; a retrain with the same base, data and "
-                                "settings trains it again")
+                others = _other_lineages(client, store.uri(parts["model"].prefix), lineage)
+                if dap_unknown or others:
+                    plan.waiting.append(f"{store.uri(parts['model'].prefix)}: DAP model no kept version of this lineage came "
+                                        f"from, kept while {'; '.join(dap_unknown + others)}")
+                else:
+                    consider(parts["model"], f"DAP model of {len(users)} ended run(s) of this lineage whose versions are not "
+                                             "kept: the kept versions' checkpoints hold their own weights; a retrain with the "
+                                             "same base, data and settings trains it again")
             for step, checkpoint in sorted(_folders(folder_infos(shared_infos, folder.prefix + "/checkpoints/"),
                                                     folder.prefix + "/checkpoints/", 1).items()):
                 consider(checkpoint, f"mid-stage checkpoint of {shared}/{name}, whose model is committed: never read again")
 
     if policy.delete_unkept_models:  # before the pieces: a deleted version's folder no longer holds its pieces
-        _plan_mlflow_models(client, kept, versions, plan, cutoff, folder_pieces)
+        _plan_mlflow_models(config, store, client, kept, versions, plan, cutoff, folder_pieces, run_ids)
     _plan_pieces(store, plan, cutoff, references)
     _plan_local(config, services, plan, states, now)
     return plan
 
 
-def _plan_mlflow_models(client, kept: dict[str, str], versions: dict, plan: GcPlan, cutoff: datetime,
-                        folder_pieces: dict[str, tuple[int, int]]) -> None:
+def _other_lineages(client, dap_model_uri: str, lineage: str) -> list[str]:
+    """Why another lineage still keeps this DAP model: DAP models are shared by content digest, so a retrain of any
+    lineage may have trained from it (its runs' DAP_MODEL_TAG); their gc decides for them."""
+    experiments = [experiment.experiment_id for experiment in client.search_experiments()]
+    names: set[str] = set()
+    for start in range(0, len(experiments), 100):
+        runs = client.search_runs(experiments[start:start + 100], filter_string=f"tags.`{DAP_MODEL_TAG}` = '{dap_model_uri}'",
+                                  max_results=1000)
+        names |= {run.data.tags.get(LINEAGE_TAG, "(none)") for run in runs}
+    return [f"lineage {name} trained from it too" for name in sorted(names - {lineage})]
+
+
+def _plan_mlflow_models(config: Config, store, client, kept: dict[str, str], versions: dict, plan: GcPlan, cutoff: datetime,
+                        folder_pieces: dict[str, tuple[int, int]], run_ids: dict[str, tuple[str, str]]) -> None:
     """The MLflow model (the version's `source`) of versions that are not kept. Under `registry.model_files:
     checkpoint` it is a folder of this bucket whose weights are checkpoint pieces (perennial/model_files.py): its
-    own small files go here, its pieces with the pieces line once nothing else lists them. Under `mlflow` it is a
-    full copy in MLflow's artifact store, a model a night without this."""
+    own small files go here, its pieces with the pieces line once nothing else lists them; whether it is still
+    there is its manifest's say (a sweep killed after tagging the version finds it again). A folder no version
+    points to (its registration failed, or the version was deleted) goes once its run has ended. Under `mlflow` it
+    is a full copy in MLflow's artifact store, a model a night without this."""
     kept_sources = {versions[v].source for v in kept if v in versions}
+
+    def folder_deletion(folder: str, reason: str, version: str | None) -> Deletion | None:
+        manifest = store.read_manifest(folder)
+        if manifest is None:
+            return None  # never committed, or deleted: its files (if any) go with the next sweep of the prefix
+        small = [entry["size"] for entry in manifest["files"].values() if "pieces" not in entry]
+        own, shared = folder_pieces.get(folder, (0, 0))
+        return Deletion(where="mlflow", path=store.uri(folder), bytes=sum(small), objects=len(small) + 1, reason=reason,
+                        version=version, pieces_bytes=own, shared_pieces_bytes=shared)
+
     for version, found in sorted(versions.items(), key=lambda item: int(item[0])):
-        if version in kept or found.source in kept_sources or "perennial.model_deleted" in found.tags:
+        folder = registered_folder(found.source)
+        if version in kept or found.source in kept_sources or (folder is None and "perennial.model_deleted" in found.tags):
             continue
         reason = (f"MLflow model of version {version}, which is not kept: models:/{found.name}/{version} stops loading; its "
                   "metrics, tags and decision stay")
         if datetime.fromtimestamp(found.creation_timestamp / 1000, timezone.utc) > cutoff:
             plan.waiting.append(f"{found.source}: {reason}")
             continue
-        folder = registered_folder(found.source)
         if folder is not None:
-            try:
-                files = _artifacts(client, found.source).files
-            except MlflowException:
-                continue  # never committed (a registration that failed first) or already deleted: nothing to delete
-            small = [entry["size"] for entry in files.values() if "pieces" not in entry]
-            own, shared = folder_pieces.get(folder, (0, 0))
-            plan.deletions.append(Deletion(where="mlflow", path=found.source, bytes=sum(small), objects=len(small) + 1,
-                                           reason=reason, version=version, pieces_bytes=own, shared_pieces_bytes=shared))
+            if not found.source.startswith(f"{SCHEME}://{store.bucket}/"):
+                plan.waiting.append(f"{found.source}: {reason}; in another bucket than this lineage's, so not this gc's")
+            elif (deletion := folder_deletion(folder, reason, version)) is not None:
+                plan.deletions.append(deletion)
             continue
         sizes = model_file_sizes(client, found.source)
         if sizes:
             plan.deletions.append(Deletion(where="mlflow", path=found.source, bytes=sum(sizes), objects=len(sizes),
                                            reason=reason, version=version))
+
+    sources = {registered_folder(found.source) for found in versions.values()}
+    root = model_files_prefix(config.storage.prefix, config.tracking.registered_model, "x")[: -len("x")]
+    infos = list(store.list(root))
+    for run_id, folder in sorted(_folders(infos, root, 1).items()):
+        if folder.prefix in sources or not folder.committed:
+            continue  # a version's, or an upload in flight (its files go with the run's, or the next registration's)
+        key, state = run_ids.get(run_id, (None, "ended"))
+        if state == "unfinished":
+            continue  # its registration completes the version when the run resumes
+        if folder.newest is not None and folder.newest > cutoff:
+            continue
+        reason = (f"MLflow model of run {key or run_id}, which no version points to (its registration failed, or the "
+                  "version was deleted)")
+        if (deletion := folder_deletion(folder.prefix, reason, None)) is not None:
+            plan.deletions.append(deletion)
 
 
 def _artifacts(client, uri: str):
@@ -359,7 +412,7 @@ def _plan_pieces(store, plan: GcPlan, cutoff: datetime, references: dict[str, tu
     once this plan's folders are gone. A piece written after the cutoff may belong to an upload whose manifest is
     not written yet: it waits."""
     going = {item.path for item in plan.deletions if item.where == "s3"}
-    going |= {registered_folder(item.path) for item in plan.deletions if item.where == "mlflow"} - {None}
+    going |= {uri_to_prefix(store, item.path) for item in plan.deletions if item.where == "mlflow" and item.path.startswith(f"s3://{store.bucket}/")}
     referenced = {digest for digest, (_, folders) in references.items() if folders - going}
     pieces = list(store.list(store.blob_key("")))
     orphans = [info for info in pieces if info.key.rsplit("/", 1)[1] not in referenced]
@@ -475,8 +528,12 @@ def sweep(plan: GcPlan, config: Config, services: Services) -> GcPlan:
                 _tag_version(config, services, item, "perennial.checkpoint_deleted")
         elif item.where == "mlflow":
             # tagged first: a sweep killed between the two leaves a version that says so, never one that silently fails to load
-            _tag_version(config, services, item, "perennial.model_deleted")
-            _artifacts(services.tracker.client, item.path).delete_artifacts()
+            if item.version is not None:
+                _tag_version(config, services, item, "perennial.model_deleted")
+            if item.path.startswith(f"s3://{store.bucket}/"):  # a registered model folder of this bucket (model_files)
+                delete_folder(store, uri_to_prefix(store, item.path))
+            else:
+                _artifacts(services.tracker.client, item.path).delete_artifacts()
         else:
             path = Path(item.path)
             if path.is_dir():

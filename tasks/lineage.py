@@ -31,6 +31,7 @@ from tasks.stage import PLUGIN_DIR
 LINEAGE_URI_TAG = "lineage_uri"  # the committed folder holding lineage.json
 LINEAGE_BASE_TAG = "lineage_base"  # lineage_base(): what the version's weights started from, and how they are tuned
 REPLAY_URI_TAG = "replay_uri"  # the replay buffer after the version's last task
+MULTITASK_TAG = "cit_multitask"  # "true" on a version a joint (cit.multitask) retrain registered: never continued
 CONTINUED_FROM_TAG = "continued_from"  # the version this one continued ("none": trained from the base model)
 
 
@@ -148,6 +149,10 @@ def _open_version(run: RunContext, version) -> tuple[LineageStart, LineageRecord
     if base is None or LINEAGE_URI_TAG not in tags:
         raise LineageError(f"{name} has no lineage record (it was registered before lineages, or by hand): "
                            f"it cannot be continued; {fix}")
+    if tags.get(MULTITASK_TAG) == "true":
+        raise LineageError(f"{name} is a multi-task upper bound (cit.multitask): every task trained in one stage, with no "
+                           "replay buffer or per-task CL state to continue; continue a version of a sequential retrain "
+                           f"(lineage.continue_from=models:/{version.name}/N), or {fix}")
     if base != lineage_base(cfg):
         raise ConfigError(
             f"{name} was trained from another base model, tokenizer or tuning method (its tags: base_model "

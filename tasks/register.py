@@ -23,7 +23,7 @@ from perennial.tracking import UI_WORKFLOW, runs_table_link
 from tasks.cit import CITStep
 from tasks.evaluate import StageEval
 from tasks.ingest import DataBundle
-from tasks.lineage import (CONTINUED_FROM_TAG, LINEAGE_BASE_TAG, LINEAGE_URI_TAG, REPLAY_URI_TAG, LineagePlan, extend_lineage,
+from tasks.lineage import (CONTINUED_FROM_TAG, MULTITASK_TAG, LINEAGE_BASE_TAG, LINEAGE_URI_TAG, REPLAY_URI_TAG, LineagePlan, extend_lineage,
                            lineage_base)
 from tasks.progress import run_logger
 from tasks.runtime import RunContext, fetch_dir
@@ -352,6 +352,7 @@ def register(run: RunContext, model_uri: str, data: DataBundle, summary: Report,
         "checkpoint_uri": model_uri,
         "checkpoint_manifest": f"{model_uri}/MANIFEST.json",
         "run_key": run.run_key,
+        **({MULTITASK_TAG: "true"} if cfg.cit.multitask else {}),
         **{f"dataset.{ref.name}": ref.digest for ref in data.all()},
     }
     # Where each scored task's test records came from, so the gates compare with the champion only on the same ones.

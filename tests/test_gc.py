@@ -375,6 +375,11 @@ def test_a_version_model_stored_by_content_goes_with_its_own_pieces_and_shared_p
         prefix = model_files_prefix(cfg.storage.prefix, name, run_id)
         store.upload_dir(folder, prefix)
         client.create_model_version(name, model_files_uri(store.bucket, prefix), run_id=run_id)
+    orphan_run = _run(cfg, client, "night-4", "FINISHED")  # its registration failed after the upload: no version
+    save_file({"trained": torch.full((40_000,), 4.0)}, tmp_path / "model-3" / "orphan.safetensors")
+    orphan = model_files_prefix(cfg.storage.prefix, name, orphan_run)
+    store.upload_dir(tmp_path / "model-3", orphan)
+    (tmp_path / "model-3" / "orphan.safetensors").unlink()
     client.set_registered_model_alias(name, "champion", "3")
     piece = lambda version: {d for e in store.read_manifest(registered_folder(client.get_model_version(name, version).source))  # noqa: E731
                              ["files"].values() for d, _ in e.get("pieces", ())}
@@ -387,16 +392,21 @@ def test_a_version_model_stored_by_content_goes_with_its_own_pieces_and_shared_p
     config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     assert main(["gc", str(config_file), "--dry-run"]) == 0
     source_1 = client.get_model_version(name, "1").source
-    assert f"{source_1}  " in capsys.readouterr().out  # listed with its size and why it may go
+    out = capsys.readouterr().out
+    assert f"{store.uri(registered_folder(source_1))}  " in out and "MLflow model of version 1" in out  # its size and why
 
     plan = collect_garbage(cfg)
-    assert sorted(i.version for i in plan.deletions if i.where == "mlflow") == ["1", "2"]
+    assert sorted(str(i.version) for i in plan.deletions if i.where == "mlflow") == ["1", "2", "None"]
+    assert store.read_manifest(orphan) is None  # the orphan folder went too
     blobs = {key.rsplit("/", 1)[1] for key in _keys(store, store.blob_key(""))}
     assert not (own["1"] | own["2"]) & blobs and piece("3") <= blobs  # in the same sweep; the champion's all stay
     with pytest.raises(MlflowException, match="perennial gc"):
         mlflow.artifacts.download_artifacts(f"models:/{name}/1", dst_path=str(tmp_path / "v1"))
     loaded = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@champion", dst_path=str(tmp_path / "v3")))
     assert (loaded / "model" / "model.safetensors").read_bytes() == (tmp_path / "model-3" / "model" / "model.safetensors").read_bytes()
+    # the version's source URI itself loads too: MLflow roots that repository at the model, one folder per run
+    direct = Path(mlflow.artifacts.download_artifacts(client.get_model_version(name, "3").source, dst_path=str(tmp_path / "d3")))
+    assert (direct / "model" / "model.safetensors").read_bytes() == (loaded / "model" / "model.safetensors").read_bytes()
     assert "by gc: MLflow model of version 1" in client.get_model_version(name, "1").tags["perennial.model_deleted"]
 
 

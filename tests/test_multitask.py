@@ -16,7 +16,7 @@ from perennial.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
-JOINT = ["cit.multitask=true", "cit.replay.enabled=false", "cit.methods=[]"]
+JOINT = ["cit.multitask=true", "cit.replay.enabled=false", "cit.ssr.enabled=false", "cit.methods=[]"]  # demo.yaml replays and rehearses
 
 
 # --- (1) refusals at config load ------------------------------------------------------------------
@@ -44,9 +44,9 @@ def test_combinations_a_joint_run_cannot_mean_are_refused_naming_the_keys_and_th
 def test_a_plain_joint_run_and_the_methods_that_act_on_its_starting_model_load():
     cfg = load_config(DEMO, JOINT)
     assert cfg.cit.multitask and not cfg.cit.replay.enabled
-    assert load_config(DEMO, JOINT).outputs_digest() != load_config(DEMO, ["cit.replay.enabled=false", "cit.methods=[]"]).outputs_digest()
+    assert load_config(DEMO, JOINT).outputs_digest() != load_config(DEMO, JOINT[1:]).outputs_digest()
     for method in ("lwf", "averaging", "merge"):  # they regularise toward, or merge with, the stage's start model
-        assert [m.name for m in load_config(DEMO, [*JOINT[:2], f"cit.methods=[{{name: {method}}}]"]).cit.methods] == [method]
+        assert [m.name for m in load_config(DEMO, [*JOINT[:3], f"cit.methods=[{{name: {method}}}]"]).cit.methods] == [method]
     with pytest.raises(ConfigError):  # the demo's own replay is refused, so a bare switch is no silent replay run
         load_config(DEMO, ["cit.multitask=true"])
 
@@ -207,3 +207,15 @@ def test_results_recorded_before_multitask_runs_existed_still_render():
     report = compare.summarize({"runs": [old], "chance": {}})
     assert report["multitask_gaps"] == {} and not report["rows"]["full"]["multitask"]
     assert report["rows"]["full"]["learned_zero_shot"]["mean"] == pytest.approx(1.0)
+
+
+def test_a_multitask_version_is_never_continued():
+    """A joint retrain's version holds no replay buffer or per-task CL state: continuing it would silently replay
+    nothing, so the lineage refuses it, naming the fix (tasks/lineage.py)."""
+    from types import SimpleNamespace
+
+    from tasks.lineage import LINEAGE_BASE_TAG, LINEAGE_URI_TAG, MULTITASK_TAG, LineageError, _open_version
+
+    version = SimpleNamespace(name="m", version="3", tags={LINEAGE_BASE_TAG: "b", LINEAGE_URI_TAG: "s3://x/l", MULTITASK_TAG: "true"})
+    with pytest.raises(LineageError, match=r"m version 3 is a multi-task upper bound .*\(lineage\.continue_from=models:/m/N\)"):
+        _open_version(SimpleNamespace(config=load_config(None)), version)
