@@ -180,24 +180,25 @@ def is_multitask(run: dict) -> bool:
     return any(not isinstance(entry, str) for entry in run.get("trained_by_row") or [])
 
 
-def just_trained(run: dict) -> list[int]:
+def just_trained(run: dict) -> list[int | None]:
     """Per task, the row of the accuracy matrix right after training on it: row i + 1 for task i of a sequence
-    (row 0 is before CIT), row 1 for every task of a joint run."""
+    (row 0 is before CIT), row 1 for every task of a joint run; None for a task scored but never trained."""
     trained = run.get("trained_by_row") or run["tasks"]
-    return [next(i + 1 for i, entry in enumerate(trained) if task in ([entry] if isinstance(entry, str) else entry))
+    return [next((i + 1 for i, entry in enumerate(trained) if task in ([entry] if isinstance(entry, str) else entry)), None)
             for task in run["tasks"]]
 
 
 def learned_over_chance(run: dict, chance: dict[str, float]) -> float:
     """Mean over tasks of R[i][i] - chance: how well a task is learned right after training on it."""
     matrix = run["accuracy_matrix"]
-    return statistics.fmean(matrix[row][j] - chance[task] for j, (task, row) in enumerate(zip(run["tasks"], just_trained(run))))
+    return statistics.fmean(matrix[row][j] - chance[task] for j, (task, row) in enumerate(zip(run["tasks"], just_trained(run)))
+                            if row is not None)
 
 
 def learned_over_zero_shot(run: dict) -> float:
     """Mean over tasks of R[i][i] - R[0][i]: what training on a task added to the base model's zero-shot score."""
     matrix = run["accuracy_matrix"]
-    return statistics.fmean(matrix[row][j] - matrix[0][j] for j, row in enumerate(just_trained(run)))
+    return statistics.fmean(matrix[row][j] - matrix[0][j] for j, row in enumerate(just_trained(run)) if row is not None)
 
 
 def aggregate(results: list[dict], recipes: list[str], chance: dict[str, float] | None = None) -> dict[str, dict]:

@@ -251,7 +251,8 @@ def evaluate_gates(
     max_general_ppl_ratio_vs_base): `changed_eval_sets` names the datasets whose digests
     differ (tasks, or "general"); those are compared with stage 0 and named. The held-out
     general-task gate always compares with stage 0. An unconfigured gate has passed=None (shown
-    "—"); so has the chance gate when no task has a known chance level. A configured gate whose
+    "—"); so has the chance gate when no task has a known chance level, and `min_bwt` for a joint
+    (cit.multitask) run, whose backward transfer is not defined. Any other configured gate whose
     metric is missing fails: a gate that cannot be checked must not wave a model through.
     """
     judged = Judged(gates, challenger_metrics, champion_metrics, changed_eval_sets)

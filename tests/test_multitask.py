@@ -219,3 +219,10 @@ def test_a_multitask_version_is_never_continued():
     version = SimpleNamespace(name="m", version="3", tags={LINEAGE_BASE_TAG: "b", LINEAGE_URI_TAG: "s3://x/l", MULTITASK_TAG: "true"})
     with pytest.raises(LineageError, match=r"m version 3 is a multi-task upper bound .*\(lineage\.continue_from=models:/m/N\)"):
         _open_version(SimpleNamespace(config=load_config(None)), version)
+
+
+def test_a_task_scored_but_never_trained_has_no_just_trained_row_and_is_left_out_of_the_gains():
+    run = {"tasks": ["a", "b"], "trained_by_row": ["a"], "accuracy_matrix": [[0.1, 0.2], [0.7, 0.3]]}
+    assert compare.just_trained(run) == [1, None]
+    assert compare.learned_over_zero_shot(run) == pytest.approx(0.6)  # a's 0.1 -> 0.7; b was only scored
+    assert compare.learned_over_chance(run, {"a": 0.5, "b": 0.5}) == pytest.approx(0.2)
