@@ -39,14 +39,6 @@ FOLDER = "registered-models"  # under storage.prefix; the blob pieces live under
 ENDPOINT_ENVS = ("PERENNIAL_S3_ENDPOINT", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 
 
-def delete_folder(store: ObjectStore, folder: str) -> None:
-    """Delete a committed folder, its manifest first: a delete killed half way leaves files nothing reads as committed."""
-    keys = [info.key for info in store.list(folder + "/")]
-    manifest = f"{folder}/{MANIFEST_NAME}"
-    store.delete_keys([key for key in keys if key == manifest])
-    store.delete_keys([key for key in keys if key != manifest])
-
-
 def model_files_prefix(storage_prefix: str, registered_model: str, run_id: str) -> str:
     """The S3 folder of the MLflow model a retrain (its parent MLflow run ``run_id``) registers."""
     return join_key(storage_prefix, FOLDER, key_component(registered_model), key_component(run_id))
@@ -171,7 +163,7 @@ class CheckpointArtifactRepository(ArtifactRepository):
         folder, relative, _ = self._locate(artifact_path)
         if folder is None or relative:
             raise MlflowException(f"{SCHEME}:// deletes one registered model's folder whole, not {artifact_path or self.artifact_uri}")
-        delete_folder(self.store, folder)
+        self.store.delete_dir(folder)
         self._manifests.pop(folder, None)
 
     def log_artifact(self, local_file, artifact_path=None):

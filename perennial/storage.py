@@ -316,6 +316,13 @@ class ObjectStore:
             for item in page.get("Contents", []):
                 yield ObjectInfo(item["Key"], item["Size"], item["ETag"].strip('"'), item["LastModified"])
 
+    def delete_dir(self, prefix: str) -> int:
+        """Delete a committed directory, its manifest first: a delete killed half way leaves files that nothing
+        reads as committed (and that `perennial gc` lists again). Its checkpoint pieces stay: other directories may
+        list them, and gc deletes those no manifest references. Returns how many objects were deleted."""
+        self._retry("delete_object", self.client.delete_object, Bucket=self.bucket, Key=f"{prefix}/{MANIFEST_NAME}")
+        return 1 + self.delete_prefix(prefix + "/")
+
     def delete_prefix(self, prefix: str) -> int:
         return self.delete_keys([info.key for info in self.list(prefix)])
 

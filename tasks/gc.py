@@ -37,7 +37,7 @@ from pydantic import BaseModel
 
 from perennial import registry
 from perennial.config import Config
-from perennial.model_files import SCHEME, delete_folder, model_files_prefix, registered_folder
+from perennial.model_files import SCHEME, model_files_prefix, registered_folder
 from perennial.storage import MANIFEST_NAME, ObjectInfo
 from perennial.tracking import ERROR_TAG, LINEAGE_TAG, RUN_KEY_TAG
 from tasks.dap import DAP_MODEL_TAG
@@ -521,9 +521,7 @@ def sweep(plan: GcPlan, config: Config, services: Services) -> GcPlan:
             still = piece_references(store)
             store.delete_keys([key for key in item.keys if key.rsplit("/", 1)[1] not in still])
         elif item.where == "s3":
-            manifest = f"{item.path}/{MANIFEST_NAME}"
-            store._retry("delete_object", store.client.delete_object, Bucket=store.bucket, Key=manifest)
-            store.delete_prefix(item.path + "/")
+            store.delete_dir(item.path)
             if item.version is not None:
                 _tag_version(config, services, item, "perennial.checkpoint_deleted")
         elif item.where == "mlflow":
@@ -531,7 +529,7 @@ def sweep(plan: GcPlan, config: Config, services: Services) -> GcPlan:
             if item.version is not None:
                 _tag_version(config, services, item, "perennial.model_deleted")
             if item.path.startswith(f"s3://{store.bucket}/"):  # a registered model folder of this bucket (model_files)
-                delete_folder(store, uri_to_prefix(store, item.path))
+                store.delete_dir(uri_to_prefix(store, item.path))
             else:
                 _artifacts(services.tracker.client, item.path).delete_artifacts()
         else:

@@ -185,6 +185,14 @@ def _folder(store: ObjectStore, tmp_path: Path, prefix: str, size: int = 2048, c
     return store.uri(prefix)
 
 
+def _registered_lineage(cfg):
+    """(services, its store with the bucket made, the MLflow client, the registered model's name, created)."""
+    services_ = Services.open(cfg)
+    services_.store.ensure_bucket()
+    services_.tracker.client.create_registered_model(cfg.tracking.registered_model)
+    return services_, services_.store, services_.tracker.client, cfg.tracking.registered_model
+
+
 def _run(cfg, client: MlflowClient, key: str, status: str, inputs: dict | None = None, error: str | None = None,
          registered: str | None = None) -> str:
     """A parent run in MLflow and its record in S3, as tasks/runtime.py:open_run writes them."""
@@ -312,11 +320,7 @@ def test_a_piece_that_a_folder_committed_after_the_plan_shares_is_not_swept(serv
 
 def test_the_mlflow_model_of_a_version_no_longer_kept_goes_and_a_kept_or_shared_one_stays(services, tmp_path, capsys):
     cfg = _config(services, tmp_path, "retention.min_age_hours=0", "retention.keep_last_versions=1")
-    services_ = Services.open(cfg)
-    store, client = services_.store, services_.tracker.client
-    store.ensure_bucket()
-    name = cfg.tracking.registered_model
-    client.create_registered_model(name)
+    services_, store, client, name = _registered_lineage(cfg)
     sources = {}
     for night in (1, 2, 3):  # each retrain logs its model to its parent run, as tasks/register.py does
         run_id = _run(cfg, client, f"night-{night}", "FINISHED", registered=str(night))
@@ -360,11 +364,7 @@ def test_a_version_model_stored_by_content_goes_with_its_own_pieces_and_shared_p
     from perennial.model_files import model_files_prefix, model_files_uri, registered_folder
 
     cfg = _config(services, tmp_path, "retention.min_age_hours=0", "retention.keep_last_versions=1")
-    services_ = Services.open(cfg)
-    store, client = services_.store, services_.tracker.client
-    store.ensure_bucket()
-    name = cfg.tracking.registered_model
-    client.create_registered_model(name)
+    services_, store, client, name = _registered_lineage(cfg)
     shared = torch.arange(40_000, dtype=torch.float32)  # 160 KB: a piece of its own, in every version
     for night in (1, 2, 3):
         run_id = _run(cfg, client, f"night-{night}", "FINISHED", registered=str(night))
@@ -417,11 +417,7 @@ def test_a_dap_model_goes_once_no_run_may_resume_from_it_and_no_kept_version_cam
 
     cfg = _config(services, tmp_path, "retention.min_age_hours=0", "retention.keep_last_versions=1",
                   "retention.delete_unkept_models=false")  # the versions' sources are nowhere: not this test's subject
-    services_ = Services.open(cfg)
-    store, client = services_.store, services_.tracker.client
-    store.ensure_bucket()
-    name = cfg.tracking.registered_model
-    client.create_registered_model(name)
+    services_, store, client, name = _registered_lineage(cfg)
     dap = {k: f"{cfg.storage.prefix}/dap-models/{k}" for k in ("old", "kept", "resuming", "other")}
     for prefix in dap.values():
         _folder(store, tmp_path, prefix + "/model")
