@@ -3,6 +3,7 @@
     python -m bench.cl_quality --sweep                       # learning rates first (configs/cl-benchmark-sweep.yaml)
     python -m bench.cl_quality [--methods full attn-proj ...] [--seeds 0 1 2] [--workers 1] [--quick]
                                [--order agnews dbpedia amazon] [--set KEY=VALUE ...] [--name cl_quality]
+    python -m bench.cl_quality --add --methods multitask ...  # run these, keep the published JSON's other runs
     python -m bench.cl_quality --render [--sweep] [--name NAME]   # rewrite the .md (and figure) from the JSON
 
 The benchmark is configs/cl-benchmark.yaml, the recipes of configs/cl-benchmark-methods.yaml (each method's
@@ -113,6 +114,23 @@ def write_report(report: dict, output_dir: Path) -> dict:
     return written
 
 
+def with_earlier_runs(report: dict, earlier: dict) -> dict:
+    """``report`` joined with the runs of ``earlier`` (a published report) that it did not run again: its recipes after
+    the earlier ones, "full" the baseline again, and the cost fields summed over both."""
+    report, earlier = compare.normalized(report), compare.normalized(earlier)
+    ran = {(run["recipe"], run["seed"]) for run in report["runs"]}
+    kept = [run for run in earlier["runs"] if (run["recipe"], run["seed"]) not in ran]
+    order = list(dict.fromkeys([*earlier["recipe_order"], *report["recipe_order"]]))
+    runs = sorted([*kept, *report["runs"]], key=lambda run: (order.index(run["recipe"]), run["seed"]))
+    dropped = ("methods", "orderings", "method_order", "rows", "verdicts", "multitask_gaps", "claims")
+    return {**{key: value for key, value in report.items() if key not in dropped}, "runs": runs, "recipe_order": order,
+            "baseline": "full" if "full" in order else order[0],
+            "collected_runs": report.get("collected_runs", 0) + len(kept), "seeds": sorted({run["seed"] for run in runs}),
+            "runs_wall_minutes": sum(run.get("wall_s", 0.0) for run in runs) / 60,
+            "learning_rates": {**earlier.get("learning_rates", {}), **report.get("learning_rates", {})},
+            "trainable_params": {**earlier.get("trainable_params", {}), **report.get("trainable_params", {})}}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -130,10 +148,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--render", action="store_true", help="only rewrite the .md (and figure) from the existing JSON in --output-dir")
     parser.add_argument("--state-dir", type=Path, default=ROOT / ".perennial" / "bench" / "cl_quality",
                         help="S3 and MLflow data of the benchmark's services, a folder per results name (--quick: an empty one)")
+    parser.add_argument("--add", action="store_true",
+                        help="keep the runs of the existing <name>.json that this invocation does not run (another method or "
+                        "seed), and write them together: new rows join a published table without rerunning it")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="overrides for every run, after the method's own")
     parser.add_argument("--name", default=None, help="results file stem (default cl_quality, cl_quality_sweep or cl_quality_order-...)")
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR, help="where <name>.json, .md and the figure go")
     args = parser.parse_args(argv)
+    if args.add and (args.sweep or args.quick):
+        parser.error("--add joins runs to a published table; a sweep or a --quick smoke run has none")
     if args.sweep and (args.methods or args.order):
         parser.error("--sweep runs every tuning method of the sweep's rates on the first task; drop --methods / --order")
     name = args.name or (f"{DEFAULT_NAME}_sweep" if args.sweep else f"{DEFAULT_NAME}_order-{'-'.join(args.order)}" if args.order else DEFAULT_NAME)
@@ -151,11 +174,17 @@ def main(argv: list[str] | None = None) -> int:
         state = Path(tmp) / "state" if args.quick else args.state_dir / name  # one state per results name
         with running_services(state, bucket=BUCKET):
             overrides = [*(QUICK_OVERRIDES if args.quick else []), *args.set, f"work_dir={Path(tmp) / 'work'}"]
+            # --add: the comparison writes into the temporary folder; the joined report replaces the published one
+            run_output = Path(tmp) / "added" if args.add else args.output_dir
+            baseline = None if args.sweep or (args.add and "full" not in (methods or ["full"])) else "full"
             report = run_comparison(str(BASE_CONFIG), str(SWEEP_FILE if args.sweep else METHODS_FILE), overrides, seeds, methods,
-                                    args.order, args.workers, args.threads, name, str(args.output_dir), None if args.sweep else "full",
+                                    args.order, args.workers, args.threads, name, str(run_output), baseline,
                                     drop_outputs=True, command=command("bench.cl_quality", argv),
                                     extra={"quick": args.quick, "set": args.set})
-    write_report({key: value for key, value in report.items() if key not in ("markdown", "json_path", "md_path")}, args.output_dir)
+    report = {key: value for key, value in report.items() if key not in ("markdown", "json_path", "md_path")}
+    if args.add and (args.output_dir / f"{name}.json").exists():
+        report = with_earlier_runs(report, json.loads((args.output_dir / f"{name}.json").read_text()))
+    write_report(report, args.output_dir)
     return 0
 
 

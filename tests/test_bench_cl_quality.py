@@ -84,10 +84,11 @@ def test_every_issue_method_runs_and_the_five_compared_ones_with_three_seeds():
     run_pairs = lambda names, seeds: compare.run_pairs(compare.load_spec(METHODS_FILE), names, seeds)  # noqa: E731
     methods, _, _ = load_methods()
     assert set(methods) == {"full", "attn-proj", "mlp-gate-up", "lora", "mora", "replay-1%", "replay-10%", "ewc", "lwf", "seekr-1%", "olora",
-                            "multitask"}  # the multi-task upper bound (cit.multitask), the row every method is measured against
+                            "multitask",  # the multi-task upper bound (cit.multitask), the row every method is measured against
+                            "replay-10%+ssr", "merge", "mlp-gate-up+replay-10%"}  # issue #37's methods and its best recipe
     pairs = run_pairs(list(methods), None)
     seeds = {method: sorted(seed for m, seed in pairs if m == method) for method in methods}
-    assert all(seeds[method] == [0, 1, 2] for method in ("full", "attn-proj", "lora", "replay-10%", "seekr-1%"))
+    assert all(seeds[method] == [0, 1, 2] for method in ("full", "attn-proj", "lora", "replay-10%", "seekr-1%", "mlp-gate-up+replay-10%"))
     assert all(len(seeds[method]) >= 1 for method in methods)
     assert run_pairs(["full", "ewc"], [3]) == [("full", 3), ("ewc", 3)]  # --seeds: those seeds for every method
 
@@ -284,3 +285,21 @@ def test_each_run_records_the_precision_auto_trained_in_and_its_machine(monkeypa
     assert compare.machines_line({"runs": runs, "machine": {}}).count("1 run on") == 2
 
 
+
+
+def test_added_runs_join_the_published_ones_and_replace_only_what_they_reran():
+    from bench.cl_quality import with_earlier_runs
+
+    published = {"runs": [run("full", 0, 0.5, -0.2, 20.0), run("replay-10%", 0, 0.7, -0.05, 15.0)],
+                 "method_order": ["full", "replay-10%"], "learning_rates": {"full": 1e-4, "replay-10%": 1e-4},
+                 "collected_runs": 2, "methods": {"stale": "summary"}}
+    added = {"runs": [{**run("multitask", 0, 0.9, 0.0, 12.0), "wall_s": 60.0},
+                      {**run("replay-10%", 0, 0.75, -0.01, 14.0), "wall_s": 120.0}],
+             "recipe_order": ["multitask", "replay-10%"], "learning_rates": {"multitask": 1e-4, "replay-10%": 1e-4},
+             "collected_runs": 0, "baseline": "multitask"}
+    joined = with_earlier_runs(added, published)
+    assert joined["recipe_order"] == ["full", "replay-10%", "multitask"]
+    assert [(r["recipe"], r["metrics"]["ap"]) for r in joined["runs"]] == [("full", 0.5), ("replay-10%", 0.75), ("multitask", 0.9)]
+    assert joined["baseline"] == "full" and joined["collected_runs"] == 1 and "methods" not in joined
+    assert joined["runs_wall_minutes"] == pytest.approx(3.0)
+    assert set(joined["learning_rates"]) == {"full", "replay-10%", "multitask"}
