@@ -7,8 +7,18 @@ plain PyTorch loop and transformers.Trainer, on the CPU.
 Each run is a fresh process (glibc's allocator defaults, as a user's process would have): the engine, the plain loop
 and Trainer in bf16 autocast and fp32 in rotated rounds, then once each the other variants of RUNS; then peak memory
 per tuning method and per CL method (its second task). Tokens/s at the median step after the warm-up steps; memory:
-the Linux high-water mark above the resident size before the model is built. Results:
+the Linux high-water mark above the resident size before the model is built. How close to the limit: in each round a
+fresh process times, with the same threads, every GEMM a training step runs through SmolLM2's Linear layers alone
+(torch.matmul, bf16 and fp32, `gemm_rates`); the engine's model FLOP/s are reported as a fraction of the fastest (the
+peak) and of the step's mix; one more process profiles one engine step by op (`profile_child`, `op_category`). Results:
 bench/results/engine_throughput.json and .md; `python -m bench.report --render` rewrites the .md.
+Model FLOPs per token (`flops_per_token`): N counts the weights of every nn.Linear (q, k, v, o, gate, up, down and the
+head; a head tied to the embedding is one Linear and counts once, the embedding lookup is no matmul), N_trained those
+that train: 2·N forward, 2·N for the input gradients, 2·N_trained for the weight gradients, so 6·N for full
+fine-tuning; plus attention, 12·layers·seq·d with d = heads × head dim: the scores Q·Kᵀ and the values A·V take
+2·seq·d each per token and layer forward, three times that with backward, the causal mask not halved (PaLM's
+convention; eager attention computes the whole seq × seq matrix). Norms, activations, rotary, loss and optimizer
+count nothing. SmolLM2 at 96 tokens a block: N = 134,479,872, 6·N = 0.807 GFLOP and attention 0.020 GFLOP a token.
 --activation-checkpointing: only the peak memory and tokens/s with `optim.activation_checkpointing` off and on (full
 and attn-proj, CKPT's longer blocks); bench/results/engine_activation_checkpointing.json.
 """
@@ -52,6 +62,7 @@ class LoopSettings:
     block: int
     lr: float
     seed: int = SEED
+    device: str = "cpu"
 
     def optim_config(self, steps: int) -> OptimConfig:
         # No warm-up and a constant rate: the plain loop and Trainer have no schedule either.
@@ -73,34 +84,38 @@ def throughput(stamps: list[tuple[float, float]], warmup: int, settings: LoopSet
             for index, clock in enumerate(("wall", "cpu"))}
 
 
-def engine_loop(settings: LoopSettings, precision: str = "fp32"):
-    """Perennial's engine (`models.engine.train`), its bookkeeping included."""
+def engine_loop(settings: LoopSettings, precision: str = "fp32", compiled: str | None = None):
+    """Perennial's engine (`models.engine.train`), its bookkeeping included; `compiled`: the model's forward under
+    torch.compile with this backend (`nn.Module.compile`)."""
 
     def run(model, examples, pad_token_id, steps, clock=stamp):
         stamps = []
+        if compiled:
+            model.compile(backend=compiled)
         train(model, examples, settings.optim_config(steps), seed=settings.seed, pad_token_id=pad_token_id,
-              device=torch.device("cpu"), precision=precision, on_step_end=lambda step, _model: stamps.append(clock()))
+              device=torch.device(settings.device), precision=precision, on_step_end=lambda step, _model: stamps.append(clock()))
         return stamps
 
     return run
 
 
-def plain_loop(settings: LoopSettings, precision: str = "fp32", compiled: bool = False, bf16_weights: bool = False):
+def plain_loop(settings: LoopSettings, precision: str = "fp32", compiled: str | None = None, bf16_weights: bool = False):
     """The least a loop can do: the engine's batches (`stream_indices`) pre-stacked, forward (autocast for bf16),
     backward, AdamW step. `bf16_weights`: bf16 weights and activations throughout (no autocast casts), AdamW on fp32
     master copies."""
 
     def run(model, examples, pad_token_id, steps, clock=stamp):
-        params = [p for p in model.parameters() if p.requires_grad]
+        device = torch.device(settings.device)
+        params = [p for p in model.to(device).parameters() if p.requires_grad]
         masters = [p.detach().float().clone().requires_grad_(True) for p in params] if bf16_weights else params
         (model.to(torch.bfloat16) if bf16_weights else model).train()
         optimizer = torch.optim.AdamW(masters, lr=settings.lr)
-        forward = torch.compile(model) if compiled else model
-        data = torch.tensor([example["input_ids"] for example in examples])
+        forward = torch.compile(model, backend=compiled) if compiled else model
+        data = torch.tensor([example["input_ids"] for example in examples], device=device)
         order = torch.tensor(stream_indices(len(examples), settings.seed, 0, steps * settings.batch)).view(steps, settings.batch)
         stamps = []
         for ids in data[order]:
-            with precision_context(precision, torch.device("cpu")):
+            with precision_context(precision, device):
                 loss = forward(input_ids=ids, labels=ids).loss
             loss.backward()
             if bf16_weights:
@@ -134,7 +149,7 @@ def trainer_loop(settings: LoopSettings, precision: str = "fp32", keep_freed_mem
                 learning_rate=settings.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
                 max_grad_norm=1.0, optim="adamw_torch", bf16=precision == "bf16", eval_strategy="no",
                 save_strategy="no", logging_strategy="no", report_to="none", disable_tqdm=True,
-                dataloader_num_workers=0, dataloader_pin_memory=False, use_cpu=True, seed=settings.seed,
+                dataloader_num_workers=0, dataloader_pin_memory=False, use_cpu=settings.device == "cpu", seed=settings.seed,
             )
             with freed_memory_kept() if keep_freed_memory else contextlib.nullcontext():
                 Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback()]).train()
@@ -156,7 +171,7 @@ RUNS = {
     "engine attn-proj bf16": ("attn-proj", engine_loop(REAL, "bf16")),
     "engine attn-proj fp32": ("attn-proj", engine_loop(REAL, "fp32")),
     "plain bf16 weights + fp32 master": ("full", plain_loop(REAL, bf16_weights=True)),
-    "plain bf16 + torch.compile": ("full", plain_loop(REAL, "bf16", compiled=True)),
+    "plain bf16 + torch.compile": ("full", plain_loop(REAL, "bf16", compiled="inductor")),
     "trainer bf16, freed memory kept": ("full", trainer_loop(REAL, "bf16", keep_freed_memory=True)),
 }
 ROTATED = list(RUNS)[:6]
@@ -176,6 +191,7 @@ RATIOS = {
     "engine / Trainer with freed memory kept (bf16)": ("engine bf16", "trainer bf16, freed memory kept"),
 }
 TARGETS = {"engine bf16 / engine fp32 (full)": 1.5, "engine / Trainer (bf16)": 1.0, "engine / Trainer (fp32)": 1.0}
+LIMIT_TARGET = 0.8  # the engine's bf16 model FLOP/s over the bf16 matmul peak, full fine-tuning
 
 
 def smollm2() -> Path:
@@ -191,6 +207,110 @@ def general_blocks(tokenizer, block: int) -> list[dict]:
     return [{"input_ids": ids} for ids in pack_texts(tokenizer, general_corpus(600, 1234), block) if len(ids) == block]
 
 
+def linear_shapes(model: torch.nn.Module) -> dict[tuple[int, int], list[int]]:
+    """(in, out) -> [Linear layers of that shape, those whose weight trains]; a tied head is one Linear."""
+    shapes: dict[tuple[int, int], list[int]] = {}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            entry = shapes.setdefault((module.in_features, module.out_features), [0, 0])
+            entry[0], entry[1] = entry[0] + 1, entry[1] + module.weight.requires_grad
+    return shapes
+
+
+def flops_per_token(model: torch.nn.Module, seq: int) -> dict[str, int]:
+    """Training FLOPs per token of a `seq`-token block, the module docstring's formula: 4·N + 2·N_trained + attention."""
+    shapes, config = linear_shapes(model), model.config
+    n, trained = (sum(fan_in * fan_out * counts[i] for (fan_in, fan_out), counts in shapes.items()) for i in (0, 1))
+    width = config.num_attention_heads * (getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    attention = 12 * config.num_hidden_layers * seq * width
+    return {"matmul_params": n, "trained_matmul_params": trained, "attention": attention, "total": 4 * n + 2 * trained + attention}
+
+
+def seconds_per_call(product, device: torch.device, min_seconds: float) -> float:
+    """The median time of one call of `product`, after a warm-up call, over at least 3 calls and `min_seconds`."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    product(), sync()
+    times, started = [], time.perf_counter()
+    while len(times) < 3 or time.perf_counter() - started < min_seconds:
+        begin = time.perf_counter()
+        product(), sync()
+        times.append(time.perf_counter() - begin)
+    return statistics.median(times)
+
+
+def gemm_rates(shapes: dict, tokens: int, dtype: torch.dtype, device: str = "cpu", min_seconds: float = 0.3) -> dict:
+    """GFLOP/s of each GEMM a training step runs through the Linear layers `shapes` on `tokens` tokens, each timed alone
+    (torch.matmul into a kept output) in the layouts the step has: forward x @ wᵀ, input gradient dy @ w, weight
+    gradient dyᵀ @ x. The peak: the fastest; the step mix: one step's GEMMs, each at its rate (their FLOPs over their
+    summed time)."""
+    device, rows = torch.device(device), []
+    for (fan_in, fan_out), (count, trained) in shapes.items():
+        x, w, dy = (torch.randn(*shape, dtype=dtype, device=device) for shape in ((tokens, fan_in), (fan_out, fan_in), (tokens, fan_out)))
+        for gemm, times, a, b in (("forward", count, x, w.t()), ("input gradient", count, dy, w), ("weight gradient", trained, dy.t(), x)):
+            if times:
+                out = torch.empty(a.shape[0], b.shape[1], dtype=dtype, device=device)
+                seconds = seconds_per_call(lambda: torch.matmul(a, b, out=out), device, min_seconds)
+                rows.append({"in": fan_in, "out": fan_out, "gemm": gemm, "count": times, "gflop": 2 * tokens * fan_in * fan_out / 1e9,
+                             "gflops": 2 * tokens * fan_in * fan_out / seconds / 1e9})
+    flops, seconds = sum(r["gflop"] * r["count"] for r in rows), sum(r["gflop"] * r["count"] / r["gflops"] for r in rows)
+    return {"tokens": tokens, "peak_gflops": max(r["gflops"] for r in rows), "step_mix_gflops": flops / seconds, "gemms": rows}
+
+
+# what the profile of one step groups its ops into (`op_category`), in the order the report lists them
+CATEGORIES = ("matmuls (Linear layers)", "attention", "optimizer and clipping", "casts and copies", "loss over the vocabulary",
+              "other ops (norms, activations, rotary, embedding, ...)", "outside any op (Python, the profiler)")
+
+
+def op_category(event, vocab: int) -> str:
+    """One profiled op's group, by its name, its callers' and its inputs' shapes (a vocabulary-wide input: the loss)."""
+    callers, parent = [], event.cpu_parent
+    while parent is not None:
+        callers, parent = [*callers, parent.name], parent.cpu_parent
+    if event.name in ("aten::linalg_vector_norm", "aten::_foreach_norm") or any(name.startswith("Optimizer.") for name in callers):
+        return CATEGORIES[2]
+    if event.name in ("aten::mm", "aten::addmm"):
+        return CATEGORIES[0]
+    if any(isinstance(shape, list) and shape and shape[-1] == vocab for shape in event.input_shapes or []):
+        return CATEGORIES[4]
+    if event.name in ("aten::bmm", "aten::baddbmm", "aten::_softmax", "aten::_softmax_backward_data") or "attention" in event.name:
+        return CATEGORIES[1]
+    return CATEGORIES[3] if event.name in ("aten::copy_", "aten::_to_copy", "aten::clone") else CATEGORIES[5]
+
+
+def profile_child(warmup: int, precision: str = "bf16") -> dict:
+    """In its own process: torch.profiler (CPU activities) over the engine's step after `warmup` steps, full fine-tuning
+    of SmolLM2; milliseconds per op group (`op_category`) and the step's matmul rate."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model, tokenizer = load_model_and_tokenizer(smollm2())
+    profiler, marks = profile(activities=[ProfilerActivity.CPU], record_shapes=True), []
+
+    def hook(step, _model):
+        if step in (warmup, warmup + 1):
+            (profiler.start if step == warmup else profiler.stop)()
+            marks.append(time.perf_counter())
+
+    train(model, general_blocks(tokenizer, REAL.block), REAL.optim_config(warmup + 1), seed=SEED, pad_token_id=tokenizer.pad_token_id,
+          device=torch.device("cpu"), precision=precision, on_step_end=hook)
+    ms = dict.fromkeys(CATEGORIES, 0.0)
+    for event in profiler.events():
+        ms[op_category(event, model.config.vocab_size)] += event.self_cpu_time_total / 1000
+    ms[CATEGORIES[-1]] = max(0.0, (marks[1] - marks[0]) * 1000 - sum(ms.values()))
+    flops = flops_per_token(model, REAL.block)
+    return {"precision": precision, "step_ms": (marks[1] - marks[0]) * 1000, "ms": ms, "flops": flops,
+            "matmul_gflops": (flops["total"] - flops["attention"]) * REAL.batch * REAL.block / ms[CATEGORIES[0]] / 1e6}
+
+
+def peak_child(tokens: int, min_seconds: float) -> dict:
+    """In its own process: `gemm_rates` of SmolLM2's Linear layers (built on the meta device) in bf16 and fp32."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        shapes = linear_shapes(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(smollm2())))
+    with freed_memory_kept():
+        return {name: gemm_rates(shapes, tokens, dtype, min_seconds=min_seconds) for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))}
+
+
 def throughput_child(name: str, steps: int, warmup: int) -> dict:
     """In its own (fresh) process: one throughput run, tokens/s and minor page faults per step."""
     model, tokenizer = load_model_and_tokenizer(smollm2())
@@ -201,11 +321,14 @@ def throughput_child(name: str, steps: int, warmup: int) -> dict:
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
         return stamp()
 
-    stamps = run(apply_tuning(model, TuningConfig(method=tuning)), general_blocks(tokenizer, REAL.block), tokenizer.pad_token_id, steps, counted)
+    model = apply_tuning(model, TuningConfig(method=tuning))
+    flops = flops_per_token(model, REAL.block)["total"]  # before a loop casts the weights
+    stamps = run(model, general_blocks(tokenizer, REAL.block), tokenizer.pad_token_id, steps, counted)
     if len(stamps) != steps:
         raise RuntimeError(f"{name} ran {len(stamps)} steps, not {steps}")
     after = faults[warmup - 1 :]
-    return {**throughput(stamps, warmup, REAL), "minor_faults_per_step": statistics.median(b - a for a, b in zip(after, after[1:]))}
+    return {**throughput(stamps, warmup, REAL), "minor_faults_per_step": statistics.median(b - a for a, b in zip(after, after[1:])),
+            "gflop_per_token": flops / 1e9}
 
 
 def memory_child(kind: str, name: str, steps: int) -> dict:
@@ -263,7 +386,8 @@ def checkpointing_child(tuning: str, checkpointing: bool, steps: int, warmup: in
             "tokens_per_s": throughput(stamps, warmup, CKPT)}
 
 
-CHILDREN = {"throughput": throughput_child, "memory": memory_child, "checkpointing": checkpointing_child}
+CHILDREN = {"throughput": throughput_child, "memory": memory_child, "checkpointing": checkpointing_child, "peak": peak_child,
+            "profile": profile_child}
 
 
 def measure_checkpointing(args, argv: list[str], load_before: float) -> dict:
@@ -281,7 +405,12 @@ def measure(args, argv: list[str], load_before: float) -> dict:
     rotated = [name for name in ROTATED if name in names]
     schedule = [*(rotated[r % len(rotated):] + rotated[: r % len(rotated)] for r in range(args.rounds)), [n for n in names if n not in ROTATED]]
     runs: dict[str, dict[str, list[float]]] = {}
+    peaks = []  # the matmul rates, once at the start of each round
     for index, order in enumerate(schedule):
+        if index < args.rounds:
+            peaks.append(child(MODULE, {"run": "peak", "tokens": REAL.batch * REAL.block, "min_seconds": 0.05 if args.quick else 0.3,
+                                        "threads": args.threads}))
+            print(f"round {index + 1}/{args.rounds} matmul peak " + "  ".join(f"{k} {v['peak_gflops']:,.0f} GFLOP/s" for k, v in peaks[-1].items()), flush=True)
         for name in order:
             for key, value in child(MODULE, {"run": "throughput", "name": name, "steps": args.steps, "warmup": args.warmup,
                                             "threads": args.threads}).items():
@@ -289,6 +418,7 @@ def measure(args, argv: list[str], load_before: float) -> dict:
             print(f"round {min(index, args.rounds - 1) + 1}/{args.rounds} {name:34s} "
                   + "  ".join(f"{key} {values[-1]:,.0f}" for key, values in runs[name].items()), flush=True)
     median = {name: {key: statistics.median(values) for key, values in run.items()} for name, run in runs.items()}
+    profile = child(MODULE, {"run": "profile", "warmup": args.warmup, "threads": args.threads})
     memory = []
     for kind, methods in QUICK_MEMORY if args.quick else MEMORY:
         for method in methods:
@@ -304,6 +434,11 @@ def measure(args, argv: list[str], load_before: float) -> dict:
                      "trainer_optim": "adamw_torch", "attn_implementation": "eager"},
         "tokens_per_s": {name: {"tuning": RUNS[name][0], "median": median[name], "runs": runs[name]} for name in names},
         "ratios": {key: median[a]["wall"] / median[b]["wall"] if a in median and b in median else None for key, (a, b) in RATIOS.items()},
+        "matmul_peak": {dtype: {**peaks[0][dtype], **{key: statistics.median(p[dtype][key] for p in peaks) for key in ("peak_gflops", "step_mix_gflops")},
+                                "gemms": [{**row, "gflops": statistics.median(p[dtype]["gemms"][i]["gflops"] for p in peaks)}
+                                          for i, row in enumerate(peaks[0][dtype]["gemms"])], "rounds": [p[dtype]["peak_gflops"] for p in peaks]}
+                        for dtype in peaks[0]},
+        "profile": profile,
         "peak_rss": memory,
     }
 
@@ -311,6 +446,7 @@ def measure(args, argv: list[str], load_before: float) -> dict:
 def markdown(report: dict) -> str:
     """The report's section of BENCHMARKS.md, `## Training engine`."""
     settings, median = report["settings"], {k: v["median"] for k, v in report["tokens_per_s"].items()}
+    peak, dtype = report.get("matmul_peak"), lambda name: "bf16" if "bf16" in name else "fp32"
     lines = [
         *section_head("Training engine", report), "",
         f"SmolLM2-135M-Instruct (the embedded default) on the demo general corpus, {settings['batch']} blocks of "
@@ -319,15 +455,27 @@ def markdown(report: dict) -> str:
         f"rotated order over {settings['rounds']} rounds (median), the others once, each run in a fresh process. bf16 = "
         "autocast with fp32 master weights unless named otherwise. The engine's loop keeps freed heap memory for reuse "
         "(models/allocator.py); the plain loop and Trainer run with glibc's defaults, as a user's process would.", "",
+        "Model FLOPs (the GFLOP/s columns), per token: 2·N forward, 2·N for the input gradients and 2·N_trained for the "
+        "weight gradients, N the weights of every Linear layer (q, k, v, o, gate, up, down and the head; the head tied to "
+        "the embedding counts once, the embedding lookup is no matmul), so 6·N for full fine-tuning; plus attention, "
+        "12·layers·seq·d (d = heads × head dim): the scores Q·Kᵀ and the values A·V take 2·seq·d each per token and layer "
+        "forward, three times that with backward, the causal mask not halved." + (
+            f" SmolLM2 at {settings['block']}-token blocks: N = {flops['matmul_params']:,}, {flops['total'] / 1e9:.3f} GFLOP a token for "
+            f"full fine-tuning (6·N {6 * flops['matmul_params'] / 1e9:.3f}, attention {flops['attention'] / 1e9:.3f})."
+            if (flops := report.get("profile", {}).get("flops")) else ""), "",
         "### Throughput (tokens/s at the median step)", "",
-        table(["run", "tuning", "per wall-second (headline)", "per CPU-second", "minor page faults per step"],
-              [[name, report["tokens_per_s"][name]["tuning"], f"{m['wall']:.0f}", f"{m['cpu']:.0f}",
-                f"{m['minor_faults_per_step']:,.0f}"] for name, m in median.items()]), "",
+        table(["run", "tuning", "per wall-second (headline)", "per CPU-second", "minor page faults per step", *(
+                  ["model GFLOP/s", "of the matmul peak (its dtype)"] if peak else [])],
+              [[name, report["tokens_per_s"][name]["tuning"], f"{m['wall']:.0f}", f"{m['cpu']:.0f}", f"{m['minor_faults_per_step']:,.0f}", *(
+                  [f"{m['wall'] * m['gflop_per_token']:.0f}", f"{m['wall'] * m['gflop_per_token'] / peak[dtype(name)]['peak_gflops']:.2f}"]
+                  if peak else [])] for name, m in median.items()]), "",
         table(["ratio (wall)", "value", "target"],
               [[key, "n/a" if value is None else f"{value:.2f}x",
                 "" if key not in TARGETS else (f">= {TARGETS[key]}x: " + ("not measured" if value is None else "met" if value >= TARGETS[key] else "NOT met"))]
                for key, value in report["ratios"].items()]),
     ]
+    if peak:
+        lines += ["", *limit_markdown(report, median)]
     if rss := report.get("peak_rss"):
         lines += [
             "", f"### Peak resident memory ({rss[0].get('steps', '?')} engine steps, bf16 autocast, one fresh process each)", "",
@@ -340,6 +488,34 @@ def markdown(report: dict) -> str:
                    for row in rss]),
         ]
     return "\n".join(lines + (["", report["reading"]] if report.get("reading") else [])) + "\n"
+
+
+def limit_markdown(report: dict, median: dict) -> list[str]:
+    """`### How close to the limit`: the engine's model FLOP/s against the matmul rates, and the profile of one step."""
+    peak, profile = report["matmul_peak"], report["profile"]
+    engine = {dtype: median[f"engine {dtype}"]["wall"] * median[f"engine {dtype}"]["gflop_per_token"] for dtype in peak if f"engine {dtype}" in median}
+    fraction = {dtype: value / peak[dtype]["peak_gflops"] for dtype, value in engine.items()}
+    total = sum(profile["ms"].values())
+    return [
+        "### How close to the limit (full fine-tuning)", "",
+        f"Every GEMM a training step runs through SmolLM2's Linear layers, timed alone with torch.matmul on {peak['bf16']['tokens']} "
+        f"tokens and {report['settings']['threads']} torch threads in a fresh process at the start of each round (median of "
+        f"{len(peak['bf16']['rounds'])}); the peak is the fastest GEMM, the step mix one step's GEMMs each at its own rate.", "",
+        table(["", *peak], [
+            ["matmul peak, fastest GEMM (GFLOP/s)", *(f"{v['peak_gflops']:.0f}" for v in peak.values())],
+            ["matmul rate of the step's GEMM mix (GFLOP/s)", *(f"{v['step_mix_gflops']:.0f}" for v in peak.values())],
+            ["engine, full fine-tuning (model GFLOP/s)", *(f"{engine[d]:.0f}" if d in engine else "n/a" for d in peak)],
+            ["engine / matmul peak", *(f"{fraction[d]:.2f}" + (f" (target >= {LIMIT_TARGET}: {'met' if fraction[d] >= LIMIT_TARGET else 'NOT met'})"
+                                                             if d == "bf16" else "") if d in fraction else "n/a" for d in peak)],
+            ["engine / step mix", *(f"{engine[d] / peak[d]['step_mix_gflops']:.2f}" if d in engine else "n/a" for d in peak)]]), "",
+        table(["GEMM (in -> out)", "pass", "per step", "GFLOP each", *(f"{d} GFLOP/s" for d in peak)],
+              [[f"{row['in']} -> {row['out']}", row["gemm"], row["count"], f"{row['gflop']:.2f}",
+                *(f"{peak[d]['gemms'][i]['gflops']:.0f}" for d in peak)] for i, row in enumerate(peak["bf16"]["gemms"])]), "",
+        f"One engine step ({profile['precision']}, full fine-tuning) under torch.profiler (CPU activities), by self time: "
+        f"{profile['step_ms']:.0f} ms with the profiler on; its matmuls ran at {profile['matmul_gflops']:.0f} GFLOP/s, "
+        f"{profile['matmul_gflops'] / peak[profile['precision']]['step_mix_gflops']:.2f} of the step mix's rate.", "",
+        table(["op group", "ms", "share"], [[name, f"{ms:.0f}", f"{ms / total:.1%}"] for name, ms in profile["ms"].items()]),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

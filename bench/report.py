@@ -37,9 +37,17 @@ SECTIONS = [
 ]
 
 
+# Sections measured on a CUDA device (bench/gpu.py, once one is lent): published after SECTIONS where their .md
+# exists, and not missing before.
+DEVICE_SECTIONS = [
+    ("gpu", "python -m bench.gpu", False),
+    ("cl_quality_gpu", "python -m bench.cl_quality --methods full attn-proj replay-10% seekr-1% --seeds 0 --name cl_quality_gpu", False),
+]
+
+
 def render(name: str, results: Path = RESULTS_DIR) -> str:
     """Section `name` as its benchmark renders it from `<name>.json`."""
-    module = next(command for section, command, _ in SECTIONS if section == name).split()[2]
+    module = next(command for section, command, _ in SECTIONS + DEVICE_SECTIONS if section == name).split()[2]
     return importlib.import_module(module).markdown(json.loads((results / f"{name}.json").read_text()))
 
 HEADER = """# Benchmarks
@@ -63,6 +71,8 @@ def assemble(results: Path, quick: bool = False) -> str:
             sections.append(path.read_text().rstrip() + "\n")
         else:
             missing.append(f"- `{command}` has not been run yet (no {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}).")
+    sections += [(results / f"{name}.md").read_text().rstrip() + "\n" for name, _, _ in ([] if quick else DEVICE_SECTIONS)
+                 if (results / f"{name}.md").exists()]
     text = HEADER.format(minutes="9 hours on 2 CPU cores; the CL quality runs resume if interrupted", results=results.relative_to(ROOT) if results.is_relative_to(ROOT) else results)
     if missing:
         text += "Missing sections:\n\n" + "\n".join(missing) + "\n\n"
@@ -76,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="the smoke run's results: leave out the side runs it does not make")
     parser.add_argument("--render", nargs="*", metavar="NAME", help="first rewrite these sections' .md from their JSON (none named: every one)")
     args = parser.parse_args(argv)
-    for name in [] if args.render is None else args.render or [n for n, _, _ in SECTIONS if (args.results / f"{n}.json").exists()]:
+    for name in [] if args.render is None else args.render or [n for n, _, _ in SECTIONS + DEVICE_SECTIONS if (args.results / f"{n}.json").exists()]:
         (args.results / f"{name}.md").write_text(render(name, args.results).rstrip() + "\n")
         print(f"rendered {args.results / f'{name}.md'}")
     args.output.write_text(assemble(args.results.resolve(), args.quick))

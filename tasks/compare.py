@@ -31,7 +31,6 @@ from pydantic import BaseModel
 
 from perennial import compare
 from perennial.config import Config, ConfigError, load_config
-from perennial.tracking import LINEAGE_TAG, RUN_KEY_TAG
 
 RESULT_ARTIFACT = "compare/result.json"  # on a finished run's parent run: what the comparison collects on a rerun
 ATTEMPT_KEYS = ("wall_s", "cpu_s", "peak_rss_mib")  # what an interrupted attempt records (compare/attempt_<key>)
@@ -232,6 +231,8 @@ def run_recipe(job: Job, retrain: Callable[..., dict]) -> dict:
 
 def finished_result(client, cfg: Config, run_key: str) -> dict | None:
     """The result an earlier invocation recorded on the run key's parent run, when that run finished."""
+    from perennial.tracking import LINEAGE_TAG, RUN_KEY_TAG  # MLflow: imported by the run, not by readers of machine()
+
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
     if experiment is None:
         return None

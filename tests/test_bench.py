@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench import engine_throughput, report
 
@@ -17,7 +18,8 @@ def test_every_section_is_published_with_its_json():
         [name for name, _, _ in report.SECTIONS]
 
 
-@pytest.mark.parametrize("name", [name for name, _, _ in report.SECTIONS])
+@pytest.mark.parametrize("name", [name for name, _, _ in report.SECTIONS] +
+                         [name for name, _, _ in report.DEVICE_SECTIONS if (RESULTS / f"{name}.json").exists()])
 def test_every_published_section_rerenders_from_its_json(name, tmp_path):
     """Each committed <name>.md is what its benchmark's markdown() renders from <name>.json (`python -m bench.report
     --render`): the same text where the benchmark words it; the CL comparisons, worded by `perennial compare`, which has
@@ -42,7 +44,13 @@ def test_engine_benchmark_quick_runs_end_to_end_with_the_fresh_process_runs_stub
     def child(module, job):
         jobs.append(job)
         if job["run"] == "throughput":
-            return {"cpu": 100.0, "wall": 90.0, "minor_faults_per_step": 5.0}
+            return {"cpu": 100.0, "wall": 90.0, "minor_faults_per_step": 5.0, "gflop_per_token": 0.8}
+        if job["run"] == "peak":
+            gemms = [{"in": 4, "out": 8, "gemm": "forward", "count": 2, "gflop": 0.1, "gflops": rate} for rate in (90.0, 80.0)]
+            return {dtype: {"tokens": job["tokens"], "peak_gflops": 90.0, "step_mix_gflops": 85.0, "gemms": gemms} for dtype in ("bf16", "fp32")}
+        if job["run"] == "profile":
+            return {"precision": "bf16", "step_ms": 100.0, "ms": dict.fromkeys(engine_throughput.CATEGORIES, 10.0), "matmul_gflops": 80.0,
+                    "flops": {"matmul_params": 10, "trained_matmul_params": 10, "attention": 2, "total": 62}}
         return {"kind": job["kind"], "method": job["name"], "tuning": job["name"], "trainable_params": 1, "rss_before_model_mib": 500.0,
                 "training_peak_above_baseline_mib": 200.0, "steps": job["steps"]}
 
@@ -50,12 +58,42 @@ def test_engine_benchmark_quick_runs_end_to_end_with_the_fresh_process_runs_stub
     assert engine_throughput.main(["--quick", "--output", str(tmp_path / "real.json")]) == 0
     real = json.loads((tmp_path / "real.json").read_text())
     assert [job["name"] for job in jobs if job["run"] == "throughput"] == ["engine bf16", "engine fp32"]
+    assert [job["run"] for job in jobs if job["run"] in ("peak", "profile")] == ["peak", "profile"]  # one round
     assert all(job["threads"] == 2 for job in jobs)
     assert list(real["tokens_per_s"]) == ["engine bf16", "engine fp32"] and real["ratios"]["engine / plain (bf16)"] is None
     assert (real["settings"]["steps"], real["settings"]["warmup_steps_excluded"], real["settings"]["threads"]) == (3, 1, 2)
     assert [(row["kind"], row["method"], row["steps"]) for row in real["peak_rss"]] == [("tuning", "full", 2), ("tuning", "attn-proj", 2), ("cl", "lwf", 2)]
     assert (tmp_path / "real.md").read_text() == engine_throughput.markdown(real).rstrip() + "\n"
     assert "| engine bf16 / engine fp32 (full) | 1.00x | >= 1.5x: NOT met |" in engine_throughput.markdown(real)
+    # 90 tokens/s x 0.8 GFLOP = 72 GFLOP/s, 0.80 of the 90 GFLOP/s peak
+    assert "| engine / matmul peak | 0.80 (target >= 0.8: met) | 0.80 |" in engine_throughput.markdown(real)
+    assert "| engine bf16 | full | 90 | 100 | 5 | 72 | 0.80 |" in engine_throughput.markdown(real)
+
+
+def test_model_flops_count_each_linear_once_and_attention_per_the_docstring():
+    """4·N + 2·N_trained + 12·layers·seq·d, N over the Linear layers: a tied head once, the embedding none."""
+    from tests.tiny_models import tiny_model
+
+    model = tiny_model("qwen2", vocab_size=48)  # tied head; hidden 32, MLP 64, 4 query / 2 KV heads of 8, 2 layers
+    n = 2 * (32 * 32 + 2 * 32 * 16 + 32 * 32 + 3 * 32 * 64) + 32 * 48
+    assert engine_throughput.flops_per_token(model, 10) == {"matmul_params": n, "trained_matmul_params": n,
+                                                            "attention": 12 * 2 * 10 * 32, "total": 6 * n + 12 * 2 * 10 * 32}
+    for name, p in model.named_parameters():
+        p.requires_grad_("q_proj" in name)
+    assert engine_throughput.flops_per_token(model, 10)["total"] == 4 * n + 2 * (2 * 32 * 32) + 12 * 2 * 10 * 32
+    rates = engine_throughput.gemm_rates({(32, 48): [1, 1]}, 16, torch.float32, min_seconds=0.0)
+    assert [row["gemm"] for row in rates["gemms"]] == ["forward", "input gradient", "weight gradient"]
+    assert rates["peak_gflops"] >= rates["step_mix_gflops"] > 0
+
+
+def test_the_step_profile_groups_ops_by_name_caller_and_vocabulary_wide_inputs():
+    from types import SimpleNamespace as Event
+
+    step = Event(name="Optimizer.step#AdamW.step", cpu_parent=None, input_shapes=[])
+    category = lambda name, parent=None, shapes=(): engine_throughput.op_category(Event(name=name, cpu_parent=parent, input_shapes=list(shapes)), 48)  # noqa: E731
+    assert [category("aten::mul_", step), category("aten::mm", shapes=[[8, 48], [48, 4]]), category("aten::_log_softmax", shapes=[[8, 48]]),
+            category("aten::bmm"), category("aten::_to_copy", shapes=[[48, 4]]), category("aten::silu")] == \
+        [engine_throughput.CATEGORIES[i] for i in (2, 0, 4, 1, 3, 5)]
 
 
 @pytest.mark.usefixtures("single_torch_thread")
