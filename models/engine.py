@@ -48,7 +48,7 @@ from transformers import PreTrainedModel
 
 from models.allocator import keeping_freed_memory
 from models.atomic import atomic_dir
-from models.cl.base import CLPlugin, PluginState
+from models.cl.base import CLPlugin, PluginState, reshard, whole
 from models.data import collate
 from models.families import max_positions
 from perennial.config import DistributedStrategy, stream_seed
@@ -245,11 +245,32 @@ def plugin_state_file(position: int, name: str) -> str:
     return f"plugin-{position}-{name}.json"
 
 
-def save_plugin_states(plugins: Sequence[CLPlugin], directory: Path) -> None:
-    """Each plugin's tensors as safetensors and the rest as JSON (safetensors refuses an empty file)."""
+def plugin_states(plugins: Sequence[CLPlugin]) -> list[PluginState]:
+    """Each plugin's state as one process holds it, whole tensors: DTensor state (sharded like the weights under
+    FSDP2, models/cl/base.py) is gathered, one tensor at a time, and kept on rank 0 only (on the CPU; the
+    other ranks get no tensors). A collective when any state is a DTensor, as under FSDP2: every rank calls it.
+    """
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    states = []
+    for plugin in plugins:
+        state, tensors = plugin.state_dict(), {}
+        for key, value in state.tensors.items():  # the same keys in the same order on every rank
+            value = whole(value)
+            if rank == 0:
+                tensors[key] = value.detach().cpu()
+        states.append(PluginState(tensors, state.meta))
+    return states
+
+
+def save_plugin_states(plugins: Sequence[CLPlugin], directory: Path, states: Sequence[PluginState] | None = None) -> None:
+    """Each plugin's tensors as safetensors and the rest as JSON (safetensors refuses an empty file).
+
+    ``states``: from `plugin_states`, when the model is sharded (gathering them is a collective every rank
+    joins, while only rank 0 writes); by default the plugins' own, which must then hold no DTensor.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     for position, plugin in enumerate(plugins):
-        state = plugin.state_dict()
+        state = states[position] if states is not None else plugin.state_dict()
         stem = directory / plugin_state_file(position, plugin.name).removesuffix(".json")
         save_file(state.tensors or {"_empty": torch.zeros(0)}, f"{stem}.safetensors")
         Path(f"{stem}.json").write_text(json.dumps(state.meta))
@@ -267,17 +288,20 @@ def load_plugin_states(plugins: Sequence[CLPlugin], directory: Path) -> None:
 def save_state(
     directory: Path, model, optimizer, scheduler, step: int, losses: list[float], plugins: Sequence[CLPlugin] = ()
 ) -> None:
-    """Write a checkpoint folder. For a sharded (FSDP) model every rank must call it (the tensors
-    are gathered); rank 0 writes, the files the same as a single process would write."""
+    """Write a checkpoint folder. For a sharded (FSDP) model every rank must call it (the tensors, the CL
+    plugins' sharded state included, are gathered); rank 0 writes, the files the same as a single process
+    would write."""
     weights, optim = _checkpoint_tensors(model, optimizer)
+    states = plugin_states(plugins)  # under FSDP gathered like the weights
     if is_sharded(model) and dist.get_rank() != 0:
         return
     # All or nothing: a save that dies (disk full, kill) leaves no half checkpoint under `directory`.
     with atomic_dir(directory) as scratch:
-        _write_state(scratch, weights, optim, scheduler, step, losses, plugins)
+        _write_state(scratch, weights, optim, scheduler, step, losses, plugins, states)
 
 
-def _write_state(directory: Path, weights, optim, scheduler, step: int, losses: list[float], plugins: Sequence[CLPlugin]) -> None:
+def _write_state(directory: Path, weights, optim, scheduler, step: int, losses: list[float], plugins: Sequence[CLPlugin],
+                 states: Sequence[PluginState]) -> None:
     save_file(weights, directory / "trainable.safetensors")
     tensors, scalars = {}, {}
     for index, slot in optim["state"].items():
@@ -291,7 +315,7 @@ def _write_state(directory: Path, weights, optim, scheduler, step: int, losses: 
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     save_file(rng, directory / "rng.safetensors")
-    save_plugin_states(plugins, directory)
+    save_plugin_states(plugins, directory, states)
     meta = {
         "step": step,
         "losses": losses,
@@ -501,10 +525,14 @@ def setup(model, examples, cfg, *, seed, pad_token_id, device, plugins, resume_f
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {world}")
     fsdp = world > 1 and strategy == "fsdp"
-    if fsdp:
+    if fsdp and not is_sharded(model):  # a stage shards it itself, before the CL plugins' first hook
         # Before the optimizer (it must hold the shards) and before moving: a model loaded on the
         # CPU then reaches the device one block at a time (moved, then sharded), never whole.
         shard_model(model, device)
+    if fsdp:
+        # The optimizer must hold the shards: a forward without backward (a CL plugin's hook) leaves FSDP2's
+        # root unit gathered, its modules holding the gathered copies.
+        reshard(model)
     model.to(device).train()
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, cfg))

@@ -751,17 +751,10 @@ class Config(Strict):
 
     @model_validator(mode="after")
     def _distributed_fits(self) -> "Config":
-        """The one place that checks what runs in several processes (docs/methods.md has the table)."""
+        """The one place that checks what runs in several processes (docs/training.md, "Multi-process training")."""
         processes = self.distributed.nproc_per_node * self.distributed.nnodes
         if processes == 1:
             return self
-        if self.distributed.strategy == "fsdp" and self.cit.methods:
-            names = sorted({method.name for method in self.cit.methods})
-            raise ValueError(
-                f"cit.methods {names} do not run under distributed.strategy=fsdp: they read or write whole parameters "
-                "(anchors, Fisher, teacher copies, LoRA A matrices), which FSDP2 shards across the ranks; use "
-                "distributed.strategy=ddp (replay, a data-only method, runs under both)"
-            )
         optims = [("dap.optim", self.dap.optim), ("cit.optim", self.cit.optim)]
         if self.model.source == "tiny":
             optims.append(("model.pretrain", self.model.pretrain))

@@ -27,7 +27,8 @@ from models.cl.base import TaskContext
 from models.cl.registry import build_plugins
 from models.cl.replay import ReplayBuffer, mix_examples, mix_general
 from models.data import Supervise, encode_record, pack_texts
-from models.engine import TrainResult, full_state_dict, is_sharded, load_plugin_states, resolve_device, save_plugin_states, set_seed, train
+from models.engine import (TrainResult, full_state_dict, is_sharded, load_plugin_states, plugin_states, resolve_device,
+                           save_plugin_states, set_seed, shard_model, train)
 from models.loading import load_causal_lm, load_model_and_tokenizer, save_model
 from models.tuning import TuningPlan, apply_tuning, count_parameters, merge_for_export, plan_tuning
 from perennial.config import CLMethodConfig, DistributedStrategy, OptimConfig, TuningConfig, stream_seed, task_seed
@@ -252,6 +253,11 @@ def execute_stage(spec: StageSpec, services: Services) -> str:
     plan = plan_tuning(model, spec.tuning)  # refuses a method this architecture cannot take, before any step
     model = apply_tuning(model, spec.tuning, plan)
     trainable = count_parameters(model)[0]  # before any sharding: whole tensors
+    if sharded:
+        # Before the plugins' first hook, so the state they build from the weights (task-start copies, LwF's
+        # teacher values) is sharded like them from the start: 1/W per rank. The engine then trains it as it is.
+        shard_model(model, device)
+        model.to(device)
     context = TaskContext(task_index=spec.task_index, task_name=spec.name, model=model, train_examples=examples,
                           pad_token_id=tokenizer.pad_token_id,
                           validation_examples=[encode_record(tokenizer, r, spec.optim.max_length, spec.data.supervise) for r in validation],
@@ -275,6 +281,7 @@ def execute_stage(spec: StageSpec, services: Services) -> str:
     for plugin in plugins:
         plugin.after_task(context)
     state = full_state_dict(model) if is_sharded(model) else None  # a collective: before the rank-0 branch
+    states = plugin_states(plugins)  # likewise under FSDP (their sharded state is gathered)
     uri = ""
     if rank == 0:
         if state is not None:
@@ -289,7 +296,7 @@ def execute_stage(spec: StageSpec, services: Services) -> str:
         if adapter.is_dir():
             adapter.rename(export_dir / ADAPTER_DIR)
         if plugins:
-            save_plugin_states(plugins, export_dir / PLUGIN_DIR)
+            save_plugin_states(plugins, export_dir / PLUGIN_DIR, states)
         uri = _commit_output(spec, services, export_dir, result, tracker, plan, trainable)
     if world > 1:
         dist.barrier()  # no rank exits (and ends the job) before the output is committed

@@ -1,6 +1,7 @@
 """A stage spec run under a real torchrun subprocess (2 gloo ranks on the CPU) against real SeaweedFS
 and MLflow commits what the same spec run in-process commits: plain training under FSDP2 with
-LoRA, and every CL method (replay, EWC, LwF, SEEKR, O-LoRA, averaging) under DDP.
+LoRA, every CL method (replay, EWC, LwF, SEEKR, O-LoRA, averaging) under DDP, and EWC, LwF,
+averaging, SEEKR and merge together under FSDP2.
 
 Every example has the same length and the same number of supervised tokens (digit strings: the
 tiny tokenizer splits digits one by one), so every rank supervises the same number of tokens and
@@ -24,7 +25,7 @@ from perennial.ingest import ingest_records
 from tasks.ingest import _ref
 from tasks.launch import StageLaunchError, run_stage
 from tasks.runtime import Services, fetch_dir
-from tasks.stage import BUFFER_FILE, StageData, StageSpec, latest_checkpoint
+from tasks.stage import BUFFER_FILE, PLUGIN_DIR, StageData, StageSpec, latest_checkpoint
 from tests.test_pipeline import micro_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("single_torch_thread")]
@@ -160,6 +161,32 @@ def test_each_cl_method_under_two_ddp_ranks_matches_one_process(stage_inputs, me
     plain_uri = run_stage(spec(ctx, f"{method}-task2-plain", first_uri, task2, **plain), ctx)
     single, without = committed_state(ctx, single_uri), committed_state(ctx, plain_uri)
     assert max((single[name] - without[name]).abs().max().item() for name in single) > 1e-3
+
+
+def test_cl_methods_under_two_fsdp_ranks_commit_what_one_process_commits(stage_inputs):
+    """Issue #48, through the stage itself: the per-weight methods and SEEKR together under FSDP2 (the model sharded
+    before their hooks, task 1's state read whole and cut to shards, gathered again for the commit) commit the
+    weights and the plugin state one process commits. Each method alone, with its control: tests/test_cl_fsdp.py."""
+    ctx, base_uri, (task1, task2), _ = stage_inputs
+    methods = [METHODS[method][0][0] for method in ("ewc", "lwf", "averaging", "seekr")]
+    methods.append({"name": "merge", "coefficients": [0.5]})
+    first_uri = run_stage(spec(ctx, "fsdp-methods-task1", base_uri, task1, methods=methods, tuning=FULL), ctx)
+    second = dict(methods=methods, tuning=FULL, task_index=1, plugin_state_uri=first_uri)
+    launched_uri = run_stage(spec(ctx, "fsdp-methods-task2-fsdp", first_uri, task2, processes=2, strategy="fsdp", **second), ctx)
+    single_uri = run_stage(spec(ctx, "fsdp-methods-task2", first_uri, task2, **second), ctx)
+    assert_same_training(ctx, launched_uri, single_uri)
+    launched, single = (fetch_dir(ctx.store, uri, ctx.cache_dir) / PLUGIN_DIR for uri in (launched_uri, single_uri))
+    assert sorted(p.name for p in launched.iterdir()) == sorted(p.name for p in single.iterdir())
+    for file in single.glob("*.safetensors"):
+        fsdp_tensors, tensors = load_file(launched / file.name), load_file(file)
+        assert fsdp_tensors.keys() == tensors.keys(), file.name
+        for key, value in tensors.items():
+            assert fsdp_tensors[key].shape == value.shape, (file.name, key)  # whole, not a rank's shard
+            if value.numel():  # not "_empty", a plugin without tensors
+                torch.testing.assert_close(fsdp_tensors[key], value, rtol=1e-4, atol=1e-4 * float(value.abs().max()), msg=key)
+    for file in single.glob("*.json"):  # SEEKR's samples name the stage that stored them
+        launched_meta = (launched / file.name).read_text().replace("fsdp-methods-task2-fsdp", "fsdp-methods-task2")
+        assert json.loads(launched_meta) == json.loads(file.read_text()), file.name
 
 
 def test_a_lora_stage_commits_its_adapter_with_its_base_beside_the_merged_model(stage_inputs, tmp_path):

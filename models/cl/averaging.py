@@ -19,6 +19,9 @@ task-start copy holds every trained weight, adapted matrices included (as under 
 
 theta_prev is rebuilt by before_task from the task-start model, so it is not part of state_dict:
 on a resume the stage runner calls before_task with the task-start model again.
+
+Under FSDP2 theta_prev is held like the weights, a DTensor of this rank's shard
+(`TrainedWeight.value`): 1/W per rank, and the average, elementwise, needs no communication.
 """
 
 from __future__ import annotations

@@ -18,16 +18,28 @@ names they have there. Under full or selective tuning that is each trainable par
 adapter (LoRA, MoRA, OSF) it is each adapted layer's effective weight, its frozen base weight plus
 the adapter's update; every task starts a fresh adapter on the previous task's merged weights, so
 adapter parameters of two tasks share names but not meaning, while effective weights keep both.
+
+Under FSDP2 (the engine's `strategy="fsdp"`; the stage shards the model before the first hook) every
+parameter is a DTensor holding this rank's 1/W shard, and each plugin keeps its per-weight state
+sharded the same way: `TrainedWeight.value` is then a DTensor placed like its weight, so task-start
+copies, Fisher and anchor built from it hold 1/W each, and elementwise arithmetic on them needs no
+communication. `whole` gathers what a plugin needs whole (O-LoRA's small LoRA A matrices, a penalty's
+sum over the shards), `held_like` cuts whole state (read from a checkpoint) to this rank's shard,
+and the engine gathers DTensor state whole when it writes a checkpoint (`models.engine.plugin_states`),
+so the files are those one process writes. `held_bytes` measures what a plugin holds on one rank.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 @dataclass
@@ -91,17 +103,44 @@ class TrainedWeight:
 
     def value(self) -> torch.Tensor:
         """The effective weight now (base + the adapter's update, shaped as the base weight), differentiable
-        through the trained parameters."""
+        through the trained parameters. Under FSDP2 a DTensor placed like ``tensor`` (this rank's shard)."""
         if self.layer is None:
             return self.tensor
-        return self.tensor + self.layer.get_delta_weight(self.adapter).to(self.tensor.dtype)
+        value = self.tensor + self._delta().to(self.tensor.dtype)
+        return placed_like(value, self.tensor)
+
+    def _delta(self) -> torch.Tensor:
+        """The adapter's update (`get_delta_weight`). Sharded adapter parameters enter it through
+        `DTensor.from_local`, whose backward redistributes their gradient to their own placement: DTensor
+        arithmetic (the product of two sharded LoRA matrices) would otherwise hand a sharded parameter a
+        replicated gradient, which FSDP2 cannot add its own shard of the gradient to."""
+        own = {name: p for name, p in self.layer.named_parameters()
+               if not name.startswith("base_layer.") and f".{self.adapter}." in f".{name}." and isinstance(p, DTensor)}
+        if not own:
+            return self.layer.get_delta_weight(self.adapter)
+        guarded = {f"layer.{name}": DTensor.from_local(p.to_local(), p.device_mesh, p.placements, shape=p.shape,
+                                                       stride=p.stride()) for name, p in own.items()}
+        return torch.func.functional_call(_DeltaWeight(self.layer, self.adapter), guarded, ())
 
     @torch.no_grad()
     def assign(self, value: torch.Tensor) -> None:
-        """Make the effective weight ``value``; an adapter keeps its parameters and its base weight absorbs the rest."""
+        """Make the effective weight ``value`` (whole, or placed like ``tensor``); an adapter keeps its parameters
+        and its base weight absorbs the rest."""
+        value = held_like(value, self.tensor)
         if self.layer is not None:
             value = value - self.layer.get_delta_weight(self.adapter)
-        self.tensor.copy_(value.to(self.tensor.device, self.tensor.dtype))
+        self.tensor.copy_(placed_like(value, self.tensor).to(self.tensor.device, self.tensor.dtype))
+
+
+class _DeltaWeight(torch.nn.Module):
+    """A tuner layer's `get_delta_weight` as a forward, for `torch.func.functional_call` (TrainedWeight._delta)."""
+
+    def __init__(self, layer: BaseTunerLayer, adapter: str):
+        super().__init__()
+        self.layer, self.adapter = layer, adapter
+
+    def forward(self) -> torch.Tensor:
+        return self.layer.get_delta_weight(self.adapter)
 
 
 def trained_weights(model: torch.nn.Module) -> list[TrainedWeight]:
@@ -130,3 +169,101 @@ def trained_weights(model: torch.nn.Module) -> list[TrainedWeight]:
         if parameter.requires_grad and id(parameter) not in adapter_parameters:
             found.append(TrainedWeight(name.removeprefix(prefix), parameter))
     return found
+
+
+# --- FSDP2: state sharded like the weights -----------------------------------------------------------
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Under FSDP2, free the root unit's gathered parameters and register its shards on the modules again; a no-op
+    for a model that is not sharded.
+
+    FSDP2 keeps the root unit (embeddings, final norm, head) gathered after a forward, for the backward that
+    follows in training (which reshards it). After a forward without backward (scoring, attention maps,
+    a teacher) it would stay gathered: `named_parameters` would then give the gathered copies, not the
+    parameters the optimizer and the plugins hold, and the next forward would not see shards changed
+    meanwhile (by averaging, a merge coefficient, a swapped-in teacher). Plugins call it after such a forward.
+    """
+    if isinstance(model, FSDPModule):
+        model.reshard()
+
+
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``tensor``: a DTensor's local shard, any other tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` whole on every rank: a DTensor gathered (`DTensor.full_tensor`, a collective: every rank calls
+    it, in the same order), any other tensor itself.
+
+    Differentiable, with the gradient each rank computes from the whole tensor (the same on every rank)
+    reaching its own shard. A DTensor sum over shards (placement Partial, e.g. ``(dtensor ** 2).sum()``)
+    becomes the total on every rank, each shard getting the gradient of the total.
+    """
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def held_like(value: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``value``, shaped as ``weight`` whole, held the way ``weight`` is.
+
+    When ``weight`` is a DTensor (an FSDP2-sharded parameter) and ``value`` a plain tensor (whole, e.g. state
+    read from a checkpoint, the same on every rank): a DTensor with ``weight``'s mesh and placements holding
+    this rank's shard of ``value``, cut locally without communication, on the mesh's device, in
+    ``value``'s dtype. Otherwise ``value`` itself.
+    """
+    if not isinstance(weight, DTensor) or isinstance(value, DTensor):
+        return value
+    return distribute_tensor(value.detach(), weight.device_mesh, weight.placements, src_data_rank=None)
+
+
+def placed_like(value: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A DTensor ``value`` redistributed to DTensor ``weight``'s placements (DTensor arithmetic may choose others,
+    e.g. a replicated product of two sharded LoRA matrices), so state built from it is 1/W and adds to the
+    weight shard by shard; any other ``value`` itself."""
+    if isinstance(value, DTensor) and isinstance(weight, DTensor) and value.placements != weight.placements:
+        return value.redistribute(weight.device_mesh, weight.placements)
+    return value
+
+
+def held_bytes(plugin: CLPlugin, model: torch.nn.Module) -> int:
+    """Bytes of the tensors ``plugin`` holds on this rank: its state, a teacher's weights, copies of task-start
+    weights, found through its attributes (tensors, modules, dicts, lists, tuples, dataclasses).
+
+    A DTensor counts its local shard. ``model``'s own parameters and buffers, which a plugin may reference
+    (`TrainedWeight`, the model it caches), do not count, nor does a storage already counted (one
+    tensor's copy moved to the device it is on is the same tensor).
+    """
+    own_modules = {id(module) for module in model.modules()}
+    own_storages = {local_part(t).untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    counted: set[int] = set()
+    visited: set[int] = set()
+    total = 0
+
+    def visit(item: Any) -> None:
+        nonlocal total
+        if id(item) in visited or id(item) in own_modules:
+            return
+        visited.add(id(item))
+        if isinstance(item, torch.Tensor):
+            local = local_part(item)
+            storage = local.untyped_storage().data_ptr()
+            if local.numel() and storage not in own_storages and storage not in counted:
+                counted.add(storage)
+                total += local.numel() * local.element_size()
+        elif isinstance(item, torch.nn.Module):
+            for tensor in [*item.parameters(), *item.buffers()]:
+                visit(tensor)
+        elif isinstance(item, dict):
+            for value in item.values():
+                visit(value)
+        elif isinstance(item, (list, tuple)):
+            for value in item:
+                visit(value)
+        elif dataclasses.is_dataclass(item) and not isinstance(item, type):
+            for value in vars(item).values():
+                visit(value)
+
+    for value in vars(plugin).values():
+        visit(value)
+    return total

@@ -14,6 +14,12 @@ close to the model it started from (the base / DAP model).
 Memory: the teacher is a full deep copy of the model (including any adapters) on the same
 device. It is rebuilt by before_task from the task-start model, so it is not part of state_dict:
 on a resume the stage runner calls before_task with the task-start model again.
+
+Under FSDP2 (a sharded model) there is no copy: the teacher is the model itself with its trained
+parameters at their task-start values. before_task keeps those values as DTensors of this rank's
+shard (1/W of the trained weights, frozen ones are shared), and each teacher forward swaps them in,
+runs the sharded model under no_grad and swaps the student's values back, bit for bit, before any
+backward reads them (`_sharded_teacher_logits`).
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from models.cl.base import CLPlugin, PluginState, TaskContext
+from models.cl.base import CLPlugin, PluginState, TaskContext, local_part, reshard
+from models.engine import is_sharded
 
 
 class LwFPlugin(CLPlugin):
@@ -33,21 +40,30 @@ class LwFPlugin(CLPlugin):
         self.weight = weight
         self.temperature = temperature
         self.teacher: torch.nn.Module | None = None
+        self.teacher_shards: list[tuple[torch.nn.Parameter, torch.Tensor]] = []  # FSDP2: (trained parameter, its start)
 
     def before_task(self, ctx: TaskContext) -> None:
-        self.teacher = frozen_copy(ctx.model)
+        if is_sharded(ctx.model):
+            with torch.no_grad():  # outside a forward pass, so these are the sharded parameters
+                self.teacher_shards = [(p, p.detach().clone()) for p in ctx.model.parameters() if p.requires_grad]
+        else:
+            self.teacher = frozen_copy(ctx.model)
 
     def extra_loss(self, model, batch, outputs):
-        if self.teacher is None:
+        if self.teacher is None and not self.teacher_shards:
             raise RuntimeError("LwF: before_task was not called, so there is no teacher model to distil from")
         if self.weight == 0:
             return None
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         with torch.no_grad():
-            teacher_logits = self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            if self.teacher is not None:
+                teacher_logits = self.teacher(**inputs).logits
+            else:
+                teacher_logits = _sharded_teacher_logits(model, self.teacher_shards, inputs)
         return self.weight * distillation_kl(outputs.logits, teacher_logits, batch["attention_mask"], self.temperature)
 
     def after_task(self, ctx: TaskContext) -> None:
-        self.teacher = None  # free the copy; the next task snapshots its own start
+        self.teacher, self.teacher_shards = None, []  # free the copy; the next task snapshots its own start
 
     def state_dict(self) -> PluginState:
         return PluginState(meta={"weight": self.weight, "temperature": self.temperature})
@@ -61,6 +77,37 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     teacher.eval()
     teacher.requires_grad_(False)
     return teacher
+
+
+@torch.no_grad()
+def _sharded_teacher_logits(model: torch.nn.Module, start: list[tuple[torch.nn.Parameter, torch.Tensor]], inputs: dict):
+    """Logits of the FSDP2-sharded ``model`` (in eval mode) with each trained parameter's shard at its value in
+    ``start``; the parameters are back at their current values on return. A collective: every rank calls it.
+
+    Called between the student's forward and backward, so two things are restored with care: FSDP2 keeps the
+    root unit's gathered parameters from the forward until backward, so the root is resharded (`reshard`)
+    before the teacher's forward (which then gathers the teacher's values) and after it (so backward
+    gathers the student's again); and a parameter another plugin's loss saved for its backward (O-LoRA's L2 term saves
+    LoRA B) keeps its autograd version, since it is restored to the same values before backward runs.
+    """
+    current = [parameter.detach().clone() for parameter, _ in start]
+    was_training = model.training
+    try:
+        _copy_into([parameter for parameter, _ in start], [value for _, value in start])
+        reshard(model)
+        model.eval()
+        return model(**inputs).logits
+    finally:
+        _copy_into([parameter for parameter, _ in start], current)
+        reshard(model)
+        model.train(was_training)
+
+
+def _copy_into(parameters: list[torch.nn.Parameter], values: list[torch.Tensor]) -> None:
+    # A graph may have saved the DTensor parameter or its local shard: both keep their versions.
+    with torch.autograd._unsafe_preserve_version_counter(tuple(t for p in parameters for t in (p, local_part(p)))):
+        for parameter, value in zip(parameters, values):
+            parameter.copy_(value)
 
 
 def distillation_kl(student_logits, teacher_logits, mask, temperature: float) -> torch.Tensor:

@@ -17,13 +17,17 @@ score, kept score) of every task is in the plugin's state, so the report plots i
 Like averaging, it works on the weights the exported model holds (`trained_weights`), so under an
 adapter it interpolates the merged weights exactly. theta_start is rebuilt by before_task from the
 task-start model and is not part of state_dict.
+
+Under FSDP2 theta_start and theta_end are held like the weights, DTensors of this rank's shard
+(`TrainedWeight.value`): 1/W per rank; the interpolation is elementwise, and every rank scores the
+same validation records with the sharded model, so every rank chooses the same coefficient.
 """
 
 from __future__ import annotations
 
 import torch
 
-from models.cl.base import CLPlugin, PluginState, TaskContext, trained_weights
+from models.cl.base import CLPlugin, PluginState, TaskContext, reshard, trained_weights
 from models.data import IGNORE_INDEX, collate
 
 
@@ -93,5 +97,6 @@ def token_accuracy(model: torch.nn.Module, examples: list[dict], pad_token_id: i
         mask = labels != IGNORE_INDEX
         right += int((predicted[mask] == labels[mask]).sum())
         total += int(mask.sum())
+    reshard(model)  # the next coefficient's weights are assigned to the shards
     model.train(was_training)
     return right / total if total else None

@@ -19,13 +19,21 @@ stage starts a fresh adapter). Only the A_old subspaces are needed to keep later
 
 Requirements: the model must be a peft LoRA model (cit.tuning.method: lora), without DoRA or
 LoRA bias; layers are matched across tasks by module name, so keep tuning.target_modules fixed.
+
+Under FSDP2 the product A_old @ A_new^T needs A_new whole: each step gathers the LoRA A matrices
+alone (r x d_in per layer, `models.cl.base.whole`) and every rank computes the same penalty, whose
+gradient reaches each rank's shard of A. A_old stays whole on every rank (r x d_in per layer and
+task); the fold adds the sharded update to the sharded base weight shard by shard, and the fresh
+adapter is drawn whole from the same seed on every rank, as one process draws it, each rank
+keeping its shard.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.distributed.tensor import DTensor
 
-from models.cl.base import CLPlugin, PluginState, TaskContext
+from models.cl.base import CLPlugin, PluginState, TaskContext, held_like, placed_like, whole
 from perennial.config import stream_seed
 
 NOT_LORA = "O-LoRA needs a peft LoRA model (cit.tuning.method: lora); the model has no LoRA layers"
@@ -84,12 +92,13 @@ class OLoRAPlugin(CLPlugin):
             return None
         orthogonality, l2 = None, None
         for name, module, adapter in lora_layers(model):
-            a_new = module.lora_A[adapter].weight.float()
+            a_new = whole(module.lora_A[adapter].weight).float()
             if self.lambda_orth and self.old_a:
                 term = (self._old_on(name, a_new.device) @ a_new.T).abs().sum()
                 orthogonality = term if orthogonality is None else orthogonality + term
             if self.lambda_l2:
-                term = a_new.pow(2).sum() + module.lora_B[adapter].weight.float().pow(2).sum()
+                # B's squares are elementwise: summed on each shard, then over the ranks.
+                term = a_new.pow(2).sum() + whole(module.lora_B[adapter].weight.float().pow(2).sum())
                 l2 = term if l2 is None else l2 + term
         loss = None
         if orthogonality is not None:
@@ -113,19 +122,20 @@ class OLoRAPlugin(CLPlugin):
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(stream_seed(self.seed, ctx.task_index))
             for name, module, adapter in layers:
-                a = module.lora_A[adapter].weight.detach().float().cpu()
+                a = whole(module.lora_A[adapter].weight.detach()).float().cpu()
                 self.old_a[name] = a.clone() if name not in self.old_a else torch.cat([self.old_a[name], a])
                 base = module.get_base_layer()
-                base.weight += module.get_delta_weight(adapter).to(base.weight.dtype)
-                module.reset_lora_parameters(adapter, True)
+                base.weight += placed_like(module.get_delta_weight(adapter).to(base.weight.dtype), base.weight)
+                reset_adapter(module, adapter)
         self.tasks_seen += 1
         self._device_copies = {}
 
     def overlap(self, model: torch.nn.Module) -> float:
-        """sum over layers of |A_old @ A_new^T| for the current adapter: what the penalty drives down."""
+        """sum over layers of |A_old @ A_new^T| for the current adapter: what the penalty drives down (under FSDP2 a
+        collective: every rank calls it)."""
         with torch.no_grad():
             return float(sum(
-                (self.old_a[name] @ module.lora_A[adapter].weight.detach().float().cpu().T).abs().sum()
+                (self.old_a[name] @ whole(module.lora_A[adapter].weight.detach()).float().cpu().T).abs().sum()
                 for name, module, adapter in lora_layers(model) if name in self.old_a
             ))
 
@@ -136,3 +146,29 @@ class OLoRAPlugin(CLPlugin):
         self.old_a = {k[len("old_a.") :]: v.clone() for k, v in state.tensors.items() if k.startswith("old_a.")}
         self.tasks_seen = int(state.meta.get("tasks_seen", 0))
         self._device_copies = {}
+
+
+def reset_adapter(module: torch.nn.Module, adapter: str) -> None:
+    """peft's re-initialisation of a LoRA adapter (`reset_lora_parameters`: A kaiming-uniform, B zeros).
+
+    Sharded (FSDP2) A and B are reset through whole stand-ins and each rank keeps its shard: every rank then
+    draws the same whole matrices from the same seed, as one process does (a DTensor's own random fill
+    draws per shard, which no single process reproduces).
+    """
+    linears = [module.lora_A[adapter], module.lora_B[adapter]]
+    sharded = [linear.weight for linear in linears]
+    if not any(isinstance(weight, DTensor) for weight in sharded):
+        module.reset_lora_parameters(adapter, True)
+        return
+    for linear, weight in zip(linears, sharded):
+        linear.weight = torch.nn.Parameter(torch.empty(weight.shape, dtype=weight.dtype, device=weight.device),
+                                           requires_grad=weight.requires_grad)
+    try:
+        module.reset_lora_parameters(adapter, True)
+        drawn = [linear.weight.detach() for linear in linears]
+    finally:
+        for linear, weight in zip(linears, sharded):
+            linear.weight = weight  # the sharded parameter FSDP2 and the optimizer hold
+    with torch.no_grad():
+        for weight, value in zip(sharded, drawn):
+            weight.copy_(held_like(value, weight))

@@ -34,6 +34,10 @@ are held on CPU (samples x layers x heads x len^2 floats); the stored memory hol
 selected heads' maps (heads x len^2) and, with store_logits, one vocabulary-sized row per
 supervised token. Keep samples_per_task and the sequence length modest on large models. The
 reference code's query budget (distilling only some query rows) is not implemented.
+
+Under FSDP2 every hook runs the sharded model's own forward (and backward) on the same samples on
+every rank, so every rank computes and holds the same statistics, selection and memory, as under
+DDP: none of it is shaped like a weight, so none of it is sharded.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ import random
 import torch
 import torch.nn.functional as F
 
-from models.cl.base import CLPlugin, PluginState, TaskContext
+from models.cl.base import CLPlugin, PluginState, TaskContext, reshard
 from models.data import IGNORE_INDEX, collate
 from models.engine import stream_indices
 from perennial.config import stream_seed
@@ -235,6 +239,7 @@ def attention_maps(model, samples: list[dict], logits: bool = False):
             out = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_attentions=True)
             maps = torch.stack([a[0].float() for a in _collect_attentions(out)])
             results.append((maps.cpu(), out.logits[0].float().cpu()) if logits else maps.cpu())
+    reshard(model)  # forward only: FSDP2 would keep the root unit gathered
     model.train(was_training)
     return results
 
@@ -244,33 +249,42 @@ def head_statistics(model, samples: list[dict], before: list[torch.Tensor]) -> t
 
     sensitivity: mean over the causal (query, key) pairs of (dLoss/dAttention)^2;
     forgettability: mean over the same pairs of (attention_before - attention_now)^2.
-    The input embeddings are made a leaf that requires grad, so every layer's attention is in the
-    autograd graph even when the layers below it are frozen; parameter grads are cleared after.
+    The input embeddings' output is made a leaf that requires grad, so every layer's attention is in the
+    autograd graph even when the layers below it are frozen; parameter grads are cleared after. (By a
+    forward hook, inside the model's own forward: under FSDP2 the embedding's weight is whole only there.)
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    embed = model.get_input_embeddings()
     sensitivity = forgettability = None
-    for sample, old in zip(samples, before):
-        ids = torch.tensor([sample["input_ids"]], device=device)
-        labels = torch.tensor([sample["labels"]], device=device)
-        embeds = embed(ids).detach().requires_grad_(True)
-        out = model(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), labels=labels, output_attentions=True)
-        attentions = _collect_attentions(out)
-        for attention in attentions:
-            attention.retain_grad()
-        out.loss.backward()
-        mask = causal_mask(ids.shape[1]).to(device)
-        grads = torch.stack([a.grad[0].float() for a in attentions])  # [layers, heads, len, len]
-        now = torch.stack([a[0].detach().float() for a in attentions])
-        sens = (grads**2 * mask).sum((-1, -2)) / mask.sum()
-        forg = ((now - old.to(device)) ** 2 * mask).sum((-1, -2)) / mask.sum()
-        sensitivity = sens if sensitivity is None else sensitivity + sens
-        forgettability = forg if forgettability is None else forgettability + forg
+    leaf = model.get_input_embeddings().register_forward_hook(lambda module, args, output: output.detach().requires_grad_(True))
+    try:
+        for sample, old in zip(samples, before):
+            ids = torch.tensor([sample["input_ids"]], device=device)
+            labels = torch.tensor([sample["labels"]], device=device)
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, output_attentions=True)
+            sens, forg = _sample_statistics(out, old.to(device), ids.shape[1])
+            sensitivity = sens if sensitivity is None else sensitivity + sens
+            forgettability = forg if forgettability is None else forgettability + forg
+    finally:
+        leaf.remove()
     model.zero_grad(set_to_none=True)
     model.train(was_training)
     return (sensitivity / len(samples)).cpu(), (forgettability / len(samples)).cpu()
+
+
+def _sample_statistics(out, old: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sample's (sensitivity, forgettability), each [layers, heads], from its forward's outputs; runs its backward."""
+    attentions = _collect_attentions(out)
+    for attention in attentions:
+        attention.retain_grad()
+    out.loss.backward()
+    mask = causal_mask(length).to(old.device)
+    grads = torch.stack([a.grad[0].float() for a in attentions])  # [layers, heads, len, len]
+    now = torch.stack([a[0].detach().float() for a in attentions])
+    sens = (grads**2 * mask).sum((-1, -2)) / mask.sum()
+    forg = ((now - old) ** 2 * mask).sum((-1, -2)) / mask.sum()
+    return sens, forg
 
 
 def head_importance(sensitivity: torch.Tensor, forgettability: torch.Tensor) -> torch.Tensor:
