@@ -68,6 +68,7 @@ test-fast: venv
 # Benchmarks write bench/results/<name>.json + .md; bench.report assembles BENCHMARKS.md from them.
 bench: venv
 	$(BIN)/python -m bench.engine_throughput
+	$(BIN)/python -m bench.engine_throughput --activation-checkpointing
 	$(BIN)/python -m bench.cl_quality --sweep
 	$(BIN)/python -m bench.cl_quality
 	$(BIN)/python -m bench.cl_quality --order agnews dbpedia amazon --methods full attn-proj lora replay-10% seekr-1% --seeds 0

@@ -2,16 +2,17 @@
 plain PyTorch loop and transformers.Trainer, on the CPU.
 
     python -m bench.engine_throughput [--steps 8] [--warmup 2] [--rounds 2] [--rss-steps 3] [--threads 2] [--quick]
-    python -m bench.engine_throughput --activation-checkpointing [--steps 4] [--warmup 1] [--threads 1]
+    python -m bench.engine_throughput --activation-checkpointing [--models smollm2 llama-1b] [--tunings ...] [--quick]
 
 Each run is a fresh process (glibc's allocator defaults, as a user's process would have): the engine, the plain loop
-and Trainer in bf16 autocast and fp32 in rotated rounds, then once each the other variants of RUNS; then peak memory
-per tuning method and per CL method (its second task). Tokens/s at the median step after the warm-up steps; memory:
-the Linux high-water mark above the resident size before the model is built. How close to the limit: in each round a
-fresh process times, with the same threads, every GEMM a training step runs through SmolLM2's Linear layers alone
-(torch.matmul, bf16 and fp32, `gemm_rates`); the engine's model FLOP/s are reported as a fraction of the fastest (the
-peak) and of the step's mix; one more process profiles one engine step by op (`profile_child`, `op_category`). Results:
-bench/results/engine_throughput.json and .md; `python -m bench.report --render` rewrites the .md.
+and Trainer in bf16 autocast and fp32, and the engine with `optim.fused_adamw`, in rotated rounds, then once each the
+other variants of RUNS; then peak memory per tuning method and per CL method (its second task). Tokens/s at the
+median step after the warm-up steps; memory: the Linux high-water mark above the resident size before the model is
+built. How close to the limit: in each round a fresh process times, with the same threads, every GEMM a training
+step runs through SmolLM2's Linear layers alone (torch.matmul, bf16 and fp32, `gemm_rates`); the engine's model FLOP/s
+are reported as a fraction of the fastest (the peak) and of the step's mix; one more process profiles one engine
+step by op (`profile_child`, `op_category`). Results: bench/results/engine_throughput.json and .md;
+`python -m bench.report --render` rewrites the .md.
 Model FLOPs per token (`flops_per_token`): N counts the weights of every nn.Linear (q, k, v, o, gate, up, down and the
 head; a head tied to the embedding is one Linear and counts once, the embedding lookup is no matmul), N_trained those
 that train: 2·N forward, 2·N for the input gradients, 2·N_trained for the weight gradients, so 6·N for full
@@ -19,8 +20,11 @@ fine-tuning; plus attention, 12·layers·seq·d with d = heads × head dim: the 
 2·seq·d each per token and layer forward, three times that with backward, the causal mask not halved (PaLM's
 convention; eager attention computes the whole seq × seq matrix). Norms, activations, rotary, loss and optimizer
 count nothing. SmolLM2 at 96 tokens a block: N = 134,479,872, 6·N = 0.807 GFLOP and attention 0.020 GFLOP a token.
---activation-checkpointing: only the peak memory and tokens/s with `optim.activation_checkpointing` off and on (full
-and attn-proj, CKPT's longer blocks); bench/results/engine_activation_checkpointing.json.
+--activation-checkpointing: only the peak memory and tokens/s with `optim.activation_checkpointing` off and on, per
+model of CKPT_MODELS (SmolLM2: full and attn-proj; llama-1b, TinyLlama-1.1B's shape with random weights: attn-proj, as
+full fine-tuning's fp32 weights, gradients and AdamW state alone are 17.6 GB; `--tunings` for others);
+bench/results/engine_activation_checkpointing.json and .md, published below the engine's section. --quick: 3 steps on
+2 blocks of 32 tokens, the 1B shape replaced by the factory's tiny Llama (a smoke run).
 """
 
 from __future__ import annotations
@@ -64,10 +68,10 @@ class LoopSettings:
     seed: int = SEED
     device: str = "cpu"
 
-    def optim_config(self, steps: int) -> OptimConfig:
+    def optim_config(self, steps: int, **settings) -> OptimConfig:
         # No warm-up and a constant rate: the plain loop and Trainer have no schedule either.
         return OptimConfig(lr=self.lr, batch_size=self.batch, max_steps=steps, warmup_steps=0, schedule="constant",
-                           max_length=self.block, log_every=10**6)
+                           max_length=self.block, log_every=10**6, **settings)
 
 
 def stamp() -> tuple[float, float]:
@@ -84,15 +88,15 @@ def throughput(stamps: list[tuple[float, float]], warmup: int, settings: LoopSet
             for index, clock in enumerate(("wall", "cpu"))}
 
 
-def engine_loop(settings: LoopSettings, precision: str = "fp32", compiled: str | None = None):
+def engine_loop(settings: LoopSettings, precision: str = "fp32", compiled: str | None = None, fused_adamw: bool = False):
     """Perennial's engine (`models.engine.train`), its bookkeeping included; `compiled`: the model's forward under
-    torch.compile with this backend (`nn.Module.compile`)."""
+    torch.compile with this backend (`nn.Module.compile`); `fused_adamw`: `optim.fused_adamw`."""
 
     def run(model, examples, pad_token_id, steps, clock=stamp):
         stamps = []
         if compiled:
             model.compile(backend=compiled)
-        train(model, examples, settings.optim_config(steps), seed=settings.seed, pad_token_id=pad_token_id,
+        train(model, examples, settings.optim_config(steps, fused_adamw=fused_adamw), seed=settings.seed, pad_token_id=pad_token_id,
               device=torch.device(settings.device), precision=precision, on_step_end=lambda step, _model: stamps.append(clock()))
         return stamps
 
@@ -160,7 +164,14 @@ def trainer_loop(settings: LoopSettings, precision: str = "fp32", keep_freed_mem
 
 REAL = LoopSettings(batch=8, block=96, lr=5e-5)
 CKPT = LoopSettings(batch=4, block=512, lr=5e-5)  # long enough blocks that the activations (eager attention) weigh
-# name -> (tuning method, loop); the first six are the rotated side-by-side comparison, the others run once
+# --activation-checkpointing: model -> (its blocks, the tuning methods it measures). llama-1b, TinyLlama-1.1B's shape with
+# random weights, at one block: attn-proj peaks near 10.4 GiB without checkpointing, 7.1 GiB with it (extrapolated from
+# its shape cut to 2 and 4 layers); full fine-tuning's fp32 weights, gradients and AdamW state alone are 17.6 GB.
+LLAMA_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False)
+CKPT_MODELS = {"smollm2": (CKPT, ["full", "attn-proj"]), "llama-1b": (LoopSettings(batch=1, block=512, lr=5e-5), ["attn-proj"])}
+QUICK_CKPT = LoopSettings(batch=2, block=32, lr=5e-5)
+# name -> (tuning method, loop); the first seven are the rotated side-by-side comparison, the others run once
 RUNS = {
     "engine bf16": ("full", engine_loop(REAL, "bf16")),
     "engine fp32": ("full", engine_loop(REAL, "fp32")),
@@ -168,13 +179,14 @@ RUNS = {
     "plain fp32": ("full", plain_loop(REAL, "fp32")),
     "trainer bf16": ("full", trainer_loop(REAL, "bf16")),
     "trainer fp32": ("full", trainer_loop(REAL, "fp32")),
+    "engine bf16 fused AdamW": ("full", engine_loop(REAL, "bf16", fused_adamw=True)),
     "engine attn-proj bf16": ("attn-proj", engine_loop(REAL, "bf16")),
     "engine attn-proj fp32": ("attn-proj", engine_loop(REAL, "fp32")),
     "plain bf16 weights + fp32 master": ("full", plain_loop(REAL, bf16_weights=True)),
     "plain bf16 + torch.compile": ("full", plain_loop(REAL, "bf16", compiled="inductor")),
     "trainer bf16, freed memory kept": ("full", trainer_loop(REAL, "bf16", keep_freed_memory=True)),
 }
-ROTATED = list(RUNS)[:6]
+ROTATED = list(RUNS)[:7]
 # the memory runs (kind, methods), and those of --quick
 MEMORY = [("tuning", ["full", "lora", "mora", "attn-proj", "mlp-gate-up", "osf"]), ("cl", ["ewc", "lwf", "seekr", "olora", "averaging"])]
 QUICK_MEMORY = [("tuning", ["full", "attn-proj"]), ("cl", ["lwf"])]
@@ -189,8 +201,10 @@ RATIOS = {
     "plain bf16 weights + fp32 master / plain bf16 autocast": ("plain bf16 weights + fp32 master", "plain bf16"),
     "plain bf16 + torch.compile / plain bf16 autocast": ("plain bf16 + torch.compile", "plain bf16"),
     "engine / Trainer with freed memory kept (bf16)": ("engine bf16", "trainer bf16, freed memory kept"),
+    "engine fused AdamW / engine (bf16)": ("engine bf16 fused AdamW", "engine bf16"),
 }
 TARGETS = {"engine bf16 / engine fp32 (full)": 1.5, "engine / Trainer (bf16)": 1.0, "engine / Trainer (fp32)": 1.0}
+NUMBERS = {2: "two", 6: "six", 7: "seven"}  # how many runs rotate (--quick: the two engine runs)
 LIMIT_TARGET = 0.8  # the engine's bf16 model FLOP/s over the bf16 matmul peak, full fine-tuning
 
 
@@ -370,20 +384,30 @@ def memory_child(kind: str, name: str, steps: int) -> dict:
     }
 
 
-def checkpointing_child(tuning: str, checkpointing: bool, steps: int, warmup: int) -> dict:
-    """In its own process: SmolLM2 tuned by `tuning` trains `steps` engine steps (precision auto) on CKPT blocks with
-    activation checkpointing off or on; peak RSS above the resident size before the model is loaded, tokens/s."""
-    folder = smollm2()
+def checkpointing_child(tuning: str, checkpointing: bool, steps: int, warmup: int, model: str = "smollm2", quick: bool = False) -> dict:
+    """In its own process: `model` of CKPT_MODELS tuned by `tuning` trains `steps` engine steps (precision auto) on its
+    blocks with activation checkpointing off or on; peak RSS above the resident size before the model is built, tokens/s.
+    llama-1b: random weights (tests/tiny_models.py's factory, as bench/gpu.py builds its Llamas) on random token ids."""
+    settings = QUICK_CKPT if quick else CKPT_MODELS[model][0]
+    folder = smollm2() if model == "smollm2" else None
     reset = _reset_peak_rss()
     baseline = _peak_rss_kib()
-    model, tokenizer = load_model_and_tokenizer(folder)
-    optim = CKPT.optim_config(steps).model_copy(update={"activation_checkpointing": checkpointing})
-    stamps = []
-    result = train(apply_tuning(model, TuningConfig(method=tuning)), general_blocks(tokenizer, CKPT.block), optim, seed=SEED,
-                   pad_token_id=tokenizer.pad_token_id, precision="auto", on_step_end=lambda step, _model: stamps.append(stamp()))
-    return {"tuning": tuning, "activation_checkpointing": checkpointing, "final_loss": result.losses[-1],
-            "training_peak_above_baseline_mib": round((_peak_rss_kib() - baseline) / 1024, 1) if reset else None,
-            "tokens_per_s": throughput(stamps, warmup, CKPT)}
+    if folder:
+        net, tokenizer = load_model_and_tokenizer(folder)
+        blocks, pad = general_blocks(tokenizer, settings.block), tokenizer.pad_token_id
+    else:
+        from tests.tiny_models import tiny_model
+
+        net = tiny_model("llama", vocab_size=64) if quick else tiny_model("llama", **LLAMA_1B)
+        ids = torch.randint(1, net.config.vocab_size, (16, settings.block), generator=torch.Generator().manual_seed(SEED))  # 0 pads
+        blocks, pad = [{"input_ids": row} for row in ids.tolist()], 0
+    stamps, net = [], apply_tuning(net, TuningConfig(method=tuning))
+    trainable, total = count_parameters(net)
+    result = train(net, blocks, settings.optim_config(steps, activation_checkpointing=checkpointing),
+                   seed=SEED, pad_token_id=pad, precision="auto", on_step_end=lambda step, _model: stamps.append(stamp()))
+    return {"model": model, "tuning": tuning, "activation_checkpointing": checkpointing, "final_loss": result.losses[-1],
+            "trainable_params": trainable, "params": total, "training_peak_above_baseline_mib": round((_peak_rss_kib() - baseline) / 1024, 1) if reset else None,
+            "tokens_per_s": throughput(stamps, warmup, settings)}
 
 
 CHILDREN = {"throughput": throughput_child, "memory": memory_child, "checkpointing": checkpointing_child, "peak": peak_child,
@@ -391,11 +415,57 @@ CHILDREN = {"throughput": throughput_child, "memory": memory_child, "checkpointi
 
 
 def measure_checkpointing(args, argv: list[str], load_before: float) -> dict:
-    rows = [child(MODULE, {"run": "checkpointing", "tuning": tuning, "checkpointing": on, "steps": args.steps, "warmup": args.warmup,
-                           "threads": args.threads}) for tuning in ("full", "attn-proj") for on in (False, True)]
-    return {**report_head(MODULE, argv, load_before), "settings": {"model": MODEL, "steps": args.steps, "warmup": args.warmup,
-            "batch": CKPT.batch, "block": CKPT.block, "threads": args.threads, "precision": "auto", "attn_implementation": "eager"},
-            "runs": rows}
+    rows = []
+    for model in args.models:
+        for tuning in args.tunings or CKPT_MODELS[model][1]:
+            for on in (False, True):
+                job = {"model": model, "tuning": tuning, "checkpointing": on}
+                try:
+                    rows.append(child(MODULE, {"run": "checkpointing", **job, "steps": args.steps, "warmup": args.warmup,
+                                               "threads": args.threads, "quick": args.quick}))
+                except RuntimeError as error:  # one that does not fit (killed for memory) gets a row saying why
+                    rows.append({**job, "activation_checkpointing": on, "error": str(error).strip().splitlines()[-1]})
+                row = rows[-1]
+                print(f"{model} {tuning} checkpointing {'on' if on else 'off'}: " + (row.get("error") or (
+                    f"{row['training_peak_above_baseline_mib']} MiB, {row['tokens_per_s']['cpu']:.0f} tokens per CPU-second")), flush=True)
+    blocks = {model: QUICK_CKPT if args.quick else CKPT_MODELS[model][0] for model in args.models}
+    return {**report_head(MODULE, argv, load_before), "settings": {
+        "models": {model: {"batch": s.batch, "block": s.block, **({"shape": LLAMA_1B} if model == "llama-1b" and not args.quick else {})}
+                   for model, s in blocks.items()},
+        "steps": args.steps, "warmup": args.warmup, "threads": args.threads, "precision": "auto", "attn_implementation": "eager"},
+        "runs": rows}
+
+
+def checkpointing_markdown(report: dict) -> str:
+    """`### Activation checkpointing`, below the engine's section: peak memory and tokens/s off and on, per model."""
+    settings = report["settings"]
+    models = settings.get("models") or {"smollm2": {"batch": settings["batch"], "block": settings["block"]}}  # before llama-1b
+    names = {"smollm2": "SmolLM2-135M-Instruct", "llama-1b": "Llama 1.1B (random weights)" if "shape" in models.get("llama-1b", {})
+             else "the factory's tiny Llama (--quick)"}
+    head = section_head("Activation checkpointing (`optim.activation_checkpointing`)", report)
+    off = {(run.get("model", "smollm2"), run["tuning"]): run for run in report["runs"] if not run["activation_checkpointing"]}
+
+    def change(run, value):
+        base = off.get((run.get("model", "smollm2"), run["tuning"]), {})
+        return "" if not run["activation_checkpointing"] or not base or "error" in base or not value(base) else f" ({value(run) / value(base) - 1:+.0%})"
+
+    peak, cpu = (lambda run: run["training_peak_above_baseline_mib"] or 0), (lambda run: run["tokens_per_s"]["cpu"])
+    return "\n".join(["#" + head[0], *head[1:], "",
+        "; ".join(f"{names.get(model, model)} on {m['batch']} block{'s' * (m['batch'] > 1)} of {m['block']} tokens a step" for model, m in models.items())
+        + f" (eager attention), precision auto, {settings['steps']} engine "
+        f"steps, the first {settings['warmup']} not timed, {settings['threads']} torch thread{'s' * (settings['threads'] > 1)}, each run in a fresh process. "
+        "Peak: the resident high-water mark above the resident size before the model is built (weights, gradients and AdamW state "
+        "included)." + (" The 1B Llama has TinyLlama-1.1B's shape (hidden 2048, 22 layers, MLP 5632, 32 query / 4 KV heads, vocabulary "
+        "32,000) with random weights, on random token ids; attn-proj by default, as full fine-tuning's fp32 weights, gradients "
+        "and two AdamW states alone are 17.6 GB." if "shape" in models.get("llama-1b", {}) else ""), "",
+        table(["model", "tuning", "activation checkpointing", "training peak RSS (MiB)", "tokens per CPU-second (median step)",
+               "tokens per wall-second", "final loss"],
+              [[names.get(run.get("model", "smollm2"), run.get("model")), run["tuning"], "on" if run["activation_checkpointing"] else "off",
+                *([run["error"], "", "", ""] if "error" in run else [
+                    "n/a" if run["training_peak_above_baseline_mib"] is None else f"{peak(run):.0f}{change(run, peak)}",
+                    f"{cpu(run):.0f}{change(run, cpu)}", f"{run['tokens_per_s']['wall']:.0f}", f"{run['final_loss']:.4f}"])]
+               for run in report["runs"]]),
+        *(["", report["reading"]] if report.get("reading") else [])]) + "\n"
 
 
 def measure(args, argv: list[str], load_before: float) -> dict:
@@ -431,7 +501,7 @@ def measure(args, argv: list[str], load_before: float) -> dict:
         **report_head(MODULE, argv, load_before),
         "settings": {"model": MODEL, "steps": args.steps, "warmup_steps_excluded": args.warmup, "rounds": args.rounds,
                      "batch": REAL.batch, "block": REAL.block, "lr": REAL.lr, "threads": args.threads, "process_per_run": True,
-                     "trainer_optim": "adamw_torch", "attn_implementation": "eager"},
+                     "trainer_optim": "adamw_torch", "attn_implementation": "eager", "rotated": rotated},
         "tokens_per_s": {name: {"tuning": RUNS[name][0], "median": median[name], "runs": runs[name]} for name in names},
         "ratios": {key: median[a]["wall"] / median[b]["wall"] if a in median and b in median else None for key, (a, b) in RATIOS.items()},
         "matmul_peak": {dtype: {**peaks[0][dtype], **{key: statistics.median(p[dtype][key] for p in peaks) for key in ("peak_gflops", "step_mix_gflops")},
@@ -444,14 +514,17 @@ def measure(args, argv: list[str], load_before: float) -> dict:
 
 
 def markdown(report: dict) -> str:
-    """The report's section of BENCHMARKS.md, `## Training engine`."""
+    """The report's section of BENCHMARKS.md, `## Training engine` (--activation-checkpointing's: `checkpointing_markdown`)."""
+    if "runs" in report:
+        return checkpointing_markdown(report)
     settings, median = report["settings"], {k: v["median"] for k, v in report["tokens_per_s"].items()}
     peak, dtype = report.get("matmul_peak"), lambda name: "bf16" if "bf16" in name else "fp32"
     lines = [
         *section_head("Training engine", report), "",
         f"SmolLM2-135M-Instruct (the embedded default) on the demo general corpus, {settings['batch']} blocks of "
         f"{settings['block']} tokens a step, AdamW at {settings['lr']}, {settings['steps']} steps of which the first "
-        f"{settings['warmup_steps_excluded']} are excluded, {settings['threads']} torch threads; the first six runs in "
+        f"{settings['warmup_steps_excluded']} are excluded, {settings['threads']} torch threads; the first "
+        f"{NUMBERS[len(settings.get('rotated', ROTATED[:6]))]} runs in "
         f"rotated order over {settings['rounds']} rounds (median), the others once, each run in a fresh process. bf16 = "
         "autocast with fp32 master weights unless named otherwise. The engine's loop keeps freed heap memory for reuse "
         "(models/allocator.py); the plain loop and Trainer run with glibc's defaults, as a user's process would.", "",
@@ -530,6 +603,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, help="the JSON report, the .md beside it (default bench/results/engine_throughput.json)")
     parser.add_argument("--activation-checkpointing", action="store_true",
                         help="only the peak memory and tokens/s with optim.activation_checkpointing off and on")
+    parser.add_argument("--models", nargs="+", choices=list(CKPT_MODELS), default=list(CKPT_MODELS),
+                        help="--activation-checkpointing: the models (default both)")
+    parser.add_argument("--tunings", nargs="+", help="--activation-checkpointing: these tuning methods for every model "
+                        "(default: SmolLM2 full and attn-proj, llama-1b attn-proj)")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # a JSON job of CHILDREN, run in this fresh process
     args = parser.parse_args(argv)
     if args.child:
@@ -541,13 +618,13 @@ def main(argv: list[str] | None = None) -> int:
         (args.steps, args.warmup, args.threads), (4, 1, 1) if args.activation_checkpointing else (8, 2, 2)))
     if args.quick:
         args.steps, args.warmup, args.rounds, args.rss_steps = 3, 1, 1, 2
+    torch.set_num_threads(args.threads)  # the report's machine line; each child sets its own
     if not 0 < args.warmup < args.steps:
         parser.error("--warmup must be at least 1 and below --steps")
     if args.activation_checkpointing:
         output = args.output or RESULTS_DIR / "engine_activation_checkpointing.json"
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(measure_checkpointing(args, argv, os.getloadavg()[0]), indent=2) + "\n")
-        print(f"wrote {output}")
+        report = measure_checkpointing(args, argv, os.getloadavg()[0])
+        write_results(output.stem, report, markdown(report), output.parent)
         return 0
     output = args.output or RESULTS_DIR / "engine_throughput.json"
     report = measure(args, argv, os.getloadavg()[0])

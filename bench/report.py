@@ -21,6 +21,8 @@ from bench.common import RESULTS_DIR, ROOT
 # that renders a section is the command's
 SECTIONS = [
     ("engine_throughput", "python -m bench.engine_throughput", True),
+    # Peak memory and tokens/s with optim.activation_checkpointing off and on: SmolLM2 and a 1.1B Llama (about 10 minutes).
+    ("engine_activation_checkpointing", "python -m bench.engine_throughput --activation-checkpointing", False),
     # Each tuning method's learning rate, on first-task records the benchmark never reads.
     ("cl_quality_sweep", "python -m bench.cl_quality --sweep", False),
     ("cl_quality", "python -m bench.cl_quality", True),

@@ -135,7 +135,8 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters; check tuning.method / trainable_regex")
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # optim.fused_adamw: one fused kernel over all tensors, not bit-identical to the per-tensor loop (docs/training.md)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **({"fused": True} if getattr(cfg, "fused_adamw", False) else {}))
 
 
 def lr_multiplier(step: int, cfg) -> float:
@@ -339,6 +340,12 @@ def load_state(directory: Path, model, optimizer, scheduler, plugins: Sequence[C
         set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
     else:
         model.load_state_dict(weights, strict=False)
+    # The saved param groups would set the optimizer's kernel: a resume under the other optim.fused_adamw is refused
+    written, wanted = (any(group.get("fused") for group in groups) for groups in (meta["param_groups"], optimizer.param_groups))
+    if written != wanted:
+        raise ValueError(f"checkpoint {directory} was written with optim.fused_adamw={str(written).lower()}, this run has "
+                         f"{str(wanted).lower()}: the two AdamW steps differ in the last bits, so a resumed run would match neither; "
+                         f"resume with optim.fused_adamw={str(written).lower()}")
     tensors = load_file(directory / "optimizer.safetensors")
     state: dict[int, dict] = {}
     for key, value in list(tensors.items()) + list(meta["optimizer_scalars"].items()):

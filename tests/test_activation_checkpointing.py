@@ -99,8 +99,9 @@ def test_checkpointing_is_off_by_default_and_not_part_of_a_runs_identity():
     assert keys(build_config(defaults, ["dap.optim.lr=0.5"]))[1] != keys(base)[1]  # a DAP setting that does count
 
 
-def test_the_benchmark_option_measures_each_method_off_and_on(tmp_path, monkeypatch):
-    """`python -m bench.engine_throughput --activation-checkpointing`, its fresh-process runs stubbed."""
+def test_the_benchmark_option_measures_each_model_and_method_off_and_on(tmp_path, monkeypatch):
+    """`python -m bench.engine_throughput --activation-checkpointing`, its fresh-process runs stubbed; a run that dies
+    (killed for memory) is a row saying so."""
     import json
 
     from bench import engine_throughput
@@ -109,13 +110,37 @@ def test_the_benchmark_option_measures_each_method_off_and_on(tmp_path, monkeypa
 
     def child(module, job):
         jobs.append(job)
-        return {"tuning": job["tuning"], "activation_checkpointing": job["checkpointing"], "training_peak_above_baseline_mib": 1.0}
+        if job["model"] == "llama-1b" and not job["checkpointing"]:
+            raise RuntimeError("bench.engine_throughput failed:\nKilled")
+        return {"model": job["model"], "tuning": job["tuning"], "activation_checkpointing": job["checkpointing"], "final_loss": 2.0,
+                "training_peak_above_baseline_mib": 50.0 if job["checkpointing"] else 100.0, "tokens_per_s": {"cpu": 90.0, "wall": 80.0}}
 
     monkeypatch.setattr(engine_throughput, "child", child)
     assert engine_throughput.main(["--activation-checkpointing", "--output", str(tmp_path / "ac.json")]) == 0
-    assert [(job["run"], job["tuning"], job["checkpointing"]) for job in jobs] == [("checkpointing", tuning, on) for tuning in ("full", "attn-proj")
-                                                                                   for on in (False, True)]
-    assert all((job["steps"], job["warmup"], job["threads"]) == (4, 1, 1) for job in jobs)
+    assert [(job["run"], job["model"], job["tuning"], job["checkpointing"]) for job in jobs] == [
+        ("checkpointing", model, tuning, on) for model, tunings in (("smollm2", ("full", "attn-proj")), ("llama-1b", ("attn-proj",)))
+        for tuning in tunings for on in (False, True)]
+    assert all((job["steps"], job["warmup"], job["threads"], job["quick"]) == (4, 1, 1, False) for job in jobs)
     report = json.loads((tmp_path / "ac.json").read_text())
     assert report["command"].endswith("--activation-checkpointing --output " + str(tmp_path / "ac.json"))
-    assert [run["activation_checkpointing"] for run in report["runs"]] == [False, True, False, True]
+    assert [run["activation_checkpointing"] for run in report["runs"]] == [False, True] * 3
+    assert report["settings"]["models"]["llama-1b"]["shape"]["num_hidden_layers"] == 22
+    text = (tmp_path / "ac.md").read_text()
+    assert text == engine_throughput.markdown(report) and text.startswith("### Activation checkpointing")
+    assert "| SmolLM2-135M-Instruct | full | on | 50 (-50%) | 90 (+0%) | 80 | 2.0000 |" in text
+    assert "| Llama 1.1B (random weights) | attn-proj | off | Killed |" in text and "| attn-proj | on | 50 | 90 | 80 |" in text
+
+    jobs.clear()  # --models, --tunings
+    engine_throughput.main(["--activation-checkpointing", "--models", "llama-1b", "--tunings", "full", "--output", str(tmp_path / "b.json")])
+    assert [(job["model"], job["tuning"]) for job in jobs] == [("llama-1b", "full")] * 2
+
+
+def test_the_benchmark_child_trains_the_llama_shape_with_random_token_ids():
+    """`--quick`'s run of llama-1b, in this process: the factory's tiny Llama in the 1B's place, attn-proj, checkpointing on."""
+    import math
+
+    from bench import engine_throughput
+
+    row = engine_throughput.checkpointing_child("attn-proj", True, steps=3, warmup=1, model="llama-1b", quick=True)
+    assert row["model"] == "llama-1b" and row["activation_checkpointing"] and math.isfinite(row["final_loss"])
+    assert 0 < row["trainable_params"] < row["params"] and row["tokens_per_s"]["cpu"] > 0

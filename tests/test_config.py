@@ -174,3 +174,31 @@ def test_a_check_across_keys_names_them_without_echoing_the_whole_config():
     text = str(refused.value)
     assert "dap.optim.batch_size 16 must be divisible by distributed.nproc_per_node 3" in text
     assert "(got {" not in text and len(text) < 600  # before: the whole config, ~1.7 KB, after the message
+
+
+def test_fused_adamw_is_part_of_a_runs_identity_only_when_on():
+    """`optim.fused_adamw` changes the weights in the last bits, so switched on it changes the outputs digest and the
+    base-model and DAP keys; left off it is not written at all, so every digest is what it was before it existed."""
+    from types import SimpleNamespace
+
+    from perennial.config import OptimConfig
+    from tasks.base_model import base_model_key
+    from tasks.dap import dap_key
+    from tasks.ingest import DatasetRef
+    from tasks.runtime import RunContext
+
+    assert "fused_adamw" not in OptimConfig().model_dump() and OptimConfig(fused_adamw=True).model_dump()["fused_adamw"] is True
+    defaults = Config().model_dump(mode="json")
+
+    def keys(cfg):
+        run = RunContext(config=cfg, run_key="k", parent_run_id="p")
+        run._services = SimpleNamespace(store=SimpleNamespace(bucket="b", read_manifest=lambda prefix: {"digest": "m"}))
+        ref = lambda name: DatasetRef(name=name, kind="text", digest=f"{name}-digest", uri=f"s3://b/{name}", data_file="d")  # noqa: E731
+        return (cfg.outputs_digest(), base_model_key(run, ref("general")),
+                dap_key(run, "s3://b/base/model", SimpleNamespace(domain=ref("d"), general=ref("g"))))
+
+    base = keys(build_config(defaults))
+    assert keys(build_config(defaults, ["cit.optim.fused_adamw=false"])) == base
+    for section, changed in (("model.pretrain", (True, True, False)), ("dap.optim", (True, False, True)), ("cit.optim", (True, False, False))):
+        on = keys(build_config(defaults, [f"{section}.fused_adamw=true"]))
+        assert tuple(a != b for a, b in zip(on, base)) == changed, section

@@ -167,3 +167,33 @@ def test_the_loop_reads_on_one_screen_as_setup_step_checkpoint():
     for step in ("setup(", "train_step(run, step)", "checkpoint(run, done"):
         assert step in body
     assert len(inspect.getsource(engine.train_step).splitlines()) <= 40
+
+
+def test_fused_adamw_is_opt_in_trains_close_to_the_loop_and_resumes_only_under_its_own_setting(tmp_path, monkeypatch):
+    """`optim.fused_adamw`: torch.optim.AdamW(fused=True), whose updates differ from the per-tensor loop's in the last
+    bits; so the losses are close, and a checkpoint of one kind does not resume under the other."""
+    from models import engine
+
+    data = examples()
+    cfg = OptimConfig(lr=3e-3, max_steps=8, batch_size=4, grad_accum=2, warmup_steps=2, checkpoint_every=4, weight_decay=0.01)
+    fused_cfg = cfg.model_copy(update={"fused_adamw": True})
+    built = []
+    build = engine.build_optimizer
+    monkeypatch.setattr(engine, "build_optimizer", lambda model, c: built.append(build(model, c)) or built[-1])
+    plain = train(tiny_model(), data, cfg, seed=1, pad_token_id=0)
+    saved = []
+    fused_model = tiny_model()
+    fused = train(fused_model, data, fused_cfg, seed=1, pad_token_id=0, checkpoint_dir=tmp_path,
+                  checkpoint_fn=lambda step, path: saved.append(path))
+    assert OptimConfig().fused_adamw is False
+    assert [optimizer.defaults["fused"] for optimizer in built] == [None, True]  # the engine's optimizers, as built
+    assert all(math.isfinite(loss) for loss in fused.losses) and fused.losses[-1] < fused.losses[0]
+    assert fused.losses == pytest.approx(plain.losses, rel=1e-4)  # close; equal only by chance (last-bit differences)
+
+    # Its own checkpoint resumes bit for bit; the unfused optimizer refuses it (its saved groups would switch the kernel).
+    resumed_model = tiny_model()
+    assert train(resumed_model, data, fused_cfg, seed=1, pad_token_id=0, resume_from=saved[0]).losses == fused.losses
+    for (name, a), (_, b) in zip(fused_model.named_parameters(), resumed_model.named_parameters()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="written with optim.fused_adamw=true, this run has false"):
+        train(tiny_model(), data, cfg, seed=1, pad_token_id=0, resume_from=saved[0])
