@@ -29,7 +29,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -47,12 +46,12 @@ from models.cl.registry import build_plugins  # noqa: E402
 from models.engine import (full_state_dict, load_plugin_states, plugin_state_file, plugin_states, save_plugin_states,  # noqa: E402
                            shard_model, train)
 from perennial.config import OptimConfig  # noqa: E402
+from tests.gloo_ranks import WORLD, gloo_ranks  # noqa: E402
 from tests.test_cl_common import HELD_OUT, PAD, TRAIN, lora_model, tiny_model  # noqa: E402
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")]
 
-WORLD = 2
 # lr 3e-3 as tests/test_distributed.py: at 1e-2 AdamW's normalised first steps amplify float-order noise (DDP
 # and FSDP alike ended 1.9e-3 from one process after LwF's two tasks; FSDP and DDP 2e-9 from each other).
 CFG = OptimConfig(lr=3e-3, max_steps=4, batch_size=4, grad_accum=2, warmup_steps=0, schedule="constant", checkpoint_every=2,
@@ -157,33 +156,23 @@ def _weights(model) -> dict[str, torch.Tensor]:
 def runs(tmp_path_factory):
     """Start the two ranks, run every sequence in this process meanwhile, then collect both."""
     out_dir = tmp_path_factory.mktemp("cl-fsdp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false",
-           "WORLD_SIZE": str(WORLD)}
-    ranks = [
-        subprocess.Popen([sys.executable, __file__, str(out_dir)], env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for rank in range(WORLD)
-    ]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the tiny model gains nothing from threads, and the ranks need the cores
     try:
-        single = {}
-        for case, (methods, lora) in CASES.items():
-            model, start = input_model(lora), []
-            result = run_sequence(methods, model, out_dir / "single" / case, sharded=False, task2_start=start)
-            single[case] = {**result, "weights": _weights(model), "task2_start": start[0]}
-        controls = {}
-        for name, (methods, lora) in CONTROLS.items():
-            model = input_model(lora)
-            run_sequence(methods, model, out_dir / "control" / name, sharded=False)
-            controls[name] = _weights(model)
-        logs = [process.communicate(timeout=300)[0] for process in ranks]
+        with gloo_ranks(__file__, out_dir) as ranks:
+            single = {}
+            for case, (methods, lora) in CASES.items():
+                model, start = input_model(lora), []
+                result = run_sequence(methods, model, out_dir / "single" / case, sharded=False, task2_start=start)
+                single[case] = {**result, "weights": _weights(model), "task2_start": start[0]}
+            controls = {}
+            for name, (methods, lora) in CONTROLS.items():
+                model = input_model(lora)
+                run_sequence(methods, model, out_dir / "control" / name, sharded=False)
+                controls[name] = _weights(model)
+            ranks.wait(timeout=300)
     finally:
         torch.set_num_threads(threads)
-        for process in ranks:
-            process.kill()  # no-op once exited; never leave a rank waiting on its peer
-    for rank, (process, log) in enumerate(zip(ranks, logs)):
-        assert process.returncode == 0, f"rank {rank} failed:\n{log[-6000:]}"
     fsdp = [json.loads((out_dir / f"result-{rank}.json").read_text()) for rank in range(WORLD)]
     return out_dir, single, controls, fsdp
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -34,10 +33,10 @@ if str(REPO) not in sys.path:  # when a rank runs this file as a script
 from models.engine import full_state_dict, train  # noqa: E402
 from perennial.config import OptimConfig  # noqa: E402
 from tests import tiny_models  # noqa: E402
+from tests.gloo_ranks import WORLD, gloo_ranks  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
-WORLD = 2
 CFG = OptimConfig(lr=3e-3, max_steps=8, batch_size=4, grad_accum=2, warmup_steps=2, weight_decay=0.01, checkpoint_every=4)
 SEED = 7
 RESUME_STEP = 4
@@ -135,24 +134,9 @@ def _worker(out_dir: Path) -> None:
 def runs(tmp_path_factory):
     """Start the two ranks, train the single-process reference meanwhile, then collect both."""
     out_dir = tmp_path_factory.mktemp("ddp")
-    # Plain processes with torchrun's RANK / WORLD_SIZE variables; the process group meets through
-    # a file, so there is no port to pick or collide on. (torchrun's agent would add one more
-    # interpreter start, seconds on a busy machine, and test nothing of the engine.)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false",
-           "WORLD_SIZE": str(WORLD)}
-    ranks = [
-        subprocess.Popen([sys.executable, __file__, str(out_dir)], env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for rank in range(WORLD)
-    ]
-    try:
+    with gloo_ranks(__file__, out_dir) as ranks:
         single = single_process_run(out_dir / "single-checkpoints")
-        logs = [process.communicate(timeout=180)[0] for process in ranks]
-    finally:
-        for process in ranks:
-            process.kill()  # no-op once exited; never leave a rank waiting on its peer
-    for rank, (process, log) in enumerate(zip(ranks, logs)):
-        assert process.returncode == 0, f"rank {rank} failed:\n{log[-4000:]}"
+        ranks.wait(timeout=180)
     return out_dir, single
 
 
