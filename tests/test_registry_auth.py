@@ -38,7 +38,10 @@ EXPERIMENT = "auth-test"
 
 
 @pytest.fixture(scope="module")
-def auth_services(tmp_path_factory):
+def auth_services(services, tmp_path_factory):
+    # running_services gives os.environ back as it found it. The session's services (conftest) start first, so
+    # the two lifetimes nest: started inside this module, the session's S3 keys would be removed with these,
+    # and a later module of the same worker would find none.
     with running_services(tmp_path_factory.mktemp("auth-services"), timeout=120, auth=True) as local:
         yield local
 
