@@ -416,9 +416,11 @@ def train(
 
     ``precision`` (`autocast_dtype`): ``auto`` autocasts the forward pass to bf16 on CUDA and on
     CPUs with native bf16, keeping fp32 master weights and optimizer state; ``fp32`` (the default
-    here; the config's default is ``auto``) never does. A resumed run equals an uninterrupted one
-    bit for bit in fp32; in bf16 runs in different processes can differ in the last bits (measured
-    on CPU: 4.996416 vs 4.996412 at step 5), so a resume is not exact there.
+    here; the config's default is ``auto``) never does. A resumed run takes the same steps on the
+    same batches as an uninterrupted one. In fp32 its losses are almost always equal bit for bit,
+    but two processes have once rounded a step 1 ulp apart (a CIT stage's step 10 on the CPU,
+    4.7588634 vs 4.7588630); in bf16 runs in different processes differ in the last bits (measured
+    on CPU: 4.996416 vs 4.996412 at step 5).
 
     ``strategy`` matters only under torch.distributed: "ddp" wraps the model, "fsdp" shards it
     in place (it stays sharded after training: export through `full_state_dict`). Under FSDP

@@ -62,7 +62,12 @@ def test_kill_9_mid_stage_then_rerun_matches_uninterrupted_run(services, prefect
     assert training["resumed_from"] >= 10
     ref_training = json.loads(store.get_bytes(
         reference["checkpoints"]["cit-02-fact_lookup"].removeprefix(f"s3://{bucket}/") + "/training.json"))
-    assert training["losses"] == ref_training["losses"]  # bit for bit: no repeated or skipped steps
+    # The same steps on the same batches: a repeated or skipped step puts another batch's loss at every later
+    # step, 1e-2 and more away. Not bit for bit: in one CI run the killed child's step 10 (before any checkpoint
+    # of this stage) came out 1 ulp (5e-7) from the reference's, steps 1-9 equal, so two processes can round one
+    # step differently. The message names which earlier stage's weights already differed.
+    assert len(training["losses"]) == len(ref_training["losses"]) == 60
+    assert training["losses"] == pytest.approx(ref_training["losses"], rel=1e-5, abs=0), weight_differences(store, bucket, resumed, reference)
     assert resumed["accuracy_matrix"] == reference["accuracy_matrix"]
 
     # No attempt stays RUNNING: the killed attempt at cit-02 ends KILLED, superseded by the one that resumed it,
@@ -102,6 +107,17 @@ def test_kill_9_mid_stage_then_rerun_matches_uninterrupted_run(services, prefect
     assert "cit-02-fact_lookup=FINISHED (+1 superseded)" in report, report
     assert f"CRASHED    flow run {killed_flow_run.name!r} superseded: resumed by flow run" in report, report
     assert "with no MLflow run" not in report, report
+
+
+def weight_differences(store: ObjectStore, bucket: str, run: dict, reference: dict) -> str:
+    """Which stages' committed weight files differ between two runs' summaries (by the manifests' sha256)."""
+    def digests(uri: str) -> dict:
+        files = store.read_manifest(uri.removeprefix(f"s3://{bucket}/"))["files"]
+        return {name: entry["sha256"] for name, entry in files.items() if name.endswith(".safetensors")}
+
+    differing = [stage for stage, uri in reference["checkpoints"].items()
+                 if stage in run["checkpoints"] and digests(uri) != digests(run["checkpoints"][stage])]
+    return f"stages whose weights differ from the reference's: {differing or 'none'}"
 
 
 PRETRAIN_ONLY = """
