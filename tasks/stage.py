@@ -183,19 +183,30 @@ def encode_stage_data(spec: StageSpec, tokenizer, records: list, replay: list[di
     return mix_examples(encode(records), encode(replay), mode=data.replay_mixing, seed=spec.seed), data.replay_mixing != "interleave"
 
 
-# Replay examples a plugin that asks for validation data scores what the model keeps on (MergePlugin).
+# Replay records a plugin that asks for validation data scores what the model keeps on (MergePlugin).
 RETENTION_EXAMPLES = 64
 
 
-def carve_validation(spec: StageSpec, records: list, count: int) -> tuple[list, list[dict]]:
-    """(the records to train on, ``count`` records of the task held out of training), the held-out ones
-    drawn with the stage's seed so a resumed stage holds out the same; at most a quarter of the task's
-    records, and none of a packed (DAP) or replay-only stage."""
-    count = min(count, len(records) // 4)
+def hold_out(spec: StageSpec, rows: list, count: int) -> tuple[list, list]:
+    """(the rows to train on, ``count`` rows held out of training), drawn with the stage's seed so a resumed
+    stage holds out the same; at most a quarter of the rows."""
+    count = min(count, len(rows) // 4)
+    if count <= 0:
+        return rows, []
+    held = set(random.Random(stream_seed(spec.seed, spec.task_index)).sample(range(len(rows)), count))
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def carve_validation(spec: StageSpec, records: list, replay: list[dict], count: int) -> tuple[list, list[dict], list[dict], list[dict]]:
+    """(the task's records to train on, ``count`` of them held out, the replay records to train on, up to
+    RETENTION_EXAMPLES of them held out): the validation sets of a plugin that asks for ``count`` > 0
+    (MergePlugin), none of which the stage trains on, so a score on them is not a score on training data.
+    Nothing is held out of a packed (DAP) or replay-only stage."""
     if count <= 0 or spec.data.encoding != "instruction" or spec.data.replay_mixing == "only":
-        return records, []
-    held = set(random.Random(stream_seed(spec.seed, spec.task_index)).sample(range(len(records)), count))
-    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
+        return records, [], replay, []
+    records, validation = hold_out(spec, records, count)
+    replay, retention = hold_out(spec, replay, RETENTION_EXAMPLES) if validation else (replay, [])
+    return records, validation, replay, retention
 
 
 def _fetch_inputs(spec: StageSpec, services: Services, download: bool):
@@ -246,7 +257,7 @@ def execute_stage(spec: StageSpec, services: Services) -> str:
     model, tokenizer = load_model_and_tokenizer(model_dir, attn_implementation=spec.attn_implementation,
                                                 device="cpu" if sharded else device)
     plugins = build_plugins(spec.methods, seed=task_seed(spec.seed, spec.task_index))
-    records, validation = carve_validation(spec, records, max((p.validation_records for p in plugins), default=0))
+    records, validation, replay, retention = carve_validation(spec, records, replay, max((p.validation_records for p in plugins), default=0))
     examples, shuffle = encode_stage_data(spec, tokenizer, records, replay)
     if plugin_dir is not None:
         load_plugin_states(plugins, plugin_dir)
@@ -261,8 +272,7 @@ def execute_stage(spec: StageSpec, services: Services) -> str:
     context = TaskContext(task_index=spec.task_index, task_name=spec.name, model=model, train_examples=examples,
                           pad_token_id=tokenizer.pad_token_id,
                           validation_examples=[encode_record(tokenizer, r, spec.optim.max_length, spec.data.supervise) for r in validation],
-                          retention_examples=[encode_record(tokenizer, r, spec.optim.max_length, spec.data.supervise)
-                                              for r in replay[:RETENTION_EXAMPLES]] if validation else [])
+                          retention_examples=[encode_record(tokenizer, r, spec.optim.max_length, spec.data.supervise) for r in retention])
     for plugin in plugins:
         plugin.before_task(context)
 

@@ -79,11 +79,15 @@ def test_merge_config_is_validated_and_the_stage_holds_its_records_out():
     spec = StageSpec(name="cit-01-a", stage_root="x", work_dir="w", input_model_uri="s3://b/m", config_digest="d",
                      data=StageData(encoding="instruction"), optim=cfg.cit.optim, tuning=cfg.cit.tuning, seed=3)
     records = [{"id": str(i)} for i in range(40)]
-    train, held = carve_validation(spec, records, 5)
+    replay = [{"id": f"r{i}"} for i in range(400)]
+    train, held, replay_train, retention = carve_validation(spec, records, replay, 5)
     assert len(held) == 5 and len(train) == 35 and not {r["id"] for r in held} & {r["id"] for r in train}
-    assert carve_validation(spec, records, 5) == (train, held)  # the same on a resume
-    assert len(carve_validation(spec, records[:8], 5)[1]) == 2  # at most a quarter of the task
-    assert carve_validation(spec, records, 0) == (records, [])
+    # what the model should keep is scored on replay records the stage does not train on either
+    assert len(retention) == 64 and len(replay_train) == 336 and not {r["id"] for r in retention} & {r["id"] for r in replay_train}
+    assert carve_validation(spec, records, replay, 5) == (train, held, replay_train, retention)  # the same on a resume
+    assert [len(part) for part in carve_validation(spec, records[:8], replay[:20], 5)] == [6, 2, 15, 5]  # at most a quarter
+    assert carve_validation(spec, records, replay, 0) == (records, [], replay, [])
+    assert carve_validation(spec, records, [], 5)[2:] == ([], [])
 
 
 @pytest.mark.integration

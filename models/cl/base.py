@@ -52,7 +52,8 @@ class TaskContext:
     train_examples: list[dict]  # encoded {"input_ids", "labels"} of the current task
     pad_token_id: int = 0
     # For a plugin that asks for them (CLPlugin.validation_records): the task's records carved out of its
-    # training data before training (never trained on), and replay examples (what the model should keep).
+    # training data before training, and replay records carved out of the replay set (what the model should
+    # keep): the stage trains on neither.
     validation_examples: list[dict] = field(default_factory=list)
     retention_examples: list[dict] = field(default_factory=list)
 

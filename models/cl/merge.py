@@ -7,9 +7,11 @@ small cost on the new task. After each task
     theta_c = theta_start + c * (theta_end - theta_start),      c in `coefficients` (0 < c <= 1)
 
 is scored on two validation sets that are never trained on and are never test sets: records of the
-task carved from its training data before training (`validation_records` of them; the stage leaves
-them out, tasks/stage.py), and the replay examples (earlier tasks' and self-synthesized samples:
-what the model should keep), scored as teacher-forced next-token accuracy on the supervised tokens.
+task carved from its training data before training (`validation_records` of them), and replay
+records carved from the replay set the same way (earlier tasks' and self-synthesized samples: what
+the model should keep; up to 64, at most a quarter; tasks/stage.py `carve_validation`), scored as
+teacher-forced next-token accuracy on the supervised tokens. Scoring "kept" on replay examples the
+stage also trained on would favour c = 1, the model that fitted them.
 The plugin keeps the smallest c (the most of the starting model) whose summed score is within
 `tolerance` of the best; without replay examples, the task's score alone. The curve (c, new-task
 score, kept score) of every task is in the plugin's state, so the report plots it on the version.
