@@ -168,6 +168,19 @@ def _port_open(port: int) -> bool:
         return sock.connect_ex((HOST, port)) == 0
 
 
+def stop_process_group(process: subprocess.Popen, timeout: float = 15.0) -> None:
+    """Stop the process group ``process`` leads (started with ``start_new_session=True``, so its children go too):
+    SIGTERM, then SIGKILL after ``timeout`` seconds. Nothing when it has already exited."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

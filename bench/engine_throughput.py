@@ -184,6 +184,7 @@ RUNS = {
     "engine attn-proj fp32": ("attn-proj", engine_loop(REAL, "fp32")),
     "plain bf16 weights + fp32 master": ("full", plain_loop(REAL, bf16_weights=True)),
     "plain bf16 + torch.compile": ("full", plain_loop(REAL, "bf16", compiled="inductor")),
+    "engine bf16 + torch.compile": ("full", engine_loop(REAL, "bf16", compiled="inductor")),
     "trainer bf16, freed memory kept": ("full", trainer_loop(REAL, "bf16", keep_freed_memory=True)),
 }
 ROTATED = list(RUNS)[:7]
@@ -200,6 +201,7 @@ RATIOS = {
     "engine / Trainer (fp32)": ("engine fp32", "trainer fp32"),
     "plain bf16 weights + fp32 master / plain bf16 autocast": ("plain bf16 weights + fp32 master", "plain bf16"),
     "plain bf16 + torch.compile / plain bf16 autocast": ("plain bf16 + torch.compile", "plain bf16"),
+    "engine bf16 + torch.compile / engine bf16": ("engine bf16 + torch.compile", "engine bf16"),
     "engine / Trainer with freed memory kept (bf16)": ("engine bf16", "trainer bf16, freed memory kept"),
     "engine fused AdamW / engine (bf16)": ("engine bf16 fused AdamW", "engine bf16"),
 }

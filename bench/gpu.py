@@ -24,7 +24,6 @@ import json
 import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from app.services import stop_process_group
 from bench import engine_throughput as et
 from bench.common import RESULTS_DIR, ROOT, machine, report_head, section_head, table, write_results
 
@@ -131,12 +131,7 @@ def run_logged(command: list[str], log: Path, seconds: float, **env: str) -> tup
         try:
             return process.wait(timeout=max(1.0, seconds)), time.monotonic() - started
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+            stop_process_group(process)
             return None, time.monotonic() - started
 
 

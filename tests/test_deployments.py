@@ -13,7 +13,6 @@ import ast
 import json
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ import pytest
 import yaml
 
 from perennial.config import load_config
-from app.services import free_ports
+from app.services import free_ports, stop_process_group
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT_YAML = ROOT / "deployments" / "prefect.yaml"
@@ -89,17 +88,6 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float) -
     pytest.fail(f"prefect server not healthy after {timeout} s:\n{log.read_text()[-3000:]}")
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop a process group this test started (the server and the worker spawn children)."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 @contextlib.contextmanager
 def running_prefect_server(home: Path, **settings: str):
     """A real `prefect server start` on a free port, with its own PREFECT_HOME and sqlite database.
@@ -127,7 +115,7 @@ def running_prefect_server(home: Path, **settings: str):
         _wait_healthy(url, proc, log, timeout=120)
         yield {"url": url, "env": env, "home": home, "log": log}
     finally:
-        _stop(proc)
+        stop_process_group(proc)
 
 
 @contextlib.contextmanager
@@ -228,7 +216,7 @@ def test_manual_retrain_deployment_runs_on_a_process_worker(services, prefect_ap
         )
         assert flow_run.state is not None and flow_run.state.is_completed(), (flow_run.state, log.read_text()[-4000:])
     finally:
-        _stop(worker)
+        stop_process_group(worker)
 
     # The retrain registered a new version with its lineage, joined to the Prefect flow run.
     client = MlflowClient(services.mlflow_uri)

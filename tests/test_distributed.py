@@ -38,6 +38,7 @@ from tests.gloo_ranks import WORLD, gloo_ranks  # noqa: E402
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
 CFG = OptimConfig(lr=3e-3, max_steps=8, batch_size=4, grad_accum=2, warmup_steps=2, weight_decay=0.01, checkpoint_every=4)
+FUSED = CFG.model_copy(update={"fused_adamw": True})
 SEED = 7
 RESUME_STEP = 4
 
@@ -112,12 +113,18 @@ def _worker(out_dir: Path) -> None:
     fsdp_checkpointed_model = fsdp_input_model(seed=0)
     fsdp_checkpointed = train(fsdp_checkpointed_model, data, checkpointing, seed=SEED, pad_token_id=0, strategy="fsdp")
     fsdp_checkpointed_weights = full_state_dict(fsdp_checkpointed_model)
+    # optim.fused_adamw steps the DTensor shards with the fused kernel; its checkpoint records the kernel.
+    fsdp_fused_model = fsdp_input_model(seed=0)
+    fsdp_fused = train(fsdp_fused_model, data, FUSED, seed=SEED, pad_token_id=0, strategy="fsdp",
+                       checkpoint_dir=out_dir / "fsdp-fused-checkpoints", checkpoint_fn=lambda step, path: None)
+    fsdp_fused_weights = full_state_dict(fsdp_fused_model)
     save_file({n: p.detach().contiguous() for n, p in ddp_checkpointed_model.named_parameters()},
               out_dir / f"ddp-checkpointed-{rank}.safetensors")
     if rank == 0:
         save_file(fsdp_weights, out_dir / "fsdp-straight.safetensors")
         save_file(fsdp_resumed_weights, out_dir / "fsdp-resumed.safetensors")
         save_file(fsdp_checkpointed_weights, out_dir / "fsdp-checkpointed.safetensors")
+        save_file(fsdp_fused_weights, out_dir / "fsdp-fused.safetensors")
     else:
         assert not fsdp_weights, "only rank 0 receives the gathered state"
 
@@ -126,6 +133,7 @@ def _worker(out_dir: Path) -> None:
         "tokens": straight.tokens, "indivisible_error": indivisible_error,
         "fsdp_losses": fsdp.losses, "fsdp_resumed_losses": fsdp_resumed.losses, "fsdp_resumed_from": fsdp_resumed.resumed_from,
         "ddp_checkpointed_losses": ddp_checkpointed.losses, "fsdp_checkpointed_losses": fsdp_checkpointed.losses,
+        "fsdp_fused_losses": fsdp_fused.losses,
     }))
     dist.destroy_process_group()
 
@@ -150,11 +158,14 @@ def single_process_run(checkpoints: Path):
         frozen_model = fsdp_input_model(seed=0)
         frozen = train(frozen_model, equal_length_examples(), CFG, seed=SEED, pad_token_id=0,
                        checkpoint_dir=checkpoints, checkpoint_fn=lambda step, path: None)
+        fused_model = fsdp_input_model(seed=0)
+        fused = train(fused_model, equal_length_examples(), FUSED, seed=SEED, pad_token_id=0)
     finally:
         torch.set_num_threads(threads)
     return {
         "result": result, "weights": {n: p.detach() for n, p in model.named_parameters()},
         "frozen": frozen, "frozen_weights": {n: p.detach() for n, p in frozen_model.named_parameters()},
+        "fused": fused, "fused_weights": {n: p.detach() for n, p in fused_model.named_parameters()},
         "checkpoint": checkpoints / f"step-{RESUME_STEP:08d}",
     }
 
@@ -268,6 +279,21 @@ def test_activation_checkpointing_changes_no_bit_under_ddp_or_fsdp(ddp_run):
         assert plain_weights.keys() == checkpointed_weights.keys()
         for name in plain_weights:
             assert torch.equal(plain_weights[name], checkpointed_weights[name]), (checkpointed, name)
+
+
+def test_fused_adamw_under_fsdp_follows_one_process(ddp_run, single_run):
+    """optim.fused_adamw steps FSDP2's DTensor shards with the fused kernel and follows one process's fused run;
+    the checkpoint records the fused kernel, so a resume without it is refused."""
+    rank0 = json.loads((ddp_run / "result-0.json").read_text())
+    assert rank0["fsdp_fused_losses"] == pytest.approx(single_run["fused"].losses, rel=1e-4)
+    gathered = load_file(ddp_run / "fsdp-fused.safetensors")
+    for name, expected in single_run["fused_weights"].items():
+        torch.testing.assert_close(gathered[name], expected, rtol=1e-4, atol=2e-5, msg=name)
+    meta = json.loads((ddp_run / "fsdp-fused-checkpoints" / f"step-{RESUME_STEP:08d}" / "state.json").read_text())
+    assert all(group["fused"] for group in meta["param_groups"])
+    with pytest.raises(ValueError, match="was written with optim.fused_adamw=true"):
+        train(fsdp_input_model(seed=99), equal_length_examples(), CFG, seed=SEED, pad_token_id=0,
+              resume_from=ddp_run / "fsdp-fused-checkpoints" / f"step-{RESUME_STEP:08d}")
 
 
 if __name__ == "__main__":  # a rank started by the `runs` fixture
