@@ -15,7 +15,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Literal, Union
+from typing import Annotated, Any, ClassVar, Iterator, Literal, Union
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
@@ -280,13 +280,24 @@ class OptimConfig(Strict):
         "under the setting it was written with (docs/training.md)"
     )
 
+    compile: bool = Field(
+        False, description="torch.compile the training forward and backward (TorchInductor): the first step compiles "
+        "(about a minute on a CPU, and again after a resume), later steps run fused kernels; CL plugins' own forward "
+        "passes stay eager. Numerics differ from eager in the last bits, so part of a run's identity like fused_adamw. "
+        "Needs a C++ compiler on the CPU (docs/training.md)"
+    )
+
+    # Settings that came after run keys existed and change numerics when on: left off, they are not written, so every
+    # digest and key made from a dump (Config.digest, outputs_digest, the base-model, DAP and lineage keys) is what it
+    # was before they existed.
+    OPT_INS: ClassVar[tuple[str, ...]] = ("fused_adamw", "compile")
+
     @model_serializer(mode="wrap")
     def _opt_ins_only_when_on(self, handler):
-        # fused_adamw came after run keys existed: left off, it is not written, so every digest and key made from a
-        # dump (Config.digest, outputs_digest, the base-model, DAP and lineage keys) is what it was before it existed.
         dumped = handler(self)
-        if not self.fused_adamw:
-            dumped.pop("fused_adamw", None)
+        for name in self.OPT_INS:
+            if not getattr(self, name):
+                dumped.pop(name, None)
         return dumped
 
 

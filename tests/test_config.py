@@ -176,9 +176,11 @@ def test_a_check_across_keys_names_them_without_echoing_the_whole_config():
     assert "(got {" not in text and len(text) < 600  # before: the whole config, ~1.7 KB, after the message
 
 
-def test_fused_adamw_is_part_of_a_runs_identity_only_when_on():
-    """`optim.fused_adamw` changes the weights in the last bits, so switched on it changes the outputs digest and the
-    base-model and DAP keys; left off it is not written at all, so every digest is what it was before it existed."""
+@pytest.mark.parametrize("setting", ["fused_adamw", "compile"])
+def test_numerics_opt_ins_are_part_of_a_runs_identity_only_when_on(setting):
+    """`optim.fused_adamw` and `optim.compile` change the weights in the last bits, so switched on each changes the
+    outputs digest and the base-model and DAP keys; left off it is not written at all, so every digest is what it
+    was before it existed."""
     from types import SimpleNamespace
 
     from perennial.config import OptimConfig
@@ -187,7 +189,8 @@ def test_fused_adamw_is_part_of_a_runs_identity_only_when_on():
     from tasks.ingest import DatasetRef
     from tasks.runtime import RunContext
 
-    assert "fused_adamw" not in OptimConfig().model_dump() and OptimConfig(fused_adamw=True).model_dump()["fused_adamw"] is True
+    assert setting in OptimConfig.OPT_INS
+    assert setting not in OptimConfig().model_dump() and OptimConfig(**{setting: True}).model_dump()[setting] is True
     defaults = Config().model_dump(mode="json")
 
     def keys(cfg):
@@ -198,7 +201,7 @@ def test_fused_adamw_is_part_of_a_runs_identity_only_when_on():
                 dap_key(run, "s3://b/base/model", SimpleNamespace(domain=ref("d"), general=ref("g"))))
 
     base = keys(build_config(defaults))
-    assert keys(build_config(defaults, ["cit.optim.fused_adamw=false"])) == base
+    assert keys(build_config(defaults, [f"cit.optim.{setting}=false"])) == base
     for section, changed in (("model.pretrain", (True, True, False)), ("dap.optim", (True, False, True)), ("cit.optim", (True, False, False))):
-        on = keys(build_config(defaults, [f"{section}.fused_adamw=true"]))
+        on = keys(build_config(defaults, [f"{section}.{setting}=true"]))
         assert tuple(a != b for a, b in zip(on, base)) == changed, section

@@ -1,6 +1,7 @@
 import copy
 import math
 import re
+import shutil
 
 import pytest
 import torch
@@ -197,3 +198,35 @@ def test_fused_adamw_is_opt_in_trains_close_to_the_loop_and_resumes_only_under_i
         assert torch.equal(a, b), name
     with pytest.raises(ValueError, match="written with optim.fused_adamw=true, this run has false"):
         train(tiny_model(), data, cfg, seed=1, pad_token_id=0, resume_from=saved[0])
+
+
+def test_compile_is_opt_in_trains_what_eager_trains_and_leaves_the_model_eager(monkeypatch):
+    """`optim.compile`: the loop's forward and backward run as TorchInductor graphs and follow the eager run to
+    1e-4; the model the caller holds stays eager, so evaluating it afterwards compiles nothing; without a C++
+    compiler the run is refused before any step."""
+    from torch._dynamo.utils import counters
+
+    generator = torch.Generator().manual_seed(0)
+    data = [{"input_ids": ids, "labels": [-100] * 3 + ids[3:]}  # one length: one graph
+            for ids in (torch.randint(3, 48, (12,), generator=generator).tolist() for _ in range(32))]
+    cfg = OptimConfig(lr=3e-3, max_steps=6, batch_size=4, warmup_steps=1, weight_decay=0.01)
+    assert OptimConfig().compile is False and "compile" not in OptimConfig().model_dump()  # no key made before it changes
+    compiled_cfg = cfg.model_copy(update={"compile": True})
+    assert compiled_cfg.model_dump()["compile"] is True
+
+    eager = train(tiny_model(), data, cfg, seed=1, pad_token_id=0)
+    torch._dynamo.reset()
+    graphs = counters["stats"]["unique_graphs"]
+    model = tiny_model()
+    compiled = train(model, data, compiled_cfg, seed=1, pad_token_id=0)
+    assert counters["stats"]["unique_graphs"] > graphs  # it did run compiled graphs
+    assert compiled.losses == pytest.approx(eager.losses, rel=1e-4) and compiled.losses[-1] < compiled.losses[0]
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[5, 6, 7]]))  # a new shape: an eager model compiles nothing
+    assert counters["stats"]["unique_graphs"] == graphs and not isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(ValueError, match="optim.compile: TorchInductor needs a C.. compiler"):
+        train(tiny_model(), data, compiled_cfg, seed=1, pad_token_id=0)
+    torch._dynamo.reset()
