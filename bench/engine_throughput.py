@@ -470,6 +470,22 @@ def checkpointing_markdown(report: dict) -> str:
         *(["", report["reading"]] if report.get("reading") else [])]) + "\n"
 
 
+def compare_pair(args) -> dict[str, float]:
+    """--compare A B: the two runs in fresh processes, A first in odd rounds and B first in even ones; tokens per
+    wall-second at the median step, the median over rounds, and A / B."""
+    walls: dict[str, list[float]] = {name: [] for name in args.compare}
+    for index in range(args.rounds):
+        for name in args.compare if index % 2 == 0 else args.compare[::-1]:
+            walls[name].append(child(MODULE, {"run": "throughput", "name": name, "steps": args.steps, "warmup": args.warmup,
+                                              "threads": args.threads})["wall"])
+            print(f"round {index + 1}/{args.rounds} {name:34s} {walls[name][-1]:,.0f} tokens/s", flush=True)
+    median = {name: statistics.median(values) for name, values in walls.items()}
+    first, second = args.compare
+    print(f"{first} / {second}: {median[first] / median[second]:.2f}x (medians {median[first]:,.0f} and {median[second]:,.0f} "
+          f"tokens/s over {args.rounds} rounds, {args.threads} torch threads)")
+    return median
+
+
 def measure(args, argv: list[str], load_before: float) -> dict:
     names = ["engine bf16", "engine fp32"] if args.quick else list(RUNS)
     # ROTATED in `rounds` rounds (who goes first moves on each round, so a burst of outside load does not land on one
@@ -609,6 +625,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="--activation-checkpointing: the models (default both)")
     parser.add_argument("--tunings", nargs="+", help="--activation-checkpointing: these tuning methods for every model "
                         "(default: SmolLM2 full and attn-proj, llama-1b attn-proj)")
+    parser.add_argument("--compare", nargs=2, metavar="RUN", choices=list(RUNS),
+                        help="only these two throughput runs, side by side in alternating order over --rounds: prints each "
+                        "run and the ratio of the medians (first / second), writes nothing")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # a JSON job of CHILDREN, run in this fresh process
     args = parser.parse_args(argv)
     if args.child:
@@ -623,6 +642,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)  # the report's machine line; each child sets its own
     if not 0 < args.warmup < args.steps:
         parser.error("--warmup must be at least 1 and below --steps")
+    if args.compare:
+        compare_pair(args)
+        return 0
     if args.activation_checkpointing:
         output = args.output or RESULTS_DIR / "engine_activation_checkpointing.json"
         report = measure_checkpointing(args, argv, os.getloadavg()[0])

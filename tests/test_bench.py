@@ -70,6 +70,21 @@ def test_engine_benchmark_quick_runs_end_to_end_with_the_fresh_process_runs_stub
     assert "| engine bf16 | full | 90 | 100 | 5 | 72 | 0.80 |" in engine_throughput.markdown(real)
 
 
+def test_engine_benchmark_compare_runs_two_rows_in_alternating_order_and_prints_their_ratio(monkeypatch, capsys):
+    jobs = []
+
+    def child(module, job):
+        jobs.append(job["name"])
+        return {"wall": 120.0 if "compile" in job["name"] else 100.0, "cpu": 1.0}
+
+    monkeypatch.setattr(engine_throughput, "child", child)
+    assert engine_throughput.main(["--compare", "engine bf16 + torch.compile", "engine bf16", "--rounds", "3"]) == 0
+    assert jobs == ["engine bf16 + torch.compile", "engine bf16", "engine bf16", "engine bf16 + torch.compile",
+                    "engine bf16 + torch.compile", "engine bf16"]
+    assert "engine bf16 + torch.compile / engine bf16: 1.20x (medians 120 and 100 tokens/s over 3 rounds, 2 torch threads)" \
+        in capsys.readouterr().out
+
+
 def test_model_flops_count_each_linear_once_and_attention_per_the_docstring():
     """4·N + 2·N_trained + 12·layers·seq·d, N over the Linear layers: a tied head once, the embedding none."""
     from tests.tiny_models import tiny_model
