@@ -81,10 +81,11 @@ def test_nested_use_restores_only_when_the_outermost_block_ends():
 
 def test_the_engine_trains_inside_it(monkeypatch):
     from models import engine
+    from perennial.config import OptimConfig
 
     depths = []
     monkeypatch.setattr(engine, "_distributed", lambda: (depths.append(allocator._depth), (0, 1))[1])
     model = torch.nn.Linear(2, 2)
     with pytest.raises(ValueError, match="no training examples"):
-        engine.train(model, [], None, seed=0, pad_token_id=0)
+        engine.train(model, [], OptimConfig(), seed=0, pad_token_id=0)
     assert allocator._depth == 0  # restored even when the loop raises

@@ -17,7 +17,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import yaml
 
-from tests.test_deployments import PREFECT, PREFECT_YAML, ROOT, _stop, deployments, pointed_at, running_prefect_server
+from app.services import stop_process_group
+from tests.test_deployments import PREFECT, PREFECT_YAML, ROOT, deployments, pointed_at, running_prefect_server
 from tests.test_security import _jsonl, nightly_config, publish_incoming
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -124,7 +125,7 @@ def test_scheduler_creates_nightly_runs_and_a_worker_executes_one(services, sche
                 finished = [run for run in runs if run.state.is_final()]
                 time.sleep(2)
     finally:
-        _stop(worker)
+        stop_process_group(worker)
     assert finished, f"no scheduled run finished:\n{log.read_text()[-4000:]}"
     (run,) = finished
     assert run.state.is_completed(), (run.state, log.read_text()[-4000:])
@@ -175,7 +176,7 @@ def test_served_nightly_trains_every_night_on_that_nights_data(services, schedul
         store.put_bytes(f"incoming/tasks/{nights[1]:%Y%m%d}-late.jsonl", _jsonl(late))
         runs.append(run_deployment("continual-retrain/nightly-served", scheduled_time=nights[1], timeout=540, poll_interval=2))
     finally:
-        _stop(served)
+        stop_process_group(served)
     for run in runs:
         assert run.state is not None and run.state.is_completed(), (run.state, log.read_text()[-4000:])
 
