@@ -6,6 +6,7 @@ import importlib.metadata
 import importlib.util
 import re
 import shutil
+import sysconfig
 import tomllib
 from pathlib import Path
 
@@ -65,9 +66,14 @@ def test_every_direct_dependency_and_constraint_is_pinned_within_its_range():
 
 def test_installed_environment_is_exactly_the_lock():
     """`make venv` installed the locked versions, not whatever the index served that day."""
+    # Only the environment's site-packages: once anything in this process imports setuptools (TorchInductor does
+    # when it compiles), sys.path also holds setuptools/_vendor, whose bundled dist-infos (older zipp, packaging,
+    # ...) are no installed packages.
+    site_packages = sorted({sysconfig.get_paths()[key] for key in ("purelib", "platlib")})
     installed = {
-        canonicalize_name(dist.metadata["Name"]): Version(dist.version) for dist in importlib.metadata.distributions()
+        canonicalize_name(dist.metadata["Name"]): Version(dist.version) for dist in importlib.metadata.distributions(path=site_packages)
     }
+    assert installed, site_packages
     wrong = {name: (str(pin), str(installed.get(name))) for name, pin in locked().items() if installed.get(name) != pin}
     assert not wrong, f"installed versions differ from requirements.lock (run `make venv`): {wrong}"
 
