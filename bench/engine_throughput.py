@@ -470,14 +470,24 @@ def checkpointing_markdown(report: dict) -> str:
         *(["", report["reading"]] if report.get("reading") else [])]) + "\n"
 
 
+def rotations(names: list[str], rounds: int) -> list[list[str]]:
+    """The order of each round: who goes first moves on each round, so a burst of outside load does not land on
+    one run only."""
+    return [names[r % len(names):] + names[: r % len(names)] for r in range(rounds)]
+
+
+def throughput_run(name: str, args) -> dict[str, float]:
+    """One RUNS entry in a fresh process (`throughput_child`)."""
+    return child(MODULE, {"run": "throughput", "name": name, "steps": args.steps, "warmup": args.warmup, "threads": args.threads})
+
+
 def compare_pair(args) -> dict[str, float]:
-    """--compare A B: the two runs in fresh processes, A first in odd rounds and B first in even ones; tokens per
-    wall-second at the median step, the median over rounds, and A / B."""
+    """--compare A B: the two runs in fresh processes, in rotated order over the rounds; tokens per wall-second at
+    the median step, the median over rounds, and A / B."""
     walls: dict[str, list[float]] = {name: [] for name in args.compare}
-    for index in range(args.rounds):
-        for name in args.compare if index % 2 == 0 else args.compare[::-1]:
-            walls[name].append(child(MODULE, {"run": "throughput", "name": name, "steps": args.steps, "warmup": args.warmup,
-                                              "threads": args.threads})["wall"])
+    for index, order in enumerate(rotations(args.compare, args.rounds)):
+        for name in order:
+            walls[name].append(throughput_run(name, args)["wall"])
             print(f"round {index + 1}/{args.rounds} {name:34s} {walls[name][-1]:,.0f} tokens/s", flush=True)
     median = {name: statistics.median(values) for name, values in walls.items()}
     first, second = args.compare
@@ -488,10 +498,9 @@ def compare_pair(args) -> dict[str, float]:
 
 def measure(args, argv: list[str], load_before: float) -> dict:
     names = ["engine bf16", "engine fp32"] if args.quick else list(RUNS)
-    # ROTATED in `rounds` rounds (who goes first moves on each round, so a burst of outside load does not land on one
-    # run only), then the others once
+    # ROTATED in `rounds` rounds, then the others once
     rotated = [name for name in ROTATED if name in names]
-    schedule = [*(rotated[r % len(rotated):] + rotated[: r % len(rotated)] for r in range(args.rounds)), [n for n in names if n not in ROTATED]]
+    schedule = [*rotations(rotated, args.rounds), [n for n in names if n not in ROTATED]]
     runs: dict[str, dict[str, list[float]]] = {}
     peaks = []  # the matmul rates, once at the start of each round
     for index, order in enumerate(schedule):
@@ -500,8 +509,7 @@ def measure(args, argv: list[str], load_before: float) -> dict:
                                         "threads": args.threads}))
             print(f"round {index + 1}/{args.rounds} matmul peak " + "  ".join(f"{k} {v['peak_gflops']:,.0f} GFLOP/s" for k, v in peaks[-1].items()), flush=True)
         for name in order:
-            for key, value in child(MODULE, {"run": "throughput", "name": name, "steps": args.steps, "warmup": args.warmup,
-                                            "threads": args.threads}).items():
+            for key, value in throughput_run(name, args).items():
                 runs.setdefault(name, {}).setdefault(key, []).append(value)
             print(f"round {min(index, args.rounds - 1) + 1}/{args.rounds} {name:34s} "
                   + "  ".join(f"{key} {values[-1]:,.0f}" for key, values in runs[name].items()), flush=True)

@@ -67,7 +67,7 @@ def test_kill_9_mid_stage_then_rerun_matches_uninterrupted_run(services, prefect
     # of this stage) came out 1 ulp (5e-7) from the reference's, steps 1-9 equal, so two processes can round one
     # step differently. The message names which earlier stage's weights already differed.
     assert len(training["losses"]) == len(ref_training["losses"]) == 60
-    assert training["losses"] == pytest.approx(ref_training["losses"], rel=1e-5, abs=0), weight_differences(store, bucket, resumed, reference)
+    assert training["losses"] == pytest.approx(ref_training["losses"], rel=1e-5, abs=0), weight_differences(store, resumed, reference)
     assert resumed["accuracy_matrix"] == reference["accuracy_matrix"]
 
     # No attempt stays RUNNING: the killed attempt at cit-02 ends KILLED, superseded by the one that resumed it,
@@ -109,14 +109,18 @@ def test_kill_9_mid_stage_then_rerun_matches_uninterrupted_run(services, prefect
     assert "with no MLflow run" not in report, report
 
 
-def weight_differences(store: ObjectStore, bucket: str, run: dict, reference: dict) -> str:
-    """Which stages' committed weight files differ between two runs' summaries (by the manifests' sha256)."""
-    def digests(uri: str) -> dict:
-        files = store.read_manifest(uri.removeprefix(f"s3://{bucket}/"))["files"]
-        return {name: entry["sha256"] for name, entry in files.items() if name.endswith(".safetensors")}
+def weight_digests(store: ObjectStore, uri: str) -> dict[str, str]:
+    """Weight file -> sha256, from the manifest of the committed folder at ``uri`` (s3://bucket/prefix)."""
+    from tasks.runtime import uri_to_prefix
 
+    files = store.read_manifest(uri_to_prefix(store, uri))["files"]
+    return {name: entry["sha256"] for name, entry in files.items() if name.endswith(".safetensors")}
+
+
+def weight_differences(store: ObjectStore, run: dict, reference: dict) -> str:
+    """Which stages' committed weight files differ between two runs' summaries."""
     differing = [stage for stage, uri in reference["checkpoints"].items()
-                 if stage in run["checkpoints"] and digests(uri) != digests(run["checkpoints"][stage])]
+                 if stage in run["checkpoints"] and weight_digests(store, uri) != weight_digests(store, run["checkpoints"][stage])]
     return f"stages whose weights differ from the reference's: {differing or 'none'}"
 
 
@@ -181,8 +185,5 @@ def test_kill_9_mid_pretraining_then_rerun_matches_uninterrupted_pretraining(ser
     reference = json.loads(reference_store.get_bytes(reference_uri.removeprefix("s3://pretrain-reference/") + "/training.json"))
     assert resumed["resumed_from"] >= 10 and reference["resumed_from"] == 0
     assert resumed["losses"] == reference["losses"]  # bit for bit: no repeated or skipped steps
-    weights = {name: entry["sha256"] for name, entry in store.read_manifest(resumed_uri.removeprefix("s3://pretrain-killed/"))["files"].items()
-               if name.endswith(".safetensors")}
-    reference_weights = {name: entry["sha256"] for name, entry in reference_store.read_manifest(
-        reference_uri.removeprefix("s3://pretrain-reference/"))["files"].items() if name.endswith(".safetensors")}
-    assert weights and weights == reference_weights
+    weights = weight_digests(store, resumed_uri)
+    assert weights and weights == weight_digests(reference_store, reference_uri)
