@@ -29,6 +29,9 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+
+
 # --- services -------------------------------------------------------------------------------
 
 
@@ -474,10 +477,10 @@ class SSRConfig(Strict):
     retrain starts from answers general instruction prompts, and those pairs are replayed with every task."""
 
     enabled: bool = False
-    prompts: str = Field(
-        "builtin", min_length=1, description="builtin (everyday requests) or facts (short real-world questions), the pools "
-        "of perennial/general_prompts.py, or a .txt file (one prompt a line) "
-        "or .jsonl file (a `prompt` field per line) of your own general prompts",
+    prompts: Union[NonEmptyStr, Annotated[list[NonEmptyStr], Field(min_length=1)]] = Field(
+        "builtin", description="builtin (everyday requests), facts (short real-world questions) or places "
+        "(where real things are), the pools of perennial/general_prompts.py, or a .txt file (one prompt a line) "
+        "or .jsonl file (a `prompt` field per line) of your own general prompts; a list joins several: [facts, places]",
     )
     samples: int = Field(32, ge=1, description="prompts answered and replayed (drawn from the pool with the run's seed)")
     max_new_tokens: int = Field(48, ge=1, description="longest self-generated answer, tokens")

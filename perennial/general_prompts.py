@@ -7,10 +7,15 @@
   demo's `fact_lookup`: "Which town is home to the zorbel?") teach the model to answer *every* short
   question with one of their words; rehearsing its own answers to real ones keeps both its knowledge
   in use and its answer format (README, "What make run does").
+- `places`: where real things are ("Which city is home to the Golden Gate Bridge?", "Where is Mount
+  Fuji?"). A task that answers "Which town is home to the zorbel?" with a made-up town teaches the
+  model to answer real where-questions with that town too; rehearsing its own answers to real ones
+  keeps the two apart. Combine pools with a list: `cit.ssr.prompts: [facts, places]`.
 
-No prompt of either asks for a capital or a city: the demo's held-out task (`capitals`) must stay held
-out (tests/test_ssr.py checks). Users point `cit.ssr.prompts` at their own pool (a .txt file, one
-prompt a line, or a .jsonl file with a `prompt` field).
+No prompt of any pool asks for a capital, and none names a country or capital of the demo's held-out
+task (`capitals`), so it stays held out (tests/test_ssr.py checks); `builtin` and `facts` name no city
+either. Users point `cit.ssr.prompts` at their own pool (a .txt file, one prompt a line, or a .jsonl
+file with a `prompt` field).
 """
 
 from __future__ import annotations
@@ -133,4 +138,34 @@ FACTS = (
     "Who developed the theory of relativity?",
 )
 
-POOLS = {"builtin": BUILTIN, "facts": FACTS}  # the names `cit.ssr.prompts` accepts besides a file
+# Kept: the questions SmolLM2-135M-Instruct answers with a real place. Left out after reading its answers: ones it
+# calls a "fictional city" (the Big Apple, the Windy City), since rehearsing those would teach the opposite.
+PLACES = (
+    "Which city is home to the Statue of Liberty?",
+    "Which city is home to the Golden Gate Bridge?",
+    "Which city is famous for its canals and gondolas?",
+    "Which city is home to the Space Needle?",
+    "Which city is home to the Liberty Bell?",
+    "Which city is home to the Taj Mahal?",
+    "Which city is home to the Christ the Redeemer statue?",
+    "Which city is home to the Leaning Tower?",
+    "In which city are the Hollywood studios?",
+    "In which city was the Titanic built?",
+    "Where is the Grand Canyon?",
+    "Where is Mount Kilimanjaro?",
+    "Where is the Great Barrier Reef?",
+    "Where is the Amazon rainforest?",
+    "Where is the Sahara Desert?",
+    "Where is Mount Fuji?",
+    "Where is the Dead Sea?",
+    "Where is Niagara Falls?",
+    "Where is Silicon Valley?",
+    "Where is Yellowstone National Park?",
+    "Where is the Panama Canal?",
+    "Where is the Mississippi River?",
+    "Where do penguins live?",
+    "Where do polar bears live?",
+    "Where do kangaroos live?",
+)
+
+POOLS = {"builtin": BUILTIN, "facts": FACTS, "places": PLACES}  # the names `cit.ssr.prompts` accepts besides a file

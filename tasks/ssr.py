@@ -37,14 +37,17 @@ SSR_TASK = "self-synthesized"
 PAIRS_FILE = "pairs.jsonl"
 
 
-def load_prompts(spec: str) -> list[str]:
-    """The prompt pool `cit.ssr.prompts` names: a shipped pool (`POOLS`: builtin, facts), a .txt file (one prompt a
-    line) or a .jsonl file (a `prompt` field per line). Raises ConfigError naming the file and what it must hold."""
+def load_prompts(spec: str | list[str]) -> list[str]:
+    """The prompt pool `cit.ssr.prompts` names: a shipped pool (`POOLS`: builtin, facts, places), a .txt file (one
+    prompt a line), a .jsonl file (a `prompt` field per line), or a list of those, joined in order without repeats.
+    Raises ConfigError naming the file and what it must hold."""
+    if isinstance(spec, list):
+        return list(dict.fromkeys(prompt for part in spec for prompt in load_prompts(part)))
     if spec in POOLS:
         return list(POOLS[spec])
     path = Path(spec)
     if not path.is_file():
-        raise ConfigError(f"cit.ssr.prompts: {spec} is not a file; use {' or '.join(POOLS)}, a .txt file (one prompt a "
+        raise ConfigError(f"cit.ssr.prompts: {spec} is not a file; use {', '.join(POOLS)}, a .txt file (one prompt a "
                           "line) or a .jsonl file")
     if path.suffix == ".jsonl":
         try:

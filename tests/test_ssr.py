@@ -25,12 +25,23 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("single_torch_thr
 def test_prompt_pools_are_a_shipped_one_or_a_users_file(tmp_path):
     from perennial.demo_data import CAPITALS
 
-    builtin, facts = load_prompts("builtin"), load_prompts("facts")
-    assert len(builtin) >= 60 and len(facts) >= 40 and not set(builtin) & set(facts)
-    held_out = ("capital", "city", *(place.lower() for pair in CAPITALS.items() for place in pair))
-    for prompt in builtin + facts:  # the demo's held-out task stays out: no capital, city, or country or city it asks about
-        assert not [word for word in held_out if word in prompt.lower().rstrip("?").split() or f" {word}" in f" {prompt.lower()}"
-                    and " " in word], prompt
+    builtin, facts, places = load_prompts("builtin"), load_prompts("facts"), load_prompts("places")
+    assert len(builtin) >= 60 and len(facts) >= 40 and len(places) >= 20
+    assert not set(builtin) & set(facts) and not set(places) & set(builtin + facts)
+
+    def held_out_words(prompt: str, words: tuple[str, ...]) -> list[str]:
+        text = " " + " ".join(prompt.lower().replace("?", " ").replace(".", " ").split()) + " "
+        return [word for word in words if f" {word} " in text]
+
+    # the demo's held-out task stays out: no prompt asks for a capital or names a country or capital it asks about;
+    # builtin and facts name no city either (places asks where real things are, so it does)
+    held_out = ("capital", "capitals", *(place.lower() for pair in CAPITALS.items() for place in pair))
+    for prompt in builtin + facts + places:
+        assert not held_out_words(prompt, held_out), prompt
+    for prompt in builtin + facts:
+        assert not held_out_words(prompt, ("city", "cities")), prompt
+    assert held_out_words("Which city is the capital of the Czech Republic?", held_out) == ["capital", "the czech republic"]
+    assert load_prompts(["facts", "places", "facts"]) == facts + places  # a list joins pools in order, once each
     (tmp_path / "mine.txt").write_text("How are you?\n\nWhat is rain?\n")
     assert load_prompts(str(tmp_path / "mine.txt")) == ["How are you?", "What is rain?"]
     (tmp_path / "mine.jsonl").write_text('{"prompt": "Hi?"}\n{"text": "no prompt"}\n')
