@@ -402,10 +402,25 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
         plan = GcPlan.model_validate(gc(config=cfg.model_dump(mode="json")))
     print(format_plan(plan))
+    if not args.dry_run:
+        _reclaim_local_disk(cfg.storage.endpoint_url)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(plan.model_dump_json(indent=2))
     return 0
+
+
+def _reclaim_local_disk(endpoint_url: str) -> None:
+    """When the lineage's S3 is this folder's own SeaweedFS, compact its volumes so the deleted bytes leave the disk
+    too (`LocalServices.reclaim_disk`); another S3 frees its space by itself."""
+    from app.services import DiskHeadroom, LocalServices
+
+    services = LocalServices.from_env()
+    if endpoint_url.rstrip("/") != services.s3_endpoint or not services.status()["seaweedfs"]["running"]:
+        return
+    freed = services.reclaim_disk()
+    print(f"local SeaweedFS compacted its volumes: {freed / 2**30:.1f} GiB of disk returned "
+          f"({DiskHeadroom.of(services.root).describe()})")
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -669,7 +684,8 @@ def build_parser() -> argparse.ArgumentParser:
         "gc", help="delete the checkpoints, replay buffers and local files the retention policy lets go",
         description="Reads the registry and the lineage's runs first, then deletes what no kept version, unfinished "
         "run or continuing retrain needs (retention.* in the config; docs/operations.md, \"Storage and retention\"), "
-        "under the lineage lock. Every deletion is listed with its size and why it may go.")
+        "under the lineage lock. Every deletion is listed with its size and why it may go. On the project's own "
+        "SeaweedFS (`perennial services up`) it then compacts the volumes, so the disk gets the deleted bytes back.")
     gc.add_argument("config", help="YAML config, e.g. configs/demo.yaml: its lineage (tracking.registered_model) and retention policy")
     gc.add_argument("overrides", nargs="*", help="key=value overrides, e.g. retention.keep_last_versions=3")
     gc.add_argument("--dry-run", action="store_true", help="list what would go, with sizes and reasons; delete nothing")

@@ -576,6 +576,36 @@ class LocalServices:
         self.stop("mlflow")
         self.stop("seaweedfs")
 
+    def reclaim_disk(self, garbage_threshold: float = 0.01, pause: float = 2.0, timeout: float = 120.0) -> int:
+        """Compact SeaweedFS's volumes now, returning to the disk the space of deleted objects; bytes returned.
+
+        An S3 delete only marks the object: the filer frees its chunks a moment later, in the background, and their
+        bytes stay in the volume files until the master vacuums a volume, which it does by itself only every 15
+        minutes and only for volumes more than 30% garbage (`weed master -garbageThreshold`). After `perennial gc`
+        the user wants the disk back, not the S3 count: this asks the master to vacuum every volume over
+        ``garbage_threshold`` (a fraction), every ``pause`` seconds, until two rounds in a row return nothing (the
+        filer's deletions have landed) or ``timeout`` seconds. Raises ServiceError when the master does not answer."""
+        url = f"http://{HOST}:{self.weed_ports['master.port']}/vol/vacuum?garbageThreshold={garbage_threshold}"
+        data = self.root / "seaweedfs"
+
+        def volume_bytes() -> int:
+            return sum(path.stat().st_size for path in data.rglob("*") if path.is_file())
+
+        before = sizes = volume_bytes()
+        unchanged, deadline = 0, time.monotonic() + timeout
+        while unchanged < 2 and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(url, timeout=timeout) as response:
+                    response.read()
+            except (urllib.error.URLError, OSError) as error:
+                raise ServiceError(f"SeaweedFS's master at {url} did not compact its volumes ({error}); start the "
+                                   "services (`perennial services up`) and run `perennial gc` again") from None
+            now = volume_bytes()
+            unchanged, sizes = (unchanged + 1 if now >= sizes else 0), now
+            if unchanged < 2:
+                time.sleep(pause)
+        return before - sizes
+
     def status(self) -> dict[str, dict]:
         checks = {"seaweedfs": (self.s3_endpoint, self._s3_ready), "mlflow": (self.mlflow_uri, self._mlflow_ready)}
         report = {}
