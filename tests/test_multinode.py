@@ -161,6 +161,9 @@ def test_losing_a_node_mid_stage_fails_the_stage_and_commits_nothing(stage_input
     assert isinstance(error, StageLaunchError), outcome
     headline = str(error).partition("\n")[0]
     assert headline.startswith("node-lost: training under torchrun (2 nodes x 1 processes, ddp) failed with exit code "), headline
-    assert "[rank" in headline, headline  # the surviving rank's own error, not only torchrun's
+    # The surviving node's own error: its rank's ("[rank0]: ... Connection reset"), or, when its torchrun agent's
+    # rendezvous heartbeat notices the lost peer first and stops the rank before it prints (seen under CPU load), the
+    # agent's connection error; never the bare "no exception in the output".
+    assert any(sign in headline for sign in ("[rank", "DistNetworkError", "RendezvousConnectionError")), headline
     assert ctx.store.read_manifest(launched.output_prefix) is None
     print(f"the stage failed {noticed:.1f} s after the node was killed: {headline}")
