@@ -576,6 +576,10 @@ class LocalServices:
         self.stop("mlflow")
         self.stop("seaweedfs")
 
+    def volume_bytes(self) -> int:
+        """Bytes SeaweedFS's files take on disk (its volumes, filer store and logs under ``root/seaweedfs``)."""
+        return sum(path.stat().st_size for path in (self.root / "seaweedfs").rglob("*") if path.is_file())
+
     def reclaim_disk(self, garbage_threshold: float = 0.01, pause: float = 2.0, timeout: float = 120.0) -> int:
         """Compact SeaweedFS's volumes now, returning to the disk the space of deleted objects; bytes returned.
 
@@ -586,12 +590,7 @@ class LocalServices:
         ``garbage_threshold`` (a fraction), every ``pause`` seconds, until two rounds in a row return nothing (the
         filer's deletions have landed) or ``timeout`` seconds. Raises ServiceError when the master does not answer."""
         url = f"http://{HOST}:{self.weed_ports['master.port']}/vol/vacuum?garbageThreshold={garbage_threshold}"
-        data = self.root / "seaweedfs"
-
-        def volume_bytes() -> int:
-            return sum(path.stat().st_size for path in data.rglob("*") if path.is_file())
-
-        before = sizes = volume_bytes()
+        before = sizes = self.volume_bytes()
         unchanged, deadline = 0, time.monotonic() + timeout
         while unchanged < 2 and time.monotonic() < deadline:
             try:
@@ -600,7 +599,7 @@ class LocalServices:
             except (urllib.error.URLError, OSError) as error:
                 raise ServiceError(f"SeaweedFS's master at {url} did not compact its volumes ({error}); start the "
                                    "services (`perennial services up`) and run `perennial gc` again") from None
-            now = volume_bytes()
+            now = self.volume_bytes()
             unchanged, sizes = (unchanged + 1 if now >= sizes else 0), now
             if unchanged < 2:
                 time.sleep(pause)

@@ -485,12 +485,8 @@ def test_the_plan_says_why_what_waits_is_kept_and_how_many_pieces_of_the_bucket_
 def test_reclaim_disk_returns_the_bytes_of_deleted_objects_to_the_disk(services, store):
     """SeaweedFS only marks a deleted object; `perennial gc` then compacts the local volumes (`reclaim_disk`), so the
     disk gets back what gc reports deleted, not half an hour later or never (volumes under 30% garbage)."""
-
-    def volume_bytes() -> int:
-        return sum(path.stat().st_size for path in (services.root / "seaweedfs").rglob("*") if path.is_file())
-
     store.put_bytes("big/blob", os.urandom(48 << 20))
-    written = volume_bytes()
+    written = services.volume_bytes()
     assert store.delete_prefix("big/") == 1
     assert services.reclaim_disk() > 32 << 20
-    assert volume_bytes() < written - (32 << 20), (written, volume_bytes())
+    assert services.volume_bytes() < written - (32 << 20), (written, services.volume_bytes())
