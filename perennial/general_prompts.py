@@ -20,6 +20,11 @@ file with a `prompt` field).
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+from perennial.config import ConfigError
+
 BUILTIN = (
     "Tell me about the moon.",
     "What is photosynthesis?",
@@ -148,7 +153,7 @@ PLACES = (
     "Which city is home to the Liberty Bell?",
     "Which city is home to the Taj Mahal?",
     "Which city is home to the Christ the Redeemer statue?",
-    "Which city is home to the Leaning Tower?",
+    "Which city is home to the Leaning Tower of Pisa?",
     "In which city are the Hollywood studios?",
     "In which city was the Titanic built?",
     "Where is the Grand Canyon?",
@@ -169,3 +174,28 @@ PLACES = (
 )
 
 POOLS = {"builtin": BUILTIN, "facts": FACTS, "places": PLACES}  # the names `cit.ssr.prompts` accepts besides a file
+
+
+def load_prompts(spec: str | list[str]) -> list[str]:
+    """The prompt pool `cit.ssr.prompts` names: a shipped pool (`POOLS`: builtin, facts, places), a .txt file (one
+    prompt a line), a .jsonl file (a `prompt` field per line), or a list of those, joined in order without repeats.
+    Raises ConfigError naming the file and what it must hold."""
+    if isinstance(spec, list):
+        return list(dict.fromkeys(prompt for part in spec for prompt in load_prompts(part)))
+    if spec in POOLS:
+        return list(POOLS[spec])
+    path = Path(spec)
+    if not path.is_file():
+        raise ConfigError(f"cit.ssr.prompts: {spec} is not a file; use {', '.join(POOLS)}, a .txt file (one prompt a "
+                          "line) or a .jsonl file")
+    if path.suffix == ".jsonl":
+        try:
+            prompts = [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
+        except (ValueError, KeyError, TypeError) as error:
+            raise ConfigError(f"cit.ssr.prompts: {spec} must hold one JSON object with a `prompt` string a line ({error})") from None
+    else:
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    prompts = [p for p in prompts if isinstance(p, str) and p.strip()]
+    if not prompts:
+        raise ConfigError(f"cit.ssr.prompts: {spec} holds no prompt")
+    return prompts

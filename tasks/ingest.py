@@ -8,6 +8,7 @@ from pydantic import BaseModel
 
 from perennial import demo_data
 from perennial.config import Config, ConfigError
+from perennial.general_prompts import load_prompts
 from perennial.ingest import (
     DATA_FILE,
     IngestError,
@@ -167,8 +168,11 @@ def check_usable(cfg: Config, data: DataBundle, results: dict[str, IngestResult]
     """Refuse data that a later stage could not use, before any model is built or trained.
 
     Raises IngestError naming the dataset, its counts and the fix when a split that a stage reads
-    is empty, and ConfigError when eval.scoring is 'options' and a scored test record has none.
+    is empty, and ConfigError when eval.scoring is 'options' and a scored test record has none, or when
+    cit.ssr.prompts names no shipped pool and no readable prompt file (found here, not after DAP).
     """
+    if training and cfg.cit.ssr.enabled:
+        load_prompts(cfg.cit.ssr.prompts)
     dap = training and cfg.dap.enabled and data.domain is not None
     needs = [(data.general, "test", "general perplexity and drift probes after every stage")]
     needs += [(ref, "test", "scoring after every stage") for ref in [*data.tasks, *data.heldout]]

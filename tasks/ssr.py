@@ -26,8 +26,8 @@ from pathlib import Path
 from models.engine import resolve_device
 from models.evaluation import generate
 from models.loading import load_model_and_tokenizer
-from perennial.config import ConfigError, canonical_json
-from perennial.general_prompts import POOLS
+from perennial.config import canonical_json
+from perennial.general_prompts import load_prompts
 from perennial.ingest.records import record_id
 from perennial.storage import join_key
 from tasks.runtime import RunContext, committed_uri, fetch_dir, uri_to_prefix
@@ -35,31 +35,6 @@ from tasks.stage import BUFFER_FILE, read_replay_buffer
 
 SSR_TASK = "self-synthesized"
 PAIRS_FILE = "pairs.jsonl"
-
-
-def load_prompts(spec: str | list[str]) -> list[str]:
-    """The prompt pool `cit.ssr.prompts` names: a shipped pool (`POOLS`: builtin, facts, places), a .txt file (one
-    prompt a line), a .jsonl file (a `prompt` field per line), or a list of those, joined in order without repeats.
-    Raises ConfigError naming the file and what it must hold."""
-    if isinstance(spec, list):
-        return list(dict.fromkeys(prompt for part in spec for prompt in load_prompts(part)))
-    if spec in POOLS:
-        return list(POOLS[spec])
-    path = Path(spec)
-    if not path.is_file():
-        raise ConfigError(f"cit.ssr.prompts: {spec} is not a file; use {', '.join(POOLS)}, a .txt file (one prompt a "
-                          "line) or a .jsonl file")
-    if path.suffix == ".jsonl":
-        try:
-            prompts = [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
-        except (ValueError, KeyError, TypeError) as error:
-            raise ConfigError(f"cit.ssr.prompts: {spec} must hold one JSON object with a `prompt` string a line ({error})") from None
-    else:
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    prompts = [p for p in prompts if isinstance(p, str) and p.strip()]
-    if not prompts:
-        raise ConfigError(f"cit.ssr.prompts: {spec} holds no prompt")
-    return prompts
 
 
 def synthesize(run: RunContext, model_uri: str, replay_uri: str | None) -> str:

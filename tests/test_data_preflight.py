@@ -120,6 +120,17 @@ def test_splits_a_stage_needs_are_checked_after_ingest(services, tmp_path):
             ingest(run, training=training)
 
 
+def test_a_misspelt_rehearsal_pool_is_refused_after_ingest_before_dap(services, tmp_path):
+    """cit.ssr.prompts is read when the rehearsal is generated, after DAP: a typo there is found with the data."""
+    split = [{**row, "split": "train" if index < 3 else "test"} for index, row in enumerate(FIVE)]
+    usable = {"name": "usable", "shape": "alpaca", "sources": [{"uri": _jsonl(tmp_path / "usable.jsonl", split)}]}
+    cit = {**MICRO["cit"], "replay": {"enabled": True}, "ssr": {"enabled": True, "prompts": ["facts", "plaecs"]}}
+    run = start_run(datasets_config(services, tmp_path, [usable], cit=cit))
+    with pytest.raises(ConfigError, match=r"^cit.ssr.prompts: plaecs is not a file; use builtin, facts, places"):
+        ingest(run)
+    assert ingest(run, training=False).tasks[0].counts["test"] == 2  # evaluate-only generates no rehearsal
+
+
 def test_option_scoring_of_records_without_options_is_refused_after_ingest(services, tmp_path):
     """Shapes with options or without are known from the config (tests/test_config.py); the instruction
     shape's options are known once its records are read."""

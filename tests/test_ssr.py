@@ -16,7 +16,8 @@ from models.evaluation import generate
 from models.loading import load_model_and_tokenizer
 from perennial.config import ConfigError, build_config
 from perennial.storage import ObjectStore
-from tasks.ssr import SSR_TASK, load_prompts
+from perennial.general_prompts import load_prompts
+from tasks.ssr import SSR_TASK
 from tests.test_pipeline import micro_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("single_torch_thread")]
