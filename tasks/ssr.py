@@ -21,7 +21,6 @@ import hashlib
 import json
 import random
 import shutil
-from pathlib import Path
 
 from models.engine import resolve_device
 from models.evaluation import generate

@@ -97,7 +97,6 @@ def test_the_best_recipe_is_judged_against_every_single_method_the_bound_and_for
     assert best_recipe_lines(aggregate(runs[:3], names)) == []  # no combination, no verdict
 
 
-
 def test_every_issue_method_runs_and_the_five_compared_ones_with_three_seeds():
     from bench.cl_quality import METHODS_FILE
 
