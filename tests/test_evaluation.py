@@ -26,7 +26,7 @@ from models.evaluation import (
     score_task,
     token_f1,
 )
-from tests.tiny_models import tiny_model
+from tests.tiny_models import FAMILIES, tiny_model
 
 ANIMALS = {"cat": "meow", "dog": "woof", "cow": "moo", "duck": "quack"}
 SOUND_TEMPLATES = ["Which sound does the {a} make?", "The {a} says what?", "What does a {a} say?"]
@@ -299,7 +299,8 @@ def test_evaluation_feeds_the_prompt_window_training_saw(base, tok):
     expected = []
     for index, option in enumerate(options):
         example = encode_instruction(tok, LONG_PROMPT, option, 64)
-        assert calls[2 * index] == [prompt_part(example)]  # batch_size=1: a prompt pass, then its options pass
+        # batch_size=1: one pass per prompt window, the option packed right after the prompt training put before it
+        assert calls[index] == [example["input_ids"]]
         with torch.no_grad():
             expected.append(-base(**collate([example], tok.pad_token_id)).loss.item() * (64 - len(prompt_part(example))))
     assert len(prompt_part(encode_instruction(tok, LONG_PROMPT, options[1], 64))) == 32
@@ -330,3 +331,30 @@ def test_learned_positions_model_scores_long_prompts_within_its_positions(tok):
         both = generate(gpt2, tok, [LONG_PROMPT, "What does a cat say?"], max_new_tokens=40, max_length=64)
     assert max(len(ids[0]) for ids in calls if len(ids[0]) > 1) == 32
     assert both[1] == generate(gpt2, tok, ["What does a cat say?"], max_new_tokens=40, max_length=64)[0]
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_packed_option_scores_equal_each_option_alone_in_every_family(family, attn_implementation, tok):
+    """Options packed after their prompt under a 4D mask score as if each stood alone after it: in every family,
+    under both attention kernels, and past a sliding window (mistral, gemma2: 8 positions) and a learned
+    position table (gpt2), where a mask or position mistake would show."""
+    try:
+        model = tiny_model(family, tok, attn_implementation=attn_implementation)
+    except ValueError as error:  # gemma2, bloom: no sdpa in transformers
+        pytest.skip(str(error)[:80])
+    groups = [("What does a cat say?", ["meow", "woof woof woof woof", "moo"]), ("Say it", ["quack quack", "oink"]),
+              ("A much longer prompt about which animal makes which sound on a farm?", ["moo", "meow", "baa", "woof"])]
+    pairs = [(prompt, option) for prompt, options in groups for option in options]
+    expected = []
+    with torch.no_grad():
+        for prompt, option in pairs:
+            example = encode_instruction(tok, prompt, option, 64)
+            supervised = sum(label != -100 for label in example["labels"]) - (example["labels"][0] != -100)
+            expected.append(-model(**collate([example], tok.pad_token_id)).loss.item() * supervised)
+    assert min(len(encode_prompt(tok, prompt)) for prompt, _ in groups) > 8  # every option lies past the window
+    assert option_logprobs(model, tok, pairs, batch_size=3, max_length=64) == pytest.approx(expected, rel=1e-4, abs=1e-4)
+    # The control: without the window in the mask, the sliding-window families would score differently.
+    if getattr(model.config, "sliding_window", None):
+        model.config.sliding_window = 10_000
+        assert option_logprobs(model, tok, pairs, batch_size=3, max_length=64) != pytest.approx(expected, rel=1e-3, abs=1e-3)
