@@ -230,11 +230,11 @@ def test_a_task_scored_but_never_trained_has_no_just_trained_row_and_is_left_out
 
 def test_every_demo_recipe_pins_what_the_default_chooses():
     """A recipe means what it was measured as: each names the tuning, CL methods, replay, rehearsal and steps a task,
-    so changing configs/demo.yaml's default (60 steps since the places pool) does not change an earlier recipe."""
+    so changing configs/demo.yaml's default (60 steps since the places pool, 4e-4 since) does not change an earlier recipe."""
     from perennial.compare import load_spec
 
     for name, overrides in load_spec(ROOT / "configs" / "demo-recipes.yaml").recipes.items():
         keys = {override.split("=", 1)[0] for override in overrides}
         if name != "default":
-            assert {"cit.tuning.method", "cit.methods", "cit.optim.max_steps"} <= keys, name
+            assert {"cit.tuning.method", "cit.methods", "cit.optim.max_steps", "cit.optim.lr"} <= keys, name
             assert keys & {"cit.replay.budget", "cit.replay.enabled"} and keys & {"cit.ssr.enabled", "cit.ssr.prompts"}, name
