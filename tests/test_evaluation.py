@@ -243,6 +243,17 @@ def test_drift_rises_after_narrow_digit_finetuning(base, tok, sounds_model):
     assert sum(t.isdigit() for t in top) >= 3
 
 
+def scores_alone(model, tok, pairs, max_length: int) -> list[float]:
+    """Each (prompt, option)'s summed log-prob as minus its own training example's summed loss, one example a pass."""
+    scores = []
+    with torch.no_grad():
+        for prompt, option in pairs:
+            example = encode_instruction(tok, prompt, option, max_length)
+            supervised = sum(label != -100 for label in example["labels"]) - (example["labels"][0] != -100)
+            scores.append(-model(**collate([example], tok.pad_token_id)).loss.item() * supervised)
+    return scores
+
+
 # transformers 5.24 deprecates `past_key_values` for `cache` and removes it in 5.40: scoring must not lean on it.
 @pytest.mark.filterwarnings("error::FutureWarning")
 def test_shared_prompt_option_scores_equal_full_sequence_scores(base, tok):
@@ -250,12 +261,7 @@ def test_shared_prompt_option_scores_equal_full_sequence_scores(base, tok):
     groups = [("What does a cat say?", ["meow", "woof", "moo"]), ("Say it", ["quack", "oink"]),
               ("A much longer prompt about which animal makes which sound on a farm?", ["moo", "meow", "baa", "woof"])]
     pairs = [(prompt, option) for prompt, options in groups for option in options]
-    expected = []
-    with torch.no_grad():
-        for prompt, option in pairs:
-            example = encode_instruction(tok, prompt, option, 128)
-            supervised = sum(label != -100 for label in example["labels"]) - (example["labels"][0] != -100)
-            expected.append(-base(**collate([example], tok.pad_token_id)).loss.item() * supervised)
+    expected = scores_alone(base, tok, pairs, 128)
     assert option_logprobs(base, tok, pairs, batch_size=3) == pytest.approx(expected, rel=1e-4, abs=1e-4)
     assert option_logprobs(base, tok, pairs, batch_size=1) == pytest.approx(expected, rel=1e-4, abs=1e-4)
 
@@ -346,12 +352,7 @@ def test_packed_option_scores_equal_each_option_alone_in_every_family(family, at
     groups = [("What does a cat say?", ["meow", "woof woof woof woof", "moo"]), ("Say it", ["quack quack", "oink"]),
               ("A much longer prompt about which animal makes which sound on a farm?", ["moo", "meow", "baa", "woof"])]
     pairs = [(prompt, option) for prompt, options in groups for option in options]
-    expected = []
-    with torch.no_grad():
-        for prompt, option in pairs:
-            example = encode_instruction(tok, prompt, option, 64)
-            supervised = sum(label != -100 for label in example["labels"]) - (example["labels"][0] != -100)
-            expected.append(-model(**collate([example], tok.pad_token_id)).loss.item() * supervised)
+    expected = scores_alone(model, tok, pairs, 64)
     assert min(len(encode_prompt(tok, prompt)) for prompt, _ in groups) > 8  # every option lies past the window
     assert option_logprobs(model, tok, pairs, batch_size=3, max_length=64) == pytest.approx(expected, rel=1e-4, abs=1e-4)
     # The control: without the window in the mask, the sliding-window families would score differently.
