@@ -321,8 +321,11 @@ def peak_child(tokens: int, min_seconds: float) -> dict:
     """In its own process: `gemm_rates` of SmolLM2's Linear layers (built on the meta device) in bf16 and fp32."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    # The config is read (and the GGUF file converted, on a machine without the cache) before the meta context:
+    # under it the conversion's from_pretrained refuses to run.
+    config = AutoConfig.from_pretrained(smollm2())
     with torch.device("meta"):
-        shapes = linear_shapes(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(smollm2())))
+        shapes = linear_shapes(AutoModelForCausalLM.from_config(config))
     with freed_memory_kept():
         return {name: gemm_rates(shapes, tokens, dtype, min_seconds=min_seconds) for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))}
 

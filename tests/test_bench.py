@@ -190,3 +190,19 @@ def test_retention_bench_judges_the_bound_and_the_stage_size_whichever_way_they_
     verdict = retention.verdicts(nights)
     assert not verdict["bound"]["holds"] and not verdict["bound"]["holds_3x"] and not verdict["stage"]["holds"]
     assert "does not hold" in retention.markdown({**report, "nights": nights, "verdicts": verdict})
+
+
+def test_the_matmul_peak_reads_the_model_config_outside_the_meta_device(tmp_path, monkeypatch):
+    """On a machine without the converted model, `smollm2()` converts the GGUF file, whose from_pretrained refuses to
+    run under the meta device the peak builds its shapes on: the first benchmark on a fresh machine failed so."""
+    from tests.tiny_models import tiny_model
+
+    tiny_model("llama", vocab_size=48).save_pretrained(tmp_path)
+
+    def converted_model_folder():
+        assert torch.empty(0).device.type != "meta", "smollm2() ran under the meta device"
+        return tmp_path
+
+    monkeypatch.setattr(engine_throughput, "smollm2", converted_model_folder)
+    rates = engine_throughput.peak_child(tokens=16, min_seconds=0.0)
+    assert rates["bf16"]["peak_gflops"] > 0 and rates["fp32"]["peak_gflops"] > 0
