@@ -183,14 +183,15 @@ def option_logprobs(
         if not groups or groups[-1][0] != prompt_ids:
             groups.append((prompt_ids, []))
         groups[-1][1].append(option_ids[:kept])
-    if not _packs_options(model):
+    packed = _packs_options(model)
+    if not packed:
         groups = [(prompt, [option]) for prompt, options in groups for option in options]
     device = _device(model)
     pad_id = _pad_id(tokenizer)
     scores: list[float] = []
     with _inference(model):
         for chunk in _chunks(groups, batch_size, "options"):
-            scores.extend(_score_shared_prompts(model, chunk, pad_id, device))
+            scores.extend(_score_shared_prompts(model, chunk, pad_id, device, packed))
     return scores
 
 
@@ -200,13 +201,14 @@ def _packs_options(model) -> bool:
     return "position_ids" in inspect.signature(model.forward).parameters and not getattr(model.config, "alibi", False)
 
 
-def _score_shared_prompts(model, groups, pad_id: int, device: torch.device) -> list[float]:
+def _score_shared_prompts(model, groups, pad_id: int, device: torch.device, packed: bool) -> list[float]:
     """One forward pass for a chunk of (prompt ids, [option ids]) groups: each row is a prompt followed by all
     its options, packed. A 4D mask (`_packed_attention_mask`) lets each option token attend to its prompt and to
     its own earlier tokens only, and its position id is the one it has right after the prompt, so each option
     is scored exactly as if it stood alone after the prompt. The prompt runs once, and no option copies its KV
     cache: copying (and, under grouped-query attention, expanding) one cache per option cost more than the
-    model's matmuls (SmolLM2, 8 options a record: 1.4 to 2.6 times slower than this packing).
+    model's matmuls (SmolLM2, 8 options a record: 1.4 to 2.6 times slower than this packing). ``packed``
+    False (`_packs_options`): every group holds one option, under the model's own causal mask.
     """
     rows = len(groups)
     prompt_width = max(len(prompt) for prompt, _ in groups)  # prompts left-padded to end together
@@ -240,9 +242,9 @@ def _score_shared_prompts(model, groups, pad_id: int, device: torch.device) -> l
             option_index.extend([count] * len(option))
             column, count = end, count + 1
     kept = width - prompt_width + 1  # the LM head runs from the prompt's last position on only
-    if _packs_options(model):
+    if packed:
         masking = dict(attention_mask=_packed_attention_mask(model, allowed, positions, device), position_ids=positions.to(device))
-    else:  # one option a row (option_logprobs): the model's own causal mask, padding masked out in 2D
+    else:  # one option a row: the model's own causal mask, padding masked out in 2D
         masking = dict(attention_mask=real.long().to(device))
     logits = model(input_ids=input_ids.to(device), **masking, use_cache=False, logits_to_keep=kept).logits
     offset = width - kept
