@@ -186,6 +186,7 @@ RUNS = {
     "plain bf16 + torch.compile": ("full", plain_loop(REAL, "bf16", compiled="inductor")),
     "engine bf16 + torch.compile": ("full", engine_loop(REAL, "bf16", compiled="inductor")),
     "trainer bf16, freed memory kept": ("full", trainer_loop(REAL, "bf16", keep_freed_memory=True)),
+    "engine fp32 fused AdamW": ("full", engine_loop(REAL, "fp32", fused_adamw=True)),
 }
 ROTATED = list(RUNS)[:7]
 # the memory runs (kind, methods), and those of --quick
@@ -204,6 +205,7 @@ RATIOS = {
     "engine bf16 + torch.compile / engine bf16": ("engine bf16 + torch.compile", "engine bf16"),
     "engine / Trainer with freed memory kept (bf16)": ("engine bf16", "trainer bf16, freed memory kept"),
     "engine fused AdamW / engine (bf16)": ("engine bf16 fused AdamW", "engine bf16"),
+    "engine fused AdamW / engine (fp32)": ("engine fp32 fused AdamW", "engine fp32"),
 }
 TARGETS = {"engine bf16 / engine fp32 (full)": 1.5, "engine / Trainer (bf16)": 1.0, "engine / Trainer (fp32)": 1.0}
 NUMBERS = {2: "two", 6: "six", 7: "seven"}  # how many runs rotate (--quick: the two engine runs)
@@ -295,26 +297,33 @@ def op_category(event, vocab: int) -> str:
 
 def profile_child(warmup: int, precision: str = "bf16") -> dict:
     """In its own process: torch.profiler (CPU activities) over the engine's step after `warmup` steps, full fine-tuning
-    of SmolLM2; milliseconds per op group (`op_category`) and the step's matmul rate."""
+    of SmolLM2; milliseconds per op group (`op_category`) and the step's matmul rate. Also the wall milliseconds and
+    minor page faults of the profiled step and of the unprofiled step before it: the profiler's own allocations
+    interleave with the step's and can break the heap reuse of models/allocator.py, and a page's first touch is
+    charged to whichever op touched it."""
     from torch.profiler import ProfilerActivity, profile
 
+    warmup = max(warmup, 2)  # the unprofiled step compared with is not the first, which allocates everything afresh
     model, tokenizer = load_model_and_tokenizer(smollm2())
     profiler, marks = profile(activities=[ProfilerActivity.CPU], record_shapes=True), []
 
     def hook(step, _model):
+        if step in (warmup - 1, warmup, warmup + 1):
+            marks.append((time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt))
         if step in (warmup, warmup + 1):
             (profiler.start if step == warmup else profiler.stop)()
-            marks.append(time.perf_counter())
 
     train(model, general_blocks(tokenizer, REAL.block), REAL.optim_config(warmup + 1), seed=SEED, pad_token_id=tokenizer.pad_token_id,
           device=torch.device("cpu"), precision=precision, on_step_end=hook)
+    (before, before_faults), (start, start_faults), (end, end_faults) = marks
     ms = dict.fromkeys(CATEGORIES, 0.0)
     for event in profiler.events():
         ms[op_category(event, model.config.vocab_size)] += event.self_cpu_time_total / 1000
-    ms[CATEGORIES[-1]] = max(0.0, (marks[1] - marks[0]) * 1000 - sum(ms.values()))
+    ms[CATEGORIES[-1]] = max(0.0, (end - start) * 1000 - sum(ms.values()))
     flops = flops_per_token(model, REAL.block)
-    return {"precision": precision, "step_ms": (marks[1] - marks[0]) * 1000, "ms": ms, "flops": flops,
-            "matmul_gflops": (flops["total"] - flops["attention"]) * REAL.batch * REAL.block / ms[CATEGORIES[0]] / 1e6}
+    return {"precision": precision, "step_ms": (end - start) * 1000, "ms": ms, "flops": flops,
+            "matmul_gflops": (flops["total"] - flops["attention"]) * REAL.batch * REAL.block / ms[CATEGORIES[0]] / 1e6,
+            "minor_faults": end_faults - start_faults, "unprofiled_step_before": {"ms": (start - before) * 1000, "minor_faults": start_faults - before_faults}}
 
 
 def peak_child(tokens: int, min_seconds: float) -> dict:
@@ -330,23 +339,53 @@ def peak_child(tokens: int, min_seconds: float) -> dict:
         return {name: gemm_rates(shapes, tokens, dtype, min_seconds=min_seconds) for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))}
 
 
+@contextlib.contextmanager
+def optimizer_seconds():
+    """Yields a one-element list holding the wall seconds spent so far in any optimizer's ``step`` (torch's global
+    step hooks, so the engine's, the plain loop's and Trainer's AdamW alike; a step called inside another, as an
+    accelerate wrapper calls the AdamW it wraps, counts once)."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    total, started = [0.0], []
+
+    def pre(*_):
+        started.append(time.perf_counter())
+
+    def post(*_):
+        begun = started.pop()
+        if not started:
+            total[0] += time.perf_counter() - begun
+
+    handles = [register_optimizer_step_pre_hook(pre), register_optimizer_step_post_hook(post)]
+    try:
+        yield total
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def throughput_child(name: str, steps: int, warmup: int) -> dict:
-    """In its own (fresh) process: one throughput run, tokens/s and minor page faults per step."""
+    """In its own (fresh) process: one throughput run, tokens/s, minor page faults and the optimizer step's
+    milliseconds per step (`optimizer_seconds`): a change to the optimizer shows there even where the machine's
+    step-to-step spread hides it in tokens/s."""
     model, tokenizer = load_model_and_tokenizer(smollm2())
     tuning, run = RUNS[name]
-    faults = []
-
-    def counted():
-        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
-        return stamp()
+    faults, optimizer = [], []
 
     model = apply_tuning(model, TuningConfig(method=tuning))
     flops = flops_per_token(model, REAL.block)["total"]  # before a loop casts the weights
-    stamps = run(model, general_blocks(tokenizer, REAL.block), tokenizer.pad_token_id, steps, counted)
+    with optimizer_seconds() as spent:
+
+        def counted():
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
+            optimizer.append(spent[0])
+            return stamp()
+
+        stamps = run(model, general_blocks(tokenizer, REAL.block), tokenizer.pad_token_id, steps, counted)
     if len(stamps) != steps:
         raise RuntimeError(f"{name} ran {len(stamps)} steps, not {steps}")
-    after = faults[warmup - 1 :]
-    return {**throughput(stamps, warmup, REAL), "minor_faults_per_step": statistics.median(b - a for a, b in zip(after, after[1:])),
+    per_step = lambda values: statistics.median(b - a for a, b in zip(values[warmup - 1 :], values[warmup:]))  # noqa: E731
+    return {**throughput(stamps, warmup, REAL), "minor_faults_per_step": per_step(faults), "optimizer_ms_per_step": per_step(optimizer) * 1000,
             "gflop_per_token": flops / 1e9}
 
 
@@ -488,14 +527,19 @@ def compare_pair(args) -> dict[str, float]:
     """--compare A B: the two runs in fresh processes, in rotated order over the rounds; tokens per wall-second at
     the median step, the median over rounds, and A / B."""
     walls: dict[str, list[float]] = {name: [] for name in args.compare}
+    optimizer: dict[str, list[float]] = {name: [] for name in args.compare}
     for index, order in enumerate(rotations(args.compare, args.rounds)):
         for name in order:
-            walls[name].append(throughput_run(name, args)["wall"])
-            print(f"round {index + 1}/{args.rounds} {name:34s} {walls[name][-1]:,.0f} tokens/s", flush=True)
+            run = throughput_run(name, args)
+            walls[name].append(run["wall"])
+            optimizer[name].append(run["optimizer_ms_per_step"])
+            print(f"round {index + 1}/{args.rounds} {name:34s} {walls[name][-1]:,.0f} tokens/s, optimizer step "
+                  f"{optimizer[name][-1]:,.0f} ms", flush=True)
     median = {name: statistics.median(values) for name, values in walls.items()}
     first, second = args.compare
     print(f"{first} / {second}: {median[first] / median[second]:.2f}x (medians {median[first]:,.0f} and {median[second]:,.0f} "
-          f"tokens/s over {args.rounds} rounds, {args.threads} torch threads)")
+          f"tokens/s over {args.rounds} rounds, {args.threads} torch threads); optimizer step "
+          f"{statistics.median(optimizer[first]):,.0f} and {statistics.median(optimizer[second]):,.0f} ms")
     return median
 
 
@@ -548,6 +592,7 @@ def markdown(report: dict) -> str:
         return checkpointing_markdown(report)
     settings, median = report["settings"], {k: v["median"] for k, v in report["tokens_per_s"].items()}
     peak, dtype = report.get("matmul_peak"), lambda name: "bf16" if "bf16" in name else "fp32"
+    timed = all("optimizer_ms_per_step" in m for m in median.values())  # a report from before the column has none
     lines = [
         *section_head("Training engine", report), "",
         f"SmolLM2-135M-Instruct (the embedded default) on the demo general corpus, {settings['batch']} blocks of "
@@ -567,10 +612,10 @@ def markdown(report: dict) -> str:
             if (flops := report.get("profile", {}).get("flops")) else ""), "",
         "### Throughput (tokens/s at the median step)", "",
         table(["run", "tuning", "per wall-second (headline)", "per CPU-second", "minor page faults per step", *(
-                  ["model GFLOP/s", "of the matmul peak (its dtype)"] if peak else [])],
+                  ["model GFLOP/s", "of the matmul peak (its dtype)"] if peak else []), *(["optimizer step (ms)"] if timed else [])],
               [[name, report["tokens_per_s"][name]["tuning"], f"{m['wall']:.0f}", f"{m['cpu']:.0f}", f"{m['minor_faults_per_step']:,.0f}", *(
                   [f"{m['wall'] * m['gflop_per_token']:.0f}", f"{m['wall'] * m['gflop_per_token'] / peak[dtype(name)]['peak_gflops']:.2f}"]
-                  if peak else [])] for name, m in median.items()]), "",
+                  if peak else []), *([f"{m['optimizer_ms_per_step']:.0f}"] if timed else [])] for name, m in median.items()]), "",
         table(["ratio (wall)", "value", "target"],
               [[key, "n/a" if value is None else f"{value:.2f}x",
                 "" if key not in TARGETS else (f">= {TARGETS[key]}x: " + ("not measured" if value is None else "met" if value >= TARGETS[key] else "NOT met"))]
@@ -615,7 +660,12 @@ def limit_markdown(report: dict, median: dict) -> list[str]:
                 *(f"{peak[d]['gemms'][i]['gflops']:.0f}" for d in peak)] for i, row in enumerate(peak["bf16"]["gemms"])]), "",
         f"One engine step ({profile['precision']}, full fine-tuning) under torch.profiler (CPU activities), by self time: "
         f"{profile['step_ms']:.0f} ms with the profiler on; its matmuls ran at {profile['matmul_gflops']:.0f} GFLOP/s, "
-        f"{profile['matmul_gflops'] / peak[profile['precision']]['step_mix_gflops']:.2f} of the step mix's rate.", "",
+        f"{profile['matmul_gflops'] / peak[profile['precision']]['step_mix_gflops']:.2f} of the step mix's rate." + (
+            f" The profiled step took {profile['minor_faults']:,} minor page faults, the unprofiled step before it "
+            f"{unprofiled['minor_faults']:,} in {unprofiled['ms']:.0f} ms: the profiler's own allocations can break the heap "
+            "reuse of models/allocator.py, and each page's first touch is charged to the op that touched it (the loss's "
+            "and the zero-fills' ops most), so the groups below are an upper bound for those ops."
+            if (unprofiled := profile.get("unprofiled_step_before")) else ""), "",
         table(["op group", "ms", "share"], [[name, f"{ms:.0f}", f"{ms / total:.1%}"] for name, ms in profile["ms"].items()]),
     ]
 

@@ -44,13 +44,14 @@ def test_engine_benchmark_quick_runs_end_to_end_with_the_fresh_process_runs_stub
     def child(module, job):
         jobs.append(job)
         if job["run"] == "throughput":
-            return {"cpu": 100.0, "wall": 90.0, "minor_faults_per_step": 5.0, "gflop_per_token": 0.8}
+            return {"cpu": 100.0, "wall": 90.0, "minor_faults_per_step": 5.0, "optimizer_ms_per_step": 40.0, "gflop_per_token": 0.8}
         if job["run"] == "peak":
             gemms = [{"in": 4, "out": 8, "gemm": "forward", "count": 2, "gflop": 0.1, "gflops": rate} for rate in (90.0, 80.0)]
             return {dtype: {"tokens": job["tokens"], "peak_gflops": 90.0, "step_mix_gflops": 85.0, "gemms": gemms} for dtype in ("bf16", "fp32")}
         if job["run"] == "profile":
             return {"precision": "bf16", "step_ms": 100.0, "ms": dict.fromkeys(engine_throughput.CATEGORIES, 10.0), "matmul_gflops": 80.0,
-                    "flops": {"matmul_params": 10, "trained_matmul_params": 10, "attention": 2, "total": 62}}
+                    "flops": {"matmul_params": 10, "trained_matmul_params": 10, "attention": 2, "total": 62},
+                    "minor_faults": 1234, "unprofiled_step_before": {"ms": 90.0, "minor_faults": 0}}
         return {"kind": job["kind"], "method": job["name"], "tuning": job["name"], "trainable_params": 1, "rss_before_model_mib": 500.0,
                 "training_peak_above_baseline_mib": 200.0, "steps": job["steps"]}
 
@@ -67,7 +68,8 @@ def test_engine_benchmark_quick_runs_end_to_end_with_the_fresh_process_runs_stub
     assert "| engine bf16 / engine fp32 (full) | 1.00x | >= 1.5x: NOT met |" in engine_throughput.markdown(real)
     # 90 tokens/s x 0.8 GFLOP = 72 GFLOP/s, 0.80 of the 90 GFLOP/s peak
     assert "| engine / matmul peak | 0.80 (target >= 0.8: met) | 0.80 |" in engine_throughput.markdown(real)
-    assert "| engine bf16 | full | 90 | 100 | 5 | 72 | 0.80 |" in engine_throughput.markdown(real)
+    assert "| engine bf16 | full | 90 | 100 | 5 | 72 | 0.80 | 40 |" in engine_throughput.markdown(real)
+    assert "The profiled step took 1,234 minor page faults, the unprofiled step before it 0 in 90 ms" in engine_throughput.markdown(real)
 
 
 def test_engine_benchmark_compare_runs_two_rows_in_alternating_order_and_prints_their_ratio(monkeypatch, capsys):
@@ -75,14 +77,43 @@ def test_engine_benchmark_compare_runs_two_rows_in_alternating_order_and_prints_
 
     def child(module, job):
         jobs.append(job["name"])
-        return {"wall": 120.0 if "compile" in job["name"] else 100.0, "cpu": 1.0}
+        return {"wall": 120.0 if "compile" in job["name"] else 100.0, "cpu": 1.0, "optimizer_ms_per_step": 30.0}
 
     monkeypatch.setattr(engine_throughput, "child", child)
     assert engine_throughput.main(["--compare", "engine bf16 + torch.compile", "engine bf16", "--rounds", "3"]) == 0
     assert jobs == ["engine bf16 + torch.compile", "engine bf16", "engine bf16", "engine bf16 + torch.compile",
                     "engine bf16 + torch.compile", "engine bf16"]
-    assert "engine bf16 + torch.compile / engine bf16: 1.20x (medians 120 and 100 tokens/s over 3 rounds, 2 torch threads)" \
-        in capsys.readouterr().out
+    assert "engine bf16 + torch.compile / engine bf16: 1.20x (medians 120 and 100 tokens/s over 3 rounds, 2 torch threads); " \
+        "optimizer step 30 and 30 ms" in capsys.readouterr().out
+
+
+def test_optimizer_seconds_times_every_optimizer_step_once_even_when_a_wrapper_steps_the_one_it_holds():
+    """The engine's, the plain loop's and Trainer's optimizer steps are timed alike: accelerate's wrapper steps the
+    AdamW it holds, and that step counts once; the hooks go when the block ends."""
+    import time
+
+    class Slow(torch.optim.SGD):
+        def step(self, closure=None):
+            time.sleep(0.1)
+            return super().step(closure)
+
+    class Wrapper(torch.optim.Optimizer):  # as accelerate's AcceleratedOptimizer
+        def __init__(self, inner):
+            super().__init__(inner.param_groups, {})
+            self.inner = inner
+
+        def step(self, closure=None):
+            return self.inner.step(closure)
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    weight.grad = torch.ones(3)
+    optimizer = Wrapper(Slow([weight], lr=0.1))
+    with engine_throughput.optimizer_seconds() as spent:
+        optimizer.step()
+        optimizer.step()
+    assert 0.2 <= spent[0] < 0.35  # two steps of 0.1 s; counted twice each, it would be 0.4
+    optimizer.step()
+    assert spent[0] < 0.35 and torch.allclose(weight.detach(), torch.full((3,), 0.7))
 
 
 def test_model_flops_count_each_linear_once_and_attention_per_the_docstring():
