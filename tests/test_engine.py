@@ -230,3 +230,35 @@ def test_compile_is_opt_in_trains_what_eager_trains_and_leaves_the_model_eager(m
     with pytest.raises(ValueError, match="optim.compile: TorchInductor needs a C.. compiler"):
         train(tiny_model(), data, compiled_cfg, seed=1, pad_token_id=0)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("grad_clip, clipped_steps", [(1e-3, 2), (1e6, 0)])
+def test_clipping_matches_clip_grad_norm_bit_for_bit_and_skips_the_scaling_it_would_not_change(grad_clip, clipped_steps, monkeypatch):
+    """The engine reads the gradient norm first and scales the gradients only where clip_grad_norm_'s factor is below 1:
+    its weights equal a loop calling clip_grad_norm_ every step, bit for bit, clipped or not."""
+    from models import engine
+    from models.data import collate
+
+    data = examples(8)
+    cfg = OptimConfig(lr=3e-3, max_steps=2, batch_size=4, warmup_steps=0, schedule="constant", grad_clip=grad_clip)
+    reference = tiny_model()
+    optimizer = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    reference.train()
+    for step in range(2):
+        optimizer.zero_grad(set_to_none=True)
+        reference(**collate(data[4 * step : 4 * step + 4], 0), use_cache=False).loss.backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), grad_clip)
+        optimizer.step()
+
+    scalings = []
+    scale = torch.nn.utils.clip_grads_with_norm_
+    monkeypatch.setattr(engine.torch.nn.utils, "clip_grads_with_norm_", lambda *args: scalings.append(1) or scale(*args))
+    trained = tiny_model()
+    train(trained, data, cfg, seed=0, pad_token_id=0, shuffle=False)
+    assert len(scalings) == clipped_steps
+    for (name, a), (_, b) in zip(trained.named_parameters(), reference.named_parameters()):
+        assert torch.equal(a, b), name
+    unclipped = tiny_model()
+    train(unclipped, data, cfg.model_copy(update={"grad_clip": 1e6}), seed=0, pad_token_id=0, shuffle=False)
+    # the control: clipping at 1e-3 changes the weights
+    assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), unclipped.parameters())) == (clipped_steps > 0)
