@@ -296,24 +296,23 @@ def op_category(event, vocab: int) -> str:
 
 
 def profile_child(warmup: int, precision: str = "bf16") -> dict:
-    """In its own process: torch.profiler (CPU activities) over the engine's step after `warmup` steps, full fine-tuning
-    of SmolLM2; milliseconds per op group (`op_category`) and the step's matmul rate. Also the wall milliseconds and
-    minor page faults of the profiled step and of the unprofiled step before it: the profiler's own allocations
-    interleave with the step's and can break the heap reuse of models/allocator.py, and a page's first touch is
-    charged to whichever op touched it."""
+    """In its own process: torch.profiler (CPU activities) over one engine step, full fine-tuning of SmolLM2, after
+    `warmup` steps and one more unprofiled; milliseconds per op group (`op_category`) and the step's matmul rate. Also
+    the wall milliseconds and minor page faults of the profiled step and of the unprofiled step before it: the
+    profiler's own allocations interleave with the step's and can break the heap reuse of models/allocator.py, and a
+    page's first touch is charged to whichever op touched it."""
     from torch.profiler import ProfilerActivity, profile
 
-    warmup = max(warmup, 2)  # the unprofiled step compared with is not the first, which allocates everything afresh
     model, tokenizer = load_model_and_tokenizer(smollm2())
     profiler, marks = profile(activities=[ProfilerActivity.CPU], record_shapes=True), []
 
-    def hook(step, _model):
-        if step in (warmup - 1, warmup, warmup + 1):
+    def hook(step, _model):  # step `warmup + 1` runs unprofiled after the warm-up, step `warmup + 2` under the profiler
+        if step in (warmup, warmup + 1, warmup + 2):
             marks.append((time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt))
-        if step in (warmup, warmup + 1):
-            (profiler.start if step == warmup else profiler.stop)()
+        if step in (warmup + 1, warmup + 2):
+            (profiler.start if step == warmup + 1 else profiler.stop)()
 
-    train(model, general_blocks(tokenizer, REAL.block), REAL.optim_config(warmup + 1), seed=SEED, pad_token_id=tokenizer.pad_token_id,
+    train(model, general_blocks(tokenizer, REAL.block), REAL.optim_config(warmup + 2), seed=SEED, pad_token_id=tokenizer.pad_token_id,
           device=torch.device("cpu"), precision=precision, on_step_end=hook)
     (before, before_faults), (start, start_faults), (end, end_faults) = marks
     ms = dict.fromkeys(CATEGORIES, 0.0)
