@@ -6,13 +6,13 @@ plain PyTorch loop and transformers.Trainer, on the CPU.
 
 Each run is a fresh process (glibc's allocator defaults, as a user's process would have): the engine, the plain loop
 and Trainer in bf16 autocast and fp32, and the engine with `optim.fused_adamw`, in rotated rounds, then once each the
-other variants of RUNS; then peak memory per tuning method and per CL method (its second task). Tokens/s at the
-median step after the warm-up steps; memory: the Linux high-water mark above the resident size before the model is
-built. How close to the limit: in each round a fresh process times, with the same threads, every GEMM a training
-step runs through SmolLM2's Linear layers alone (torch.matmul, bf16 and fp32, `gemm_rates`); the engine's model FLOP/s
-are reported as a fraction of the fastest (the peak) and of the step's mix; one more process profiles one engine
-step by op (`profile_child`, `op_category`). Results: bench/results/engine_throughput.json and .md;
-`python -m bench.report --render` rewrites the .md.
+other variants of RUNS; then peak memory per tuning method and per CL method (its second task). Tokens/s at the median
+step after the warm-up steps, and the milliseconds of its optimizer step (`optimizer_seconds`); memory: the Linux
+high-water mark above the resident size before the model is built. How close to the limit: in each round a fresh
+process times, with the same threads, every GEMM a training step runs through SmolLM2's Linear layers alone
+(torch.matmul, bf16 and fp32, `gemm_rates`); the engine's model FLOP/s are reported as a fraction of the fastest (the
+peak) and of the step's mix; one more process profiles one engine step by op (`profile_child`, `op_category`).
+Results: bench/results/engine_throughput.json and .md; `python -m bench.report --render` rewrites the .md.
 Model FLOPs per token (`flops_per_token`): N counts the weights of every nn.Linear (q, k, v, o, gate, up, down and the
 head; a head tied to the embedding is one Linear and counts once, the embedding lookup is no matmul), N_trained those
 that train: 2·N forward, 2·N for the input gradients, 2·N_trained for the weight gradients, so 6·N for full
