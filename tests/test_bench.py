@@ -65,9 +65,16 @@ def test_engine_benchmark_quick_runs_end_to_end_with_the_fresh_process_runs_stub
     assert (real["settings"]["steps"], real["settings"]["warmup_steps_excluded"], real["settings"]["threads"]) == (3, 1, 2)
     assert [(row["kind"], row["method"], row["steps"]) for row in real["peak_rss"]] == [("tuning", "full", 2), ("tuning", "attn-proj", 2), ("cl", "lwf", 2)]
     assert (tmp_path / "real.md").read_text() == engine_throughput.markdown(real).rstrip() + "\n"
+    real["machine"]["native_bf16"] = True  # the bf16 speed targets hold where bf16 is native
     assert "| engine bf16 / engine fp32 (full) | 1.00x | >= 1.5x: NOT met |" in engine_throughput.markdown(real)
     # 90 tokens/s x 0.8 GFLOP = 72 GFLOP/s, 0.80 of the 90 GFLOP/s peak
     assert "| engine / matmul peak | 0.80 (target >= 0.8: met) | 0.80 |" in engine_throughput.markdown(real)
+    real["machine"]["native_bf16"] = False  # emulated bf16: its speed says nothing of the engine, the targets do not apply
+    assert "| engine bf16 / engine fp32 (full) | 1.00x | n/a: no native bf16 here (emulated; precision auto trains fp32) |" \
+        in engine_throughput.markdown(real)
+    assert "| engine / matmul peak | 0.80 (target n/a: no native bf16 here (emulated; precision auto trains fp32)) | 0.80 |" \
+        in engine_throughput.markdown(real)
+    assert "| engine / Trainer (bf16) | n/a | >= 1.0x: not measured |" in engine_throughput.markdown(real)  # like for like: it holds
     assert "| engine bf16 | full | 90 | 100 | 5 | 72 | 0.80 | 40 |" in engine_throughput.markdown(real)
     assert "The profiled step took 1,234 minor page faults, the unprofiled step before it 0 in 90 ms" in engine_throughput.markdown(real)
 
