@@ -74,6 +74,11 @@ class LoopSettings:
                            max_length=self.block, log_every=10**6, **settings)
 
 
+def minor_faults() -> int:
+    """This process's minor page faults so far: each first touch of a page the heap did not keep (models/allocator.py)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def stamp() -> tuple[float, float]:
     """(wall clock, this process's CPU time), taken after every optimizer step."""
     return time.perf_counter(), time.process_time()
@@ -319,7 +324,7 @@ def profile_child(warmup: int, precision: str = "bf16") -> dict:
 
     def hook(step, _model):  # step `warmup + 1` runs unprofiled after the warm-up, step `warmup + 2` under the profiler
         if step in (warmup, warmup + 1, warmup + 2):
-            marks.append((time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt))
+            marks.append((time.perf_counter(), minor_faults()))
         if step in (warmup + 1, warmup + 2):
             (profiler.start if step == warmup + 1 else profiler.stop)()
 
@@ -387,7 +392,7 @@ def throughput_child(name: str, steps: int, warmup: int) -> dict:
     with optimizer_seconds() as spent:
 
         def counted():
-            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
+            faults.append(minor_faults())
             optimizer.append(spent[0])
             return stamp()
 

@@ -593,8 +593,8 @@ def train_step(run: TrainingRun, step: int) -> float:
         # gradients the same way), identical on every rank so logs and checkpoints agree.
         dist.all_reduce(step_loss_sum)
         step_loss_sum /= run.world
-    trained = [p for p in model.parameters() if p.requires_grad]
-    norm = torch.nn.utils.get_total_norm([p.grad for p in trained if p.grad is not None])
+    params = [p for p in model.parameters() if p.requires_grad]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     # FSDP: a DTensor; its full value is the whole model's norm, the same on every rank.
     grad_norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
     # Read before the optimizer step (one device sync for both): a nan/inf step must not reach
@@ -612,7 +612,7 @@ def train_step(run: TrainingRun, step: int) -> float:
         # clip_grad_norm_'s scaling, by min(1, grad_clip / (norm + 1e-6)). Below this bound that factor is exactly 1
         # even after float32 rounding, so skipping the multiply changes no bit and saves a pass over every gradient
         # (30 ms a step of SmolLM2's full fine-tuning on 2 CPU cores).
-        torch.nn.utils.clip_grads_with_norm_(trained, cfg.grad_clip, norm)
+        torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, norm)
     run.optimizer.step()
     run.scheduler.step()
     return step_loss
